@@ -1,0 +1,236 @@
+"""The plugin contracts: protocol adapters, filters, sinks.
+
+One adapter contract serves every kind of device. `run(emit)` produces batches until it is
+cancelled: a subscription client (OPC UA) emits from its data-change callbacks, a line device
+(serial) emits per line, and polled devices (Modbus) subclass `PollingAdapter`, which runs the
+shared drift-free scheduler and only asks them to `read(group)`. Any exception out of `connect`
+or `run` means "connection lost": the runtime closes the adapter, records the tags Bad, and
+restarts it with backoff. See docs/adapters.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from edgeos.model import Batch, TagMeta, ValueKind
+
+if TYPE_CHECKING:
+    from edgeos.config.schema import Field, Problems
+
+Emit = Callable[[Batch], Awaitable[None]]
+"""Hands a batch to the runtime; awaits while the pipeline queue is full (backpressure)."""
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """One step of a tag's filter chain as configured: the filter's name and its checked params."""
+
+    name: str
+    params: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TagConfig:
+    """A configured tag: its metadata, poll interval, filter chain and the adapter's own options."""
+
+    meta: TagMeta
+    poll_interval_ns: int
+    filters: tuple[FilterSpec, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> int:
+        return self.meta.id
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """A configured device: protocol, the adapter's own options, and its tags."""
+
+    name: str
+    protocol: str
+    options: Mapping[str, Any]
+    tags: tuple[TagConfig, ...]
+    poll_interval_ns: int
+    reconnect_min_ns: int
+    reconnect_max_ns: int
+    enabled: bool = True
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """A connection to one device. Built by a `ProtocolPlugin`, owned by one runtime task."""
+
+    async def connect(self) -> None:
+        """Open the connection; raise (ideally DeviceError) if the device cannot be reached."""
+
+    async def run(self, emit: Emit) -> None:
+        """Produce batches through `emit` until cancelled; raise on a lost connection."""
+
+    async def write(self, tag: TagConfig, value: float | bool | str) -> None:
+        """Write one tag's value to the device (only called for writable tags)."""
+
+    async def close(self) -> None:
+        """Release the connection. Idempotent; must not raise."""
+
+    def health(self) -> Mapping[str, Any]:
+        """Adapter-specific counters for `edgeos status` (requests, errors, ...)."""
+
+
+@runtime_checkable
+class ProtocolPlugin(Protocol):
+    """What the `edgeos.protocols` entry point names: describes options, builds adapters."""
+
+    name: str
+    device_fields: Mapping[str, Field]
+    tag_fields: Mapping[str, Field]
+
+    def tag_kind(self, options: Mapping[str, Any]) -> ValueKind:
+        """The value kind a tag with these options produces (number, bool, string)."""
+
+    def validate(self, device: DeviceConfig, path: str, problems: Problems) -> None:
+        """Cross-field checks that need the whole device (address overlaps, limits)."""
+
+    def create(self, device: DeviceConfig) -> Adapter:
+        """A new, unconnected adapter for the device."""
+
+
+@runtime_checkable
+class Filter(Protocol):
+    """A stateful per-tag filter over batches; state persists across calls."""
+
+    def apply(self, batch: Batch) -> Batch: ...
+
+
+@runtime_checkable
+class FilterPlugin(Protocol):
+    """What the `edgeos.filters` entry point names."""
+
+    name: str
+    fields: Mapping[str, Field]
+
+    def create(self, n_tags: int, params: Mapping[int, Mapping[str, Any]]) -> Filter:
+        """A filter holding state for tag ids 0..n_tags-1, configured for the tags in `params`."""
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where filtered batches go (the store; OEM sinks). `put` must not block for long."""
+
+    async def put(self, batch: Batch) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Polling helper
+
+
+@dataclass(frozen=True)
+class PollGroup:
+    """Tags read together at one interval. Adapters may attach a plan (e.g. Modbus requests)."""
+
+    interval_ns: int
+    tags: tuple[TagConfig, ...]
+    plan: Any = None
+
+    @property
+    def tag_ids(self) -> list[int]:
+        return [t.id for t in self.tags]
+
+
+@dataclass
+class PollStats:
+    """Poll-cycle lateness and overruns, for health and the benchmarks."""
+
+    cycles: int = 0
+    overruns: int = 0
+    lateness_ns: list[int] = field(default_factory=list)
+    max_samples: int = 4096
+
+    def record(self, late_ns: int) -> None:
+        self.cycles += 1
+        if len(self.lateness_ns) >= self.max_samples:
+            self.lateness_ns[self.cycles % self.max_samples] = late_ns
+        else:
+            self.lateness_ns.append(late_ns)
+
+
+def group_by_interval(tags: Sequence[TagConfig]) -> list[PollGroup]:
+    by: dict[int, list[TagConfig]] = {}
+    for t in tags:
+        by.setdefault(t.poll_interval_ns, []).append(t)
+    return [PollGroup(iv, tuple(ts)) for iv, ts in sorted(by.items())]
+
+
+class PollingAdapter:
+    """Base for polled devices: the runtime's scheduler calls `read(group)` at each tick.
+
+    Ticks are on an absolute grid (start + k * interval), so the rate does not drift with read
+    time; a read that overruns skips the missed ticks and counts them rather than bursting.
+    Groups share one connection; `self.io_lock` serialises requests where the transport needs it.
+    """
+
+    def __init__(self, device: DeviceConfig) -> None:
+        self.device = device
+        self.io_lock = asyncio.Lock()
+        self.stats: dict[int, PollStats] = {}
+
+    def poll_groups(self) -> list[PollGroup]:
+        return group_by_interval(self.device.tags)
+
+    async def read(self, group: PollGroup, now_ns: int) -> Batch:
+        """Read one group; return Bad-quality samples for tags the device refused."""
+        raise NotImplementedError
+
+    async def run(self, emit: Emit) -> None:
+        groups = self.poll_groups()
+        async with asyncio.TaskGroup() as tg:
+            for i, g in enumerate(groups):
+                self.stats[i] = PollStats()
+                tg.create_task(self._poll_loop(g, self.stats[i], emit), name=f"poll:{self.device.name}:{i}")
+
+    async def _poll_loop(self, group: PollGroup, stats: PollStats, emit: Emit) -> None:
+        loop = asyncio.get_running_loop()
+        interval = group.interval_ns / 1e9
+        # Align the grid to wall-clock multiples of the interval so sample times are tidy.
+        wall = time.time()
+        first_wall = (wall // interval + 1) * interval
+        start = loop.time() + (first_wall - wall)
+        k = 0
+        while True:
+            due = start + k * interval
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            late = loop.time() - due
+            stats.record(int(late * 1e9))
+            batch = await self.read(group, time.time_ns())
+            await emit(batch)
+            # Next tick strictly in the future: skip (and count) ticks lost to a slow read.
+            k_next = int((loop.time() - start) / interval) + 1
+            if k_next > k + 1:
+                stats.overruns += k_next - k - 1
+            k = max(k + 1, k_next)
+
+    async def connect(self) -> None:
+        return None
+
+    async def write(self, tag: TagConfig, value: float | bool | str) -> None:
+        raise NotImplementedError(f"{self.device.protocol} does not support writes")
+
+    async def close(self) -> None:
+        return None
+
+    def health(self) -> Mapping[str, Any]:
+        cycles = sum(s.cycles for s in self.stats.values())
+        overruns = sum(s.overruns for s in self.stats.values())
+        return {"poll_cycles": cycles, "poll_overruns": overruns}

@@ -1,0 +1,228 @@
+"""The `edgeos` command: thin typer shells around the runtime, the config and the store."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import platform
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgeos import filters, plugins
+from edgeos.config import Config, load_config
+from edgeos.errors import ConfigError, EdgeosError, PluginError
+from edgeos.logs import setup as setup_logging
+
+app = typer.Typer(
+    help="edgeos: read factory devices, filter at the edge, keep every sample on this gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML); see docs/config.md.")]
+
+
+def _load(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        n = len(e.problems)
+        typer.echo(f"{path}: invalid config ({n} problem{'s' if n != 1 else ''}):", err=True)
+        for p in e.problems:
+            typer.echo(f"  {p}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(
+    config: ConfigArg = Path("/etc/edgeos/edgeos.toml"),
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error; overrides the config.")] = None,
+) -> None:
+    """Run the daemon in the foreground until SIGTERM or Ctrl-C (what the systemd unit starts).
+
+    The config is checked first; a config with any problem is refused as a whole. On SIGTERM
+    polling stops, every sample already read is committed to the store, and the exit code is 0.
+    """
+    from edgeos.runtime import Runtime
+
+    cfg = _load(config)
+    setup_logging(log_level or cfg.gateway.log_level)
+    rt = Runtime(cfg)
+    try:
+        asyncio.run(rt.run(handle_signals=True))
+    except EdgeosError as e:
+        typer.echo(f"edgeos: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def check(config: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
+    """Validate a config without running it, and summarise what it would do.
+
+    Prints the devices, their tags and the tag reads per second the poll intervals ask for,
+    the request plan where the protocol has one, the kernels in use and the loaded plugins.
+    Exit code 2 and one line per problem when the config is invalid.
+    """
+    cfg = _load(config)
+    total_tags = sum(len(d.tags) for d in cfg.devices)
+    total_rate = sum(cfg.polls_per_second(d) for d in cfg.devices)
+    typer.echo(f"{config}: OK")
+    typer.echo(f"gateway   {cfg.gateway.id}   data_dir {cfg.gateway.data_dir}")
+    typer.echo(f"kernels   {filters.implementation()}")
+    upstream = f"enabled: {cfg.upstream.options.get('host')}" if cfg.upstream.enabled else "disabled"
+    typer.echo(f"upstream  {upstream}{'' if cfg.upstream.enabled else ' (data stays on this gateway)'}")
+    typer.echo(
+        "plugins   "
+        + "; ".join(
+            f"{g.split('.')[-1]}: " + ", ".join(f"{p.name} {p.version}" for p in plugins.available(g))
+            for g in (plugins.PROTOCOLS, plugins.FILTERS)
+        )
+    )
+    typer.echo("")
+    typer.echo(f"{'DEVICE':<20} {'PROTOCOL':<12} {'TAGS':>6} {'READS/S':>10}  STATE")
+    for d in cfg.devices:
+        typer.echo(
+            f"{d.name:<20} {d.protocol:<12} {len(d.tags):>6} {cfg.polls_per_second(d):>10.1f}  "
+            f"{'enabled' if d.enabled else 'disabled'}"
+        )
+        describe = getattr(plugins.load(plugins.PROTOCOLS, d.protocol), "describe", None)
+        if describe is not None:
+            for line in describe(d):
+                typer.echo(f"    {line}")
+    typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
+
+
+GATEWAY_HEADER = """\
+## edgeos configuration. Reference: docs/config.md. Check it with: edgeos check FILE
+## Durations are written "250ms", "1s", "5m", "1h", "7d"; sizes "512MiB", "2GiB".
+
+[gateway]
+  ## Unique id of this gateway; appears in payloads and topics.
+  id = "gateway1"
+  ## Where the store and state live; relative paths are relative to this file.
+  data_dir = "data"
+  # log_level = "info"
+  ## Bound on an orderly stop (flush everything read, close devices).
+  # shutdown_timeout = "10s"
+
+[store]
+  ## A sample is stored once its transaction commits: at most every commit_samples samples
+  ## or commit_interval, whichever comes first.
+  # commit_samples = 10000
+  # commit_interval = "100ms"
+  ## Bounds on history; the oldest data goes first.
+  # retention = "90d"
+  # max_size = "8GiB"
+
+## Forwarding upstream is off unless enabled: by default all data stays in the plant.
+# [upstream]
+#   enabled = true
+#   host = "broker.plant.local"
+#   port = 8883
+#   tls = true
+#   ca_file = "ca.pem"
+#   username = "gateway1"
+#   password_file = "mqtt.password"
+"""
+
+
+def _sample(protocol: str) -> str | None:
+    ep_value = next((p.value for p in plugins.available(plugins.PROTOCOLS) if p.name == protocol), None)
+    if ep_value is None:
+        return None
+    pkg = ep_value.split(":")[0]
+    try:
+        return (resources.files(pkg) / "sample.toml").read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the config; '-' for standard output.")] = Path(
+        "edgeos.toml"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented example config to start from.
+
+    It runs as written (a simulated device) and carries every installed protocol's sample,
+    commented out, with each option explained and its default shown.
+    """
+    parts = [GATEWAY_HEADER]
+    for info in plugins.available(plugins.PROTOCOLS):
+        text = _sample(info.name)
+        if text is None:
+            continue
+        if info.name != "simulated":
+            text = "".join(f"# {ln}" if ln.strip() else ln for ln in text.splitlines(keepends=True))
+        parts.append(f"\n## ---- protocol: {info.name} ({info.dist} {info.version}) ----\n{text}")
+    out = "".join(parts)
+    if str(path) == "-":
+        typer.echo(out, nl=False)
+        return
+    if path.exists() and not force:
+        typer.echo(f"{path} exists; use --force to overwrite", err=True)
+        raise typer.Exit(1)
+    path.write_text(out, encoding="utf-8")
+    typer.echo(f"wrote {path}; check it with: edgeos check {path}")
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of edgeos, its kernels and its main dependencies."""
+    from edgeos import __version__
+
+    typer.echo(f"edgeos {__version__}")
+    typer.echo(f"kernels: {filters.implementation()}")
+    typer.echo(f"python {platform.python_version()} ({sys.platform}, {platform.machine()})")
+    for dist in ("numpy", "msgpack", "pymodbus", "asyncua", "aiomqtt", "typer"):
+        try:
+            typer.echo(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            typer.echo(f"{dist} (not installed)")
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--dir", help="Keep the demo's store here (default: a temporary directory, removed at exit)."),
+    ] = None,
+    duration: Annotated[float, typer.Option(help="Stop after this many seconds (0: run until Ctrl-C).")] = 0.0,
+) -> None:
+    """See edgeos work in one command: simulated devices, filters and a local store.
+
+    Starts three simulated machines (a press, an oven, a packer), runs the full runtime
+    with a store in a temporary directory (or --dir), and shows the live values updating in
+    the terminal until Ctrl-C. Nothing leaves this computer.
+    """
+    from edgeos.demo import run_demo
+
+    if data_dir is None:
+        with tempfile.TemporaryDirectory(prefix="edgeos-demo-") as tmp:
+            run_demo(Path(tmp), duration)
+    else:
+        run_demo(data_dir, duration)
+
+
+def main() -> None:
+    try:
+        app()
+    except PluginError as e:
+        print(f"edgeos: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        time.sleep(0)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

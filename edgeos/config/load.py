@@ -1,0 +1,335 @@
+"""Load and check a config file in one pass; every problem is reported, then nothing runs."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edgeos import plugins
+from edgeos.adapter import DeviceConfig, FilterSpec, TagConfig
+from edgeos.config.model import Config, GatewayConfig, StoreConfig, UpstreamConfig
+from edgeos.config.schema import Field, Problems, parse_table, unknown_key_message
+from edgeos.config.tags_csv import read_tags_csv
+from edgeos.errors import ConfigError, PluginError
+from edgeos.model import TagMeta, ValueKind
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _name_check(what: str):
+    def check(v: str) -> str | None:
+        if not _NAME.match(v) or len(v) > 128:
+            return (
+                f"found {v!r}, expected a {what} name of letters, digits, '_', '.', '-' "
+                "(starting with a letter or digit, at most 128 characters)"
+            )
+        return None
+
+    return check
+
+
+GATEWAY_FIELDS: dict[str, Field] = {
+    "id": Field("str", help="this gateway's unique id, used in topics and payloads", check=_name_check("gateway")),
+    "data_dir": Field("str", help="directory for the store and state, relative to the config file"),
+    "log_level": Field("choice", "info", choices=("debug", "info", "warning", "error")),
+    "shutdown_timeout": Field("duration", "10s", min=100_000_000, max=600_000_000_000),
+    "queue_batches": Field("int", 256, min=4, max=1_000_000, help="bound of each internal queue"),
+}
+
+STORE_FIELDS: dict[str, Field] = {
+    "commit_samples": Field("int", 10_000, min=1, max=10_000_000),
+    "commit_interval": Field("duration", "100ms", min=1_000_000, max=1_000_000_000),
+    "retention": Field("duration", None, min=60_000_000_000),
+    "max_size": Field("size", None, min=1024 * 1024),
+    "memory_buffer": Field("size", "64MiB", min=1024 * 1024),
+}
+
+UPSTREAM_FIELDS: dict[str, Field] = {
+    "enabled": Field("bool", False),
+    "host": Field("str", "127.0.0.1"),
+    "port": Field("int", None, min=1, max=65535),
+    "client_id": Field("str", None),
+    "topic": Field("str", "edgeos/{gateway}/{device}/data"),
+    "status_topic": Field("str", "edgeos/{gateway}/status"),
+    "mqtt_version": Field("choice", "5", choices=("5", "3.1.1")),
+    "keepalive": Field("duration", "30s", min=1_000_000_000),
+    "tls": Field("bool", False),
+    "ca_file": Field("str", None),
+    "cert_file": Field("str", None),
+    "key_file": Field("str", None),
+    "tls_insecure": Field("bool", False, help="skip hostname verification (never in production)"),
+    "username": Field("str", None),
+    "password_file": Field("str", None),
+    "password_env": Field("str", None),
+    "max_inflight": Field("int", 16, min=1, max=65535),
+    "rate_limit_bytes": Field("size", None),
+    "rate_limit_messages": Field("float", None, min=0.001),
+    "reconnect_min": Field("duration", "1s", min=10_000_000),
+    "reconnect_max": Field("duration", "60s", min=100_000_000),
+}
+
+DEVICE_FIELDS: dict[str, Field] = {
+    "name": Field("str", help="unique device name", check=_name_check("device")),
+    "protocol": Field("str", help="an installed protocol adapter"),
+    "enabled": Field("bool", True),
+    "poll_interval": Field("duration", "1s", min=1_000_000, max=86_400_000_000_000),
+    "reconnect_min": Field("duration", "500ms", min=1_000_000),
+    "reconnect_max": Field("duration", "30s", min=1_000_000),
+    "tags": Field("any", None),
+    "tags_csv": Field("str", None, help="CSV file of tags, relative to the config file"),
+}
+
+TAG_FIELDS: dict[str, Field] = {
+    "name": Field("str", help="tag name, unique within the device", check=_name_check("tag")),
+    "unit": Field("str", ""),
+    "description": Field("str", ""),
+    "poll_interval": Field("duration", None, min=1_000_000, max=86_400_000_000_000),
+    "writable": Field("bool", False),
+    "filters": Field("any", None),
+}
+
+TOP_KEYS = {"gateway", "store", "devices", "upstream"}
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Parse and check `path`; raise ConfigError listing every problem found."""
+    path = Path(path)
+    problems = Problems(str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.add("", "file not found")
+        raise ConfigError(problems.items) from None
+    except (OSError, UnicodeDecodeError) as e:
+        problems.add("", f"cannot read: {e}")
+        raise ConfigError(problems.items) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        line = _toml_error_line(str(e))
+        problems.add("", f"invalid TOML: {e}", line=line)
+        raise ConfigError(problems.items) from None
+    return parse_config(raw, path, problems)
+
+
+def _toml_error_line(msg: str) -> int | None:
+    m = re.search(r"line (\d+)", msg)
+    return int(m.group(1)) if m else None
+
+
+def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None = None) -> Config:
+    """Check an already-parsed TOML document (for OEMs who build configs in code)."""
+    problems = problems or Problems(str(path))
+    base = path.parent
+    for key in raw:
+        if key not in TOP_KEYS:
+            problems.add(key, unknown_key_message(key, dict.fromkeys(TOP_KEYS)))
+    if "gateway" not in raw:
+        problems.add("gateway", "missing required table [gateway] (id, data_dir)")
+    gw = parse_table(raw.get("gateway", {}), GATEWAY_FIELDS, "gateway", problems)
+    st = parse_table(raw.get("store", {}), STORE_FIELDS, "store", problems)
+    up = parse_table(raw.get("upstream", {}), UPSTREAM_FIELDS, "upstream", problems)
+    if up.get("enabled") and not up.get("host"):
+        problems.add("upstream.host", "missing: required when upstream.enabled = true")
+    if up.get("enabled"):
+        for key in ("ca_file", "cert_file", "key_file", "password_file"):
+            if up.get(key) and not (base / up[key]).exists():
+                problems.add(f"upstream.{key}", f"file {up[key]!r} not found (relative to {base})")
+        if bool(up.get("cert_file")) != bool(up.get("key_file")):
+            problems.add("upstream.cert_file", "cert_file and key_file must be given together")
+        if up.get("password_env") and up["password_env"] not in os.environ:
+            problems.add("upstream.password_env", f"environment variable {up['password_env']!r} is not set")
+
+    raw_devices = raw.get("devices", [])
+    devices: list[DeviceConfig] = []
+    if not isinstance(raw_devices, list):
+        problems.add("devices", "found a table, expected an array of tables: write [[devices]]")
+        raw_devices = []
+    seen_devices: dict[str, int] = {}
+    next_id = 0
+    for i, rd in enumerate(raw_devices):
+        dpath = f"devices[{i}]"
+        dev = _parse_device(rd, dpath, base, problems, next_id)
+        if dev is None:
+            continue
+        if dev.name in seen_devices:
+            problems.add(
+                f"{dpath}.name", f"duplicate device name {dev.name!r} (also devices[{seen_devices[dev.name]}])"
+            )
+        seen_devices[dev.name] = i
+        next_id += len(dev.tags)
+        devices.append(dev)
+    if not raw_devices:
+        problems.add("devices", "no devices configured: add at least one [[devices]] table")
+
+    problems.raise_if_any()
+    data_dir = Path(gw["data_dir"])
+    if not data_dir.is_absolute():
+        data_dir = (base / data_dir).resolve()
+    return Config(
+        source=path,
+        gateway=GatewayConfig(
+            id=gw["id"],
+            data_dir=data_dir,
+            log_level=gw["log_level"],
+            shutdown_timeout_ns=gw["shutdown_timeout"],
+            queue_batches=gw["queue_batches"],
+        ),
+        store=StoreConfig(
+            commit_samples=st["commit_samples"],
+            commit_interval_ns=st["commit_interval"],
+            retention_ns=st["retention"],
+            max_size=st["max_size"],
+            memory_buffer=st["memory_buffer"],
+        ),
+        devices=tuple(devices),
+        upstream=UpstreamConfig(enabled=up.get("enabled", False), options=up),
+    )
+
+
+def _protocol(name: Any, path: str, problems: Problems) -> Any:
+    if not isinstance(name, str):
+        return None
+    try:
+        return plugins.load(plugins.PROTOCOLS, name)
+    except KeyError:
+        known = ", ".join(plugins.names(plugins.PROTOCOLS)) or "(none installed)"
+        problems.add(path, f"found {name!r}, expected an installed protocol: {known}")
+    except PluginError as e:
+        problems.add(path, str(e))
+    return None
+
+
+def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id: int) -> DeviceConfig | None:
+    if not isinstance(rd, dict):
+        problems.add(dpath, "expected a table ([[devices]])")
+        return None
+    plugin = _protocol(rd.get("protocol"), f"{dpath}.protocol", problems)
+    dev_fields = dict(DEVICE_FIELDS)
+    extra = dict(plugin.device_fields) if plugin else {}
+    if plugin is None:
+        # Without the plugin its keys cannot be checked; don't report them as unknown too.
+        rd = {k: v for k, v in rd.items() if k in DEVICE_FIELDS}
+    d = parse_table(rd, dev_fields, dpath, problems, extra=extra)
+    for key, f in DEVICE_FIELDS.items():
+        if key not in d:  # present but invalid: reported; carry on with the default
+            if f.required:
+                return None
+            d[key] = f.parse(f.default, "", Problems(problems.file)) if f.default is not None else None
+    if d["reconnect_min"] > d["reconnect_max"]:
+        problems.add(f"{dpath}.reconnect_min", "must not exceed reconnect_max")
+
+    tag_fields = dict(TAG_FIELDS)
+    if plugin:
+        tag_fields.update(plugin.tag_fields)
+    sources: list[tuple[str, str, int | None, Any]] = []  # (file, path, line, raw)
+    raw_tags = d["tags"]
+    if raw_tags is not None:
+        if not isinstance(raw_tags, list):
+            problems.add(f"{dpath}.tags", "expected an array of tables: write [[devices.tags]]")
+        else:
+            for j, rt in enumerate(raw_tags):
+                sources.append((problems.file, f"{dpath}.tags[{j}]", None, rt))
+    if d["tags_csv"]:
+        csv_path = base / d["tags_csv"]
+        before = len(problems.items)
+        rows = read_tags_csv(csv_path, tag_fields, problems)
+        for p in problems.items[before:]:
+            if p.path == "tags_csv":
+                problems.items[problems.items.index(p)] = type(p)(problems.file, f"{dpath}.tags_csv", p.message)
+        for line, rt in rows:
+            sources.append((str(csv_path), "", line, rt))
+    if not sources and not problems:
+        problems.add(f"{dpath}.tags", "no tags: add [[devices.tags]] tables or tags_csv")
+
+    tags: list[TagConfig] = []
+    names: dict[str, str] = {}
+    for file, tpath, line, rt in sources:
+        sub = Problems(file)
+        if plugin is None and isinstance(rt, dict):
+            rt = {k: v for k, v in rt.items() if k in TAG_FIELDS}
+        t = parse_table(rt, tag_fields, tpath, sub, extra=None)
+        filters = _parse_filters(t.get("filters"), f"{tpath}.filters" if tpath else "filters", sub)
+        for p in sub.items:
+            path = p.path if tpath else p.path.lstrip(".")
+            problems.add(path, p.message, line=line if p.line is None else p.line, file=p.file)
+        if sub or "name" not in t:
+            continue
+        where = f"{file}:{line}" if line else tpath
+        if t["name"] in names:
+            problems.add(
+                f"{tpath}.name" if tpath else "name",
+                f"duplicate tag name {t['name']!r} in device {d['name']!r} (first at {names[t['name']]})",
+                line=line,
+                file=file,
+            )
+            continue
+        names[t["name"]] = where
+        opts = {k: v for k, v in t.items() if k not in TAG_FIELDS}
+        kind = plugin.tag_kind(opts) if plugin else ValueKind.NUMBER
+        meta = TagMeta(
+            id=first_id + len(tags),
+            device=d["name"],
+            name=t["name"],
+            kind=kind,
+            unit=t["unit"],
+            description=t["description"],
+            writable=t["writable"],
+        )
+        tags.append(
+            TagConfig(
+                meta=meta,
+                poll_interval_ns=t["poll_interval"] or d["poll_interval"],
+                filters=tuple(filters),
+                options=opts,
+            )
+        )
+    dev = DeviceConfig(
+        name=d["name"],
+        protocol=d["protocol"],
+        options={k: v for k, v in d.items() if k not in DEVICE_FIELDS},
+        tags=tuple(tags),
+        poll_interval_ns=d["poll_interval"],
+        reconnect_min_ns=d["reconnect_min"],
+        reconnect_max_ns=d["reconnect_max"],
+        enabled=d["enabled"],
+    )
+    if plugin is not None and tags:
+        plugin.validate(dev, dpath, problems)
+    return dev
+
+
+def _parse_filters(raw: Any, path: str, problems: Problems) -> list[FilterSpec]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        problems.add(path, 'expected a list of tables such as [{type = "deadband", abs = 0.5}]')
+        return []
+    out = []
+    for k, spec in enumerate(raw):
+        fpath = f"{path}[{k}]"
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            problems.add(fpath, 'expected a table with a "type" key naming the filter')
+            continue
+        name = spec["type"]
+        try:
+            plugin = plugins.load(plugins.FILTERS, name)
+        except KeyError:
+            known = ", ".join(plugins.names(plugins.FILTERS)) or "(none installed)"
+            problems.add(f"{fpath}.type", f"found {name!r}, expected one of the installed filters: {known}")
+            continue
+        except PluginError as e:
+            problems.add(f"{fpath}.type", str(e))
+            continue
+        params = parse_table({k: v for k, v in spec.items() if k != "type"}, plugin.fields, fpath, problems)
+        check = getattr(plugin, "validate", None)
+        if check is not None and params:
+            msg = check(params)
+            if msg:
+                problems.add(fpath, msg)
+        out.append(FilterSpec(name, params))
+    return out

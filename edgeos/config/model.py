@@ -1,0 +1,63 @@
+"""Typed, validated configuration: what the rest of the daemon reads, never raw TOML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeos.adapter import DeviceConfig, TagConfig
+from edgeos.model import TagMeta
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    id: str
+    data_dir: Path
+    log_level: str = "info"
+    shutdown_timeout_ns: int = 10_000_000_000
+    queue_batches: int = 256
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    commit_samples: int = 10_000
+    commit_interval_ns: int = 100_000_000
+    retention_ns: int | None = None
+    max_size: int | None = None
+    memory_buffer: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """MQTT forwarding; `enabled = false` keeps all data in the plant."""
+
+    enabled: bool
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    gateway: GatewayConfig
+    store: StoreConfig
+    devices: tuple[DeviceConfig, ...]
+    upstream: UpstreamConfig
+
+    @property
+    def tags(self) -> tuple[TagMeta, ...]:
+        """Every tag's metadata; `tags[i].id == i`."""
+        return tuple(t.meta for d in self.devices for t in d.tags)
+
+    def tag_configs(self) -> tuple[TagConfig, ...]:
+        return tuple(t for d in self.devices for t in d.tags)
+
+    def device(self, name: str) -> DeviceConfig:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def polls_per_second(self, device: DeviceConfig) -> float:
+        """Tag reads per second the device's poll intervals ask for."""
+        return sum(1e9 / t.poll_interval_ns for t in device.tags)

@@ -1,0 +1,181 @@
+"""A small declarative schema: typed fields, defaults, and every problem collected in one pass.
+
+Plugins describe their device and tag options with the same `Field`s, so unknown keys, wrong
+types and bad choices are reported the same way for built-in and third-party adapters.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeos.config.units import parse_duration_ns, parse_size
+from edgeos.errors import ConfigError, Problem
+
+_MISSING: Any = object()
+
+
+@dataclass
+class Problems:
+    """Collects problems while a config is checked; `raise_if_any` ends the pass."""
+
+    file: str
+    items: list[Problem] = field(default_factory=list)
+
+    def add(self, path: str, message: str, *, line: int | None = None, file: str | None = None):
+        self.items.append(Problem(file or self.file, path, message, line))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError(self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key: its kind, default, and constraints.
+
+    kind is one of: str, int, float, bool, duration (-> ns int), size (-> bytes int),
+    choice (one of `choices`), list (of `item` kind), any.
+    """
+
+    kind: str
+    default: Any = _MISSING
+    help: str = ""
+    choices: Sequence[Any] = ()
+    min: float | None = None
+    max: float | None = None
+    item: str = "str"
+    check: Callable[[Any], str | None] | None = None  # returns an error message or None
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    def parse(self, value: Any, path: str, problems: Problems) -> Any:
+        try:
+            out = self._convert(self.kind, value)
+        except ValueError as e:
+            problems.add(path, str(e))
+            return _MISSING
+        if self.choices and out not in self.choices:
+            expected = ", ".join(str(c) for c in self.choices)
+            problems.add(path, f"found {_show(value)}, expected one of {expected}")
+            return _MISSING
+        if isinstance(out, int | float) and not isinstance(out, bool):
+            if self.min is not None and out < self.min:
+                problems.add(path, f"found {_show(value)}, expected at least {_fmt_bound(self, self.min)}")
+                return _MISSING
+            if self.max is not None and out > self.max:
+                problems.add(path, f"found {_show(value)}, expected at most {_fmt_bound(self, self.max)}")
+                return _MISSING
+        if self.check is not None:
+            msg = self.check(out)
+            if msg:
+                problems.add(path, msg)
+                return _MISSING
+        return out
+
+    def _convert(self, kind: str, value: Any) -> Any:
+        if kind == "any":
+            return value
+        if kind == "str" or kind == "choice":
+            if kind == "choice" and not isinstance(value, str) and value in self.choices:
+                return value
+            if not isinstance(value, str):
+                raise ValueError(f"found {_show(value)}, expected a string")
+            return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"found {_show(value)}, expected true or false")
+            return value
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"found {_show(value)}, expected a whole number")
+            return value
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"found {_show(value)}, expected a number")
+            if not math.isfinite(value):
+                raise ValueError(f"found {_show(value)}, expected a finite number")
+            return float(value)
+        if kind == "duration":
+            return parse_duration_ns(value)
+        if kind == "size":
+            return parse_size(value)
+        if kind == "list":
+            if not isinstance(value, list):
+                raise ValueError(f"found {_show(value)}, expected a list")
+            return [self._convert(self.item, v) for v in value]
+        raise AssertionError(f"unknown field kind {kind}")
+
+
+def _fmt_bound(f: Field, bound: float) -> str:
+    if f.kind == "duration":
+        from edgeos.config.units import format_duration_ns
+
+        return format_duration_ns(int(bound))
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def parse_table(
+    raw: Any,
+    fields: Mapping[str, Field],
+    path: str,
+    problems: Problems,
+    *,
+    extra: Mapping[str, Field] | None = None,
+) -> dict[str, Any]:
+    """Check `raw` against `fields` (plus `extra`), returning values with defaults filled in.
+
+    Unknown keys are problems naming the closest allowed key, because a typo silently
+    ignored is a tag silently not read.
+    """
+    allowed = dict(fields)
+    if extra:
+        allowed.update(extra)
+    if not isinstance(raw, dict):
+        problems.add(path, f"found {_show(raw)}, expected a table")
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        kpath = f"{path}.{key}" if path else key
+        f = allowed.get(key)
+        if f is None:
+            problems.add(kpath, unknown_key_message(key, allowed))
+            continue
+        parsed = f.parse(value, kpath, problems)
+        if parsed is not _MISSING:
+            out[key] = parsed
+    for key, f in allowed.items():
+        if key in raw:
+            continue
+        if f.required:
+            problems.add(f"{path}.{key}" if path else key, f"missing required key ({f.help or f.kind})")
+        else:
+            out[key] = f.default if f.default is None else f._convert(f.kind, f.default)
+    return out
+
+
+def unknown_key_message(key: str, allowed: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}; allowed: {', '.join(sorted(allowed))}"
+
+
+MISSING = _MISSING

@@ -1,0 +1,61 @@
+"""Durations ("250ms", "5m") and sizes ("512MiB") as plant engineers write them."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h|d)\s*$")
+_DURATION_NS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+    "d": 86_400_000_000_000,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_BYTES = {
+    None: 1,
+    "B": 1,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
+}
+
+
+def _q(value: object) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def parse_duration_ns(text: str) -> int:
+    """'250ms' -> 250_000_000. Raises ValueError with the accepted forms."""
+    m = _DURATION.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f'found {_q(text)}, expected a duration such as "250ms", "1s", "5m", "1h", "7d"')
+    return round(float(m.group(1)) * _DURATION_NS[m.group(2)])
+
+
+def parse_size(text: str | int) -> int:
+    """'512MiB' -> 536870912; a bare integer is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    m = _SIZE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f'found {_q(text)}, expected a size such as "512MiB", "2GiB", "100MB"')
+    return round(float(m.group(1)) * _SIZE_BYTES[m.group(2)])
+
+
+def format_duration_ns(ns: int) -> str:
+    """Inverse of parse_duration_ns for display, choosing the largest exact unit."""
+    for unit in ("d", "h", "m", "s", "ms", "us"):
+        if ns and ns % _DURATION_NS[unit] == 0:
+            return f"{ns // _DURATION_NS[unit]}{unit}"
+    return f"{ns}ns"

@@ -1,0 +1,115 @@
+"""`edgeos demo`: the whole runtime on simulated machines, with a live view in the terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sys
+from pathlib import Path
+
+from edgeos.config import load_config
+from edgeos.logs import setup as setup_logging
+from edgeos.model import Quality, ValueKind
+from edgeos.runtime import Runtime
+
+DEMO_CONFIG = """\
+[gateway]
+id = "demo"
+data_dir = "."
+log_level = "warning"
+
+[store]
+commit_interval = "200ms"
+
+[[devices]]
+name = "press"
+protocol = "simulated"
+poll_interval = "500ms"
+seed = 1
+tags = [
+  { name = "temperature", signal = "sine", amplitude = 20.0, offset = 60.0, period = "30s", noise = 0.05, resolution = 0.01, unit = "degC", filters = [{ type = "deadband", abs = 0.1, max_silence = "10s" }] },
+  { name = "pressure", signal = "random_walk", amplitude = 5.0, offset = 120.0, resolution = 0.1, unit = "bar" },
+  { name = "running", signal = "bool", period = "20s" },
+  { name = "parts", signal = "counter", period = "2s", unit = "pcs" },
+  { name = "state", signal = "text", period = "15s", states = ["RUN", "IDLE", "ALARM"] },
+]
+
+[[devices]]
+name = "oven"
+protocol = "simulated"
+poll_interval = "1s"
+seed = 2
+tags = [
+  { name = "zone1", signal = "ramp", amplitude = 150.0, offset = 50.0, period = "40s", resolution = 0.1, unit = "degC" },
+  { name = "zone2", signal = "sine", amplitude = 30.0, offset = 180.0, period = "25s", noise = 0.2, resolution = 0.1, unit = "degC" },
+  { name = "fan", signal = "square", amplitude = 1400.0, offset = 100.0, period = "12s", unit = "rpm" },
+]
+
+[[devices]]
+name = "packer"
+protocol = "simulated"
+poll_interval = "250ms"
+seed = 3
+tags = [
+  { name = "weight", signal = "sine", amplitude = 0.2, offset = 25.0, period = "3s", noise = 0.01, resolution = 0.001, unit = "kg" },
+  { name = "speed", signal = "step", amplitude = 60.0, offset = 20.0, period = "16s", unit = "ppm" },
+]
+"""
+
+
+def _fmt(value: float | str, kind: ValueKind) -> str:
+    if isinstance(value, str):
+        return value
+    if value != value:  # NaN
+        return "-"
+    if kind is ValueKind.BOOL:
+        return "true" if value else "false"
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+def render(rt: Runtime, tty: bool) -> str:
+    now = dt.datetime.now(dt.UTC)
+    lines = []
+    if tty:
+        lines.append("\x1b[H\x1b[2J")
+    lines.append(f"edgeos demo — gateway {rt.config.gateway.id} — {now:%H:%M:%S} UTC — Ctrl-C to stop")
+    lines.append(f"store: {rt.config.gateway.data_dir}")
+    lines.append("")
+    lines.append(f"{'TAG':<22} {'VALUE':>12} {'UNIT':<6} {'QUALITY':<10} {'AGE':>6}")
+    for meta, ts, value, q in rt.latest.rows():
+        age = f"{(now.timestamp() * 1e9 - ts) / 1e9:.1f}s" if ts else "-"
+        lines.append(f"{meta.key:<22} {_fmt(value, meta.kind):>12} {meta.unit:<6} {Quality.severity(q):<10} {age:>6}")
+    c = rt.counters
+    lines.append("")
+    lines.append(f"samples read {c.read}, dropped by filters {c.filtered_out}, stored {c.stored}")
+    states = ", ".join(f"{n}: {s.state}" for n, s in rt.devices.items())
+    lines.append(f"devices: {states}")
+    return "\n".join(lines)
+
+
+def run_demo(data_dir: Path, duration: float = 0.0) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = data_dir / "demo.toml"
+    cfg_path.write_text(DEMO_CONFIG, encoding="utf-8")
+    cfg = load_config(cfg_path)
+    setup_logging(cfg.gateway.log_level)
+    rt = Runtime(cfg)
+    tty = sys.stdout.isatty()
+
+    async def main() -> None:
+        async def show() -> None:
+            await rt.running.wait()
+            t0 = asyncio.get_running_loop().time()
+            while rt.running.is_set():
+                print(render(rt, tty), flush=True)
+                if duration and asyncio.get_running_loop().time() - t0 >= duration:
+                    rt.stop()
+                    return
+                await asyncio.sleep(1.0)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(show(), name="demo-view")
+            await rt.run(handle_signals=True)
+        print(f"\nstopped; {rt.counters.stored} samples stored in {data_dir}", flush=True)
+
+    asyncio.run(main())

@@ -1,0 +1,409 @@
+"""The supervisor: one TaskGroup owning device tasks, the filter pipeline and the store writer.
+
+Data path: device tasks --raw queue--> pipeline --store queue--> writer (--> sync, later).
+Queues are bounded: a producer awaits while one is full (backpressure), and the writer never
+waits on disk for long, so backpressure is brief. A producer cancelled while waiting still
+enqueues its batch (one batch over the bound at most), so no sample already read is lost.
+
+Shutdown is cancellation, in order: device tasks are cancelled and their adapters closed, a
+sentinel then flows through the pipeline and the writer, which commits everything before it
+and stops. The whole sequence is bounded by gateway.shutdown_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import random
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeos import filters, plugins
+from edgeos.adapter import Adapter, DeviceConfig, Sink
+from edgeos.config.model import Config
+from edgeos.errors import DeviceError, EdgeosError, StoreError
+from edgeos.logs import RateLimited
+from edgeos.model import Batch, Quality, TagMeta
+from edgeos.pipeline import Pipeline
+from edgeos.store import Store
+
+log = logging.getLogger("edgeos.runtime")
+
+_STOP: Any = object()
+
+
+class Channel:
+    """A bounded FIFO whose `put` enqueues anyway if cancelled mid-wait (see module docstring)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: collections.deque[Any] = collections.deque()
+        self._not_empty = asyncio.Event()
+        self._not_full = asyncio.Event()
+        self._not_full.set()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, item: Any) -> None:
+        try:
+            while len(self._items) >= self.maxsize:
+                self._not_full.clear()
+                await self._not_full.wait()
+        finally:
+            self.put_nowait(item)
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        self._not_empty.set()
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._not_empty.clear()
+            await self._not_empty.wait()
+        item = self._items.popleft()
+        if len(self._items) < self.maxsize:
+            self._not_full.set()
+        return item
+
+
+def backoff_delay(attempt: int, base_ns: int, cap_ns: int) -> float:
+    """Capped full jitter (seconds): uniform over [0, min(cap, base * 2**attempt)]."""
+    ceiling = min(cap_ns, base_ns * (2 ** min(attempt, 30)))
+    return random.uniform(base_ns / 2, ceiling) / 1e9 if ceiling > base_ns else base_ns / 1e9
+
+
+@dataclass
+class DeviceState:
+    """What the supervisor knows of one device, for status and tests."""
+
+    name: str
+    state: str = "starting"  # starting | connecting | running | backoff | stopped
+    connects: int = 0
+    failures: int = 0
+    batches: int = 0
+    samples: int = 0
+    last_error: str = ""
+    last_error_code: str = ""
+    last_ok_ns: int = 0
+    adapter: Adapter | None = None
+
+
+@dataclass
+class Counters:
+    read: int = 0
+    filtered_out: int = 0
+    stored: int = 0
+    store_errors: int = 0
+    started_ns: int = field(default_factory=time.time_ns)
+
+
+class LatestValues:
+    """Last value, time and quality of every tag, as columns indexed by tag id."""
+
+    def __init__(self, tags: Iterable[TagMeta]) -> None:
+        self.meta = list(tags)
+        n = len(self.meta)
+        self.ts = np.zeros(n, np.int64)
+        self.values = np.full(n, np.nan)
+        self.quality = np.full(n, Quality.BAD_WAITING_FOR_INITIAL_DATA, np.uint32)
+        self.text: dict[int, str] = {}
+
+    def update(self, b: Batch) -> None:
+        # With repeated tags in one batch, numpy assignment keeps the last occurrence.
+        self.ts[b.tags] = b.ts
+        self.values[b.tags] = b.values
+        self.quality[b.tags] = b.quality
+        if b.text is not None:
+            for t, s in zip(b.tags.tolist(), b.text.tolist(), strict=True):
+                if s is not None:
+                    self.text[t] = s
+
+    def rows(self) -> list[tuple[TagMeta, int, float | str, int]]:
+        return [
+            (m, int(self.ts[m.id]), self.text.get(m.id, float(self.values[m.id])), int(self.quality[m.id]))
+            for m in self.meta
+        ]
+
+
+class Runtime:
+    """Runs a config until `stop()` (or cancellation, or SIGTERM/SIGINT with handle_signals)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        kernel_impl: str = "auto",
+        sinks: Iterable[Sink] = (),
+        store: bool = True,
+    ) -> None:
+        self.config = config
+        self.kernel_impl = kernel_impl
+        self.sinks = list(sinks)
+        self.use_store = store
+        self.store: Store | None = None
+        self.devices = {d.name: DeviceState(d.name) for d in config.devices}
+        self.latest = LatestValues(config.tags)
+        self.counters = Counters()
+        self.errors = RateLimited(logging.getLogger("edgeos.device"))
+        self.running = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # -- control ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin an orderly shutdown; safe to call from a signal handler or another task."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def write(self, device: str, tag: str, value: float | bool | str) -> None:
+        """Write a tag through the running adapter; only tags configured `writable`."""
+        dev = self.config.device(device)
+        tc = next((t for t in dev.tags if t.name == tag), None)
+        if tc is None:
+            raise KeyError(f"{device}/{tag}: no such tag")
+        if not tc.meta.writable:
+            raise PermissionError(f"{device}/{tag} is not writable (set writable = true in its config)")
+        adapter = self.devices[device].adapter
+        if adapter is None or self.devices[device].state != "running":
+            raise DeviceError(device, "not connected", code="not_connected", stage="write")
+        await adapter.write(tc, value)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "gateway": self.config.gateway.id,
+            "kernels": filters.implementation(),
+            "counters": vars(self.counters).copy(),
+            "devices": {
+                n: {
+                    "state": s.state,
+                    "connects": s.connects,
+                    "failures": s.failures,
+                    "samples": s.samples,
+                    "last_error": s.last_error,
+                    "health": dict(s.adapter.health()) if s.adapter else {},
+                }
+                for n, s in self.devices.items()
+            },
+        }
+
+    # -- main ------------------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        cfg = self.config
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if not filters.COMPILED:
+            log.warning(
+                "compiled filter kernels are missing: running the plain-Python reference "
+                "kernels (much slower); reinstall with a C compiler"
+            )
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        pipeline = Pipeline(cfg.tag_configs(), impl=self.kernel_impl)
+        raw = Channel(cfg.gateway.queue_batches)
+        filtered = Channel(cfg.gateway.queue_batches)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-store")
+        try:
+            if self.use_store:
+                self.store = await loop.run_in_executor(self._executor, Store, cfg.gateway.data_dir, cfg.tags)
+            log.info(
+                "gateway %s: %d devices, %d tags, kernels %s, store %s",
+                cfg.gateway.id,
+                len(cfg.devices),
+                len(cfg.tags),
+                filters.implementation(),
+                self.store.path if self.store else "off",
+            )
+            async with asyncio.TaskGroup() as tg:
+                t_pipe = tg.create_task(self._pipeline(pipeline, raw, filtered), name="pipeline")
+                t_write = tg.create_task(self._writer(filtered), name="store-writer")
+                t_devs = [
+                    tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
+                ]
+                self.running.set()
+                try:
+                    await self._stop.wait()
+                finally:
+                    await asyncio.shield(self._shutdown(t_devs, raw, t_pipe, t_write))
+        finally:
+            self.running.clear()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            if self.store is not None:
+                await loop.run_in_executor(self._executor, self.store.close)
+            self._executor.shutdown(wait=True)
+            log.info("stopped: %d samples read, %d stored", self.counters.read, self.counters.stored)
+
+    async def _shutdown(self, devices: list[asyncio.Task], raw: Channel, *core: asyncio.Task) -> None:
+        timeout = self.config.gateway.shutdown_timeout_ns / 1e9
+        log.info("stopping: polling ends, then everything read is flushed to the store")
+        try:
+            async with asyncio.timeout(timeout):
+                for t in devices:
+                    t.cancel()
+                await asyncio.gather(*devices, return_exceptions=True)
+                raw.put_nowait(_STOP)
+                await asyncio.gather(*core, return_exceptions=True)
+        except TimeoutError:
+            log.error("shutdown took longer than %.1fs; pending samples may be lost", timeout)
+            for t in (*devices, *core):
+                t.cancel()
+
+    # -- devices ---------------------------------------------------------------------------
+
+    async def _supervise(self, dev: DeviceConfig, raw: Channel) -> None:
+        st = self.devices[dev.name]
+        plugin = plugins.load(plugins.PROTOCOLS, dev.protocol)
+        tag_ids = np.array([t.id for t in dev.tags], np.int32)
+        attempt = 0
+        degraded = False  # Bad samples already recorded for this outage
+
+        async def emit(batch: Batch) -> None:
+            nonlocal attempt, degraded
+            st.batches += 1
+            st.samples += len(batch)
+            st.last_ok_ns = time.time_ns()
+            if attempt or degraded:
+                log.info("%s: device is producing again", dev.name)
+                self.errors.clear(dev.name + ":")
+            attempt = 0
+            degraded = False
+            await raw.put(batch)
+
+        while True:
+            adapter = plugin.create(dev)
+            st.adapter = adapter
+            try:
+                st.state = "connecting"
+                await adapter.connect()
+                st.connects += 1
+                st.state = "running"
+                await adapter.run(emit)
+                raise DeviceError(dev.name, "adapter's run() returned; restarting", code="ended", stage="run")
+            except Exception as e:
+                st.failures += 1
+                code = e.code if isinstance(e, DeviceError) else type(e).__name__
+                st.last_error = str(e)
+                st.last_error_code = code
+                self.errors.log(
+                    logging.WARNING,
+                    f"{dev.name}:{code}",
+                    "%s: %s",
+                    dev.name,
+                    e if isinstance(e, EdgeosError) else f"{type(e).__name__}: {e}",
+                )
+                if not degraded:
+                    degraded = True
+                    quality = Quality.BAD_COMM_FAILURE if st.connects else Quality.BAD_NOT_CONNECTED
+                    await raw.put(Batch.filled(dev.name, tag_ids, time.time_ns(), np.nan, quality))
+            finally:
+                await self._close(dev, adapter)
+            st.state = "backoff"
+            delay = backoff_delay(attempt, dev.reconnect_min_ns, dev.reconnect_max_ns)
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _close(self, dev: DeviceConfig, adapter: Adapter) -> None:
+        """Close with a bound; a close that hangs or raises must not stall the supervisor."""
+        try:
+            await asyncio.shield(asyncio.wait_for(adapter.close(), 5.0))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("%s: close failed: %s", dev.name, e)
+        finally:
+            self.devices[dev.name].state = "stopped"
+
+    # -- pipeline and writer ---------------------------------------------------------------
+
+    async def _pipeline(self, pipeline: Pipeline, raw: Channel, out: Channel) -> None:
+        while True:
+            batch = await raw.get()
+            if batch is _STOP:
+                out.put_nowait(_STOP)
+                return
+            self.counters.read += len(batch)
+            self.latest.update(batch)
+            kept = pipeline.apply(batch)
+            self.counters.filtered_out += len(batch) - len(kept)
+            if len(kept):
+                await out.put(kept)
+
+    async def _writer(self, inbox: Channel) -> None:
+        """Batch commits: at `commit_samples` samples or `commit_interval` after the first
+        pending one, whichever comes first. A failed commit keeps its batches and is retried;
+        at shutdown everything pending is committed before the writer returns."""
+        cfg = self.config.store
+        loop = asyncio.get_running_loop()
+        interval = cfg.commit_interval_ns / 1e9
+        pending: list[Batch] = []
+        n_pending = 0
+        deadline = 0.0
+        stopping = False
+        while not (stopping and not pending):
+            if not stopping and n_pending < cfg.commit_samples:
+                timeout = None if not pending else max(0.0, deadline - loop.time())
+                try:
+                    item = await asyncio.wait_for(inbox.get(), timeout)
+                except TimeoutError:
+                    item = None
+                if item is _STOP:
+                    stopping = True
+                elif item is not None:
+                    if not pending:
+                        deadline = loop.time() + interval
+                    pending.append(item)
+                    n_pending += len(item)
+            due = stopping or n_pending >= cfg.commit_samples or loop.time() >= deadline
+            if pending and due:
+                if await self._commit(loop, pending):
+                    pending, n_pending = [], 0
+                else:
+                    await asyncio.sleep(0.5)
+
+    async def _commit(self, loop: asyncio.AbstractEventLoop, batches: list[Batch]) -> bool:
+        if self.store is None:
+            n = sum(len(b) for b in batches)
+        else:
+            try:
+                n = await asyncio.shield(loop.run_in_executor(self._executor, self.store.write, batches))
+            except StoreError as e:
+                self.counters.store_errors += 1
+                self.errors.log(logging.ERROR, "store:write", "%s", e)
+                return False
+        self.counters.stored += n
+        for s in self.sinks:
+            for b in batches:
+                await s.put(b)
+        return True
+
+
+async def run_config(config: Config, **kw: Any) -> Runtime:
+    """Convenience for OEMs: run until SIGTERM/SIGINT."""
+    rt = Runtime(config, **kw)
+    await rt.run(handle_signals=True)
+    return rt
+
+
+def device_summary(config: Config) -> list[Mapping[str, Any]]:
+    return [
+        {
+            "name": d.name,
+            "protocol": d.protocol,
+            "tags": len(d.tags),
+            "reads_per_s": config.polls_per_second(d),
+            "enabled": d.enabled,
+        }
+        for d in config.devices
+    ]

@@ -1,0 +1,33 @@
+"""Build glue: maps protocols/ into edgeos.protocols and compiles ext/*.pyx.
+
+Set EDGEOS_NO_EXTENSIONS=1 for a pure-Python build; otherwise a compile error fails the install.
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+packages = ["edgeos"] + [f"edgeos.{p}" for p in find_packages("edgeos")]
+packages += ["edgeos.protocols"] + [f"edgeos.protocols.{p}" for p in find_packages("protocols")]
+package_dir = {"edgeos": "edgeos", "edgeos.protocols": "protocols"}
+
+ext_modules = []
+if os.environ.get("EDGEOS_NO_EXTENSIONS") != "1":
+    import numpy
+    from Cython.Build import cythonize
+    from setuptools import Extension
+
+    ext_modules = cythonize(
+        [
+            Extension(
+                "edgeos.filters._kernels",
+                ["ext/_kernels.pyx"],
+                include_dirs=[numpy.get_include()],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                extra_compile_args=["-O3"],
+            )
+        ],
+        compiler_directives={"language_level": 3},
+    )
+
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules)

@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests run against the installed package (see pyproject: importlib mode)."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgeos import filters
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def kernel_impl(request: pytest.FixtureRequest) -> str:
+    """Runs a test on both kernel implementations; the compiled half fails (never skips) when
+    the extension was not built."""
+    if request.param == "compiled":
+        assert filters.COMPILED, "edgeos.filters._kernels is not built: the install is missing its compiled kernels"
+    return request.param
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write a TOML config (dedented) into a fresh directory; data_dir defaults to ./data."""
+
+    def write(body: str, name: str = "edgeos.toml", **files: str) -> Path:
+        for fname, content in files.items():
+            (tmp_path / fname.replace("__", ".")).write_text(textwrap.dedent(content))
+        p = tmp_path / name
+        p.write_text(textwrap.dedent(body))
+        return p
+
+    return write
