@@ -164,6 +164,13 @@ class PollStats:
             self.lateness_ns.append(late_ns)
 
 
+def first_error(e: BaseException) -> BaseException:
+    """The first leaf of an exception group (the error a log line should name)."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
 def group_by_interval(tags: Sequence[TagConfig]) -> list[PollGroup]:
     by: dict[int, list[TagConfig]] = {}
     for t in tags:
@@ -193,10 +200,14 @@ class PollingAdapter:
 
     async def run(self, emit: Emit) -> None:
         groups = self.poll_groups()
-        async with asyncio.TaskGroup() as tg:
-            for i, g in enumerate(groups):
-                self.stats[i] = PollStats()
-                tg.create_task(self._poll_loop(g, self.stats[i], emit), name=f"poll:{self.device.name}:{i}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i, g in enumerate(groups):
+                    self.stats[i] = PollStats()
+                    tg.create_task(self._poll_loop(g, self.stats[i], emit), name=f"poll:{self.device.name}:{i}")
+        except BaseExceptionGroup as eg:
+            # One failed group means the connection is gone: report that error, not a group.
+            raise first_error(eg) from eg
 
     async def _poll_loop(self, group: PollGroup, stats: PollStats, emit: Emit) -> None:
         loop = asyncio.get_running_loop()

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from edgeos import filters, plugins
-from edgeos.adapter import Adapter, DeviceConfig, Sink
+from edgeos.adapter import Adapter, DeviceConfig, Sink, first_error
 from edgeos.config.model import Config
-from edgeos.errors import DeviceError, EdgeosError, StoreError
+from edgeos.errors import DeviceError, StoreError
 from edgeos.logs import RateLimited
 from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
@@ -156,6 +156,7 @@ class Runtime:
         self.running = asyncio.Event()
         self._stop: asyncio.Event | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._producing = {f"device:{d.name}": asyncio.Event() for d in config.devices}
 
     # -- control ---------------------------------------------------------------------------
 
@@ -248,24 +249,32 @@ class Runtime:
     async def _shutdown(self, devices: list[asyncio.Task], raw: Channel, *core: asyncio.Task) -> None:
         timeout = self.config.gateway.shutdown_timeout_ns / 1e9
         log.info("stopping: polling ends, then everything read is flushed to the store")
+        for t in devices:
+            t.cancel()
         try:
             async with asyncio.timeout(timeout):
-                for t in devices:
-                    t.cancel()
-                await asyncio.gather(*devices, return_exceptions=True)
+                # Producers are done once each reaches its close: nothing more can be read, so
+                # the flush can start while slow closes finish in parallel.
+                await asyncio.gather(*(self._producing[t.get_name()].wait() for t in devices))
                 raw.put_nowait(_STOP)
-                await asyncio.gather(*core, return_exceptions=True)
+                await asyncio.gather(*core, *devices, return_exceptions=True)
         except TimeoutError:
-            log.error("shutdown took longer than %.1fs; pending samples may be lost", timeout)
+            if not all(t.done() for t in core):
+                log.error("shutdown took longer than %.1fs; samples not yet committed are lost", timeout)
+            else:
+                log.warning("shutdown: device connections did not close within %.1fs", timeout)
             for t in (*devices, *core):
                 t.cancel()
+            await asyncio.gather(*devices, *core, return_exceptions=True)
 
     # -- devices ---------------------------------------------------------------------------
 
     async def _supervise(self, dev: DeviceConfig, raw: Channel) -> None:
+        """Connect, run, and on any failure record Bad samples, close, back off and retry."""
         st = self.devices[dev.name]
         plugin = plugins.load(plugins.PROTOCOLS, dev.protocol)
         tag_ids = np.array([t.id for t in dev.tags], np.int32)
+        producing = self._producing[f"device:{dev.name}"]
         attempt = 0
         degraded = False  # Bad samples already recorded for this outage
 
@@ -274,50 +283,50 @@ class Runtime:
             st.batches += 1
             st.samples += len(batch)
             st.last_ok_ns = time.time_ns()
-            if attempt or degraded:
+            if degraded:
                 log.info("%s: device is producing again", dev.name)
                 self.errors.clear(dev.name + ":")
             attempt = 0
             degraded = False
             await raw.put(batch)
 
-        while True:
-            adapter = plugin.create(dev)
-            st.adapter = adapter
-            try:
-                st.state = "connecting"
-                await adapter.connect()
-                st.connects += 1
-                st.state = "running"
-                await adapter.run(emit)
-                raise DeviceError(dev.name, "adapter's run() returned; restarting", code="ended", stage="run")
-            except Exception as e:
-                st.failures += 1
-                code = e.code if isinstance(e, DeviceError) else type(e).__name__
-                st.last_error = str(e)
-                st.last_error_code = code
-                self.errors.log(
-                    logging.WARNING,
-                    f"{dev.name}:{code}",
-                    "%s: %s",
-                    dev.name,
-                    e if isinstance(e, EdgeosError) else f"{type(e).__name__}: {e}",
-                )
-                if not degraded:
-                    degraded = True
-                    quality = Quality.BAD_COMM_FAILURE if st.connects else Quality.BAD_NOT_CONNECTED
-                    await raw.put(Batch.filled(dev.name, tag_ids, time.time_ns(), np.nan, quality))
-            finally:
-                await self._close(dev, adapter)
-            st.state = "backoff"
-            delay = backoff_delay(attempt, dev.reconnect_min_ns, dev.reconnect_max_ns)
-            attempt += 1
-            await asyncio.sleep(delay)
+        try:
+            while True:
+                adapter = plugin.create(dev)
+                st.adapter = adapter
+                try:
+                    st.state = "connecting"
+                    await adapter.connect()
+                    st.connects += 1
+                    st.state = "running"
+                    await adapter.run(emit)
+                    raise DeviceError(dev.name, "adapter's run() returned; restarting", code="ended", stage="run")
+                except Exception as exc:
+                    e = first_error(exc)
+                    st.failures += 1
+                    st.last_error = str(e)
+                    st.last_error_code = e.code if isinstance(e, DeviceError) else type(e).__name__
+                    text = str(e) if isinstance(e, DeviceError) else f"{dev.name}: {type(e).__name__}: {e}"
+                    self.errors.log(logging.WARNING, f"{dev.name}:{st.last_error_code}", "%s", text)
+                    if not degraded:
+                        degraded = True
+                        quality = Quality.BAD_COMM_FAILURE if st.connects else Quality.BAD_NOT_CONNECTED
+                        await raw.put(Batch.filled(dev.name, tag_ids, time.time_ns(), np.nan, quality))
+                finally:
+                    if self._stop is not None and self._stop.is_set():
+                        producing.set()  # nothing more can be emitted: let the flush begin
+                    await self._close(dev, adapter)
+                st.state = "backoff"
+                await asyncio.sleep(backoff_delay(attempt, dev.reconnect_min_ns, dev.reconnect_max_ns))
+                attempt += 1
+        finally:
+            producing.set()
 
     async def _close(self, dev: DeviceConfig, adapter: Adapter) -> None:
         """Close with a bound; a close that hangs or raises must not stall the supervisor."""
         try:
-            await asyncio.shield(asyncio.wait_for(adapter.close(), 5.0))
+            bound = min(5.0, self.config.gateway.shutdown_timeout_ns / 2e9)
+            await asyncio.shield(asyncio.wait_for(adapter.close(), bound))
         except asyncio.CancelledError:
             raise
         except Exception as e:

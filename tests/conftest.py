@@ -32,3 +32,29 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
         return p
 
     return write
+
+
+@pytest.fixture
+def run_runtime():
+    """Start a Runtime, wait (bounded) for a condition, stop it gracefully; returns the runtime."""
+    import asyncio
+
+    from edgeos.runtime import Runtime
+
+    async def run(config, *, until=None, seconds: float = 1.0, timeout: float = 15.0, **kw):
+        rt = Runtime(config, **kw)
+        task = asyncio.create_task(rt.run(), name="runtime-under-test")
+        try:
+            async with asyncio.timeout(timeout):
+                await rt.running.wait()
+                if until is None:
+                    await asyncio.sleep(seconds)
+                else:
+                    while not until(rt):
+                        await asyncio.sleep(0.02)
+        finally:
+            rt.stop()
+            await asyncio.wait_for(task, timeout)
+        return rt
+
+    return run

@@ -1,0 +1,109 @@
+"""An OEM-style plugin: a push-driven adapter that can misbehave on demand, and a filter."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edgeos import Batch, DeviceConfig, Emit, TagConfig, ValueKind
+from edgeos.config import Field, Problems
+
+
+class MisbehavingAdapter:
+    """Emits on its own clock (like a subscription) and fails in the ways a real driver can."""
+
+    instances: list[MisbehavingAdapter] = []
+
+    def __init__(self, device: DeviceConfig) -> None:
+        self.device = device
+        self.opts = device.options
+        self.closed = 0
+        self.emitted = 0
+        MisbehavingAdapter.instances.append(self)
+
+    async def connect(self) -> None:
+        if self.opts["mode"] == "connect_raises":
+            raise RuntimeError("driver bug in connect")
+
+    async def run(self, emit: Emit) -> None:
+        ids = np.array([t.id for t in self.device.tags], np.int32)
+        period = self.opts["period"] / 1e9
+        while True:
+            await asyncio.sleep(period)
+            n = len(ids)
+            await emit(
+                Batch(
+                    self.device.name,
+                    ids,
+                    np.full(n, time.time_ns()),
+                    np.full(n, float(self.emitted)),
+                    np.zeros(n, np.uint32),
+                )
+            )
+            self.emitted += 1
+            if self.opts["mode"] == "run_raises" and self.emitted % self.opts["raise_every"] == 0:
+                raise ValueError("driver bug in run")
+            if self.opts["mode"] == "run_returns" and self.emitted % self.opts["raise_every"] == 0:
+                return
+
+    async def write(self, tag: TagConfig, value: float | bool | str) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        self.closed += 1
+        if self.opts["mode"] == "close_hangs":
+            await asyncio.sleep(3600)
+        if self.opts["mode"] == "close_raises":
+            raise OSError("close failed")
+
+    def health(self) -> Mapping[str, Any]:
+        return {"emitted": self.emitted}
+
+
+class MisbehavingProtocol:
+    name = "misbehaving"
+    device_fields = {
+        "mode": Field(
+            "choice", "ok", choices=("ok", "connect_raises", "run_raises", "run_returns", "close_hangs", "close_raises")
+        ),
+        "period": Field("duration", "20ms"),
+        "raise_every": Field("int", 5, min=1),
+    }
+    tag_fields: dict[str, Field] = {}
+
+    def tag_kind(self, options: Mapping[str, Any]) -> ValueKind:
+        return ValueKind.NUMBER
+
+    def validate(self, device: DeviceConfig, path: str, problems: Problems) -> None:
+        return None
+
+    def create(self, device: DeviceConfig) -> MisbehavingAdapter:
+        return MisbehavingAdapter(device)
+
+
+class ScaleFilter:
+    def __init__(self, n_tags: int, params: Mapping[int, Mapping[str, Any]]) -> None:
+        self.factor = np.ones(n_tags)
+        for tag, p in params.items():
+            self.factor[tag] = p["factor"]
+
+    def apply(self, batch: Batch) -> Batch:
+        return Batch(
+            batch.device, batch.tags, batch.ts, batch.values * self.factor[batch.tags], batch.quality, batch.text
+        )
+
+
+class ScalePlugin:
+    name = "scale"
+    fields = {"factor": Field("float", 1.0)}
+
+    def create(self, n_tags: int, params: Mapping[int, Mapping[str, Any]]) -> ScaleFilter:
+        return ScaleFilter(n_tags, params)
+
+
+protocol = MisbehavingProtocol()
+scale = ScalePlugin()

@@ -1,0 +1,220 @@
+"""The supervisor: restarts, isolation between devices, orderly shutdown with nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from edgeos import Quality
+from edgeos.config import load_config
+from edgeos.runtime import Channel, backoff_delay
+from edgeos.store import open_store
+
+GATEWAY = """
+[gateway]
+id = "gw"
+data_dir = "data"
+shutdown_timeout = "5s"
+"""
+
+
+def _stored(cfg, key):
+    store = open_store(cfg.gateway.data_dir, cfg.tags)
+    try:
+        return store.history(key)
+    finally:
+        store.close()
+
+
+async def test_failing_device_is_restarted_while_others_keep_producing(write_config, run_runtime):
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "flaky"
+protocol = "simulated"
+poll_interval = "20ms"
+fail_after = "150ms"
+reconnect_min = "20ms"
+reconnect_max = "100ms"
+tags = [{ name = "a" }]
+
+[[devices]]
+name = "steady"
+protocol = "simulated"
+poll_interval = "20ms"
+tags = [{ name = "b" }]
+
+[[devices]]
+name = "buggy"
+protocol = "misbehaving"
+mode = "run_raises"
+raise_every = 3
+reconnect_min = "20ms"
+reconnect_max = "50ms"
+tags = [{ name = "c" }]
+"""
+        )
+    )
+    rt = await run_runtime(
+        cfg, until=lambda rt: rt.devices["flaky"].connects >= 3 and rt.devices["buggy"].connects >= 3
+    )
+    flaky, steady, buggy = (rt.devices[n] for n in ("flaky", "steady", "buggy"))
+    assert flaky.failures >= 2 and "fail_after" in flaky.last_error
+    assert buggy.failures >= 2 and "ValueError" in buggy.last_error_code
+    assert steady.failures == 0 and steady.connects == 1
+
+    ts, _, q = _stored(cfg, "steady/b")
+    gaps_ms = np.diff(ts) / 1e6
+    # The healthy device kept its 20 ms rhythm throughout the others' failures.
+    assert len(ts) >= 10 and gaps_ms.max() < 200, gaps_ms.max()
+    assert (q == Quality.GOOD).all()
+
+    # Each outage of the flaky device is recorded as Bad samples, not silence.
+    _, values, q = _stored(cfg, "flaky/a")
+    bad = q == Quality.BAD_COMM_FAILURE
+    assert bad.sum() >= 2 and np.isnan(values[bad]).all()
+    assert (q == Quality.GOOD).sum() > 0
+
+
+async def test_device_that_never_connects_is_bad_and_does_not_flood(write_config, run_runtime, caplog):
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "down"
+protocol = "simulated"
+fail_connect = true
+reconnect_min = "5ms"
+reconnect_max = "10ms"
+tags = [{ name = "a" }, { name = "b" }]
+
+[[devices]]
+name = "up"
+protocol = "simulated"
+poll_interval = "50ms"
+tags = [{ name = "c" }]
+"""
+        )
+    )
+    caplog.set_level("WARNING", logger="edgeos")
+    rt = await run_runtime(cfg, until=lambda rt: rt.devices["down"].failures >= 30)
+    # One Bad sample per tag for the outage, with the "never connected" reason.
+    ts, _, q = _stored(cfg, "down/a")
+    assert list(q) == [Quality.BAD_NOT_CONNECTED]
+    # Thirty failures, one log line: repeated errors are rate limited per device and cause.
+    lines = [r for r in caplog.records if "down" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert rt.devices["up"].samples > 0
+
+
+@pytest.mark.parametrize("mode", ["close_hangs", "close_raises", "connect_raises", "run_returns"])
+async def test_misbehaving_driver_cannot_stall_the_gateway(write_config, run_runtime, mode):
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + f"""
+[[devices]]
+name = "bad"
+protocol = "misbehaving"
+mode = "{mode}"
+raise_every = 2
+reconnect_min = "10ms"
+reconnect_max = "20ms"
+tags = [{{ name = "a" }}]
+
+[[devices]]
+name = "good"
+protocol = "simulated"
+poll_interval = "20ms"
+tags = [{{ name = "b" }}]
+"""
+        )
+    )
+    rt = await run_runtime(cfg, seconds=0.6, timeout=20)
+    assert rt.devices["good"].samples >= 10
+    if mode.startswith("close"):
+        # Only closed at shutdown: the stop still completed, and everything read was stored.
+        assert rt.counters.stored == rt.counters.read
+    else:
+        assert rt.devices["bad"].failures >= 1
+
+
+async def test_shutdown_flushes_every_sample_read(write_config, run_runtime):
+    devices = "".join(
+        f"""
+[[devices]]
+name = "d{i}"
+protocol = "simulated"
+poll_interval = "5ms"
+tags_csv = "tags.csv"
+"""
+        for i in range(8)
+    )
+    csv = "name,signal\n" + "".join(f"t{j},{'sine' if j % 2 else 'random_walk'}\n" for j in range(200))
+    cfg = load_config(
+        write_config(GATEWAY + '[store]\ncommit_samples = 100000\ncommit_interval = "1s"\n' + devices, tags__csv=csv)
+    )
+    # A long commit interval leaves plenty uncommitted at the moment of the stop.
+    rt = await run_runtime(cfg, seconds=1.0)
+    assert rt.counters.read > 10_000
+    assert rt.counters.stored == rt.counters.read
+    assert sum(s.samples for s in rt.devices.values()) == rt.counters.read
+    store = open_store(cfg.gateway.data_dir, cfg.tags)
+    try:
+        assert store.count() == rt.counters.read
+    finally:
+        store.close()
+
+
+async def test_cancelling_run_is_an_orderly_shutdown(write_config):
+    from edgeos.runtime import Runtime
+
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[store]
+commit_interval = "1s"
+[[devices]]
+name = "m"
+protocol = "simulated"
+poll_interval = "5ms"
+tags = [{ name = "a" }, { name = "b" }]
+"""
+        )
+    )
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run())
+    await asyncio.wait_for(rt.running.wait(), 5)
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert rt.counters.read > 0 and rt.counters.stored == rt.counters.read
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith(("device:", "poll:", "pipeline", "store"))]
+
+
+async def test_channel_put_cancelled_while_full_still_enqueues():
+    ch = Channel(1)
+    await ch.put("a")
+    waiter = asyncio.create_task(ch.put("b"))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert [await ch.get(), await ch.get()] == ["a", "b"]
+
+
+def test_backoff_is_capped_full_jitter():
+    base, cap = 100_000_000, 2_000_000_000
+    delays = [backoff_delay(a, base, cap) for a in range(20) for _ in range(50)]
+    assert max(delays) <= cap / 1e9
+    late = [backoff_delay(10, base, cap) for _ in range(200)]
+    # Jitter spreads reconnects: a fleet does not come back in lockstep.
+    assert np.std(late) > 0.2 and min(late) >= base / 2e9
