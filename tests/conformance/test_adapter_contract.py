@@ -1,0 +1,125 @@
+"""Every protocol plugin against the adapter contract (docs/adapters.md).
+
+Each protocol needs a *peer*: a factory giving a device config it can run against here. Later
+protocols add theirs to PEERS (starting the real server the adapter talks to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+
+from edgeos import Adapter, Batch, ProtocolPlugin, plugins
+from edgeos.config import load_config
+
+GATEWAY = '[gateway]\nid = "gw"\ndata_dir = "data"\n'
+
+
+@contextlib.asynccontextmanager
+async def simulated_peer(write_config) -> AsyncIterator[str]:
+    yield """
+[[devices]]
+name = "dev"
+protocol = "simulated"
+poll_interval = "20ms"
+tags = [{ name = "a" }, { name = "b", signal = "text" }, { name = "c", signal = "bool", poll_interval = "50ms" }]
+"""
+
+
+@contextlib.asynccontextmanager
+async def misbehaving_peer(write_config) -> AsyncIterator[str]:
+    yield '[[devices]]\nname = "dev"\nprotocol = "misbehaving"\ntags = [{ name = "a" }, { name = "b" }]\n'
+
+
+PEERS: dict[str, Callable] = {"simulated": simulated_peer, "misbehaving": misbehaving_peer}
+TESTED = sorted(p.name for p in plugins.available(plugins.PROTOCOLS) if p.name in PEERS)
+
+
+def test_every_builtin_protocol_has_a_peer():
+    builtin = {p.name for p in plugins.available(plugins.PROTOCOLS) if p.dist == "edgeos"}
+    assert builtin and builtin <= set(PEERS), f"no conformance peer for {builtin - set(PEERS)}"
+
+
+@pytest.fixture(params=TESTED)
+async def device(request, write_config):
+    async with PEERS[request.param](write_config) as body:
+        cfg = load_config(write_config(GATEWAY + body))
+        yield cfg.devices[0]
+
+
+async def _collect(adapter: Adapter, n: int) -> list[Batch]:
+    got: list[Batch] = []
+    done = asyncio.Event()
+
+    async def emit(b: Batch) -> None:
+        got.append(b)
+        if len(got) >= n:
+            done.set()
+
+    task = asyncio.create_task(adapter.run(emit))
+    try:
+        async with asyncio.timeout(10):
+            await done.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return got
+
+
+async def test_plugin_is_well_formed(device):
+    plugin = plugins.load(plugins.PROTOCOLS, device.protocol)
+    assert isinstance(plugin, ProtocolPlugin)
+    assert isinstance(plugin.create(device), Adapter)
+
+
+async def test_batches_are_well_formed(device):
+    plugin = plugins.load(plugins.PROTOCOLS, device.protocol)
+    adapter = plugin.create(device)
+    t0 = time.time_ns()
+    await adapter.connect()
+    try:
+        batches = await _collect(adapter, 5)
+    finally:
+        await adapter.close()
+    ids = {t.id for t in device.tags}
+    for b in batches:
+        assert isinstance(b, Batch) and b.device == device.name and len(b) > 0
+        assert set(b.tags.tolist()) <= ids
+        assert (b.ts >= t0 - 10**9).all() and (b.ts <= time.time_ns() + 10**9).all()
+        for tid, v, txt in zip(b.tags, b.values, b.text if b.text is not None else [None] * len(b), strict=True):
+            kind = next(t.meta.kind for t in device.tags if t.id == tid)
+            if kind.value == "string":
+                assert isinstance(txt, str) and np.isnan(v)
+            elif kind.value == "bool":
+                assert v in (0.0, 1.0)
+    seen = set(np.concatenate([b.tags for b in batches]).tolist())
+    assert seen == ids or len(batches) < 5
+
+
+async def test_close_is_idempotent_and_safe_before_connect(device):
+    plugin = plugins.load(plugins.PROTOCOLS, device.protocol)
+    fresh = plugin.create(device)
+    await fresh.close()
+    adapter = plugin.create(device)
+    await adapter.connect()
+    await adapter.close()
+    await adapter.close()
+    assert isinstance(dict(adapter.health()), dict)
+
+
+async def test_no_task_left_after_cancellation(device):
+    before = set(asyncio.all_tasks())
+    plugin = plugins.load(plugins.PROTOCOLS, device.protocol)
+    adapter = plugin.create(device)
+    await adapter.connect()
+    await _collect(adapter, 2)
+    await adapter.close()
+    await asyncio.sleep(0)
+    left = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    assert not left, [t.get_name() for t in left]

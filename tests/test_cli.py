@@ -1,0 +1,156 @@
+"""The `edgeos` command as a user runs it: installed entry point, real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgeos import plugins
+from edgeos.cli import app
+from edgeos.config import load_config
+from edgeos.store import open_store
+
+EDGEOS = [sys.executable, "-m", "edgeos.cli"]
+
+
+@pytest.mark.parametrize("command", ["run", "check", "init", "demo", "version"])
+def test_every_command_has_useful_help(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert len(result.output.splitlines()) > 5 and "Usage" in result.output
+
+
+def test_version_names_the_kernels():
+    result = CliRunner().invoke(app, ["version"])
+    assert result.exit_code == 0 and "kernels: compiled" in result.output and "pymodbus" in result.output
+
+
+def test_init_writes_a_config_that_checks_and_runs(tmp_path):
+    target = tmp_path / "edgeos.toml"
+    assert CliRunner().invoke(app, ["init", str(target)]).exit_code == 0
+    again = CliRunner().invoke(app, ["init", str(target)])
+    assert again.exit_code == 1 and "--force" in again.output
+    check = CliRunner().invoke(app, ["check", str(target)])
+    assert check.exit_code == 0, check.output
+    assert "simulated" in check.output
+    cfg = load_config(target)
+    assert cfg.gateway.data_dir == tmp_path / "data"
+
+
+def test_every_protocol_sample_is_a_valid_config(tmp_path):
+    from edgeos.cli import GATEWAY_HEADER, _sample
+
+    shipped = [p for p in plugins.available(plugins.PROTOCOLS) if p.dist == "edgeos"]
+    assert shipped
+    for info in shipped:
+        text = _sample(info.name)
+        assert text, f"protocol {info.name} ships no sample.toml"
+        p = tmp_path / f"{info.name}.toml"
+        p.write_text(GATEWAY_HEADER + text)
+        assert load_config(p).devices[0].protocol == info.name
+
+
+def test_broken_third_party_plugin_is_named_with_its_package(write_config):
+    from edgeos.errors import ConfigError
+
+    cfg = write_config('[gateway]\nid="g"\ndata_dir="d"\n[[devices]]\nname="x"\nprotocol="broken"\ntags=[{name="t"}]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    msg = str(info.value)
+    assert "plugin 'broken'" in msg and "edgeos-example-plugin 1.0.0" in msg and "ModuleNotFoundError" in msg
+
+
+def test_demo_runs_and_stores(tmp_path):
+    out = subprocess.run(
+        [*EDGEOS, "demo", "--dir", str(tmp_path), "--duration", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "press/temperature" in out.stdout and "samples stored" in out.stdout
+    cfg = load_config(tmp_path / "demo.toml")
+    store = open_store(tmp_path, cfg.tags)
+    try:
+        assert store.count() > 10
+        _, values, _ = store.history("press/running")
+        assert set(values.tolist()) <= {0.0, 1.0}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_run_stops_on_signal_with_exit_0_and_everything_stored(write_config, sig):
+    cfg_path = write_config(
+        """
+        [gateway]
+        id = "g"
+        data_dir = "data"
+        [store]
+        commit_interval = "1s"
+        [[devices]]
+        name = "m"
+        protocol = "simulated"
+        poll_interval = "10ms"
+        tags = [{ name = "a" }, { name = "b", signal = "text" }, { name = "c", signal = "bool" }]
+        """
+    )
+    proc = subprocess.Popen([*EDGEOS, "run", "-c", str(cfg_path)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "gateway g:" not in (line := proc.stderr.readline()):
+            assert line and time.monotonic() < deadline, "daemon did not start"
+        time.sleep(1.0)
+        proc.send_signal(sig)
+        rest = proc.communicate(timeout=20)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    stopped = [ln for ln in rest.splitlines() if "stopped:" in ln][-1]
+    read = int(stopped.split("stopped: ")[1].split()[0])
+    stored = int(stopped.split("read, ")[1].split()[0])
+    assert read > 100 and stored == read
+    cfg = load_config(cfg_path)
+    store = open_store(cfg.gateway.data_dir, cfg.tags)
+    try:
+        assert store.count() == read
+    finally:
+        store.close()
+
+
+def test_run_refuses_invalid_config(write_config):
+    cfg_path = write_config('[gateway]\nid = "g"\n')
+    out = subprocess.run([*EDGEOS, "run", "-c", str(cfg_path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "gateway.data_dir: missing required key" in out.stderr
+
+
+def test_run_without_config_file_is_a_clear_error(tmp_path):
+    out = subprocess.run(
+        [*EDGEOS, "run", "-c", str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 2 and "nope.toml: file not found" in out.stderr
+
+
+def test_check_lists_plugins_with_versions(write_config):
+    cfg_path = write_config(
+        '[gateway]\nid="g"\ndata_dir="d"\n[[devices]]\nname="x"\nprotocol="simulated"\ntags=[{name="t"}]\n'
+    )
+    result = CliRunner().invoke(app, ["check", str(cfg_path)])
+    assert "simulated 0.1.0" in result.output and "deadband 0.1.0" in result.output and "scale 1.0.0" in result.output
+    assert os.path.basename(str(cfg_path)) in result.output
+
+
+def test_entry_points_do_not_install_a_top_level_protocols_package():
+    import importlib.util
+
+    import edgeos
+
+    assert importlib.util.find_spec("edgeos.protocols.simulated") is not None
+    site = Path(edgeos.__file__).parent.parent
+    assert not (site / "protocols").exists() or site == Path(__file__).parent.parent
