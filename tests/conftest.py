@@ -58,3 +58,9 @@ def run_runtime():
         return rt
 
     return run
+
+
+def pytest_report_header(config):
+    import edgeos
+
+    return f"edgeos {edgeos.__version__} from {edgeos.__file__} (kernels: {filters.implementation()})"

@@ -17,7 +17,8 @@ from edgeos.cli import app
 from edgeos.config import load_config
 from edgeos.store import open_store
 
-EDGEOS = [sys.executable, "-m", "edgeos.cli"]
+# The installed console script, as a user runs it (never the checkout: cwd is not on its path).
+EDGEOS = [str(Path(sys.executable).with_name("edgeos"))]
 
 
 @pytest.mark.parametrize("command", ["run", "check", "init", "demo", "version"])
@@ -146,11 +147,13 @@ def test_check_lists_plugins_with_versions(write_config):
     assert os.path.basename(str(cfg_path)) in result.output
 
 
-def test_entry_points_do_not_install_a_top_level_protocols_package():
+def test_installed_layout_has_no_top_level_protocols_package():
     import importlib.util
 
     import edgeos
 
     assert importlib.util.find_spec("edgeos.protocols.simulated") is not None
     site = Path(edgeos.__file__).parent.parent
-    assert not (site / "protocols").exists() or site == Path(__file__).parent.parent
+    if site.name == "site-packages":  # a regular install, as scripts/test makes
+        assert not (site / "protocols").exists() and not (site / "ext").exists()
+        assert list((site / "edgeos" / "filters").glob("_kernels*.so"))
