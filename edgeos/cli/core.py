@@ -1,4 +1,4 @@
-"""The `edgeos` command: thin typer shells around the runtime, the config and the store."""
+"""Core commands: run, check, init, version, demo."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import importlib.metadata
 import platform
 import sys
 import tempfile
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -15,21 +14,16 @@ from typing import Annotated
 import typer
 
 from edgeos import filters, plugins
+from edgeos.cli.app import app
 from edgeos.config import Config, load_config
-from edgeos.errors import ConfigError, EdgeosError, PluginError
+from edgeos.errors import ConfigError, EdgeosError
 from edgeos.logs import setup as setup_logging
-
-app = typer.Typer(
-    help="edgeos: read factory devices, filter at the edge, keep every sample on this gateway.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML); see docs/config.md.")]
 
 
-def _load(path: Path) -> Config:
+def load_or_exit(path: Path) -> Config:
+    """Load a config or print every problem and exit 2: the shared entry of commands taking -c."""
     try:
         return load_config(path)
     except ConfigError as e:
@@ -52,7 +46,7 @@ def run(
     """
     from edgeos.runtime import Runtime
 
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     setup_logging(log_level or cfg.gateway.log_level)
     rt = Runtime(cfg)
     try:
@@ -70,7 +64,7 @@ def check(config: Annotated[Path, typer.Argument(help="Config file to validate."
     the request plan where the protocol has one, the kernels in use and the loaded plugins.
     Exit code 2 and one line per problem when the config is invalid.
     """
-    cfg = _load(config)
+    cfg = load_or_exit(config)
     total_tags = sum(len(d.tags) for d in cfg.devices)
     total_rate = sum(cfg.polls_per_second(d) for d in cfg.devices)
     typer.echo(f"{config}: OK")
@@ -211,18 +205,3 @@ def demo(
             run_demo(Path(tmp), duration)
     else:
         run_demo(data_dir, duration)
-
-
-def main() -> None:
-    try:
-        app()
-    except PluginError as e:
-        print(f"edgeos: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        time.sleep(0)
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

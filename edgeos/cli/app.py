@@ -1,0 +1,10 @@
+"""The typer application every command module registers on."""
+
+import typer
+
+app = typer.Typer(
+    help="edgeos: read factory devices, filter at the edge, keep every sample on this gateway.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)

@@ -1,0 +1,42 @@
+"""Packaging: the pure build is explicit and loud, never a silent fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pure_build_runs_on_reference_kernels_and_says_so(tmp_path):
+    target = tmp_path / "site"
+    env = {**os.environ, "EDGEOS_NO_EXTENSIONS": "1"}
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert build.returncode == 0, build.stderr
+    assert not list(target.glob("edgeos/filters/_kernels*.so"))
+    assert not (target / "protocols").exists()
+    run_env = {**os.environ, "PYTHONPATH": str(target)}
+    version = subprocess.run(
+        [sys.executable, "-m", "edgeos.cli", "version"], env=run_env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert version.returncode == 0, version.stderr
+    assert "kernels: reference" in version.stdout
+    demo = subprocess.run(
+        [sys.executable, "-m", "edgeos.cli", "demo", "--dir", str(tmp_path / "d"), "--duration", "1"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert demo.returncode == 0, demo.stderr
+    assert "compiled filter kernels are missing" in demo.stderr
