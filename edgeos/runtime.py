@@ -32,7 +32,7 @@ from edgeos.errors import DeviceError, StoreError
 from edgeos.logs import RateLimited
 from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
-from edgeos.store import Store
+from edgeos.store import StoreFull, StoreSettings, StoreWriter
 
 log = logging.getLogger("edgeos.runtime")
 
@@ -102,6 +102,8 @@ class Counters:
     filtered_out: int = 0
     stored: int = 0
     store_errors: int = 0
+    filter_errors: int = 0
+    dropped_store_unavailable: int = 0  # oldest samples over memory_buffer while the disk refused writes
     started_ns: int = field(default_factory=time.time_ns)
 
 
@@ -148,7 +150,7 @@ class Runtime:
         self.kernel_impl = kernel_impl
         self.sinks = list(sinks)
         self.use_store = store
-        self.store: Store | None = None
+        self.store: StoreWriter | None = None
         self.devices = {d.name: DeviceState(d.name) for d in config.devices}
         self.latest = LatestValues(config.tags)
         self.counters = Counters()
@@ -157,6 +159,7 @@ class Runtime:
         self._stop: asyncio.Event | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._producing = {f"device:{d.name}": asyncio.Event() for d in config.devices}
+        self._store_failing = False
 
     # -- control ---------------------------------------------------------------------------
 
@@ -183,6 +186,7 @@ class Runtime:
             "gateway": self.config.gateway.id,
             "kernels": filters.implementation(),
             "counters": vars(self.counters).copy(),
+            "store": vars(self.store.counters).copy() if self.store else {},
             "devices": {
                 n: {
                     "state": s.state,
@@ -216,7 +220,9 @@ class Runtime:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-store")
         try:
             if self.use_store:
-                self.store = await loop.run_in_executor(self._executor, Store, cfg.gateway.data_dir, cfg.tags)
+                self.store = await loop.run_in_executor(
+                    self._executor, StoreWriter, cfg.gateway.data_dir, cfg.tags, store_settings(cfg)
+                )
             log.info(
                 "gateway %s: %d devices, %d tags, kernels %s, store %s",
                 cfg.gateway.id,
@@ -344,7 +350,20 @@ class Runtime:
                 return
             self.counters.read += len(batch)
             self.latest.update(batch)
-            kept = pipeline.apply(batch)
+            try:
+                kept = pipeline.apply(batch)
+            except Exception as e:
+                # A broken filter must not cost data or the daemon: store the batch unfiltered.
+                kept = batch
+                self.counters.filter_errors += 1
+                self.errors.log(
+                    logging.ERROR,
+                    f"filter:{type(e).__name__}",
+                    "%s: filter failed, stored unfiltered: %s: %s",
+                    batch.device,
+                    type(e).__name__,
+                    e,
+                )
             self.counters.filtered_out += len(batch) - len(kept)
             if len(kept):
                 await out.put(kept)
@@ -352,17 +371,21 @@ class Runtime:
     async def _writer(self, inbox: Channel) -> None:
         """Batch commits: at `commit_samples` samples or `commit_interval` after the first
         pending one, whichever comes first. A failed commit keeps its batches and is retried;
-        at shutdown everything pending is committed before the writer returns."""
+        while the disk refuses writes, pending samples are bounded by `memory_buffer` (oldest
+        dropped and counted). At shutdown everything pending is committed before it returns."""
         cfg = self.config.store
         loop = asyncio.get_running_loop()
         interval = cfg.commit_interval_ns / 1e9
-        pending: list[Batch] = []
+        pending: collections.deque[Batch] = collections.deque()
         n_pending = 0
         deadline = 0.0
         stopping = False
+        retry_at = 0.0
+        next_maintenance = loop.time() + 1.0
         while not (stopping and not pending):
             if not stopping and n_pending < cfg.commit_samples:
-                timeout = None if not pending else max(0.0, deadline - loop.time())
+                wake = [deadline if pending else None, retry_at or None, next_maintenance]
+                timeout = max(0.0, min(w for w in wake if w is not None) - loop.time())
                 try:
                     item = await asyncio.wait_for(inbox.get(), timeout)
                 except TimeoutError:
@@ -374,12 +397,46 @@ class Runtime:
                         deadline = loop.time() + interval
                     pending.append(item)
                     n_pending += len(item)
-            due = stopping or n_pending >= cfg.commit_samples or loop.time() >= deadline
-            if pending and due:
-                if await self._commit(loop, pending):
-                    pending, n_pending = [], 0
+            now = loop.time()
+            due = stopping or n_pending >= cfg.commit_samples or now >= deadline
+            if pending and due and now >= retry_at:
+                if await self._commit(loop, list(pending)):
+                    pending.clear()
+                    n_pending = 0
+                    retry_at = 0.0
                 else:
-                    await asyncio.sleep(0.5)
+                    retry_at = now + 0.5
+                    n_pending -= self._bound(pending)
+                    if stopping:
+                        await asyncio.sleep(0.5)
+            if self.store is not None and now >= next_maintenance and not retry_at:
+                next_maintenance = now + 1.0
+                try:
+                    await asyncio.shield(loop.run_in_executor(self._executor, self.store.maintain))
+                except StoreError as e:
+                    self.errors.log(logging.ERROR, "store:maintain", "%s", e)
+
+    def _bound(self, pending: collections.deque[Batch]) -> int:
+        """Drop the oldest batches beyond memory_buffer; returns the samples dropped."""
+        limit = self.config.store.memory_buffer
+        size = sum(len(b) for b in pending) * 24
+        dropped = 0
+        while len(pending) > 1 and size > limit:
+            b = pending.popleft()
+            size -= len(b) * 24
+            dropped += len(b)
+        if dropped:
+            self.counters.dropped_store_unavailable += dropped
+            self.errors.log(
+                logging.ERROR,
+                "store:dropped",
+                "store unavailable and memory_buffer (%d bytes) full: dropped the %d oldest samples "
+                "(%d in total so far)",
+                limit,
+                dropped,
+                self.counters.dropped_store_unavailable,
+            )
+        return dropped
 
     async def _commit(self, loop: asyncio.AbstractEventLoop, batches: list[Batch]) -> bool:
         if self.store is None:
@@ -389,13 +446,30 @@ class Runtime:
                 n = await asyncio.shield(loop.run_in_executor(self._executor, self.store.write, batches))
             except StoreError as e:
                 self.counters.store_errors += 1
-                self.errors.log(logging.ERROR, "store:write", "%s", e)
+                self._store_failing = True
+                key = "store:full" if isinstance(e, StoreFull) else "store:write"
+                self.errors.log(logging.ERROR, key, "%s; keeping samples in memory and retrying", e)
                 return False
+            if self._store_failing:
+                self._store_failing = False
+                dropped = self.counters.dropped_store_unavailable
+                log.warning("store writable again; %d samples dropped while it was not", dropped)
+                self.errors.clear("store:")
         self.counters.stored += n
         for s in self.sinks:
             for b in batches:
                 await s.put(b)
         return True
+
+
+def store_settings(cfg: Config) -> StoreSettings:
+    return StoreSettings(
+        time_resolution_ns=cfg.store.time_resolution_ns,
+        retention_ns=cfg.store.retention_ns,
+        max_size=cfg.store.max_size,
+        compact_after_ns=cfg.store.compact_after_ns,
+        keep_until_synced=cfg.upstream.enabled,
+    )
 
 
 async def run_config(config: Config, **kw: Any) -> Runtime:

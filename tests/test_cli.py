@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edgeos import plugins
 from edgeos.cli import app
 from edgeos.config import load_config
-from edgeos.store import open_store
+from edgeos.store import StoreReader
 
 # The installed console script, as a user runs it (never the checkout: cwd is not on its path).
 EDGEOS = [str(Path(sys.executable).with_name("edgeos"))]
@@ -74,14 +74,11 @@ def test_demo_runs_and_stores(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "press/temperature" in out.stdout and "samples stored" in out.stdout
-    cfg = load_config(tmp_path / "demo.toml")
-    store = open_store(tmp_path, cfg.tags)
-    try:
+    assert load_config(tmp_path / "demo.toml").gateway.id == "demo"
+    with StoreReader(tmp_path) as store:
         assert store.count() > 10
-        _, values, _ = store.history("press/running")
-        assert set(values.tolist()) <= {0.0, 1.0}
-    finally:
-        store.close()
+        assert set(store.history("press/running").values.tolist()) <= {0.0, 1.0}
+        assert set(store.history("press/state").text) <= {"RUN", "IDLE", "ALARM"}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -118,11 +115,8 @@ def test_run_stops_on_signal_with_exit_0_and_everything_stored(write_config, sig
     stored = int(stopped.split("read, ")[1].split()[0])
     assert read > 100 and stored == read
     cfg = load_config(cfg_path)
-    store = open_store(cfg.gateway.data_dir, cfg.tags)
-    try:
+    with StoreReader(cfg.gateway.data_dir) as store:
         assert store.count() == read
-    finally:
-        store.close()
 
 
 def test_run_refuses_invalid_config(write_config):

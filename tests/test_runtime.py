@@ -10,7 +10,7 @@ import pytest
 from edgeos import Quality
 from edgeos.config import load_config
 from edgeos.runtime import Channel, backoff_delay
-from edgeos.store import open_store
+from edgeos.store import StoreReader
 
 GATEWAY = """
 [gateway]
@@ -21,11 +21,9 @@ shutdown_timeout = "5s"
 
 
 def _stored(cfg, key):
-    store = open_store(cfg.gateway.data_dir, cfg.tags)
-    try:
-        return store.history(key)
-    finally:
-        store.close()
+    with StoreReader(cfg.gateway.data_dir) as store:
+        h = store.history(key)
+    return h.ts, h.values, h.quality
 
 
 async def test_failing_device_is_restarted_while_others_keep_producing(write_config, run_runtime):
@@ -164,11 +162,8 @@ tags_csv = "tags.csv"
     assert rt.counters.read > 10_000
     assert rt.counters.stored == rt.counters.read
     assert sum(s.samples for s in rt.devices.values()) == rt.counters.read
-    store = open_store(cfg.gateway.data_dir, cfg.tags)
-    try:
+    with StoreReader(cfg.gateway.data_dir) as store:
         assert store.count() == rt.counters.read
-    finally:
-        store.close()
 
 
 async def test_cancelling_run_is_an_orderly_shutdown(write_config):
@@ -218,3 +213,31 @@ def test_backoff_is_capped_full_jitter():
     late = [backoff_delay(10, base, cap) for _ in range(200)]
     # Jitter spreads reconnects: a fleet does not come back in lockstep.
     assert np.std(late) > 0.2 and min(late) >= base / 2e9
+
+
+async def test_a_failing_filter_costs_neither_data_nor_the_daemon(write_config, run_runtime):
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "m"
+protocol = "simulated"
+poll_interval = "10ms"
+tags = [{ name = "a", filters = [{ type = "scale", factor = 2.0 }] }]
+"""
+        )
+    )
+    from edgeos.pipeline import Pipeline
+
+    original = Pipeline.apply
+
+    def broken(self, batch):
+        raise ZeroDivisionError("bug in a third-party filter")
+
+    Pipeline.apply = broken
+    try:
+        rt = await run_runtime(cfg, until=lambda rt: rt.counters.filter_errors >= 5)
+    finally:
+        Pipeline.apply = original
+    assert rt.counters.stored == rt.counters.read >= 5

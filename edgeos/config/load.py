@@ -46,6 +46,8 @@ STORE_FIELDS: dict[str, Field] = {
     "retention": Field("duration", None, min=60_000_000_000),
     "max_size": Field("size", None, min=1024 * 1024),
     "memory_buffer": Field("size", "64MiB", min=1024 * 1024),
+    "time_resolution": Field("duration", "1ms", min=1, max=1_000_000_000, help="timestamps are stored to this"),
+    "compact_after": Field("duration", "10m", min=1_000_000_000, max=86_400_000_000_000),
 }
 
 UPSTREAM_FIELDS: dict[str, Field] = {
@@ -185,6 +187,8 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
             retention_ns=st["retention"],
             max_size=st["max_size"],
             memory_buffer=st["memory_buffer"],
+            time_resolution_ns=st["time_resolution"],
+            compact_after_ns=st["compact_after"],
         ),
         devices=tuple(devices),
         upstream=UpstreamConfig(enabled=up.get("enabled", False), options=up),

@@ -26,6 +26,8 @@ class StoreConfig:
     retention_ns: int | None = None
     max_size: int | None = None
     memory_buffer: int = 64 * 1024 * 1024
+    time_resolution_ns: int = 1_000_000
+    compact_after_ns: int = 600_000_000_000
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,37 @@ def format_duration_ns(ns: int) -> str:
         if ns and ns % _DURATION_NS[unit] == 0:
             return f"{ns // _DURATION_NS[unit]}{unit}"
     return f"{ns}ns"
+
+
+_RELATIVE = re.compile(r"^\s*-?\s*(\d+(?:\.\d+)?\s*(?:ns|us|µs|ms|s|m|h|d))\s*(?:ago)?\s*$")
+
+
+def parse_time_ns(text: str, now_ns: int) -> int:
+    """A point in time as users write it, -> UTC ns.
+
+    "now"; relative to now: "1h", "-1h", "90m ago", "7d"; ISO 8601: "2026-11-22T10:00:00Z",
+    "2026-11-22 10:00+08:00", "2026-11-22" (a time without offset is the gateway's local time);
+    or "@1767225600" (Unix seconds).
+    """
+    import datetime as dt
+
+    t = text.strip()
+    if t == "now":
+        return now_ns
+    if t.startswith("@"):
+        try:
+            return round(float(t[1:]) * 1e9)
+        except ValueError:
+            pass
+    m = _RELATIVE.match(t)
+    if m:
+        return now_ns - parse_duration_ns(m.group(1).replace(" ", ""))
+    try:
+        when = dt.datetime.fromisoformat(t.replace("Z", "+00:00") if t.endswith("Z") else t)
+    except ValueError:
+        raise ValueError(
+            f'found {_q(text)}, expected a time such as "now", "1h" (ago), "2026-11-22T10:00:00Z" or "@1767225600"'
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # naive: the gateway's local time
+    return round(when.timestamp() * 1e9)

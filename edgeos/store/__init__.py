@@ -1,5 +1,19 @@
-"""The local durable store: every sample the gateway reads, kept on the gateway."""
+"""The local durable store: every sample the gateway reads, kept on the gateway.
 
-from edgeos.store.sqlite import Store, open_store
+docs/store.md states what "stored" means and what a crash can lose. OEMs read history with
+`StoreReader(data_dir).history("device/tag", since_ns, until_ns)` (numpy columns).
+"""
 
-__all__ = ["Store", "open_store"]
+from edgeos.store.reader import History, StoreReader, TagInfo, aggregate
+from edgeos.store.writer import StoreCounters, StoreFull, StoreSettings, StoreWriter
+
+__all__ = [
+    "History",
+    "StoreCounters",
+    "StoreFull",
+    "StoreReader",
+    "StoreSettings",
+    "StoreWriter",
+    "TagInfo",
+    "aggregate",
+]

@@ -1,0 +1,209 @@
+"""Query commands: tags, query, export. Read-only: safe while the daemon runs."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from edgeos.cli.app import app
+from edgeos.cli.core import load_or_exit
+from edgeos.config.units import parse_duration_ns, parse_time_ns
+from edgeos.errors import StoreError
+from edgeos.model import Quality
+from edgeos.store import StoreReader, aggregate
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Config file; its gateway.data_dir is the store to read.")
+]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Read this data directory instead of the config's.")
+]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")]
+
+
+def _open(config: Path, data_dir: Path | None) -> StoreReader:
+    directory = data_dir if data_dir is not None else load_or_exit(config).gateway.data_dir
+    try:
+        return StoreReader(directory)
+    except StoreError as e:
+        typer.echo(f"edgeos: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _iso(ns: int) -> str:
+    if not ns:
+        return "-"
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _when(text: str, what: str, now: int) -> int:
+    try:
+        return parse_time_ns(text, now)
+    except ValueError as e:
+        typer.echo(f"edgeos: --{what}: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _value(v: float | str) -> str | float | None:
+    if isinstance(v, str):
+        return v
+    return None if math.isnan(v) else v
+
+
+def _emit(rows: list[dict], fmt: str) -> None:
+    if fmt == "json":
+        for r in rows:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return
+    if not rows:
+        return
+    cols = list(rows[0])
+    if fmt == "csv":
+        w = csv.DictWriter(sys.stdout, cols, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return
+    if fmt != "table":
+        typer.echo(f"edgeos: --format: found {fmt!r}, expected table, csv or json", err=True)
+        raise typer.Exit(2)
+    text = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
+    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    for t in text:
+        typer.echo("  ".join(x.ljust(w) for x, w in zip(t, widths, strict=True)).rstrip())
+
+
+@app.command()
+def tags(
+    config: ConfigOpt = Path("/etc/edgeos/edgeos.toml"),
+    data_dir: DataDirOpt = None,
+    fmt: FormatOpt = "table",
+) -> None:
+    """List every stored tag with its last value, time and quality.
+
+    Reads the local store (the config's data_dir, or --data-dir); safe while the daemon runs.
+    """
+    with _open(config, data_dir) as store:
+        rows = [
+            {
+                "tag": t.key,
+                "value": _value(v),
+                "unit": t.unit,
+                "time": _iso(ts),
+                "quality": Quality.describe(q),
+            }
+            for t, ts, v, q in store.latest()
+        ]
+    _emit(rows, fmt)
+
+
+@app.command()
+def query(
+    tag: Annotated[list[str], typer.Argument(help="Tags as device/tag (or a tag name unique to one device).")],
+    since: Annotated[
+        str, typer.Option(help='Start: "1h" (ago), "now", ISO 8601 such as 2026-11-22T08:00Z, or @unix.')
+    ] = "1h",
+    until: Annotated[str, typer.Option(help="End, same forms as --since.")] = "now",
+    every: Annotated[str | None, typer.Option(help='Aggregate into buckets of this length, e.g. "1m".')] = None,
+    agg: Annotated[str, typer.Option(help="With --every: mean, min, max, first, last or count.")] = "mean",
+    config: ConfigOpt = Path("/etc/edgeos/edgeos.toml"),
+    data_dir: DataDirOpt = None,
+    fmt: FormatOpt = "table",
+) -> None:
+    """Print the history of one or more tags over a time range, raw or aggregated.
+
+    Times are UTC in the output. With --every, buckets are aligned to multiples of the bucket
+    length (whole minutes for "1m") and Bad samples are left out of the aggregate.
+    """
+    now = time.time_ns()
+    lo, hi = _when(since, "since", now), _when(until, "until", now)
+    if agg not in ("mean", "min", "max", "first", "last", "count"):
+        typer.echo(f"edgeos: --agg: found {agg!r}, expected one of mean, min, max, first, last, count", err=True)
+        raise typer.Exit(2)
+    try:
+        step = parse_duration_ns(every) if every else None
+    except ValueError as e:
+        typer.echo(f"edgeos: --every: {e}", err=True)
+        raise typer.Exit(2) from None
+    rows: list[dict] = []
+    with _open(config, data_dir) as store:
+        for name in tag:
+            try:
+                h = store.history(name, lo, hi)
+            except KeyError as e:
+                typer.echo(f"edgeos: {e.args[0]}", err=True)
+                raise typer.Exit(1) from None
+            if step:
+                starts, vals, counts = aggregate(h, step, agg)
+                rows += [
+                    {"tag": h.tag.key, "time": _iso(int(t)), agg: _value(float(v)), "samples": int(c)}
+                    for t, v, c in zip(starts, vals, counts, strict=True)
+                ]
+            else:
+                text = h.text or [None] * len(h)
+                rows += [
+                    {
+                        "tag": h.tag.key,
+                        "time": _iso(int(t)),
+                        "value": _value(s if s is not None else float(v)),
+                        "quality": Quality.describe(int(q)),
+                    }
+                    for t, v, q, s in zip(h.ts, h.values, h.quality, text, strict=True)
+                ]
+    _emit(rows, fmt)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV file to write ('-' for standard output).")],
+    since: Annotated[str, typer.Option(help="Start (same forms as query).")],
+    until: Annotated[str, typer.Option(help="End.")] = "now",
+    tag: Annotated[list[str] | None, typer.Argument(help="Tags to export (default: all).")] = None,
+    config: ConfigOpt = Path("/etc/edgeos/edgeos.toml"),
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Export raw history to CSV (time, tag, value, quality), sorted by time.
+
+    Streams one hour at a time, so a year of history needs no more memory than an hour of it.
+    """
+    now = time.time_ns()
+    lo, hi = _when(since, "since", now), _when(until, "until", now)
+    rows = 0
+    with _open(config, data_dir) as store:
+        try:
+            infos = [store.resolve(t) for t in tag] if tag else store.tags()
+        except KeyError as e:
+            typer.echo(f"edgeos: {e.args[0]}", err=True)
+            raise typer.Exit(1) from None
+        names = {t.id: t.key for t in infos}
+        fh = sys.stdout if str(out) == "-" else out.open("w", newline="", encoding="utf-8")
+        try:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(["time", "tag", "value", "quality"])
+            for ids, ts, values, quality, text in store.windows(infos, lo, hi):
+                times = np.datetime_as_string(ts.astype("datetime64[ns]"), unit="ms")
+                vals = (
+                    values.astype(str)
+                    if text is None
+                    else [s if s is not None else repr(float(v)) for s, v in zip(text, values, strict=True)]
+                )
+                quals = [Quality.describe(int(q)) for q in quality]
+                w.writerows(
+                    (f"{t}Z", names[i], "" if v == "nan" else v, q)
+                    for t, i, v, q in zip(times, ids.tolist(), vals, quals, strict=True)
+                )
+                rows += len(ts)
+        finally:
+            if fh is not sys.stdout:
+                fh.close()
+    if str(out) != "-":
+        typer.echo(f"wrote {rows} samples to {out}", err=True)

@@ -1,0 +1,272 @@
+"""Reading the store while the daemon writes: read-only connections, WAL snapshots, no lock.
+
+The history of a tag is its chunks (compacted) followed by its hot units not yet compacted;
+compaction swaps one for the other in a single transaction, so a snapshot sees each sample once.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeos import wire
+from edgeos.errors import StoreError
+from edgeos.model import Quality
+from edgeos.store.chunk import decode_chunk
+from edgeos.store.writer import DB_NAME, _connect
+
+
+@dataclass(frozen=True)
+class TagInfo:
+    id: int
+    device: str
+    name: str
+    kind: str
+    unit: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.device}/{self.name}"
+
+
+@dataclass(frozen=True)
+class History:
+    """One tag's samples in time order, as columns (what OEM code gets)."""
+
+    tag: TagInfo
+    ts: np.ndarray
+    values: np.ndarray
+    quality: np.ndarray
+    text: list[str | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+class StoreReader:
+    """Read-only access to a data directory's store; safe beside a running daemon."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(data_dir) / DB_NAME
+        if not self.path.exists():
+            raise StoreError(f"no edgeos store at {self.path} (has the daemon run with this data_dir?)")
+        try:
+            self.db = _connect(self.path, readonly=True)
+            self._tags = {
+                r[0]: TagInfo(*r) for r in self.db.execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id")
+            }
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot read store: {e}") from e
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- tags -----------------------------------------------------------------------------
+
+    def tags(self) -> list[TagInfo]:
+        return list(self._tags.values())
+
+    def resolve(self, name: str) -> TagInfo:
+        """`device/tag`, or a bare tag name when only one device has it."""
+        if "/" in name:
+            device, tag = name.split("/", 1)
+            found = [t for t in self._tags.values() if t.device == device and t.name == tag]
+        else:
+            found = [t for t in self._tags.values() if t.name == name]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise KeyError(f"no tag {name!r} in {self.path}")
+        raise KeyError(f"tag name {name!r} is ambiguous: {', '.join(t.key for t in found)}; write device/tag")
+
+    # -- history --------------------------------------------------------------------------
+
+    def history(self, tag: str | TagInfo, since_ns: int | None = None, until_ns: int | None = None) -> History:
+        """Samples of one tag with since <= ts <= until, as numpy columns in time order."""
+        info = tag if isinstance(tag, TagInfo) else self.resolve(tag)
+        # int(): numpy scalars would bind as BLOBs (buffer protocol) and match nothing.
+        lo = -(2**63) if since_ns is None else int(since_ns)
+        hi = 2**63 - 1 if until_ns is None else int(until_ns)
+        with self._snapshot():
+            parts = self._chunk_parts(info.id, lo, hi) + self._unit_parts(info, lo, hi)
+        return _merge(info, parts)
+
+    def _chunk_parts(self, tag: int, lo: int, hi: int) -> list:
+        out = []
+        rows = self.db.execute(
+            "SELECT data FROM chunks WHERE tag=? AND t_max>=? AND t_min<=? ORDER BY t_min, id", (tag, lo, hi)
+        )
+        for (data,) in rows:
+            c = decode_chunk(data)
+            m = (c.ts >= lo) & (c.ts <= hi)
+            out.append((c.ts[m], c.values[m], c.quality[m], None if c.text is None else np.array(c.text, object)[m]))
+        return out
+
+    def _unit_parts(self, info: TagInfo, lo: int, hi: int) -> list:
+        out = []
+        rows = self.db.execute(
+            "SELECT data FROM units WHERE device=? AND compacted=0 AND t_max>=? AND t_min<=? ORDER BY id",
+            (info.device, lo, hi),
+        )
+        for (data,) in rows:
+            u = wire.decode_unit(data)
+            m = (u.tags == info.id) & (u.ts >= lo) & (u.ts <= hi)
+            if m.any():
+                text = None if u.text is None else np.array(u.text, object)[m]
+                out.append((u.ts[m], u.values[m], u.quality[m], text))
+        return out
+
+    def _snapshot(self):
+        """One read transaction: chunk and unit reads see the same committed state."""
+        return _ReadTxn(self.db)
+
+    def latest(self, tags: Sequence[TagInfo] | None = None) -> list[tuple[TagInfo, int, float | str, int]]:
+        """The last sample of each tag: newest hot units first, then each tag's newest chunk."""
+        wanted = {t.id: t for t in (tags if tags is not None else self._tags.values())}
+        found: dict[int, tuple[int, float | str, int]] = {}
+        with self._snapshot():
+            for device in sorted({t.device for t in wanted.values()}):
+                need = {i for i, t in wanted.items() if t.device == device}
+                for (data,) in self.db.execute(
+                    "SELECT data FROM units WHERE device=? AND compacted=0 ORDER BY id DESC", (device,)
+                ):
+                    u = wire.decode_unit(data)
+                    for i in range(len(u) - 1, -1, -1):
+                        tid = int(u.tags[i])
+                        if tid in need and tid not in found:
+                            v = u.text[i] if u.text is not None and u.text[i] is not None else float(u.values[i])
+                            found[tid] = (int(u.ts[i]), v, int(u.quality[i]))
+                    if need <= found.keys():
+                        break
+            for tid in wanted.keys() - found.keys():
+                sql = "SELECT data FROM chunks WHERE tag=? ORDER BY t_max DESC LIMIT 1"
+                row = self.db.execute(sql, (tid,)).fetchone()
+                if row:
+                    c = decode_chunk(row[0])
+                    j = int(np.argmax(c.ts))
+                    v = c.text[j] if c.text is not None and c.text[j] is not None else float(c.values[j])
+                    found[tid] = (int(c.ts[j]), v, int(c.quality[j]))
+        out = []
+        for tid, t in sorted(wanted.items()):
+            ts, v, q = found.get(tid, (0, float("nan"), int(Quality.BAD_WAITING_FOR_INITIAL_DATA)))
+            out.append((t, ts, v, q))
+        return out
+
+    def count(self) -> int:
+        """Samples stored (hot units not yet compacted plus chunks)."""
+        with self._snapshot():
+            a = self.db.execute("SELECT COALESCE(SUM(n), 0) FROM units WHERE compacted=0").fetchone()[0]
+            b = self.db.execute("SELECT COALESCE(SUM(n), 0) FROM chunks").fetchone()[0]
+        return int(a + b)
+
+    def time_range(self) -> tuple[int, int] | None:
+        both = "SELECT {f}(t) FROM (SELECT {f}({c}) t FROM chunks UNION ALL SELECT {f}({c}) FROM units)"
+        lo = self.db.execute(both.format(f="MIN", c="t_min")).fetchone()[0]
+        hi = self.db.execute(both.format(f="MAX", c="t_max")).fetchone()[0]
+        return None if lo is None else (int(lo), int(hi))
+
+    def windows(
+        self, tags: Sequence[TagInfo], since_ns: int, until_ns: int, step_ns: int = 3_600_000_000_000
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(tag ids, ts, values, quality, text) per time window, sorted by time: for streaming
+        exports that never hold more than one window of history in memory."""
+        t = since_ns
+        while t <= until_ns:
+            end = min(until_ns, t + step_ns - 1)
+            cols: list[tuple] = []
+            for info in tags:
+                h = self.history(info, t, end)
+                if len(h):
+                    text = None if h.text is None else np.asarray(h.text, object)
+                    cols.append((np.full(len(h), info.id, np.int32), h.ts, h.values, h.quality, text))
+            if cols:
+                ids = np.concatenate([c[0] for c in cols])
+                ts = np.concatenate([c[1] for c in cols])
+                order = np.argsort(ts, kind="stable")
+                text = None
+                if any(c[4] is not None for c in cols):
+                    filled = [c[4] if c[4] is not None else np.full(len(c[0]), None, object) for c in cols]
+                    text = np.concatenate(filled)[order]
+                yield (
+                    ids[order],
+                    ts[order],
+                    np.concatenate([c[2] for c in cols])[order],
+                    np.concatenate([c[3] for c in cols])[order],
+                    text,
+                )
+            t = end + 1
+
+
+class _ReadTxn:
+    """Nestable: only the outermost level begins and ends the read transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.owner = False
+
+    def __enter__(self) -> None:
+        self.owner = not self.db.in_transaction
+        if self.owner:
+            self.db.execute("BEGIN")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.owner:
+            self.db.execute("COMMIT")
+
+
+def _merge(info: TagInfo, parts: list) -> History:
+    if not parts:
+        return History(info, np.empty(0, np.int64), np.empty(0), np.empty(0, np.uint32), None)
+    ts = np.concatenate([p[0] for p in parts])
+    values = np.concatenate([p[1] for p in parts])
+    quality = np.concatenate([p[2] for p in parts])
+    text = None
+    if any(p[3] is not None for p in parts):
+        text = np.concatenate([p[3] if p[3] is not None else np.full(len(p[0]), None, object) for p in parts])
+    if len(ts) > 1 and (np.diff(ts) < 0).any():
+        order = np.argsort(ts, kind="stable")
+        ts, values, quality = ts[order], values[order], quality[order]
+        text = None if text is None else text[order]
+    text_list = None if text is None else text.tolist()
+    if text_list is not None and all(t is None for t in text_list):
+        text_list = None  # a numeric tag stored beside string tags in the same unit
+    return History(info, ts, values, quality, text_list)
+
+
+def aggregate(h: History, every_ns: int, agg: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Buckets aligned to multiples of `every` since the epoch: (bucket start, value, samples).
+    Bad samples are left out of every aggregate; a bucket with none is omitted."""
+    ok = (h.quality >> np.uint32(30)) < 2
+    ok &= np.isfinite(h.values) | (agg == "count")
+    ts, v = h.ts[ok], h.values[ok]
+    if not len(ts):
+        return np.empty(0, np.int64), np.empty(0), np.empty(0, np.int64)
+    bucket = (ts // every_ns) * every_ns
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    counts = np.diff(np.r_[starts, len(ts)])
+    if agg == "mean":
+        out = np.add.reduceat(v, starts) / counts
+    elif agg == "min":
+        out = np.minimum.reduceat(v, starts)
+    elif agg == "max":
+        out = np.maximum.reduceat(v, starts)
+    elif agg == "last":
+        out = v[np.r_[starts[1:], len(v)] - 1]
+    elif agg == "first":
+        out = v[starts]
+    elif agg == "count":
+        out = counts.astype(np.float64)
+    else:
+        raise ValueError(f"unknown aggregate {agg!r}; expected mean, min, max, first, last, count")
+    return bucket[starts], out, counts

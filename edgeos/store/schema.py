@@ -1,0 +1,76 @@
+"""Tables, versions and migrations of the store database (docs/store.md, "Layout")."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 2
+APPLICATION_ID = 0x45444745  # "EDGE": tells our database from any other SQLite file
+HEADER = b"SQLite format 3\x00"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tags(
+    id INTEGER PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL,
+    kind TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', UNIQUE(device, name));
+-- Hot units: one device's samples from one commit, as committed (and as forwarded upstream).
+-- AUTOINCREMENT: ids are never reused after deletes, so they serve as sequence numbers.
+CREATE TABLE IF NOT EXISTS units(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
+    t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL,
+    compacted INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS units_device_time ON units(device, t_max);
+CREATE INDEX IF NOT EXISTS units_pending ON units(compacted, id);
+-- Compacted history: one tag's samples over a span, compressed (edgeos/store/chunk.py).
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY, tag INTEGER NOT NULL,
+    t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_tag_time ON chunks(tag, t_max);
+CREATE INDEX IF NOT EXISTS chunks_time ON chunks(t_max);
+"""
+
+
+def version(db: sqlite3.Connection) -> int | None:
+    """The schema version recorded in the file; None for an empty database."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        return None
+    if "meta" not in tables:
+        return -1
+    row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    return int(row[0]) if row else -1
+
+
+def create(db: sqlite3.Connection) -> None:
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    db.executescript(DDL)
+    db.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+
+def migrate(db: sqlite3.Connection, found: int) -> None:
+    """Bring an older schema up to date in one transaction. Units keep their bytes: the unit
+    decoder reads every version, so nothing is re-encoded."""
+    steps = []
+    if found == 1:
+        # 0.1.0 development store: units without the compaction flag (and without AUTOINCREMENT,
+        # which cannot be added in place), no chunks, no application id.
+        steps.append(
+            """
+            CREATE TABLE units_v2(
+                id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
+                t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL,
+                compacted INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL);
+            INSERT INTO units_v2(id, device, t_min, t_max, n, compacted, data)
+                SELECT id, device, t_min, t_max, n, 0, data FROM units;
+            DROP TABLE units;
+            ALTER TABLE units_v2 RENAME TO units;
+            """
+        )
+    db.executescript(
+        "BEGIN;"
+        + "".join(steps)
+        + DDL
+        + f"PRAGMA application_id={APPLICATION_ID};"
+        + f"INSERT OR REPLACE INTO meta VALUES('schema_version', '{SCHEMA_VERSION}');"
+        + "COMMIT;"
+    )
