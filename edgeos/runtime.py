@@ -380,41 +380,50 @@ class Runtime:
         n_pending = 0
         deadline = 0.0
         stopping = False
-        retry_at = 0.0
+        retry_at = 0.0  # set while the store refuses writes
         next_maintenance = loop.time() + 1.0
         while not (stopping and not pending):
-            if not stopping and n_pending < cfg.commit_samples:
-                wake = [deadline if pending else None, retry_at or None, next_maintenance]
-                timeout = max(0.0, min(w for w in wake if w is not None) - loop.time())
-                try:
-                    item = await asyncio.wait_for(inbox.get(), timeout)
-                except TimeoutError:
-                    item = None
-                if item is _STOP:
-                    stopping = True
-                elif item is not None:
-                    if not pending:
-                        deadline = loop.time() + interval
-                    pending.append(item)
-                    n_pending += len(item)
             now = loop.time()
-            due = stopping or n_pending >= cfg.commit_samples or now >= deadline
-            if pending and due and now >= retry_at:
+            if pending and now >= retry_at and (stopping or n_pending >= cfg.commit_samples or now >= deadline):
                 if await self._commit(loop, list(pending)):
                     pending.clear()
                     n_pending = 0
                     retry_at = 0.0
                 else:
-                    retry_at = now + 0.5
+                    retry_at = loop.time() + 0.5
                     n_pending -= self._bound(pending)
-                    if stopping:
-                        await asyncio.sleep(0.5)
+                continue
+            if stopping:  # only a failed commit left to retry
+                await asyncio.sleep(max(0.0, retry_at - now))
+                continue
             if self.store is not None and now >= next_maintenance and not retry_at:
                 next_maintenance = now + 1.0
                 try:
                     await asyncio.shield(loop.run_in_executor(self._executor, self.store.maintain))
                 except StoreError as e:
                     self.errors.log(logging.ERROR, "store:maintain", "%s", e)
+                continue
+            # Keep draining the inbox even while the store refuses writes: producers are never
+            # stalled by the disk; memory stays bounded by memory_buffer instead.
+            wakes = [max(deadline, retry_at)] if pending else []
+            if not retry_at:
+                wakes.append(next_maintenance)
+            try:
+                if len(inbox) or not wakes:
+                    item = await inbox.get()
+                else:
+                    item = await asyncio.wait_for(inbox.get(), max(0.001, min(wakes) - now))
+            except TimeoutError:
+                continue
+            if item is _STOP:
+                stopping = True
+                continue
+            if not pending:
+                deadline = loop.time() + interval
+            pending.append(item)
+            n_pending += len(item)
+            if retry_at:
+                n_pending -= self._bound(pending)
 
     def _bound(self, pending: collections.deque[Batch]) -> int:
         """Drop the oldest batches beyond memory_buffer; returns the samples dropped."""

@@ -6,13 +6,14 @@ numbered in docs/store.md; the comments below cite them as (I1), (I2), ...
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,19 @@ class StoreWriter:
             os.close(self._lock_fd)
             raise
 
+    @contextlib.contextmanager
+    def _txn(self) -> Iterator[None]:
+        """One explicit transaction. (The connection is in autocommit mode, where `with db:`
+        would commit each statement on its own: not atomic, and one fsync per row.)"""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # -- opening --------------------------------------------------------------------------
 
     def _lock(self) -> int:
@@ -189,7 +203,7 @@ class StoreWriter:
     def _map_tags(self, tags: Sequence[TagMeta]) -> np.ndarray:
         """Runtime tag id -> store tag id; store ids are given once and never change."""
         lut = np.full(max((t.id for t in tags), default=-1) + 1, -1, np.int32)
-        with self.db:
+        with self._txn():
             for t in tags:
                 self.db.execute(
                     "INSERT INTO tags(device, name, kind, unit) VALUES(?,?,?,?) "
@@ -224,7 +238,7 @@ class StoreWriter:
         if not rows:
             return 0
         try:
-            with self.db:
+            with self._txn():
                 self.db.executemany("INSERT INTO units(device, t_min, t_max, n, data) VALUES(?,?,?,?,?)", rows)
         except sqlite3.Error as e:
             raise self._error("write", e) from e
@@ -294,7 +308,7 @@ class StoreWriter:
             txt = None if text is None else text[a:b].tolist()
             blob = encode_chunk(t, values[a:b], quality[a:b], txt, resolution=res_here)
             rows.append((int(tags[a]), int(t.min()), int(t.max()), b - a, blob))
-        with self.db:
+        with self._txn():
             self.db.executemany("INSERT INTO chunks(tag, t_min, t_max, n, data) VALUES(?,?,?,?,?)", rows)
             marks = [(i,) for i in ids]
             if s.keep_until_synced:
@@ -306,7 +320,7 @@ class StoreWriter:
 
     def release_synced(self, cursor: int) -> None:
         """Units up to `cursor` reached upstream: compacted ones are no longer needed hot."""
-        with self.db:
+        with self._txn():
             self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))
 
     def used_bytes(self) -> int:
@@ -365,7 +379,7 @@ class StoreWriter:
         return int(self.db.execute(f"SELECT COALESCE(SUM(n), 0) FROM {source}", args).fetchone()[0])
 
     def _drop(self, where: str, args: tuple) -> int:
-        with self.db:
+        with self._txn():
             n = self._sum(f"chunks WHERE {where}", args)
             n += self._sum(f"units WHERE compacted=0 AND {where}", args)
             self.db.execute(f"DELETE FROM chunks WHERE {where}", args)
@@ -379,14 +393,14 @@ class StoreWriter:
             limit = max(1, count // 20)
             sql = "SELECT t_max FROM chunks ORDER BY t_max LIMIT 1 OFFSET ?"
             (cut,) = self.db.execute(sql, (limit - 1,)).fetchone()
-            with self.db:
+            with self._txn():
                 n = self._sum("chunks WHERE t_max <= ?", (cut,))
                 self.db.execute("DELETE FROM chunks WHERE t_max <= ?", (cut,))
             return int(n)
         rows = self.db.execute("SELECT id, n FROM units ORDER BY id LIMIT 64").fetchall()
         if not rows:
             return 0
-        with self.db:
+        with self._txn():
             self.db.execute("DELETE FROM units WHERE id <= ?", (rows[-1][0],))
         return sum(n for _, n in rows)
 
