@@ -5,7 +5,8 @@ samples (10 devices x 1,000 tags, one poll each), synchronous=FULL; beside it, t
 appended to a plain file with one fsync per 10,000 samples, in the same run.
 bytes_per_sample: a day of the realistic signal set (bench/signals.py) ingested with the daemon's
 store settings and maintenance (compaction, on a simulated clock); live database pages / samples,
-and the whole file (free pages included) / samples. query_24h_ms: one tag's 24 h at 1 Hz out of that 1,000-tag device, best of 5.
+and the whole file (free pages included) / samples; compaction: its throughput.
+query_24h_ms: one tag's 24 h at 1 Hz out of that 1,000-tag device, best of 5.
 """
 
 from __future__ import annotations
