@@ -1,0 +1,168 @@
+"""Query commands against a real store: tags, query (raw, aggregated, formats), export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgeos import Batch, Quality, TagMeta, ValueKind
+from edgeos.cli import app
+from edgeos.config.units import parse_time_ns
+from edgeos.store import StoreWriter
+
+T0 = 1_767_225_600 * 10**9
+SEC = 10**9
+TAGS = [
+    TagMeta(0, "press", "temp", unit="degC"),
+    TagMeta(1, "oven", "temp"),
+    TagMeta(2, "oven", "state", ValueKind.STRING),
+]
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    w = StoreWriter(tmp_path, TAGS)
+    for s in range(180):
+        t = T0 + s * SEC
+        w.write(
+            [
+                Batch("press", np.array([0], np.int32), [t], [float(s)], np.zeros(1, np.uint32)),
+                Batch(
+                    "oven",
+                    np.array([1, 2], np.int32),
+                    [t, t],
+                    [s * 10.0, np.nan],
+                    np.array([Quality.BAD_TIMEOUT if s == 30 else 0, 0], np.uint32),
+                    np.array([None, "HEAT" if s < 90 else "HOLD"], object),
+                ),
+            ]
+        )
+    w.maintain(T0 + 10**12, compact_all=True)  # half compacted ...
+    w.write(
+        [Batch("press", np.array([0], np.int32), [T0 + 180 * SEC], [180.0], np.zeros(1, np.uint32))]
+    )  # ... half hot
+    w.close()
+    return tmp_path
+
+
+def run(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(app, list(args))
+    return r.exit_code, r.output
+
+
+def test_tags_lists_last_values(store_dir):
+    code, out = run("tags", "--data-dir", str(store_dir))
+    assert code == 0, out
+    lines = {ln.split()[0]: ln for ln in out.splitlines()[1:]}
+    assert "180.0" in lines["press/temp"] and "degC" in lines["press/temp"]
+    assert "1790.0" in lines["oven/temp"] and "HOLD" in lines["oven/state"]
+
+
+def test_query_raw_csv_with_iso_range(store_dir):
+    code, out = run(
+        "query", "oven/temp", "--since", "2026-01-01T00:00:10Z", "--until", "2026-01-01T00:00:19Z",
+        "--data-dir", str(store_dir), "--format", "csv",
+    )  # fmt: skip
+    assert code == 0, out
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [float(r["value"]) for r in rows] == [s * 10.0 for s in range(10, 20)]
+    assert rows[0]["time"] == "2026-01-01T00:00:10.000Z" and rows[0]["quality"] == "GOOD"
+
+
+def test_query_shows_bad_samples_with_their_reason(store_dir):
+    code, out = run(
+        "query", "oven/temp", "--since", "@1767225630", "--until", "@1767225630", "--data-dir", str(store_dir)
+    )
+    assert code == 0 and "BAD_TIMEOUT" in out
+
+
+def test_query_aggregates_into_clock_aligned_buckets(store_dir):
+    code, out = run(
+        "query", "press/temp", "oven/temp", "--since", "@1767225600", "--until", "@1767225779",
+        "--every", "1m", "--agg", "max", "--format", "json", "--data-dir", str(store_dir),
+    )  # fmt: skip
+    assert code == 0, out
+    rows = [json.loads(ln) for ln in out.splitlines()]
+    press = [(r["time"], r["max"], r["samples"]) for r in rows if r["tag"] == "press/temp"]
+    assert press == [
+        ("2026-01-01T00:00:00.000Z", 59.0, 60),
+        ("2026-01-01T00:01:00.000Z", 119.0, 60),
+        ("2026-01-01T00:02:00.000Z", 179.0, 60),
+    ]
+    oven = [r["samples"] for r in rows if r["tag"] == "oven/temp"]
+    assert oven == [59, 60, 60]  # the Bad sample is not aggregated
+
+
+def test_query_errors_are_clear(store_dir):
+    code, out = run("query", "temp", "--data-dir", str(store_dir))
+    assert code == 1 and "ambiguous" in out and "oven/temp" in out and "press/temp" in out
+    code, out = run("query", "oven/nope", "--data-dir", str(store_dir))
+    assert code == 1 and "no tag 'oven/nope'" in out
+    code, out = run("query", "oven/temp", "--since", "yesterday-ish", "--data-dir", str(store_dir))
+    assert code == 2 and "--since" in out and "expected a time" in out
+    code, out = run("tags", "--data-dir", str(store_dir / "nowhere"))
+    assert code == 1 and "no edgeos store" in out
+
+
+def test_export_streams_every_sample_sorted_by_time(store_dir, tmp_path):
+    target = tmp_path / "out.csv"
+    code, out = run(
+        "export", "--since", "@1767225600", "--until", "@1767229200", "--out", str(target), "--data-dir", str(store_dir)
+    )
+    assert code == 0, out
+    rows = list(csv.DictReader(target.open()))
+    assert len(rows) == 181 + 180 + 180
+    times = [r["time"] for r in rows]
+    assert times == sorted(times)
+    states = [r["value"] for r in rows if r["tag"] == "oven/state"]
+    assert states[0] == "HEAT" and states[-1] == "HOLD"
+    bad = [r for r in rows if r["quality"] == "BAD_TIMEOUT"]
+    assert len(bad) == 1 and bad[0]["tag"] == "oven/temp"
+
+
+def test_query_reads_the_data_dir_from_the_config(store_dir, tmp_path):
+    cfg = tmp_path / "edgeos.toml"
+    cfg.write_text(
+        f'[gateway]\nid="g"\ndata_dir="{store_dir}"\n[[devices]]\nname="x"\nprotocol="simulated"\ntags=[{{name="t"}}]\n'
+    )
+    code, out = run("query", "press/temp", "--since", "@1767225779", "--until", "@1767225781", "-c", str(cfg))
+    assert code == 0 and "179.0" in out and "180.0" in out
+
+
+def test_time_forms():
+    now = 1_800_000_000 * SEC
+    assert parse_time_ns("now", now) == now
+    assert parse_time_ns("1h", now) == parse_time_ns("-1h", now) == parse_time_ns("1h ago", now) == now - 3600 * SEC
+    assert parse_time_ns("2026-01-01T00:00:00Z", now) == T0
+    assert parse_time_ns("2026-01-01T08:00:00+08:00", now) == T0
+    assert parse_time_ns("@1767225600.5", now) == T0 + SEC // 2
+    with pytest.raises(ValueError, match="expected a time"):
+        parse_time_ns("tuesday", now)
+
+
+def test_second_daemon_on_the_same_data_dir_is_refused(write_config):
+    cfg = write_config(
+        '[gateway]\nid="g"\ndata_dir="data"\n[[devices]]\nname="x"\nprotocol="simulated"\ntags=[{name="t"}]\n'
+    )
+    edgeos = str(Path(sys.executable).with_name("edgeos"))
+    first = subprocess.Popen([edgeos, "run", "-c", str(cfg)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "gateway g:" not in (line := first.stderr.readline()):
+            assert line and time.monotonic() < deadline
+        second = subprocess.run([edgeos, "run", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert "is in use by another edgeos process (pid" in second.stderr and str(first.pid) in second.stderr
+    finally:
+        first.terminate()
+        first.wait(20)
+    assert first.returncode == 0
