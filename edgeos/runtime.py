@@ -16,8 +16,8 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import random
 import signal
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +32,10 @@ from edgeos.errors import DeviceError, StoreError
 from edgeos.logs import RateLimited
 from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
+from edgeos.retry import backoff_delay
+from edgeos.service.status import write_status
 from edgeos.store import StoreFull, StoreSettings, StoreWriter
+from edgeos.sync import Sync
 
 log = logging.getLogger("edgeos.runtime")
 
@@ -72,12 +75,6 @@ class Channel:
         if len(self._items) < self.maxsize:
             self._not_full.set()
         return item
-
-
-def backoff_delay(attempt: int, base_ns: int, cap_ns: int) -> float:
-    """Capped full jitter (seconds): uniform over [0, min(cap, base * 2**attempt)]."""
-    ceiling = min(cap_ns, base_ns * (2 ** min(attempt, 30)))
-    return random.uniform(base_ns / 2, ceiling) / 1e9 if ceiling > base_ns else base_ns / 1e9
 
 
 @dataclass
@@ -160,6 +157,12 @@ class Runtime:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._producing = {f"device:{d.name}": asyncio.Event() for d in config.devices}
         self._store_failing = False
+        self.sync: Sync | None = None
+        if config.upstream.enabled and store:
+            from edgeos.sync.mqtt import MqttTransport
+
+            transport = MqttTransport(config.gateway.id, config.upstream.options, config.source.parent)
+            self.sync = Sync(config.gateway.id, config.gateway.data_dir, config.upstream.options, transport)
 
     # -- control ---------------------------------------------------------------------------
 
@@ -187,6 +190,8 @@ class Runtime:
             "kernels": filters.implementation(),
             "counters": vars(self.counters).copy(),
             "store": vars(self.store.counters).copy() if self.store else {},
+            "sync": vars(self.sync.status).copy() if self.sync else None,
+            "time": time.time(),
             "devices": {
                 n: {
                     "state": s.state,
@@ -234,6 +239,7 @@ class Runtime:
             async with asyncio.TaskGroup() as tg:
                 t_pipe = tg.create_task(self._pipeline(pipeline, raw, filtered), name="pipeline")
                 t_write = tg.create_task(self._writer(filtered), name="store-writer")
+                t_sync = tg.create_task(self.sync.run(), name="sync") if self.sync else None
                 t_devs = [
                     tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
                 ]
@@ -242,12 +248,21 @@ class Runtime:
                     await self._stop.wait()
                 finally:
                     await asyncio.shield(self._shutdown(t_devs, raw, t_pipe, t_write))
+                    if t_sync is not None and self.sync is not None:
+                        # Everything is committed; forward the last of it if that is quick,
+                        # else the next start resumes from the cursor.
+                        await self.sync.flush(min(2.0, cfg.gateway.shutdown_timeout_ns / 4e9))
+                        t_sync.cancel()
+                        await asyncio.gather(t_sync, return_exceptions=True)
         finally:
             self.running.clear()
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
             if self.store is not None:
+                if self.sync is not None:
+                    await loop.run_in_executor(self._executor, self.store.save_cursor, self.sync.cursor)
+                    self.sync.close()
                 await loop.run_in_executor(self._executor, self.store.close)
             self._executor.shutdown(wait=True)
             log.info("stopped: %d samples read, %d stored", self.counters.read, self.counters.stored)
@@ -399,7 +414,7 @@ class Runtime:
             if self.store is not None and now >= next_maintenance and not retry_at:
                 next_maintenance = now + 1.0
                 try:
-                    await asyncio.shield(loop.run_in_executor(self._executor, self.store.maintain))
+                    await asyncio.shield(loop.run_in_executor(self._executor, self._maintain))
                 except StoreError as e:
                     self.errors.log(logging.ERROR, "store:maintain", "%s", e)
                 continue
@@ -424,6 +439,18 @@ class Runtime:
             n_pending += len(item)
             if retry_at:
                 n_pending -= self._bound(pending)
+
+    def _maintain(self) -> None:
+        """Once a second, in the store thread: housekeeping, the sync's cursor and status."""
+        assert self.store is not None
+        cursor = self.sync.cursor if self.sync is not None else None
+        self.store.maintain(sync_cursor=cursor)
+        if self.sync is not None:
+            try:
+                self.sync.refresh_status()
+            except sqlite3.Error as e:
+                log.debug("sync status: %s", e)
+        write_status(self.config.gateway.data_dir, self.status())
 
     def _bound(self, pending: collections.deque[Batch]) -> int:
         """Drop the oldest batches beyond memory_buffer; returns the samples dropped."""
@@ -465,6 +492,8 @@ class Runtime:
                 log.warning("store writable again; %d samples dropped while it was not", dropped)
                 self.errors.clear("store:")
         self.counters.stored += n
+        if self.sync is not None:
+            self.sync.wakeup.set()
         for s in self.sinks:
             for b in batches:
                 await s.put(b)

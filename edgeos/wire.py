@@ -82,3 +82,96 @@ def decode_unit(data: bytes) -> Unit:
     if not (len(unit.tags) == len(unit.ts) == len(unit.values) == len(unit.quality) == n):
         raise ValueError("unit columns disagree in length")
     return unit
+
+
+# -- upstream messages ---------------------------------------------------------------------
+
+PAYLOAD_VERSION = 1
+
+
+def encode_message(gateway: str, device: str, seqs: list[int], units: list[bytes], dictionary: int) -> bytes:
+    """One MQTT payload: consecutive stored units of one device, embedded as they are stored.
+
+    The units' bytes are copied into the envelope, never decoded or re-encoded.
+    """
+    return msgpack.packb(
+        {"v": PAYLOAD_VERSION, "gw": gateway, "dev": device, "seq": seqs, "td": dictionary, "units": units},
+        use_bin_type=True,
+    )
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded data message. `units[i]` has sequence number `seqs[i]`."""
+
+    gateway: str
+    device: str
+    seqs: list[int]
+    dictionary: int
+    units: list[Unit]
+
+
+def decode(payload: bytes) -> Message:
+    """Decode a data message (any payload version up to PAYLOAD_VERSION)."""
+    doc = msgpack.unpackb(payload, raw=False)
+    if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION:
+        raise ValueError(f"not an edgeos data message of version {PAYLOAD_VERSION} (got {doc.get('v')!r})")
+    units = [decode_unit(u) for u in doc["units"]]
+    if len(units) != len(doc["seq"]):
+        raise ValueError("message carries a different number of units and sequence numbers")
+    return Message(doc["gw"], doc["dev"], list(doc["seq"]), doc["td"], units)
+
+
+@dataclass(frozen=True)
+class TagEntry:
+    id: int
+    device: str
+    name: str
+    kind: str
+    unit: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.device}/{self.name}"
+
+
+def encode_dictionary(gateway: str, tags: list[tuple[int, str, str, str, str]]) -> bytes:
+    """The retained tag dictionary: store tag id -> (device, name, kind, unit).
+
+    Ids are never reused or renamed, so the dictionary only grows; its version is its length.
+    """
+    return msgpack.packb({"v": PAYLOAD_VERSION, "gw": gateway, "version": len(tags), "tags": [list(t) for t in tags]})
+
+
+def decode_dictionary(payload: bytes) -> dict[int, TagEntry]:
+    doc = msgpack.unpackb(payload, raw=False)
+    return {t[0]: TagEntry(*t) for t in doc["tags"]}
+
+
+class Deduplicator:
+    """At-least-once in, exactly-once out: remembers which (gateway, seq) were seen.
+
+    Sequence numbers are per gateway, shared by its devices, so a consumer of one device sees
+    gaps; this keeps the numbers of the last `horizon` units per gateway and treats anything
+    older as seen (redelivery reaches back one in-flight window or one second of cursor, never
+    a million units). A consumer with a database gets the same with a key on (gateway, seq).
+    """
+
+    def __init__(self, horizon: int = 1_000_000) -> None:
+        self.horizon = horizon
+        self._max: dict[str, int] = {}
+        self._seen: dict[str, set[int]] = {}
+
+    def first_time(self, gateway: str, seq: int) -> bool:
+        """True the first time (gateway, seq) is offered, False for every repeat."""
+        top = self._max.get(gateway, 0)
+        seen = self._seen.setdefault(gateway, set())
+        if seq in seen or seq <= top - self.horizon:
+            return False
+        seen.add(seq)
+        if seq > top:
+            self._max[gateway] = seq
+            if len(seen) > 2 * self.horizon:
+                floor = seq - self.horizon
+                self._seen[gateway] = {s for s in seen if s > floor}
+        return True

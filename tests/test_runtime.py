@@ -9,7 +9,8 @@ import pytest
 
 from edgeos import Quality
 from edgeos.config import load_config
-from edgeos.runtime import Channel, backoff_delay
+from edgeos.retry import backoff_delay
+from edgeos.runtime import Channel
 from edgeos.store import StoreReader
 
 GATEWAY = """

@@ -255,10 +255,13 @@ class StoreWriter:
 
     # -- maintenance ----------------------------------------------------------------------
 
-    def maintain(self, now_ns: int | None = None, *, compact_all: bool = False) -> None:
-        """One bounded round of housekeeping: a compaction slice, retention, the size budget."""
+    def maintain(self, now_ns: int | None = None, *, compact_all: bool = False, sync_cursor: int | None = None) -> None:
+        """One bounded round of housekeeping: the sync cursor, a compaction slice, retention,
+        the size budget."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         try:
+            if sync_cursor is not None:
+                self.save_cursor(sync_cursor)
             self.compact(now_ns, force=compact_all)
             self.trim(now_ns)
         except sqlite3.Error as e:
@@ -318,9 +321,10 @@ class StoreWriter:
         self.counters.compacted_samples += total
         return total
 
-    def release_synced(self, cursor: int) -> None:
-        """Units up to `cursor` reached upstream: compacted ones are no longer needed hot."""
+    def save_cursor(self, cursor: int) -> None:
+        """Persist the sync cursor; compacted units at or below it are no longer needed hot."""
         with self._txn():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(cursor),))
             self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))
 
     def used_bytes(self) -> int:

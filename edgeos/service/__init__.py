@@ -1,0 +1,1 @@
+"""The service layer: status for `edgeos status` (and later metrics, systemd notify)."""

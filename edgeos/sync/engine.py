@@ -1,0 +1,325 @@
+"""Store-and-forward: publish stored units in order from a persisted cursor.
+
+The store is the source of truth. Units are read from it by id (the per-gateway sequence),
+framed without re-encoding (edgeos.wire), published with QoS 1, and the cursor advances only
+over units whose PUBACK came back. Everything at or below the cursor is acknowledged (or gone
+from the store); a restart resumes after it, so delivery is at-least-once and consumers make
+it exactly-once with the (gateway, seq) key. Policy for outages (docs/payload.md):
+
+- After a reconnect with a backlog, two lanes run at once: the **backlog lane** drains the
+  units that were waiting, oldest first, under the rate cap; the **live lane** publishes units
+  committed from then on, uncapped, so current values are never held behind hours of history.
+- Each lane has its own in-flight window, so neither can starve the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgeos import wire
+from edgeos.adapter import first_error
+from edgeos.errors import SyncError
+from edgeos.logs import RateLimited
+from edgeos.retry import backoff_delay
+
+log = logging.getLogger("edgeos.sync")
+
+MAX_MESSAGE_BYTES = 256 * 1024
+FETCH_ROWS = 512
+
+
+class Session(Protocol):
+    """A connected broker session."""
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Return once the broker acknowledged (QoS 1 PUBACK); raise SyncError on failure."""
+
+
+class Transport(Protocol):
+    def session(self) -> contextlib.AbstractAsyncContextManager[Session]:
+        """Connect (raising SyncError with a clear reason), yield a session, disconnect."""
+
+
+@dataclass
+class SyncStatus:
+    state: str = "starting"  # starting | connecting | connected | backoff
+    cursor: int = 0
+    head: int = 0
+    backlog_units: int = 0
+    backlog_samples: int = 0
+    lag_seconds: float = 0.0
+    published_samples: int = 0
+    published_messages: int = 0
+    published_bytes: int = 0
+    last_publish_ns: int = 0
+    connects: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+
+class TokenBucket:
+    """Rate cap for the backlog lane: bytes/s and messages/s, one second of burst."""
+
+    def __init__(self, bytes_per_s: float | None, messages_per_s: float | None) -> None:
+        self.rates = (bytes_per_s, messages_per_s)
+        self.tokens = [r or 0.0 for r in self.rates]
+        self.stamp = time.monotonic()
+
+    async def take(self, nbytes: int) -> None:
+        need = (float(nbytes), 1.0)
+        while True:
+            now = time.monotonic()
+            waits = []
+            for i, rate in enumerate(self.rates):
+                if not rate:
+                    continue
+                self.tokens[i] = min(rate, self.tokens[i] + (now - self.stamp) * rate)
+                # A message bigger than one second's budget may go once the bucket is full.
+                want = min(need[i], rate)
+                if self.tokens[i] < want:
+                    waits.append((want - self.tokens[i]) / rate)
+            self.stamp = now
+            if not waits:
+                for i, rate in enumerate(self.rates):
+                    if rate:
+                        self.tokens[i] -= need[i]
+                return
+            await asyncio.sleep(max(waits))
+
+
+@dataclass
+class _Lane:
+    """Units with after < id < end, published in id order (end None: the live lane, unbounded)."""
+
+    name: str
+    after: int  # the last id handed to a publish
+    end: int | None
+    window: asyncio.Semaphore
+    bucket: TokenBucket | None = None
+    inflight: dict[int, int] = field(default_factory=dict)  # message key -> lowest seq in it
+
+    @property
+    def done(self) -> bool:
+        return self.end is not None and self.after >= self.end - 1 and not self.inflight
+
+
+class Sync:
+    """Runs until cancelled; reconnects with capped full-jitter backoff."""
+
+    def __init__(self, gateway: str, data_dir: Path, options: dict[str, Any], transport: Transport) -> None:
+        self.gateway = gateway
+        self.path = Path(data_dir) / "edgeos.db"
+        self.options = options
+        self.transport = transport
+        self.status = SyncStatus()
+        self.wakeup = asyncio.Event()
+        self._acked = asyncio.Event()
+        self.errors = RateLimited(log)
+        self._db: sqlite3.Connection | None = None
+        self._dictionary_version = -1
+        self._key = 0
+        self._lanes: list[_Lane] = []
+
+    # -- store access (a read-only connection of its own) -----------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout=5000")
+        return self._db
+
+    def _read_cursor(self) -> int:
+        row = self._conn().execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _fetch(self, after: int, end: int | None) -> list[tuple[int, str, int, bytes]]:
+        sql = "SELECT id, device, n, data FROM units WHERE id > ?" + (" AND id < ?" if end else "")
+        args = (after, end) if end else (after,)
+        return self._conn().execute(sql + " ORDER BY id LIMIT ?", (*args, FETCH_ROWS)).fetchall()
+
+    def _head(self) -> int:
+        return self._conn().execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
+
+    def _dictionary(self) -> list[tuple[int, str, str, str, str]]:
+        return self._conn().execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
+
+    def refresh_status(self) -> None:
+        """Backlog and lag, for status and metrics (called about once a second)."""
+        db = self._conn()
+        cursor = self.cursor
+        units, samples, oldest = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(n), 0), MIN(t_min) FROM units WHERE id > ?", (cursor,)
+        ).fetchone()
+        self.status.cursor = cursor
+        self.status.head = self._head()
+        self.status.backlog_units = units
+        self.status.backlog_samples = samples
+        self.status.lag_seconds = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
+
+    # -- the cursor ----------------------------------------------------------------------
+
+    @property
+    def cursor(self) -> int:
+        """Every unit with id <= cursor is acknowledged by the broker (or no longer stored)."""
+        if not self._lanes:
+            return self.status.cursor
+        frontier = []
+        for lane in self._lanes:
+            if lane.inflight:
+                frontier.append(min(lane.inflight.values()))
+            if not lane.done:
+                frontier.append(lane.after + 1)
+        return min(frontier) - 1 if frontier else self.status.cursor
+
+    # -- main loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.status.cursor = await loop.run_in_executor(None, self._read_cursor)
+        attempt = 0
+        lo = self.options["reconnect_min"]
+        hi = self.options["reconnect_max"]
+        while True:
+            self.status.state = "connecting"
+            try:
+                async with self.transport.session() as session:
+                    self.status.connects += 1
+                    self.status.state = "connected"
+                    if attempt:
+                        log.warning("upstream connected again")
+                        self.errors.clear("")
+                    attempt = 0
+                    await self._pump(session)
+            except Exception as exc:  # any failure of a session: reconnect, never take the daemon down
+                e = first_error(exc)
+                if not isinstance(e, SyncError):
+                    log.exception("upstream: unexpected error", exc_info=e)
+                self.status.cursor = self.cursor
+                self._lanes = []
+                self.status.failures += 1
+                self.status.last_error = str(e)
+                self.errors.log(logging.ERROR, str(e)[:80], "upstream: %s; data keeps accumulating locally", e)
+            self.status.state = "backoff"
+            await asyncio.sleep(backoff_delay(attempt, lo, hi))
+            attempt += 1
+
+    async def _pump(self, session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        await self._publish_dictionary(session)
+        cursor = self.status.cursor
+        head = await loop.run_in_executor(None, self._head)
+        window = self.options["max_inflight"]
+        cap = TokenBucket(self.options["rate_limit_bytes"], self.options["rate_limit_messages"])
+        if head - cursor > 2 * window:
+            # A backlog: drain it under the cap while live units go out beside it.
+            self._lanes = [
+                _Lane("backlog", cursor, head + 1, asyncio.Semaphore(window), cap),
+                _Lane("live", head, None, asyncio.Semaphore(max(2, window // 4))),
+            ]
+            log.info("upstream: draining a backlog of %d units while forwarding live data", head - cursor)
+        else:
+            self._lanes = [_Lane("live", cursor, None, asyncio.Semaphore(window), cap)]
+        async with asyncio.TaskGroup() as tg:
+            for lane in self._lanes:
+                tg.create_task(self._lane(session, lane, tg), name=f"sync:{lane.name}")
+
+    async def _lane(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup) -> None:
+        loop = asyncio.get_running_loop()
+        while not lane.done:
+            rows = await loop.run_in_executor(None, self._fetch, lane.after, lane.end)
+            if not rows:
+                if lane.end is not None:
+                    lane.after = lane.end - 1  # the rest of the backlog is no longer stored
+                self.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), 0.2)
+                continue
+            if lane.end is None and self._dictionary_version < await loop.run_in_executor(None, self._tag_count):
+                await self._publish_dictionary(session)  # new tags since the last dictionary
+            for device, seqs, blobs, samples in _pack(rows):
+                payload = wire.encode_message(self.gateway, device, seqs, blobs, self._dictionary_version)
+                if lane.bucket is not None:
+                    await lane.bucket.take(len(payload))
+                await lane.window.acquire()
+                self._key += 1
+                lane.inflight[self._key] = seqs[0]
+                tg.create_task(self._send(session, lane, self._key, device, payload, samples), name="sync:publish")
+            lane.after = rows[-1][0]
+        log.info("upstream: backlog drained")
+
+    def _tag_count(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM tags").fetchone()[0]
+
+    async def _send(self, session: Session, lane: _Lane, key: int, device: str, payload: bytes, samples: int) -> None:
+        try:
+            await session.publish(self.topic(device), payload)
+        finally:
+            lane.window.release()
+        del lane.inflight[key]
+        self._acked.set()
+        st = self.status
+        st.published_samples += samples
+        st.published_messages += 1
+        st.published_bytes += len(payload)
+        st.last_publish_ns = time.time_ns()
+
+    async def _publish_dictionary(self, session: Session) -> None:
+        tags = await asyncio.get_running_loop().run_in_executor(None, self._dictionary)
+        topic = self.options["status_topic"].format(gateway=self.gateway).rsplit("/", 1)[0] + "/tags"
+        await session.publish(topic, wire.encode_dictionary(self.gateway, tags), retain=True)
+        self._dictionary_version = len(tags)
+
+    async def flush(self, within: float) -> bool:
+        """At an orderly stop: forward what is committed, if connected, within `within` s."""
+        if self.status.state != "connected":
+            return False
+        head = await asyncio.get_running_loop().run_in_executor(None, self._head)
+        self.wakeup.set()
+        try:
+            async with asyncio.timeout(within):
+                while self.cursor < head and self.status.state == "connected":
+                    self._acked.clear()
+                    await self._acked.wait()
+        except TimeoutError:
+            return False
+        return self.cursor >= head
+
+    def topic(self, device: str) -> str:
+        return self.options["topic"].format(gateway=self.gateway, device=device)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _pack(rows: list[tuple[int, str, int, bytes]]) -> list[tuple[str, list[int], list[bytes], int]]:
+    """Group a run of units into messages: per device, in id order, up to MAX_MESSAGE_BYTES."""
+    by_device: dict[str, list[tuple[int, int, bytes]]] = {}
+    for uid, device, n, data in rows:
+        by_device.setdefault(device, []).append((uid, n, data))
+    out = []
+    for device, units in by_device.items():
+        seqs: list[int] = []
+        blobs: list[bytes] = []
+        size = samples = 0
+        for uid, n, data in units:
+            if blobs and size + len(data) > MAX_MESSAGE_BYTES:
+                out.append((device, seqs, blobs, samples))
+                seqs, blobs, size, samples = [], [], 0, 0
+            seqs.append(uid)
+            blobs.append(data)
+            size += len(data)
+            samples += n
+        if blobs:
+            out.append((device, seqs, blobs, samples))
+    # Publish in the order of each message's first unit, so per device order holds.
+    out.sort(key=lambda m: m[1][0])
+    return out
