@@ -1,14 +1,16 @@
-# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False, nonecheck=False
 """Compiled filter kernels over interleaved columnar batches.
 
-Each kernel walks the batch once; per-tag state lives in arrays indexed by tag id and owned by
-the caller, so a stream split into any number of batches gives the same output. Plain-Python
-twins with the same signatures live in edgeos/filters/_reference.py.
+Each kernel walks the batch once without the GIL; per-tag state lives in arrays indexed by tag
+id and owned by the caller, so a stream split into any number of batches gives the same output.
+The plain-Python twins in edgeos/filters/_reference.py are the specification: same signatures,
+same float operations in the same order (the build disables FMA contraction), bit-identical
+output. Read a kernel's docstring there.
 """
 
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport isnan, fabs
+from libc.math cimport isnan, isinf, isfinite, fabs, exp, sqrt, INFINITY, NAN
 
 cnp.import_array()
 
@@ -16,6 +18,118 @@ ctypedef cnp.int32_t tag_t
 ctypedef cnp.int64_t ts_t
 ctypedef cnp.float64_t val_t
 ctypedef cnp.uint32_t q_t
+ctypedef cnp.uint8_t u8
+
+cdef q_t GOOD_CLAMPED = 0x00300000
+cdef q_t UNCERTAIN = 0x40000000
+cdef q_t UNCERTAIN_SENSOR_NOT_ACCURATE = 0x40930000
+cdef q_t UNCERTAIN_ENGINEERING_UNITS_EXCEEDED = 0x40940000
+cdef q_t BAD_OUT_OF_RANGE = 0x803C0000
+
+cdef inline bint is_bad(q_t q) noexcept nogil:
+    return (q >> 30) >= 2
+
+
+cdef inline q_t worse(q_t q, q_t p) noexcept nogil:
+    return p if (p >> 30) > (q >> 30) else q
+
+
+cdef inline ts_t floordiv(ts_t a, ts_t b) noexcept nogil:
+    cdef ts_t d = a / b
+    if (a % b != 0) and ((a < 0) != (b < 0)):
+        d -= 1
+    return d
+
+
+cdef struct Out:
+    tag_t* tags
+    ts_t* ts
+    val_t* values
+    q_t* quality
+    cnp.int32_t* src  # NULL when the batch has no text column to follow
+
+
+cdef inline Py_ssize_t emit(Out o, Py_ssize_t m, tag_t t, ts_t ts, val_t v, q_t q, Py_ssize_t src) noexcept nogil:
+    """Write one output row at m; returns m + 1. `o` is passed by value so its pointers stay in
+    registers (a uint8 store may alias anything the compiler cannot prove is a local)."""
+    o.tags[m] = t
+    o.ts[m] = ts
+    o.values[m] = v
+    o.quality[m] = q
+    if o.src != NULL:
+        o.src[m] = <cnp.int32_t>src
+    return m + 1
+
+
+cdef class _OutCols:
+    """Owns the output arrays of a sample-creating kernel (capacity known up front)."""
+    cdef object tags, ts, values, quality, src
+    cdef Out o
+
+    def __cinit__(self, Py_ssize_t cap, bint want_src):
+        cap = max(cap, 1)
+        self.tags = np.empty(cap, np.int32)
+        self.ts = np.empty(cap, np.int64)
+        self.values = np.empty(cap, np.float64)
+        self.quality = np.empty(cap, np.uint32)
+        cdef tag_t[::1] a = self.tags
+        cdef ts_t[::1] b = self.ts
+        cdef val_t[::1] c = self.values
+        cdef q_t[::1] d = self.quality
+        cdef cnp.int32_t[::1] e
+        self.o.tags = &a[0]
+        self.o.ts = &b[0]
+        self.o.values = &c[0]
+        self.o.quality = &d[0]
+        self.o.src = NULL
+        self.src = None
+        if want_src:
+            self.src = np.empty(cap, np.int32)
+            e = self.src
+            self.o.src = &e[0]
+
+    cdef columns(self, Py_ssize_t m):
+        src = None if self.src is None else self.src[:m]
+        return self.tags[:m], self.ts[:m], self.values[:m], self.quality[:m], src
+
+
+cdef inline _bad_tag(const tag_t[::1] tags, Py_ssize_t i, Py_ssize_t nt):
+    raise IndexError(f"tag id {tags[i]} outside the filter's state (0..{nt - 1})")
+
+
+# --------------------------------------------------------------------------------------------
+# deadband
+
+
+ctypedef struct DeadbandParams:  # read only when a sample is reported
+    val_t dead_abs
+    val_t dead_rel
+    ts_t max_silence  # NO_SILENCE_LIMIT: no heartbeat; REPORT_ALL: tag not filtered here
+
+
+ctypedef struct DeadbandState:  # read for every sample: 32 bytes, 1,000 tags fit in L1
+    val_t ref_value
+    val_t band  # dead_abs + dead_rel * |ref_value|; NaN when ref_value is not finite
+    ts_t deadline  # report anyway at or after this time (ref_ts + max_silence, saturated)
+    q_t ref_quality  # NO_REF (a Bad code) until a usable sample was reported
+    q_t pad
+
+
+cdef q_t NO_REF = 0xFFFFFFFF
+cdef ts_t TS_MAX = 0x7FFFFFFFFFFFFFFF
+cdef ts_t TS_MIN = -0x7FFFFFFFFFFFFFFF - 1
+
+
+cdef inline ts_t deadline_after(ts_t now, ts_t max_silence) noexcept nogil:
+    if max_silence == TS_MAX or (max_silence > 0 and now > TS_MAX - max_silence):
+        return TS_MAX
+    if max_silence == TS_MIN:
+        return TS_MIN
+    return now + max_silence
+
+
+cdef enum:
+    BLOCK = 4096  # rows classified before their kept rows are gathered, while still in cache
 
 
 def deadband(
@@ -23,48 +137,812 @@ def deadband(
     const ts_t[::1] ts,
     const val_t[::1] values,
     const q_t[::1] quality,
-    const cnp.uint8_t[::1] enabled,
-    const val_t[::1] dead,
-    const ts_t[::1] max_silence,
-    val_t[::1] ref_value,
-    ts_t[::1] ref_ts,
-    q_t[::1] ref_quality,
-    cnp.uint8_t[::1] has_ref,
+    const DeadbandParams[::1] params,
+    DeadbandState[::1] state,
+    bint want_src,
 ):
-    """Report-by-exception; returns a uint8 keep mask. See _reference.deadband for the rules."""
-    cdef Py_ssize_t i, n = tags.shape[0]
+    """Report-by-exception; returns the reported samples as (tags, ts, values, quality, src).
+
+    The common path (not reported) only reads the tag's 32-byte state record; the row index is
+    always written at the output cursor, which advances only when the sample is kept. Kept
+    rows are gathered per block of rows, while the block is still in cache.
+    """
+    cdef Py_ssize_t i, j, b0, b1, m = 0, m0, n = tags.shape[0], nt = state.shape[0], err = -1
+    if params.shape[0] != nt:
+        raise ValueError("deadband: params and state must have one record per tag")
+    cdef _OutCols cols = _OutCols(n, want_src)
+    if n == 0 or nt == 0:
+        if n:
+            _bad_tag(tags, 0, nt)
+        return cols.columns(0)
+    cdef tag_t* otg = cols.o.tags
+    cdef ts_t* ots = cols.o.ts
+    cdef val_t* ov = cols.o.values
+    cdef q_t* oq = cols.o.quality
+    cdef cnp.int32_t* osrc = cols.o.src
+    cdef cnp.int32_t idx[BLOCK]
+    cdef const tag_t* tg = &tags[0]
+    cdef const ts_t* tsp = &ts[0]
+    cdef const val_t* vp = &values[0]
+    cdef const q_t* qp = &quality[0]
+    cdef const DeadbandParams* pp = &params[0]
+    cdef DeadbandState* st = &state[0]
+    cdef DeadbandState scratch
+    cdef DeadbandState* s
+    cdef DeadbandState* w
+    cdef const DeadbandParams* p
     cdef tag_t t
-    cdef val_t v, r
+    cdef ts_t now
+    cdef val_t v, r, band
     cdef q_t q
-    cdef bint keep
-    out = np.empty(n, dtype=np.uint8)
-    cdef cnp.uint8_t[::1] keep_mv = out
+    cdef int keep
+    b0 = 0
+    with nogil:
+        while b0 < n:
+            b1 = b0 + BLOCK if b0 + BLOCK < n else n
+            m0 = 0
+            for i in range(b0, b1):
+                t = tg[i]
+                if <size_t>t >= <size_t>nt:
+                    err = i
+                    break
+                idx[m0] = <cnp.int32_t>i
+                s = st + t
+                q = qp[i]
+                if q >= 0x80000000u:  # Bad: reported; the next usable sample is reported too
+                    s.ref_quality = NO_REF
+                    m0 += 1
+                    continue
+                v = vp[i]
+                now = tsp[i]
+                r = s.ref_value
+                band = s.band
+                keep = not (fabs(v - r) <= band)
+                if band != band:  # reference not finite: report a different value or NaN-ness
+                    keep = not (v == r or (isnan(v) and isnan(r)))
+                keep = keep | (q != s.ref_quality) | (now >= s.deadline)
+                p = pp + t
+                w = s if keep else &scratch  # a select, not a branch: keep is as random as the data
+                w.ref_value = v
+                w.ref_quality = q
+                w.deadline = deadline_after(now, p.max_silence)
+                w.band = p.dead_abs + p.dead_rel * fabs(v) if v - v == 0.0 else NAN
+                m0 += keep
+            for j in range(m0):
+                i = idx[j]
+                otg[m] = tg[i]
+                ots[m] = tsp[i]
+                ov[m] = vp[i]
+                oq[m] = qp[i]
+                if osrc != NULL:
+                    osrc[m] = <cnp.int32_t>i
+                m += 1
+            if err >= 0:
+                break
+            b0 = b1
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return cols.columns(m)
+
+
+# --------------------------------------------------------------------------------------------
+# swinging door
+
+
+ctypedef struct DoorTag:  # one record per tag: params, the archived point A, the held point H
+    val_t deviation
+    val_t a_value
+    val_t h_value
+    val_t slope_lo
+    val_t slope_hi
+    ts_t min_interval
+    ts_t max_interval
+    ts_t a_ts
+    ts_t h_ts
+    q_t a_quality
+    q_t h_quality
+    u8 has_a
+    u8 has_h
+    u8 enabled
+
+
+cdef inline Py_ssize_t sd_flush(DoorTag* s, Out o, Py_ssize_t m, tag_t t) noexcept nogil:
+    if s.has_h:
+        m = emit(o, m, t, s.h_ts, s.h_value, s.h_quality, -1)
+        s.a_value = s.h_value
+        s.a_ts = s.h_ts
+        s.a_quality = s.h_quality
+        s.has_a = 1
+        s.has_h = 0
+        s.slope_lo = -INFINITY
+        s.slope_hi = INFINITY
+    return m
+
+
+cdef inline Py_ssize_t sd_archive(
+    DoorTag* s, Out o, Py_ssize_t m, tag_t t, ts_t now, val_t v, q_t q, Py_ssize_t i
+) noexcept nogil:
+    m = emit(o, m, t, now, v, q, i)
+    s.a_value = v
+    s.a_ts = now
+    s.a_quality = q
+    s.has_a = 1
+    s.has_h = 0
+    s.slope_lo = -INFINITY
+    s.slope_hi = INFINITY
+    return m
+
+
+cdef inline void sd_hold(DoorTag* s, ts_t now, val_t v, q_t q, val_t d, val_t inv) noexcept nogil:
+    cdef val_t lo = (d - s.deviation) * inv
+    cdef val_t hi = (d + s.deviation) * inv
+    cdef val_t cur_lo = s.slope_lo
+    cdef val_t cur_hi = s.slope_hi
+    s.h_value = v
+    s.h_ts = now
+    s.h_quality = q
+    s.has_h = 1
+    s.slope_lo = lo if lo > cur_lo else cur_lo  # selects (maxsd/minsd), not branches: these
+    s.slope_hi = hi if hi < cur_hi else cur_hi  # outcomes are as random as the signal
+
+
+def swinging_door(
+    const tag_t[::1] tags,
+    const ts_t[::1] ts,
+    const val_t[::1] values,
+    const q_t[::1] quality,
+    DoorTag[::1] state,
+    bint want_src,
+):
+    """Swinging-door compression; returns the archived points as (tags, ts, values, quality, src)."""
+    cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = state.shape[0], err = -1
+    cdef _OutCols cols = _OutCols(2 * n, want_src)
+    if n == 0 or nt == 0:
+        if n:
+            _bad_tag(tags, 0, nt)
+        return cols.columns(0)
+    cdef Out o = cols.o
+    cdef const tag_t* tg = &tags[0]
+    cdef const ts_t* tsp = &ts[0]
+    cdef const val_t* vp = &values[0]
+    cdef const q_t* qp = &quality[0]
+    cdef DoorTag* st = &state[0]
+    cdef DoorTag* s
+    cdef tag_t t
+    cdef ts_t now, dt
+    cdef val_t v, d, inv, sl
+    cdef q_t q
+    cdef bint force
+    with nogil:
+        for i in range(n):
+            t = tg[i]
+            if <size_t>t >= <size_t>nt:
+                err = i
+                break
+            s = st + t
+            q = qp[i]
+            v = vp[i]
+            now = tsp[i]
+            if not s.enabled:
+                m = emit(o, m, t, now, v, q, i)
+                continue
+            if is_bad(q) or not isfinite(v):
+                m = sd_flush(s, o, m, t)
+                m = emit(o, m, t, now, v, q, i)
+                s.has_a = 0
+                continue
+            if not s.has_a or q != s.a_quality:
+                m = sd_flush(s, o, m, t)
+                m = sd_archive(s, o, m, t, now, v, q, i)
+                continue
+            dt = now - s.a_ts
+            d = v - s.a_value
+            if dt <= 0 or not isfinite(d):
+                if not isfinite(d) or fabs(d) > s.deviation:
+                    m = sd_flush(s, o, m, t)
+                    m = sd_archive(s, o, m, t, now, v, q, i)
+                continue
+            force = s.max_interval > 0 and dt >= s.max_interval
+            inv = 1.0 / <val_t>dt
+            sl = d * inv
+            if s.slope_lo <= sl and sl <= s.slope_hi:
+                if force:
+                    m = sd_archive(s, o, m, t, now, v, q, i)
+                else:
+                    sd_hold(s, now, v, q, d, inv)
+                continue
+            if s.has_h and (force or s.h_ts - s.a_ts >= s.min_interval):
+                m = sd_flush(s, o, m, t)
+                dt = now - s.a_ts
+                d = v - s.a_value
+                if dt <= 0 or not isfinite(d):
+                    if not isfinite(d) or fabs(d) > s.deviation:
+                        m = sd_archive(s, o, m, t, now, v, q, i)
+                    continue
+                if s.max_interval > 0 and dt >= s.max_interval:
+                    m = sd_archive(s, o, m, t, now, v, q, i)
+                else:
+                    sd_hold(s, now, v, q, d, 1.0 / <val_t>dt)
+            else:
+                sd_hold(s, now, v, q, d, inv)
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return cols.columns(m)
+
+
+# --------------------------------------------------------------------------------------------
+# moving average, ewma
+
+
+def moving_average(
+    const tag_t[::1] tags,
+    const ts_t[::1] ts,
+    const val_t[::1] values,
+    const q_t[::1] quality,
+    const cnp.int32_t[::1] slot,
+    const ts_t[::1] count,
+    const ts_t[::1] window,
+    val_t[:, ::1] buf_v,
+    ts_t[:, ::1] buf_t,
+    ts_t[::1] head,
+    ts_t[::1] size,
+    val_t[::1] total,
+    ts_t[::1] pushes,
+):
+    """Moving average by count or time; returns the output values (row-aligned)."""
+    cdef Py_ssize_t i, j, n = tags.shape[0], nt = slot.shape[0], err = -1
+    cdef tag_t t
+    cdef Py_ssize_t k, cap, h, sz, p
+    cdef ts_t w, now
+    cdef val_t v, tot
+    out = np.array(values, dtype=np.float64, copy=True)
+    cdef val_t[::1] o = out
     with nogil:
         for i in range(n):
             t = tags[i]
-            q = quality[i]
-            if not enabled[t]:
-                keep_mv[i] = 1
+            if <size_t>t >= <size_t>nt:
+                err = i
+                break
+            k = slot[t]
+            v = values[i]
+            if k < 0 or is_bad(quality[i]) or not isfinite(v):
                 continue
-            if (q >> 30) >= 2:
-                # Bad: always passed, never a reference; the next Good is reported.
-                keep_mv[i] = 1
-                has_ref[t] = 0
+            cap = count[t]
+            w = window[t]
+            now = ts[i]
+            h = head[k]
+            sz = size[k]
+            tot = total[k]
+            if w > 0:
+                while sz > 0 and buf_t[k, h] <= now - w:
+                    tot -= buf_v[k, h]
+                    h += 1
+                    if h == cap:
+                        h = 0
+                    sz -= 1
+            if sz == cap:
+                tot -= buf_v[k, h]
+                h += 1
+                if h == cap:
+                    h = 0
+                sz -= 1
+            if sz == 0:
+                tot = 0.0
+            p = h + sz
+            if p >= cap:
+                p -= cap
+            buf_v[k, p] = v
+            buf_t[k, p] = now
+            sz += 1
+            tot += v
+            pushes[k] += 1
+            if pushes[k] >= cap:
+                pushes[k] = 0
+                tot = 0.0
+                p = h
+                for j in range(sz):
+                    tot += buf_v[k, p]
+                    p += 1
+                    if p == cap:
+                        p = 0
+            head[k] = h
+            size[k] = sz
+            total[k] = tot
+            o[i] = tot / sz
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return out
+
+
+def ewma(
+    const tag_t[::1] tags,
+    const ts_t[::1] ts,
+    const val_t[::1] values,
+    const q_t[::1] quality,
+    const u8[::1] enabled,
+    const ts_t[::1] tau,
+    u8[::1] has_y,
+    val_t[::1] y,
+    ts_t[::1] y_ts,
+):
+    """Continuous-time EWMA; returns the output values (row-aligned)."""
+    cdef Py_ssize_t i, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    cdef tag_t t
+    cdef ts_t dt
+    cdef val_t v, w
+    out = np.array(values, dtype=np.float64, copy=True)
+    cdef val_t[::1] o = out
+    with nogil:
+        for i in range(n):
+            t = tags[i]
+            if <size_t>t >= <size_t>nt:
+                err = i
+                break
+            v = values[i]
+            if not enabled[t] or is_bad(quality[i]) or not isfinite(v):
+                continue
+            if not has_y[t]:
+                y[t] = v
+                y_ts[t] = ts[i]
+                has_y[t] = 1
+            else:
+                dt = ts[i] - y_ts[t]
+                if dt > 0:
+                    w = exp(-(<val_t>dt) / <val_t>tau[t])
+                    y[t] = w * y[t] + (1.0 - w) * v
+                    y_ts[t] = ts[i]
+            o[i] = y[t]
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# rate, counter_delta
+
+
+def rate(
+    const tag_t[::1] tags,
+    const ts_t[::1] ts,
+    const val_t[::1] values,
+    const q_t[::1] quality,
+    const u8[::1] enabled,
+    u8[::1] has_p,
+    val_t[::1] p_value,
+    ts_t[::1] p_ts,
+    q_t[::1] p_quality,
+    bint want_src,
+):
+    """Per-second derivative; returns (tags, ts, values, quality, src)."""
+    cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    cdef _OutCols cols = _OutCols(n, want_src)
+    if n == 0 or nt == 0:
+        if n:
+            _bad_tag(tags, 0, nt)
+        return cols.columns(0)
+    cdef Out o = cols.o
+    cdef const tag_t* tg = &tags[0]
+    cdef const ts_t* tsp = &ts[0]
+    cdef const val_t* vp = &values[0]
+    cdef const q_t* qp = &quality[0]
+    cdef const u8* en = &enabled[0]
+    cdef u8* hp = &has_p[0]
+    cdef val_t* pv = &p_value[0]
+    cdef ts_t* pt = &p_ts[0]
+    cdef q_t* pq = &p_quality[0]
+    cdef tag_t t
+    cdef ts_t dt, now
+    cdef val_t v
+    cdef q_t q
+    with nogil:
+        for i in range(n):
+            t = tg[i]
+            if <size_t>t >= <size_t>nt:
+                err = i
+                break
+            q = qp[i]
+            v = vp[i]
+            now = tsp[i]
+            if not en[t] or is_bad(q) or not isfinite(v):
+                m = emit(o, m, t, now, v, q, i)
+                continue
+            if hp[t]:
+                dt = now - pt[t]
+                if dt > 0:
+                    m = emit(o, m, t, now, (v - pv[t]) * 1e9 / <val_t>dt, worse(q, pq[t]), -1)
+            pv[t] = v
+            pt[t] = now
+            pq[t] = q
+            hp[t] = 1
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return cols.columns(m)
+
+
+def counter_delta(
+    const tag_t[::1] tags,
+    const ts_t[::1] ts,
+    const val_t[::1] values,
+    const q_t[::1] quality,
+    const u8[::1] enabled,
+    const val_t[::1] modulus,
+    const val_t[::1] max_increase,
+    u8[::1] has_p,
+    val_t[::1] p_value,
+    q_t[::1] p_quality,
+    bint want_src,
+):
+    """Counter increase with rollover and reset; returns (tags, ts, values, quality, src)."""
+    cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    cdef _OutCols cols = _OutCols(n, want_src)
+    if n == 0 or nt == 0:
+        if n:
+            _bad_tag(tags, 0, nt)
+        return cols.columns(0)
+    cdef Out o = cols.o
+    cdef const tag_t* tg = &tags[0]
+    cdef const ts_t* tsp = &ts[0]
+    cdef const val_t* vp = &values[0]
+    cdef const q_t* qp = &quality[0]
+    cdef const u8* en = &enabled[0]
+    cdef const val_t* mod = &modulus[0]
+    cdef const val_t* mxi = &max_increase[0]
+    cdef u8* hp = &has_p[0]
+    cdef val_t* pv = &p_value[0]
+    cdef q_t* pq = &p_quality[0]
+    cdef tag_t t
+    cdef val_t v, p, d, md, wrapped
+    cdef q_t q
+    with nogil:
+        for i in range(n):
+            t = tg[i]
+            if <size_t>t >= <size_t>nt:
+                err = i
+                break
+            q = qp[i]
+            v = vp[i]
+            if not en[t] or is_bad(q) or not isfinite(v):
+                m = emit(o, m, t, tsp[i], v, q, i)
+                continue
+            if hp[t]:
+                p = pv[t]
+                d = v - p
+                if d < 0:
+                    md = mod[t]
+                    wrapped = (md - p) + v
+                    if v >= 0 and p < md and wrapped <= mxi[t]:
+                        d = wrapped
+                    else:
+                        d = v
+                m = emit(o, m, t, tsp[i], d, worse(q, pq[t]), -1)
+            pv[t] = v
+            pq[t] = q
+            hp[t] = 1
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return cols.columns(m)
+
+
+# --------------------------------------------------------------------------------------------
+# window
+
+
+cdef enum:
+    AGG_MIN, AGG_MAX, AGG_MEAN, AGG_FIRST, AGG_LAST, AGG_COUNT, AGG_STDDEV
+
+
+def window(
+    const tag_t[::1] tags,
+    const ts_t[::1] ts,
+    const val_t[::1] values,
+    const q_t[::1] quality,
+    const u8[::1] enabled,
+    const ts_t[::1] width,
+    const ts_t[::1] offset,
+    const u8[::1] agg,
+    u8[::1] has_w,
+    ts_t[::1] w_start,
+    ts_t[::1] n_used,
+    ts_t[::1] n_bad,
+    q_t[::1] last_bad,
+    u8[::1] not_good,
+    val_t[::1] first,
+    val_t[::1] last,
+    val_t[::1] vmin,
+    val_t[::1] vmax,
+    val_t[::1] shift,
+    val_t[::1] s1,
+    val_t[::1] s2,
+    bint want_src,
+):
+    """Tumbling wall-clock windows; returns the closed windows' aggregates as columns."""
+    cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    cdef _OutCols cols = _OutCols(n, want_src)
+    if n == 0 or nt == 0:
+        if n:
+            _bad_tag(tags, 0, nt)
+        return cols.columns(0)
+    cdef Out o = cols.o
+    cdef const tag_t* tg = &tags[0]
+    cdef const ts_t* tsp = &ts[0]
+    cdef const val_t* vp = &values[0]
+    cdef const q_t* qp = &quality[0]
+    cdef const u8* en = &enabled[0]
+    cdef const ts_t* wdp = &width[0]
+    cdef const ts_t* offp = &offset[0]
+    cdef const u8* aggp = &agg[0]
+    cdef u8* hw = &has_w[0]
+    cdef ts_t* ws = &w_start[0]
+    cdef ts_t* nu = &n_used[0]
+    cdef ts_t* nb = &n_bad[0]
+    cdef q_t* lb = &last_bad[0]
+    cdef u8* ng = &not_good[0]
+    cdef val_t* fst = &first[0]
+    cdef val_t* lst = &last[0]
+    cdef val_t* mn = &vmin[0]
+    cdef val_t* mxp = &vmax[0]
+    cdef val_t* sh = &shift[0]
+    cdef val_t* a1 = &s1[0]
+    cdef val_t* a2 = &s2[0]
+    cdef tag_t t
+    cdef ts_t now, wd, start, cnt
+    cdef val_t v, d, r, var, lo, hi
+    cdef q_t q
+    cdef u8 a
+    with nogil:
+        for i in range(n):
+            t = tg[i]
+            if <size_t>t >= <size_t>nt:
+                err = i
+                break
+            q = qp[i]
+            v = vp[i]
+            now = tsp[i]
+            if not en[t]:
+                m = emit(o, m, t, now, v, q, i)
+                continue
+            start = ws[t]
+            if not hw[t] or now >= start + wdp[t] or now < start:
+                if hw[t]:
+                    cnt = nu[t]
+                    if cnt > 0:
+                        a = aggp[t]
+                        if a == AGG_MIN:
+                            r = mn[t]
+                        elif a == AGG_MAX:
+                            r = mxp[t]
+                        elif a == AGG_MEAN:
+                            r = sh[t] + a1[t] / <val_t>cnt
+                        elif a == AGG_FIRST:
+                            r = fst[t]
+                        elif a == AGG_LAST:
+                            r = lst[t]
+                        elif a == AGG_COUNT:
+                            r = <val_t>cnt
+                        else:
+                            var = (a2[t] - a1[t] * a1[t] / <val_t>cnt) / <val_t>cnt
+                            r = 0.0 if var < 0.0 else sqrt(var)
+                        m = emit(o, m, t, start, r, UNCERTAIN if (ng[t] or nb[t] > 0) else 0, -1)
+                    elif nb[t] > 0:
+                        m = emit(o, m, t, start, NAN, lb[t], -1)
+                wd = wdp[t]
+                ws[t] = floordiv(now - offp[t], wd) * wd + offp[t]
+                hw[t] = 1
+                nu[t] = 0
+                nb[t] = 0
+                ng[t] = 0
+            if is_bad(q):
+                nb[t] += 1
+                lb[t] = q
+            elif not isnan(v):
+                if (q >> 30) != 0:
+                    ng[t] = 1
+                if nu[t] == 0:
+                    fst[t] = v
+                    mn[t] = v
+                    mxp[t] = v
+                    sh[t] = v
+                    a1[t] = 0.0
+                    a2[t] = 0.0
+                else:
+                    lo = mn[t]
+                    hi = mxp[t]
+                    mn[t] = v if v < lo else lo
+                    mxp[t] = v if v > hi else hi
+                lst[t] = v
+                d = v - sh[t]
+                a1[t] = a1[t] + d
+                a2[t] = a2[t] + d * d
+                nu[t] += 1
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return cols.columns(m)
+
+
+# --------------------------------------------------------------------------------------------
+# spike
+
+
+cdef inline void sorted_insert(val_t* a, Py_ssize_t m, val_t x) noexcept nogil:
+    """Insert x into the sorted a[0..m-1] after any equal values (a has room for m + 1)."""
+    cdef Py_ssize_t j = m
+    while j > 0 and a[j - 1] > x:
+        a[j] = a[j - 1]
+        j -= 1
+    a[j] = x
+
+
+cdef inline void sorted_remove(val_t* a, Py_ssize_t m, val_t x) noexcept nogil:
+    """Remove the first value equal to x from the sorted a[0..m-1]."""
+    cdef Py_ssize_t j = 0
+    while j < m - 1 and a[j] != x:
+        j += 1
+    while j < m - 1:
+        a[j] = a[j + 1]
+        j += 1
+
+
+cdef inline val_t median_sorted(const val_t* a, Py_ssize_t m) noexcept nogil:
+    if m % 2:
+        return a[m // 2]
+    return (a[m // 2 - 1] + a[m // 2]) * 0.5
+
+
+cdef inline val_t mad_sorted(const val_t* a, Py_ssize_t m, val_t med) noexcept nogil:
+    """Median of |a - med| by merging the two sorted runs of deviations either side of med."""
+    cdef Py_ssize_t lo = 0, hi, c
+    cdef val_t x = 0.0, prev = 0.0, dl, dr
+    while lo < m and a[lo] < med:
+        lo += 1
+    hi = lo
+    lo -= 1
+    for c in range(m // 2 + 1):
+        prev = x
+        if lo >= 0 and (hi >= m or med - a[lo] <= a[hi] - med):
+            x = med - a[lo]
+            lo -= 1
+        else:
+            x = a[hi] - med
+            hi += 1
+    if m % 2:
+        return x
+    return (prev + x) * 0.5
+
+
+def spike(
+    const tag_t[::1] tags,
+    const ts_t[::1] ts,
+    const val_t[::1] values,
+    const q_t[::1] quality,
+    const cnp.int32_t[::1] slot,
+    const ts_t[::1] count,
+    const val_t[::1] k_mad,
+    const val_t[::1] floor,
+    val_t[:, ::1] buf_v,
+    val_t[:, ::1] buf_sorted,
+    ts_t[::1] head,
+    ts_t[::1] size,
+):
+    """Hampel / median outlier marking; returns the output quality (row-aligned)."""
+    cdef Py_ssize_t i, n = tags.shape[0], nt = slot.shape[0], err = -1
+    out = np.array(quality, dtype=np.uint32, copy=True)
+    if n == 0 or nt == 0:
+        if n:
+            _bad_tag(tags, 0, nt)
+        return out
+    cdef q_t[::1] o = out
+    cdef Py_ssize_t width = buf_v.shape[1]
+    cdef q_t* op = &o[0]
+    cdef const tag_t* tg = &tags[0]
+    cdef const val_t* vp = &values[0]
+    cdef const q_t* qp = &quality[0]
+    cdef const cnp.int32_t* sl = &slot[0]
+    cdef const ts_t* cp = &count[0]
+    cdef const val_t* kp = &k_mad[0]
+    cdef const val_t* fp = &floor[0]
+    cdef val_t* ring = &buf_v[0, 0] if buf_v.shape[0] else NULL
+    cdef val_t* srt0 = &buf_sorted[0, 0] if buf_sorted.shape[0] else NULL
+    cdef ts_t* hp = &head[0] if head.shape[0] else NULL
+    cdef ts_t* sp = &size[0] if size.shape[0] else NULL
+    cdef tag_t t
+    cdef Py_ssize_t k, cap, h, sz
+    cdef val_t v, med, mad, lim, km, old
+    cdef val_t* rb
+    cdef val_t* srt
+    with nogil:
+        for i in range(n):
+            t = tg[i]
+            if <size_t>t >= <size_t>nt:
+                err = i
+                break
+            k = sl[t]
+            v = vp[i]
+            if k < 0 or is_bad(qp[i]) or not isfinite(v):
+                continue
+            cap = cp[t]
+            h = hp[k]
+            sz = sp[k]
+            rb = ring + k * width
+            srt = srt0 + k * width
+            if sz == cap:
+                med = median_sorted(srt, cap)
+                lim = fp[t]
+                km = kp[t]
+                if km > 0.0:
+                    mad = mad_sorted(srt, cap, med)
+                    if km * mad > lim:
+                        lim = km * mad
+                if fabs(v - med) > lim:
+                    op[i] = UNCERTAIN_SENSOR_NOT_ACCURATE
+                old = rb[h]
+                rb[h] = v
+                h += 1
+                if h == cap:
+                    h = 0
+                sorted_remove(srt, cap, old)
+                sorted_insert(srt, cap - 1, v)
+            else:
+                rb[sz] = v
+                sorted_insert(srt, sz, v)
+                sz += 1
+            hp[k] = h
+            sp[k] = sz
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# range
+
+
+def range_check(
+    const tag_t[::1] tags,
+    const ts_t[::1] ts,
+    const val_t[::1] values,
+    const q_t[::1] quality,
+    const u8[::1] enabled,
+    const val_t[::1] low,
+    const val_t[::1] high,
+    const u8[::1] mode,
+):
+    """Limits check; returns (values or None when no tag clamps, quality), row-aligned."""
+    cdef Py_ssize_t i, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    cdef tag_t t
+    cdef val_t v, lo, hi
+    cdef q_t q
+    cdef u8 m
+    cdef bint any_clamp = False
+    for i in range(nt):
+        if enabled[i] and mode[i] == 2:
+            any_clamp = True
+    out_q = np.empty(n, dtype=np.uint32)
+    cdef q_t[::1] oq = out_q
+    out_v = np.array(values, dtype=np.float64, copy=True) if any_clamp else np.empty(1, np.float64)
+    cdef val_t[::1] ov = out_v
+    with nogil:
+        for i in range(n):
+            t = tags[i]
+            if <size_t>t >= <size_t>nt:
+                err = i
+                break
+            q = quality[i]
+            oq[i] = q
+            if not enabled[t] or is_bad(q):
                 continue
             v = values[i]
-            keep = not has_ref[t] or q != ref_quality[t]
-            if not keep:
-                r = ref_value[t]
-                if isnan(v) or isnan(r):
-                    keep = isnan(v) != isnan(r)
-                elif v != r:
-                    keep = fabs(v - r) > dead[t]
-            if not keep and max_silence[t] > 0 and ts[i] - ref_ts[t] >= max_silence[t]:
-                keep = True
-            if keep:
-                ref_value[t] = v
-                ref_ts[t] = ts[i]
-                ref_quality[t] = q
-                has_ref[t] = 1
-            keep_mv[i] = keep
-    return out
+            lo = low[t]
+            hi = high[t]
+            if v < lo or v > hi:
+                m = mode[t]
+                if m == 0:
+                    oq[i] = BAD_OUT_OF_RANGE
+                elif m == 1:
+                    oq[i] = UNCERTAIN_ENGINEERING_UNITS_EXCEEDED
+                else:
+                    ov[i] = lo if v < lo else hi
+                    if (q >> 30) == 0:
+                        oq[i] = GOOD_CLAMPED
+    if err >= 0:
+        _bad_tag(tags, err, nt)
+    return (out_v if any_clamp else None), out_q

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -92,9 +95,33 @@ def test_deadband_heartbeat(kernel_impl):
     assert (f.apply(b).ts // 10**9).tolist() == [0, 3, 6, 9]
 
 
+KERNEL_NAMES = ("deadband", "swinging_door", "moving_average", "ewma", "rate", "counter_delta", "window", "spike")
+
+
 def test_reference_module_is_the_fallback_with_identical_signatures():
     ref, comp = kernels("reference"), kernels("compiled")
-    assert ref is not comp and callable(ref.deadband) and callable(comp.deadband)
+    assert ref is not comp
+    for name in (*KERNEL_NAMES, "range_check"):
+        params = list(inspect.signature(getattr(comp, name)).parameters)
+        assert params == list(inspect.signature(getattr(ref, name)).parameters), name
+        assert params[:4] == ["tags", "ts", "values", "quality"]
+
+
+def test_record_dtypes_match_the_compiled_structs():
+    from edgeos.filters import _reference
+
+    batch = Batch("d", np.zeros(1, np.int32), np.zeros(1, np.int64), np.zeros(1), np.zeros(1, np.uint32))
+    comp = kernels("compiled")
+    params, state = np.zeros(1, _reference.DEADBAND_PARAMS), np.zeros(1, _reference.DEADBAND_STATE)
+    comp.deadband(*_cols(batch), params, state, False)  # the buffer check accepts them
+    comp.swinging_door(*_cols(batch), np.zeros(1, _reference.SWINGING_DOOR_STATE), False)
+    wrong = np.zeros(1, [("x", "f8")])
+    with pytest.raises(ValueError, match="dtype"):
+        comp.deadband(*_cols(batch), params, wrong, False)
+
+
+def _cols(b: Batch):
+    return b.tags, b.ts, b.values, b.quality
 
 
 def _tag(i, filters=()):
