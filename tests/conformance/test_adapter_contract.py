@@ -36,7 +36,40 @@ async def misbehaving_peer(write_config) -> AsyncIterator[str]:
     yield '[[devices]]\nname = "dev"\nprotocol = "misbehaving"\ntags = [{ name = "a" }, { name = "b" }]\n'
 
 
-PEERS: dict[str, Callable] = {"simulated": simulated_peer, "misbehaving": misbehaving_peer}
+@contextlib.asynccontextmanager
+async def modbus_peer(write_config) -> AsyncIterator[str]:
+    """A pymodbus server on a random loopback port (tests/peers/modbus.py, loaded by path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "edgeos_test_peers_modbus"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "peers" / "modbus.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    peer = await sys.modules[name].ModbusPeer().start_tcp()
+    peer.set_registers(1, "hr", 0, [0x4120, 0x0000, 0x4F4B])
+    try:
+        yield f"""
+[[devices]]
+name = "dev"
+protocol = "modbus"
+host = "127.0.0.1"
+port = {peer.port}
+poll_interval = "20ms"
+tags = [
+  {{ name = "a", address = "hr0", type = "float32" }},
+  {{ name = "b", address = "hr2", type = "string", length = 2 }},
+  {{ name = "c", address = "coil1", poll_interval = "50ms" }},
+  {{ name = "d", address = "40001.5" }},
+]
+"""
+    finally:
+        await peer.stop()
+
+
+PEERS: dict[str, Callable] = {"simulated": simulated_peer, "misbehaving": misbehaving_peer, "modbus": modbus_peer}
 TESTED = sorted(p.name for p in plugins.available(plugins.PROTOCOLS) if p.name in PEERS)
 
 

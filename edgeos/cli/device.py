@@ -1,0 +1,83 @@
+"""Device commands: write a tag's value to its device."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgeos import plugins
+from edgeos.cli.app import app
+from edgeos.cli.core import ConfigArg, load_or_exit
+from edgeos.errors import EdgeosError
+from edgeos.model import ValueKind
+
+_TRUE = {"1", "true", "on", "yes"}
+_FALSE = {"0", "false", "off", "no"}
+
+
+def parse_value(text: str, kind: ValueKind) -> float | bool | str:
+    """The command line's text as the tag's kind: true/false/on/off/1/0, a number, or text."""
+    if kind is ValueKind.STRING:
+        return text
+    low = text.strip().lower()
+    if kind is ValueKind.BOOL:
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"found {text!r}, expected true/false, on/off or 1/0")
+    try:
+        return float(int(low, 0)) if low.startswith(("0x", "-0x")) else float(low)
+    except ValueError:
+        raise ValueError(f"found {text!r}, expected a number") from None
+
+
+@app.command()
+def write(
+    device: Annotated[str, typer.Argument(help="Device name, as in the config.")],
+    tag: Annotated[str, typer.Argument(help="Tag name within the device.")],
+    value: Annotated[str, typer.Argument(help="New value: a number, true/false (on/off, 1/0) or text.")],
+    config: ConfigArg = Path("/etc/edgeos/edgeos.toml"),
+) -> None:
+    """Write one tag's value to its device, with type conversion and range checks.
+
+    Only tags configured `writable = true` accept writes. The value is converted to the tag's
+    type (scale and offset undone) and refused if it does not fit. This connects to the device
+    directly, alongside a running daemon. Negative numbers follow "--": edgeos write -c F -- DEV TAG -5
+    """
+    cfg = load_or_exit(config)
+    try:
+        dev = cfg.device(device)
+    except KeyError:
+        typer.echo(f"edgeos: no device {device!r}; devices: {', '.join(d.name for d in cfg.devices)}", err=True)
+        raise typer.Exit(2) from None
+    tc = next((t for t in dev.tags if t.name == tag), None)
+    if tc is None:
+        typer.echo(f"edgeos: device {device!r} has no tag {tag!r}", err=True)
+        raise typer.Exit(2)
+    if not tc.meta.writable:
+        typer.echo(f"edgeos: {device}/{tag} is not writable (set writable = true in its config)", err=True)
+        raise typer.Exit(1)
+    try:
+        v = parse_value(value, tc.meta.kind)
+    except ValueError as e:
+        typer.echo(f"edgeos: {device}/{tag}: {e}", err=True)
+        raise typer.Exit(2) from None
+    adapter = plugins.load(plugins.PROTOCOLS, dev.protocol).create(dev)
+
+    async def run() -> None:
+        try:
+            await adapter.connect()
+            await adapter.write(tc, v)
+        finally:
+            await adapter.close()
+
+    try:
+        asyncio.run(run())
+    except (EdgeosError, NotImplementedError) as e:
+        typer.echo(f"edgeos: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {device}/{tag} = {value}")

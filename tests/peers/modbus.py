@@ -1,0 +1,235 @@
+"""A real pymodbus server for tests: TCP or RTU-over-TCP on a random loopback port, or RTU on
+one end of a socat pty pair. It counts every request it receives and can be told to refuse,
+stay silent, shorten or garble answers, so faults are those of a real peer on a real wire.
+
+Load it by path (tests have no package): see `load()` in tests/modbus/conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import struct
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pymodbus import FramerType
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+TABLE_OF_FC = {1: "coil", 2: "di", 3: "hr", 4: "ir", 5: "coil", 15: "coil", 6: "hr", 16: "hr"}
+BLOCK = {"coil": "c", "di": "d", "hr": "h", "ir": "i"}
+
+
+@dataclass
+class UnitMap:
+    """Which addresses a unit implements: (start, count) ranges per table; others are illegal."""
+
+    hr: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1000)])
+    ir: list[tuple[int, int]] = field(default_factory=lambda: [(0, 1000)])
+    coil: int = 1024  # bits 0..coil-1
+    di: int = 1024
+
+
+def _regs(ranges: list[tuple[int, int]]) -> list[SimData]:
+    return [SimData(start, count=count, values=0, datatype=DataType.REGISTERS) for start, count in ranges]
+
+
+def _bits(n: int) -> list[SimData]:
+    return [SimData(0, count=max(16, (n + 15) // 16 * 16), values=False, datatype=DataType.BITS)]
+
+
+class ModbusPeer:
+    """Units behind one server. Start with `start_tcp()` or `start_rtu(path)`; always `stop()`."""
+
+    def __init__(self, units: dict[int, UnitMap] | None = None, framer: str = "socket") -> None:
+        self.units = units or {1: UnitMap()}
+        self.framer = FramerType(framer)
+        self.requests: list[tuple[int, str, int, int]] = []  # (unit, table, address, count)
+        self.silent: set[int] = set()  # units that never answer
+        self.busy: dict[int, int] = {}  # unit -> number of next requests answered "device busy"
+        self.refuse: dict[tuple[int, str, int], int] = {}  # (unit, table, address) -> exception code
+        self.short: set[int] = set()  # units whose register answers lose their last register
+        self.garble: set[int] = set()  # units whose answers are replaced by garbage
+        self.connections = 0  # client connections accepted
+        self.server: ModbusTcpServer | ModbusSerialServer | None = None
+        self.port = 0
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _devices(self) -> list[SimDevice]:
+        return [
+            SimDevice(
+                uid,
+                simdata=(_bits(m.coil), _bits(m.di), _regs(m.hr), _regs(m.ir)),
+                action=self._action,
+            )
+            for uid, m in self.units.items()
+        ]
+
+    async def start_tcp(self, port: int = 0) -> ModbusPeer:
+        self.server = ModbusTcpServer(
+            self._devices(),
+            framer=self.framer,
+            address=("127.0.0.1", port),
+            trace_pdu=self._trace_pdu,
+            trace_packet=self._trace_packet,
+            trace_connect=self._trace_connect,
+        )
+        await self.server.serve_forever(background=True)
+        self.port = self.server.transport.sockets[0].getsockname()[1]
+        return self
+
+    async def start_rtu(self, path: str, baudrate: int = 115200) -> ModbusPeer:
+        self.server = ModbusSerialServer(
+            self._devices(),
+            framer=FramerType.RTU,
+            port=path,
+            baudrate=baudrate,
+            trace_pdu=self._trace_pdu,
+            trace_packet=self._trace_packet,
+        )
+        await self.server.serve_forever(background=True)
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            server, self.server = self.server, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.shutdown(), 5)
+            await asyncio.sleep(0.01)  # let the transports finish closing
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def _block(self, unit: int, table: str):
+        # The simulator keeps each table as (start, count, words, flags); words are 16-bit.
+        return self.server.context.devices[unit].block[BLOCK[table]]
+
+    def set_registers(self, unit: int, table: str, address: int, values: list[int]) -> None:
+        start, _, words, _ = self._block(unit, table)
+        words[address - start : address - start + len(values)] = [v & 0xFFFF for v in values]
+
+    def registers(self, unit: int, table: str, address: int, count: int) -> list[int]:
+        start, _, words, _ = self._block(unit, table)
+        return list(words[address - start : address - start + count])
+
+    def set_bits(self, unit: int, table: str, address: int, values: list[bool]) -> None:
+        start, _, words, _ = self._block(unit, table)
+        for i, v in enumerate(values):
+            a = address + i
+            w, b = a // 16 - start, a % 16
+            words[w] = (words[w] | (1 << b)) if v else (words[w] & ~(1 << b))
+
+    def bits(self, unit: int, table: str, address: int, count: int) -> list[bool]:
+        start, _, words, _ = self._block(unit, table)
+        return [bool((words[(address + i) // 16 - start] >> ((address + i) % 16)) & 1) for i in range(count)]
+
+    # -- counting and faults ---------------------------------------------------------------
+
+    def count(self, unit: int | None = None, table: str | None = None) -> int:
+        return sum(1 for u, t, _, _ in self.requests if (unit is None or u == unit) and (table is None or t == table))
+
+    def reads(self, unit: int | None = None) -> list[tuple[str, int, int]]:
+        return [(t, a, c) for u, t, a, c in self.requests if unit is None or u == unit]
+
+    def _trace_connect(self, connected: bool) -> None:
+        self.connections += connected
+
+    def _trace_pdu(self, sending: bool, pdu):
+        if not sending:
+            fc = pdu.function_code
+            count = getattr(pdu, "count", 0) or len(getattr(pdu, "registers", []) or getattr(pdu, "bits", []) or [1])
+            self.requests.append((pdu.dev_id, TABLE_OF_FC.get(fc, str(fc)), getattr(pdu, "address", 0), count))
+        elif pdu.dev_id in self.short and getattr(pdu, "registers", None) and pdu.function_code in (3, 4):
+            pdu.registers = pdu.registers[:-1]
+        return pdu
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending or not data:
+            return data
+        unit = data[6] if self.framer == FramerType.SOCKET else data[0]
+        if unit in self.silent:
+            return b""
+        if unit in self.garble:
+            return bytes((b * 7 + 13) & 0xFF for b in data[: len(data) // 2])
+        return data
+
+    async def _action(self, fc, start_address, address, count, registers, set_values):
+        uid = self._current_unit()
+        if self.busy.get(uid, 0) > 0:
+            self.busy[uid] -= 1
+            return ExcCodes.DEVICE_BUSY
+        table = TABLE_OF_FC.get(fc)
+        for (u, t, a), code in self.refuse.items():
+            if u == uid and t == table and address <= a < address + count:
+                return ExcCodes(code)
+        return None
+
+    def _current_unit(self) -> int:
+        # The action hook is not told the unit; the request being served is the last counted.
+        return self.requests[-1][0] if self.requests else 0
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PtyPair:
+    """Two connected pseudo-terminals from socat; `close()` ends socat."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            ["/usr/bin/socat", "-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        paths: list[str] = []
+        assert self.proc.stderr is not None
+        while len(paths) < 2:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError("socat ended before opening two ptys")
+            m = re.search(r"PTY is (\S+)", line)
+            if m:
+                paths.append(m.group(1))
+        self.a, self.b = paths
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+FMT = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "int64": "q", "uint64": "Q"}
+FMT |= {"float16": "e", "float32": "f", "float64": "d"}
+
+
+def wire_registers(typ: str, order: str, value) -> list[int]:
+    """Registers as a device with this byte order puts a value on the wire (reference: struct)."""
+    big = struct.pack(">" + FMT[typ], value)  # A B C D ... most significant first
+    words = [big[i : i + 2] for i in range(0, len(big), 2)]
+    if order in ("CDAB", "DCBA"):
+        words = words[::-1]
+    if order in ("BADC", "DCBA"):
+        words = [w[::-1] for w in words]
+    return [int.from_bytes(w, "big") for w in words]
+
+
+def counts_by_table(requests: list[tuple[int, str, int, int]]) -> Counter:
+    return Counter(t for _, t, _, _ in requests)
