@@ -17,7 +17,6 @@ import collections
 import concurrent.futures
 import logging
 import signal
-import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -445,11 +444,6 @@ class Runtime:
         assert self.store is not None
         cursor = self.sync.cursor if self.sync is not None else None
         self.store.maintain(sync_cursor=cursor)
-        if self.sync is not None:
-            try:
-                self.sync.refresh_status()
-            except sqlite3.Error as e:
-                log.debug("sync status: %s", e)
         write_status(self.config.gateway.data_dir, self.status())
 
     def _bound(self, pending: collections.deque[Batch]) -> int:

@@ -15,6 +15,7 @@ it exactly-once with the (gateway, seq) key. Policy for outages (docs/payload.md
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import sqlite3
@@ -32,7 +33,7 @@ from edgeos.retry import backoff_delay
 log = logging.getLogger("edgeos.sync")
 
 MAX_MESSAGE_BYTES = 256 * 1024
-FETCH_ROWS = 512
+FETCH_ROWS = 256
 
 
 class Session(Protocol):
@@ -123,6 +124,8 @@ class Sync:
         self._acked = asyncio.Event()
         self.errors = RateLimited(log)
         self._db: sqlite3.Connection | None = None
+        # One thread owns the read connection: every store read goes through it.
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-sync")
         self._dictionary_version = -1
         self._key = 0
         self._lanes: list[_Lane] = []
@@ -143,6 +146,19 @@ class Sync:
         sql = "SELECT id, device, n, data FROM units WHERE id > ?" + (" AND id < ?" if end else "")
         args = (after, end) if end else (after,)
         return self._conn().execute(sql + " ORDER BY id LIMIT ?", (*args, FETCH_ROWS)).fetchall()
+
+    def _prepare(self, after: int, end: int | None) -> tuple[int, list[tuple[str, list[int], bytes, int]]]:
+        """In a worker thread: read the next units and frame them, off the event loop.
+        Returns (last id read or 0, messages)."""
+        rows = self._fetch(after, end)
+        if not rows:
+            return 0, []
+        version = self._dictionary_version
+        messages = [
+            (device, seqs, wire.encode_message(self.gateway, device, seqs, blobs, version), samples)
+            for device, seqs, blobs, samples in _pack(rows)
+        ]
+        return rows[-1][0], messages
 
     def _head(self) -> int:
         return self._conn().execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
@@ -182,7 +198,22 @@ class Sync:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.status.cursor = await loop.run_in_executor(None, self._read_cursor)
+        self.status.cursor = await loop.run_in_executor(self._io, self._read_cursor)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch(), name="sync:status")
+            tg.create_task(self._connect_loop(), name="sync:connection")
+
+    async def _watch(self) -> None:
+        """Backlog and lag, refreshed once a second whether connected or not."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self._io, self.refresh_status)
+            except sqlite3.Error as e:
+                log.debug("sync status: %s", e)
+            await asyncio.sleep(1.0)
+
+    async def _connect_loop(self) -> None:
         attempt = 0
         lo = self.options["reconnect_min"]
         hi = self.options["reconnect_max"]
@@ -214,7 +245,7 @@ class Sync:
         loop = asyncio.get_running_loop()
         await self._publish_dictionary(session)
         cursor = self.status.cursor
-        head = await loop.run_in_executor(None, self._head)
+        head = await loop.run_in_executor(self._io, self._head)
         window = self.options["max_inflight"]
         cap = TokenBucket(self.options["rate_limit_bytes"], self.options["rate_limit_messages"])
         if head - cursor > 2 * window:
@@ -232,26 +263,33 @@ class Sync:
 
     async def _lane(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup) -> None:
         loop = asyncio.get_running_loop()
+        # Double buffering: the next run of units is read and framed in the store thread while
+        # this one is published, so the broker never waits on the disk.
+        ahead = loop.run_in_executor(self._io, self._prepare, lane.after, lane.end)
         while not lane.done:
-            rows = await loop.run_in_executor(None, self._fetch, lane.after, lane.end)
-            if not rows:
+            last, messages = await ahead
+            if not messages:
                 if lane.end is not None:
                     lane.after = lane.end - 1  # the rest of the backlog is no longer stored
+                    if lane.done:
+                        break
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), 0.2)
+                ahead = loop.run_in_executor(self._io, self._prepare, lane.after, lane.end)
                 continue
-            if lane.end is None and self._dictionary_version < await loop.run_in_executor(None, self._tag_count):
+            ahead = loop.run_in_executor(self._io, self._prepare, last, lane.end)
+            if lane.end is None and self._dictionary_version < await loop.run_in_executor(self._io, self._tag_count):
                 await self._publish_dictionary(session)  # new tags since the last dictionary
-            for device, seqs, blobs, samples in _pack(rows):
-                payload = wire.encode_message(self.gateway, device, seqs, blobs, self._dictionary_version)
+            for device, seqs, payload, samples in messages:
                 if lane.bucket is not None:
                     await lane.bucket.take(len(payload))
                 await lane.window.acquire()
                 self._key += 1
                 lane.inflight[self._key] = seqs[0]
                 tg.create_task(self._send(session, lane, self._key, device, payload, samples), name="sync:publish")
-            lane.after = rows[-1][0]
+            lane.after = last
+        ahead.cancel()
         log.info("upstream: backlog drained")
 
     def _tag_count(self) -> int:
@@ -271,7 +309,7 @@ class Sync:
         st.last_publish_ns = time.time_ns()
 
     async def _publish_dictionary(self, session: Session) -> None:
-        tags = await asyncio.get_running_loop().run_in_executor(None, self._dictionary)
+        tags = await asyncio.get_running_loop().run_in_executor(self._io, self._dictionary)
         topic = self.options["status_topic"].format(gateway=self.gateway).rsplit("/", 1)[0] + "/tags"
         await session.publish(topic, wire.encode_dictionary(self.gateway, tags), retain=True)
         self._dictionary_version = len(tags)
@@ -280,7 +318,7 @@ class Sync:
         """At an orderly stop: forward what is committed, if connected, within `within` s."""
         if self.status.state != "connected":
             return False
-        head = await asyncio.get_running_loop().run_in_executor(None, self._head)
+        head = await asyncio.get_running_loop().run_in_executor(self._io, self._head)
         self.wakeup.set()
         try:
             async with asyncio.timeout(within):
@@ -295,9 +333,13 @@ class Sync:
         return self.options["topic"].format(gateway=self.gateway, device=device)
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        def shut() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        self._io.submit(shut).result()
+        self._io.shutdown(wait=True)
 
 
 def _pack(rows: list[tuple[int, str, int, bytes]]) -> list[tuple[str, list[int], list[bytes], int]]:

@@ -110,6 +110,8 @@ class MqttTransport:
             max_inflight_messages=o["max_inflight"] * 2,
             timeout=PUBLISH_TIMEOUT,
         )
+        # Our own window bounds what is in flight; aiomqtt would warn from 10 on.
+        client.pending_calls_threshold = 4 * o["max_inflight"]
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:

@@ -1,0 +1,126 @@
+"""Upstream sync: drain a backlog of 10 million stored samples to a local mosquitto.
+
+Side by side in one run: a bare aiomqtt publisher sending the same number of equally sized
+QoS 1 messages to the same broker, with the same number in flight. The broker is started
+here (random loopback port, no persistence) and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+
+from edgeos.config import load_config
+from edgeos.model import Batch
+from edgeos.store import StoreWriter
+from edgeos.sync import Sync
+from edgeos.sync.mqtt import MqttTransport
+
+SAMPLES = 10_000_000
+UNIT = 1_000  # samples per stored unit: one poll of a 1,000-tag device
+
+
+def _broker(tmp: Path) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+            return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("mosquitto did not start")
+
+
+def _config(tmp: Path, port: int) -> Path:
+    p = tmp / "edgeos.toml"
+    p.write_text(
+        f'[gateway]\nid = "bench"\ndata_dir = "data"\n'
+        f'[[devices]]\nname = "plant"\nprotocol = "simulated"\ntags_csv = "tags.csv"\n'
+        f'[upstream]\nenabled = true\nhost = "127.0.0.1"\nport = {port}\n'
+    )
+    (tmp / "tags.csv").write_text("name\n" + "".join(f"t{i}\n" for i in range(UNIT)))
+    return p
+
+
+def _backlog(cfg) -> None:
+    w = StoreWriter(cfg.gateway.data_dir, cfg.tags)
+    rng = np.random.default_rng(0)
+    ids = np.arange(UNIT, dtype=np.int32)
+    values = np.round(rng.normal(50, 5, (16, UNIT)), 2)
+    t0 = time.time_ns() - 3 * 86_400 * 10**9
+    for k in range(SAMPLES // UNIT):
+        # One unit per poll of a 1,000-tag device, as the daemon commits them.
+        batch = Batch("plant", ids, np.full(UNIT, t0 + k * 10**9), values[k % 16], np.zeros(UNIT, np.uint32))
+        w.write([batch])
+    w.close()
+
+
+async def _drain(cfg) -> tuple[float, int, int]:
+    transport = MqttTransport(cfg.gateway.id, cfg.upstream.options, cfg.source.parent)
+    sync = Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
+    head = sync._head()
+    task = asyncio.create_task(sync.run())
+    t0 = time.perf_counter()
+    while sync.cursor < head:
+        await asyncio.sleep(0.005)
+        if time.perf_counter() - t0 > 300:
+            raise TimeoutError("drain did not finish")
+    elapsed = time.perf_counter() - t0
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    sync.close()
+    return elapsed, sync.status.published_messages, sync.status.published_bytes
+
+
+async def _bare(port: int, messages: int, size: int, inflight: int) -> float:
+    payload = np.random.default_rng(1).bytes(size)
+    async with aiomqtt.Client("127.0.0.1", port, identifier="bare", max_inflight_messages=inflight * 2) as client:
+        client.pending_calls_threshold = 4 * inflight  # as the sync sets it
+        window = asyncio.Semaphore(inflight)
+
+        async def one(i: int) -> None:
+            try:
+                await client.publish(f"bare/{i % 8}", payload, qos=1)
+            finally:
+                window.release()
+
+        t0 = time.perf_counter()
+        async with asyncio.TaskGroup() as tg:
+            for i in range(messages):
+                await window.acquire()
+                tg.create_task(one(i))
+        return time.perf_counter() - t0
+
+
+def run(quick: bool):
+    with tempfile.TemporaryDirectory(prefix="edgeos-bench-sync-") as d:
+        tmp = Path(d)
+        proc, port = _broker(tmp)
+        try:
+            cfg = load_config(_config(tmp, port))
+            _backlog(cfg)
+            elapsed, messages, nbytes = asyncio.run(_drain(cfg))
+            bare = asyncio.run(_bare(port, messages, nbytes // messages, cfg.upstream.options["max_inflight"]))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    yield "drain", SAMPLES / elapsed, "samples/s"
+    yield "drain_mb_per_s", nbytes / elapsed / 1e6, "MB/s"
+    yield "messages_per_s", messages / elapsed, "messages/s"
+    yield "message_bytes", nbytes / messages, "bytes"
+    yield "bare_messages_per_s", messages / bare, "messages/s"
+    yield "drain_vs_bare", bare / elapsed, "ratio"
