@@ -263,6 +263,7 @@ class Runtime:
                     await loop.run_in_executor(self._executor, self.store.save_cursor, self.sync.cursor)
                     self.sync.close()
                 await loop.run_in_executor(self._executor, self.store.close)
+                write_status(cfg.gateway.data_dir, {**self.status(), "stopped": True})
             self._executor.shutdown(wait=True)
             log.info("stopped: %d samples read, %d stored", self.counters.read, self.counters.stored)
 
@@ -410,8 +411,10 @@ class Runtime:
             if stopping:  # only a failed commit left to retry
                 await asyncio.sleep(max(0.0, retry_at - now))
                 continue
-            if self.store is not None and now >= next_maintenance and not retry_at:
+            if now >= next_maintenance and not retry_at:
                 next_maintenance = now + 1.0
+                if self.store is None:
+                    continue
                 try:
                     await asyncio.shield(loop.run_in_executor(self._executor, self._maintain))
                 except StoreError as e:

@@ -21,7 +21,9 @@ from edgeos.store import StoreReader
 EDGEOS = [str(Path(sys.executable).with_name("edgeos"))]
 
 
-@pytest.mark.parametrize("command", ["run", "check", "init", "demo", "version"])
+@pytest.mark.parametrize(
+    "command", ["run", "check", "init", "demo", "version", "status", "tags", "query", "export", "write"]
+)
 def test_every_command_has_useful_help(command):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0
@@ -151,3 +153,45 @@ def test_installed_layout_has_no_top_level_protocols_package():
     if site.name == "site-packages":  # a regular install, as scripts/test makes
         assert not (site / "protocols").exists() and not (site / "ext").exists()
         assert list((site / "edgeos" / "filters").glob("_kernels*.so"))
+
+
+def test_status_shows_a_running_daemon_and_its_sync_lag(write_config):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens: the upstream stays behind
+    cfg_path = write_config(
+        f"""
+        [gateway]
+        id = "g"
+        data_dir = "data"
+        [[devices]]
+        name = "m"
+        protocol = "simulated"
+        poll_interval = "20ms"
+        tags = [{{ name = "a" }}]
+        [upstream]
+        enabled = true
+        host = "127.0.0.1"
+        port = {dead}
+        """
+    )
+    proc = subprocess.Popen([*EDGEOS, "run", "-c", str(cfg_path)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            out = subprocess.run([*EDGEOS, "status", "-c", str(cfg_path)], capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and "behind by 0 samples" not in out.stdout and "(pid" in out.stdout:
+                break
+            assert time.monotonic() < deadline, out.stdout + out.stderr
+            time.sleep(0.3)
+        assert f"running (pid {proc.pid})" in out.stdout
+        assert "m                    running" in out.stdout
+        assert "upstream  backoff" in out.stdout or "upstream  connecting" in out.stdout
+        assert "refused the connection" in out.stdout
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    out = subprocess.run([*EDGEOS, "status", "-c", str(cfg_path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "not running (stopped" in out.stdout

@@ -205,3 +205,63 @@ def demo(
             run_demo(Path(tmp), duration)
     else:
         run_demo(data_dir, duration)
+
+
+@app.command()
+def status(
+    config: ConfigArg = Path("/etc/edgeos/edgeos.toml"),
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Read this data directory instead.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status document.")] = False,
+) -> None:
+    """Show whether the daemon runs, its devices, store counters and upstream sync lag.
+
+    Reads the status the daemon rewrites every second in its data directory; exit code 1
+    when it is not running (no status, or none for more than 10 seconds).
+    """
+    import datetime as dt
+    import json
+
+    from edgeos.service.status import read_status
+
+    directory = data_dir if data_dir is not None else load_or_exit(config).gateway.data_dir
+    doc, age = read_status(directory)
+    if doc is None:
+        typer.echo(f"edgeos is not running here: no status in {directory}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    running = age < 10 and not doc.get("stopped")
+    if running:
+        state = f"running (pid {doc.get('pid')})"
+    elif doc.get("stopped"):
+        state = f"not running (stopped {age:.0f}s ago)"
+    else:
+        state = f"not running (last status {age:.0f}s old: it did not stop cleanly)"
+    typer.echo(f"gateway   {doc['gateway']}   {state}   kernels {doc.get('kernels')}")
+    c = doc["counters"]
+    typer.echo(
+        f"samples   read {c['read']}, stored {c['stored']}, dropped by filters {c['filtered_out']}, "
+        f"dropped while the store was unavailable {c['dropped_store_unavailable']}"
+    )
+    st = doc.get("store") or {}
+    if st:
+        typer.echo(
+            f"store     compacted {st['compacted_samples']}, dropped by retention {st['dropped_retention']}, "
+            f"dropped for the size budget {st['dropped_budget']}"
+        )
+    sync = doc.get("sync")
+    if sync:
+        last = sync["last_publish_ns"]
+        when = dt.datetime.fromtimestamp(last / 1e9, dt.UTC).isoformat(timespec="seconds") if last else "never"
+        typer.echo(
+            f"upstream  {sync['state']}; behind by {sync['backlog_samples']} samples "
+            f"({sync['backlog_units']} units, {sync['lag_seconds']:.1f}s); last publish {when}"
+            + (f"; last error: {sync['last_error']}" if sync["last_error"] else "")
+        )
+    else:
+        typer.echo("upstream  disabled")
+    typer.echo(f"{'DEVICE':<20} {'STATE':<11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR")
+    for name, d in doc["devices"].items():
+        typer.echo(f"{name:<20} {d['state']:<11} {d['samples']:>10} {d['failures']:>9}  {d['last_error']}")
+    if not running:
+        raise typer.Exit(1)
