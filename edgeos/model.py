@@ -101,7 +101,8 @@ def _as(arr: Any, dtype: np.dtype, name: str) -> np.ndarray:
         a = a.astype(dtype)
     if a.ndim != 1:
         raise ValueError(f"Batch.{name}: expected a 1-d column, got shape {a.shape}")
-    return a
+    # Compiled kernels take contiguous memory; a column sliced from a 2-d array is copied once here.
+    return np.ascontiguousarray(a)
 
 
 @dataclass(frozen=True, slots=True)

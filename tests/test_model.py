@@ -34,3 +34,15 @@ def test_quality_severity_follows_opc_ua_bits():
     assert is_bad(q).tolist() == [False, False, True, True]
     assert Quality.severity(0x40930000) == "uncertain"
     assert Quality.describe(0x80050000) == "BAD_COMM_FAILURE" and Quality.describe(0x80AB0000) == "0x80AB0000"
+
+
+def test_columns_cut_from_a_2d_array_reach_the_compiled_kernels_contiguous():
+    from edgeos.filters.builtin import DeadbandFilter
+
+    grid = np.arange(12.0).reshape(3, 4)
+    b = Batch("d", np.zeros(3, np.int32), np.arange(3), grid[:, 1], np.zeros(3, np.uint32))  # a strided column
+    assert b.values.flags.c_contiguous
+    out = DeadbandFilter(
+        1, {0: {"abs": 1.0, "percent": None, "span": None, "max_silence": None}}, impl="compiled"
+    ).apply(b)
+    assert out.values.tolist() == [1.0, 5.0, 9.0]
