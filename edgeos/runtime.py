@@ -32,6 +32,7 @@ from edgeos.logs import RateLimited
 from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
+from edgeos.service import control
 from edgeos.service.status import write_status
 from edgeos.store import StoreFull, StoreSettings, StoreWriter
 from edgeos.sync import Sync
@@ -183,6 +184,16 @@ class Runtime:
             raise DeviceError(device, "not connected", code="not_connected", stage="write")
         await adapter.write(tc, value)
 
+    async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Requests on the control socket (edgeos write, edgeos status --live)."""
+        op = req.get("op")
+        if op == "write":
+            await self.write(str(req["device"]), str(req["tag"]), req["value"])
+            return {"ok": True}
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        return {"ok": False, "error": f"unknown op {op!r}; expected write or status"}
+
     def status(self) -> dict[str, Any]:
         return {
             "gateway": self.config.gateway.id,
@@ -239,6 +250,9 @@ class Runtime:
                 t_pipe = tg.create_task(self._pipeline(pipeline, raw, filtered), name="pipeline")
                 t_write = tg.create_task(self._writer(filtered), name="store-writer")
                 t_sync = tg.create_task(self.sync.run(), name="sync") if self.sync else None
+                t_ctl = None
+                if self.use_store:
+                    t_ctl = tg.create_task(control.serve(cfg.gateway.data_dir, self._control), name="control")
                 t_devs = [
                     tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
                 ]
@@ -246,6 +260,8 @@ class Runtime:
                 try:
                     await self._stop.wait()
                 finally:
+                    if t_ctl is not None:
+                        t_ctl.cancel()
                     await asyncio.shield(self._shutdown(t_devs, raw, t_pipe, t_write))
                     if t_sync is not None and self.sync is not None:
                         # Everything is committed; forward the last of it if that is quick,
