@@ -21,17 +21,8 @@ from edgeos.store.chunk import decode_chunk
 from edgeos.store.writer import DB_NAME, _connect
 
 
-@dataclass(frozen=True)
-class TagInfo:
-    id: int
-    device: str
-    name: str
-    kind: str
-    unit: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.device}/{self.name}"
+TagInfo = wire.TagEntry
+"""A stored tag: the store's id, device, name, kind, unit (the same record consumers receive)."""
 
 
 @dataclass(frozen=True)
