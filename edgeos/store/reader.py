@@ -20,7 +20,6 @@ from edgeos.model import Quality
 from edgeos.store.chunk import decode_chunk
 from edgeos.store.writer import DB_NAME, _connect
 
-
 TagInfo = wire.TagEntry
 """A stored tag: the store's id, device, name, kind, unit (the same record consumers receive)."""
 
