@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from edgeos.config import load_config
+from edgeos.demo_device import DemoMachine
 from edgeos.logs import setup as setup_logging
 from edgeos.model import Quality, ValueKind
 from edgeos.runtime import Runtime
@@ -32,6 +33,21 @@ tags = [
   { name = "running", signal = "bool", period = "20s" },
   { name = "parts", signal = "counter", period = "2s", unit = "pcs" },
   { name = "state", signal = "text", period = "15s", states = ["RUN", "IDLE", "ALARM"] },
+]
+
+[[devices]]
+name = "filler"
+protocol = "modbus"
+host = "127.0.0.1"
+port = @FILLER_PORT@
+poll_interval = "500ms"
+tags = [
+  { name = "temperature", address = "40001", type = "int16", scale = 0.01, unit = "degC" },
+  { name = "pressure", address = "40002", type = "uint16", scale = 0.01, unit = "bar" },
+  { name = "parts", address = "40003", type = "uint32", unit = "pcs" },
+  { name = "running", address = "40005.0" },
+  { name = "overtemp", address = "40005.1" },
+  { name = "speed_setpoint", address = "40007", type = "uint16", unit = "bph", writable = true },
 ]
 
 [[devices]]
@@ -74,6 +90,9 @@ def render(rt: Runtime, tty: bool) -> str:
         lines.append("\x1b[H\x1b[2J")
     lines.append(f"edgeos demo — gateway {rt.config.gateway.id} — {now:%H:%M:%S} UTC — Ctrl-C to stop")
     lines.append(f"store: {rt.config.gateway.data_dir}")
+    for d in rt.config.devices:
+        if d.protocol == "modbus":
+            lines.append(f"{d.name}: a machine speaking Modbus TCP on {d.options['host']}:{d.options['port']}")
     lines.append("")
     lines.append(f"{'TAG':<22} {'VALUE':>12} {'UNIT':<6} {'QUALITY':<10} {'AGE':>6}")
     for meta, ts, value, q in rt.latest.rows():
@@ -90,13 +109,22 @@ def render(rt: Runtime, tty: bool) -> str:
 def run_demo(data_dir: Path, duration: float = 0.0) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = data_dir / "demo.toml"
-    cfg_path.write_text(DEMO_CONFIG, encoding="utf-8")
-    cfg = load_config(cfg_path)
-    setup_logging(cfg.gateway.log_level)
-    rt = Runtime(cfg)
     tty = sys.stdout.isatty()
 
     async def main() -> None:
+        # A machine on loopback that speaks Modbus TCP, read through the real Modbus adapter.
+        machine = DemoMachine()
+        port = await machine.start()
+        cfg_path.write_text(DEMO_CONFIG.replace("@FILLER_PORT@", str(port)), encoding="utf-8")
+        cfg = load_config(cfg_path)
+        setup_logging(cfg.gateway.log_level)
+        rt = Runtime(cfg)
+        try:
+            await _run(rt)
+        finally:
+            await machine.stop()
+
+    async def _run(rt: Runtime) -> None:
         async def show() -> None:
             await rt.running.wait()
             t0 = asyncio.get_running_loop().time()

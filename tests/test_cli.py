@@ -76,11 +76,16 @@ def test_demo_runs_and_stores(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "press/temperature" in out.stdout and "samples stored" in out.stdout
+    assert "a machine speaking Modbus TCP on 127.0.0.1:" in out.stdout
     assert load_config(tmp_path / "demo.toml").gateway.id == "demo"
     with StoreReader(tmp_path) as store:
         assert store.count() > 10
         assert set(store.history("press/running").values.tolist()) <= {0.0, 1.0}
         assert set(store.history("press/state").text) <= {"RUN", "IDLE", "ALARM"}
+        # The filler is a machine on loopback speaking Modbus TCP, read by the Modbus adapter.
+        temp = store.history("filler/temperature")
+        assert len(temp) and (temp.quality == 0).all() and ((temp.values > 50) & (temp.values < 80)).all()
+        assert store.history("filler/speed_setpoint").values.tolist()[0] == 1200.0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

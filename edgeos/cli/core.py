@@ -194,9 +194,10 @@ def demo(
 ) -> None:
     """See edgeos work in one command: simulated devices, filters and a local store.
 
-    Starts three simulated machines (a press, an oven, a packer), runs the full runtime
-    with a store in a temporary directory (or --dir), and shows the live values updating in
-    the terminal until Ctrl-C. Nothing leaves this computer.
+    Starts a filling machine that speaks Modbus TCP on 127.0.0.1 (read through the real
+    Modbus adapter) and three simulated machines (a press, an oven, a packer), runs the full
+    runtime with filters and a store in a temporary directory (or --dir), and shows the live
+    values updating in the terminal until Ctrl-C. Nothing leaves this computer.
     """
     from edgeos.demo import run_demo
 
