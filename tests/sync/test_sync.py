@@ -83,8 +83,9 @@ def assert_exactly_once_in_order(got, data_dir: Path) -> None:
         assert firsts == sorted(firsts)
 
 
-async def test_steady_state_every_sample_arrives_in_order(write_config, broker, subscribe):
-    cfg = load_config(config(write_config, broker.port))
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_steady_state_every_sample_arrives_in_order(write_config, broker, subscribe, version):
+    cfg = load_config(config(write_config, broker.port, f'mqtt_version = "{version}"\n'))
     async with subscribe(broker) as got:
         rt = Runtime(cfg)
         task = asyncio.create_task(rt.run())
