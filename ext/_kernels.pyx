@@ -97,6 +97,30 @@ cdef inline _bad_tag(const tag_t[::1] tags, Py_ssize_t i, Py_ssize_t nt):
     raise IndexError(f"tag id {tags[i]} outside the filter's state (0..{nt - 1})")
 
 
+# Shape checks, O(1) at each kernel's entry (the loops index without bounds checks); the same
+# checks, in the same order and with the same messages, as _reference.py.
+
+
+cdef int _check_columns(str kernel, Py_ssize_t n, Py_ssize_t n_ts, Py_ssize_t n_v, Py_ssize_t n_q) except -1:
+    if n_ts != n or n_v != n or n_q != n:
+        raise ValueError(
+            f"{kernel}: columns of unequal length (tags {n}, ts {n_ts}, values {n_v}, quality {n_q})"
+        )
+    return 0
+
+
+cdef int _check_len(str kernel, str name, Py_ssize_t length, str bound, Py_ssize_t nt) except -1:
+    if length < nt:
+        raise ValueError(f"{kernel}: {name} has {length} entries, fewer than {bound} ({nt})")
+    return 0
+
+
+cdef _bad_slot(str kernel, tag_t t, Py_ssize_t k, Py_ssize_t cap, Py_ssize_t n_slots, Py_ssize_t width):
+    raise ValueError(
+        f"{kernel}: tag {t} has slot {k} and count {cap}, outside its ring buffers ({n_slots} x {width})"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # deadband
 
@@ -148,8 +172,8 @@ def deadband(
     rows are gathered per block of rows, while the block is still in cache.
     """
     cdef Py_ssize_t i, j, b0, b1, m = 0, m0, n = tags.shape[0], nt = state.shape[0], err = -1
-    if params.shape[0] != nt:
-        raise ValueError("deadband: params and state must have one record per tag")
+    _check_columns("deadband", n, ts.shape[0], values.shape[0], quality.shape[0])
+    _check_len("deadband", "params", params.shape[0], "state", nt)
     cdef _OutCols cols = _OutCols(n, want_src)
     if n == 0 or nt == 0:
         if n:
@@ -296,6 +320,7 @@ def swinging_door(
 ):
     """Swinging-door compression; returns the archived points as (tags, ts, values, quality, src)."""
     cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = state.shape[0], err = -1
+    _check_columns("swinging_door", n, ts.shape[0], values.shape[0], quality.shape[0])
     cdef _OutCols cols = _OutCols(2 * n, want_src)
     if n == 0 or nt == 0:
         if n:
@@ -390,7 +415,17 @@ def moving_average(
     ts_t[::1] pushes,
 ):
     """Moving average by count or time; returns the output values (row-aligned)."""
-    cdef Py_ssize_t i, j, n = tags.shape[0], nt = slot.shape[0], err = -1
+    cdef Py_ssize_t i, j, n = tags.shape[0], nt = slot.shape[0], err = -1, bad = -1
+    cdef Py_ssize_t n_slots = buf_v.shape[0], width = buf_v.shape[1]
+    _check_columns("moving_average", n, ts.shape[0], values.shape[0], quality.shape[0])
+    _check_len("moving_average", "count", count.shape[0], "slot", nt)
+    _check_len("moving_average", "window", window.shape[0], "slot", nt)
+    _check_len("moving_average", "buf_t", buf_t.shape[0], "buf_v rows", n_slots)
+    _check_len("moving_average", "buf_t columns", buf_t.shape[1], "buf_v columns", width)
+    _check_len("moving_average", "head", head.shape[0], "buf_v rows", n_slots)
+    _check_len("moving_average", "size", size.shape[0], "buf_v rows", n_slots)
+    _check_len("moving_average", "total", total.shape[0], "buf_v rows", n_slots)
+    _check_len("moving_average", "pushes", pushes.shape[0], "buf_v rows", n_slots)
     cdef tag_t t
     cdef Py_ssize_t k, cap, h, sz, p
     cdef ts_t w, now
@@ -408,6 +443,9 @@ def moving_average(
             if k < 0 or is_bad(quality[i]) or not isfinite(v):
                 continue
             cap = count[t]
+            if k >= n_slots or cap < 1 or cap > width:
+                bad = i
+                break
             w = window[t]
             now = ts[i]
             h = head[k]
@@ -451,6 +489,8 @@ def moving_average(
             o[i] = tot / sz
     if err >= 0:
         _bad_tag(tags, err, nt)
+    if bad >= 0:
+        _bad_slot("moving_average", tags[bad], slot[tags[bad]], count[tags[bad]], n_slots, width)
     return out
 
 
@@ -467,6 +507,11 @@ def ewma(
 ):
     """Continuous-time EWMA; returns the output values (row-aligned)."""
     cdef Py_ssize_t i, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    _check_columns("ewma", n, ts.shape[0], values.shape[0], quality.shape[0])
+    _check_len("ewma", "tau", tau.shape[0], "enabled", nt)
+    _check_len("ewma", "has_y", has_y.shape[0], "enabled", nt)
+    _check_len("ewma", "y", y.shape[0], "enabled", nt)
+    _check_len("ewma", "y_ts", y_ts.shape[0], "enabled", nt)
     cdef tag_t t
     cdef ts_t dt
     cdef val_t v, w
@@ -515,6 +560,11 @@ def rate(
 ):
     """Per-second derivative; returns (tags, ts, values, quality, src)."""
     cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    _check_columns("rate", n, ts.shape[0], values.shape[0], quality.shape[0])
+    _check_len("rate", "has_p", has_p.shape[0], "enabled", nt)
+    _check_len("rate", "p_value", p_value.shape[0], "enabled", nt)
+    _check_len("rate", "p_ts", p_ts.shape[0], "enabled", nt)
+    _check_len("rate", "p_quality", p_quality.shape[0], "enabled", nt)
     cdef _OutCols cols = _OutCols(n, want_src)
     if n == 0 or nt == 0:
         if n:
@@ -574,6 +624,12 @@ def counter_delta(
 ):
     """Counter increase with rollover and reset; returns (tags, ts, values, quality, src)."""
     cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    _check_columns("counter_delta", n, ts.shape[0], values.shape[0], quality.shape[0])
+    _check_len("counter_delta", "modulus", modulus.shape[0], "enabled", nt)
+    _check_len("counter_delta", "max_increase", max_increase.shape[0], "enabled", nt)
+    _check_len("counter_delta", "has_p", has_p.shape[0], "enabled", nt)
+    _check_len("counter_delta", "p_value", p_value.shape[0], "enabled", nt)
+    _check_len("counter_delta", "p_quality", p_quality.shape[0], "enabled", nt)
     cdef _OutCols cols = _OutCols(n, want_src)
     if n == 0 or nt == 0:
         if n:
@@ -656,7 +712,24 @@ def window(
     bint want_src,
 ):
     """Tumbling wall-clock windows; returns the closed windows' aggregates as columns."""
-    cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = enabled.shape[0], err = -1, bad = -1
+    _check_columns("window", n, ts.shape[0], values.shape[0], quality.shape[0])
+    _check_len("window", "width", width.shape[0], "enabled", nt)
+    _check_len("window", "offset", offset.shape[0], "enabled", nt)
+    _check_len("window", "agg", agg.shape[0], "enabled", nt)
+    _check_len("window", "has_w", has_w.shape[0], "enabled", nt)
+    _check_len("window", "w_start", w_start.shape[0], "enabled", nt)
+    _check_len("window", "n_used", n_used.shape[0], "enabled", nt)
+    _check_len("window", "n_bad", n_bad.shape[0], "enabled", nt)
+    _check_len("window", "last_bad", last_bad.shape[0], "enabled", nt)
+    _check_len("window", "not_good", not_good.shape[0], "enabled", nt)
+    _check_len("window", "first", first.shape[0], "enabled", nt)
+    _check_len("window", "last", last.shape[0], "enabled", nt)
+    _check_len("window", "vmin", vmin.shape[0], "enabled", nt)
+    _check_len("window", "vmax", vmax.shape[0], "enabled", nt)
+    _check_len("window", "shift", shift.shape[0], "enabled", nt)
+    _check_len("window", "s1", s1.shape[0], "enabled", nt)
+    _check_len("window", "s2", s2.shape[0], "enabled", nt)
     cdef _OutCols cols = _OutCols(n, want_src)
     if n == 0 or nt == 0:
         if n:
@@ -703,6 +776,9 @@ def window(
                 continue
             start = ws[t]
             if not hw[t] or now >= start + wdp[t] or now < start:
+                if wdp[t] <= 0:  # checked where a window opens: not on the per-sample path
+                    bad = i
+                    break
                 if hw[t]:
                     cnt = nu[t]
                     if cnt > 0:
@@ -722,7 +798,7 @@ def window(
                         else:
                             var = (a2[t] - a1[t] * a1[t] / <val_t>cnt) / <val_t>cnt
                             r = 0.0 if var < 0.0 else sqrt(var)
-                        m = emit(o, m, t, start, r, UNCERTAIN if (ng[t] or nb[t] > 0) else 0, -1)
+                        m = emit(o, m, t, start, r, UNCERTAIN if ng[t] else 0, -1)
                     elif nb[t] > 0:
                         m = emit(o, m, t, start, NAN, lb[t], -1)
                 wd = wdp[t]
@@ -731,12 +807,12 @@ def window(
                 nu[t] = 0
                 nb[t] = 0
                 ng[t] = 0
+            if (q >> 30) != 0:  # Uncertain or Bad, whatever the value (NaN included)
+                ng[t] = 1
             if is_bad(q):
                 nb[t] += 1
                 lb[t] = q
             elif not isnan(v):
-                if (q >> 30) != 0:
-                    ng[t] = 1
                 if nu[t] == 0:
                     fst[t] = v
                     mn[t] = v
@@ -756,6 +832,8 @@ def window(
                 nu[t] += 1
     if err >= 0:
         _bad_tag(tags, err, nt)
+    if bad >= 0:
+        raise ValueError(f"window: tag {tags[bad]} has width {width[tags[bad]]}, expected > 0")
     return cols.columns(m)
 
 
@@ -824,14 +902,22 @@ def spike(
     ts_t[::1] size,
 ):
     """Hampel / median outlier marking; returns the output quality (row-aligned)."""
-    cdef Py_ssize_t i, n = tags.shape[0], nt = slot.shape[0], err = -1
+    cdef Py_ssize_t i, n = tags.shape[0], nt = slot.shape[0], err = -1, bad = -1
+    cdef Py_ssize_t n_slots = buf_v.shape[0], width = buf_v.shape[1]
+    _check_columns("spike", n, ts.shape[0], values.shape[0], quality.shape[0])
+    _check_len("spike", "count", count.shape[0], "slot", nt)
+    _check_len("spike", "k_mad", k_mad.shape[0], "slot", nt)
+    _check_len("spike", "floor", floor.shape[0], "slot", nt)
+    _check_len("spike", "buf_sorted", buf_sorted.shape[0], "buf_v rows", n_slots)
+    _check_len("spike", "buf_sorted columns", buf_sorted.shape[1], "buf_v columns", width)
+    _check_len("spike", "head", head.shape[0], "buf_v rows", n_slots)
+    _check_len("spike", "size", size.shape[0], "buf_v rows", n_slots)
     out = np.array(quality, dtype=np.uint32, copy=True)
     if n == 0 or nt == 0:
         if n:
             _bad_tag(tags, 0, nt)
         return out
     cdef q_t[::1] o = out
-    cdef Py_ssize_t width = buf_v.shape[1]
     cdef q_t* op = &o[0]
     cdef const tag_t* tg = &tags[0]
     cdef const val_t* vp = &values[0]
@@ -860,6 +946,9 @@ def spike(
             if k < 0 or is_bad(qp[i]) or not isfinite(v):
                 continue
             cap = cp[t]
+            if k >= n_slots or cap < 1 or cap > width:
+                bad = i
+                break
             h = hp[k]
             sz = sp[k]
             rb = ring + k * width
@@ -889,6 +978,8 @@ def spike(
             sp[k] = sz
     if err >= 0:
         _bad_tag(tags, err, nt)
+    if bad >= 0:
+        _bad_slot("spike", tags[bad], slot[tags[bad]], count[tags[bad]], n_slots, width)
     return out
 
 
@@ -908,6 +999,10 @@ def range_check(
 ):
     """Limits check; returns (values or None when no tag clamps, quality), row-aligned."""
     cdef Py_ssize_t i, n = tags.shape[0], nt = enabled.shape[0], err = -1
+    _check_columns("range_check", n, ts.shape[0], values.shape[0], quality.shape[0])
+    _check_len("range_check", "low", low.shape[0], "enabled", nt)
+    _check_len("range_check", "high", high.shape[0], "enabled", nt)
+    _check_len("range_check", "mode", mode.shape[0], "enabled", nt)
     cdef tag_t t
     cdef val_t v, lo, hi
     cdef q_t q

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -153,6 +155,103 @@ def test_out_of_range_tag_id_raises_in_both(kernel_impl, kind):
     b = Batch("d", np.array([0, N_TAGS], np.int32), np.array([1, 2]), np.ones(2), np.zeros(2, np.uint32))
     with pytest.raises(IndexError):
         make(kind, kernel_impl).apply(b)
+
+
+# --------------------------------------------------------------------------------------------
+# shapes: checked at every kernel's entry, ValueError in both implementations
+
+
+KERNEL_OF = {"range": "range_check", "window_other_aggs": "window"}
+BOUNDS = {"state", "enabled", "slot"}  # the array that bounds tag ids: shorter is not a mismatch
+
+
+def kernel_args(kind: str, impl: str):
+    """(kernel function, [(name, value)]) for a direct call with a fresh filter's own arrays."""
+    f = make(kind, impl)
+    fn = getattr(f._k, KERNEL_OF.get(kind, kind))
+    names = list(inspect.signature(fn).parameters)
+    n = 2 * N_TAGS
+    cols = {
+        "tags": np.tile(np.arange(N_TAGS, dtype=np.int32), 2),
+        "ts": np.repeat(np.array([0, 3 * S], np.int64), N_TAGS),
+        "values": np.ones(n),
+        "quality": np.zeros(n, np.uint32),
+    }
+    attrs = {"params": "params_rec"}
+    args = [(a, cols[a] if a in cols else False if a == "want_src" else getattr(f, attrs.get(a, a))) for a in names]
+    return fn, args
+
+
+def shortened(kind: str):
+    """Every argument that, one entry too short (or a column one entry too long), is a mismatch."""
+    _, args = kernel_args(kind, "reference")
+    for name, a in args:
+        if not isinstance(a, np.ndarray) or name in BOUNDS or name == "tags":
+            continue
+        yield name, lambda a: a[:-1]
+        if a.ndim == 2:
+            yield f"{name} columns", lambda a: np.ascontiguousarray(a[:, :-1])
+        if name in ("ts", "values", "quality"):
+            yield f"{name} (longer)", lambda a: np.concatenate([a, a[:1]])
+
+
+@pytest.mark.parametrize("kind", [k for k in KERNELS if k != "window_other_aggs"])
+def test_mismatched_lengths_raise_value_error_in_both(kernel_impl, kind):
+    cases = list(shortened(kind))
+    assert len(cases) >= 3
+    for label, cut in cases:
+        fn, args = kernel_args(kind, kernel_impl)
+        name = label.split()[0]
+        args = [(a, cut(v) if a == name else v) for a, v in args]
+        with pytest.raises(ValueError, match=rf"^{KERNEL_OF.get(kind, kind)}: ") as e:
+            fn(*[v for _, v in args])
+        assert name in str(e.value) or "buf_v" in str(e.value) or "ring buffers" in str(e.value), (label, e.value)
+    # the untouched arguments are accepted, so every failure above is the one mismatch
+    fn, args = kernel_args(kind, kernel_impl)
+    fn(*[v for _, v in args])
+
+
+@pytest.mark.parametrize("kind", [k for k in KERNELS if k != "window_other_aggs"])
+def test_shape_errors_are_identical_in_both(kind):
+    for label, cut in shortened(kind):
+        name = label.split()[0]
+        messages = []
+        for impl in ("compiled", "reference"):
+            fn, args = kernel_args(kind, impl)
+            with pytest.raises(ValueError) as e:
+                fn(*[cut(v) if a == name else v for a, v in args])
+            messages.append(str(e.value))
+        assert messages[0] == messages[1], label
+
+
+def test_rate_with_short_columns_raises_instead_of_reading_past_them(kernel_impl):
+    """The reviewer's repro: 100,000 tag ids against one-row ts, values and quality columns."""
+    fn, args = kernel_args("rate", kernel_impl)
+    args = dict(args)
+    args.update(tags=np.zeros(100_000, np.int32), ts=np.zeros(1, np.int64), values=np.zeros(1))
+    args.update(quality=np.zeros(1, np.uint32))
+    with pytest.raises(ValueError, match=r"rate: columns of unequal length \(tags 100000, ts 1, values 1, quality 1\)"):
+        fn(*args.values())
+
+
+@pytest.mark.parametrize(
+    ("kind", "array", "value", "message"),
+    [
+        ("moving_average", "count", 0, "outside its ring buffers"),
+        ("moving_average", "count", 51, "outside its ring buffers"),  # the buffers are 50 wide
+        ("moving_average", "slot", 4, "outside its ring buffers"),  # 4 slots: 0..3
+        ("spike", "count", 0, "outside its ring buffers"),
+        ("spike", "count", 9, "outside its ring buffers"),  # 8 wide
+        ("spike", "slot", 4, "outside its ring buffers"),
+        ("window", "width", 0, "has width 0, expected > 0"),  # the compiled floor division would trap
+    ],
+)
+def test_parameters_pointing_outside_the_buffers_raise_value_error(kernel_impl, kind, array, value, message):
+    fn, args = kernel_args(kind, kernel_impl)
+    args = dict(args)
+    args[array][3] = value
+    with pytest.raises(ValueError, match=message):
+        fn(*args.values())
 
 
 # --------------------------------------------------------------------------------------------

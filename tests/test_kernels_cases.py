@@ -138,6 +138,20 @@ def test_window_quality_and_all_bad_windows(kernel_impl):
     assert out.values[2] == 4.0 and out.quality[2] == G  # NaN values are not aggregated
 
 
+def test_window_is_uncertain_when_any_sample_was_not_good_even_a_nan_one(kernel_impl):
+    f = builtin.window.create(1, {0: {"width": S, "agg": "mean"}}, kernel_impl)
+    vals = [1.0, np.nan, 3.0, 2.0, np.nan, 6.0, 4.0, np.nan, 5.0]
+    q = [G, U, G, G, G, G, B, U, G]
+    ts = np.array([0.0, 0.5, 0.9, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]) * S
+    out = f.apply(series(vals, ts=ts.astype(np.int64), quality=q))
+    # [0, 1): an Uncertain NaN makes it Uncertain and stays out of the mean; [1, 2): a Good NaN
+    # does not; [2, 3): a Bad sample does (its value is not aggregated); [3, 4): only an
+    # Uncertain NaN, no usable and no Bad sample: nothing is emitted
+    assert out.ts.tolist() == [0, S, 2 * S]
+    assert out.values.tolist() == [2.0, 2.0, 6.0]
+    assert out.quality.tolist() == [U, G, U]
+
+
 def test_window_negative_timestamps_floor_to_the_window_start(kernel_impl):
     f = builtin.window.create(1, {0: {"width": 10, "agg": "first"}}, kernel_impl)
     out = f.apply(series([1.0, 2.0, 3.0], ts=[-15, -5, 5]))

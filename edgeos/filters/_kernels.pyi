@@ -2,7 +2,9 @@ import numpy as np
 import numpy.typing as npt
 
 # The compiled kernels (ext/_kernels.pyx). Their plain-Python twins in _reference.py have the same
-# signatures and are the specification. Per-tag arrays are updated in place.
+# signatures and are the specification. Per-tag arrays are updated in place. Both raise IndexError
+# for a tag id beyond the per-tag arrays and ValueError when the arguments' shapes do not fit
+# together (columns of unequal length, a per-tag array shorter than state/enabled/slot).
 
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]

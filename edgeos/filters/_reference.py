@@ -9,6 +9,9 @@ Conventions shared by every kernel:
   owned by the caller and updated in place, so a stream split into batches anywhere gives the
   same output;
 - a tag id outside the state arrays raises IndexError (the compiled twin must not write there);
+- columns of unequal length, a per-tag array shorter than the one that bounds the tag ids
+  (`state`, `enabled` or `slot`), or ring buffers that do not fit their slots and counts raise
+  ValueError, checked at entry (in the same order, with the same messages, in both twins);
 - Bad samples (severity >= 2) pass through unchanged and never become a reference value.
 Kernels that create samples return columns (tags, ts, values, quality, src); `src` is the input
 row a sample was copied from, or -1 for a computed sample (which carries no text).
@@ -36,6 +39,38 @@ _INF = math.inf
 def _check(t: int, nt: int) -> None:
     if t < 0 or t >= nt:
         raise IndexError(f"tag id {t} outside the filter's state (0..{nt - 1})")
+
+
+def _check_columns(kernel: str, tags, ts, values, quality) -> int:
+    """The batch's length; ValueError when the four columns differ in length."""
+    n, n_ts, n_v, n_q = len(tags), len(ts), len(values), len(quality)
+    if n_ts != n or n_v != n or n_q != n:
+        raise ValueError(f"{kernel}: columns of unequal length (tags {n}, ts {n_ts}, values {n_v}, quality {n_q})")
+    return n
+
+
+def _check_len(kernel: str, name: str, length: int, bound: str, nt: int) -> None:
+    if length < nt:
+        raise ValueError(f"{kernel}: {name} has {length} entries, fewer than {bound} ({nt})")
+
+
+def _check_rings(kernel: str, buf_v, per_slot) -> tuple[int, int]:
+    """(slots, width) of the ring buffers; ValueError when another per-slot array is smaller."""
+    n_slots, width = np.shape(buf_v)
+    for name, a in per_slot.items():
+        if np.ndim(a) == 2:
+            _check_len(kernel, name, np.shape(a)[0], "buf_v rows", n_slots)
+            _check_len(kernel, f"{name} columns", np.shape(a)[1], "buf_v columns", width)
+        else:
+            _check_len(kernel, name, len(a), "buf_v rows", n_slots)
+    return n_slots, width
+
+
+def _check_slot(kernel: str, t: int, k: int, cap: int, n_slots: int, width: int) -> None:
+    if k >= n_slots or cap < 1 or cap > width:
+        raise ValueError(
+            f"{kernel}: tag {t} has slot {k} and count {cap}, outside its ring buffers ({n_slots} x {width})"
+        )
 
 
 def _worse(q: int, p: int) -> int:
@@ -118,9 +153,8 @@ def deadband(tags, ts, values, quality, params, state, want_src):
       infinite r, when the value is not equal to r (NaN equals NaN here).
     - A reported usable sample becomes the reference.
     """
-    n, nt = len(tags), len(state)
-    if len(params) != nt:
-        raise ValueError("deadband: params and state must have one record per tag")
+    n, nt = _check_columns("deadband", tags, ts, values, quality), len(state)
+    _check_len("deadband", "params", len(params), "state", nt)
     ref_value, band, deadline, ref_quality = state["ref_value"], state["band"], state["deadline"], state["ref_quality"]
     dead_abs, dead_rel, max_silence = params["dead_abs"], params["dead_rel"], params["max_silence"]
     out = _Out(want_src)
@@ -192,7 +226,7 @@ def swinging_door(tags, ts, values, quality, state, want_src):
     a point at least that long after A is archived. min_interval: H is not archived while it
     is closer than that to A; later points are then held instead.
     """
-    n, nt = len(tags), len(state)
+    n, nt = _check_columns("swinging_door", tags, ts, values, quality), len(state)
     enabled, deviation, min_interval, max_interval = (
         state["enabled"],
         state["deviation"],
@@ -299,7 +333,11 @@ def moving_average(tags, ts, values, quality, slot, count, window, buf_v, buf_t,
     The running total is recomputed from the buffer every `count` pushes, so rounding cannot
     drift and a huge value leaves no trace once it is out of the window.
     """
-    n, nt = len(tags), len(slot)
+    n, nt = _check_columns("moving_average", tags, ts, values, quality), len(slot)
+    _check_len("moving_average", "count", len(count), "slot", nt)
+    _check_len("moving_average", "window", len(window), "slot", nt)
+    per_slot = {"buf_t": buf_t, "head": head, "size": size, "total": total, "pushes": pushes}
+    n_slots, width = _check_rings("moving_average", buf_v, per_slot)
     out = np.array(values, dtype=np.float64, copy=True)
     for i in range(n):
         t = int(tags[i])
@@ -309,6 +347,7 @@ def moving_average(tags, ts, values, quality, slot, count, window, buf_v, buf_t,
         if k < 0 or (int(quality[i]) >> 30) >= 2 or not math.isfinite(v):
             continue
         cap = int(count[t])
+        _check_slot("moving_average", t, k, cap, n_slots, width)
         w = int(window[t])
         now = int(ts[i])
         h, sz, tot = int(head[k]), int(size[k]), float(total[k])
@@ -354,7 +393,9 @@ def ewma(tags, ts, values, quality, enabled, tau, has_y, y, y_ts):
     average by weight 1 - exp(-dt / tau), dt being the time since the previous usable sample,
     so irregular sampling is weighted correctly (a sample at the same instant has weight 0).
     Returns the output values (row-aligned); unusable samples pass through unchanged."""
-    n, nt = len(tags), len(enabled)
+    n, nt = _check_columns("ewma", tags, ts, values, quality), len(enabled)
+    for name, a in (("tau", tau), ("has_y", has_y), ("y", y), ("y_ts", y_ts)):
+        _check_len("ewma", name, len(a), "enabled", nt)
     out = np.array(values, dtype=np.float64, copy=True)
     for i in range(n):
         t = int(tags[i])
@@ -386,7 +427,9 @@ def rate(tags, ts, values, quality, enabled, has_p, p_value, p_ts, p_quality, wa
     a sample at the reference's timestamp emits nothing and replaces it. Unusable samples
     (Bad, non-finite) pass through unchanged and are skipped as references, so the first
     usable sample after them reports the mean rate across the gap."""
-    n, nt = len(tags), len(enabled)
+    n, nt = _check_columns("rate", tags, ts, values, quality), len(enabled)
+    for name, a in (("has_p", has_p), ("p_value", p_value), ("p_ts", p_ts), ("p_quality", p_quality)):
+        _check_len("rate", name, len(a), "enabled", nt)
     out = _Out(want_src)
     for i in range(n):
         t = int(tags[i])
@@ -417,7 +460,16 @@ def counter_delta(tags, ts, values, quality, enabled, modulus, max_increase, has
     and are skipped, so the first usable sample after an outage reports what was counted
     during it.
     """
-    n, nt = len(tags), len(enabled)
+    n, nt = _check_columns("counter_delta", tags, ts, values, quality), len(enabled)
+    per_tag = (
+        ("modulus", modulus),
+        ("max_increase", max_increase),
+        ("has_p", has_p),
+        ("p_value", p_value),
+        ("p_quality", p_quality),
+    )
+    for name, a in per_tag:
+        _check_len("counter_delta", name, len(a), "enabled", nt)
     out = _Out(want_src)
     for i in range(n):
         t = int(tags[i])
@@ -465,7 +517,7 @@ def _window_emit(out, t, start, agg, n, nbad, last_bad, not_good, first, last, m
         else:
             var = (s2 - s1 * s1 / n) / n
             r = 0.0 if var < 0.0 else math.sqrt(var)  # NaN (from infinities) stays NaN
-        out.emit(t, start, r, UNCERTAIN if (not_good or nbad > 0) else 0, -1)
+        out.emit(t, start, r, UNCERTAIN if not_good else 0, -1)
     elif nbad > 0:
         out.emit(t, start, math.nan, last_bad, -1)
 
@@ -498,11 +550,32 @@ def window(
     closed by the tag's first sample at or past its end (or before its start) and emitted as
     one sample stamped at the window's start, carrying `agg` over its usable samples (not Bad,
     not NaN; infinities count). Quality: Good when every sample of the window was Good, else
-    Uncertain. A window with only Bad samples emits NaN with the last Bad code; one with no
-    usable and no Bad sample emits nothing. Mean and stddev (population) use sums shifted by
-    the window's first value for accuracy. Tags without a window here pass through.
+    Uncertain (an Uncertain or Bad sample was in it, whatever its value, NaN included). A window
+    with only Bad samples emits NaN with the last Bad code; one with no usable and no Bad sample
+    emits nothing. Mean and stddev (population) use sums shifted by the window's first value
+    for accuracy. Tags without a window here pass through. A width <= 0 raises ValueError.
     """
-    n, nt = len(tags), len(enabled)
+    n, nt = _check_columns("window", tags, ts, values, quality), len(enabled)
+    per_tag = {
+        "width": width,
+        "offset": offset,
+        "agg": agg,
+        "has_w": has_w,
+        "w_start": w_start,
+        "n_used": n_used,
+        "n_bad": n_bad,
+        "last_bad": last_bad,
+        "not_good": not_good,
+        "first": first,
+        "last": last,
+        "vmin": vmin,
+        "vmax": vmax,
+        "shift": shift,
+        "s1": s1,
+        "s2": s2,
+    }
+    for name, a in per_tag.items():
+        _check_len("window", name, len(a), "enabled", nt)
     out = _Out(want_src)
     for i in range(n):
         t = int(tags[i])
@@ -514,6 +587,8 @@ def window(
             out.emit(t, now, v, q, i)
             continue
         if not has_w[t] or now >= int(w_start[t]) + int(width[t]) or now < int(w_start[t]):
+            if width[t] <= 0:
+                raise ValueError(f"window: tag {t} has width {int(width[t])}, expected > 0")
             if has_w[t]:
                 _window_emit(
                     out,
@@ -538,12 +613,12 @@ def window(
             n_used[t] = 0
             n_bad[t] = 0
             not_good[t] = 0
+        if (q >> 30) != 0:  # Uncertain or Bad, whatever the value (NaN included)
+            not_good[t] = 1
         if (q >> 30) >= 2:
             n_bad[t] += 1
             last_bad[t] = q
         elif not math.isnan(v):
-            if (q >> 30) != 0:
-                not_good[t] = 1
             if n_used[t] == 0:
                 first[t] = v
                 vmin[t] = v
@@ -599,7 +674,10 @@ def spike(tags, ts, values, quality, slot, count, k_mad, floor, buf_v, buf_sorte
     outliers included, so a real step is accepted after count/2 samples. State per slot: the
     history in arrival order (a ring) and the same values kept sorted. Returns the output
     quality (row-aligned)."""
-    n, nt = len(tags), len(slot)
+    n, nt = _check_columns("spike", tags, ts, values, quality), len(slot)
+    for name, a in (("count", count), ("k_mad", k_mad), ("floor", floor)):
+        _check_len("spike", name, len(a), "slot", nt)
+    n_slots, width = _check_rings("spike", buf_v, {"buf_sorted": buf_sorted, "head": head, "size": size})
     out = np.array(quality, dtype=np.uint32, copy=True)
     for i in range(n):
         t = int(tags[i])
@@ -610,6 +688,7 @@ def spike(tags, ts, values, quality, slot, count, k_mad, floor, buf_v, buf_sorte
         if k < 0 or (q >> 30) >= 2 or not math.isfinite(v):
             continue
         cap = int(count[t])
+        _check_slot("spike", t, k, cap, n_slots, width)
         h, sz = int(head[k]), int(size[k])
         ring, srt = buf_v[k], buf_sorted[k]
         if sz == cap:
@@ -649,7 +728,9 @@ def range_check(tags, ts, values, quality, enabled, low, high, mode):
     BAD_OUT_OF_RANGE; UNCERTAIN_ENGINEERING_UNITS_EXCEEDED; or the value set to the limit with
     GOOD_CLAMPED (an Uncertain sample keeps its code). Bad samples pass unchanged.
     """
-    n, nt = len(tags), len(enabled)
+    n, nt = _check_columns("range_check", tags, ts, values, quality), len(enabled)
+    for name, a in (("low", low), ("high", high), ("mode", mode)):
+        _check_len("range_check", name, len(a), "enabled", nt)
     any_clamp = any(enabled[t] and mode[t] == RANGE_CLAMP for t in range(nt))
     out_q = np.array(quality, dtype=np.uint32, copy=True)
     out_v = np.array(values, dtype=np.float64, copy=True) if any_clamp else None
