@@ -45,8 +45,10 @@ class StoreSettings:
     retention_ns: int | None = None
     max_size: int | None = None
     compact_after_ns: int = 600_000_000_000
-    compact_min_samples: int = 500_000
+    compact_min_samples: int = 50_000
+    chunk_samples: int = 1_000  # samples per tag a device's compaction waits for
     compact_slice_samples: int = 1_000_000
+    compact_max_samples: int = 4_000_000  # bound on one compaction's memory and time
     keep_until_synced: bool = False
 
 
@@ -96,6 +98,7 @@ class StoreWriter:
         self.settings = settings or StoreSettings()
         self.counters = StoreCounters()
         self._budget_episode = False
+        self._tags_per_device: dict[str, int] = {}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -262,31 +265,41 @@ class StoreWriter:
         try:
             if sync_cursor is not None:
                 self.save_cursor(sync_cursor)
-            self.compact(now_ns, force=compact_all)
+            while self.compact(now_ns, force=compact_all) and compact_all:
+                pass  # compact_all: every device, every slice (tools and tests)
             self.trim(now_ns)
         except sqlite3.Error as e:
             raise self._error("maintenance", e) from e
 
     def compact(self, now_ns: int, *, force: bool = False) -> int:
-        """Turn the oldest hot units into per-tag chunks, one slice at a time.
+        """Turn one device's oldest hot units into per-tag chunks.
 
-        Runs when enough samples wait (compact_min_samples) or the oldest waited compact_after;
-        a bigger chunk compresses better, a bounded slice keeps commits flowing. (I5) Chunks
-        are inserted and their units retired in one transaction: a query never sees both or neither.
+        A device is due when about `chunk_samples` samples per tag wait (big chunks compress
+        well and amortise the per-chunk cost) or its oldest unit waited `compact_after`; one
+        device and one bounded slice per call keep commits flowing. (I5) Chunks are inserted
+        and their units retired in one transaction: a query never sees both or neither.
         """
         s = self.settings
-        sql = "SELECT COALESCE(SUM(n), 0), MIN(t_max) FROM units WHERE compacted=0"
-        waiting, oldest = self.db.execute(sql).fetchone()
-        if not waiting:
+        due = None
+        rows = self.db.execute(
+            "SELECT device, SUM(n), MIN(t_max), MIN(id) FROM units WHERE compacted=0 GROUP BY device ORDER BY MIN(id)"
+        ).fetchall()
+        for device, waiting, oldest, _ in rows:
+            want = max(s.compact_min_samples, s.chunk_samples * self._tag_count(device))
+            if force or waiting >= want or oldest <= now_ns - s.compact_after_ns:
+                due = (device, min(max(want, s.compact_slice_samples), s.compact_max_samples))
+                break
+        if due is None:
             return 0
-        if not force and waiting < s.compact_min_samples and oldest > now_ns - s.compact_after_ns:
-            return 0
+        device, limit = due
         ids, blobs, total = [], [], 0
-        for uid, n, data in self.db.execute("SELECT id, n, data FROM units WHERE compacted=0 ORDER BY id"):
+        for uid, n, data in self.db.execute(
+            "SELECT id, n, data FROM units WHERE compacted=0 AND device=? ORDER BY id", (device,)
+        ):
             ids.append(uid)
             blobs.append(data)
             total += n
-            if total >= s.compact_slice_samples:
+            if total >= limit:
                 break
         units = [wire.decode_unit(b) for b in blobs]
         tags = np.concatenate([u.tags for u in units])
@@ -304,10 +317,11 @@ class StoreWriter:
         ends = np.r_[starts[1:], len(tags)]
         rows = []
         res = s.time_resolution_ns
+        # Units written under another resolution (or by an older edgeos) keep full precision.
+        mixed = res > 1 and bool((ts % res).any())
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
             t = ts[a:b]
-            # Units written under another resolution (or by an older edgeos) keep full precision.
-            res_here = res if res > 1 and not (t % res).any() else 1
+            res_here = 1 if res == 1 or (mixed and (t % res).any()) else res
             txt = None if text is None else text[a:b].tolist()
             blob = encode_chunk(t, values[a:b], quality[a:b], txt, resolution=res_here)
             rows.append((int(tags[a]), int(t.min()), int(t.max()), b - a, blob))
@@ -320,6 +334,13 @@ class StoreWriter:
                 self.db.executemany("DELETE FROM units WHERE id=?", marks)
         self.counters.compacted_samples += total
         return total
+
+    def _tag_count(self, device: str) -> int:
+        n = self._tags_per_device.get(device)
+        if n is None:
+            n = self.db.execute("SELECT COUNT(*) FROM tags WHERE device=?", (device,)).fetchone()[0] or 1
+            self._tags_per_device[device] = n
+        return n
 
     def save_cursor(self, cursor: int) -> None:
         """Persist the sync cursor; compacted units at or below it are no longer needed hot."""
