@@ -18,8 +18,10 @@ _TRUE = {"1", "true", "on", "yes"}
 _FALSE = {"0", "false", "off", "no"}
 
 
-def parse_value(text: str, kind: ValueKind) -> float | bool | str:
-    """The command line's text as the tag's kind: true/false/on/off/1/0, a number, or text."""
+def parse_value(text: str, kind: ValueKind) -> int | float | bool | str:
+    """The command line's text as the tag's kind: true/false/on/off/1/0, a number, or text.
+
+    Integers (decimal or 0x hex) stay Python ints, exact beyond 2**53 (64-bit registers)."""
     if kind is ValueKind.STRING:
         return text
     low = text.strip().lower()
@@ -30,7 +32,11 @@ def parse_value(text: str, kind: ValueKind) -> float | bool | str:
             return False
         raise ValueError(f"found {text!r}, expected true/false, on/off or 1/0")
     try:
-        return float(int(low, 0)) if low.startswith(("0x", "-0x")) else float(low)
+        return int(low, 16) if low.startswith(("0x", "-0x")) else int(low)
+    except ValueError:
+        pass
+    try:
+        return float(low)
     except ValueError:
         raise ValueError(f"found {text!r}, expected a number") from None
 
@@ -46,7 +52,10 @@ def write(
 
     Only tags configured `writable = true` accept writes. The value is converted to the tag's
     type (scale and offset undone) and refused if it does not fit. This connects to the device
-    directly, alongside a running daemon. Negative numbers follow "--": edgeos write -c F -- DEV TAG -5
+    directly, alongside a running daemon (over TCP, a second connection). A serial port (Modbus
+    RTU) is opened exclusively: while the daemon holds it, the write is refused ("is in use"),
+    since a second master on one line would garble both; stop the daemon to write over RTU.
+    Negative numbers follow "--": edgeos write -c F -- DEV TAG -5
     """
     cfg = load_or_exit(config)
     try:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from edgeos.protocols.modbus.adapter import ModbusAdapter, build_groups, tag_kind
-from edgeos.protocols.modbus.config import DEVICE_FIELDS, TAG_FIELDS, tag_spec, tag_type
+from edgeos.protocols.modbus.config import DEVICE_FIELDS, MAX_WRITE_REGISTERS, TAG_FIELDS, tag_spec, tag_type
 from edgeos.protocols.modbus.transport import endpoint_of
 
 from edgeos.adapter import DeviceConfig
@@ -50,6 +50,13 @@ class ModbusProtocol:
             if t.meta.writable and spec.table in ("di", "ir"):
                 kind = "a discrete input" if spec.table == "di" else "an input register"
                 problems.add(f"{tpath}.writable", f"found true, but {kind} is read-only in Modbus{where}")
+            elif t.meta.writable and not spec.is_bits and spec.count > MAX_WRITE_REGISTERS:
+                problems.add(
+                    f"{tpath}.length",
+                    f"found {spec.length} characters ({spec.count} registers), but a writable tag is written "
+                    f"with one request of at most {MAX_WRITE_REGISTERS} registers: at most "
+                    f"{2 * MAX_WRITE_REGISTERS} characters{where}",
+                )
 
     def create(self, device: DeviceConfig) -> ModbusAdapter:
         return ModbusAdapter(device)

@@ -10,6 +10,7 @@ without any answer, raises (the supervisor then backs off and reconnects).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,7 +139,10 @@ class ModbusAdapter(PollingAdapter):
         self.endpoint = transport.endpoint_of(dict(o))
         self.link: transport.Link | None = None
         self.counters = Counters()
-        self._silent_polls = 0
+        # Polls in a row without any answer, per poll group (interval): with several intervals,
+        # `reconnect_after` counts the polls of each, not their sum. Any answer resets them all.
+        self._silent_polls: dict[int, int] = {}
+        self._silent_since = 0.0  # monotonic time the first unanswered poll of the streak began
         self._groups: list[PollGroup] | None = None
         self._specs: dict[int, TagSpec] | None = None
         self._limits = limits_of(o)
@@ -151,8 +155,8 @@ class ModbusAdapter(PollingAdapter):
     async def connect(self) -> None:
         self._specs = specs_of(self.device)
         if self.link is None:
-            self.link = transport.acquire(self.device.name, self.endpoint, self.timeout_s)
-        await self.link.connect(self.device.name)
+            self.link = transport.acquire(self.device.name, self.endpoint)
+        await self.link.connect(self.device.name, self.timeout_s)
 
     async def read(self, group: PollGroup, now_ns: int) -> Batch:
         slot: PlanSlot = group.plan
@@ -164,6 +168,7 @@ class ModbusAdapter(PollingAdapter):
         results: list[tuple[Request, Any]] = []
         queue = list(gp.requests)
         refined = answered = timed_out = False
+        began = time.monotonic()
         i = 0
         while i < len(queue):
             r = queue[i]
@@ -176,7 +181,9 @@ class ModbusAdapter(PollingAdapter):
                 data = await link.read(name, unit, r.table, r.start, r.count, self.timeout_s, self.retries)
             except transport.ExceptionResponse as e:
                 answered = True
-                if e.exception_code == transport.ILLEGAL_ADDRESS:
+                # Illegal data address, and illegal data value (which some PLCs answer for a range
+                # reaching unimplemented registers): split, isolate the refused tags, keep the rest.
+                if e.exception_code in transport.SPLIT_CODES:
                     parts = split(r, gp.specs)
                     if parts:
                         c.splits += 1
@@ -211,12 +218,21 @@ class ModbusAdapter(PollingAdapter):
                 len(gp.requests),
             )
         if answered:
-            self._silent_polls = 0
+            self._silent_polls.clear()
         elif timed_out:
-            self._silent_polls += 1
-            if self._silent_polls >= self.reconnect_after:
+            if not self._silent_polls:
+                self._silent_since = began
+            silent = self._silent_polls[group.interval_ns] = self._silent_polls.get(group.interval_ns, 0) + 1
+            if silent >= self.reconnect_after:
+                self._silent_polls.clear()
+                # If no device on this endpoint got an answer either, the connection itself is
+                # suspect (hung gateway, half-open socket): have it rebuilt for all of them.
+                suspect = link.mark_stale(name, self._silent_since)
                 raise DeviceError(
-                    name, f"no answer from unit {unit} for {self._silent_polls} polls in a row", code="timeout"
+                    name,
+                    f"no answer from unit {unit} for {silent} polls in a row"
+                    + ("; no device on this connection answered either: reconnecting it" if suspect else ""),
+                    code="timeout",
                 )
         return self._decode(gp, results, now_ns)
 
@@ -260,7 +276,7 @@ class ModbusAdapter(PollingAdapter):
 
     # -- writes ------------------------------------------------------------------------------
 
-    async def write(self, tag: TagConfig, value: float | bool | str) -> None:
+    async def write(self, tag: TagConfig, value: float | int | bool | str) -> None:
         """Write one tag with type conversion and range checks (only `writable` tags reach here)."""
         name = self.device.name
         specs = self._specs or specs_of(self.device)
@@ -279,16 +295,13 @@ class ModbusAdapter(PollingAdapter):
                 await link.write_coil(name, self.unit, spec.start, to_bool(value), t, retries)
             elif spec.type == "bool" or spec.type in ("int8", "uint8"):
                 async with link.write_lock:  # read-modify-write: one writer per register at a time
-                    current = (await link.read(name, self.unit, "hr", spec.start, 1, t, retries))[0]
+                    current = (await link.read(name, self.unit, "hr", spec.start, 1, t, retries, "write"))[0]
                     new = merge_into_register(spec, int(current), value)
                     await link.write_registers(name, self.unit, spec.start, [new], t, retries)
             else:
                 await link.write_registers(name, self.unit, spec.start, encode_registers(spec, value), t, retries)
         except ValueError as e:
             raise DeviceError(name, f"{tag.name}: {e}", code="value", stage="write") from None
-        except DeviceError as e:
-            e.stage = "write"
-            raise
         self.counters.writes += 1
 
     async def close(self) -> None:
@@ -312,6 +325,9 @@ class ModbusAdapter(PollingAdapter):
             "bad_responses": c.bad_responses,
             "splits": c.splits,
             "writes": c.writes,
+            # of the (possibly shared) connection: rebuilt after going silent; RTU late-answer drains
+            "connection_rebuilds": self.link.rebuilds if self.link else 0,
+            "late_answer_drains": self.link.drained if self.link else 0,
             "refused_tags": dict(c.refused),
         }
 

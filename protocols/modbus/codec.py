@@ -132,14 +132,25 @@ def to_bool(value: float | bool | str) -> bool:
     raise ValueError(f"found {value!r}, expected true/false, on/off or 1/0")
 
 
-def raw_number(spec: TagSpec, value: float | bool | str) -> int | float:
-    """The raw register value for an engineering value: (value - offset) / scale, checked."""
+def raw_number(spec: TagSpec, value: float | int | bool | str) -> int | float:
+    """The raw register value for an engineering value: (value - offset) / scale, checked.
+
+    An integer (a Python int, or text that is one) for an integer type without scale and offset
+    is kept exact: float64 holds integers exactly only up to 2**53, int64/uint64 reach 2**64 - 1.
+    """
     if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"found {value!r}, expected a number for a {spec.type} tag") from None
-    v = float(value)
+        value = _number(value, spec)
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int) and spec.type in _INT_RANGES and spec.scale == 1.0 and spec.offset == 0.0:
+        lo, hi = _INT_RANGES[spec.type]
+        if not lo <= value <= hi:
+            raise ValueError(f"found {value!r}, out of range for {spec.type} (accepts {lo}..{hi})")
+        return value
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValueError(f"found {value!r}, out of range for {spec.type}") from None
     if not math.isfinite(v):
         raise ValueError(f"found {value!r}, expected a finite number")
     raw = (v - spec.offset) / spec.scale
@@ -156,7 +167,20 @@ def raw_number(spec: TagSpec, value: float | bool | str) -> int | float:
     return raw
 
 
-def encode_registers(spec: TagSpec, value: float | bool | str) -> list[int]:
+def _number(text: str, spec: TagSpec) -> int | float:
+    """Text as an int when it is one (decimal or 0x hex, exact), else as a float."""
+    t = text.strip().lower()
+    try:
+        return int(t, 16) if t.startswith(("0x", "-0x")) else int(t)
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        raise ValueError(f"found {text!r}, expected a number for a {spec.type} tag") from None
+
+
+def encode_registers(spec: TagSpec, value: float | int | bool | str) -> list[int]:
     """Registers for a whole-register tag (numbers of 1..4 registers, strings)."""
     if spec.type == "string":
         data = str(value).encode("utf-8")
@@ -175,7 +199,7 @@ def encode_registers(spec: TagSpec, value: float | bool | str) -> list[int]:
     return [int(x) for x in wire.view(">u2")]
 
 
-def merge_into_register(spec: TagSpec, current: int, value: float | bool | str) -> int:
+def merge_into_register(spec: TagSpec, current: int, value: float | int | bool | str) -> int:
     """Read-modify-write of a register bit or byte: the new register value."""
     if spec.type == "bool":
         mask = 1 << (spec.bit or 0)

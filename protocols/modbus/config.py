@@ -39,6 +39,7 @@ BYTE_ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 MAX_REGISTERS = 125  # per read request, Modbus application protocol spec 6.3
 MAX_BITS = 2000  # per read request, spec 6.1
 MAX_STRING = 2 * MAX_REGISTERS
+MAX_WRITE_REGISTERS = 123  # per write request (function 16), spec 6.12: a writable tag must fit in one
 
 _PREFIX = {
     "hr": "hr",

@@ -8,6 +8,13 @@ client). pymodbus's own reconnect and "close after n silent requests" logic is s
 a dead unit behind a shared gateway must cost only its own timeouts, and reconnection
 (with backoff and jitter) belongs to the runtime's supervisor.
 
+Timeouts are per request and per device (`asyncio.timeout` around each exchange); the client
+itself gets a long backstop, since one client serves devices with different timeouts. RTU
+frames carry no transaction id, so after a timeout on RTU framing the link drains the line
+(one response timeout, and until it has been quiet) before sending anything else: a late
+answer is discarded, never taken for the answer to the next request. A link that no device
+gets an answer from any more is rebuilt (`mark_stale`): every device on it gets a fresh socket.
+
 Every pymodbus exception is wrapped here into an `edgeos.errors.DeviceError` subclass with
 a low-cardinality `code`.
 """
@@ -16,7 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
+import time
 from dataclasses import dataclass
 from struct import error as struct_error
 from typing import Any
@@ -45,29 +55,36 @@ EXCEPTION_NAMES = {
     11: "gateway target device failed to respond",
 }
 ILLEGAL_ADDRESS = 2
+ILLEGAL_DATA_VALUE = 3
+SPLIT_CODES = (ILLEGAL_ADDRESS, ILLEGAL_DATA_VALUE)
+"""Refusals that may be caused by the range rather than a tag: the request is split (adapter)."""
 _BUSY = (5, 6)
+BUSY_DELAY_S = 0.05  # pause before re-sending after "busy" / "acknowledge" (the lock is free meanwhile)
+CLIENT_TIMEOUT_S = 600.0  # pymodbus's own response timeout: a backstop; each request has its device's
+MIN_CONNECT_TIMEOUT_S = 2.0  # a device's short response timeout must not make connecting impossible
+QUIET_S = 0.02  # RTU drain: the line counts as quiet after this long without a byte (plus inter_frame)
 _FC = {"coil": 1, "di": 2, "hr": 3, "ir": 4}
 
 
 class ExceptionResponse(DeviceError):
     """The device answered with a Modbus exception (refused this request, not the connection)."""
 
-    def __init__(self, device: str, exception_code: int, what: str) -> None:
+    def __init__(self, device: str, exception_code: int, what: str, stage: str = "read") -> None:
         self.exception_code = exception_code
         self.reason = f"exception {exception_code} ({EXCEPTION_NAMES.get(exception_code, 'unknown')})"
-        super().__init__(device, f"{what}: {self.reason}", code="exception")
+        super().__init__(device, f"{what}: {self.reason}", code="exception", stage=stage)
 
 
 class ResponseTimeout(DeviceError):
-    def __init__(self, device: str, what: str, timeout_s: float) -> None:
-        super().__init__(device, f"{what}: no response within {timeout_s:g}s", code="timeout")
+    def __init__(self, device: str, what: str, timeout_s: float, stage: str = "read") -> None:
+        super().__init__(device, f"{what}: no response within {timeout_s:g}s", code="timeout", stage=stage)
 
 
 class BadResponse(DeviceError):
     """A response of the wrong length, function or shape: rejected, never turned into values."""
 
-    def __init__(self, device: str, what: str, why: str) -> None:
-        super().__init__(device, f"{what}: rejected response: {why}", code="bad_response")
+    def __init__(self, device: str, what: str, why: str, stage: str = "read") -> None:
+        super().__init__(device, f"{what}: rejected response: {why}", code="bad_response", stage=stage)
 
 
 class ConnectionLost(DeviceError):
@@ -112,26 +129,44 @@ def endpoint_of(options: dict[str, Any]) -> Endpoint:
 class Link:
     """One shared connection; every exchange holds `lock`."""
 
-    def __init__(self, endpoint: Endpoint, connect_timeout_s: float) -> None:
+    def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self.connect_timeout_s = connect_timeout_s
         self.lock = asyncio.Lock()
         self.write_lock = asyncio.Lock()  # read-modify-write of register bits and bytes
         self.refs = 0
         self.client: Any = None
         self._idle_since = 0.0
         self.requests = 0
+        self.last_answer = 0.0  # monotonic time of the last exchange that got any answer
+        self.rebuilds = 0  # fresh clients made because the link had gone silent
+        self.drained = 0  # RTU drains after a timeout or a rejected frame
+        self._stale = False
+        self._last_timeout: dict[str, float] = {}  # device -> monotonic time of its last timeout
+        self._drain_until = 0.0  # RTU: no request before this (a late answer may still come)
+        self._last_rx = 0.0  # monotonic time bytes last arrived
+        self._rtu = endpoint.kind != "tcp"
 
     @property
     def connected(self) -> bool:
         return self.client is not None and bool(self.client.connected)
 
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self._last_rx = time.monotonic()
+        return data
+
     def _new_client(self) -> Any:
         ep = self.endpoint
-        # retries=0 and reconnect_delay=0: retries, timeouts and reconnection are ours.
-        common: dict[str, Any] = {"timeout": self.connect_timeout_s, "retries": 0, "reconnect_delay": 0}
+        # retries=0 and reconnect_delay=0: retries, timeouts and reconnection are ours. The
+        # client's own timeout is only a backstop: it serves devices with different timeouts,
+        # and each request is bounded by its own device's (`_exchange`), connects by `connect`.
+        common: dict[str, Any] = {"timeout": CLIENT_TIMEOUT_S, "retries": 0, "reconnect_delay": 0}
+        if self._rtu:
+            common["trace_packet"] = self._trace_packet  # arrival times, for the drain
         if ep.kind == "rtu":
             baud, parity, size, stop = ep.serial
+            # pymodbus's serial transport opens the port with pyserial's exclusive=True (flock):
+            # a second master on the line (`edgeos write` beside the daemon) is refused.
             client = AsyncModbusSerialClient(
                 ep.target,
                 framer=FramerType.RTU,
@@ -148,25 +183,58 @@ class Link:
         client.set_max_no_responses(1 << 30)
         return client
 
-    async def connect(self, device: str) -> None:
+    async def connect(self, device: str, timeout_s: float) -> None:
         """Connect unless already connected (another device on this endpoint may have)."""
         async with self.lock:
-            if self.connected:
+            if self.connected and not self._stale:
                 return
-            self._close_client()
-            self.client = self._new_client()
-            try:
-                async with asyncio.timeout(self.connect_timeout_s + 1.0):
-                    ok = await self.client.connect()
-            except (TimeoutError, OSError, ModbusException) as e:
-                ok = False
-                why = f"{type(e).__name__}: {e}"
-            else:
-                why = "connection refused or port unavailable"
-            if not ok:
-                self._close_client()
+            why = await self._open(device, timeout_s)
+            if why is not None:
                 raise DeviceError(device, f"cannot connect to {self.endpoint}: {why}", code="connect", stage="connect")
-            self._idle_since = asyncio.get_running_loop().time()
+
+    async def _open(self, device: str, timeout_s: float) -> str | None:
+        """A fresh client (the old one, if any, closed); the caller holds the lock. Returns why
+        it failed, or None."""
+        if self._stale:
+            self.rebuilds += 1
+            log.info("%s: no device got an answer from %s: opening a fresh connection", device, self.endpoint)
+        self._stale = False
+        self._close_client()
+        self.client = self._new_client()
+        cancels = _cancelling()
+        try:
+            async with asyncio.timeout(max(timeout_s, MIN_CONNECT_TIMEOUT_S)):
+                ok = await self.client.connect()
+            _reraise_swallowed_cancel(cancels)
+        except (TimeoutError, OSError, ModbusException) as e:
+            ok = False
+            why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        else:
+            why = "connection refused or port unavailable"
+        if not ok:
+            self._close_client()
+            if self.endpoint.kind == "rtu" and _held_by_another(self.endpoint.target):
+                why = (
+                    f"{self.endpoint.target} is in use (by the running daemon?): another process holds it open, "
+                    "and a second master on one serial line would garble both"
+                )
+            return why
+        self._idle_since = self.last_answer = time.monotonic()
+        self._drain_until = 0.0
+        return None
+
+    def mark_stale(self, device: str, silent_since: float) -> bool:
+        """`device` got no answer since `silent_since`. If no device on this link got one either,
+        and another device timed out meanwhile too, the connection itself is suspect (a hung
+        gateway, a half-open socket): the next exchange or connect, by any device, opens a fresh
+        one. A dead unit beside neighbours that answer (or were not asked) keeps the connection.
+        True when the link was marked."""
+        if self.client is None or self.last_answer >= silent_since:
+            return False
+        if not any(t >= silent_since for d, t in self._last_timeout.items() if d != device):
+            return False
+        self._stale = True
+        return True
 
     def _close_client(self) -> None:
         if self.client is not None:
@@ -174,61 +242,127 @@ class Link:
                 self.client.close()
             self.client = None
 
-    async def _exchange(self, device: str, what: str, call: Any, timeout_s: float) -> Any:
+    def _expect_late(self, timeout_s: float) -> None:
+        """RTU frames carry no transaction id: after a timeout or a rejected answer, the real (or
+        another late) answer may still arrive after the next request has gone out and pass for
+        its answer. So nothing is sent until one more response timeout has passed and the line
+        has been quiet (libmodbus waits a response timeout and flushes, too)."""
+        if self._rtu:
+            self._drain_until = max(self._drain_until, time.monotonic() + timeout_s)
+
+    async def _drain(self) -> None:
+        """Wait out a late answer (`_expect_late`); pymodbus discards what arrives meanwhile, as
+        no request is outstanding, and clears its buffer when the next one is sent."""
+        quiet = QUIET_S + self.endpoint.inter_frame_s
+        while True:
+            now = time.monotonic()
+            until = max(self._drain_until, self._last_rx + quiet)
+            if now >= until:
+                break
+            await asyncio.sleep(until - now)
+        self._drain_until = 0.0
+        self.drained += 1
+
+    async def _exchange(self, device: str, what: str, call: Any, timeout_s: float, stage: str) -> Any:
         """One request/response under the lock, with the serial line's silent interval."""
         async with self.lock:
+            if self._stale and self.client is not None:
+                why = await self._open(device, timeout_s)
+                if why is not None:
+                    raise ConnectionLost(device, f"reconnecting to {self.endpoint} failed: {why}", stage=stage)
             client = self.client
             if client is None or not client.connected:
-                raise ConnectionLost(device, f"connection to {self.endpoint} lost")
+                raise ConnectionLost(device, f"connection to {self.endpoint} lost", stage=stage)
+            if self._drain_until:
+                await self._drain()
             if self.endpoint.inter_frame_s:
-                loop = asyncio.get_running_loop()
-                wait = self._idle_since + self.endpoint.inter_frame_s - loop.time()
+                wait = self._idle_since + self.endpoint.inter_frame_s - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
             self.requests += 1
+            answered = False
+            cancels = _cancelling()
             try:
                 async with asyncio.timeout(timeout_s):
-                    return await call(client)
+                    resp = await call(client)
+                _reraise_swallowed_cancel(cancels)
+                answered = True
+                return resp
             except TimeoutError:
-                raise ResponseTimeout(device, what, timeout_s) from None
+                self._last_timeout[device] = time.monotonic()
+                self._expect_late(timeout_s)
+                raise ResponseTimeout(device, what, timeout_s, stage) from None
             except ConnectionException as e:
-                raise ConnectionLost(device, f"connection to {self.endpoint} lost: {e}") from None
+                raise ConnectionLost(device, f"connection to {self.endpoint} lost: {e}", stage=stage) from None
             except ModbusIOException as e:
                 if "No response" in str(e):
-                    raise ResponseTimeout(device, what, timeout_s) from None
-                raise BadResponse(device, what, str(e)) from None
+                    self._last_timeout[device] = time.monotonic()
+                    self._expect_late(timeout_s)
+                    raise ResponseTimeout(device, what, timeout_s, stage) from None
+                answered = True
+                self._expect_late(timeout_s)
+                raise BadResponse(device, what, str(e), stage) from None
             except ModbusException as e:
-                raise BadResponse(device, what, str(e)) from None
+                answered = True
+                self._expect_late(timeout_s)
+                raise BadResponse(device, what, str(e), stage) from None
             except (struct_error, ValueError, IndexError) as e:  # a frame pymodbus could not decode
-                raise BadResponse(device, what, f"{type(e).__name__}: {e}") from None
+                answered = True
+                self._expect_late(timeout_s)
+                raise BadResponse(device, what, f"{type(e).__name__}: {e}", stage) from None
             finally:
+                now = time.monotonic()
+                if answered:
+                    self.last_answer = now
                 if self.endpoint.inter_frame_s:
-                    self._idle_since = asyncio.get_running_loop().time()
+                    self._idle_since = now
 
     async def request(
-        self, device: str, unit: int, what: str, call: Any, timeout_s: float, retries: int, check: Any
+        self,
+        device: str,
+        unit: int,
+        what: str,
+        call: Any,
+        timeout_s: float,
+        retries: int,
+        check: Any,
+        stage: str = "read",
     ) -> Any:
         """`call(client)` with retries on timeouts and busy answers; `check(response)` validates."""
         attempt = 0
         while True:
             try:
-                resp = await self._exchange(device, what, call, timeout_s)
+                resp = await self._exchange(device, what, call, timeout_s, stage)
+                if getattr(resp, "dev_id", unit) not in (unit, 0):
+                    self._expect_late(timeout_s)
+                    raise BadResponse(device, what, f"answer from unit {resp.dev_id}, expected unit {unit}", stage)
                 if resp.isError():
                     code = int(getattr(resp, "exception_code", 0))
                     if code in _BUSY and attempt < retries:
                         attempt += 1
+                        await asyncio.sleep(BUSY_DELAY_S)  # outside the lock: neighbours go first
                         continue
-                    raise ExceptionResponse(device, code, what)
-                if getattr(resp, "dev_id", unit) not in (unit, 0):
-                    raise BadResponse(device, what, f"answer from unit {resp.dev_id}, expected unit {unit}")
-                return check(resp)
+                    raise ExceptionResponse(device, code, what, stage)
+                try:
+                    return check(resp)
+                except BadResponse:
+                    self._expect_late(timeout_s)  # perhaps a stale answer: ours may follow
+                    raise
             except ResponseTimeout:
                 if attempt >= retries:
                     raise
                 attempt += 1
 
     async def read(
-        self, device: str, unit: int, table: str, start: int, count: int, timeout_s: float, retries: int
+        self,
+        device: str,
+        unit: int,
+        table: str,
+        start: int,
+        count: int,
+        timeout_s: float,
+        retries: int,
+        stage: str = "read",
     ) -> list[int] | list[bool]:
         """Registers (ints) or bits (bools) start..start+count-1, validated for length and function."""
         what = f"read {table} {start}+{count} unit {unit}"
@@ -245,33 +379,50 @@ class Link:
 
         def check(resp: Any) -> list[int] | list[bool]:
             if resp.function_code != fc:
-                raise BadResponse(device, what, f"function code {resp.function_code}, expected {fc}")
+                raise BadResponse(device, what, f"function code {resp.function_code}, expected {fc}", stage)
             if fc >= 3:
                 regs = resp.registers
                 if len(regs) != count:
-                    raise BadResponse(device, what, f"{len(regs)} registers, expected {count}")
+                    raise BadResponse(device, what, f"{len(regs)} registers, expected {count}", stage)
                 return regs
             bits = resp.bits
             if len(bits) != (count + 7) // 8 * 8:
-                raise BadResponse(device, what, f"{len(bits)} bits, expected {count}")
+                raise BadResponse(device, what, f"{len(bits)} bits, expected {count}", stage)
             return bits[:count]
 
-        return await self.request(device, unit, what, call, timeout_s, retries, check)
+        return await self.request(device, unit, what, call, timeout_s, retries, check, stage)
 
     async def write_registers(
         self, device: str, unit: int, start: int, values: list[int], timeout_s: float, retries: int
     ) -> None:
         what = f"write hr {start}+{len(values)} unit {unit}"
+        fc = 6 if len(values) == 1 else 16
 
         def call(client: Any) -> Any:
             if len(values) == 1:
                 return client.write_register(start, values[0], device_id=unit)
             return client.write_registers(start, values, device_id=unit)
 
-        await self.request(device, unit, what, call, timeout_s, retries, lambda r: None)
+        def check(resp: Any) -> None:
+            # The answer echoes the request: address and value (6) or address and count (16).
+            expected = (fc, start, values[0] if fc == 6 else len(values))
+            value = (getattr(resp, "registers", None) or [None])[0] if fc == 6 else getattr(resp, "count", None)
+            echo = (resp.function_code, getattr(resp, "address", None), value)
+            if echo != expected:
+                raise BadResponse(device, what, f"echo (function, address, value) {echo}, expected {expected}", "write")
 
-    async def write_coil(self, device: str, unit: int, address: int, value: bool, timeout_s: float, retries: int):
+        await self.request(device, unit, what, call, timeout_s, retries, check, "write")
+
+    async def write_coil(
+        self, device: str, unit: int, address: int, value: bool, timeout_s: float, retries: int
+    ) -> None:
         what = f"write coil {address} unit {unit}"
+
+        def check(resp: Any) -> None:
+            bits = getattr(resp, "bits", None) or [None]
+            if resp.function_code != 5 or getattr(resp, "address", None) != address or bits[0] != value:
+                raise BadResponse(device, what, f"not the echo of the request: {resp}", "write")
+
         await self.request(
             device,
             unit,
@@ -279,11 +430,42 @@ class Link:
             lambda client: client.write_coil(address, value, device_id=unit),
             timeout_s,
             retries,
-            lambda r: None,
+            check,
+            "write",
         )
 
     def close(self) -> None:
         self._close_client()
+
+
+def _cancelling() -> int:
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _reraise_swallowed_cancel(before: int) -> None:
+    """pymodbus awaits with `asyncio.wait_for`, which on Python 3.11 returns the result and drops
+    a cancellation that arrives in the same loop iteration as the answer (fixed in 3.12). A poll
+    task cancelled at shutdown would then poll on forever: re-raise the cancellation here."""
+    if _cancelling() > before:
+        raise asyncio.CancelledError
+
+
+def _held_by_another(path: str) -> bool:
+    """Whether another open file holds the exclusive lock pyserial takes (exclusive=True)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,12 +474,12 @@ class Link:
 _LINKS: dict[tuple, Link] = {}
 
 
-def acquire(device: str, endpoint: Endpoint, connect_timeout_s: float) -> Link:
+def acquire(device: str, endpoint: Endpoint) -> Link:
     """The shared link for `endpoint` (created on first use); release it with `release`."""
     key = (id(asyncio.get_running_loop()), endpoint.key)
     link = _LINKS.get(key)
     if link is None:
-        link = _LINKS[key] = Link(endpoint, connect_timeout_s)
+        link = _LINKS[key] = Link(endpoint)
     elif link.endpoint != endpoint:
         raise DeviceError(
             device,

@@ -45,6 +45,21 @@ async def tcp_peer():
 
 
 @pytest.fixture
+async def raw_peer():
+    """Start hand-written `RawModbusPeer`s (faults pymodbus's server cannot make); all stopped at the end."""
+    started = []
+
+    async def start(framing="socket", pty=None):
+        p = peers.RawModbusPeer(framing)
+        started.append(p)
+        return await (p.start_pty(pty) if pty else p.start_tcp())
+
+    yield start
+    for p in started:
+        await p.stop()
+
+
+@pytest.fixture
 def pty_pair():
     pair = peers.PtyPair()
     yield pair

@@ -129,3 +129,16 @@ def test_int32_round_trips(value: int, order: str) -> None:
     regs = encode_registers(spec, value)
     assert regs == wire_registers("int32", order, value)
     assert decode([spec], regs)[0][0] == value
+
+
+def test_integers_are_written_exactly_beyond_float64() -> None:
+    u64, i64 = TagSpec("hr", 0, 4, "uint64"), TagSpec("hr", 0, 4, "int64", "DCBA")
+    for spec, value in [(u64, 2**64 - 1), (u64, 2**53 + 1), (i64, -(2**63)), (i64, -(2**53) - 1)]:
+        assert raw_number(spec, value) == value and raw_number(spec, str(value)) == value
+        assert encode_registers(spec, value) == wire_registers(spec.type, spec.byte_order, value)
+    assert raw_number(u64, "0xFFFFFFFFFFFFFFFF") == 2**64 - 1
+    with pytest.raises(ValueError, match="out of range for uint64"):
+        raw_number(u64, 2**64)
+    # Scaled, or a float: the float path (and its range check) as before.
+    assert raw_number(TagSpec("hr", 0, 4, "int64", scale=0.5), 3) == 6
+    assert raw_number(u64, 2.0**40) == 2**40

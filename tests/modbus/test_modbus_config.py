@@ -171,3 +171,13 @@ tags = [
     out = await write("plc", "pump", "maybe")
     assert out.exit_code == 2 and "expected true/false" in out.output
     assert peer.registers(1, "hr", 5, 1) == [(-123) & 0xFFFF]
+
+
+def test_command_line_integers_stay_exact() -> None:
+    from edgeos.cli.device import parse_value
+
+    assert parse_value("18446744073709551615", ValueKind.NUMBER) == 2**64 - 1
+    assert type(parse_value("-0x10", ValueKind.NUMBER)) is int and parse_value("-0x10", ValueKind.NUMBER) == -16
+    assert parse_value("2.5", ValueKind.NUMBER) == 2.5 and parse_value("1e3", ValueKind.NUMBER) == 1000.0
+    with pytest.raises(ValueError, match="expected a number"):
+        parse_value("twelve", ValueKind.NUMBER)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import socket
 import struct
 import subprocess
+import tty
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -233,3 +235,156 @@ def wire_registers(typ: str, order: str, value) -> list[int]:
 
 def counts_by_table(requests: list[tuple[int, str, int, int]]) -> Counter:
     return Counter(t for _, t, _, _ in requests)
+
+
+# --------------------------------------------------------------------------------------------
+# A hand-written Modbus server, for faults pymodbus's server cannot produce.
+
+
+def crc16(data: bytes) -> int:
+    crc = 0xFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+class RawModbusPeer:
+    """A small Modbus server written here, not pymodbus: Modbus TCP (`framing="socket"`) or RTU
+    frames, over TCP on a random loopback port (`start_tcp`) or on a pty (`start_pty`). Any unit
+    answers; holding register a holds `hr.get(a, 1000 + a)`. Faults:
+
+    - `late`: request number (1-based, counted over all connections) -> seconds to wait before
+      answering it; requests that follow wait behind it, as on a real single-threaded device;
+    - `hang_after`: connection number (1-based) -> requests answered on it, after which that
+      connection stays open but silent (a hung gateway, a half-open socket).
+    """
+
+    def __init__(self, framing: str = "socket") -> None:
+        self.rtu = framing == "rtu"
+        self.hr: dict[int, int] = {}
+        self.late: dict[int, float] = {}
+        self.hang_after: dict[int, int] = {}
+        self.requests: list[tuple[int, int, int, int, int]] = []  # (connection, unit, fc, address, count)
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._fd: int | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start_tcp(self) -> RawModbusPeer:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def start_pty(self, path: str) -> RawModbusPeer:
+        fd = self._fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        tty.setraw(fd)
+        reader = asyncio.StreamReader()
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                reader.feed_data(data)
+            else:
+                reader.feed_eof()
+
+        asyncio.get_running_loop().add_reader(fd, readable)
+        self._spawn(self._serve(reader, lambda b: os.write(fd, b), None))
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._fd is not None:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._spawn(self._serve(reader, writer.write, writer))
+
+    async def _serve(self, reader, send, writer) -> None:
+        self.connections += 1
+        conn = self.connections
+        answered = 0
+        try:
+            while True:
+                unit, pdu, tid = await (self._read_rtu(reader) if self.rtu else self._read_mbap(reader))
+                if pdu is None:
+                    continue
+                self.requests.append((conn, unit, pdu[0], *struct.unpack(">HH", pdu[1:5])))
+                delay = self.late.get(len(self.requests), 0.0)
+                if delay:
+                    await asyncio.sleep(delay)
+                if conn in self.hang_after and answered >= self.hang_after[conn]:
+                    continue
+                reply = self._reply(pdu)
+                if self.rtu:
+                    frame = bytes([unit]) + reply
+                    send(frame + struct.pack("<H", crc16(frame)))
+                else:
+                    send(struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply)
+                answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            if writer is not None:
+                writer.close()
+
+    @staticmethod
+    async def _read_mbap(reader):
+        tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+        return unit, await reader.readexactly(length - 1), tid
+
+    @staticmethod
+    async def _read_rtu(reader):
+        head = await reader.readexactly(2)
+        if head[1] in (15, 16):
+            rest = await reader.readexactly(5)
+            rest += await reader.readexactly(rest[4] + 2)
+        else:
+            rest = await reader.readexactly(6)
+        frame = head + rest
+        if crc16(frame[:-2]) != struct.unpack("<H", frame[-2:])[0]:
+            return head[0], None, 0
+        return head[0], frame[1:-2], 0
+
+    def _reply(self, pdu: bytes) -> bytes:
+        fc = pdu[0]
+        start, count = struct.unpack(">HH", pdu[1:5])
+        if fc in (3, 4):
+            data = b"".join(struct.pack(">H", self.hr.get(start + i, 1000 + start + i) & 0xFFFF) for i in range(count))
+            return bytes([fc, len(data)]) + data
+        if fc in (1, 2):
+            n = (count + 7) // 8
+            return bytes([fc, n]) + bytes(n)
+        if fc == 6:
+            self.hr[start] = count
+            return pdu[:5]
+        if fc == 16:
+            for i in range(count):
+                self.hr[start + i] = struct.unpack(">H", pdu[6 + 2 * i : 8 + 2 * i])[0]
+            return pdu[:5]
+        if fc == 5:
+            return pdu[:5]
+        return bytes([fc | 0x80, 1])

@@ -1,0 +1,400 @@
+"""Faults of real peers on real wires: late answers, per-device timeouts on a shared connection,
+a connection that goes silent, refused ranges, busy devices, silence counted per poll group,
+exclusive serial ports, write limits and exact 64-bit writes. Faults pymodbus's server cannot
+make come from a small hand-written server (`RawModbusPeer`, tests/peers/modbus.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from edgeos.protocols.modbus import transport
+from typer.testing import CliRunner
+
+from edgeos import DeviceError, Quality, plugins
+from edgeos.cli import app
+
+
+def device(
+    port: int, tags: str, extra: str = "", name: str = "plc", unit: int = 1, timeout: str = "300ms", retries: int = 0
+) -> str:
+    return f"""
+[[devices]]
+name = "{name}"
+protocol = "modbus"
+host = "127.0.0.1"
+port = {port}
+unit = {unit}
+poll_interval = "50ms"
+timeout = "{timeout}"
+retries = {retries}
+reconnect_min = "20ms"
+reconnect_max = "100ms"
+{extra}
+tags = [
+{tags}
+]
+"""
+
+
+def modbus() -> plugins.ProtocolPlugin:
+    return plugins.load(plugins.PROTOCOLS, "modbus")
+
+
+def rows(batch) -> list[tuple[int, float, int]]:
+    return list(zip(batch.tags.tolist(), batch.values.tolist(), batch.quality.tolist(), strict=True))
+
+
+# -- 1. RTU: a late answer is never taken for the next request's ---------------------------
+
+
+@pytest.mark.parametrize("kind", ["tcp", "rtu_over_tcp", "rtu"])
+async def test_a_late_answer_is_never_taken_for_the_next_request(kind, raw_peer, pty_pair):
+    if kind == "rtu":
+        peer = await raw_peer("rtu", pty=pty_pair.a)
+        ep = transport.Endpoint("rtu", pty_pair.b, 0, (115200, "N", 8, 1), 0.00175)
+    else:
+        peer = await raw_peer("rtu" if kind == "rtu_over_tcp" else "socket")
+        ep = transport.Endpoint(kind, "127.0.0.1", peer.port)
+    # The first answer comes 0.3 s after its request: after the client gave up (0.2 s), while
+    # the next request, same unit, function and count, is due. RTU frames carry nothing else
+    # that tells the two answers apart.
+    peer.late[1] = 0.3
+    link = transport.acquire("d", ep)
+    try:
+        await link.connect("d", 0.2)
+        with pytest.raises(transport.ResponseTimeout):
+            await link.read("d", 1, "hr", 0, 2, 0.2, 0)
+        for _ in range(2):
+            try:
+                got = await link.read("d", 1, "hr", 100, 2, 0.2, 0)
+            except (transport.ResponseTimeout, transport.BadResponse):
+                got = None  # Bad is allowed; stale values are not
+            assert got in ([1100, 1101], None)
+        assert await link.read("d", 1, "hr", 200, 2, 0.5, 0) == [1200, 1201]
+        assert [r[3] for r in peer.requests[:2]] == [0, 100]
+        if kind != "tcp":
+            assert link.drained >= 1
+    finally:
+        transport.release(link)
+
+
+# -- 2. each device's own timeout on a shared connection -----------------------------------
+
+
+async def test_each_device_keeps_its_own_timeout_on_a_shared_connection(raw_peer, modbus_config):
+    peer = await raw_peer()
+    tag = '{ name = "a", address = "hr0" }'
+    cfg = modbus_config(
+        device(peer.port, tag, name="fast", unit=1, timeout="100ms")
+        + device(peer.port, tag, name="slow", unit=2, timeout="2s")
+    )
+    fast, slow = (modbus().create(d) for d in cfg.devices)
+    await fast.connect()  # the first device opens the shared connection
+    await slow.connect()
+    try:
+        assert fast.link is slow.link
+        peer.late[1] = 0.5  # longer than fast's timeout, well within slow's
+        t0 = time.monotonic()
+        (batch,) = [await slow.read(g, time.time_ns()) for g in slow.poll_groups()]
+        assert rows(batch)[0][1:] == (1000.0, Quality.GOOD) and time.monotonic() - t0 >= 0.45
+        peer.late[2] = 0.5
+        t0 = time.monotonic()
+        (batch,) = [await fast.read(g, time.time_ns()) for g in fast.poll_groups()]
+        assert rows(batch)[0][2] == Quality.BAD_TIMEOUT and time.monotonic() - t0 < 0.4
+    finally:
+        await fast.close()
+        await slow.close()
+    assert transport.open_links() == 0
+
+
+# -- 3. a silent shared connection is rebuilt for every device on it -----------------------
+
+
+class Collect:
+    def __init__(self, cfg) -> None:
+        self.keys = [m.key for m in cfg.tags]
+        self.rows: dict[str, list[tuple[int, float, int]]] = {}
+
+    async def put(self, b) -> None:
+        for t, _, v, q in zip(b.tags.tolist(), b.ts.tolist(), b.values.tolist(), b.quality.tolist(), strict=True):
+            self.rows.setdefault(self.keys[t], []).append((t, v, q))
+
+    async def flush(self) -> None:
+        return None
+
+    def recovered(self, key: str) -> bool:
+        """A Good sample after a Bad one."""
+        qs = [q for _, _, q in self.rows.get(key, [])]
+        return any(q != Quality.GOOD for q in qs) and qs[-1] == Quality.GOOD
+
+
+async def test_a_silent_shared_connection_is_rebuilt_for_every_device(raw_peer, modbus_config, run_runtime):
+    peer = await raw_peer()
+    peer.hang_after[1] = 4  # the first connection answers 4 requests, then stays open and silent
+    tag = '{ name = "a", address = "hr0" }'
+    # "u2" never gives up on its own (reconnect_after = 1000) and keeps the connection referenced:
+    # only "u1" restarts, and its restart must give both a fresh socket.
+    body = device(peer.port, tag, "reconnect_after = 2", name="u1", unit=1, timeout="100ms")
+    body += device(peer.port, tag, "reconnect_after = 1000", name="u2", unit=2, timeout="100ms")
+    cfg = modbus_config(body)
+    sink = Collect(cfg)
+    rt = await run_runtime(
+        cfg, sinks=[sink], timeout=10, until=lambda rt: sink.recovered("u1/a") and sink.recovered("u2/a")
+    )
+    assert peer.connections == 2
+    assert rt.devices["u1"].failures >= 1 and "no device on this connection answered" in rt.devices["u1"].last_error
+    assert rt.devices["u2"].failures == 0  # it simply got the new connection
+    assert transport.open_links() == 0
+
+
+async def test_a_dead_unit_alone_does_not_rebuild_a_shared_connection(tcp_peer, modbus_config, peer_module):
+    peer = await tcp_peer({1: peer_module.UnitMap(), 2: peer_module.UnitMap()})
+    peer.silent.add(2)
+    tag = '{ name = "a", address = "hr0" }'
+    cfg = modbus_config(
+        device(peer.port, tag, "reconnect_after = 1", name="ok", unit=1, timeout="100ms")
+        + device(peer.port, tag, "reconnect_after = 1", name="dead", unit=2, timeout="50ms")
+    )
+    ok, dead = (modbus().create(d) for d in cfg.devices)
+    await ok.connect()
+    await dead.connect()
+    try:
+        (g_ok,), (g_dead,) = ok.poll_groups(), dead.poll_groups()
+        await ok.read(g_ok, time.time_ns())
+        with pytest.raises(DeviceError, match="no answer from unit 2") as info:
+            await dead.read(g_dead, time.time_ns())
+        assert "reconnecting it" not in str(info.value)
+        await ok.read(g_ok, time.time_ns())
+        assert ok.link.rebuilds == 0 and peer.connections == 1
+    finally:
+        await ok.close()
+        await dead.close()
+
+
+# -- 4. write limits, and the stage named in write errors -----------------------------------
+
+
+def test_a_writable_tag_must_fit_one_write_request(modbus_config):
+    from edgeos import ConfigError
+
+    tags = (
+        '{ name = "ok", address = "hr0", type = "string", length = 246, writable = true },\n'
+        '{ name = "long", address = "hr200", type = "string", length = 250 },\n'  # read-only: fine
+        '{ name = "bad", address = "hr400", type = "string", length = 247, writable = true }'
+    )
+    with pytest.raises(ConfigError) as info:
+        modbus_config(device(502, tags))
+    (problem,) = info.value.problems
+    assert problem.path == "devices[0].tags[2].length"
+    assert "at most 123 registers: at most 246 characters" in problem.message
+
+
+async def test_the_longest_writable_string_is_written_and_refusals_name_the_write(tcp_peer, modbus_config):
+    peer = await tcp_peer()
+    peer.refuse[(1, "hr", 300)] = 2
+    tags = (
+        '{ name = "label", address = "hr0", type = "string", length = 246, writable = true },\n'
+        '{ name = "locked", address = "hr300", writable = true }'
+    )
+    dev = modbus_config(device(peer.port, tags)).devices[0]
+    adapter = modbus().create(dev)
+    await adapter.connect()
+    try:
+        await adapter.write(dev.tags[0], "x" * 246)
+        with pytest.raises(DeviceError) as info:
+            await adapter.write(dev.tags[1], 1)
+    finally:
+        await adapter.close()
+    assert peer.reads(1)[0] == ("hr", 0, 123)
+    assert bytes(b for r in peer.registers(1, "hr", 0, 123) for b in struct.pack(">H", r)) == b"x" * 246
+    e = info.value
+    assert e.stage == "write" and str(e).startswith("plc: write: write hr 300+1 unit 1: exception 2")
+
+
+# -- 5. a serial port in use is refused by `edgeos write` -----------------------------------
+
+
+def test_edgeos_write_refuses_a_serial_port_the_daemon_holds(pty_pair, write_config):
+    cfg = write_config(
+        f"""
+[gateway]
+id = "gw"
+data_dir = "data"
+[[devices]]
+name = "drive"
+protocol = "modbus"
+transport = "rtu"
+serial_port = "{pty_pair.b}"
+baudrate = 115200
+timeout = "100ms"
+retries = 0
+tags = [{{ name = "setpoint", address = "hr1", writable = true }}]
+"""
+    )
+    # Another process holds the port the way the daemon does (pyserial, exclusive=True).
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import serial, sys; s = serial.Serial(sys.argv[1], 115200, exclusive=True); "
+            "print('open', flush=True); sys.stdin.read()",
+            pty_pair.b,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        out = CliRunner().invoke(app, ["write", "-c", str(cfg), "drive", "setpoint", "7"])
+        assert out.exit_code == 1
+        assert f"{pty_pair.b} is in use (by the running daemon?)" in out.output
+    finally:
+        holder.stdin.close()
+        holder.wait(5)
+        holder.stdout.close()
+    # Released: the port opens; nobody answers on the other end, so the write times out instead.
+    out = CliRunner().invoke(app, ["write", "-c", str(cfg), "drive", "setpoint", "7"])
+    assert out.exit_code == 1 and "no response within 0.1s" in out.output and "in use" not in out.output
+
+
+# -- 6. 64-bit integers are written exactly ---------------------------------------------------
+
+
+async def test_64_bit_integers_are_written_exactly(tcp_peer, write_config, peer_module):
+    peer = await tcp_peer()
+    cfg = write_config(
+        f"""
+[gateway]
+id = "gw"
+data_dir = "data"
+[[devices]]
+name = "plc"
+protocol = "modbus"
+host = "127.0.0.1"
+port = {peer.port}
+tags = [
+  {{ name = "u", address = "hr0", type = "uint64", writable = true }},
+  {{ name = "i", address = "hr4", type = "int64", byte_order = "CDAB", writable = true }},
+]
+"""
+    )
+    runner = CliRunner()
+
+    async def write(*args: str):
+        return await asyncio.to_thread(runner.invoke, app, ["write", "-c", str(cfg), "--", *args])
+
+    for tag, addr, typ, order, value in [
+        ("u", 0, "uint64", "ABCD", 2**64 - 1),
+        ("u", 0, "uint64", "ABCD", 9007199254740993),  # 2**53 + 1: not a float64
+        ("i", 4, "int64", "CDAB", -9007199254740993),
+        ("i", 4, "int64", "CDAB", -(2**63)),
+    ]:
+        out = await write("plc", tag, str(value))
+        assert out.exit_code == 0, out.output
+        assert peer.registers(1, "hr", addr, 4) == peer_module.wire_registers(typ, order, value)
+    out = await write("plc", "u", "0xFFFFFFFFFFFFFFFF")
+    assert out.exit_code == 0 and peer.registers(1, "hr", 0, 4) == [0xFFFF] * 4
+    out = await write("plc", "u", str(2**64))
+    assert out.exit_code == 1 and "out of range for uint64" in out.output
+
+
+# -- 7. illegal data value splits too; device failure does not ------------------------------
+
+
+async def test_illegal_data_value_splits_the_request_too(tcp_peer, modbus_config, peer_module):
+    # Some PLCs answer "illegal data value" (3) for a range reaching an unimplemented register.
+    peer = await tcp_peer()
+    peer.refuse[(1, "hr", 15)] = 3
+    peer.set_registers(1, "hr", 0, list(range(100, 110)))
+    tags = ",\n".join(f'{{ name = "r{i}", address = "hr{i}" }}' for i in [*range(0, 10), 15, *range(20, 30)])
+    dev = modbus_config(device(peer.port, tags)).devices[0]
+    adapter = modbus().create(dev)
+    await adapter.connect()
+    try:
+        (group,) = adapter.poll_groups()
+        batch = await adapter.read(group, time.time_ns())
+    finally:
+        await adapter.close()
+    names = [t.name for t in dev.tags]
+    bad = {names[i]: q for i, _, q in rows(batch) if q != Quality.GOOD}
+    assert bad == {"r15": Quality.BAD_DEVICE_FAILURE}
+    assert batch.values[:10].tolist() == list(range(100, 110))
+    assert adapter.health()["splits"] >= 1
+    assert adapter.health()["refused_tags"] == {"r15": "exception 3 (illegal data value)"}
+
+
+# -- 8. silence counted per poll group; busy answers re-sent after a pause -----------------
+
+
+async def test_silence_is_counted_per_poll_group_not_per_read(tcp_peer, modbus_config, peer_module):
+    peer = await tcp_peer()
+    peer.silent.add(1)
+    tags = ",\n".join(
+        f'{{ name = "t{i}", address = "hr{i}", poll_interval = "{ms}ms" }}' for i, ms in enumerate((100, 200, 500))
+    )
+    dev = modbus_config(device(peer.port, tags, "reconnect_after = 2", timeout="30ms")).devices[0]
+    adapter = modbus().create(dev)
+    await adapter.connect()
+    try:
+        groups = adapter.poll_groups()
+        assert len(groups) == 3
+        for g in groups:  # one round of three intervals: one silent poll each, not three
+            assert rows(await adapter.read(g, time.time_ns()))[0][2] == Quality.BAD_TIMEOUT
+        with pytest.raises(DeviceError, match="for 2 polls in a row"):
+            await adapter.read(groups[0], time.time_ns())
+    finally:
+        await adapter.close()
+
+
+async def test_a_busy_device_is_asked_again_after_a_pause(tcp_peer, modbus_config):
+    peer = await tcp_peer()
+    peer.busy[1] = 2
+    peer.set_registers(1, "hr", 0, [42])
+    dev = modbus_config(device(peer.port, '{ name = "a", address = "hr0" }', retries=2)).devices[0]
+    adapter = modbus().create(dev)
+    await adapter.connect()
+    try:
+        t0 = time.monotonic()
+        (batch,) = [await adapter.read(g, time.time_ns()) for g in adapter.poll_groups()]
+        elapsed = time.monotonic() - t0
+    finally:
+        await adapter.close()
+    assert rows(batch)[0][1:] == (42.0, Quality.GOOD) and peer.count(1) == 3
+    assert elapsed >= 0.09  # two pauses of 50 ms
+    assert not np.isnan(batch.values).any()
+
+
+# -- shutdown: a cancellation that meets the answer is not lost ------------------------------
+
+
+async def test_a_cancellation_arriving_with_the_answer_still_cancels(tcp_peer):
+    # pymodbus waits with asyncio.wait_for, which on Python 3.11 drops a cancellation that
+    # arrives in the same loop iteration as the answer: a poll task cancelled at shutdown then
+    # polled on forever (seen as a hung `edgeos run` shutdown under load). The cancel is made
+    # to arrive exactly with the answer: from pymodbus's receive hook.
+    peer = await tcp_peer()
+    link = transport.acquire("d", transport.Endpoint("tcp", "127.0.0.1", peer.port))
+    try:
+        await link.connect("d", 1.0)
+        ctx = link.client.ctx
+        received = ctx.trace_pdu
+        reader: asyncio.Task | None = None
+
+        def cancel_on_answer(sending: bool, pdu):
+            if not sending and reader is not None:
+                reader.cancel()
+            return received(sending, pdu)
+
+        ctx.trace_pdu = cancel_on_answer
+        reader = asyncio.create_task(link.read("d", 1, "hr", 0, 1, 1.0, 0))
+        await asyncio.wait({reader}, timeout=5)
+        assert reader.cancelled()
+    finally:
+        transport.release(link)
