@@ -51,3 +51,44 @@ tags = [{ name = "setpoint", writable = true }, { name = "temp" }]
     assert await control.request(cfg.gateway.data_dir, {"op": "status"}) is None
     with StoreReader(cfg.gateway.data_dir) as r:
         assert 72.5 in r.history("press/setpoint").values.tolist()
+
+
+def test_edgeos_write_goes_through_the_running_daemon(write_config):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cfg_path = write_config(
+        """
+[gateway]
+id = "g"
+data_dir = "d"
+[[devices]]
+name = "press"
+protocol = "simulated"
+poll_interval = "20ms"
+tags = [{ name = "setpoint", writable = true }]
+"""
+    )
+    edgeos = str(Path(sys.executable).with_name("edgeos"))
+    sock = control.socket_path(load_config(cfg_path).gateway.data_dir)
+    daemon = subprocess.Popen([edgeos, "run", "-c", str(cfg_path)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        out = subprocess.run(
+            [edgeos, "write", "press", "setpoint", "61.5", "-c", str(cfg_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0 and "through the running daemon" in out.stdout, out.stderr
+        time.sleep(0.2)
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+    with StoreReader(load_config(cfg_path).gateway.data_dir) as r:
+        assert 61.5 in r.history("press/setpoint").values.tolist()  # the daemon's own device connection wrote it

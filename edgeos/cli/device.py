@@ -13,6 +13,7 @@ from edgeos.cli.app import app
 from edgeos.cli.core import ConfigArg, load_or_exit
 from edgeos.errors import EdgeosError
 from edgeos.model import ValueKind
+from edgeos.service import control
 
 _TRUE = {"1", "true", "on", "yes"}
 _FALSE = {"0", "false", "off", "no"}
@@ -47,14 +48,16 @@ def write(
     tag: Annotated[str, typer.Argument(help="Tag name within the device.")],
     value: Annotated[str, typer.Argument(help="New value: a number, true/false (on/off, 1/0) or text.")],
     config: ConfigArg = Path("/etc/edgeos/edgeos.toml"),
+    direct: Annotated[bool, typer.Option("--direct", help="Connect to the device even if the daemon runs.")] = False,
 ) -> None:
     """Write one tag's value to its device, with type conversion and range checks.
 
     Only tags configured `writable = true` accept writes. The value is converted to the tag's
-    type (scale and offset undone) and refused if it does not fit. This connects to the device
-    directly, alongside a running daemon (over TCP, a second connection). A serial port (Modbus
-    RTU) is opened exclusively: while the daemon holds it, the write is refused ("is in use"),
-    since a second master on one line would garble both; stop the daemon to write over RTU.
+    type (scale and offset undone) and refused if it does not fit. When the daemon runs, the
+    write goes through it (its control socket in the data directory) and shares its device
+    connection; otherwise, or with --direct, this connects to the device itself. Directly, a
+    serial port (Modbus RTU) is opened exclusively and refused while another process holds it,
+    since a second master on one line would garble both.
     Negative numbers follow "--": edgeos write -c F -- DEV TAG -5
     """
     cfg = load_or_exit(config)
@@ -75,6 +78,16 @@ def write(
     except ValueError as e:
         typer.echo(f"edgeos: {device}/{tag}: {e}", err=True)
         raise typer.Exit(2) from None
+    if not direct:
+        reply = asyncio.run(
+            control.request(cfg.gateway.data_dir, {"op": "write", "device": device, "tag": tag, "value": v})
+        )
+        if reply is not None:
+            if not reply.get("ok"):
+                typer.echo(f"edgeos: {device}/{tag}: {reply.get('error')}", err=True)
+                raise typer.Exit(1)
+            typer.echo(f"wrote {device}/{tag} = {value} (through the running daemon)")
+            return
     adapter = plugins.load(plugins.PROTOCOLS, dev.protocol).create(dev)
 
     async def run() -> None:
