@@ -7,6 +7,7 @@ password read from a file or an environment variable, never from the config itse
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -126,4 +127,5 @@ class MqttTransport:
             with contextlib.suppress(Exception):
                 await client.publish(self.status_topic, self._status("offline"), qos=1, retain=True, timeout=2)
             with contextlib.suppress(Exception):
-                await client.__aexit__(None, None, None)
+                # Bounded: a broker that stopped answering must not hold up the daemon's stop.
+                await asyncio.wait_for(client.__aexit__(None, None, None), 2)

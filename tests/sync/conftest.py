@@ -194,6 +194,8 @@ async def subscriber(broker: Broker, **kw):
                         elif topic.endswith("/tags"):
                             got.dictionary = wire.decode_dictionary(msg.payload)
             except aiomqtt.MqttError:
+                if asyncio.current_task().cancelling():
+                    raise  # aiomqtt can turn our cancellation into an MqttError: don't reconnect then
                 await asyncio.sleep(0.1)
 
     task = asyncio.create_task(listen())
@@ -202,8 +204,8 @@ async def subscriber(broker: Broker, **kw):
         yield got
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError, aiomqtt.MqttError):
+            await asyncio.wait_for(task, 5)
 
 
 @pytest.fixture
