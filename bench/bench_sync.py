@@ -1,7 +1,7 @@
 """Upstream sync: drain a backlog of 10 million stored samples to a local mosquitto.
 
 Side by side in one run: a bare aiomqtt publisher sending the same number of equally sized
-QoS 1 messages to the same broker, with the same number in flight. The broker is started
+QoS 1 messages to the same broker, with the same MQTT version and the same number in flight. The broker is started
 here (random loopback port, no persistence) and stopped at the end.
 """
 
@@ -86,9 +86,12 @@ async def _drain(cfg) -> tuple[float, int, int]:
     return elapsed, sync.status.published_messages, sync.status.published_bytes
 
 
-async def _bare(port: int, messages: int, size: int, inflight: int) -> float:
+async def _bare(port: int, messages: int, size: int, inflight: int, version: str) -> float:
     payload = np.random.default_rng(1).bytes(size)
-    async with aiomqtt.Client("127.0.0.1", port, identifier="bare", max_inflight_messages=inflight * 2) as client:
+    protocol = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
+    async with aiomqtt.Client(
+        "127.0.0.1", port, identifier="bare", protocol=protocol, max_inflight_messages=inflight * 2
+    ) as client:
         client.pending_calls_threshold = 4 * inflight  # as the sync sets it
         window = asyncio.Semaphore(inflight)
 
@@ -114,7 +117,8 @@ def run(quick: bool):
             cfg = load_config(_config(tmp, port))
             _backlog(cfg)
             elapsed, messages, nbytes = asyncio.run(_drain(cfg))
-            bare = asyncio.run(_bare(port, messages, nbytes // messages, cfg.upstream.options["max_inflight"]))
+            o = cfg.upstream.options  # same protocol version and window as the sync
+            bare = asyncio.run(_bare(port, messages, nbytes // messages, o["max_inflight"], o["mqtt_version"]))
         finally:
             proc.terminate()
             proc.wait(10)

@@ -94,10 +94,19 @@ def encode_message(gateway: str, device: str, seqs: list[int], units: list[bytes
 
     The units' bytes are copied into the envelope, never decoded or re-encoded.
     """
-    return msgpack.packb(
-        {"v": PAYLOAD_VERSION, "gw": gateway, "dev": device, "seq": seqs, "td": dictionary, "units": units},
+    head = msgpack.packb(
+        {"v": PAYLOAD_VERSION, "gw": gateway, "dev": device, "seq": seqs, "td": dictionary, "units": []},
         use_bin_type=True,
     )
+    # The same bytes msgpack would write, assembled in one allocation: the map's last entry
+    # is "units", so its empty-array byte is replaced by the array header and the bin items.
+    n = len(units)
+    array = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    parts = [head[:-1], array]
+    for u in units:
+        parts.append(b"\xc6" + len(u).to_bytes(4, "big"))  # bin 32
+        parts.append(u)
+    return b"".join(parts)
 
 
 @dataclass(frozen=True)

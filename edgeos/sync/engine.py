@@ -124,7 +124,7 @@ class Sync:
         self._acked = asyncio.Event()
         self.errors = RateLimited(log)
         self._db: sqlite3.Connection | None = None
-        # One thread owns the read connection: every store read goes through it.
+        self._status_db: sqlite3.Connection | None = None  # only ever used in the _io thread
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-sync")
         self._dictionary_version = -1
         self._key = 0
@@ -132,10 +132,16 @@ class Sync:
 
     # -- store access (a read-only connection of its own) -----------------------------------
 
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
     def _conn(self) -> sqlite3.Connection:
+        """The event loop's read connection. Reads are short (one batch of units at a time);
+        done in a worker thread, they cost the loop more in GIL hand-offs than they take."""
         if self._db is None:
-            self._db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db = self._open()
         return self._db
 
     def _read_cursor(self) -> int:
@@ -148,7 +154,7 @@ class Sync:
         return self._conn().execute(sql + " ORDER BY id LIMIT ?", (*args, FETCH_ROWS)).fetchall()
 
     def _prepare(self, after: int, end: int | None) -> tuple[int, list[tuple[str, list[int], bytes, int]]]:
-        """In a worker thread: read the next units and frame them, off the event loop.
+        """Read the next run of units and frame them (without re-encoding).
         Returns (last id read or 0, messages)."""
         rows = self._fetch(after, end)
         if not rows:
@@ -167,14 +173,16 @@ class Sync:
         return self._conn().execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
 
     def refresh_status(self) -> None:
-        """Backlog and lag, for status and metrics (called about once a second)."""
-        db = self._conn()
+        """Backlog and lag, for status and metrics: in the worker thread, on its own connection."""
+        if self._status_db is None:
+            self._status_db = self._open()
+        db = self._status_db
         cursor = self.cursor
         units, samples, oldest = db.execute(
             "SELECT COUNT(*), COALESCE(SUM(n), 0), MIN(t_min) FROM units WHERE id > ?", (cursor,)
         ).fetchone()
         self.status.cursor = cursor
-        self.status.head = self._head()
+        self.status.head = db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
         self.status.backlog_units = units
         self.status.backlog_samples = samples
         self.status.lag_seconds = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
@@ -197,8 +205,7 @@ class Sync:
     # -- main loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.status.cursor = await loop.run_in_executor(self._io, self._read_cursor)
+        self.status.cursor = self._read_cursor()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch(), name="sync:status")
             tg.create_task(self._connect_loop(), name="sync:connection")
@@ -242,10 +249,9 @@ class Sync:
             attempt += 1
 
     async def _pump(self, session: Session) -> None:
-        loop = asyncio.get_running_loop()
         await self._publish_dictionary(session)
         cursor = self.status.cursor
-        head = await loop.run_in_executor(self._io, self._head)
+        head = self._head()
         window = self.options["max_inflight"]
         cap = TokenBucket(self.options["rate_limit_bytes"], self.options["rate_limit_messages"])
         if head - cursor > 2 * window:
@@ -262,12 +268,9 @@ class Sync:
                 tg.create_task(self._lane(session, lane, tg), name=f"sync:{lane.name}")
 
     async def _lane(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup) -> None:
-        loop = asyncio.get_running_loop()
-        # Double buffering: the next run of units is read and framed in the store thread while
-        # this one is published, so the broker never waits on the disk.
-        ahead = loop.run_in_executor(self._io, self._prepare, lane.after, lane.end)
+        after = lane.after
         while not lane.done:
-            last, messages = await ahead
+            last, messages = self._prepare(after, lane.end)  # one batch, a few ms at most
             if not messages:
                 if lane.end is not None:
                     lane.after = lane.end - 1  # the rest of the backlog is no longer stored
@@ -276,10 +279,10 @@ class Sync:
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), 0.2)
-                ahead = loop.run_in_executor(self._io, self._prepare, lane.after, lane.end)
+                after = lane.after
                 continue
-            ahead = loop.run_in_executor(self._io, self._prepare, last, lane.end)
-            if lane.end is None and self._dictionary_version < await loop.run_in_executor(self._io, self._tag_count):
+            after = last
+            if lane.end is None and self._dictionary_version < self._tag_count():
                 await self._publish_dictionary(session)  # new tags since the last dictionary
             for device, seqs, payload, samples in messages:
                 if lane.bucket is not None:
@@ -289,7 +292,6 @@ class Sync:
                 lane.inflight[self._key] = seqs[0]
                 tg.create_task(self._send(session, lane, self._key, device, payload, samples), name="sync:publish")
             lane.after = last
-        ahead.cancel()
         log.info("upstream: backlog drained")
 
     def _tag_count(self) -> int:
@@ -309,7 +311,7 @@ class Sync:
         st.last_publish_ns = time.time_ns()
 
     async def _publish_dictionary(self, session: Session) -> None:
-        tags = await asyncio.get_running_loop().run_in_executor(self._io, self._dictionary)
+        tags = self._dictionary()
         topic = self.options["status_topic"].format(gateway=self.gateway).rsplit("/", 1)[0] + "/tags"
         await session.publish(topic, wire.encode_dictionary(self.gateway, tags), retain=True)
         self._dictionary_version = len(tags)
@@ -318,7 +320,7 @@ class Sync:
         """At an orderly stop: forward what is committed, if connected, within `within` s."""
         if self.status.state != "connected":
             return False
-        head = await asyncio.get_running_loop().run_in_executor(self._io, self._head)
+        head = self._head()
         self.wakeup.set()
         try:
             async with asyncio.timeout(within):
@@ -334,12 +336,15 @@ class Sync:
 
     def close(self) -> None:
         def shut() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            if self._status_db is not None:
+                self._status_db.close()
+                self._status_db = None
 
         self._io.submit(shut).result()
         self._io.shutdown(wait=True)
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 def _pack(rows: list[tuple[int, str, int, bytes]]) -> list[tuple[str, list[int], list[bytes], int]]:
