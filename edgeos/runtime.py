@@ -413,50 +413,59 @@ class Runtime:
         stopping = False
         retry_at = 0.0  # set while the store refuses writes
         next_maintenance = loop.time() + 1.0
-        while not (stopping and not pending):
-            now = loop.time()
-            if pending and now >= retry_at and (stopping or n_pending >= cfg.commit_samples or now >= deadline):
-                if await self._commit(loop, list(pending)):
-                    pending.clear()
-                    n_pending = 0
-                    retry_at = 0.0
-                else:
-                    retry_at = loop.time() + 0.5
-                    n_pending -= self._bound(pending)
-                continue
-            if stopping:  # only a failed commit left to retry
-                await asyncio.sleep(max(0.0, retry_at - now))
-                continue
-            if now >= next_maintenance and not retry_at:
-                next_maintenance = now + 1.0
-                if self.store is None:
+        getter: asyncio.Future | None = None
+        try:
+            while not (stopping and not pending):
+                now = loop.time()
+                if pending and now >= retry_at and (stopping or n_pending >= cfg.commit_samples or now >= deadline):
+                    if await self._commit(loop, list(pending)):
+                        pending.clear()
+                        n_pending = 0
+                        retry_at = 0.0
+                    else:
+                        retry_at = loop.time() + 0.5
+                        n_pending -= self._bound(pending)
                     continue
-                try:
-                    await asyncio.shield(loop.run_in_executor(self._executor, self._maintain))
-                except StoreError as e:
-                    self.errors.log(logging.ERROR, "store:maintain", "%s", e)
-                continue
-            # Keep draining the inbox even while the store refuses writes: producers are never
-            # stalled by the disk; memory stays bounded by memory_buffer instead.
-            wakes = [max(deadline, retry_at)] if pending else []
-            if not retry_at:
-                wakes.append(next_maintenance)
-            try:
-                if len(inbox) or not wakes:
-                    item = await inbox.get()
-                else:
-                    item = await asyncio.wait_for(inbox.get(), max(0.001, min(wakes) - now))
-            except TimeoutError:
-                continue
-            if item is _STOP:
-                stopping = True
-                continue
-            if not pending:
-                deadline = loop.time() + interval
-            pending.append(item)
-            n_pending += len(item)
-            if retry_at:
-                n_pending -= self._bound(pending)
+                if stopping:  # only a failed commit left to retry
+                    await asyncio.sleep(max(0.0, retry_at - now))
+                    continue
+                if now >= next_maintenance and not retry_at:
+                    next_maintenance = now + 1.0
+                    if self.store is None:
+                        continue
+                    try:
+                        await asyncio.shield(loop.run_in_executor(self._executor, self._maintain))
+                    except StoreError as e:
+                        self.errors.log(logging.ERROR, "store:maintain", "%s", e)
+                    continue
+                # Keep draining the inbox even while the store refuses writes: producers are never
+                # stalled by the disk; memory stays bounded by memory_buffer instead.
+                wakes = [max(deadline, retry_at)] if pending else []
+                if not retry_at:
+                    wakes.append(next_maintenance)
+                # One pending get, kept across wake-ups and never cancelled by a timeout, so no
+                # batch can be popped and then dropped (asyncio.wait, unlike wait_for, does not
+                # cancel what it waits on, nor swallow a cancellation of its own).
+                if getter is None:
+                    getter = asyncio.ensure_future(inbox.get())
+                if not getter.done():
+                    timeout = max(0.001, min(wakes) - now) if wakes else None
+                    await asyncio.wait({getter}, timeout=timeout)
+                    if not getter.done():
+                        continue
+                item, getter = getter.result(), None
+                if item is _STOP:
+                    stopping = True
+                    continue
+                if not pending:
+                    deadline = loop.time() + interval
+                pending.append(item)
+                n_pending += len(item)
+                if retry_at:
+                    n_pending -= self._bound(pending)
+        finally:
+            if getter is not None and not getter.done():
+                getter.cancel()  # only on a forced stop: a clean one ends on the sentinel
 
     def _maintain(self) -> None:
         """Once a second, in the store thread: housekeeping, the sync's cursor and status."""

@@ -277,8 +277,11 @@ class Sync:
                     if lane.done:
                         break
                 self.wakeup.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # arrives as the wait ends, and the lane would outlive its stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), 0.2)
+                    async with asyncio.timeout(0.2):
+                        await self.wakeup.wait()
                 after = lane.after
                 continue
             after = last

@@ -128,4 +128,5 @@ class MqttTransport:
                 await client.publish(self.status_topic, self._status("offline"), qos=1, retain=True, timeout=2)
             with contextlib.suppress(Exception):
                 # Bounded: a broker that stopped answering must not hold up the daemon's stop.
-                await asyncio.wait_for(client.__aexit__(None, None, None), 2)
+                async with asyncio.timeout(2):
+                    await client.__aexit__(None, None, None)
