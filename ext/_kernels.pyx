@@ -20,11 +20,27 @@ ctypedef cnp.float64_t val_t
 ctypedef cnp.uint32_t q_t
 ctypedef cnp.uint8_t u8
 
-cdef q_t GOOD_CLAMPED = 0x00300000
-cdef q_t UNCERTAIN = 0x40000000
-cdef q_t UNCERTAIN_SENSOR_NOT_ACCURATE = 0x40930000
-cdef q_t UNCERTAIN_ENGINEERING_UNITS_EXCEEDED = 0x40940000
-cdef q_t BAD_OUT_OF_RANGE = 0x803C0000
+# Compile-time constants (macros, not module variables): the C compiler folds them into the
+# loops instead of reloading them, which frees registers in the hottest kernels.
+cdef extern from *:
+    """
+    #define EDGEOS_GOOD_CLAMPED ((npy_uint32)0x00300000u)
+    #define EDGEOS_UNCERTAIN ((npy_uint32)0x40000000u)
+    #define EDGEOS_UNCERTAIN_SENSOR_NOT_ACCURATE ((npy_uint32)0x40930000u)
+    #define EDGEOS_UNCERTAIN_ENGINEERING_UNITS_EXCEEDED ((npy_uint32)0x40940000u)
+    #define EDGEOS_BAD_OUT_OF_RANGE ((npy_uint32)0x803C0000u)
+    #define EDGEOS_NO_REF ((npy_uint32)0xFFFFFFFFu)
+    #define EDGEOS_TS_MAX NPY_MAX_INT64
+    #define EDGEOS_TS_MIN NPY_MIN_INT64
+    """
+    const q_t GOOD_CLAMPED "EDGEOS_GOOD_CLAMPED"
+    const q_t UNCERTAIN "EDGEOS_UNCERTAIN"
+    const q_t UNCERTAIN_SENSOR_NOT_ACCURATE "EDGEOS_UNCERTAIN_SENSOR_NOT_ACCURATE"
+    const q_t UNCERTAIN_ENGINEERING_UNITS_EXCEEDED "EDGEOS_UNCERTAIN_ENGINEERING_UNITS_EXCEEDED"
+    const q_t BAD_OUT_OF_RANGE "EDGEOS_BAD_OUT_OF_RANGE"
+    const q_t NO_REF "EDGEOS_NO_REF"  # a Bad code: no usable sample has it, so it never matches
+    const ts_t TS_MAX "EDGEOS_TS_MAX"
+    const ts_t TS_MIN "EDGEOS_TS_MIN"
 
 cdef inline bint is_bad(q_t q) noexcept nogil:
     return (q >> 30) >= 2
@@ -93,6 +109,36 @@ cdef class _OutCols:
         return self.tags[:m], self.ts[:m], self.values[:m], self.quality[:m], src
 
 
+cdef list _spare = [None, None]  # per want_src: the last output columns handed out
+
+
+cdef inline bint _sole(cnp.PyObject* a) noexcept:
+    """Only the spare slot holds `a` (a borrowed pointer, so the check itself adds no reference)."""
+    return a.ob_refcnt == 1
+
+
+cdef _OutCols _out_cols(Py_ssize_t cap, bint want_src):
+    """Output columns for `cap` rows: the last ones handed out when no caller holds a view of
+    them any more (the usual streaming case), else fresh ones. Fresh memory costs a page fault
+    per 4 KiB written; reuse keeps a filter over big batches from paying that on every call.
+    Checked under the GIL; views of an array hold a reference to it, so a held result is
+    never overwritten."""
+    cdef _OutCols c = _spare[want_src]
+    if (
+        c is not None
+        and c.tags.shape[0] >= cap
+        and _sole(<cnp.PyObject*>c.tags)
+        and _sole(<cnp.PyObject*>c.ts)
+        and _sole(<cnp.PyObject*>c.values)
+        and _sole(<cnp.PyObject*>c.quality)
+        and (c.src is None or _sole(<cnp.PyObject*>c.src))
+    ):
+        return c
+    c = _OutCols(cap, want_src)
+    _spare[want_src] = c
+    return c
+
+
 cdef inline _bad_tag(const tag_t[::1] tags, Py_ssize_t i, Py_ssize_t nt):
     raise IndexError(f"tag id {tags[i]} outside the filter's state (0..{nt - 1})")
 
@@ -139,10 +185,6 @@ ctypedef struct DeadbandState:  # read for every sample: 32 bytes, 1,000 tags fi
     q_t pad
 
 
-cdef q_t NO_REF = 0xFFFFFFFF
-cdef ts_t TS_MAX = 0x7FFFFFFFFFFFFFFF
-cdef ts_t TS_MIN = -0x7FFFFFFFFFFFFFFF - 1
-
 
 cdef inline ts_t deadline_after(ts_t now, ts_t max_silence) noexcept nogil:
     if max_silence == TS_MAX or (max_silence > 0 and now > TS_MAX - max_silence):
@@ -153,7 +195,7 @@ cdef inline ts_t deadline_after(ts_t now, ts_t max_silence) noexcept nogil:
 
 
 cdef enum:
-    BLOCK = 4096  # rows classified before their kept rows are gathered, while still in cache
+    BLOCK = 512  # rows classified before their kept rows are gathered, while still in L1
 
 
 def deadband(
@@ -174,7 +216,7 @@ def deadband(
     cdef Py_ssize_t i, j, b0, b1, m = 0, m0, n = tags.shape[0], nt = state.shape[0], err = -1
     _check_columns("deadband", n, ts.shape[0], values.shape[0], quality.shape[0])
     _check_len("deadband", "params", params.shape[0], "state", nt)
-    cdef _OutCols cols = _OutCols(n, want_src)
+    cdef _OutCols cols = _out_cols(n, want_src)
     if n == 0 or nt == 0:
         if n:
             _bad_tag(tags, 0, nt)
@@ -321,7 +363,7 @@ def swinging_door(
     """Swinging-door compression; returns the archived points as (tags, ts, values, quality, src)."""
     cdef Py_ssize_t i, m = 0, n = tags.shape[0], nt = state.shape[0], err = -1
     _check_columns("swinging_door", n, ts.shape[0], values.shape[0], quality.shape[0])
-    cdef _OutCols cols = _OutCols(2 * n, want_src)
+    cdef _OutCols cols = _out_cols(2 * n, want_src)
     if n == 0 or nt == 0:
         if n:
             _bad_tag(tags, 0, nt)
@@ -565,7 +607,7 @@ def rate(
     _check_len("rate", "p_value", p_value.shape[0], "enabled", nt)
     _check_len("rate", "p_ts", p_ts.shape[0], "enabled", nt)
     _check_len("rate", "p_quality", p_quality.shape[0], "enabled", nt)
-    cdef _OutCols cols = _OutCols(n, want_src)
+    cdef _OutCols cols = _out_cols(n, want_src)
     if n == 0 or nt == 0:
         if n:
             _bad_tag(tags, 0, nt)
@@ -630,7 +672,7 @@ def counter_delta(
     _check_len("counter_delta", "has_p", has_p.shape[0], "enabled", nt)
     _check_len("counter_delta", "p_value", p_value.shape[0], "enabled", nt)
     _check_len("counter_delta", "p_quality", p_quality.shape[0], "enabled", nt)
-    cdef _OutCols cols = _OutCols(n, want_src)
+    cdef _OutCols cols = _out_cols(n, want_src)
     if n == 0 or nt == 0:
         if n:
             _bad_tag(tags, 0, nt)
@@ -730,7 +772,7 @@ def window(
     _check_len("window", "shift", shift.shape[0], "enabled", nt)
     _check_len("window", "s1", s1.shape[0], "enabled", nt)
     _check_len("window", "s2", s2.shape[0], "enabled", nt)
-    cdef _OutCols cols = _OutCols(n, want_src)
+    cdef _OutCols cols = _out_cols(n, want_src)
     if n == 0 or nt == 0:
         if n:
             _bad_tag(tags, 0, nt)
