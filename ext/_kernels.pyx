@@ -195,7 +195,8 @@ cdef inline ts_t deadline_after(ts_t now, ts_t max_silence) noexcept nogil:
 
 
 cdef enum:
-    BLOCK = 512  # rows classified before their kept rows are gathered, while still in L1
+    BLOCK = 512  # most rows classified before their kept rows are applied
+    SLOTS = 1024  # tag -> its last row in the block, by the tag's low bits (tags may share a slot)
 
 
 def deadband(
@@ -209,11 +210,16 @@ def deadband(
 ):
     """Report-by-exception; returns the reported samples as (tags, ts, values, quality, src).
 
-    The common path (not reported) only reads the tag's 32-byte state record; the row index is
-    always written at the output cursor, which advances only when the sample is kept. Kept
-    rows are gathered per block of rows, while the block is still in cache.
+    Two passes per block of rows. The first classifies every row against the state as it was
+    at the block's start and stores nothing into the state, so the common row (not reported)
+    costs no new reference and no branch on its outcome, which is as random as the signal (the
+    compiler turned the earlier per-row "update the reference or a scratch copy" select into
+    such a branch). It notes each tag's last row in the block. The second walks the kept rows,
+    applies them to the state and writes them out; the block ends before the first row whose
+    tag was kept earlier in the block, since that row was judged on a stale reference, and the
+    next block classifies it again. Blocks shrink while that happens often (few tags).
     """
-    cdef Py_ssize_t i, j, b0, b1, m = 0, m0, n = tags.shape[0], nt = state.shape[0], err = -1
+    cdef Py_ssize_t i, j, k, x, b0 = 0, b1, e, m = 0, m0, bs = BLOCK, n = tags.shape[0], nt = state.shape[0], err = -1
     _check_columns("deadband", n, ts.shape[0], values.shape[0], quality.shape[0])
     _check_len("deadband", "params", params.shape[0], "state", nt)
     cdef _OutCols cols = _out_cols(n, want_src)
@@ -227,14 +233,14 @@ def deadband(
     cdef q_t* oq = cols.o.quality
     cdef cnp.int32_t* osrc = cols.o.src
     cdef cnp.int32_t idx[BLOCK]
+    cdef cnp.int32_t last[SLOTS]
     cdef const tag_t* tg = &tags[0]
     cdef const ts_t* tsp = &ts[0]
     cdef const val_t* vp = &values[0]
     cdef const q_t* qp = &quality[0]
     cdef const DeadbandParams* pp = &params[0]
     cdef DeadbandState* st = &state[0]
-    cdef DeadbandState scratch
-    cdef DeadbandState* s
+    cdef const DeadbandState* s
     cdef DeadbandState* w
     cdef const DeadbandParams* p
     cdef tag_t t
@@ -242,50 +248,69 @@ def deadband(
     cdef val_t v, r, band
     cdef q_t q
     cdef int keep
-    b0 = 0
     with nogil:
+        for j in range(SLOTS):
+            last[j] = -1
         while b0 < n:
-            b1 = b0 + BLOCK if b0 + BLOCK < n else n
+            b1 = b0 + bs if b0 + bs < n else n
             m0 = 0
             for i in range(b0, b1):
                 t = tg[i]
                 if <size_t>t >= <size_t>nt:
                     err = i
                     break
+                last[t & (SLOTS - 1)] = <cnp.int32_t>i
                 idx[m0] = <cnp.int32_t>i
                 s = st + t
-                q = qp[i]
-                if q >= 0x80000000u:  # Bad: reported; the next usable sample is reported too
-                    s.ref_quality = NO_REF
-                    m0 += 1
-                    continue
                 v = vp[i]
-                now = tsp[i]
                 r = s.ref_value
                 band = s.band
                 keep = not (fabs(v - r) <= band)
                 if band != band:  # reference not finite: report a different value or NaN-ness
                     keep = not (v == r or (isnan(v) and isnan(r)))
-                keep = keep | (q != s.ref_quality) | (now >= s.deadline)
-                p = pp + t
-                w = s if keep else &scratch  # a select, not a branch: keep is as random as the data
-                w.ref_value = v
-                w.ref_quality = q
-                w.deadline = deadline_after(now, p.max_silence)
-                w.band = p.dead_abs + p.dead_rel * fabs(v) if v - v == 0.0 else NAN
+                q = qp[i]  # a Bad sample is always reported
+                keep = keep | (q >= 0x80000000u) | (q != s.ref_quality) | (tsp[i] >= s.deadline)
                 m0 += keep
+            else:
+                i = b1
+            e = i  # rows before e are final
             for j in range(m0):
-                i = idx[j]
-                otg[m] = tg[i]
-                ots[m] = tsp[i]
-                ov[m] = vp[i]
-                oq[m] = qp[i]
+                k = idx[j]
+                if k >= e:
+                    break
+                t = tg[k]
+                if last[t & (SLOTS - 1)] > k:  # a later row of this slot: if it is this tag's, end there
+                    for x in range(k + 1, e):
+                        if tg[x] == t:
+                            e = x
+                            break
+                w = st + t
+                q = qp[k]
+                v = vp[k]
+                now = tsp[k]
+                if q >= 0x80000000u:  # Bad: the next usable sample is reported too
+                    w.ref_quality = NO_REF
+                else:
+                    p = pp + t
+                    w.ref_value = v
+                    w.ref_quality = q
+                    w.deadline = deadline_after(now, p.max_silence)
+                    w.band = p.dead_abs + p.dead_rel * fabs(v) if v - v == 0.0 else NAN
+                otg[m] = t
+                ots[m] = now
+                ov[m] = v
+                oq[m] = q
                 if osrc != NULL:
-                    osrc[m] = <cnp.int32_t>i
+                    osrc[m] = <cnp.int32_t>k
                 m += 1
+            if e < i:  # cut short: classify the rest again; a bad tag beyond e is met again
+                err = -1
+                bs = max(16, min(<Py_ssize_t>BLOCK, 2 * (e - b0)))
+            elif bs < BLOCK:
+                bs = min(<Py_ssize_t>BLOCK, 2 * bs)
             if err >= 0:
                 break
-            b0 = b1
+            b0 = e
     if err >= 0:
         _bad_tag(tags, err, nt)
     return cols.columns(m)

@@ -359,6 +359,47 @@ def test_bad_samples_pass_through_unchanged(kernel_impl, kind):
         assert 6 * S in out.ts.tolist()
 
 
+@pytest.mark.parametrize(
+    "pattern",
+    ["interleaved", "runs", "one_tag", "shared_low_bits"],
+)
+def test_deadband_blocks_equal_reference_on_long_streams(pattern):
+    """The compiled deadband classifies blocks of rows against the state at the block's start
+    and cuts a block short where a tag kept in it comes again. Long streams exercise that:
+    many tags (no cuts), runs of one tag (a cut at every kept row), and tag ids 1024 apart
+    (they share a slot of the block's table), with a bad tag id at the end."""
+    rng = np.random.default_rng(11)
+    n, n_tags = 6000, 3000
+    ids = {
+        "interleaved": np.tile(np.arange(700, dtype=np.int32), n // 700 + 1)[:n],
+        "runs": np.repeat(rng.integers(0, 50, n // 37 + 1).astype(np.int32), 37)[:n],
+        "one_tag": np.full(n, 7, np.int32),
+        "shared_low_bits": rng.choice(np.array([5, 1029, 2053, 6], np.int32), n),
+    }[pattern]
+    ts = 1_700_000_000 * S + np.arange(n, dtype=np.int64) * (S // 1000)
+    steps, vals = rng.normal(0, 0.3, n), np.empty(n)
+    for t in np.unique(ids):  # a random walk per tag
+        vals[ids == t] = np.cumsum(steps[ids == t])
+    vals[rng.random(n) < 0.01] = np.nan
+    qs = np.where(rng.random(n) < 0.01, Quality.BAD_COMM_FAILURE, Quality.GOOD).astype(np.uint32)
+    params = {int(t): {"abs": 0.5, "max_silence": 2 * S} for t in np.unique(ids)}
+    batch = Batch("d", ids, ts, vals, qs)
+    out = {}
+    for impl in ("compiled", "reference"):
+        f = builtin.deadband.create(n_tags, params, impl=impl)
+        out[impl] = (Batch.concat("d", [f.apply(batch.take(slice(a, a + 2500))) for a in range(0, n, 2500)]), f)
+    same(out["compiled"][0], out["reference"][0])
+    same_state(out["compiled"][1], out["reference"][1])
+    assert 0.02 < len(out["compiled"][0]) / n < 0.9  # the filter did filter: a meaningful comparison
+    bad = Batch("d", np.append(ids[:900], n_tags).astype(np.int32), ts[:901], vals[:901], qs[:901])
+    for impl in ("compiled", "reference"):
+        f = builtin.deadband.create(n_tags, params, impl=impl)
+        with pytest.raises(IndexError, match=f"tag id {n_tags} outside"):
+            f.apply(bad)
+        out[impl] = f
+    same_state(out["compiled"], out["reference"])  # both applied the rows before the bad one
+
+
 @pytest.mark.parametrize("kind", list(KERNELS))
 def test_held_results_survive_later_calls(kind):
     """Compiled kernels reuse their last output columns once nobody holds them: a result still
