@@ -180,7 +180,7 @@ ctypedef struct DeadbandParams:  # read only when a sample is reported
 ctypedef struct DeadbandState:  # read for every sample: 32 bytes, 1,000 tags fit in L1
     val_t ref_value
     val_t band  # dead_abs + dead_rel * |ref_value|; NaN when ref_value is not finite
-    ts_t deadline  # report anyway at or after this time (ref_ts + max_silence, saturated)
+    ts_t deadline  # report anyway at or after this time (ref_ts + max_silence, saturated; TS_MIN with NO_REF)
     q_t ref_quality  # NO_REF (a Bad code) until a usable sample was reported
     q_t pad
 
@@ -241,55 +241,71 @@ def deadband(
     cdef const DeadbandParams* pp = &params[0]
     cdef DeadbandState* st = &state[0]
     cdef const DeadbandState* s
+    cdef const DeadbandState* s2
     cdef DeadbandState* w
     cdef const DeadbandParams* p
-    cdef tag_t t
+    cdef tag_t t, t2
     cdef ts_t now
-    cdef val_t v, r, band
+    cdef val_t v, r
     cdef q_t q
-    cdef int keep
     with nogil:
         for j in range(SLOTS):
             last[j] = -1
         while b0 < n:
             b1 = b0 + bs if b0 + bs < n else n
             m0 = 0
-            for i in range(b0, b1):
+            i = b0
+            # A NaN band (reference not finite) keeps every row here; the second pass decides
+            # those exactly. A Bad row differs from every reference quality but NO_REF, and
+            # NO_REF always comes with a deadline of REPORT_ALL (TS_MIN). Two rows per turn.
+            while i + 1 < b1:
+                t = tg[i]
+                t2 = tg[i + 1]
+                if (<size_t>t >= <size_t>nt) | (<size_t>t2 >= <size_t>nt):
+                    break  # the loop below finds which
+                last[t & (SLOTS - 1)] = <cnp.int32_t>i
+                last[t2 & (SLOTS - 1)] = <cnp.int32_t>(i + 1)
+                s = st + t
+                s2 = st + t2
+                idx[m0] = <cnp.int32_t>i
+                m0 += (not (fabs(vp[i] - s.ref_value) <= s.band)) | (qp[i] != s.ref_quality) | (tsp[i] >= s.deadline)
+                idx[m0] = <cnp.int32_t>(i + 1)
+                i += 1
+                m0 += (not (fabs(vp[i] - s2.ref_value) <= s2.band)) | (qp[i] != s2.ref_quality) | (tsp[i] >= s2.deadline)
+                i += 1
+            while i < b1:
                 t = tg[i]
                 if <size_t>t >= <size_t>nt:
                     err = i
                     break
                 last[t & (SLOTS - 1)] = <cnp.int32_t>i
-                idx[m0] = <cnp.int32_t>i
                 s = st + t
-                v = vp[i]
-                r = s.ref_value
-                band = s.band
-                keep = not (fabs(v - r) <= band)
-                if band != band:  # reference not finite: report a different value or NaN-ness
-                    keep = not (v == r or (isnan(v) and isnan(r)))
-                q = qp[i]  # a Bad sample is always reported
-                keep = keep | (q >= 0x80000000u) | (q != s.ref_quality) | (tsp[i] >= s.deadline)
-                m0 += keep
-            else:
-                i = b1
+                idx[m0] = <cnp.int32_t>i
+                m0 += (not (fabs(vp[i] - s.ref_value) <= s.band)) | (qp[i] != s.ref_quality) | (tsp[i] >= s.deadline)
+                i += 1
             e = i  # rows before e are final
             for j in range(m0):
                 k = idx[j]
                 if k >= e:
                     break
                 t = tg[k]
+                w = st + t
+                q = qp[k]
+                v = vp[k]
+                now = tsp[k]
+                r = w.ref_value
+                if w.band != w.band and q == w.ref_quality and now < w.deadline and (
+                    v == r or (isnan(v) and isnan(r))
+                ):
+                    continue  # reference not finite and the value equal to it: not reported
                 if last[t & (SLOTS - 1)] > k:  # a later row of this slot: if it is this tag's, end there
                     for x in range(k + 1, e):
                         if tg[x] == t:
                             e = x
                             break
-                w = st + t
-                q = qp[k]
-                v = vp[k]
-                now = tsp[k]
                 if q >= 0x80000000u:  # Bad: the next usable sample is reported too
                     w.ref_quality = NO_REF
+                    w.deadline = TS_MIN  # REPORT_ALL: the reference is gone
                 else:
                     p = pp + t
                     w.ref_value = v

@@ -124,7 +124,7 @@ DEADBAND_STATE = np.dtype(
         ("ref_value", "f8"),
         ("band", "f8"),  # dead_abs + dead_rel * |ref_value|; NaN when ref_value is not finite
         ("deadline", "i8"),  # report anyway at or after this time: ref_ts + max_silence, saturated
-        ("ref_quality", "u4"),  # NO_REF until a usable sample was reported
+        ("ref_quality", "u4"),  # NO_REF (with deadline REPORT_ALL) until a usable sample was reported
         ("pad", "u4"),
     ],
     align=True,
@@ -145,7 +145,8 @@ def _deadline_after(now: int, max_silence: int) -> int:
 def deadband(tags, ts, values, quality, params, state, want_src):
     """Report-by-exception; returns the reported samples as columns (rows of the input).
 
-    - A Bad sample is reported and clears the reference, so the next usable one is reported.
+    - A Bad sample is reported and clears the reference (ref_quality NO_REF, deadline
+      REPORT_ALL), so the next usable one is reported.
     - A usable sample is reported when its quality differs from the reference's (or there is
       none), when max_silence ns passed since the reference (now >= deadline), or when it
       differs from the reference r: for a finite r, when not |value - r| <= band (band =
@@ -164,6 +165,7 @@ def deadband(tags, ts, values, quality, params, state, want_src):
         q = int(quality[i])
         if (q >> 30) >= 2:
             ref_quality[t] = NO_REF
+            deadline[t] = REPORT_ALL
             out.emit(t, int(ts[i]), float(values[i]), q, i)
             continue
         v = float(values[i])

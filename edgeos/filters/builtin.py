@@ -107,6 +107,7 @@ class DeadbandFilter(_Filter):
             self.params_rec["max_silence"][t] = p["max_silence"] or _ref.NO_SILENCE_LIMIT
         self.state = np.zeros(n_tags, _ref.DEADBAND_STATE)
         self.state["ref_quality"] = _ref.NO_REF
+        self.state["deadline"] = _ref.REPORT_ALL  # no reference: the first sample is reported
 
     def apply(self, batch: Batch) -> Batch:
         if not len(batch):
