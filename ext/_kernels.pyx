@@ -218,6 +218,9 @@ def deadband(
     applies them to the state and writes them out; the block ends before the first row whose
     tag was kept earlier in the block, since that row was judged on a stale reference, and the
     next block classifies it again. Blocks shrink while that happens often (few tags).
+
+    Precondition (kept by DeadbandFilter and by both twins): a state with ref_quality NO_REF
+    has deadline REPORT_ALL, which is what reports a Bad sample without a test of its own.
     """
     cdef Py_ssize_t i, j, k, x, b0 = 0, b1, e, m = 0, m0, bs = BLOCK, n = tags.shape[0], nt = state.shape[0], err = -1
     _check_columns("deadband", n, ts.shape[0], values.shape[0], quality.shape[0])
@@ -299,7 +302,7 @@ def deadband(
                 ):
                     continue  # reference not finite and the value equal to it: not reported
                 if last[t & (SLOTS - 1)] > k:  # a later row of this slot: if it is this tag's, end there
-                    for x in range(k + 1, e):
+                    for x in range(k + 1, min(e, <Py_ssize_t>last[t & (SLOTS - 1)] + 1)):
                         if tg[x] == t:
                             e = x
                             break
