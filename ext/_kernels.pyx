@@ -217,12 +217,13 @@ def deadband(
     such a branch). It notes each tag's last row in the block. The second walks the kept rows,
     applies them to the state and writes them out; the block ends before the first row whose
     tag was kept earlier in the block, since that row was judged on a stale reference, and the
-    next block classifies it again. Blocks shrink while that happens often (few tags).
+    next block classifies it again. After a cut, blocks are as long as the shortest distance at
+    which a kept tag came again (the tags' period in a poll-ordered batch), then grow back.
 
     Precondition (kept by DeadbandFilter and by both twins): a state with ref_quality NO_REF
     has deadline REPORT_ALL, which is what reports a Bad sample without a test of its own.
     """
-    cdef Py_ssize_t i, j, k, x, b0 = 0, b1, e, m = 0, m0, bs = BLOCK, n = tags.shape[0], nt = state.shape[0], err = -1
+    cdef Py_ssize_t i, j, k, x, b0 = 0, b1, e, gap, m = 0, m0, bs = BLOCK, n = tags.shape[0], nt = state.shape[0], err = -1
     _check_columns("deadband", n, ts.shape[0], values.shape[0], quality.shape[0])
     _check_len("deadband", "params", params.shape[0], "state", nt)
     cdef _OutCols cols = _out_cols(n, want_src)
@@ -287,6 +288,7 @@ def deadband(
                 m0 += (not (fabs(vp[i] - s.ref_value) <= s.band)) | (qp[i] != s.ref_quality) | (tsp[i] >= s.deadline)
                 i += 1
             e = i  # rows before e are final
+            gap = BLOCK  # the shortest distance at which a kept tag came again
             for j in range(m0):
                 k = idx[j]
                 if k >= e:
@@ -305,6 +307,7 @@ def deadband(
                     for x in range(k + 1, min(e, <Py_ssize_t>last[t & (SLOTS - 1)] + 1)):
                         if tg[x] == t:
                             e = x
+                            gap = min(gap, x - k)
                             break
                 if q >= 0x80000000u:  # Bad: the next usable sample is reported too
                     w.ref_quality = NO_REF
@@ -324,9 +327,9 @@ def deadband(
                 m += 1
             if e < i:  # cut short: classify the rest again; a bad tag beyond e is met again
                 err = -1
-                bs = max(16, min(<Py_ssize_t>BLOCK, 2 * (e - b0)))
+                bs = max(16, gap)  # blocks no longer than the tags' period rarely need a cut
             elif bs < BLOCK:
-                bs = min(<Py_ssize_t>BLOCK, 2 * bs)
+                bs = min(<Py_ssize_t>BLOCK, bs + bs // 8 + 1)
             if err >= 0:
                 break
             b0 = e

@@ -361,17 +361,19 @@ def test_bad_samples_pass_through_unchanged(kernel_impl, kind):
 
 @pytest.mark.parametrize(
     "pattern",
-    ["interleaved", "runs", "one_tag", "shared_low_bits"],
+    ["interleaved", "period_250", "runs", "one_tag", "shared_low_bits"],
 )
 def test_deadband_blocks_equal_reference_on_long_streams(pattern):
     """The compiled deadband classifies blocks of rows against the state at the block's start
     and cuts a block short where a tag kept in it comes again. Long streams exercise that:
-    many tags (no cuts), runs of one tag (a cut at every kept row), and tag ids 1024 apart
-    (they share a slot of the block's table), with a bad tag id at the end."""
+    many tags (no cuts), fewer tags than a block holds (cuts at the tags' period), runs of one
+    tag (a cut at every kept row), and tag ids 1024 apart (they share a slot of the block's
+    table), with a bad tag id at the end."""
     rng = np.random.default_rng(11)
     n, n_tags = 6000, 3000
     ids = {
         "interleaved": np.tile(np.arange(700, dtype=np.int32), n // 700 + 1)[:n],
+        "period_250": np.tile(np.arange(250, dtype=np.int32), n // 250),  # blocks cut to the period
         "runs": np.repeat(rng.integers(0, 50, n // 37 + 1).astype(np.int32), 37)[:n],
         "one_tag": np.full(n, 7, np.int32),
         "shared_low_bits": rng.choice(np.array([5, 1029, 2053, 6], np.int32), n),
