@@ -194,6 +194,13 @@ cdef inline ts_t deadline_after(ts_t now, ts_t max_silence) noexcept nogil:
     return now + max_silence
 
 
+cdef inline int db_differs(const DeadbandState* s, val_t v, q_t q, ts_t now) noexcept nogil:
+    """The first pass's test: 1 for a row to report, or to decide in the second pass (a NaN
+    band keeps every row). A Bad row differs from every reference quality but NO_REF, and
+    NO_REF always comes with a deadline of REPORT_ALL (TS_MIN)."""
+    return (not (fabs(v - s.ref_value) <= s.band)) | (q != s.ref_quality) | (now >= s.deadline)
+
+
 cdef enum:
     BLOCK = 512  # most rows classified before their kept rows are applied
     SLOTS = 1024  # tag -> its last row in the block, by the tag's low bits (tags may share a slot)
@@ -259,10 +266,7 @@ def deadband(
             b1 = b0 + bs if b0 + bs < n else n
             m0 = 0
             i = b0
-            # A NaN band (reference not finite) keeps every row here; the second pass decides
-            # those exactly. A Bad row differs from every reference quality but NO_REF, and
-            # NO_REF always comes with a deadline of REPORT_ALL (TS_MIN). Two rows per turn.
-            while i + 1 < b1:
+            while i + 1 < b1:  # two rows per turn
                 t = tg[i]
                 t2 = tg[i + 1]
                 if (<size_t>t >= <size_t>nt) | (<size_t>t2 >= <size_t>nt):
@@ -272,10 +276,10 @@ def deadband(
                 s = st + t
                 s2 = st + t2
                 idx[m0] = <cnp.int32_t>i
-                m0 += (not (fabs(vp[i] - s.ref_value) <= s.band)) | (qp[i] != s.ref_quality) | (tsp[i] >= s.deadline)
+                m0 += db_differs(s, vp[i], qp[i], tsp[i])
                 idx[m0] = <cnp.int32_t>(i + 1)
                 i += 1
-                m0 += (not (fabs(vp[i] - s2.ref_value) <= s2.band)) | (qp[i] != s2.ref_quality) | (tsp[i] >= s2.deadline)
+                m0 += db_differs(s2, vp[i], qp[i], tsp[i])
                 i += 1
             while i < b1:
                 t = tg[i]
@@ -285,7 +289,7 @@ def deadband(
                 last[t & (SLOTS - 1)] = <cnp.int32_t>i
                 s = st + t
                 idx[m0] = <cnp.int32_t>i
-                m0 += (not (fabs(vp[i] - s.ref_value) <= s.band)) | (qp[i] != s.ref_quality) | (tsp[i] >= s.deadline)
+                m0 += db_differs(s, vp[i], qp[i], tsp[i])
                 i += 1
             e = i  # rows before e are final
             gap = BLOCK  # the shortest distance at which a kept tag came again
