@@ -95,6 +95,13 @@ def test_deadband_heartbeat(kernel_impl):
     assert (f.apply(b).ts // 10**9).tolist() == [0, 3, 6, 9]
 
 
+def test_deadband_built_in_code_rejects_a_negative_max_silence(kernel_impl):
+    """The config checks max_silence >= 1 ms; code that builds the filter directly gets a clear
+    error instead of a deadline that overflows int64 near its low end."""
+    with pytest.raises(ValueError, match=r"tag 0: max_silence must not be negative \(found -5 ns\)"):
+        DeadbandFilter(1, {0: {"abs": 1.0, "max_silence": -5}}, impl=kernel_impl)
+
+
 KERNEL_NAMES = ("deadband", "swinging_door", "moving_average", "ewma", "rate", "counter_delta", "window", "spike")
 
 

@@ -104,6 +104,8 @@ class DeadbandFilter(_Filter):
                 self.params_rec["dead_abs"][t] = pct / 100.0 * p["span"]
             else:
                 self.params_rec["dead_abs"][t] = p["abs"] or 0.0
+            if p["max_silence"] is not None and p["max_silence"] < 0:  # the config allows >= 1 ms
+                raise ValueError(f"deadband: tag {t}: max_silence must not be negative (found {p['max_silence']} ns)")
             self.params_rec["max_silence"][t] = p["max_silence"] or _ref.NO_SILENCE_LIMIT
         self.state = np.zeros(n_tags, _ref.DEADBAND_STATE)
         self.state["ref_quality"] = _ref.NO_REF
