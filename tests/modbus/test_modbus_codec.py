@@ -5,36 +5,13 @@ from __future__ import annotations
 import math
 import struct
 
+import edgeos_test_peers_modbus as peers  # tests/peers/modbus.py, loaded by conftest.py
 import numpy as np
 import pytest
 from edgeos.protocols.modbus.codec import Decoder, encode_registers, merge_into_register, permutation, raw_number
 from edgeos.protocols.modbus.config import BYTE_ORDERS, NUMERIC, TagSpec
 from hypothesis import given
 from hypothesis import strategies as st
-
-FMT = {
-    "int16": "h",
-    "uint16": "H",
-    "int32": "i",
-    "uint32": "I",
-    "int64": "q",
-    "uint64": "Q",
-    "float16": "e",
-    "float32": "f",
-    "float64": "d",
-}
-
-
-def wire_registers(typ: str, order: str, value) -> list[int]:
-    """Registers as a device with this byte order puts them on the wire (reference, no numpy)."""
-    big = struct.pack(">" + FMT[typ], value)  # A B C D ... most significant first
-    words = [big[i : i + 2] for i in range(0, len(big), 2)]
-    if order in ("CDAB", "DCBA"):
-        words = words[::-1]
-    if order in ("BADC", "DCBA"):
-        words = [w[::-1] for w in words]
-    return [int.from_bytes(w, "big") for w in words]
-
 
 SAMPLES = {
     "int16": [-32768, -1, 0, 12345, 32767],
@@ -62,9 +39,9 @@ def test_every_type_and_byte_order_decodes_and_encodes_like_struct(typ: str, ord
     specs, regs, expected = [], [], []
     for k, v in enumerate(SAMPLES[typ]):
         specs.append(TagSpec("hr", k * n, n, typ, order))
-        regs += wire_registers(typ, order, v)
-        expected.append(struct.unpack(">" + FMT[typ], struct.pack(">" + FMT[typ], v))[0])  # as stored
-        assert encode_registers(specs[-1], v) == wire_registers(typ, order, v)
+        regs += peers.wire_registers(typ, order, v)
+        expected.append(struct.unpack(">" + peers.FMT[typ], struct.pack(">" + peers.FMT[typ], v))[0])  # as stored
+        assert encode_registers(specs[-1], v) == peers.wire_registers(typ, order, v)
     values, text = decode(specs, regs)
     assert text is None
     np.testing.assert_array_equal(values, np.array(expected))
@@ -127,7 +104,7 @@ def test_float32_round_trips(value: float, order: str) -> None:
 def test_int32_round_trips(value: int, order: str) -> None:
     spec = TagSpec("hr", 0, 2, "int32", order)
     regs = encode_registers(spec, value)
-    assert regs == wire_registers("int32", order, value)
+    assert regs == peers.wire_registers("int32", order, value)
     assert decode([spec], regs)[0][0] == value
 
 
@@ -135,7 +112,7 @@ def test_integers_are_written_exactly_beyond_float64() -> None:
     u64, i64 = TagSpec("hr", 0, 4, "uint64"), TagSpec("hr", 0, 4, "int64", "DCBA")
     for spec, value in [(u64, 2**64 - 1), (u64, 2**53 + 1), (i64, -(2**63)), (i64, -(2**53) - 1)]:
         assert raw_number(spec, value) == value and raw_number(spec, str(value)) == value
-        assert encode_registers(spec, value) == wire_registers(spec.type, spec.byte_order, value)
+        assert encode_registers(spec, value) == peers.wire_registers(spec.type, spec.byte_order, value)
     assert raw_number(u64, "0xFFFFFFFFFFFFFFFF") == 2**64 - 1
     with pytest.raises(ValueError, match="out of range for uint64"):
         raw_number(u64, 2**64)

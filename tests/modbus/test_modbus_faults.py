@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import edgeos_test_peers_modbus as peers  # tests/peers/modbus.py, loaded by conftest.py
 import numpy as np
 import pytest
 from edgeos.protocols.modbus import transport
@@ -116,24 +117,6 @@ async def test_each_device_keeps_its_own_timeout_on_a_shared_connection(raw_peer
 # -- 3. a silent shared connection is rebuilt for every device on it -----------------------
 
 
-class Collect:
-    def __init__(self, cfg) -> None:
-        self.keys = [m.key for m in cfg.tags]
-        self.rows: dict[str, list[tuple[int, float, int]]] = {}
-
-    async def put(self, b) -> None:
-        for t, _, v, q in zip(b.tags.tolist(), b.ts.tolist(), b.values.tolist(), b.quality.tolist(), strict=True):
-            self.rows.setdefault(self.keys[t], []).append((t, v, q))
-
-    async def flush(self) -> None:
-        return None
-
-    def recovered(self, key: str) -> bool:
-        """A Good sample after a Bad one."""
-        qs = [q for _, _, q in self.rows.get(key, [])]
-        return any(q != Quality.GOOD for q in qs) and qs[-1] == Quality.GOOD
-
-
 async def test_a_silent_shared_connection_is_rebuilt_for_every_device(raw_peer, modbus_config, run_runtime):
     peer = await raw_peer()
     peer.hang_after[1] = 4  # the first connection answers 4 requests, then stays open and silent
@@ -143,7 +126,7 @@ async def test_a_silent_shared_connection_is_rebuilt_for_every_device(raw_peer, 
     body = device(peer.port, tag, "reconnect_after = 2", name="u1", unit=1, timeout="100ms")
     body += device(peer.port, tag, "reconnect_after = 1000", name="u2", unit=2, timeout="100ms")
     cfg = modbus_config(body)
-    sink = Collect(cfg)
+    sink = peers.Collect(cfg)
     rt = await run_runtime(
         cfg, sinks=[sink], timeout=10, until=lambda rt: sink.recovered("u1/a") and sink.recovered("u2/a")
     )

@@ -3,6 +3,7 @@ adapter on the other; several units share the line (and one connection)."""
 
 from __future__ import annotations
 
+import edgeos_test_peers_modbus as peers  # tests/peers/modbus.py, loaded by conftest.py
 import numpy as np
 
 from edgeos import Quality
@@ -27,22 +28,6 @@ tags = [{tags}]
 """
 
 
-class Sink:
-    def __init__(self, cfg) -> None:
-        self.keys = [m.key for m in cfg.tags]
-        self.rows: dict[str, list[tuple[int, float, int]]] = {}
-
-    async def put(self, b) -> None:
-        for t, ts, v, q in zip(b.tags.tolist(), b.ts.tolist(), b.values.tolist(), b.quality.tolist(), strict=True):
-            self.rows.setdefault(self.keys[t], []).append((ts, v, q))
-
-    async def flush(self) -> None:
-        return None
-
-    def good(self, key: str) -> list[tuple[int, float, int]]:
-        return [r for r in self.rows.get(key, []) if r[2] == Quality.GOOD]
-
-
 async def test_units_on_one_serial_line_are_read_without_interleaving(
     pty_pair, peer_module, modbus_config, run_runtime
 ):
@@ -58,7 +43,7 @@ async def test_units_on_one_serial_line_are_read_without_interleaving(
             '{ name = "c", address = "coil3", writable = true }'
         )
         cfg = modbus_config(rtu_device(pty_pair.b, "m1", 1, tags1) + rtu_device(pty_pair.b, "m2", 2, tags2))
-        sink = Sink(cfg)
+        sink = peers.Collect(cfg)
         rt = await run_runtime(
             cfg, sinks=[sink], until=lambda rt: all(len(sink.good(k)) >= 5 for k in ("m1/t", "m2/n", "m2/c"))
         )
@@ -86,7 +71,7 @@ async def test_a_silent_unit_on_a_shared_line_costs_only_its_own_timeouts(
             'poll_interval = "100ms"\n', "", 1
         )
         cfg = modbus_config(body.replace('timeout = "200ms"', 'timeout = "40ms"'))
-        sink = Sink(cfg)
+        sink = peers.Collect(cfg)
         rt = await run_runtime(cfg, sinks=[sink], seconds=1.5)
         ts = np.array([r[0] for r in sink.good("alive/a")])
         gaps_ms = np.diff(ts) / 1e6

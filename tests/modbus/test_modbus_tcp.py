@@ -7,6 +7,7 @@ import asyncio
 import struct
 import time
 
+import edgeos_test_peers_modbus as peers  # tests/peers/modbus.py, loaded by conftest.py
 import numpy as np
 import pytest
 from edgeos.protocols.modbus import transport
@@ -226,24 +227,6 @@ async def test_rtu_framing_over_tcp(tcp_peer, modbus_config):
     assert got["pi"][0] == pytest.approx(3.14159274) and got["pi"][1] == Quality.GOOD
 
 
-class Collect:
-    """A sink keeping (tag key -> [(ts, value, quality)]) as batches arrive."""
-
-    def __init__(self, cfg) -> None:
-        self.keys = [m.key for m in cfg.tags]
-        self.rows: dict[str, list[tuple[int, float, int]]] = {}
-
-    async def put(self, b) -> None:
-        for t, ts, v, q in zip(b.tags.tolist(), b.ts.tolist(), b.values.tolist(), b.quality.tolist(), strict=True):
-            self.rows.setdefault(self.keys[t], []).append((ts, v, q))
-
-    async def flush(self) -> None:
-        return None
-
-    def good(self, key: str) -> list[tuple[int, float, int]]:
-        return [r for r in self.rows.get(key, []) if r[2] == Quality.GOOD]
-
-
 async def test_devices_on_one_endpoint_share_one_connection(tcp_peer, modbus_config, run_runtime, peer_module):
     peer = await tcp_peer({1: peer_module.UnitMap(), 2: peer_module.UnitMap()})
     peer.set_registers(1, "hr", 0, [11])
@@ -251,7 +234,7 @@ async def test_devices_on_one_endpoint_share_one_connection(tcp_peer, modbus_con
     body = device(peer.port, '{ name = "a", address = "hr0" }', name="u1", unit=1)
     body += device(peer.port, '{ name = "a", address = "hr0" }', name="u2", unit=2)
     cfg = modbus_config(body)
-    sink = Collect(cfg)
+    sink = peers.Collect(cfg)
     await run_runtime(cfg, sinks=[sink], until=lambda rt: len(sink.good("u1/a")) >= 5 and len(sink.good("u2/a")) >= 5)
     assert sink.good("u1/a")[-1][1] == 11 and sink.good("u2/a")[-1][1] == 22
     assert peer.connections == 1
@@ -263,7 +246,7 @@ async def test_a_restarted_server_is_reconnected(tcp_peer, modbus_config, run_ru
     port = peer.port
     peer.set_registers(1, "hr", 0, [5])
     cfg = modbus_config(device(port, '{ name = "a", address = "hr0" }'))
-    sink = Collect(cfg)
+    sink = peers.Collect(cfg)
     state = {"phase": 0}
 
     async def restart() -> None:
@@ -302,7 +285,7 @@ async def test_a_dead_device_does_not_slow_a_healthy_one(tcp_peer, modbus_config
         unit=2,
     ).replace('"300ms"', '"60ms"')
     cfg = modbus_config(body)
-    sink = Collect(cfg)
+    sink = peers.Collect(cfg)
     rt = await run_runtime(cfg, sinks=[sink], seconds=1.5)
     ts = np.array([r[0] for r in sink.good("ok/a")])
     gaps_ms = np.diff(ts) / 1e6

@@ -2,7 +2,9 @@
 one end of a socat pty pair. It counts every request it receives and can be told to refuse,
 stay silent, shorten or garble answers, so faults are those of a real peer on a real wire.
 
-Load it by path (tests have no package): see `load()` in tests/modbus/conftest.py.
+Also shared by the Modbus tests: `wire_registers` (how a device puts a value on the wire) and
+`Collect` (a runtime sink). Load it by path (tests have no package): see `load_peer_module()`
+in tests/modbus/conftest.py; test modules import it as `edgeos_test_peers_modbus`.
 """
 
 from __future__ import annotations
@@ -235,6 +237,31 @@ def wire_registers(typ: str, order: str, value) -> list[int]:
 
 def counts_by_table(requests: list[tuple[int, str, int, int]]) -> Counter:
     return Counter(t for _, t, _, _ in requests)
+
+
+class Collect:
+    """A runtime sink keeping tag key -> [(ts, value, quality)] as batches arrive."""
+
+    GOOD = 0  # edgeos.Quality.GOOD; this module imports nothing from edgeos
+
+    def __init__(self, cfg) -> None:
+        self.keys = [m.key for m in cfg.tags]
+        self.rows: dict[str, list[tuple[int, float, int]]] = {}
+
+    async def put(self, b) -> None:
+        for t, ts, v, q in zip(b.tags.tolist(), b.ts.tolist(), b.values.tolist(), b.quality.tolist(), strict=True):
+            self.rows.setdefault(self.keys[t], []).append((ts, v, q))
+
+    async def flush(self) -> None:
+        return None
+
+    def good(self, key: str) -> list[tuple[int, float, int]]:
+        return [r for r in self.rows.get(key, []) if r[2] == self.GOOD]
+
+    def recovered(self, key: str) -> bool:
+        """A Good sample after a non-Good one."""
+        qs = [q for _, _, q in self.rows.get(key, [])]
+        return any(q != self.GOOD for q in qs) and qs[-1] == self.GOOD
 
 
 # --------------------------------------------------------------------------------------------
