@@ -21,26 +21,9 @@ from edgeos import DeviceError, Quality, plugins
 from edgeos.cli import app
 
 
-def device(
-    port: int, tags: str, extra: str = "", name: str = "plc", unit: int = 1, timeout: str = "300ms", retries: int = 0
-) -> str:
-    return f"""
-[[devices]]
-name = "{name}"
-protocol = "modbus"
-host = "127.0.0.1"
-port = {port}
-unit = {unit}
-poll_interval = "50ms"
-timeout = "{timeout}"
-retries = {retries}
-reconnect_min = "20ms"
-reconnect_max = "100ms"
-{extra}
-tags = [
-{tags}
-]
-"""
+def device(*args, retries: int = 0, **kw) -> str:
+    """These tests fail fast: no retries unless asked for."""
+    return peers.device(*args, retries=retries, **kw)
 
 
 def modbus() -> plugins.ProtocolPlugin:

@@ -28,23 +28,7 @@ VALUES = {
 }
 
 
-def device(port: int, tags: str, extra: str = "", name: str = "plc", unit: int = 1) -> str:
-    return f"""
-[[devices]]
-name = "{name}"
-protocol = "modbus"
-host = "127.0.0.1"
-port = {port}
-unit = {unit}
-poll_interval = "50ms"
-timeout = "300ms"
-reconnect_min = "20ms"
-reconnect_max = "100ms"
-{extra}
-tags = [
-{tags}
-]
-"""
+device = peers.device
 
 
 async def read_once(dev):

@@ -239,6 +239,36 @@ def counts_by_table(requests: list[tuple[int, str, int, int]]) -> Counter:
     return Counter(t for _, t, _, _ in requests)
 
 
+def device(
+    port: int,
+    tags: str,
+    extra: str = "",
+    name: str = "plc",
+    unit: int = 1,
+    timeout: str = "300ms",
+    retries: int | None = None,
+) -> str:
+    """A Modbus TCP device section for a test config: fast polls and reconnects on loopback;
+    `retries` None keeps the config's default."""
+    retry_line = "" if retries is None else f"retries = {retries}\n"
+    return f"""
+[[devices]]
+name = "{name}"
+protocol = "modbus"
+host = "127.0.0.1"
+port = {port}
+unit = {unit}
+poll_interval = "50ms"
+timeout = "{timeout}"
+{retry_line}reconnect_min = "20ms"
+reconnect_max = "100ms"
+{extra}
+tags = [
+{tags}
+]
+"""
+
+
 class Collect:
     """A runtime sink keeping tag key -> [(ts, value, quality)] as batches arrive."""
 
