@@ -163,7 +163,7 @@ cdef int _check_len(str kernel, str name, Py_ssize_t length, str bound, Py_ssize
 
 cdef _bad_slot(str kernel, tag_t t, Py_ssize_t k, Py_ssize_t cap, Py_ssize_t n_slots, Py_ssize_t width):
     raise ValueError(
-        f"{kernel}: tag {t} has slot {k} and count {cap}, outside its ring buffers ({n_slots} x {width})"
+        f"{kernel}: tag {t} has slot {k} and count {cap}, outside its ring buffers ({n_slots} slots, {width} wide)"
     )
 
 
@@ -492,6 +492,17 @@ def swinging_door(
 # moving average, ewma
 
 
+cdef inline void two_sum(val_t* tot, val_t* comp, val_t x) noexcept nogil:
+    """tot += x, with the rounding error kept in comp (Neumaier): a huge value that enters and
+    leaves the window takes none of the small ones with it."""
+    cdef val_t s = tot[0] + x
+    if fabs(tot[0]) >= fabs(x):
+        comp[0] += (tot[0] - s) + x
+    else:
+        comp[0] += (x - s) + tot[0]
+    tot[0] = s
+
+
 def moving_average(
     const tag_t[::1] tags,
     const ts_t[::1] ts,
@@ -500,29 +511,35 @@ def moving_average(
     const cnp.int32_t[::1] slot,
     const ts_t[::1] count,
     const ts_t[::1] window,
-    val_t[:, ::1] buf_v,
-    ts_t[:, ::1] buf_t,
+    const ts_t[::1] base,
+    val_t[::1] buf_v,
+    ts_t[::1] buf_t,
     ts_t[::1] head,
     ts_t[::1] size,
     val_t[::1] total,
+    val_t[::1] comp,
     ts_t[::1] pushes,
 ):
     """Moving average by count or time; returns the output values (row-aligned)."""
-    cdef Py_ssize_t i, j, n = tags.shape[0], nt = slot.shape[0], err = -1, bad = -1
-    cdef Py_ssize_t n_slots = buf_v.shape[0], width = buf_v.shape[1]
+    cdef Py_ssize_t i, j, n = tags.shape[0], nt = slot.shape[0], err = -1
+    cdef Py_ssize_t n_slots = base.shape[0], width = buf_v.shape[0]
     _check_columns("moving_average", n, ts.shape[0], values.shape[0], quality.shape[0])
     _check_len("moving_average", "count", count.shape[0], "slot", nt)
     _check_len("moving_average", "window", window.shape[0], "slot", nt)
-    _check_len("moving_average", "buf_t", buf_t.shape[0], "buf_v rows", n_slots)
-    _check_len("moving_average", "buf_t columns", buf_t.shape[1], "buf_v columns", width)
-    _check_len("moving_average", "head", head.shape[0], "buf_v rows", n_slots)
-    _check_len("moving_average", "size", size.shape[0], "buf_v rows", n_slots)
-    _check_len("moving_average", "total", total.shape[0], "buf_v rows", n_slots)
-    _check_len("moving_average", "pushes", pushes.shape[0], "buf_v rows", n_slots)
+    _check_len("moving_average", "buf_t", buf_t.shape[0], "buf_v", width)
+    _check_len("moving_average", "head", head.shape[0], "base", n_slots)
+    _check_len("moving_average", "size", size.shape[0], "base", n_slots)
+    _check_len("moving_average", "total", total.shape[0], "base", n_slots)
+    _check_len("moving_average", "comp", comp.shape[0], "base", n_slots)
+    _check_len("moving_average", "pushes", pushes.shape[0], "base", n_slots)
     cdef tag_t t
-    cdef Py_ssize_t k, cap, h, sz, p
+    cdef Py_ssize_t k, cap, h, sz, p, b
+    for t in range(nt):  # every ring inside the buffers, so the loop below needs no check
+        k = slot[t]
+        if k >= 0 and (k >= n_slots or count[t] < 1 or base[k] < 0 or base[k] + count[t] > width):
+            _bad_slot("moving_average", t, k, count[t], n_slots, width)
     cdef ts_t w, now
-    cdef val_t v, tot
+    cdef val_t v, tot, c
     out = np.array(values, dtype=np.float64, copy=True)
     cdef val_t[::1] o = out
     with nogil:
@@ -536,54 +553,54 @@ def moving_average(
             if k < 0 or is_bad(quality[i]) or not isfinite(v):
                 continue
             cap = count[t]
-            if k >= n_slots or cap < 1 or cap > width:
-                bad = i
-                break
+            b = base[k]
             w = window[t]
             now = ts[i]
             h = head[k]
             sz = size[k]
             tot = total[k]
+            c = comp[k]
             if w > 0:
-                while sz > 0 and buf_t[k, h] <= now - w:
-                    tot -= buf_v[k, h]
+                while sz > 0 and buf_t[b + h] <= now - w:
+                    two_sum(&tot, &c, -buf_v[b + h])
                     h += 1
                     if h == cap:
                         h = 0
                     sz -= 1
             if sz == cap:
-                tot -= buf_v[k, h]
+                two_sum(&tot, &c, -buf_v[b + h])
                 h += 1
                 if h == cap:
                     h = 0
                 sz -= 1
             if sz == 0:
                 tot = 0.0
+                c = 0.0
             p = h + sz
             if p >= cap:
                 p -= cap
-            buf_v[k, p] = v
-            buf_t[k, p] = now
+            buf_v[b + p] = v
+            buf_t[b + p] = now
             sz += 1
-            tot += v
+            two_sum(&tot, &c, v)
             pushes[k] += 1
-            if pushes[k] >= cap:
+            if pushes[k] >= cap or not isfinite(tot):  # bound the drift; recover from overflow
                 pushes[k] = 0
                 tot = 0.0
+                c = 0.0
                 p = h
                 for j in range(sz):
-                    tot += buf_v[k, p]
+                    two_sum(&tot, &c, buf_v[b + p])
                     p += 1
                     if p == cap:
                         p = 0
             head[k] = h
             size[k] = sz
             total[k] = tot
-            o[i] = tot / sz
+            comp[k] = c
+            o[i] = (tot + c) / sz
     if err >= 0:
         _bad_tag(tags, err, nt)
-    if bad >= 0:
-        _bad_slot("moving_average", tags[bad], slot[tags[bad]], count[tags[bad]], n_slots, width)
     return out
 
 

@@ -174,6 +174,33 @@ def test_moving_average_forgets_a_huge_value_exactly(kernel_impl):
     f = builtin.moving_average.create(1, {0: {"count": 2}}, kernel_impl)
     out = f.apply(series([1.0, 1e300, -1e300, 1.0, 2.0, 3.0, 4.0]))
     assert out.values[-1] == 3.5  # the running total was recomputed, no residue of the huge values
+    # the review's cases: right after the huge value leaves, not only at the next recompute
+    f = builtin.moving_average.create(1, {0: {"count": 3}}, kernel_impl)
+    assert f.apply(series([1e300, 1, 2, 3, 4, 5])).values[3:].tolist() == [2.0, 3.0, 4.0]
+    f = builtin.moving_average.create(1, {0: {"count": 2}}, kernel_impl)
+    assert f.apply(series([1e16, 1, 1, 1])).values[2:].tolist() == [1.0, 1.0]
+
+
+def test_moving_average_one_glitch_leaves_no_trace_in_a_time_window(kernel_impl):
+    """One Good 1e20 in a 50-ish signal, 10 s window at 1 Hz, 1,000 samples between recomputes."""
+    n = 300
+    vals = 50.0 + np.sin(np.arange(n) / 10.0)
+    vals[5] = 1e20
+    f = builtin.moving_average.create(1, {0: {"window": 10 * S}}, kernel_impl)
+    out = f.apply(series(vals, ts=np.arange(n) * S)).values
+    exact = np.array([vals[max(0, i - 9) : i + 1].mean() for i in range(n)])
+    np.testing.assert_allclose(out[15:], exact[15:], rtol=1e-13)
+
+
+def test_moving_average_rings_are_as_long_as_each_tags_count(kernel_impl):
+    """2,000 five-sample averages beside one 100,000-sample window: buffers for ~110,000 values."""
+    params = {t: {"count": 5} for t in range(2000)} | {2000: {"window": S, "max_samples": 100_000}}
+    f = builtin.moving_average.create(2001, params, kernel_impl)
+    assert len(f.buf_v) == 2000 * 5 + 100_000
+    out = f.apply(series([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], tag=1999))
+    assert out.values.tolist() == [1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
+    out = f.apply(series([7.0, 8.0], ts=np.array([0, S // 2]), tag=2000))
+    assert out.values.tolist() == [7.0, 7.5]
 
 
 def test_ewma_is_exact_for_irregular_sampling(kernel_impl):

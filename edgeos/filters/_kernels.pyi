@@ -26,11 +26,13 @@ def moving_average(
     slot: I32,
     count: I64,
     window: I64,
+    base: I64,
     buf_v: F64,
     buf_t: I64,
     head: I64,
     size: I64,
     total: F64,
+    comp: F64,
     pushes: I64,
 ) -> F64: ...
 def ewma(tags: I32, ts: I64, values: F64, quality: U32, enabled: U8, tau: I64, has_y: U8, y: F64, y_ts: I64) -> F64: ...

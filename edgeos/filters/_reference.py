@@ -66,11 +66,15 @@ def _check_rings(kernel: str, buf_v, per_slot) -> tuple[int, int]:
     return n_slots, width
 
 
+def _bad_slot(kernel: str, t: int, k: int, cap: int, n_slots: int, width: int) -> None:
+    raise ValueError(
+        f"{kernel}: tag {t} has slot {k} and count {cap}, outside its ring buffers ({n_slots} slots, {width} wide)"
+    )
+
+
 def _check_slot(kernel: str, t: int, k: int, cap: int, n_slots: int, width: int) -> None:
     if k >= n_slots or cap < 1 or cap > width:
-        raise ValueError(
-            f"{kernel}: tag {t} has slot {k} and count {cap}, outside its ring buffers ({n_slots} x {width})"
-        )
+        _bad_slot(kernel, t, k, cap, n_slots, width)
 
 
 def _worse(q: int, p: int) -> int:
@@ -327,19 +331,38 @@ def swinging_door(tags, ts, values, quality, state, want_src):
 # moving average, ewma
 
 
-def moving_average(tags, ts, values, quality, slot, count, window, buf_v, buf_t, head, size, total, pushes):
+def _two_sum(tot: float, comp: float, x: float) -> tuple[float, float]:
+    """tot + x, with the rounding error kept in comp (Neumaier): a huge value that enters and
+    leaves the window takes none of the small ones with it."""
+    s = tot + x
+    if abs(tot) >= abs(x):
+        comp += (tot - s) + x
+    else:
+        comp += (x - s) + tot
+    return s, comp
+
+
+def moving_average(tags, ts, values, quality, slot, count, window, base, buf_v, buf_t, head, size, total, comp, pushes):
     """Mean of the last `count[t]` usable samples, or (window[t] > 0) of the usable samples in
     (ts - window, ts], at most `count[t]` of them. Returns the output values (row-aligned).
 
     Usable: not Bad and finite; other samples pass through unchanged and leave the state as is.
-    The running total is recomputed from the buffer every `count` pushes, so rounding cannot
-    drift and a huge value leaves no trace once it is out of the window.
+    Slot k's ring is buf_v[base[k] : base[k] + count[t]], so each tag holds only its own count.
+    The running total is a compensated sum, recomputed from the ring every `count` pushes (and
+    after an overflow), so rounding cannot drift and a huge value leaves no trace once it is out
+    of the window.
     """
     n, nt = _check_columns("moving_average", tags, ts, values, quality), len(slot)
     _check_len("moving_average", "count", len(count), "slot", nt)
     _check_len("moving_average", "window", len(window), "slot", nt)
-    per_slot = {"buf_t": buf_t, "head": head, "size": size, "total": total, "pushes": pushes}
-    n_slots, width = _check_rings("moving_average", buf_v, per_slot)
+    n_slots, width = len(base), len(buf_v)
+    _check_len("moving_average", "buf_t", len(buf_t), "buf_v", width)
+    for name, a in {"head": head, "size": size, "total": total, "comp": comp, "pushes": pushes}.items():
+        _check_len("moving_average", name, len(a), "base", n_slots)
+    for t in range(nt):
+        k, cap = int(slot[t]), int(count[t])
+        if k >= 0 and (k >= n_slots or cap < 1 or base[k] < 0 or int(base[k]) + cap > width):
+            _bad_slot("moving_average", t, k, cap, n_slots, width)
     out = np.array(values, dtype=np.float64, copy=True)
     for i in range(n):
         t = int(tags[i])
@@ -348,45 +371,42 @@ def moving_average(tags, ts, values, quality, slot, count, window, buf_v, buf_t,
         v = float(values[i])
         if k < 0 or (int(quality[i]) >> 30) >= 2 or not math.isfinite(v):
             continue
-        cap = int(count[t])
-        _check_slot("moving_average", t, k, cap, n_slots, width)
-        w = int(window[t])
-        now = int(ts[i])
-        h, sz, tot = int(head[k]), int(size[k]), float(total[k])
+        cap, b, w, now = int(count[t]), int(base[k]), int(window[t]), int(ts[i])
+        h, sz, tot, c = int(head[k]), int(size[k]), float(total[k]), float(comp[k])
         if w > 0:
-            while sz > 0 and int(buf_t[k, h]) <= now - w:
-                tot -= float(buf_v[k, h])
+            while sz > 0 and int(buf_t[b + h]) <= now - w:
+                tot, c = _two_sum(tot, c, -float(buf_v[b + h]))
                 h += 1
                 if h == cap:
                     h = 0
                 sz -= 1
         if sz == cap:
-            tot -= float(buf_v[k, h])
+            tot, c = _two_sum(tot, c, -float(buf_v[b + h]))
             h += 1
             if h == cap:
                 h = 0
             sz -= 1
         if sz == 0:
-            tot = 0.0
+            tot, c = 0.0, 0.0
         p = h + sz
         if p >= cap:
             p -= cap
-        buf_v[k, p] = v
-        buf_t[k, p] = now
+        buf_v[b + p] = v
+        buf_t[b + p] = now
         sz += 1
-        tot += v
+        tot, c = _two_sum(tot, c, v)
         pushes[k] += 1
-        if pushes[k] >= cap:
+        if pushes[k] >= cap or not math.isfinite(tot):
             pushes[k] = 0
-            tot = 0.0
+            tot, c = 0.0, 0.0
             p = h
             for _ in range(sz):
-                tot += float(buf_v[k, p])
+                tot, c = _two_sum(tot, c, float(buf_v[b + p]))
                 p += 1
                 if p == cap:
                     p = 0
-        head[k], size[k], total[k] = h, sz, tot
-        out[i] = tot / sz
+        head[k], size[k], total[k], comp[k] = h, sz, tot, c
+        out[i] = (tot + c) / sz
     return out
 
 

@@ -190,12 +190,16 @@ class MovingAverageFilter(_Filter):
         self.slot, n_slots = self._slots()
         self.count = self._array(np.int64, "count", 0, lambda c, p: p["max_samples"] if p["window"] else c)
         self.window = self._array(np.int64, "window")
-        cap = int(self.count.max(initial=1)) or 1
-        self.buf_v = np.zeros((n_slots, cap), np.float64)
-        self.buf_t = np.zeros((n_slots, cap), np.int64)
+        # One flat buffer, each tag's ring as long as its own count: a single long window in a
+        # chain group does not size every tag's ring.
+        caps = self.count[sorted(self.params)]
+        self.base = (np.cumsum(caps) - caps).astype(np.int64)
+        self.buf_v = np.zeros(int(caps.sum()), np.float64)
+        self.buf_t = np.zeros(len(self.buf_v), np.int64)
         self.head = np.zeros(n_slots, np.int64)
         self.size = np.zeros(n_slots, np.int64)
         self.total = np.zeros(n_slots, np.float64)
+        self.comp = np.zeros(n_slots, np.float64)
         self.pushes = np.zeros(n_slots, np.int64)
 
     def apply(self, batch: Batch) -> Batch:
@@ -206,11 +210,13 @@ class MovingAverageFilter(_Filter):
             self.slot,
             self.count,
             self.window,
+            self.base,
             self.buf_v,
             self.buf_t,
             self.head,
             self.size,
             self.total,
+            self.comp,
             self.pushes,
         )
         return Batch(batch.device, batch.tags, batch.ts, values, batch.quality, batch.text)
