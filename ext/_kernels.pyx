@@ -105,11 +105,13 @@ cdef class _OutCols:
             self.o.src = &e[0]
 
     cdef columns(self, Py_ssize_t m):
+        """The first m rows; these columns become the spare again (see _out_cols)."""
+        _spare[self.src is not None] = self
         src = None if self.src is None else self.src[:m]
         return self.tags[:m], self.ts[:m], self.values[:m], self.quality[:m], src
 
 
-cdef list _spare = [None, None]  # per want_src: the last output columns handed out
+cdef list _spare = [None, None]  # per want_src: the last output columns handed out, if not in use
 
 
 cdef inline bint _sole(cnp.PyObject* a) noexcept:
@@ -122,8 +124,10 @@ cdef _OutCols _out_cols(Py_ssize_t cap, bint want_src):
     them any more (the usual streaming case), else fresh ones. Fresh memory costs a page fault
     per 4 KiB written; reuse keeps a filter over big batches from paying that on every call.
     Checked under the GIL; views of an array hold a reference to it, so a held result is
-    never overwritten."""
+    never overwritten. The spare is taken out of its slot while a kernel fills it (with the GIL
+    released), so a call from another thread gets fresh columns instead of the same ones."""
     cdef _OutCols c = _spare[want_src]
+    _spare[want_src] = None
     if (
         c is not None
         and c.tags.shape[0] >= cap
@@ -134,9 +138,7 @@ cdef _OutCols _out_cols(Py_ssize_t cap, bint want_src):
         and (c.src is None or _sole(<cnp.PyObject*>c.src))
     ):
         return c
-    c = _OutCols(cap, want_src)
-    _spare[want_src] = c
-    return c
+    return _OutCols(cap, want_src)
 
 
 cdef inline _bad_tag(const tag_t[::1] tags, Py_ssize_t i, Py_ssize_t nt):
