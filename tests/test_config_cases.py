@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from edgeos import plugins
 from edgeos.cli import app
 from edgeos.config import load_config
 from edgeos.errors import ConfigError
+from edgeos.model import ValueKind
 
 CASES = Path(__file__).parent / "cases"
 ERROR_CASES = sorted(p.name for p in CASES.iterdir() if (p / "error.txt").exists())
@@ -57,3 +59,64 @@ def test_many_problems_are_all_reported_in_one_pass() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(CASES / "many_problems_one_pass" / "edgeos.toml")
     assert len(info.value.problems) >= 4
+
+
+# -- filters on string tags: refused unless the filter plugin says it handles text ------------
+
+TEXT_TAG = """
+[gateway]
+id = "gw1"
+data_dir = "data"
+
+[[devices]]
+name = "press1"
+protocol = "simulated"
+tags = [{{ name = "state", signal = "text", filters = [{{ type = "{filter}" }}] }}]
+"""
+
+
+class _TextPlugin:
+    """An OEM filter plugin, built here: tests/example_plugin is installed as it is."""
+
+    name = "last_text"
+    fields: dict = {}
+
+    def __init__(self, accepts_text: bool) -> None:
+        self.accepts_text = accepts_text
+
+    def create(self, n_tags: int, params: dict) -> None:
+        raise AssertionError("the loader only checks")
+
+
+@pytest.mark.parametrize("accepts_text", [True, False])
+def test_a_filter_plugin_opts_in_to_string_tags(accepts_text: bool, tmp_path: Path, monkeypatch) -> None:
+    original = plugins.load
+    plugin = _TextPlugin(accepts_text)
+    monkeypatch.setattr(plugins, "load", lambda g, n: plugin if n == plugin.name else original(g, n))
+    cfg = tmp_path / "edgeos.toml"
+    cfg.write_text(TEXT_TAG.format(filter=plugin.name))
+    if accepts_text:
+        (tag,) = load_config(cfg).devices[0].tags
+        assert [f.name for f in tag.filters] == ["last_text"]
+    else:
+        with pytest.raises(ConfigError, match="filter 'last_text' needs a numeric tag; tag 'state' is a string"):
+            load_config(cfg)
+
+
+def test_a_bool_tag_keeps_its_numeric_filter() -> None:
+    running, state = load_config(CASES / "valid_filter_on_bool_tag" / "edgeos.toml").devices[0].tags
+    assert running.meta.kind is ValueKind.BOOL and [f.name for f in running.filters] == ["deadband"]
+    assert state.meta.kind is ValueKind.STRING
+
+
+def test_problems_under_a_tag_name_it_and_keep_the_index() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CASES / "tag_path_names_tag" / "edgeos.toml")
+    paths = [p.path for p in info.value.problems]
+    assert paths == [
+        "devices[0](press1).tags[0](flow).filters[1].offset",
+        "devices[0](press1).tags[1].name",
+        "devices[0](press1).tags[3].name",
+        "devices[0](press1).tags[3].amplitud",
+        "devices[0](press1).tags[2](mode).states",  # the protocol's check, at the config's index
+    ]

@@ -14,7 +14,7 @@ from edgeos.adapter import DeviceConfig, FilterSpec, TagConfig
 from edgeos.config.model import Config, GatewayConfig, StoreConfig, UpstreamConfig
 from edgeos.config.schema import Field, Problems, parse_table, unknown_key_message
 from edgeos.config.tags_csv import read_tags_csv
-from edgeos.errors import ConfigError, PluginError
+from edgeos.errors import ConfigError, PluginError, Problem
 from edgeos.model import TagMeta, ValueKind
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -30,6 +30,13 @@ def _name_check(what: str):
         return None
 
     return check
+
+
+def _named(path: str, name: Any) -> str:
+    """`path(name)` when `name` is a valid name: an index alone cannot be found among 300 tags."""
+    if isinstance(name, str) and _NAME.match(name) and len(name) <= 128:
+        return f"{path}({name})"
+    return path
 
 
 GATEWAY_FIELDS: dict[str, Field] = {
@@ -230,14 +237,17 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
     tag_fields = dict(TAG_FIELDS)
     if plugin:
         tag_fields.update(plugin.tag_fields)
-    sources: list[tuple[str, str, int | None, Any]] = []  # (file, path, line, raw)
+    # (file, index path, path naming device and tag, line, raw); CSV rows have a line, no path.
+    sources: list[tuple[str, str, str, int | None, Any]] = []
     raw_tags = d["tags"]
     if raw_tags is not None:
         if not isinstance(raw_tags, list):
             problems.add(f"{dpath}.tags", "expected an array of tables: write [[devices.tags]]")
         else:
+            dnamed = _named(dpath, rd.get("name"))
             for j, rt in enumerate(raw_tags):
-                sources.append((problems.file, f"{dpath}.tags[{j}]", None, rt))
+                tname = rt.get("name") if isinstance(rt, dict) else None
+                sources.append((problems.file, f"{dpath}.tags[{j}]", _named(f"{dnamed}.tags[{j}]", tname), None, rt))
     if d["tags_csv"]:
         csv_path = base / d["tags_csv"]
         before = len(problems.items)
@@ -246,35 +256,38 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
             if p.path == "tags_csv":
                 problems.items[problems.items.index(p)] = type(p)(problems.file, f"{dpath}.tags_csv", p.message)
         for line, rt in rows:
-            sources.append((str(csv_path), "", line, rt))
+            sources.append((str(csv_path), "", "", line, rt))
     if not sources and not problems:
         problems.add(f"{dpath}.tags", "no tags: add [[devices.tags]] tables or tags_csv")
 
     tags: list[TagConfig] = []
+    places: list[tuple[str, str, int | None]] = []  # (file, path, line) of each tag in `tags`
     names: dict[str, str] = {}
-    for file, tpath, line, rt in sources:
+    for file, tpath, lpath, line, rt in sources:
         sub = Problems(file)
         if plugin is None and isinstance(rt, dict):
             rt = {k: v for k, v in rt.items() if k in TAG_FIELDS}
-        t = parse_table(rt, tag_fields, tpath, sub, extra=None)
-        filters = _parse_filters(t.get("filters"), f"{tpath}.filters" if tpath else "filters", sub)
+        t = parse_table(rt, tag_fields, lpath, sub, extra=None)
+        opts = {k: v for k, v in t.items() if k not in TAG_FIELDS}
+        # tag_kind is promised checked options; if the tag's own keys are wrong its kind is unknown.
+        kind = None if sub else (plugin.tag_kind(opts) if plugin else ValueKind.NUMBER)
+        fpath = f"{lpath}.filters" if lpath else "filters"
+        filters = _parse_filters(t.get("filters"), fpath, sub, tag=t.get("name"), kind=kind)
         for p in sub.items:
             path = p.path if tpath else p.path.lstrip(".")
             problems.add(path, p.message, line=line if p.line is None else p.line, file=p.file)
-        if sub or "name" not in t:
+        if sub or "name" not in t or kind is None:
             continue
         where = f"{file}:{line}" if line else tpath
         if t["name"] in names:
             problems.add(
-                f"{tpath}.name" if tpath else "name",
+                f"{lpath}.name" if lpath else "name",
                 f"duplicate tag name {t['name']!r} in device {d['name']!r} (first at {names[t['name']]})",
                 line=line,
                 file=file,
             )
             continue
         names[t["name"]] = where
-        opts = {k: v for k, v in t.items() if k not in TAG_FIELDS}
-        kind = plugin.tag_kind(opts) if plugin else ValueKind.NUMBER
         meta = TagMeta(
             id=first_id + len(tags),
             device=d["name"],
@@ -292,6 +305,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
                 options=opts,
             )
         )
+        places.append((file, lpath, line))
     dev = DeviceConfig(
         name=d["name"],
         protocol=d["protocol"],
@@ -303,11 +317,34 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
         enabled=d["enabled"],
     )
     if plugin is not None and tags:
+        before = len(problems.items)
         plugin.validate(dev, dpath, problems)
+        _relocate(problems, before, dpath, places)
     return dev
 
 
-def _parse_filters(raw: Any, path: str, problems: Problems) -> list[FilterSpec]:
+def _relocate(problems: Problems, start: int, dpath: str, places: list[tuple[str, str, int | None]]) -> None:
+    """Point a plugin's `tags[i]` problems at the tag's own place, naming it.
+
+    The plugin indexes `DeviceConfig.tags`, which skips tags that failed and appends CSV rows,
+    so its index need not be the config's.
+    """
+    prefix = f"{dpath}.tags["
+    for k in range(start, len(problems.items)):
+        p = problems.items[k]
+        if not p.path.startswith(prefix):
+            continue
+        index, closed, rest = p.path[len(prefix) :].partition("]")
+        if not (closed and index.isdigit() and int(index) < len(places) and rest[:1] in ("", ".")):
+            continue
+        file, path, line = places[int(index)]
+        problems.items[k] = Problem(file, path + rest if path else rest.lstrip("."), p.message, line)
+
+
+def _parse_filters(
+    raw: Any, path: str, problems: Problems, *, tag: str | None = None, kind: ValueKind | None = None
+) -> list[FilterSpec]:
+    """The tag's chain; `kind` None (unknown) skips the text check rather than guess."""
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -335,5 +372,9 @@ def _parse_filters(raw: Any, path: str, problems: Problems) -> list[FilterSpec]:
             msg = check(params)
             if msg:
                 problems.add(fpath, msg)
+        # String tags carry NaN in the value column: a numeric filter would compare NaNs and drop text.
+        if kind is ValueKind.STRING and not getattr(plugin, "accepts_text", False):
+            problems.add(f"{fpath}.type", f"filter {name!r} needs a numeric tag; tag {tag!r} is a string")
+            continue
         out.append(FilterSpec(name, params))
     return out

@@ -157,7 +157,7 @@ def test_a_writable_tag_must_fit_one_write_request(modbus_config):
     with pytest.raises(ConfigError) as info:
         modbus_config(device(502, tags))
     (problem,) = info.value.problems
-    assert problem.path == "devices[0].tags[2].length"
+    assert problem.path == "devices[0](plc).tags[2](bad).length"
     assert "at most 123 registers: at most 246 characters" in problem.message
 
 
