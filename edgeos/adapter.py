@@ -105,7 +105,12 @@ class ProtocolPlugin(Protocol):
 
 @runtime_checkable
 class Filter(Protocol):
-    """A stateful per-tag filter over batches; state persists across calls."""
+    """A stateful per-tag filter over batches; state persists across calls.
+
+    A filter that holds samples back (a held point, an open window) may also have
+    `flush() -> Batch`: the daemon calls it at a stop and stores what it returns (device names
+    are filled in by the pipeline), so a restart loses nothing the filter had seen.
+    """
 
     def apply(self, batch: Batch) -> Batch: ...
 

@@ -31,6 +31,7 @@ class Quality(enum.IntEnum):
     UNCERTAIN_LAST_USABLE = 0x40900000  # UncertainLastUsableValue
     UNCERTAIN_SENSOR_NOT_ACCURATE = 0x40930000  # spike filter verdict
     UNCERTAIN_ENGINEERING_UNITS_EXCEEDED = 0x40940000
+    UNCERTAIN_SUB_NORMAL = 0x40A40000  # UncertainSubNormal: a window's aggregate over part of it (stop)
     BAD = 0x80000000
     BAD_COMM_FAILURE = 0x80050000  # BadCommunicationError
     BAD_TIMEOUT = 0x800A0000

@@ -20,6 +20,10 @@ class Pipeline:
     def __init__(self, tags: Sequence[TagConfig], impl: str = "auto") -> None:
         n = max((t.id for t in tags), default=-1) + 1
         self.group_of_tag = np.zeros(n, np.int32)  # 0: no filters
+        self.devices = sorted({t.meta.device for t in tags})
+        self.device_of_tag = np.zeros(n, np.int32)
+        for t in tags:
+            self.device_of_tag[t.id] = self.devices.index(t.meta.device)
         signatures: dict[tuple[str, ...], list[TagConfig]] = {}
         for t in tags:
             if t.filters:
@@ -55,3 +59,28 @@ class Pipeline:
             if not len(batch):
                 break
         return batch
+
+    def flush(self) -> list[Batch]:
+        """What the filters hold back (a held swinging-door point, an open window), as one batch
+        per device, for a stop: without it a restart loses them. A step's held samples go
+        through the steps after it, which may then hold back some of them in turn."""
+        parts = []
+        for chain in self.chains[1:]:
+            carry = Batch.empty("")
+            for f in chain:
+                if len(carry):
+                    carry = f.apply(carry)
+                flush = getattr(f, "flush", None)
+                held = flush() if flush is not None else None
+                if held is not None and len(held):
+                    carry = Batch.concat("", [carry, held])
+            parts.append(carry)
+        held = Batch.concat("", parts)
+        if not len(held):
+            return []
+        dev = self.device_of_tag[held.tags]
+        out = []
+        for d in np.unique(dev):
+            b = held.take(dev == d)
+            out.append(Batch(self.devices[d], b.tags, b.ts, b.values, b.quality, b.text))
+        return out

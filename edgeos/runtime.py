@@ -373,10 +373,21 @@ class Runtime:
 
     # -- pipeline and writer ---------------------------------------------------------------
 
+    def _flush_filters(self, pipeline: Pipeline) -> list[Batch]:
+        """At a stop, what the filters hold back: held points, open windows."""
+        try:
+            return pipeline.flush()
+        except Exception as e:
+            self.counters.filter_errors += 1
+            log.error("filter flush failed, held samples are lost: %s: %s", type(e).__name__, e)
+            return []
+
     async def _pipeline(self, pipeline: Pipeline, raw: Channel, out: Channel) -> None:
         while True:
             batch = await raw.get()
             if batch is _STOP:
+                for held in self._flush_filters(pipeline):
+                    await out.put(held)
                 out.put_nowait(_STOP)
                 return
             self.counters.read += len(batch)

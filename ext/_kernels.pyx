@@ -457,6 +457,10 @@ def swinging_door(
                 continue
             dt = now - s.a_ts
             d = v - s.a_value
+            if s.has_h and s.max_interval > 0 and dt > s.max_interval:
+                m = sd_flush(s, o, m, t)  # H is closer than max_interval to A (CompMax)
+                dt = now - s.a_ts
+                d = v - s.a_value
             if dt <= 0 or not isfinite(d):
                 if not isfinite(d) or fabs(d) > s.deviation:
                     m = sd_flush(s, o, m, t)

@@ -155,3 +155,29 @@ def test_pipeline_applies_each_tags_chain_and_passes_the_rest(kernel_impl):
     assert per[0] == list(np.arange(10.0))  # no filter
     assert per[1] == [0.0, 6.0]  # |Δ| > 5
     assert per[2] == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0]  # scaled first (third-party filter)
+
+
+def test_pipeline_flush_sends_held_points_through_the_later_steps_per_device(kernel_impl):
+    S = 10**9
+    door = FilterSpec("swinging_door", {"deviation": 100.0})
+    count = FilterSpec("window", {"width": 3600 * S, "agg": "count"})
+    tags = [
+        TagConfig(TagMeta(0, "a", "x"), S, (door, count)),
+        TagConfig(TagMeta(1, "b", "y"), S, (door, count)),
+        TagConfig(TagMeta(2, "b", "z"), S, (door,)),
+        TagConfig(TagMeta(3, "b", "plain"), S),
+    ]
+    p = Pipeline(tags, impl=kernel_impl)
+    for dev, ids, kept in (("a", [0], []), ("b", [1, 2, 3], [2, 3] + [3] * 9)):
+        n = 10 * len(ids)
+        ts = np.repeat(np.arange(10) * S, len(ids))
+        out = p.apply(Batch(dev, np.tile(np.array(ids, np.int32), 10), ts, np.ones(n), np.zeros(n, np.uint32)))
+        assert sorted(out.tags.tolist()) == kept  # x, y: the first point sits in an open window
+    held = {b.device: b for b in p.flush()}
+    assert sorted(held) == ["a", "b"]
+    # x and y: the first point and the held last one reach the window, which the flush closes
+    assert held["a"].tags.tolist() == [0] and held["a"].values.tolist() == [2.0]
+    assert held["a"].quality.tolist() == [Quality.UNCERTAIN_SUB_NORMAL]
+    b = held["b"]
+    assert sorted(zip(b.tags.tolist(), b.ts.tolist(), b.values.tolist(), strict=True)) == [(1, 0, 2.0), (2, 9 * S, 1.0)]
+    assert p.flush() == []  # nothing is held twice

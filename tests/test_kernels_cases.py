@@ -276,6 +276,39 @@ def test_deadband_percent_of_span_and_of_value(kernel_impl):
 
 
 # --------------------------------------------------------------------------------------------
+# swinging door: max_interval as PI's CompMax, the stop's flush
+
+
+def test_swinging_door_keeps_every_archived_gap_within_max_interval(kernel_impl):
+    """Sampled every 7 s with max_interval 10 s: the held point is archived when the next
+    sample would make the gap too long (gaps were 14 s when only new samples were archived)."""
+    f = builtin.swinging_door.create(1, {0: {"deviation": 1.0, "max_interval": 10 * S}}, kernel_impl)
+    out = f.apply(series(np.zeros(8), ts=np.arange(0, 50, 7) * S))
+    assert (out.ts // S).tolist() == [0, 7, 14, 21, 28, 35, 42]
+    # a sample exactly max_interval after A is archived itself
+    f = builtin.swinging_door.create(1, {0: {"deviation": 1.0, "max_interval": 10 * S}}, kernel_impl)
+    out = f.apply(series(np.zeros(5), ts=np.array([0, 5, 10, 15, 20]) * S))
+    assert (out.ts // S).tolist() == [0, 10, 20]
+    # samples further apart than max_interval: each is archived, nothing can be closer
+    f = builtin.swinging_door.create(1, {0: {"deviation": 1.0, "max_interval": 10 * S}}, kernel_impl)
+    assert (f.apply(series(np.zeros(3), ts=np.array([0, 30, 60]) * S)).ts // S).tolist() == [0, 30, 60]
+
+
+def test_swinging_door_flush_archives_the_held_points_once(kernel_impl):
+    f = builtin.swinging_door.create(3, {0: {"deviation": 0.5}, 1: {"deviation": 0.5}}, kernel_impl)
+    b = Batch(
+        "d", np.array([0, 1, 0, 0, 2], np.int32), np.arange(5) * S, np.array([1.0, 2, 1, 1, 3]), np.zeros(5, np.uint32)
+    )
+    assert f.apply(b).tags.tolist() == [0, 1, 2]  # first points, and tag 2 (not filtered) passes
+    held = f.flush()
+    assert (held.tags.tolist(), (held.ts // S).tolist(), held.values.tolist()) == ([0], [3], [1.0])
+    assert len(f.flush()) == 0
+    # the trend goes on from the flushed point: a later step is judged from it
+    out = f.apply(series([1.0, 5.0], ts=np.array([4, 5]) * S))
+    assert (out.ts // S).tolist() == [4]  # 5 s is held; from A = (3 s, 1.0) the step ends at 4 s
+
+
+# --------------------------------------------------------------------------------------------
 # configuration
 
 

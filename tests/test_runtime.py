@@ -242,3 +242,35 @@ tags = [{ name = "a", filters = [{ type = "scale", factor = 2.0 }] }]
     finally:
         Pipeline.apply = original
     assert rt.counters.stored == rt.counters.read >= 5
+
+
+async def test_stop_stores_what_the_filters_hold_back(write_config, run_runtime):
+    """A held swinging-door point and an open window are stored at a stop, not lost with it."""
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "door"
+protocol = "simulated"
+poll_interval = "10ms"
+tags = [{ name = "flat", filters = [{ type = "swinging_door", deviation = 1e12 }] }]
+
+[[devices]]
+name = "win"
+protocol = "simulated"
+poll_interval = "10ms"
+tags = [{ name = "n", filters = [{ type = "window", width = "1h", agg = "count" }] }]
+"""
+        )
+    )
+    rt = await run_runtime(cfg, until=lambda rt: all(d.samples >= 20 for d in rt.devices.values()))
+    ts, values, quality = _stored(cfg, "door/flat")
+    # the first point is archived at once; the last one read was held and is archived at the stop
+    assert len(ts) == 2 and ts[1] > ts[0]
+    door = next(m.id for m in rt.latest.meta if m.device == "door")
+    assert abs(int(ts[1]) - int(rt.latest.ts[door])) <= 500_000  # the store keeps ms (rounded)
+    ts, values, quality = _stored(cfg, "win/n")
+    # an hour-long window cannot close in this run: the stop emits it, partial, counting every sample
+    assert values.tolist() == [float(rt.devices["win"].samples)]
+    assert quality.tolist() == [Quality.UNCERTAIN_SUB_NORMAL]

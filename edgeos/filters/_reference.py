@@ -228,9 +228,12 @@ def swinging_door(tags, ts, values, quality, state, want_src):
     Breaks, which archive H and start afresh: a Bad or non-finite sample (passed through,
     clears A so the next usable sample is archived), a quality different from A's (archived),
     a value whose difference from A overflows (archived). A point at A's timestamp (or
-    earlier) is archived when it is more than `deviation` from A, else dropped. max_interval:
-    a point at least that long after A is archived. min_interval: H is not archived while it
-    is closer than that to A; later points are then held instead.
+    earlier) is archived when it is more than `deviation` from A, else dropped. max_interval
+    (PI's CompMax): a point more than that after A first archives H, which is always closer
+    than max_interval to A; a point exactly max_interval or more after A is archived. So no
+    two archived points are further apart than max_interval unless no sample came between
+    them. min_interval: H is not archived while it is closer than that to A; later points are
+    then held instead.
     """
     n, nt = _check_columns("swinging_door", tags, ts, values, quality), len(state)
     enabled, deviation, min_interval, max_interval = (
@@ -296,6 +299,10 @@ def swinging_door(tags, ts, values, quality, state, want_src):
         dev = float(deviation[t])
         dt = int(ts[i]) - int(a_ts[t])
         d = v - float(a_value[t])
+        if has_h[t] and max_interval[t] > 0 and dt > int(max_interval[t]):
+            flush(t)  # H is closer than max_interval to A: no archived gap is longer (CompMax)
+            dt = int(ts[i]) - int(a_ts[t])
+            d = v - float(a_value[t])
         if dt <= 0 or not math.isfinite(d):
             if not math.isfinite(d) or abs(d) > dev:
                 flush(t)

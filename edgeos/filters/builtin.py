@@ -15,7 +15,7 @@ import numpy as np
 from edgeos.config.schema import MISSING, Field
 from edgeos.filters import _reference as _ref
 from edgeos.filters import kernels
-from edgeos.model import Batch
+from edgeos.model import Batch, Quality
 
 Params = Mapping[int, Mapping[str, Any]]
 
@@ -161,6 +161,21 @@ class SwingingDoorFilter(_Filter):
         if not len(batch):
             return batch
         return _assemble(batch, self._k.swinging_door(*self._cols(batch), self.state, batch.text is not None))
+
+    def flush(self) -> Batch:
+        """Archive every held point (the stop's flush): H always ends a valid segment from A,
+        so the deviation guarantee holds, and the trend does not end at an older A."""
+        st = self.state
+        held = np.flatnonzero(st["has_h"])
+        out = Batch("", held.astype(np.int32), st["h_ts"][held], st["h_value"][held], st["h_quality"][held])
+        st["a_value"][held] = st["h_value"][held]
+        st["a_ts"][held] = st["h_ts"][held]
+        st["a_quality"][held] = st["h_quality"][held]
+        st["has_a"][held] = 1
+        st["has_h"][held] = 0
+        st["slope_lo"][held] = -np.inf
+        st["slope_hi"][held] = np.inf
+        return out
 
 
 class _SwingingDoorPlugin(_Plugin):
@@ -390,6 +405,34 @@ class WindowFilter(_Filter):
             batch.text is not None,
         )
         return _assemble(batch, cols)
+
+    def flush(self) -> Batch:
+        """Emit every open window (the stop's flush) as an aggregate over the part seen so far,
+        marked UNCERTAIN_SUB_NORMAL (a window of only Bad samples keeps its Bad code), and
+        close it: after a restart the rest of that window is a second, also partial, sample."""
+        out = _ref._Out(False)
+        for t in np.flatnonzero(self.has_w & self.enabled):
+            _ref._window_emit(
+                out,
+                int(t),
+                int(self.w_start[t]),
+                int(self.agg[t]),
+                int(self.n_used[t]),
+                int(self.n_bad[t]),
+                int(self.last_bad[t]),
+                int(self.not_good[t]),
+                float(self.first[t]),
+                float(self.last[t]),
+                float(self.vmin[t]),
+                float(self.vmax[t]),
+                float(self.shift[t]),
+                float(self.s1[t]),
+                float(self.s2[t]),
+            )
+            self.has_w[t] = 0
+        tags, ts, values, quality, _ = out.columns()
+        quality[quality >> 30 < 2] = Quality.UNCERTAIN_SUB_NORMAL  # Good or Uncertain: partial
+        return Batch("", tags, ts, values, quality)
 
 
 class _WindowPlugin(_Plugin):
