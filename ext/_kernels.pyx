@@ -776,6 +776,8 @@ def counter_delta(
             if not en[t] or is_bad(q) or not isfinite(v):
                 m = emit(o, m, t, tsp[i], v, q, i)
                 continue
+            if v < 0 and v >= -0.5 * mod[t]:
+                v += mod[t]  # a counter decoded as signed: its unsigned value counts on
             if hp[t]:
                 p = pv[t]
                 d = v - p
@@ -1144,9 +1146,9 @@ def range_check(
             v = values[i]
             lo = low[t]
             hi = high[t]
-            if v < lo or v > hi:
+            if not (lo <= v and v <= hi):  # NaN too: it lies within no limits
                 m = mode[t]
-                if m == 0:
+                if m == 0 or (m == 2 and v != v):  # NaN cannot be clamped
                     oq[i] = BAD_OUT_OF_RANGE
                 elif m == 1:
                     oq[i] = UNCERTAIN_ENGINEERING_UNITS_EXCEEDED

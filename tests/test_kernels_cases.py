@@ -43,6 +43,9 @@ def test_all_builtins_are_registered_entry_points():
         (32, [2**32 - 6, 10], [16]),
         (64, [2.0**64 - 4096, 5], [4101]),
         (16, [7, 7, 7], [0, 0]),
+        (16, [32766, 32767, -32768, -32767], [1, 1, 1]),  # an INT16 register counts on past 32767
+        (16, [-2, -1, 0, 1], [1, 1, 1]),  # -1 is 65535 read as signed
+        (32, [2**31 - 1, -(2**31)], [1]),
     ],
 )
 def test_counter_rollover_and_reset(kernel_impl, bits, values, deltas):
@@ -65,9 +68,14 @@ def test_counter_keeps_counting_across_an_outage(kernel_impl):
     assert out.values[1:].tolist() == [30, 1]  # what was counted during the outage is not lost
 
 
-def test_counter_negative_or_oversized_values_are_resets(kernel_impl):
+def test_counter_values_outside_the_width_are_resets(kernel_impl):
     f = builtin.counter_delta.create(1, {0: {"bits": 16}}, kernel_impl)
-    assert f.apply(series([70000, 5, -3])).values.tolist() == [5, -3]
+    assert f.apply(series([70000, 5, -40000])).values.tolist() == [5, -40000]  # -40000: not an INT16
+
+
+def test_counter_max_increase_must_fit_the_width():
+    assert "more than a 16-bit counter" in builtin.counter_delta.validate({"bits": 16, "max_increase": 1e6})
+    assert builtin.counter_delta.validate({"bits": 16, "max_increase": 65536.0}) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,15 +260,15 @@ def test_range_modes(kernel_impl):
     params = {0: {"low": 0.0, "high": 1.0, "mode": "bad"}}
     out = builtin.range_.create(1, params, kernel_impl).apply(series(vals, quality=q))
     OUT = int(Quality.BAD_OUT_OF_RANGE)
-    assert out.quality.tolist() == [OUT, G, G, G, OUT, G, OUT, B, OUT]
+    assert out.quality.tolist() == [OUT, G, G, G, OUT, OUT, OUT, B, OUT]  # NaN lies within no limits
     params = {0: {"low": 0.0, "high": 1.0, "mode": "uncertain"}}
     out = builtin.range_.create(1, params, kernel_impl).apply(series(vals, quality=q))
     E = int(Quality.UNCERTAIN_ENGINEERING_UNITS_EXCEEDED)
-    assert out.quality.tolist() == [E, G, G, G, E, G, E, B, E]
+    assert out.quality.tolist() == [E, G, G, G, E, E, E, B, E]
     params = {0: {"low": 0.0, "high": 1.0, "mode": "clamp"}}
     out = builtin.range_.create(1, params, kernel_impl).apply(series(vals, quality=q))
     C = int(Quality.GOOD_CLAMPED)
-    assert out.quality.tolist() == [C, G, G, G, C, G, C, B, U]
+    assert out.quality.tolist() == [C, G, G, G, C, OUT, C, B, U]  # no limit replaces a NaN
     np.testing.assert_array_equal(out.values, [0.0, 0.0, 0.5, 1.0, 1.0, np.nan, 1.0, 5.0, 0.0])
 
 

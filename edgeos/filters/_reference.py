@@ -485,7 +485,8 @@ def counter_delta(tags, ts, values, quality, enabled, modulus, max_increase, has
     A decrease is a rollover when both values lie in [0, modulus) and the increase across the
     wrap, (modulus - previous) + current, is at most max_increase; the delta is that increase.
     Any other decrease is a reset (the counter restarted from 0): the delta is the current
-    value. Quality is the worse of the two samples'. Unusable samples pass through unchanged
+    value. A value in [-modulus/2, 0) is a counter decoded as signed and counts as value +
+    modulus. Quality is the worse of the two samples'. Unusable samples pass through unchanged
     and are skipped, so the first usable sample after an outage reports what was counted
     during it.
     """
@@ -508,6 +509,8 @@ def counter_delta(tags, ts, values, quality, enabled, modulus, max_increase, has
         if not enabled[t] or (q >> 30) >= 2 or not math.isfinite(v):
             out.emit(t, int(ts[i]), v, q, i)
             continue
+        if v < 0 and v >= -0.5 * float(modulus[t]):
+            v += float(modulus[t])  # a counter decoded as signed: its unsigned value counts on
         if has_p[t]:
             p = float(p_value[t])
             d = v - p
@@ -753,9 +756,10 @@ def spike(tags, ts, values, quality, slot, count, k_mad, floor, buf_v, buf_sorte
 def range_check(tags, ts, values, quality, enabled, low, high, mode):
     """Limits check; returns (values or None when no tag clamps, quality), row-aligned.
 
-    A Good or Uncertain sample with value < low or > high (NaN is neither) gets, by mode:
+    A Good or Uncertain sample with value < low or > high, or NaN, gets, by mode:
     BAD_OUT_OF_RANGE; UNCERTAIN_ENGINEERING_UNITS_EXCEEDED; or the value set to the limit with
-    GOOD_CLAMPED (an Uncertain sample keeps its code). Bad samples pass unchanged.
+    GOOD_CLAMPED (an Uncertain sample keeps its code; NaN, which no limit replaces, becomes
+    BAD_OUT_OF_RANGE). Bad samples pass unchanged.
     """
     n, nt = _check_columns("range_check", tags, ts, values, quality), len(enabled)
     for name, a in (("low", low), ("high", high), ("mode", mode)):
@@ -771,9 +775,9 @@ def range_check(tags, ts, values, quality, enabled, low, high, mode):
             continue
         v = float(values[i])
         lo, hi = float(low[t]), float(high[t])
-        if v < lo or v > hi:
+        if not (lo <= v <= hi):  # NaN too: it lies within no limits
             m = int(mode[t])
-            if m == RANGE_BAD:
+            if m == RANGE_BAD or (m == RANGE_CLAMP and math.isnan(v)):  # NaN cannot be clamped
                 out_q[i] = BAD_OUT_OF_RANGE
             elif m == RANGE_UNCERTAIN:
                 out_q[i] = UNCERTAIN_ENGINEERING_UNITS_EXCEEDED

@@ -352,6 +352,12 @@ class _CounterDeltaPlugin(_Plugin):
         ),
     }
 
+    def validate(self, params: Mapping[str, Any]) -> str | None:
+        bits, most = params.get("bits", 32), params.get("max_increase")
+        if most is not None and bits in (16, 32, 64) and most > 2.0**bits:
+            return f"max_increase {most:g} is more than a {bits}-bit counter can count (2**{bits})"
+        return None
+
 
 # --------------------------------------------------------------------------------------------
 
