@@ -1,15 +1,35 @@
 """Build glue: maps protocols/ into edgeos.protocols and compiles ext/*.pyx.
 
-Set EDGEOS_NO_EXTENSIONS=1 for a pure-Python build; otherwise a compile error fails the install.
+Set EDGEOS_NO_EXTENSIONS=1 for a pure-Python build; otherwise a compile error fails the install,
+with a message that says how to get a compiler or the pure build.
 """
 
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 packages = ["edgeos"] + [f"edgeos.{p}" for p in find_packages("edgeos")]
 packages += ["edgeos.protocols"] + [f"edgeos.protocols.{p}" for p in find_packages("protocols")]
 package_dir = {"edgeos": "edgeos", "edgeos.protocols": "protocols"}
+
+HINT = """
+edgeos: compiling the filter kernels (ext/_kernels.pyx) failed: {error}
+  Install a C compiler and the Python headers (Debian: apt install gcc python3-dev) and retry,
+  or install the pure-Python kernels, about 100 times slower, with a warning at every start:
+  EDGEOS_NO_EXTENSIONS=1 pip install ...
+"""
+
+
+class BuildKernels(build_ext):
+    """Turns a missing or failing compiler into a message that names both ways out."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # CompileError, LinkError, PlatformError, OSError: same advice
+            raise SystemExit(HINT.format(error=e)) from e
+
 
 ext_modules = []
 if os.environ.get("EDGEOS_NO_EXTENSIONS") != "1":
@@ -30,4 +50,4 @@ if os.environ.get("EDGEOS_NO_EXTENSIONS") != "1":
         compiler_directives={"language_level": 3},
     )
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules)
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass={"build_ext": BuildKernels})

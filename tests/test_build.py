@@ -1,4 +1,5 @@
-"""Packaging: the pure build is explicit and loud, never a silent fallback."""
+"""Packaging: the pure build is explicit and loud, never a silent fallback; a failed compile says
+how to get either build."""
 
 from __future__ import annotations
 
@@ -40,3 +41,20 @@ def test_pure_build_runs_on_reference_kernels_and_says_so(tmp_path):
     )
     assert demo.returncode == 0, demo.stderr
     assert "compiled filter kernels are missing" in demo.stderr
+
+
+def test_a_missing_compiler_fails_the_install_with_both_ways_out(tmp_path):
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
+    env.pop("EDGEOS_NO_EXTENSIONS", None)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp_path / "site"), str(ROOT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert build.returncode != 0
+    out = build.stdout + build.stderr
+    assert "compiling the filter kernels (ext/_kernels.pyx) failed" in out and "no-such-cc" in out
+    assert "apt install gcc python3-dev" in out and "EDGEOS_NO_EXTENSIONS=1" in out
