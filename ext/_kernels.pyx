@@ -457,16 +457,18 @@ def swinging_door(
                 continue
             dt = now - s.a_ts
             d = v - s.a_value
-            if s.has_h and s.max_interval > 0 and dt > s.max_interval:
-                m = sd_flush(s, o, m, t)  # H is closer than max_interval to A (CompMax)
-                dt = now - s.a_ts
-                d = v - s.a_value
+            force = False
+            if s.max_interval > 0 and dt >= s.max_interval:  # rare: one test on the common path
+                if s.has_h and dt > s.max_interval:
+                    m = sd_flush(s, o, m, t)  # H is closer than max_interval to A (CompMax)
+                    dt = now - s.a_ts
+                    d = v - s.a_value
+                force = dt >= s.max_interval
             if dt <= 0 or not isfinite(d):
                 if not isfinite(d) or fabs(d) > s.deviation:
                     m = sd_flush(s, o, m, t)
                     m = sd_archive(s, o, m, t, now, v, q, i)
                 continue
-            force = s.max_interval > 0 and dt >= s.max_interval
             inv = 1.0 / <val_t>dt
             sl = d * inv
             if s.slope_lo <= sl and sl <= s.slope_hi:
