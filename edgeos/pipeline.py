@@ -7,7 +7,7 @@ vectorised lookup, so the per-sample cost is the kernels' alone; tags with no fi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -60,20 +60,27 @@ class Pipeline:
                 break
         return batch
 
-    def flush(self) -> list[Batch]:
+    def flush(self, on_error: Callable[[Exception], None] | None = None) -> list[Batch]:
         """What the filters hold back (a held swinging-door point, an open window), as one batch
         per device, for a stop: without it a restart loses them. A step's held samples go
-        through the steps after it, which may then hold back some of them in turn."""
+        through the steps after it, which may then hold back some of them in turn. A chain
+        whose flush fails loses its held samples only (reported to `on_error`, else raised)."""
         parts = []
         for chain in self.chains[1:]:
             carry = Batch.empty("")
-            for f in chain:
-                if len(carry):
-                    carry = f.apply(carry)
-                flush = getattr(f, "flush", None)
-                held = flush() if flush is not None else None
-                if held is not None and len(held):
-                    carry = Batch.concat("", [carry, held])
+            try:
+                for f in chain:
+                    if len(carry):
+                        carry = f.apply(carry)
+                    flush = getattr(f, "flush", None)
+                    held = flush() if flush is not None else None
+                    if held is not None and len(held):
+                        carry = Batch.concat("", [carry, held])
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+                continue
             parts.append(carry)
         held = Batch.concat("", parts)
         if not len(held):

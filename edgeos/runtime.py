@@ -375,11 +375,15 @@ class Runtime:
 
     def _flush_filters(self, pipeline: Pipeline) -> list[Batch]:
         """At a stop, what the filters hold back: held points, open windows."""
-        try:
-            return pipeline.flush()
-        except Exception as e:
+
+        def failed(e: Exception) -> None:
             self.counters.filter_errors += 1
-            log.error("filter flush failed, held samples are lost: %s: %s", type(e).__name__, e)
+            log.error("filter flush failed, that chain's held samples are lost: %s: %s", type(e).__name__, e)
+
+        try:
+            return pipeline.flush(on_error=failed)
+        except Exception as e:  # splitting by device failed: nothing to store
+            failed(e)
             return []
 
     async def _pipeline(self, pipeline: Pipeline, raw: Channel, out: Channel) -> None:

@@ -28,6 +28,7 @@ cdef extern from *:
     #define EDGEOS_UNCERTAIN ((npy_uint32)0x40000000u)
     #define EDGEOS_UNCERTAIN_SENSOR_NOT_ACCURATE ((npy_uint32)0x40930000u)
     #define EDGEOS_UNCERTAIN_ENGINEERING_UNITS_EXCEEDED ((npy_uint32)0x40940000u)
+    #define EDGEOS_UNCERTAIN_SUB_NORMAL ((npy_uint32)0x40A40000u)
     #define EDGEOS_BAD_OUT_OF_RANGE ((npy_uint32)0x803C0000u)
     #define EDGEOS_NO_REF ((npy_uint32)0xFFFFFFFFu)
     #define EDGEOS_TS_MAX NPY_MAX_INT64
@@ -37,6 +38,7 @@ cdef extern from *:
     const q_t UNCERTAIN "EDGEOS_UNCERTAIN"
     const q_t UNCERTAIN_SENSOR_NOT_ACCURATE "EDGEOS_UNCERTAIN_SENSOR_NOT_ACCURATE"
     const q_t UNCERTAIN_ENGINEERING_UNITS_EXCEEDED "EDGEOS_UNCERTAIN_ENGINEERING_UNITS_EXCEEDED"
+    const q_t UNCERTAIN_SUB_NORMAL "EDGEOS_UNCERTAIN_SUB_NORMAL"
     const q_t BAD_OUT_OF_RANGE "EDGEOS_BAD_OUT_OF_RANGE"
     const q_t NO_REF "EDGEOS_NO_REF"  # a Bad code: no usable sample has it, so it never matches
     const ts_t TS_MAX "EDGEOS_TS_MAX"
@@ -541,11 +543,7 @@ def moving_average(
     _check_len("moving_average", "comp", comp.shape[0], "base", n_slots)
     _check_len("moving_average", "pushes", pushes.shape[0], "base", n_slots)
     cdef tag_t t
-    cdef Py_ssize_t k, cap, h, sz, p, b
-    for t in range(nt):  # every ring inside the buffers, so the loop below needs no check
-        k = slot[t]
-        if k >= 0 and (k >= n_slots or count[t] < 1 or base[k] < 0 or base[k] + count[t] > width):
-            _bad_slot("moving_average", t, k, count[t], n_slots, width)
+    cdef Py_ssize_t k, cap, h, sz, p, b, bad = -1
     cdef ts_t w, now
     cdef val_t v, tot, c
     out = np.array(values, dtype=np.float64, copy=True)
@@ -561,6 +559,9 @@ def moving_average(
             if k < 0 or is_bad(quality[i]) or not isfinite(v):
                 continue
             cap = count[t]
+            if k >= n_slots or cap < 1 or base[k] < 0 or base[k] + cap > width:
+                bad = i
+                break
             b = base[k]
             w = window[t]
             now = ts[i]
@@ -592,7 +593,9 @@ def moving_average(
             sz += 1
             two_sum(&tot, &c, v)
             pushes[k] += 1
-            if pushes[k] >= cap or not isfinite(tot):  # bound the drift; recover from overflow
+            # Recompute: every cap pushes (bounds the drift), after an overflow, and when the
+            # compensation is no longer small beside the total (huge values left the window).
+            if pushes[k] >= cap or not isfinite(tot) or fabs(c) > fabs(tot) * 9.313225746154785e-10:  # 2**-30
                 pushes[k] = 0
                 tot = 0.0
                 c = 0.0
@@ -602,6 +605,8 @@ def moving_average(
                     p += 1
                     if p == cap:
                         p = 0
+                if not isfinite(tot):
+                    c = 0.0  # the mean is +-inf (or NaN from both), not inf - inf
             head[k] = h
             size[k] = sz
             total[k] = tot
@@ -609,6 +614,8 @@ def moving_average(
             o[i] = (tot + c) / sz
     if err >= 0:
         _bad_tag(tags, err, nt)
+    if bad >= 0:
+        _bad_slot("moving_average", tags[bad], slot[tags[bad]], count[tags[bad]], n_slots, width)
     return out
 
 
@@ -918,17 +925,18 @@ def window(
                         else:
                             var = (a2[t] - a1[t] * a1[t] / <val_t>cnt) / <val_t>cnt
                             r = 0.0 if var < 0.0 else sqrt(var)
-                        m = emit(o, m, t, start, r, UNCERTAIN if ng[t] else 0, -1)
+                        m = emit(o, m, t, start, r, UNCERTAIN_SUB_NORMAL if ng[t] & 2 else (UNCERTAIN if ng[t] else 0), -1)
                     elif nb[t] > 0:
                         m = emit(o, m, t, start, NAN, lb[t], -1)
                 wd = wdp[t]
-                ws[t] = floordiv(now - offp[t], wd) * wd + offp[t]
+                start = floordiv(now - offp[t], wd) * wd + offp[t]
+                ws[t] = start
+                ng[t] = 2 if not hw[t] and now > start else 0  # the first window seen only in part
                 hw[t] = 1
                 nu[t] = 0
                 nb[t] = 0
-                ng[t] = 0
             if (q >> 30) != 0:  # Uncertain or Bad, whatever the value (NaN included)
-                ng[t] = 1
+                ng[t] |= 1
             if is_bad(q):
                 nb[t] += 1
                 lb[t] = q

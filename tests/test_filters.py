@@ -181,3 +181,26 @@ def test_pipeline_flush_sends_held_points_through_the_later_steps_per_device(ker
     b = held["b"]
     assert sorted(zip(b.tags.tolist(), b.ts.tolist(), b.values.tolist(), strict=True)) == [(1, 0, 2.0), (2, 9 * S, 1.0)]
     assert p.flush() == []  # nothing is held twice
+
+
+def test_pipeline_flush_failing_in_one_chain_keeps_the_others(kernel_impl):
+    S = 10**9
+    tags = [
+        TagConfig(TagMeta(0, "a", "x"), S, (FilterSpec("swinging_door", {"deviation": 100.0}),)),
+        TagConfig(
+            TagMeta(1, "a", "y"),
+            S,
+            (FilterSpec("swinging_door", {"deviation": 100.0}), FilterSpec("range", {"low": 0.0})),
+        ),
+    ]
+    p = Pipeline(tags, impl=kernel_impl)
+    p.apply(Batch("a", np.array([0, 1, 0, 1], np.int32), np.array([0, 0, S, S]), np.ones(4), np.zeros(4, np.uint32)))
+
+    def broken():
+        raise RuntimeError("plugin bug")
+
+    p.chains[1][0].flush = broken  # x's chain
+    errors: list[Exception] = []
+    (held,) = p.flush(on_error=errors.append)
+    assert [str(e) for e in errors] == ["plugin bug"]
+    assert (held.device, held.tags.tolist(), held.ts.tolist()) == ("a", [1], [S])  # y's held point

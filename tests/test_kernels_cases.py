@@ -126,7 +126,8 @@ def test_window_aggregates_at_window_start_when_the_next_window_begins(kernel_im
         out = f.apply(series(vals, ts=ts.astype(np.int64)))
         assert out.ts.tolist() == [0, S]
         np.testing.assert_allclose(out.values, want, rtol=1e-12)
-        assert out.quality.tolist() == [G, G]
+        # the first window began before the first sample: it was seen only in part
+        assert out.quality.tolist() == [Quality.UNCERTAIN_SUB_NORMAL, G]
 
 
 def test_window_is_aligned_to_the_clock_and_offset(kernel_impl):
@@ -378,3 +379,25 @@ def test_filters_in_two_threads_get_their_own_output(kernel_impl):
     for t in threads:
         t.join(timeout=60)
     assert results == {1.0: [(1.0, 1.0)] * 8, 3.0: [(3.0, 3.0)] * 8}
+
+
+def test_window_seen_only_in_part_is_marked_at_a_start_and_at_a_stop(kernel_impl):
+    SUB = int(Quality.UNCERTAIN_SUB_NORMAL)
+    f = builtin.window.create(2, {0: {"width": 10 * S, "agg": "count"}, 1: {"width": 10 * S}}, kernel_impl)
+    # tag 0 starts on a window's start: whole; tag 1 starts mid-window: partial
+    b = Batch(
+        "d",
+        np.array([0, 1, 0, 1, 0, 1], np.int32),
+        np.array([0, 3, 5, 6, 12, 13]) * S,
+        np.ones(6),
+        np.zeros(6, np.uint32),
+    )
+    out = f.apply(b)
+    assert sorted(zip(out.tags.tolist(), out.quality.tolist(), strict=True)) == [(0, G), (1, SUB)]
+    held = f.flush()  # the stop: both open windows [10 s, 20 s) are partial
+    assert (held.tags.tolist(), (held.ts // S).tolist(), held.quality.tolist()) == ([0, 1], [10, 10], [SUB, SUB])
+    # after the stop the rest of that window is the first window seen again: partial too
+    out = f.apply(series([1.0, 1.0], ts=np.array([15, 21]) * S))
+    assert (out.ts // S).tolist() == [10] and out.quality.tolist() == [SUB]
+    out = f.apply(series([1.0], ts=np.array([31]) * S))
+    assert out.quality.tolist() == [G]  # [20 s, 30 s) followed a window the filter saw: whole

@@ -27,6 +27,7 @@ GOOD_CLAMPED = 0x00300000
 UNCERTAIN = 0x40000000
 UNCERTAIN_SENSOR_NOT_ACCURATE = 0x40930000
 UNCERTAIN_ENGINEERING_UNITS_EXCEEDED = 0x40940000
+UNCERTAIN_SUB_NORMAL = 0x40A40000
 BAD_OUT_OF_RANGE = 0x803C0000
 
 AGG_MIN, AGG_MAX, AGG_MEAN, AGG_FIRST, AGG_LAST, AGG_COUNT, AGG_STDDEV = range(7)
@@ -355,9 +356,9 @@ def moving_average(tags, ts, values, quality, slot, count, window, base, buf_v, 
 
     Usable: not Bad and finite; other samples pass through unchanged and leave the state as is.
     Slot k's ring is buf_v[base[k] : base[k] + count[t]], so each tag holds only its own count.
-    The running total is a compensated sum, recomputed from the ring every `count` pushes (and
-    after an overflow), so rounding cannot drift and a huge value leaves no trace once it is out
-    of the window.
+    The running total is a compensated sum, recomputed from the ring every `count` pushes, after
+    an overflow, and when the compensation is no longer small beside the total (huge values
+    have left), so rounding cannot drift and huge values leave no trace once out of the window.
     """
     n, nt = _check_columns("moving_average", tags, ts, values, quality), len(slot)
     _check_len("moving_average", "count", len(count), "slot", nt)
@@ -366,10 +367,6 @@ def moving_average(tags, ts, values, quality, slot, count, window, base, buf_v, 
     _check_len("moving_average", "buf_t", len(buf_t), "buf_v", width)
     for name, a in {"head": head, "size": size, "total": total, "comp": comp, "pushes": pushes}.items():
         _check_len("moving_average", name, len(a), "base", n_slots)
-    for t in range(nt):
-        k, cap = int(slot[t]), int(count[t])
-        if k >= 0 and (k >= n_slots or cap < 1 or base[k] < 0 or int(base[k]) + cap > width):
-            _bad_slot("moving_average", t, k, cap, n_slots, width)
     out = np.array(values, dtype=np.float64, copy=True)
     for i in range(n):
         t = int(tags[i])
@@ -378,7 +375,10 @@ def moving_average(tags, ts, values, quality, slot, count, window, base, buf_v, 
         v = float(values[i])
         if k < 0 or (int(quality[i]) >> 30) >= 2 or not math.isfinite(v):
             continue
-        cap, b, w, now = int(count[t]), int(base[k]), int(window[t]), int(ts[i])
+        cap, w, now = int(count[t]), int(window[t]), int(ts[i])
+        if k >= n_slots or cap < 1 or base[k] < 0 or int(base[k]) + cap > width:
+            _bad_slot("moving_average", t, k, cap, n_slots, width)
+        b = int(base[k])
         h, sz, tot, c = int(head[k]), int(size[k]), float(total[k]), float(comp[k])
         if w > 0:
             while sz > 0 and int(buf_t[b + h]) <= now - w:
@@ -403,7 +403,7 @@ def moving_average(tags, ts, values, quality, slot, count, window, base, buf_v, 
         sz += 1
         tot, c = _two_sum(tot, c, v)
         pushes[k] += 1
-        if pushes[k] >= cap or not math.isfinite(tot):
+        if pushes[k] >= cap or not math.isfinite(tot) or abs(c) > abs(tot) * 2.0**-30:
             pushes[k] = 0
             tot, c = 0.0, 0.0
             p = h
@@ -412,6 +412,8 @@ def moving_average(tags, ts, values, quality, slot, count, window, base, buf_v, 
                 p += 1
                 if p == cap:
                     p = 0
+            if not math.isfinite(tot):
+                c = 0.0  # the mean is +-inf (or NaN from both), not inf - inf
         head[k], size[k], total[k], comp[k] = h, sz, tot, c
         out[i] = (tot + c) / sz
     return out
@@ -549,7 +551,7 @@ def _window_emit(out, t, start, agg, n, nbad, last_bad, not_good, first, last, m
         else:
             var = (s2 - s1 * s1 / n) / n
             r = 0.0 if var < 0.0 else math.sqrt(var)  # NaN (from infinities) stays NaN
-        out.emit(t, start, r, UNCERTAIN if not_good else 0, -1)
+        out.emit(t, start, r, UNCERTAIN_SUB_NORMAL if not_good & 2 else (UNCERTAIN if not_good else 0), -1)
     elif nbad > 0:
         out.emit(t, start, math.nan, last_bad, -1)
 
@@ -582,7 +584,9 @@ def window(
     closed by the tag's first sample at or past its end (or before its start) and emitted as
     one sample stamped at the window's start, carrying `agg` over its usable samples (not Bad,
     not NaN; infinities count). Quality: Good when every sample of the window was Good, else
-    Uncertain (an Uncertain or Bad sample was in it, whatever its value, NaN included). A window
+    Uncertain (an Uncertain or Bad sample was in it, whatever its value, NaN included);
+    UNCERTAIN_SUB_NORMAL for a window seen only in part: the first one after the filter was
+    created (or flushed) when its first sample came after the window's start. A window
     with only Bad samples emits NaN with the last Bad code; one with no usable and no Bad sample
     emits nothing. Mean and stddev (population) use sums shifted by the window's first value
     for accuracy. Tags without a window here pass through. A width <= 0 raises ValueError.
@@ -640,13 +644,14 @@ def window(
                     float(s2[t]),
                 )
             wd, off = int(width[t]), int(offset[t])
-            w_start[t] = ((now - off) // wd) * wd + off
+            start = ((now - off) // wd) * wd + off
+            w_start[t] = start
+            not_good[t] = 2 if not has_w[t] and now > start else 0  # the first window seen only in part
             has_w[t] = 1
             n_used[t] = 0
             n_bad[t] = 0
-            not_good[t] = 0
         if (q >> 30) != 0:  # Uncertain or Bad, whatever the value (NaN included)
-            not_good[t] = 1
+            not_good[t] |= 1
         if (q >> 30) >= 2:
             n_bad[t] += 1
             last_bad[t] = q

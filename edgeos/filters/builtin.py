@@ -15,7 +15,7 @@ import numpy as np
 from edgeos.config.schema import MISSING, Field
 from edgeos.filters import _reference as _ref
 from edgeos.filters import kernels
-from edgeos.model import Batch, Quality
+from edgeos.model import Batch
 
 Params = Mapping[int, Mapping[str, Any]]
 
@@ -415,9 +415,11 @@ class WindowFilter(_Filter):
     def flush(self) -> Batch:
         """Emit every open window (the stop's flush) as an aggregate over the part seen so far,
         marked UNCERTAIN_SUB_NORMAL (a window of only Bad samples keeps its Bad code), and
-        close it: after a restart the rest of that window is a second, also partial, sample."""
+        close it. After a restart the rest of that window is the first window seen, and is
+        marked the same way, so neither part passes for the whole window."""
         out = _ref._Out(False)
         for t in np.flatnonzero(self.has_w & self.enabled):
+            self.not_good[t] |= 2  # seen only in part
             _ref._window_emit(
                 out,
                 int(t),
@@ -437,7 +439,6 @@ class WindowFilter(_Filter):
             )
             self.has_w[t] = 0
         tags, ts, values, quality, _ = out.columns()
-        quality[quality >> 30 < 2] = Quality.UNCERTAIN_SUB_NORMAL  # Good or Uncertain: partial
         return Batch("", tags, ts, values, quality)
 
 
