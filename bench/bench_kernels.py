@@ -93,7 +93,7 @@ def _by_tag(b: Batch):
 def _np_range(b: Batch) -> None:
     low, high = np.full(TAGS, -20.0), np.full(TAGS, 20.0)
     lo, hi = low[b.tags], high[b.tags]
-    out = ((b.values < lo) | (b.values > hi)) & ((b.quality >> 30) < 2)
+    out = ~((b.values >= lo) & (b.values <= hi)) & ((b.quality >> 30) < 2)  # NaN is out of range
     np.where(out, np.uint32(0x803C0000), b.quality)
 
 
@@ -105,6 +105,7 @@ def _np_rate(b: Batch) -> None:
 
 def _np_counter(b: Batch) -> None:
     _, _, _, v, _, first = _by_tag(b)
+    v = np.where((v < 0) & (v >= -32768), v + 65536, v)  # a counter decoded as signed
     d = np.diff(v)
     d = np.where(d < 0, np.where(65536 - v[:-1] + v[1:] <= 32768, 65536 - v[:-1] + v[1:], v[1:]), d)
     d[first[1:]] = np.nan
