@@ -21,9 +21,10 @@ class Pipeline:
         n = max((t.id for t in tags), default=-1) + 1
         self.group_of_tag = np.zeros(n, np.int32)  # 0: no filters
         self.devices = sorted({t.meta.device for t in tags})
-        self.device_of_tag = np.zeros(n, np.int32)
+        index = {d: i for i, d in enumerate(self.devices)}
+        self.device_of_tag = np.zeros(n, np.int32)  # for the stop's flush, which mixes devices
         for t in tags:
-            self.device_of_tag[t.id] = self.devices.index(t.meta.device)
+            self.device_of_tag[t.id] = index[t.meta.device]
         signatures: dict[tuple[str, ...], list[TagConfig]] = {}
         for t in tags:
             if t.filters:
