@@ -33,7 +33,7 @@ from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
-from edgeos.service.status import write_status
+from edgeos.service.status import STATUS_NAME, live_path, write_status
 from edgeos.store import StoreFull, StoreSettings, StoreWriter
 from edgeos.sync import Sync
 
@@ -66,6 +66,13 @@ class Channel:
     def put_nowait(self, item: Any) -> None:
         self._items.append(item)
         self._not_empty.set()
+
+    def drain(self) -> list[Any]:
+        """Everything queued, emptied out (after a stop, to count what never got through)."""
+        items = list(self._items)
+        self._items.clear()
+        self._not_full.set()
+        return items
 
     async def get(self) -> Any:
         while not self._items:
@@ -101,6 +108,7 @@ class Counters:
     store_errors: int = 0
     filter_errors: int = 0
     dropped_store_unavailable: int = 0  # oldest samples over memory_buffer while the disk refused writes
+    dropped_at_stop: int = 0  # read but not committed when a stop ran out of shutdown_timeout
     started_ns: int = field(default_factory=time.time_ns)
 
 
@@ -153,10 +161,13 @@ class Runtime:
         self.counters = Counters()
         self.errors = RateLimited(logging.getLogger("edgeos.device"))
         self.running = asyncio.Event()
-        self._stop: asyncio.Event | None = None
+        self._stop = asyncio.Event()  # stop() works before run() too: run() then returns at once
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._producing = {f"device:{d.name}": asyncio.Event() for d in config.devices}
         self._store_failing = False
+        self._pending: collections.deque[tuple[Batch, int]] = collections.deque()  # the writer's, with sizes
+        self._pending_bytes = 0
+        self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
         self.sync: Sync | None = None
         if config.upstream.enabled and store:
             from edgeos.sync.mqtt import MqttTransport
@@ -167,12 +178,12 @@ class Runtime:
     # -- control ---------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Begin an orderly shutdown; safe to call from a signal handler or another task."""
-        if self._stop is not None:
-            self._stop.set()
+        """Begin an orderly shutdown; safe to call from a signal handler, another task, or before run()."""
+        self._stop.set()
 
-    async def write(self, device: str, tag: str, value: float | bool | str) -> None:
-        """Write a tag through the running adapter; only tags configured `writable`."""
+    async def write(self, device: str, tag: str, value: float | bool | str, *, by: str = "api") -> None:
+        """Write a tag through the running adapter; only tags configured `writable`. Every
+        attempt is logged with who asked (`by`): an audit trail of what was sent to machines."""
         dev = self.config.device(device)
         tc = next((t for t in dev.tags if t.name == tag), None)
         if tc is None:
@@ -181,14 +192,20 @@ class Runtime:
             raise PermissionError(f"{device}/{tag} is not writable (set writable = true in its config)")
         adapter = self.devices[device].adapter
         if adapter is None or self.devices[device].state != "running":
+            log.warning("write %s/%s = %r by %s refused: device not connected", device, tag, value, by)
             raise DeviceError(device, "not connected", code="not_connected", stage="write")
-        await adapter.write(tc, value)
+        try:
+            await adapter.write(tc, value)
+        except Exception as e:
+            log.warning("write %s/%s = %r by %s failed: %s", device, tag, value, by, e)
+            raise
+        log.info("write %s/%s = %r by %s", device, tag, value, by)
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         """Requests on the control socket (edgeos write, edgeos status --live)."""
         op = req.get("op")
         if op == "write":
-            await self.write(str(req["device"]), str(req["tag"]), req["value"])
+            await self.write(str(req["device"]), str(req["tag"]), req["value"], by=str(req.get("_peer", "?")))
             return {"ok": True}
         if op == "status":
             return {"ok": True, "status": self.status()}
@@ -219,7 +236,6 @@ class Runtime:
 
     async def run(self, *, handle_signals: bool = False) -> None:
         cfg = self.config
-        self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         if not filters.COMPILED:
             log.warning(
@@ -250,9 +266,10 @@ class Runtime:
                 t_pipe = tg.create_task(self._pipeline(pipeline, raw, filtered), name="pipeline")
                 t_write = tg.create_task(self._writer(filtered), name="store-writer")
                 t_sync = tg.create_task(self.sync.run(), name="sync") if self.sync else None
-                t_ctl = None
+                t_ctl = t_status = None
                 if self.use_store:
                     t_ctl = tg.create_task(control.serve(cfg.gateway.data_dir, self._control), name="control")
+                    t_status = tg.create_task(self._status_loop(), name="status")
                 t_devs = [
                     tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
                 ]
@@ -260,9 +277,10 @@ class Runtime:
                 try:
                     await self._stop.wait()
                 finally:
-                    if t_ctl is not None:
-                        t_ctl.cancel()
-                    await asyncio.shield(self._shutdown(t_devs, raw, t_pipe, t_write))
+                    for t in (t_ctl, t_status):
+                        if t is not None:
+                            t.cancel()
+                    await asyncio.shield(self._shutdown(t_devs, raw, filtered, t_pipe, t_write))
                     if t_sync is not None and self.sync is not None:
                         # Everything is committed; forward the last of it if that is quick,
                         # else the next start resumes from the cursor.
@@ -276,14 +294,30 @@ class Runtime:
                     loop.remove_signal_handler(sig)
             if self.store is not None:
                 if self.sync is not None:
-                    await loop.run_in_executor(self._executor, self.store.save_cursor, self.sync.cursor)
+                    cursor = self.sync.cursor  # on the loop thread, where the sync changes it
+                    try:
+                        await loop.run_in_executor(self._executor, self.store.save_cursor, cursor)
+                    except Exception as e:  # the next start resumes from the last cursor saved
+                        log.warning("could not save the sync cursor at stop: %s", e)
                     self.sync.close()
                 await loop.run_in_executor(self._executor, self.store.close)
-                write_status(cfg.gateway.data_dir, {**self.status(), "stopped": True})
+                final = {**self.status(), "stopped": True}
+                # The live file (tmpfs) and the data directory's, which outlives /run.
+                for path in dict.fromkeys((self._status_path, cfg.gateway.data_dir / STATUS_NAME)):
+                    write_status(path, final)
             self._executor.shutdown(wait=True)
-            log.info("stopped: %d samples read, %d stored", self.counters.read, self.counters.stored)
+            c = self.counters
+            log.info(
+                "stopped: %d samples read, %d stored, %d dropped by filters, %d lost (store unavailable or stop)",
+                c.read,
+                c.stored,
+                c.filtered_out,
+                c.dropped_store_unavailable + c.dropped_at_stop,
+            )
 
-    async def _shutdown(self, devices: list[asyncio.Task], raw: Channel, *core: asyncio.Task) -> None:
+    async def _shutdown(
+        self, devices: list[asyncio.Task], raw: Channel, filtered: Channel, *core: asyncio.Task
+    ) -> None:
         timeout = self.config.gateway.shutdown_timeout_ns / 1e9
         log.info("stopping: polling ends, then everything read is flushed to the store")
         for t in devices:
@@ -294,6 +328,9 @@ class Runtime:
                 # the flush can start while slow closes finish in parallel.
                 await asyncio.gather(*(self._producing[t.get_name()].wait() for t in devices))
                 raw.put_nowait(_STOP)
+                # asyncio.wait, not gather: at the deadline it returns without cancelling the core
+                # tasks, so what they did not finish is known (and counted) below.
+                await asyncio.wait(core)
                 await asyncio.gather(*core, *devices, return_exceptions=True)
         except TimeoutError:
             if not all(t.done() for t in core):
@@ -303,6 +340,20 @@ class Runtime:
             for t in (*devices, *core):
                 t.cancel()
             await asyncio.gather(*devices, *core, return_exceptions=True)
+        self._count_lost(raw, filtered)
+
+    def _count_lost(self, raw: Channel, filtered: Channel) -> None:
+        """After a stop that ran out of time: whatever was read and not committed is counted,
+        so that read == stored + filtered_out + dropped_store_unavailable + dropped_at_stop."""
+        unread = sum(len(b) for b in raw.drain() if b is not _STOP)
+        self.counters.read += unread  # read from a device, it never reached the pipeline
+        lost = unread + sum(len(b) for b in filtered.drain() if b is not _STOP)
+        lost += sum(len(b) for b, _ in self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        if lost:
+            self.counters.dropped_at_stop += lost
+            log.error("stop: %d samples read but not committed are lost (counted in dropped_at_stop)", lost)
 
     # -- devices ---------------------------------------------------------------------------
 
@@ -391,6 +442,7 @@ class Runtime:
             batch = await raw.get()
             if batch is _STOP:
                 for held in self._flush_filters(pipeline):
+                    self.counters.filtered_out -= len(held)  # held back earlier, stored now
                     await out.put(held)
                 out.put_nowait(_STOP)
                 return
@@ -417,12 +469,13 @@ class Runtime:
     async def _writer(self, inbox: Channel) -> None:
         """Batch commits: at `commit_samples` samples or `commit_interval` after the first
         pending one, whichever comes first. A failed commit keeps its batches and is retried;
-        while the disk refuses writes, pending samples are bounded by `memory_buffer` (oldest
-        dropped and counted). At shutdown everything pending is committed before it returns."""
+        while the disk refuses writes, pending batches are bounded by `memory_buffer`, counted
+        in real bytes with a running total (oldest dropped and counted). At shutdown everything
+        pending is committed before it returns."""
         cfg = self.config.store
         loop = asyncio.get_running_loop()
         interval = cfg.commit_interval_ns / 1e9
-        pending: collections.deque[Batch] = collections.deque()
+        pending = self._pending
         n_pending = 0
         deadline = 0.0
         stopping = False
@@ -433,13 +486,14 @@ class Runtime:
             while not (stopping and not pending):
                 now = loop.time()
                 if pending and now >= retry_at and (stopping or n_pending >= cfg.commit_samples or now >= deadline):
-                    if await self._commit(loop, list(pending)):
+                    if await self._commit(loop, [b for b, _ in pending]):
                         pending.clear()
+                        self._pending_bytes = 0
                         n_pending = 0
                         retry_at = 0.0
                     else:
                         retry_at = loop.time() + 0.5
-                        n_pending -= self._bound(pending)
+                        n_pending -= self._bound()
                     continue
                 if stopping:  # only a failed commit left to retry
                     await asyncio.sleep(max(0.0, retry_at - now))
@@ -448,8 +502,11 @@ class Runtime:
                     next_maintenance = now + 1.0
                     if self.store is None:
                         continue
+                    # The sync's cursor is read here, on the loop thread that changes it; the
+                    # store thread gets a plain integer.
+                    cursor = self.sync.cursor if self.sync is not None else None
                     try:
-                        await asyncio.shield(loop.run_in_executor(self._executor, self._maintain))
+                        await asyncio.shield(loop.run_in_executor(self._executor, self._maintain, cursor))
                     except StoreError as e:
                         self.errors.log(logging.ERROR, "store:maintain", "%s", e)
                     continue
@@ -474,29 +531,41 @@ class Runtime:
                     continue
                 if not pending:
                     deadline = loop.time() + interval
-                pending.append(item)
+                size = item.memory_bytes()
+                pending.append((item, size))
+                self._pending_bytes += size
                 n_pending += len(item)
                 if retry_at:
-                    n_pending -= self._bound(pending)
+                    n_pending -= self._bound()
         finally:
-            if getter is not None and not getter.done():
-                getter.cancel()  # only on a forced stop: a clean one ends on the sentinel
+            if getter is not None:
+                if not getter.done():
+                    getter.cancel()  # only on a forced stop: a clean one ends on the sentinel
+                elif not getter.cancelled() and getter.exception() is None and getter.result() is not _STOP:
+                    batch = getter.result()  # taken from the inbox, not yet pending: count it at stop
+                    pending.append((batch, 0))
 
-    def _maintain(self) -> None:
-        """Once a second, in the store thread: housekeeping, the sync's cursor and status."""
+    def _maintain(self, sync_cursor: int | None) -> None:
+        """Once a second, in the store thread: housekeeping and the sync's cursor."""
         assert self.store is not None
-        cursor = self.sync.cursor if self.sync is not None else None
-        self.store.maintain(sync_cursor=cursor)
-        write_status(self.config.gateway.data_dir, self.status())
+        self.store.maintain(sync_cursor=sync_cursor)
 
-    def _bound(self, pending: collections.deque[Batch]) -> int:
+    async def _status_loop(self) -> None:
+        """The status file, once a second, whatever the store does: it must say that the daemon
+        runs (and drops) exactly when the store fails. Built on the loop, written in a thread."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await loop.run_in_executor(None, write_status, self._status_path, self.status())
+            await asyncio.sleep(1.0)
+
+    def _bound(self) -> int:
         """Drop the oldest batches beyond memory_buffer; returns the samples dropped."""
         limit = self.config.store.memory_buffer
-        size = sum(len(b) for b in pending) * 24
+        pending = self._pending
         dropped = 0
-        while len(pending) > 1 and size > limit:
-            b = pending.popleft()
-            size -= len(b) * 24
+        while len(pending) > 1 and self._pending_bytes > limit:
+            b, size = pending.popleft()
+            self._pending_bytes -= size
             dropped += len(b)
         if dropped:
             self.counters.dropped_store_unavailable += dropped

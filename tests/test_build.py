@@ -58,3 +58,15 @@ def test_a_missing_compiler_fails_the_install_with_both_ways_out(tmp_path):
     out = build.stdout + build.stderr
     assert "compiling the filter kernels (ext/_kernels.pyx) failed" in out and "no-such-cc" in out
     assert "apt install gcc python3-dev" in out and "EDGEOS_NO_EXTENSIONS=1" in out
+
+
+def test_the_unit_lets_the_longest_allowed_orderly_stop_finish():
+    import re
+
+    from edgeos.config.load import GATEWAY_FIELDS
+    from edgeos.config.units import parse_duration_ns
+
+    unit = (ROOT / "systemd" / "edgeos.service").read_text()
+    stop = re.search(r"^TimeoutStopSec=(\S+)$", unit, re.M).group(1)
+    assert parse_duration_ns(stop) > GATEWAY_FIELDS["shutdown_timeout"].max
+    assert re.search(r"^RuntimeDirectory=edgeos$", unit, re.M)  # /run/edgeos: the live status

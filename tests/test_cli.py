@@ -200,3 +200,38 @@ def test_status_shows_a_running_daemon_and_its_sync_lag(write_config):
         proc.wait(20)
     out = subprocess.run([*EDGEOS, "status", "-c", str(cfg_path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "not running (stopped" in out.stdout
+
+
+def test_status_asks_the_lock_so_a_killed_daemon_shows_stopped_at_once_and_json_is_json(write_config):
+    import json
+    import signal
+
+    cfg_path = write_config(
+        """
+        [gateway]
+        id = "g"
+        data_dir = "data"
+        [[devices]]
+        name = "m"
+        protocol = "simulated"
+        poll_interval = "20ms"
+        tags = [{ name = "a" }]
+        """
+    )
+    proc = subprocess.Popen([*EDGEOS, "run", "-c", str(cfg_path)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            out = subprocess.run([*EDGEOS, "status", "--json", "-c", str(cfg_path)], capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+            assert time.monotonic() < deadline, out.stdout + out.stderr
+            time.sleep(0.3)
+        doc = json.loads(out.stdout)  # JSON alone, nothing after it
+        assert doc["running"] and doc["pid"] == proc.pid
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(20)
+    # Killed: its status file is fresh for up to 10 s more, but the kernel released its lock.
+    out = subprocess.run([*EDGEOS, "status", "-c", str(cfg_path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "did not stop cleanly" in out.stdout, out.stdout

@@ -274,3 +274,75 @@ tags = [{ name = "n", filters = [{ type = "window", width = "1h", agg = "count" 
     # an hour-long window cannot close in this run: the stop emits it, partial, counting every sample
     assert values.tolist() == [float(rt.devices["win"].samples)]
     assert quality.tolist() == [Quality.UNCERTAIN_SUB_NORMAL]
+
+
+SIMPLE = """
+[[devices]]
+name = "m"
+protocol = "simulated"
+poll_interval = "20ms"
+tags = [{ name = "a" }, { name = "sp", writable = true }]
+"""
+
+
+async def test_a_status_file_that_cannot_be_written_never_stops_ingest(write_config, run_runtime, caplog):
+    cfg = load_config(write_config(GATEWAY + SIMPLE))
+    cfg.gateway.data_dir.mkdir()
+    (cfg.gateway.data_dir / "status.json").mkdir()  # a directory where the status file goes
+    seen = []
+    rt = await run_runtime(cfg, until=lambda rt: seen.append(rt.counters.stored) or len(seen) > 150, timeout=20)
+    # Committing went on across several status rounds (one a second) that all failed.
+    assert rt.counters.stored > seen[60] > 0
+    assert "cannot write the status file" in caplog.text
+
+
+async def test_live_status_goes_to_run_dir_and_the_final_one_to_the_data_dir(write_config, run_runtime, tmp_path):
+    from edgeos.service.status import STATUS_NAME, live_path, read_status
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(write_config(GATEWAY.replace('data_dir = "data"', 'data_dir = "data"\nrun_dir = "run"') + SIMPLE))
+    live = live_path(cfg.gateway.data_dir, run_dir)
+    assert live.parent == run_dir
+    await run_runtime(cfg, until=lambda rt: live.exists(), timeout=10)
+    assert (cfg.gateway.data_dir / STATUS_NAME).exists()  # written once, at the stop
+    doc, _ = read_status(cfg.gateway.data_dir, run_dir)
+    assert doc["stopped"] and doc["gateway"] == "gw"
+
+
+async def test_stop_before_run_is_not_lost(write_config):
+    from edgeos.runtime import Runtime
+
+    rt = Runtime(load_config(write_config(GATEWAY + SIMPLE)))
+    rt.stop()
+    async with asyncio.timeout(10):
+        await rt.run()
+
+
+async def test_writes_are_logged_with_who_asked(write_config, run_runtime, caplog):
+    import logging
+
+    from edgeos.service import control
+
+    cfg = load_config(write_config(GATEWAY + SIMPLE))
+    replies = []
+
+    async def write_once(rt) -> bool:
+        if not replies and rt.devices["m"].state == "running":
+            replies.append(
+                await control.request(cfg.gateway.data_dir, {"op": "write", "device": "m", "tag": "sp", "value": 4.5})
+            )
+        return bool(replies)
+
+    caplog.set_level(logging.INFO, "edgeos")
+    pending: list = []
+
+    def until(rt) -> bool:
+        if not pending and rt.devices["m"].state == "running":
+            pending.append(asyncio.ensure_future(write_once(rt)))
+        return bool(pending) and pending[0].done()
+
+    await run_runtime(cfg, until=until, timeout=10)
+    assert replies[0]["ok"], replies
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("write m/sp"))
+    assert "= 4.5" in line and f"uid {__import__('os').getuid()}" in line

@@ -212,28 +212,46 @@ def demo(
 def status(
     config: ConfigArg = Path("/etc/edgeos/edgeos.toml"),
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Read this data directory instead.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status document.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status document (JSON only).")] = False,
 ) -> None:
     """Show whether the daemon runs, its devices, store counters and upstream sync lag.
 
-    Reads the status the daemon rewrites every second in its data directory; exit code 1
-    when it is not running (no status, or none for more than 10 seconds).
+    Whether it runs is asked of the store's lock, which the daemon holds while it runs (so a
+    daemon killed with SIGKILL shows as stopped at once); the figures come from the status it
+    rewrites every second (in /run/edgeos when that exists, else in its data directory). Exit
+    code 1 when it is not running.
     """
     import datetime as dt
     import json
 
-    from edgeos.service.status import read_status
+    from edgeos.service.status import daemon_pid, read_status
 
-    directory = data_dir if data_dir is not None else load_or_exit(config).gateway.data_dir
-    doc, age = read_status(directory)
+    if data_dir is not None:
+        directory, run_dir = data_dir, None
+    else:
+        cfg = load_or_exit(config)
+        directory, run_dir = cfg.gateway.data_dir, cfg.gateway.run_dir
+    try:
+        pid = daemon_pid(directory)
+        doc, age = read_status(directory, run_dir)
+    except PermissionError as e:
+        typer.echo(
+            f"edgeos status: permission denied reading {e.filename or directory}; run as the service user, "
+            'join its group (see docs/store.md, "Who may read it"), or use sudo',
+            err=True,
+        )
+        raise typer.Exit(1) from None
     if doc is None:
         typer.echo(f"edgeos is not running here: no status in {directory}", err=True)
         raise typer.Exit(1)
+    running = pid is not None
     if as_json:
-        typer.echo(json.dumps(doc, indent=2))
-    running = age < 10 and not doc.get("stopped")
+        typer.echo(json.dumps({**doc, "running": running}, indent=2))
+        raise typer.Exit(0 if running else 1)
     if running:
-        state = f"running (pid {doc.get('pid')})"
+        state = f"running (pid {pid})"
+        if age > 10:
+            state += f"; its status is {age:.0f}s old"
     elif doc.get("stopped"):
         state = f"not running (stopped {age:.0f}s ago)"
     else:
@@ -243,6 +261,7 @@ def status(
     typer.echo(
         f"samples   read {c['read']}, stored {c['stored']}, dropped by filters {c['filtered_out']}, "
         f"dropped while the store was unavailable {c['dropped_store_unavailable']}"
+        + (f", lost at a stop that ran out of time {c['dropped_at_stop']}" if c.get("dropped_at_stop") else "")
     )
     st = doc.get("store") or {}
     if st:

@@ -42,6 +42,7 @@ def _named(path: str, name: Any) -> str:
 GATEWAY_FIELDS: dict[str, Field] = {
     "id": Field("str", help="this gateway's unique id, used in topics and payloads", check=_name_check("gateway")),
     "data_dir": Field("str", help="directory for the store and state, relative to the config file"),
+    "run_dir": Field("str", None, help="tmpfs directory for the live status file (default /run/edgeos if writable)"),
     "log_level": Field("choice", "info", choices=("debug", "info", "warning", "error")),
     "shutdown_timeout": Field("duration", "10s", min=100_000_000, max=600_000_000_000),
     "queue_batches": Field("int", 256, min=4, max=1_000_000, help="bound of each internal queue"),
@@ -184,6 +185,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         gateway=GatewayConfig(
             id=gw["id"],
             data_dir=data_dir,
+            run_dir=None if gw["run_dir"] is None else (base / gw["run_dir"]).resolve(),
             log_level=gw["log_level"],
             shutdown_timeout_ns=gw["shutdown_timeout"],
             queue_batches=gw["queue_batches"],

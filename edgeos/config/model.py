@@ -14,6 +14,7 @@ from edgeos.model import TagMeta
 class GatewayConfig:
     id: str
     data_dir: Path
+    run_dir: Path | None = None  # None: /run/edgeos when writable, else data_dir (service/status.py)
     log_level: str = "info"
     shutdown_timeout_ns: int = 10_000_000_000
     queue_batches: int = 256

@@ -13,6 +13,8 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ async def serve(data_dir: Path, handle: Handler) -> None:
                     request = json.loads(line)
                     if not isinstance(request, dict):
                         raise ValueError("expected a JSON object")
+                    request["_peer"] = _peer(writer)  # who asked, for the write audit log
                     reply = await handle(request)
                 except Exception as e:  # every failure is an answer, never a dead daemon
                     text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -52,22 +55,46 @@ async def serve(data_dir: Path, handle: Handler) -> None:
         finally:
             writer.close()
 
-    old = os.umask(0o177)
     try:
-        server = await asyncio.start_unix_server(client, path=str(path))
+        server = await asyncio.start_unix_server(client, sock=_bind(path))
     except OSError as e:
         # e.g. a data_dir path too long for a Unix socket (108 bytes): the daemon runs on,
         # only writes through it are unavailable.
         log.warning("control socket %s unavailable (%s); edgeos write will connect directly", path, e)
         return
-    finally:
-        os.umask(old)
     try:
         async with server:
             await server.serve_forever()
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def _bind(path: Path) -> socket.socket:
+    """A listening Unix socket, 0600 before it listens. No umask change: the umask is
+    process-wide, and the store thread creates files meanwhile. (Connecting needs write
+    permission on the socket, which the usual umask already withholds from others between
+    the bind and the chmod, and the data directory is 0750.)"""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    """'uid U pid P' of the process on the other end (SO_PEERCRED), or '?'."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (OSError, AttributeError):
+        return "?"
+    return f"uid {uid} pid {pid} (control socket)"
 
 
 async def request(data_dir: Path, doc: dict[str, Any], within: float = 30.0) -> dict[str, Any] | None:
