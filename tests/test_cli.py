@@ -235,3 +235,138 @@ def test_status_asks_the_lock_so_a_killed_daemon_shows_stopped_at_once_and_json_
     # Killed: its status file is fresh for up to 10 s more, but the kernel released its lock.
     out = subprocess.run([*EDGEOS, "status", "-c", str(cfg_path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "did not stop cleanly" in out.stdout, out.stdout
+
+
+def as_nobody(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run a command as a user with no rights on the test's files (root here; else ourselves,
+    which the tests then lock out with chmod)."""
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary directory other users can traverse (pytest's own are 0700)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="edgeos-perm-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_init_creates_the_directory_and_a_system_config_uses_the_state_directory(tmp_path):
+    target = tmp_path / "etc" / "edgeos" / "edgeos.toml"  # the parent does not exist yet
+    result = CliRunner().invoke(app, ["init", "--system", str(target)])
+    assert result.exit_code == 0, result.output
+    assert load_config(target).gateway.data_dir == Path("/var/lib/edgeos")
+    local = tmp_path / "here" / "edgeos.toml"
+    assert CliRunner().invoke(app, ["init", str(local)]).exit_code == 0
+    assert load_config(local).gateway.data_dir == local.parent / "data"
+
+
+def test_check_refuses_a_data_dir_the_daemon_cannot_create(shared_tmp):
+    tmp_path = shared_tmp
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o755)
+    if os.geteuid() != 0:
+        locked.chmod(0o555)
+    cfg = tmp_path / "edgeos.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "g"\ndata_dir = "{locked}/data"\n'
+        '[[devices]]\nname = "m"\nprotocol = "simulated"\ntags = [{ name = "a" }]\n'
+    )
+    out = as_nobody([*EDGEOS, "check", str(cfg)])
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "gateway.data_dir" in out.stderr and "not writable" in out.stderr
+
+
+def test_permission_problems_say_what_was_denied_and_what_to_do(shared_tmp):
+    tmp_path = shared_tmp
+    cfg_path = tmp_path / "edgeos.toml"
+    cfg_path.write_text(
+        """
+        [gateway]
+        id = "g"
+        data_dir = "data"
+        [[devices]]
+        name = "press1"
+        protocol = "simulated"
+        poll_interval = "20ms"
+        tags = [{ name = "setpoint", writable = true }]
+        """
+    )
+    proc = subprocess.Popen([*EDGEOS, "run", "-c", str(cfg_path)], stderr=subprocess.DEVNULL)
+    data = tmp_path / "data"
+    try:
+        deadline = time.monotonic() + 20
+        while not (data / "control.sock").exists() or not (data / "edgeos.db").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        data.chmod(0o700)  # the daemon's user only
+        for args in (
+            ["status", "-c", str(cfg_path)],
+            ["tags", "-c", str(cfg_path)],
+            ["write", "press1", "setpoint", "5", "-c", str(cfg_path)],
+        ):
+            out = as_nobody([*EDGEOS, *args])
+            assert out.returncode == 1, (args, out.stdout, out.stderr)
+            assert "permission denied" in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+            assert "sudo" in out.stderr and "group" in out.stderr
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_a_direct_write_to_a_simulated_device_is_refused(write_config):
+    cfg_path = write_config(
+        """
+        [gateway]
+        id = "g"
+        data_dir = "data"
+        [[devices]]
+        name = "press1"
+        protocol = "simulated"
+        tags = [{ name = "setpoint", writable = true }]
+        """
+    )
+    result = CliRunner().invoke(app, ["write", "press1", "setpoint", "72.5", "-c", str(cfg_path)])
+    assert result.exit_code == 1 and "Nothing was written" in result.output
+
+
+def test_relative_data_dir_works_for_every_reading_command(write_config, tmp_path, monkeypatch):
+    import asyncio
+
+    from edgeos.runtime import Runtime
+
+    cfg_path = write_config(
+        """
+        [gateway]
+        id = "g"
+        data_dir = "data"
+        [[devices]]
+        name = "m"
+        protocol = "simulated"
+        poll_interval = "20ms"
+        tags = [{ name = "a" }]
+        """
+    )
+
+    async def fill() -> None:
+        rt = Runtime(load_config(cfg_path))
+        task = asyncio.create_task(rt.run())
+        async with asyncio.timeout(10):
+            while rt.counters.stored < 20:
+                await asyncio.sleep(0.05)
+        rt.stop()
+        await task
+
+    asyncio.run(fill())
+    monkeypatch.chdir(tmp_path)
+    for form in ("data", "./data"):
+        for args in (["tags"], ["query", "m/a", "--since", "1h"], ["export", "--since", "1h", "--out", "-"]):
+            result = CliRunner().invoke(app, [*args, "--data-dir", form])
+            assert result.exit_code == 0, (args, form, result.output)
+            assert "m/a" in result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import os
 import platform
 import sys
 import tempfile
@@ -65,6 +66,10 @@ def check(config: Annotated[Path, typer.Argument(help="Config file to validate."
     Exit code 2 and one line per problem when the config is invalid.
     """
     cfg = load_or_exit(config)
+    if why := _unwritable(cfg.gateway.data_dir):
+        typer.echo(f"{config}: invalid config (1 problem):", err=True)
+        typer.echo(f"  gateway.data_dir: {cfg.gateway.data_dir} {why}", err=True)
+        raise typer.Exit(2)
     total_tags = sum(len(d.tags) for d in cfg.devices)
     total_rate = sum(cfg.polls_per_second(d) for d in cfg.devices)
     typer.echo(f"{config}: OK")
@@ -91,6 +96,29 @@ def check(config: Annotated[Path, typer.Argument(help="Config file to validate."
             for line in describe(d):
                 typer.echo(f"    {line}")
     typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why the daemon, run as this user, could not create or write `directory` (None: it can).
+    Run under the unit's sandbox (ExecStartPre) this also sees ProtectSystem's read-only /etc."""
+    probe = directory
+    while not probe.exists():
+        if probe.parent == probe:
+            return "cannot be created"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"cannot be created: {probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == directory else f"cannot be created: {probe} is not writable"
+        return f"{what} by this user (uid {os.getuid()})" + ("; a read-only file system?" if _read_only(probe) else "")
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 GATEWAY_HEADER = """\
@@ -144,11 +172,21 @@ def init(
         "edgeos.toml"
     ),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    system: Annotated[
+        bool | None,
+        typer.Option(
+            "--system/--local",
+            help="data_dir for the systemd unit (/var/lib/edgeos), or beside the file (./data). "
+            "Default: --system for a file under /etc.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Write a commented example config to start from.
 
     It runs as written (a simulated device) and carries every installed protocol's sample,
-    commented out, with each option explained and its default shown.
+    commented out, with each option explained and its default shown. The parent directory is
+    created when missing (/etc/edgeos on a fresh gateway).
     """
     parts = [GATEWAY_HEADER]
     for info in plugins.available(plugins.PROTOCOLS):
@@ -162,11 +200,30 @@ def init(
     if str(path) == "-":
         typer.echo(out, nl=False)
         return
+    if system if system is not None else _system_install(path):
+        # The shipped unit runs with ProtectSystem=strict: /etc is read-only to the daemon, and
+        # its state directory is /var/lib/edgeos.
+        out = out.replace('  data_dir = "data"', f'  data_dir = "{SYSTEM_DATA_DIR}"', 1)
     if path.exists() and not force:
         typer.echo(f"{path} exists; use --force to overwrite", err=True)
         raise typer.Exit(1)
-    path.write_text(out, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(out, encoding="utf-8")
+    except OSError as e:
+        typer.echo(
+            f"edgeos: cannot write {path}: {e.strerror} (run as a user who may write there, or use sudo)", err=True
+        )
+        raise typer.Exit(1) from None
     typer.echo(f"wrote {path}; check it with: edgeos check {path}")
+
+
+SYSTEM_DATA_DIR = "/var/lib/edgeos"
+
+
+def _system_install(path: Path) -> bool:
+    """A config written under /etc is for the systemd unit, whose StateDirectory is /var/lib/edgeos."""
+    return Path("/etc") in path.absolute().parents
 
 
 @app.command()

@@ -79,16 +79,30 @@ def write(
         typer.echo(f"edgeos: {device}/{tag}: {e}", err=True)
         raise typer.Exit(2) from None
     if not direct:
-        reply = asyncio.run(
-            control.request(cfg.gateway.data_dir, {"op": "write", "device": device, "tag": tag, "value": v})
-        )
+        try:
+            reply = asyncio.run(
+                control.request(cfg.gateway.data_dir, {"op": "write", "device": device, "tag": tag, "value": v})
+            )
+        except PermissionError:
+            from edgeos.cli.store import denied
+
+            denied(control.socket_path(cfg.gateway.data_dir))
         if reply is not None:
             if not reply.get("ok"):
                 typer.echo(f"edgeos: {device}/{tag}: {reply.get('error')}", err=True)
                 raise typer.Exit(1)
             typer.echo(f"wrote {device}/{tag} = {value} (through the running daemon)")
             return
-    adapter = plugins.load(plugins.PROTOCOLS, dev.protocol).create(dev)
+    plugin = plugins.load(plugins.PROTOCOLS, dev.protocol)
+    if getattr(plugin, "in_process", False):
+        typer.echo(
+            f"edgeos: {device} is a {dev.protocol} device: it exists only inside the running daemon, and no "
+            f"daemon runs on {cfg.gateway.data_dir}; start it (edgeos run -c {config}) and write again. "
+            "Nothing was written.",
+            err=True,
+        )
+        raise typer.Exit(1)
+    adapter = plugin.create(dev)
 
     async def run() -> None:
         try:

@@ -6,10 +6,11 @@ import csv
 import datetime as dt
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import numpy as np
 import typer
@@ -31,12 +32,27 @@ FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, csv or js
 
 
 def _open(config: Path, data_dir: Path | None) -> StoreReader:
-    directory = data_dir if data_dir is not None else load_or_exit(config).gateway.data_dir
+    directory = (data_dir if data_dir is not None else load_or_exit(config).gateway.data_dir).absolute()
     try:
         return StoreReader(directory)
+    except PermissionError as e:
+        denied(e.filename or directory)
     except StoreError as e:
+        db = directory / "edgeos.db"
+        if db.exists() and not os.access(db, os.R_OK):
+            denied(db)
         typer.echo(f"edgeos: {e}", err=True)
         raise typer.Exit(1) from None
+
+
+def denied(path: object) -> NoReturn:
+    """One line for a permission problem: what was denied, and the three ways in."""
+    typer.echo(
+        f"edgeos: permission denied: {path}. Run as the service user, join the group that may read "
+        "the store (docs/store.md), or use sudo.",
+        err=True,
+    )
+    raise typer.Exit(1)
 
 
 def _iso(ns: int) -> str:

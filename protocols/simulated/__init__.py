@@ -15,6 +15,8 @@ from edgeos.model import ValueKind
 
 class SimulatedProtocol:
     name = "simulated"
+    # Its devices exist only inside the running daemon: `edgeos write --direct` has nothing to reach.
+    in_process = True
     device_fields = DEVICE_FIELDS
     tag_fields = TAG_FIELDS
 
