@@ -166,3 +166,47 @@ def test_second_daemon_on_the_same_data_dir_is_refused(write_config):
         first.terminate()
         first.wait(20)
     assert first.returncode == 0
+
+
+def test_values_print_without_binary_noise_and_bools_as_words(tmp_path):
+    tags = [
+        TagMeta(0, "plc", "level"),  # a register scaled by 0.01
+        TagMeta(1, "plc", "flow"),  # a float32 register
+        TagMeta(2, "plc", "run", ValueKind.BOOL),
+        TagMeta(3, "plc", "exact"),  # a float64 value that needs its digits
+    ]
+    w = StoreWriter(tmp_path, tags)
+    values = [6248 * 0.01, float(np.float32(123.456)), 1.0, 1234567.875]
+    assert repr(values[0]) == "62.480000000000004" and repr(values[1]) == "123.45600128173828"
+    w.write([Batch("plc", np.arange(4, dtype=np.int32), [T0] * 4, values, np.zeros(4, np.uint32))])
+    w.close()
+    code, out = run("tags", "--data-dir", str(tmp_path))
+    assert code == 0, out
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines()[1:]}
+    assert lines["plc/level"][1] == "62.48" and lines["plc/flow"][1] == "123.456"
+    assert lines["plc/run"][1] == "true" and lines["plc/exact"][1] == "1234567.875"
+    code, out = run(
+        "query", "plc/run", "--since", "@1767225599", "--until", "@1767225601", "-f", "csv", "--data-dir", str(tmp_path)
+    )
+    assert out.splitlines()[0].startswith("time,tag,")  # the same column order as export
+    assert out.splitlines()[1].split(",")[2] == "true"
+    code, out = run(
+        "query",
+        "plc/run",
+        "--since",
+        "@1767225599",
+        "--until",
+        "@1767225601",
+        "-f",
+        "json",
+        "--data-dir",
+        str(tmp_path),
+    )
+    assert json.loads(out.splitlines()[0])["value"] is True
+
+
+def test_query_says_when_nothing_matched_and_refuses_a_reversed_range(store_dir):
+    code, out = run("query", "oven/temp", "--since", "@1000", "--until", "@2000", "--data-dir", str(store_dir))
+    assert code == 0 and "no samples of oven/temp" in out
+    code, out = run("query", "oven/temp", "--since", "@2000", "--until", "@1000", "--data-dir", str(store_dir))
+    assert code == 2 and "is before --since" in out

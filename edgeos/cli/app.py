@@ -7,4 +7,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: paragraphs rewrapped to the terminal, no "<bool>" beside flags.
+    rich_markup_mode=None,
 )

@@ -21,6 +21,23 @@ from edgeos.errors import ConfigError, EdgeosError
 from edgeos.logs import setup as setup_logging
 
 ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML); see docs/config.md.")]
+DEFAULT_CONFIG = Path("/etc/edgeos/edgeos.toml")
+# run, check and status take the config either way: `edgeos check FILE` or `edgeos check -c FILE`.
+ConfigPos = Annotated[
+    Path | None, typer.Argument(help="Config file, as an alternative to -c.", show_default=False, metavar="CONFIG")
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help=f"Config file (TOML); see docs/config.md. Default: {DEFAULT_CONFIG}."),
+]
+
+
+def pick_config(positional: Path | None, option: Path | None) -> Path:
+    """The config named positionally or with -c (both only when they agree), else the default."""
+    if positional is not None and option is not None and positional != option:
+        typer.echo(f"edgeos: two configs given ({positional} and -c {option}); give one", err=True)
+        raise typer.Exit(2)
+    return positional or option or DEFAULT_CONFIG
 
 
 def load_or_exit(path: Path) -> Config:
@@ -37,7 +54,8 @@ def load_or_exit(path: Path) -> Config:
 
 @app.command()
 def run(
-    config: ConfigArg = Path("/etc/edgeos/edgeos.toml"),
+    config_file: ConfigPos = None,
+    config: ConfigOpt = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error; overrides the config.")] = None,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C (what the systemd unit starts).
@@ -47,7 +65,7 @@ def run(
     """
     from edgeos.runtime import Runtime
 
-    cfg = load_or_exit(config)
+    cfg = load_or_exit(pick_config(config_file, config))
     setup_logging(log_level or cfg.gateway.log_level)
     rt = Runtime(cfg)
     try:
@@ -58,13 +76,14 @@ def run(
 
 
 @app.command()
-def check(config: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
+def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
     """Validate a config without running it, and summarise what it would do.
 
     Prints the devices, their tags and the tag reads per second the poll intervals ask for,
     the request plan where the protocol has one, the kernels in use and the loaded plugins.
     Exit code 2 and one line per problem when the config is invalid.
     """
+    config = pick_config(config_file, config)
     cfg = load_or_exit(config)
     if why := _unwritable(cfg.gateway.data_dir):
         typer.echo(f"{config}: invalid config (1 problem):", err=True)
@@ -267,7 +286,8 @@ def demo(
 
 @app.command()
 def status(
-    config: ConfigArg = Path("/etc/edgeos/edgeos.toml"),
+    config_file: ConfigPos = None,
+    config: ConfigOpt = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Read this data directory instead.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status document (JSON only).")] = False,
 ) -> None:
@@ -286,7 +306,7 @@ def status(
     if data_dir is not None:
         directory, run_dir = data_dir, None
     else:
-        cfg = load_or_exit(config)
+        cfg = load_or_exit(pick_config(config_file, config))
         directory, run_dir = cfg.gateway.data_dir, cfg.gateway.run_dir
     try:
         pid = daemon_pid(directory)

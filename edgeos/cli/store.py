@@ -69,10 +69,36 @@ def _when(text: str, what: str, now: int) -> int:
         raise typer.Exit(2) from None
 
 
-def _value(v: float | str) -> str | float | None:
+def _value(v: float | str, kind: str = "number") -> str | float | bool | None:
+    """A stored value as people read it: text as is, booleans as true/false, and numbers without
+    binary noise: a value that is exactly a float32 (a float32 register, say) in float32's
+    shortest form (123.456, not 123.45600128173828), any other at 15 significant digits, which
+    a float64 holds exactly (62.48, not 62.480000000000004)."""
     if isinstance(v, str):
         return v
-    return None if math.isnan(v) else v
+    if math.isnan(v):
+        return None
+    if kind == "bool":
+        return v != 0.0
+    return clean_float(v)
+
+
+def clean_float(v: float) -> float:
+    if math.isinf(v) or len(repr(v)) <= 12:  # already short: nothing to clean
+        return v
+    f32 = np.float32(v)
+    if float(f32) == v:
+        return float(str(f32))
+    return float(f"{v:.15g}")
+
+
+def _cell(v: object) -> str:
+    """Table and CSV text: booleans as true/false (as JSON and the demo print them), None empty."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
 
 
 def _emit(rows: list[dict], fmt: str) -> None:
@@ -84,14 +110,14 @@ def _emit(rows: list[dict], fmt: str) -> None:
         return
     cols = list(rows[0])
     if fmt == "csv":
-        w = csv.DictWriter(sys.stdout, cols, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(cols)
+        w.writerows([_cell(r[c]) for c in cols] for r in rows)
         return
     if fmt != "table":
         typer.echo(f"edgeos: --format: found {fmt!r}, expected table, csv or json", err=True)
         raise typer.Exit(2)
-    text = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    text = [[_cell(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in text)) for i, c in enumerate(cols)]
     typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
     for t in text:
@@ -112,7 +138,7 @@ def tags(
         rows = [
             {
                 "tag": t.key,
-                "value": _value(v),
+                "value": _value(v, t.kind),
                 "unit": t.unit,
                 "time": _iso(ts),
                 "quality": Quality.describe(q),
@@ -142,6 +168,7 @@ def query(
     """
     now = time.time_ns()
     lo, hi = _when(since, "since", now), _when(until, "until", now)
+    _check_range(lo, hi, since, until)
     if agg not in ("mean", "min", "max", "first", "last", "count"):
         typer.echo(f"edgeos: --agg: found {agg!r}, expected one of mean, min, max, first, last, count", err=True)
         raise typer.Exit(2)
@@ -161,21 +188,29 @@ def query(
             if step:
                 starts, vals, counts = aggregate(h, step, agg)
                 rows += [
-                    {"tag": h.tag.key, "time": _iso(int(t)), agg: _value(float(v)), "samples": int(c)}
+                    {"time": _iso(int(t)), "tag": h.tag.key, agg: _value(float(v)), "samples": int(c)}
                     for t, v, c in zip(starts, vals, counts, strict=True)
                 ]
             else:
                 text = h.text or [None] * len(h)
                 rows += [
                     {
-                        "tag": h.tag.key,
                         "time": _iso(int(t)),
-                        "value": _value(s if s is not None else float(v)),
+                        "tag": h.tag.key,
+                        "value": _value(s if s is not None else float(v), h.tag.kind),
                         "quality": Quality.describe(int(q)),
                     }
                     for t, v, q, s in zip(h.ts, h.values, h.quality, text, strict=True)
                 ]
+    if not rows:
+        typer.echo(f"edgeos: no samples of {', '.join(tag)} between {_iso(lo)} and {_iso(hi)}", err=True)
     _emit(rows, fmt)
+
+
+def _check_range(lo: int, hi: int, since: str, until: str) -> None:
+    if hi < lo:
+        typer.echo(f"edgeos: --until {until} ({_iso(hi)}) is before --since {since} ({_iso(lo)})", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -193,6 +228,7 @@ def export(
     """
     now = time.time_ns()
     lo, hi = _when(since, "since", now), _when(until, "until", now)
+    _check_range(lo, hi, since, until)
     rows = 0
     with _open(config, data_dir) as store:
         try:
