@@ -17,6 +17,7 @@ from edgeos.adapter import (
     TagConfig,
 )
 from edgeos.config import Config, load_config, parse_config
+from edgeos.config.schema import Field, Problems
 from edgeos.errors import ConfigError, DeviceError, EdgeosError, PluginError, StoreError, SyncError
 from edgeos.model import Batch, Quality, TagMeta, ValueKind
 from edgeos.runtime import Runtime
@@ -33,10 +34,12 @@ __all__ = [
     "EdgeosError",
     "Emit",
     "Filter",
+    "Field",
     "FilterPlugin",
     "PluginError",
     "PollGroup",
     "PollingAdapter",
+    "Problems",
     "ProtocolPlugin",
     "Quality",
     "Runtime",

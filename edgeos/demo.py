@@ -106,7 +106,7 @@ def render(rt: Runtime, tty: bool) -> str:
     return "\n".join(lines)
 
 
-def run_demo(data_dir: Path, duration: float = 0.0) -> None:
+def run_demo(data_dir: Path, duration: float = 0.0, *, temporary: bool = False) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = data_dir / "demo.toml"
     tty = sys.stdout.isatty()
@@ -138,6 +138,7 @@ def run_demo(data_dir: Path, duration: float = 0.0) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(show(), name="demo-view")
             await rt.run(handle_signals=True)
-        print(f"\nstopped; {rt.counters.stored} samples stored in {data_dir}", flush=True)
+        where = "a temporary directory, now removed (keep it with --dir)" if temporary else data_dir
+        print(f"\nstopped; {rt.counters.stored} samples were stored in {where}", flush=True)
 
     asyncio.run(main())

@@ -160,7 +160,8 @@ class Runtime:
         self.latest = LatestValues(config.tags)
         self.counters = Counters()
         self.errors = RateLimited(logging.getLogger("edgeos.device"))
-        self.running = asyncio.Event()
+        self.running = asyncio.Event()  # set once the runtime's tasks run; devices may still be connecting
+        self._connected = {d.name: asyncio.Event() for d in config.devices if d.enabled}
         self._stop = asyncio.Event()  # stop() works before run() too: run() then returns at once
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._producing = {f"device:{d.name}": asyncio.Event() for d in config.devices}
@@ -181,13 +182,19 @@ class Runtime:
         """Begin an orderly shutdown; safe to call from a signal handler, another task, or before run()."""
         self._stop.set()
 
+    async def wait_connected(self, *devices: str) -> None:
+        """Return once the named devices (default: every enabled one) are connected. Bound it
+        with asyncio.timeout: a device that cannot be reached never connects."""
+        for name in devices or tuple(self._connected):
+            await self._connected[name].wait()
+
     async def write(self, device: str, tag: str, value: float | bool | str, *, by: str = "api") -> None:
         """Write a tag through the running adapter; only tags configured `writable`. Every
         attempt is logged with who asked (`by`): an audit trail of what was sent to machines."""
         dev = self.config.device(device)
         tc = next((t for t in dev.tags if t.name == tag), None)
         if tc is None:
-            raise KeyError(f"{device}/{tag}: no such tag")
+            raise KeyError(f"{device}/{tag}: no such tag; its tags: {', '.join(t.name for t in dev.tags)}")
         if not tc.meta.writable:
             raise PermissionError(f"{device}/{tag} is not writable (set writable = true in its config)")
         adapter = self.devices[device].adapter
@@ -387,9 +394,11 @@ class Runtime:
                     await adapter.connect()
                     st.connects += 1
                     st.state = "running"
+                    self._connected[dev.name].set()
                     await adapter.run(emit)
                     raise DeviceError(dev.name, "adapter's run() returned; restarting", code="ended", stage="run")
                 except Exception as exc:
+                    self._connected[dev.name].clear()
                     e = first_error(exc)
                     st.failures += 1
                     st.last_error = str(e)
@@ -399,6 +408,8 @@ class Runtime:
                     if not degraded:
                         degraded = True
                         quality = Quality.BAD_COMM_FAILURE if st.connects else Quality.BAD_NOT_CONNECTED
+                        # Stored like any sample, so counted like one: in the device's samples too.
+                        st.samples += len(tag_ids)
                         await raw.put(Batch.filled(dev.name, tag_ids, time.time_ns(), np.nan, quality))
                 finally:
                     if self._stop is not None and self._stop.is_set():

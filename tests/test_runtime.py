@@ -346,3 +346,52 @@ async def test_writes_are_logged_with_who_asked(write_config, run_runtime, caplo
     assert replies[0]["ok"], replies
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("write m/sp"))
     assert "= 4.5" in line and f"uid {__import__('os').getuid()}" in line
+
+
+async def test_wait_connected_then_write_works_at_once(write_config):
+    from edgeos.runtime import Runtime
+
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "m"
+protocol = "simulated"
+poll_interval = "20ms"
+connect_delay = "300ms"
+tags = [{ name = "sp", writable = true }]
+"""
+        )
+    )
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run())
+    try:
+        async with asyncio.timeout(10):
+            await rt.running.wait()
+            assert rt.devices["m"].state != "running"  # running: the runtime, not yet its devices
+            await rt.wait_connected()
+            await rt.write("m", "sp", 3.0, by="test")
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_placeholder_samples_of_an_unreachable_device_count_everywhere(write_config, run_runtime):
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "down"
+protocol = "simulated"
+fail_connect = true
+reconnect_min = "20ms"
+reconnect_max = "50ms"
+tags = [{ name = "a" }, { name = "b" }]
+"""
+        )
+    )
+    rt = await run_runtime(cfg, until=lambda rt: rt.devices["down"].failures >= 3)
+    # One Bad placeholder per tag for the outage, stored, and counted as read by the device too.
+    assert rt.devices["down"].samples == rt.counters.read == rt.counters.stored == 2

@@ -279,7 +279,7 @@ def demo(
 
     if data_dir is None:
         with tempfile.TemporaryDirectory(prefix="edgeos-demo-") as tmp:
-            run_demo(Path(tmp), duration)
+            run_demo(Path(tmp), duration, temporary=True)
     else:
         run_demo(data_dir, duration)
 

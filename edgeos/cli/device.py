@@ -42,6 +42,11 @@ def parse_value(text: str, kind: ValueKind) -> int | float | bool | str:
         raise ValueError(f"found {text!r}, expected a number") from None
 
 
+def _named(device: str, tag: str, error: str) -> str:
+    """The error once, named once: a DeviceError already reads 'DEV: write: ...'."""
+    return error if error.startswith(f"{device}:") else f"{device}/{tag}: {error}"
+
+
 @app.command()
 def write(
     device: Annotated[str, typer.Argument(help="Device name, as in the config.")],
@@ -68,7 +73,8 @@ def write(
         raise typer.Exit(2) from None
     tc = next((t for t in dev.tags if t.name == tag), None)
     if tc is None:
-        typer.echo(f"edgeos: device {device!r} has no tag {tag!r}", err=True)
+        names = ", ".join(t.name for t in dev.tags)
+        typer.echo(f"edgeos: device {device!r} has no tag {tag!r}; its tags: {names}", err=True)
         raise typer.Exit(2)
     if not tc.meta.writable:
         typer.echo(f"edgeos: {device}/{tag} is not writable (set writable = true in its config)", err=True)
@@ -89,7 +95,7 @@ def write(
             denied(control.socket_path(cfg.gateway.data_dir))
         if reply is not None:
             if not reply.get("ok"):
-                typer.echo(f"edgeos: {device}/{tag}: {reply.get('error')}", err=True)
+                typer.echo(f"edgeos: {_named(device, tag, str(reply.get('error')))}", err=True)
                 raise typer.Exit(1)
             typer.echo(f"wrote {device}/{tag} = {value} (through the running daemon)")
             return
@@ -114,6 +120,6 @@ def write(
     try:
         asyncio.run(run())
     except (EdgeosError, NotImplementedError) as e:
-        typer.echo(f"edgeos: {e}", err=True)
+        typer.echo(f"edgeos: {_named(device, tag, str(e))}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"wrote {device}/{tag} = {value}")
