@@ -254,7 +254,10 @@ class ModbusAdapter(PollingAdapter):
         queue = list(gp.requests)
         split_up: list[tuple[Request, int, list[Request]]] = []  # refused merged reads and their parts
         probes: list[Request] = []
-        newly_refused: list[str] = []
+        newly_refused: list[int] = []  # group positions of tags refused alone for the first time
+        parent: dict[Request, Request] = {}  # split part -> the refused request it came from
+        failures: dict[Request, int] = {}  # refused request -> its parts refused with exception 4
+        held4: list[tuple[int, Request]] = []  # (position, parent) of tags refused alone with exception 4
         answered = timed_out = False
         began = time.monotonic()
         i = 0
@@ -275,21 +278,38 @@ class ModbusAdapter(PollingAdapter):
                 data = await link.read(name, unit, r.table, r.start, r.count, self.timeout_s, self.retries)
             except transport.ExceptionResponse as e:
                 answered = True
+                code = e.exception_code
                 # Illegal data address; illegal data value (a size the device cannot serve, or a
                 # range reaching unimplemented registers on some PLCs); server device failure for
-                # one address: split, isolate the refused tags, keep the rest.
-                if e.exception_code in transport.SPLIT_CODES:
+                # one address: split, isolate the refused tags, keep the rest. Exception 4 in both
+                # parts of a split is the device failing, not one address: no further split.
+                up = parent.get(r)
+                whole = False
+                if code == transport.SERVER_DEVICE_FAILURE and up is not None:
+                    whole = failures.get(up, 0) > 0
+                    failures[up] = failures.get(up, 0) + 1
+                if code in transport.SPLIT_CODES and not whole:
                     parts = split(r, gp.specs)
                     if parts:
                         c.splits += 1
                         queue[i:i] = parts
-                        split_up.append((r, e.exception_code, parts))
+                        parent.update(dict.fromkeys(parts, r))
+                        split_up.append((r, code, parts))
                         continue
-                c.exceptions += 1
-                if e.exception_code in transport.SPLIT_CODES:
-                    newly_refused += self._refuse(gp, r, e, began)
+                # Held back: a tag refused alone. With exception 4 only once a split isolated it
+                # (or it is being re-probed): a single-tag request failing so may pass.
+                if (
+                    code in transport.SPLIT_CODES
+                    and not whole
+                    and (code != transport.SERVER_DEVICE_FAILURE or up is not None or r in gp.held)
+                ):
+                    newly = self._refuse(gp, r, e, began)
+                    newly_refused += newly
+                    if code == transport.SERVER_DEVICE_FAILURE and up is not None:
+                        held4 += [(m, up) for m in newly]
                 else:
                     st.errors.log(logging.WARNING, f"exception:{r.table}{r.start}", "%s", e)
+                c.exceptions += 1
                 results.append((r, Quality.BAD_DEVICE_FAILURE))
             except transport.ResponseTimeout as e:
                 c.timeouts += 1
@@ -307,12 +327,16 @@ class ModbusAdapter(PollingAdapter):
             else:
                 answered = True
                 results.append((r, data))
+        for m, up in held4:  # its sibling failed too: not one address, don't hold it
+            if failures[up] > 1:
+                del st.refused[gp.tags[m].id]
+                newly_refused.remove(m)
         if newly_refused:
             log.warning(
                 "%s: %s refused alone (%s): Bad until asked again in %gs",
                 name,
-                ", ".join(newly_refused),
-                ", ".join(sorted({st.refused[t.id].reason for t in gp.tags if t.name in newly_refused})),
+                ", ".join(gp.names[m] for m in newly_refused),
+                ", ".join(sorted({st.refused[gp.tags[m].id].reason for m in newly_refused})),
                 self.retry_refused_s,
             )
         if split_up or probes or not gp.noted:
@@ -338,9 +362,9 @@ class ModbusAdapter(PollingAdapter):
                 )
         return self._decode(gp, results, now_ns)
 
-    def _refuse(self, gp: GroupPlan, r: Request, e: transport.ExceptionResponse, now: float) -> list[str]:
+    def _refuse(self, gp: GroupPlan, r: Request, e: transport.ExceptionResponse, now: float) -> list[int]:
         """A tag refused on its own: held Bad, re-probed after `retry_refused`, then doubling.
-        Returns the names of tags refused for the first time."""
+        Returns the group positions of tags refused for the first time."""
         st, new = self.state, []
         for m in r.members:
             tid = gp.tags[m].id
@@ -348,7 +372,7 @@ class ModbusAdapter(PollingAdapter):
             if ref is None:
                 st.refused[tid] = Refusal(e.reason, self.retry_refused_s, now + self.retry_refused_s)
                 st.version += 1
-                new.append(gp.names[m])
+                new.append(m)
             else:
                 ref.reason = e.reason
                 ref.delay_s = min(2 * ref.delay_s, max(REFUSED_RETRY_MAX_S, self.retry_refused_s))
@@ -374,8 +398,8 @@ class ModbusAdapter(PollingAdapter):
                 lim.answered = r.count
                 if lim.refused is not None:
                     st.version += 1  # probing: a larger size may now be planned
-        if len(got) == len(results):
-            gp.noted = True
+        if len(got) + sum(1 for r, _ in results if r in gp.held and r not in probes) == len(results):
+            gp.noted = True  # every request of this plan answered once: its sizes are recorded
         done = {m for r in got for m in r.members}
         for r, code, parts in split_up:
             if code not in LEARN_CODES or not all(m in done for m in r.members):
@@ -386,7 +410,8 @@ class ModbusAdapter(PollingAdapter):
                     lim.refused = r.count
                     changed.append(f"{r.table} reads of {r.count} refused (exception 3): probing smaller sizes")
             else:
-                cuts = {(p.start + p.count, q.start) for p, q in zip(parts, parts[1:], strict=False)}
+                pairs = zip(parts, parts[1:], strict=False)
+                cuts = {(p.start + p.count, q.start) for p, q in pairs if p.start + p.count <= q.start}
                 new = cuts - st.barriers.setdefault(r.table, set())
                 if new:
                     st.barriers[r.table] |= new

@@ -135,3 +135,25 @@ async def test_refused_addresses_are_held_back_and_reprobed_and_survive_a_reconn
         assert n == 2 and ("hr", 0, 15) in peer.reads(1)[-2:]
     finally:
         await adapter.close()
+
+
+async def test_a_device_failing_as_a_whole_is_not_held_back(tcp_peer, modbus_config):
+    # Exception 4 for every address (a device failing for a moment): both halves of the first
+    # split fail too, so it is the device, not an address: no search down to every tag, nothing
+    # held back, and the tags are Good again at the first poll after it recovers.
+    peer = await tcp_peer()
+    peer.set_registers(1, "hr", 0, [1000 + a for a in range(64)])
+    dev = modbus_config(peers.device(peer.port, registers(range(64)), retries=0)).devices[0]
+    adapter = modbus().create(dev)
+    await adapter.connect()
+    try:
+        for a in range(64):
+            peer.refuse[(1, "hr", a)] = 4
+        got, n = await poll(adapter, peer)
+        assert {q for _, q in got.values()} == {Quality.BAD_DEVICE_FAILURE}
+        assert n <= 2 * 6 + 1 and adapter.health()["refused_tags"] == {}  # log2(64) levels at most
+        peer.refuse.clear()
+        got, n = await poll(adapter, peer)
+        assert got == {f"r{a}": (1000.0 + a, Quality.GOOD) for a in range(64)} and n == 1
+    finally:
+        await adapter.close()
