@@ -504,7 +504,7 @@ class ModbusAdapter(PollingAdapter):
         """Counters since the daemon started (they survive reconnects), and what was learned."""
         c, st = self.counters, self.state
         groups = self._groups or []
-        per_s = sum(len(g.plan.current.requests) * 1e9 / g.interval_ns for g in groups)
+        per_s = sum((len(g.plan.current.requests) - len(g.plan.current.held)) * 1e9 / g.interval_ns for g in groups)
         names = {t.id: t.name for t in self.device.tags}
         return {
             **super().health(),

@@ -157,3 +157,37 @@ async def test_a_device_failing_as_a_whole_is_not_held_back(tcp_peer, modbus_con
         assert got == {f"r{a}": (1000.0 + a, Quality.GOOD) for a in range(64)} and n == 1
     finally:
         await adapter.close()
+
+
+async def test_what_was_learned_survives_the_runtimes_reconnect(tcp_peer, modbus_config, run_runtime):
+    peer = await tcp_peer()
+    for a in range(10, 20):
+        peer.refuse[(1, "hr", a)] = 2
+    body = peers.device(peer.port, registers(range(40)), "reconnect_after = 1", timeout="100ms", retries=0)
+    cfg = modbus_config(body)
+    sink = peers.Collect(cfg)
+    seen: dict[str, object] = {}
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if "first" not in seen:
+            if st.adapter is not None and len(st.adapter.health()["refused_tags"]) == 10:
+                seen["first"], seen["health"] = st.adapter, dict(st.adapter.health())
+                peer.silent.add(1)  # no answer: the runtime drops the adapter and reconnects
+            return False
+        if "after" not in seen:
+            if st.failures >= 1 and st.adapter is not seen["first"]:
+                peer.silent.discard(1)
+                seen["after"] = len(peer.requests)
+            return False
+        return len(peer.requests) - seen["after"] >= 6 and sink.recovered("plc/r0")
+
+    rt = await run_runtime(cfg, sinks=[sink], timeout=10, until=until)
+    h0, h1 = seen["health"], rt.devices["plc"].adapter.health()
+    assert rt.devices["plc"].adapter is not seen["first"]
+    assert h1["splits"] == h0["splits"] >= 1 and h1["exceptions"] == h0["exceptions"] >= 10
+    assert h1["timeouts"] >= 1 and h1["requests"] > h0["requests"]
+    # No search again after the reconnect: only the two requests around the held addresses.
+    assert {(t, a, c) for _, t, a, c in peer.requests[seen["after"] :]} == {("hr", 0, 10), ("hr", 20, 20)}
+    assert all(q != 0 for _, _, q in sink.rows["plc/r15"])  # Bad throughout, never missing
+    assert len(sink.rows["plc/r15"]) == len(sink.rows["plc/r0"])
