@@ -340,7 +340,7 @@ class ModbusAdapter(PollingAdapter):
                 self.retry_refused_s,
             )
         if split_up or probes or not gp.noted:
-            self._learn(gp, group, results, split_up, probes)
+            self._learn(gp, results, split_up, probes)
         if split_up:  # decode this poll as it was read; the next one is planned anew
             gp = GroupPlan(gp.tags, gp.specs, [r for r, _ in results])
         if answered:
@@ -382,7 +382,6 @@ class ModbusAdapter(PollingAdapter):
     def _learn(
         self,
         gp: GroupPlan,
-        group: PollGroup,
         results: list[tuple[Request, Any]],
         split_up: list[tuple[Request, int, list[Request]]],
         probes: list[Request],
@@ -391,6 +390,7 @@ class ModbusAdapter(PollingAdapter):
         tags that answer again. Each change is logged once and makes the plans be rebuilt."""
         st, name = self.state, self.device.name
         changed: list[str] = []
+        sized: set[str] = set()  # tables whose refused size went down
         got = {r: res for r, res in results if isinstance(res, list)}
         for r in got:
             lim = st.limits.setdefault(r.table, TableLimit())
@@ -408,36 +408,33 @@ class ModbusAdapter(PollingAdapter):
             if code == transport.ILLEGAL_DATA_VALUE and r.count > lim.answered:
                 if lim.refused is None or r.count < lim.refused:
                     lim.refused = r.count
-                    changed.append(f"{r.table} reads of {r.count} refused (exception 3): probing smaller sizes")
+                    sized.add(r.table)
             else:
                 pairs = zip(parts, parts[1:], strict=False)
                 cuts = {(p.start + p.count, q.start) for p, q in pairs if p.start + p.count <= q.start}
                 new = cuts - st.barriers.setdefault(r.table, set())
                 if new:
                     st.barriers[r.table] |= new
-                    spans = ", ".join(f"{a - 1}|{b}" for a, b in sorted(new))
+                    spans = ", ".join(f"{a}..{b - 1}" if b > a else f"{a - 1}|{a}" for a, b in sorted(new))
                     changed.append(
                         f"{r.table} {r.start}..{r.start + r.count - 1} refused (exception {code}) while its parts "
                         f"were answered: no request spans {spans} from now"
                     )
-        for r in probes:
-            if r in got:
-                tid = gp.held[r]
-                if st.refused.pop(tid, None) is not None:
-                    changed.append(f"{gp.names[r.members[0]]} answers again")
+        back = [gp.names[r.members[0]] for r in probes if r in got and st.refused.pop(gp.held[r], None)]
+        if back:
+            changed.append(f"{', '.join(back)} answered again")
+        for t in sorted(sized):
+            lim = st.limits[t]
+            size = lim.size(self._limits.max_bits if t in ("coil", "di") else self._limits.max_registers)
+            probing = (
+                f": at most {size} per request"
+                if lim.answered + 1 >= lim.refused
+                else f", {lim.answered} answered: trying {size}"
+            )
+            changed.append(f"{t} reads of {lim.refused} refused (exception 3) while their parts were answered{probing}")
         if changed:
             st.version += 1
-            sizes = {
-                t: lim.size(self._limits.max_bits if t in ("coil", "di") else self._limits.max_registers)
-                for t, lim in st.limits.items()
-                if lim.refused is not None
-            }
-            log.info(
-                "%s: %s%s",
-                name,
-                "; ".join(changed),
-                "".join(f"; {t} requests of at most {n}" for t, n in sizes.items()),
-            )
+            log.info("%s: %s", name, "; ".join(changed))
 
     def _decode(self, gp: GroupPlan, results: list[tuple[Request, Any]], now_ns: int) -> Batch:
         regs = np.zeros(gp.nregs, ">u2")
