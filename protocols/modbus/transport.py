@@ -166,7 +166,6 @@ class Link:
         self.rebuilds = 0  # fresh clients made because the link had gone silent
         self.drained = 0  # RTU drains after a timeout or a rejected frame
         self.resets = 0  # Modbus TCP: fresh connections after a stale answer (or a timeout, zero_transaction_id)
-        self.tid_mismatches = 0  # Modbus TCP answers whose transaction id was not the request's
         self.zero_tid: set[str] = set()  # devices on this link that accept answers with transaction id 0
         self._tcp = endpoint.kind == "tcp"
         self._sent_tid = 0  # transaction id of the request in flight (Modbus TCP)
@@ -339,7 +338,6 @@ class Link:
                     if got != sent and not (got == 0 and device in self.zero_tid):
                         # The answer to another request (one that timed out): ours may follow it,
                         # and would be taken by the next request. A fresh connection drops both.
-                        self.tid_mismatches += 1
                         self._reset = True
                         raise StaleAnswer(device, what, sent, got, stage)
                 return resp
