@@ -33,6 +33,11 @@ class ModbusProtocol:
                 problems.add(f"{path}.serial_port", 'missing: required with transport = "rtu" (e.g. "/dev/ttyUSB0")')
             if not 1 <= o["unit"] <= 247:
                 problems.add(f"{path}.unit", f"found {o['unit']}, expected 1..247 on a serial line (0 is broadcast)")
+        if o["zero_transaction_id"] and o["transport"] != "tcp":
+            problems.add(
+                f"{path}.zero_transaction_id",
+                f'found true, but transaction ids exist only with transport = "tcp" (not "{o["transport"]}")',
+            )
         for i, t in enumerate(device.tags):
             tpath = f"{path}.tags[{i}]"
             where = f' (tag "{t.name}")'

@@ -5,14 +5,19 @@ the plan's requests in order, lays the answers side by side in one register buff
 buffer, and decodes the whole group at once (codec.py). Partial failures become Bad samples
 for exactly the tags concerned; only a lost connection, or `reconnect_after` polls in a row
 without any answer, raises (the supervisor then backs off and reconnects).
+
+What the device's refusals teach (a request size it cannot serve, spans it refuses, addresses
+it refuses) and the health counters live in a `DeviceState` per configured device, not in the
+adapter: the runtime makes a new adapter at every reconnect, and nothing is relearned.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,11 +39,11 @@ from edgeos.logs import RateLimited
 from edgeos.model import QUALITY_DTYPE, Batch, Quality, ValueKind
 
 log = logging.getLogger("edgeos.protocols.modbus")
-_errors = RateLimited(log)
 
-# Refined plans (after illegal-address splits) outlive an adapter: a reconnect must not
-# relearn them. Keyed by device name, interval and the group's tag ids.
-_LEARNED: dict[tuple[str, int, tuple[int, ...]], list[Request]] = {}
+REFUSED_RETRY_MAX_S = 3600.0  # a refused address is re-probed at least once an hour
+LEARN_CODES = (transport.ILLEGAL_ADDRESS, transport.ILLEGAL_DATA_VALUE)
+"""Refusals of a merged read that teach a limit or a barrier when all its tags are answered
+apart; exception 4 (server device failure) splits too, but may pass: it teaches nothing."""
 
 
 def limits_of(options: Mapping[str, Any]) -> Limits:
@@ -65,13 +70,84 @@ def specs_of(device: DeviceConfig) -> dict[int, TagSpec]:
     return out
 
 
-class GroupPlan:
-    """A poll group's requests, where each answer goes in the buffers, and the decoder."""
+@dataclass
+class Counters:
+    requests: int = 0
+    timeouts: int = 0
+    exceptions: int = 0
+    bad_responses: int = 0
+    tid_mismatches: int = 0
+    splits: int = 0
+    writes: int = 0
 
-    def __init__(self, tags: Sequence[TagConfig], specs: Sequence[TagSpec], requests: list[Request]) -> None:
+
+@dataclass
+class TableLimit:
+    """Request sizes of one table: the largest the device answered, the smallest it refused
+    for its size alone (exception 3 while its parts were answered). In between, the plan
+    probes by halves until the two meet; then requests are as large as answered."""
+
+    answered: int = 0
+    refused: int | None = None
+
+    def size(self, configured: int) -> int:
+        if self.refused is None:
+            return configured
+        if self.answered + 1 >= self.refused:
+            return min(configured, max(1, self.answered))
+        return min(configured, (self.answered + self.refused) // 2)
+
+
+@dataclass
+class Refusal:
+    """A tag the device refused on its own: Bad at every poll, re-probed alone when due."""
+
+    reason: str
+    delay_s: float
+    due: float  # monotonic time of the next probe
+
+
+class DeviceState:
+    """What one configured device taught, and its counters; outlives its adapters."""
+
+    def __init__(self) -> None:
+        self.counters = Counters()
+        self.limits: dict[str, TableLimit] = {}
+        self.barriers: dict[str, set[tuple[int, int]]] = {}
+        self.refused: dict[int, Refusal] = {}  # tag id ->
+        self.version = 0  # bumped at every learned change: plans are rebuilt
+        self.errors = RateLimited(log)
+
+
+_STATES: dict[int, DeviceState] = {}
+
+
+def state_of(device: DeviceConfig) -> DeviceState:
+    """The device's state, kept as long as its DeviceConfig lives (the runtime keeps one per
+    device for its whole run, and makes a new adapter from it at each reconnect)."""
+    st = _STATES.get(id(device))
+    if st is None:
+        st = _STATES[id(device)] = DeviceState()
+        weakref.finalize(device, _STATES.pop, id(device), None)
+    return st
+
+
+class GroupPlan:
+    """A poll group's requests, where each answer goes in the buffers, and the decoder.
+    `held` maps the single-tag request of each refused tag to that tag's id."""
+
+    def __init__(
+        self,
+        tags: Sequence[TagConfig],
+        specs: Sequence[TagSpec],
+        requests: list[Request],
+        held: Mapping[Request, int] | None = None,
+    ) -> None:
         self.tags = tuple(tags)
         self.specs = list(specs)
         self.requests = requests
+        self.held = dict(held or {})
+        self.noted = False  # answered sizes recorded (TableLimit.answered)
         self.ids = np.array([t.id for t in tags], np.int32)
         self.names = [t.name for t in tags]
         placements = [0] * len(specs)
@@ -92,40 +168,42 @@ class GroupPlan:
 
     @property
     def registers_read(self) -> int:
-        return sum(r.count for r in self.requests if not r.is_bits)
+        return sum(r.count for r in self.requests if not r.is_bits and r not in self.held)
+
+
+def group_plan(tags: Sequence[TagConfig], specs: Sequence[TagSpec], limits: Limits, st: DeviceState) -> GroupPlan:
+    """The plan under what the device taught: learned sizes and barriers, refused tags left
+    out of the merged reads (and their addresses never bridged), each held in its own request."""
+    skip = [i for i, t in enumerate(tags) if t.id in st.refused]
+    barriers: dict[str, list[tuple[int, int]]] = {k: list(v) for k, v in st.barriers.items()}
+    for i in skip:
+        barriers.setdefault(specs[i].table, []).append((specs[i].start, specs[i].start + specs[i].count))
+    sizes = {
+        table: lim.size(limits.max_bits if table in ("coil", "di") else limits.max_registers)
+        for table, lim in st.limits.items()
+    }
+    reqs = plan(specs, limits, skip=set(skip), sizes=sizes, barriers=barriers)
+    held = {Request(specs[i].table, specs[i].start, specs[i].count, (i,)): tags[i].id for i in skip}
+    return GroupPlan(tags, specs, reqs + list(held), held)
 
 
 @dataclass
 class PlanSlot:
-    """Mutable holder on a (frozen) PollGroup: the plan is refined when a request is refused."""
+    """Mutable holder on a (frozen) PollGroup: rebuilt when the device state has changed."""
 
     current: GroupPlan
-    key: tuple[str, int, tuple[int, ...]]
+    version: int
 
 
 def build_groups(device: DeviceConfig, *, learned: bool = True) -> list[PollGroup]:
     specs = specs_of(device)
     limits = limits_of(device.options)
+    st = state_of(device) if learned else DeviceState()
     out = []
     for g in group_by_interval(device.tags):
         gspecs = [specs[t.id] for t in g.tags]
-        key = (device.name, g.interval_ns, tuple(t.id for t in g.tags))
-        reqs = _LEARNED.get(key) if learned else None
-        if reqs is None:
-            reqs = plan(gspecs, limits)
-        out.append(PollGroup(g.interval_ns, g.tags, PlanSlot(GroupPlan(g.tags, gspecs, reqs), key)))
+        out.append(PollGroup(g.interval_ns, g.tags, PlanSlot(group_plan(g.tags, gspecs, limits, st), st.version)))
     return out
-
-
-@dataclass
-class Counters:
-    requests: int = 0
-    timeouts: int = 0
-    exceptions: int = 0
-    bad_responses: int = 0
-    splits: int = 0
-    writes: int = 0
-    refused: dict[str, str] = field(default_factory=dict)  # tag -> last exception, while it lasts
 
 
 class ModbusAdapter(PollingAdapter):
@@ -136,9 +214,12 @@ class ModbusAdapter(PollingAdapter):
         self.timeout_s = o["timeout"] / 1e9
         self.retries = o["retries"]
         self.reconnect_after = o["reconnect_after"]
+        self.retry_refused_s = o.get("retry_refused", 60_000_000_000) / 1e9
+        self.zero_tid = bool(o.get("zero_transaction_id", False))
         self.endpoint = transport.endpoint_of(dict(o))
         self.link: transport.Link | None = None
-        self.counters = Counters()
+        self.state = state_of(device)
+        self.counters = self.state.counters
         # Polls in a row without any answer, per poll group (interval): with several intervals,
         # `reconnect_after` counts the polls of each, not their sum. Any answer resets them all.
         self._silent_polls: dict[int, int] = {}
@@ -155,11 +236,15 @@ class ModbusAdapter(PollingAdapter):
     async def connect(self) -> None:
         self._specs = specs_of(self.device)
         if self.link is None:
-            self.link = transport.acquire(self.device.name, self.endpoint)
+            self.link = transport.acquire(self.device.name, self.endpoint, zero_transaction_id=self.zero_tid)
         await self.link.connect(self.device.name, self.timeout_s)
 
     async def read(self, group: PollGroup, now_ns: int) -> Batch:
         slot: PlanSlot = group.plan
+        st = self.state
+        if slot.version != st.version:
+            slot.current = group_plan(group.tags, slot.current.specs, self._limits, st)
+            slot.version = st.version
         gp = slot.current
         link = self.link
         if link is None:
@@ -167,12 +252,24 @@ class ModbusAdapter(PollingAdapter):
         name, unit, c = self.device.name, self.unit, self.counters
         results: list[tuple[Request, Any]] = []
         queue = list(gp.requests)
-        refined = answered = timed_out = False
+        split_up: list[tuple[Request, int, list[Request]]] = []  # refused merged reads and their parts
+        probes: list[Request] = []
+        newly_refused: list[int] = []  # group positions of tags refused alone for the first time
+        parent: dict[Request, Request] = {}  # split part -> the refused request it came from
+        failures: dict[Request, int] = {}  # refused request -> its parts refused with exception 4
+        held4: list[tuple[int, Request]] = []  # (position, parent) of tags refused alone with exception 4
+        answered = timed_out = False
         began = time.monotonic()
         i = 0
         while i < len(queue):
             r = queue[i]
             i += 1
+            if gp.held and r in gp.held:
+                ref = st.refused.get(gp.held[r])
+                if ref is not None and began < ref.due:  # refused: Bad until its next probe
+                    results.append((r, Quality.BAD_DEVICE_FAILURE))
+                    continue
+                probes.append(r)
             if timed_out:  # the unit is silent: don't spend a timeout per request of this poll
                 results.append((r, Quality.BAD_TIMEOUT))
                 continue
@@ -181,42 +278,71 @@ class ModbusAdapter(PollingAdapter):
                 data = await link.read(name, unit, r.table, r.start, r.count, self.timeout_s, self.retries)
             except transport.ExceptionResponse as e:
                 answered = True
-                # Illegal data address, and illegal data value (which some PLCs answer for a range
-                # reaching unimplemented registers): split, isolate the refused tags, keep the rest.
-                if e.exception_code in transport.SPLIT_CODES:
+                code = e.exception_code
+                # Illegal data address; illegal data value (a size the device cannot serve, or a
+                # range reaching unimplemented registers on some PLCs); server device failure for
+                # one address: split, isolate the refused tags, keep the rest. Exception 4 in both
+                # parts of a split is the device failing, not one address: no further split.
+                up = parent.get(r)
+                whole = False
+                if code == transport.SERVER_DEVICE_FAILURE and up is not None:
+                    whole = failures.get(up, 0) > 0
+                    failures[up] = failures.get(up, 0) + 1
+                if code in transport.SPLIT_CODES and not whole:
                     parts = split(r, gp.specs)
                     if parts:
                         c.splits += 1
                         queue[i:i] = parts
-                        refined = True
+                        parent.update(dict.fromkeys(parts, r))
+                        split_up.append((r, code, parts))
                         continue
+                # Held back: a tag refused alone. With exception 4 only once a split isolated it
+                # (or it is being re-probed): a single-tag request failing so may pass.
+                if (
+                    code in transport.SPLIT_CODES
+                    and not whole
+                    and (code != transport.SERVER_DEVICE_FAILURE or up is not None or r in gp.held)
+                ):
+                    newly = self._refuse(gp, r, e, began)
+                    newly_refused += newly
+                    if code == transport.SERVER_DEVICE_FAILURE and up is not None:
+                        held4 += [(m, up) for m in newly]
+                else:
+                    st.errors.log(logging.WARNING, f"exception:{r.table}{r.start}", "%s", e)
                 c.exceptions += 1
-                self._refused(gp, r, e.reason)
-                _errors.log(logging.WARNING, f"{name}:exception:{r.table}{r.start}", "%s", e)
                 results.append((r, Quality.BAD_DEVICE_FAILURE))
             except transport.ResponseTimeout as e:
                 c.timeouts += 1
                 timed_out = True
-                _errors.log(logging.WARNING, f"{name}:timeout", "%s", e)
+                st.errors.log(logging.WARNING, "timeout", "%s", e)
                 results.append((r, Quality.BAD_TIMEOUT))
             except transport.BadResponse as e:
                 answered = True
-                c.bad_responses += 1
-                _errors.log(logging.WARNING, f"{name}:bad_response", "%s", e)
+                if isinstance(e, transport.StaleAnswer):
+                    c.tid_mismatches += 1
+                else:
+                    c.bad_responses += 1
+                st.errors.log(logging.WARNING, e.code, "%s", e)
                 results.append((r, Quality.BAD_DECODING_ERROR))
             else:
                 answered = True
                 results.append((r, data))
-        if refined:
-            results = _rejoin(results, self._limits)
-            gp = slot.current = GroupPlan(gp.tags, gp.specs, [r for r, _ in results])
-            _LEARNED[slot.key] = gp.requests
-            log.info(
-                "%s: refused addresses isolated; every %gms now %d requests",
+        for m, up in held4:  # its sibling failed too: not one address, don't hold it
+            if failures[up] > 1:
+                del st.refused[gp.tags[m].id]
+                newly_refused.remove(m)
+        if newly_refused:
+            log.warning(
+                "%s: %s refused alone (%s): Bad until asked again in %gs",
                 name,
-                group.interval_ns / 1e6,
-                len(gp.requests),
+                ", ".join(gp.names[m] for m in newly_refused),
+                ", ".join(sorted({st.refused[gp.tags[m].id].reason for m in newly_refused})),
+                self.retry_refused_s,
             )
+        if split_up or probes or not gp.noted:
+            self._learn(gp, results, split_up, probes)
+        if split_up:  # decode this poll as it was read; the next one is planned anew
+            gp = GroupPlan(gp.tags, gp.specs, [r for r, _ in results])
         if answered:
             self._silent_polls.clear()
         elif timed_out:
@@ -235,6 +361,80 @@ class ModbusAdapter(PollingAdapter):
                     code="timeout",
                 )
         return self._decode(gp, results, now_ns)
+
+    def _refuse(self, gp: GroupPlan, r: Request, e: transport.ExceptionResponse, now: float) -> list[int]:
+        """A tag refused on its own: held Bad, re-probed after `retry_refused`, then doubling.
+        Returns the group positions of tags refused for the first time."""
+        st, new = self.state, []
+        for m in r.members:
+            tid = gp.tags[m].id
+            ref = st.refused.get(tid)
+            if ref is None:
+                st.refused[tid] = Refusal(e.reason, self.retry_refused_s, now + self.retry_refused_s)
+                st.version += 1
+                new.append(m)
+            else:
+                ref.reason = e.reason
+                ref.delay_s = min(2 * ref.delay_s, max(REFUSED_RETRY_MAX_S, self.retry_refused_s))
+                ref.due = now + ref.delay_s
+        return new
+
+    def _learn(
+        self,
+        gp: GroupPlan,
+        results: list[tuple[Request, Any]],
+        split_up: list[tuple[Request, int, list[Request]]],
+        probes: list[Request],
+    ) -> None:
+        """Record what this poll taught: sizes answered, a size refused, spans refused, refused
+        tags that answer again. Each change is logged once and makes the plans be rebuilt."""
+        st, name = self.state, self.device.name
+        changed: list[str] = []
+        sized: set[str] = set()  # tables whose refused size went down
+        got = {r: res for r, res in results if isinstance(res, list)}
+        for r in got:
+            lim = st.limits.setdefault(r.table, TableLimit())
+            if r.count > lim.answered:
+                lim.answered = r.count
+                if lim.refused is not None:
+                    st.version += 1  # probing: a larger size may now be planned
+        if len(got) + sum(1 for r, _ in results if r in gp.held and r not in probes) == len(results):
+            gp.noted = True  # every request of this plan answered once: its sizes are recorded
+        done = {m for r in got for m in r.members}
+        for r, code, parts in split_up:
+            if code not in LEARN_CODES or not all(m in done for m in r.members):
+                continue  # explained by a refused tag (held), or a timeout: nothing more to learn
+            lim = st.limits[r.table]
+            if code == transport.ILLEGAL_DATA_VALUE and r.count > lim.answered:
+                if lim.refused is None or r.count < lim.refused:
+                    lim.refused = r.count
+                    sized.add(r.table)
+            else:
+                pairs = zip(parts, parts[1:], strict=False)
+                cuts = {(p.start + p.count, q.start) for p, q in pairs if p.start + p.count <= q.start}
+                new = cuts - st.barriers.setdefault(r.table, set())
+                if new:
+                    st.barriers[r.table] |= new
+                    spans = ", ".join(f"{a}..{b - 1}" if b > a else f"{a - 1}|{a}" for a, b in sorted(new))
+                    changed.append(
+                        f"{r.table} {r.start}..{r.start + r.count - 1} refused (exception {code}) while its parts "
+                        f"were answered: no request spans {spans} from now"
+                    )
+        back = [gp.names[r.members[0]] for r in probes if r in got and st.refused.pop(gp.held[r], None)]
+        if back:
+            changed.append(f"{', '.join(back)} answered again")
+        for t in sorted(sized):
+            lim = st.limits[t]
+            size = lim.size(self._limits.max_bits if t in ("coil", "di") else self._limits.max_registers)
+            probing = (
+                f": at most {size} per request"
+                if lim.answered + 1 >= lim.refused
+                else f", {lim.answered} answered: trying {size}"
+            )
+            changed.append(f"{t} reads of {lim.refused} refused (exception 3) while their parts were answered{probing}")
+        if changed:
+            st.version += 1
+            log.info("%s: %s", name, "; ".join(changed))
 
     def _decode(self, gp: GroupPlan, results: list[tuple[Request, Any]], now_ns: int) -> Batch:
         regs = np.zeros(gp.nregs, ">u2")
@@ -260,19 +460,7 @@ class ModbusAdapter(PollingAdapter):
             if text is not None:
                 for pos in gp.string_pos[failed[gp.string_pos]]:
                     text[pos] = ""
-        elif self.counters.refused:
-            self._clear_refused(gp)
         return Batch(self.device.name, gp.ids, np.full(n, now_ns, np.int64), values, quality, text)
-
-    def _refused(self, gp: GroupPlan, r: Request, reason: str) -> None:
-        refused = self.counters.refused
-        for m in r.members:
-            if len(refused) < 64 or gp.names[m] in refused:
-                refused[gp.names[m]] = reason
-
-    def _clear_refused(self, gp: GroupPlan) -> None:
-        for name in gp.names:
-            self.counters.refused.pop(name, None)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -307,12 +495,14 @@ class ModbusAdapter(PollingAdapter):
     async def close(self) -> None:
         link, self.link = self.link, None
         if link is not None:
-            transport.release(link)
+            transport.release(link, self.device.name)
 
     def health(self) -> Mapping[str, Any]:
-        c = self.counters
+        """Counters since the daemon started (they survive reconnects), and what was learned."""
+        c, st = self.counters, self.state
         groups = self._groups or []
-        per_s = sum(len(g.plan.current.requests) * 1e9 / g.interval_ns for g in groups)
+        per_s = sum((len(g.plan.current.requests) - len(g.plan.current.held)) * 1e9 / g.interval_ns for g in groups)
+        names = {t.id: t.name for t in self.device.tags}
         return {
             **super().health(),
             "endpoint": str(self.endpoint),
@@ -323,28 +513,21 @@ class ModbusAdapter(PollingAdapter):
             "timeouts": c.timeouts,
             "exceptions": c.exceptions,
             "bad_responses": c.bad_responses,
+            "tid_mismatches": c.tid_mismatches,
             "splits": c.splits,
             "writes": c.writes,
             # of the (possibly shared) connection: rebuilt after going silent; RTU late-answer drains
             "connection_rebuilds": self.link.rebuilds if self.link else 0,
             "late_answer_drains": self.link.drained if self.link else 0,
-            "refused_tags": dict(c.refused),
+            "connection_resets": self.link.resets if self.link else 0,
+            # learned from refusals: request sizes below the configured ones, tags held Bad
+            "request_limits": {
+                t: lim.size(self._limits.max_bits if t in ("coil", "di") else self._limits.max_registers)
+                for t, lim in st.limits.items()
+                if lim.refused is not None
+            },
+            "refused_tags": {names[tid]: ref.reason for tid, ref in list(st.refused.items())[:64]},
         }
-
-
-def _rejoin(results: list[tuple[Request, Any]], limits: Limits) -> list[tuple[Request, Any]]:
-    """After a split, join neighbours that were both answered and touch (no unknown address
-    between them), so the refined plan keeps only the cuts the device forced."""
-    out: list[tuple[Request, Any]] = []
-    for r, res in results:
-        if out and isinstance(res, list) and isinstance(out[-1][1], list):
-            p, pres = out[-1]
-            size = limits.max_bits if r.is_bits else limits.max_registers
-            if p.table == r.table and p.start + p.count == r.start and p.count + r.count <= size:
-                out[-1] = (Request(r.table, p.start, p.count + r.count, p.members + r.members), pres + res)
-                continue
-        out.append((r, res))
-    return out
 
 
 def tag_kind(spec_type: str) -> ValueKind:

@@ -145,12 +145,29 @@ DEVICE_FIELDS = {
     "max_registers": Field("int", MAX_REGISTERS, min=1, max=MAX_REGISTERS, help="registers per read request"),
     "max_bits": Field("int", MAX_BITS, min=1, max=MAX_BITS, help="coils or discrete inputs per read request"),
     "max_gap": Field("int", None, min=0, max=MAX_BITS, help="unused registers (bits) a request may bridge"),
+    "retry_refused": Field(
+        "duration",
+        "1m",
+        min=1_000_000,
+        max=86_400_000_000_000,
+        help="first re-probe of a refused address (then doubling, up to an hour)",
+    ),
+    "zero_transaction_id": Field(
+        "bool", False, help="the device answers every request with transaction id 0 (Modbus TCP)"
+    ),
 }
+
+
+def _check_byte_order(value: str) -> str | None:
+    if value.upper() in BYTE_ORDERS:
+        return None
+    return f'found "{value}", expected one of {", ".join(BYTE_ORDERS)} (any case)'
+
 
 TAG_FIELDS = {
     "address": Field("str", help=ADDRESS_HELP, check=_check_address),
     "type": Field("choice", None, choices=TYPES),
-    "byte_order": Field("choice", "ABCD", choices=BYTE_ORDERS),
+    "byte_order": Field("str", "ABCD", check=_check_byte_order),
     "byte": Field("choice", "low", choices=("high", "low"), help="which byte of the register an int8/uint8 is"),
     "length": Field("int", None, min=1, max=MAX_STRING, help="characters of a string tag"),
     "scale": Field("float", 1.0),
@@ -237,7 +254,7 @@ def tag_spec(options: dict, address_base: int) -> tuple[TagSpec | None, list[tup
             start=start,
             count=count,
             type=typ,
-            byte_order=options.get("byte_order", "ABCD"),
+            byte_order=options.get("byte_order", "ABCD").upper(),
             bit=a.bit,
             byte=options.get("byte", "low"),
             length=options.get("length") or 0,

@@ -18,12 +18,14 @@ real time on the wire, so large gaps are read separately. Bits are costed at 1/1
 
 Bridging a gap can hit an address the device does not implement; `split` then cuts the failed
 request at its gaps (or in halves when it has none), so one bad tag costs a few requests once
-and never blanks its neighbours.
+and never blanks its neighbours. What the adapter learns from such refusals comes back as
+planning input: a smaller request size per table, *barriers* (address ranges, or a cut between
+two addresses, that no request may span) and tags to leave out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from edgeos.protocols.modbus.config import BIT_TABLES, MAX_BITS, MAX_REGISTERS, TagSpec
@@ -96,7 +98,20 @@ def _atoms(specs: Sequence[TagSpec], positions: Sequence[int], size: int | None 
     return out
 
 
-def _cut(atoms: list[_Atom], size: int, max_gap: int | None, request_cost: float) -> list[tuple[int, int]]:
+def _blocked(atoms: list[_Atom], barriers: Sequence[tuple[int, int]]) -> list[bool]:
+    """Per pair of neighbouring atoms: whether a barrier forbids one request to hold both. A
+    barrier (start, end) blocks a span [s, e) when s < end and start < e: an address range, or
+    with start == end the cut between addresses start - 1 and start."""
+    out = []
+    for a, b in zip(atoms, atoms[1:], strict=False):
+        s, e = a.start, max(a.end, b.end)
+        out.append(any(s < be and bs < e for bs, be in barriers))
+    return out
+
+
+def _cut(
+    atoms: list[_Atom], size: int, max_gap: int | None, request_cost: float, blocked: Sequence[bool] = ()
+) -> list[tuple[int, int]]:
     """Optimal contiguous cut of atoms into requests: [(first atom, last atom)], by DP."""
     n = len(atoms)
     inf = float("inf")
@@ -111,7 +126,9 @@ def _cut(atoms: list[_Atom], size: int, max_gap: int | None, request_cost: float
             span = end - atoms[i].start
             if span > size:
                 break
-            if i < j - 1 and max_gap is not None and atoms[i + 1].start - atoms[i].end > max_gap:
+            if i < j - 1 and (
+                (max_gap is not None and atoms[i + 1].start - atoms[i].end > max_gap) or (blocked and blocked[i])
+            ):
                 break
             c = best[i] + request_cost + span
             if c < best[j] - 1e-9 or (abs(c - best[j]) <= 1e-9 and nreq[i] + 1 < nreq[j]):
@@ -126,11 +143,21 @@ def _cut(atoms: list[_Atom], size: int, max_gap: int | None, request_cost: float
     return cuts[::-1]
 
 
-def plan(specs: Sequence[TagSpec], limits: Limits) -> list[Request]:
-    """Requests covering every tag of a poll group (positions index `specs`)."""
+def plan(
+    specs: Sequence[TagSpec],
+    limits: Limits,
+    *,
+    skip: Collection[int] = (),
+    sizes: Mapping[str, int] | None = None,
+    barriers: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+) -> list[Request]:
+    """Requests covering every tag of a poll group (positions index `specs`), except the
+    positions in `skip`; `sizes` lowers the request size of a table, `barriers` are spans no
+    request of that table may reach into (see `_blocked`)."""
     by_table: dict[str, list[int]] = {}
     for i, s in enumerate(specs):
-        by_table.setdefault(s.table, []).append(i)
+        if i not in skip:
+            by_table.setdefault(s.table, []).append(i)
     out: list[Request] = []
     for table in ("coil", "di", "hr", "ir"):
         positions = by_table.get(table)
@@ -142,10 +169,14 @@ def plan(specs: Sequence[TagSpec], limits: Limits) -> list[Request]:
                 out.append(Request(table, specs[i].start, specs[i].count, (i,)))
             continue
         size = limits.max_bits if bits else limits.max_registers
+        if sizes and table in sizes:
+            # A learned size below a tag's own: that tag is still read, alone.
+            size = max(min(size, sizes[table]), max(specs[i].count for i in positions))
         atoms = _atoms(specs, positions, size)
+        blocked = _blocked(atoms, barriers[table]) if barriers and barriers.get(table) else ()
         # Bits cost 1/16 of a register on the wire: scale the fixed cost so gaps compare fairly.
         cost = limits.request_cost * (16 if bits else 1)
-        for a, b in _cut(atoms, size, limits.max_gap, cost):
+        for a, b in _cut(atoms, size, limits.max_gap, cost, blocked):
             start, end = atoms[a].start, max(x.end for x in atoms[a : b + 1])
             members = tuple(m for x in atoms[a : b + 1] for m in x.members)
             out.append(Request(table, start, end - start, members))

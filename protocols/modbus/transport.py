@@ -15,6 +15,15 @@ frames carry no transaction id, so after a timeout on RTU framing the link drain
 answer is discarded, never taken for the answer to the next request. A link that no device
 gets an answer from any more is rebuilt (`mark_stale`): every device on it gets a fresh socket.
 
+Modbus TCP answers carry the request's transaction id, and the answer is checked here against
+the id sent (pymodbus itself lets an answer with id 0 through for any request). The link never
+sends id 0; an answer with another id, 0 included, is rejected (`StaleAnswer`), and the
+connection is reset before the next request, so the answer that was really meant for that one
+cannot be taken either. Devices that always answer with id 0 are read only when a device on
+the link sets `zero_transaction_id`: then every timeout or rejected answer resets the
+connection (one request is in flight at a time anyway), so a late answer never meets a later
+request.
+
 Every pymodbus exception is wrapped here into an `edgeos.errors.DeviceError` subclass with
 a low-cardinality `code`.
 """
@@ -56,8 +65,10 @@ EXCEPTION_NAMES = {
 }
 ILLEGAL_ADDRESS = 2
 ILLEGAL_DATA_VALUE = 3
-SPLIT_CODES = (ILLEGAL_ADDRESS, ILLEGAL_DATA_VALUE)
-"""Refusals that may be caused by the range rather than a tag: the request is split (adapter)."""
+SERVER_DEVICE_FAILURE = 4
+SPLIT_CODES = (ILLEGAL_ADDRESS, ILLEGAL_DATA_VALUE, SERVER_DEVICE_FAILURE)
+"""Refusals that may concern one address or the range rather than the whole request: the
+request is split until the refused tags are isolated (adapter)."""
 _BUSY = (5, 6)
 BUSY_DELAY_S = 0.05  # pause before re-sending after "busy" / "acknowledge" (the lock is free meanwhile)
 CLIENT_TIMEOUT_S = 600.0  # pymodbus's own response timeout: a backstop; each request has its device's
@@ -85,6 +96,20 @@ class BadResponse(DeviceError):
 
     def __init__(self, device: str, what: str, why: str, stage: str = "read") -> None:
         super().__init__(device, f"{what}: rejected response: {why}", code="bad_response", stage=stage)
+
+
+class StaleAnswer(BadResponse):
+    """A Modbus TCP answer whose transaction id is not the request's: never turned into values."""
+
+    def __init__(self, device: str, what: str, sent: int, got: int, stage: str = "read") -> None:
+        why = f"transaction id {got}, expected {sent}"
+        if got == 0:
+            why += (
+                " (the answer to an earlier request that timed out, or a device that always answers with "
+                "transaction id 0: then set zero_transaction_id = true on it)"
+            )
+        super().__init__(device, what, why, stage)
+        self.code = "transaction_id"
 
 
 class ConnectionLost(DeviceError):
@@ -140,6 +165,11 @@ class Link:
         self.last_answer = 0.0  # monotonic time of the last exchange that got any answer
         self.rebuilds = 0  # fresh clients made because the link had gone silent
         self.drained = 0  # RTU drains after a timeout or a rejected frame
+        self.resets = 0  # Modbus TCP: fresh connections after a stale answer (or a timeout, zero_transaction_id)
+        self.zero_tid: set[str] = set()  # devices on this link that accept answers with transaction id 0
+        self._tcp = endpoint.kind == "tcp"
+        self._sent_tid = 0  # transaction id of the request in flight (Modbus TCP)
+        self._reset = False  # Modbus TCP: open a fresh connection before the next request
         self._stale = False
         self._last_timeout: dict[str, float] = {}  # device -> monotonic time of its last timeout
         self._drain_until = 0.0  # RTU: no request before this (a late answer may still come)
@@ -149,6 +179,15 @@ class Link:
     @property
     def connected(self) -> bool:
         return self.client is not None and bool(self.client.connected)
+
+    def _trace_pdu(self, sending: bool, pdu: Any) -> Any:
+        """Modbus TCP: the transaction id of each request sent (pymodbus numbers them 1..65000);
+        never 0, which would match any answer."""
+        if sending:
+            if pdu.transaction_id == 0:
+                pdu.transaction_id = self.client.ctx.request_transaction_id = 1
+            self._sent_tid = pdu.transaction_id
+        return pdu
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
         if not sending:
@@ -163,6 +202,8 @@ class Link:
         common: dict[str, Any] = {"timeout": CLIENT_TIMEOUT_S, "retries": 0, "reconnect_delay": 0}
         if self._rtu:
             common["trace_packet"] = self._trace_packet  # arrival times, for the drain
+        else:
+            common["trace_pdu"] = self._trace_pdu  # transaction ids, checked in `_exchange`
         if ep.kind == "rtu":
             baud, parity, size, stop = ep.serial
             # pymodbus's serial transport opens the port with pyserial's exclusive=True (flock):
@@ -186,7 +227,7 @@ class Link:
     async def connect(self, device: str, timeout_s: float) -> None:
         """Connect unless already connected (another device on this endpoint may have)."""
         async with self.lock:
-            if self.connected and not self._stale:
+            if self.connected and not self._stale and not self._reset:
                 return
             why = await self._open(device, timeout_s)
             if why is not None:
@@ -198,7 +239,9 @@ class Link:
         if self._stale:
             self.rebuilds += 1
             log.info("%s: no device got an answer from %s: opening a fresh connection", device, self.endpoint)
-        self._stale = False
+        elif self._reset:
+            self.resets += 1
+        self._stale = self._reset = False
         self._close_client()
         self.client = self._new_client()
         cancels = _cancelling()
@@ -243,12 +286,15 @@ class Link:
             self.client = None
 
     def _expect_late(self, timeout_s: float) -> None:
-        """RTU frames carry no transaction id: after a timeout or a rejected answer, the real (or
-        another late) answer may still arrive after the next request has gone out and pass for
-        its answer. So nothing is sent until one more response timeout has passed and the line
-        has been quiet (libmodbus waits a response timeout and flushes, too)."""
+        """After a timeout or a rejected answer, the real (or another late) answer may still
+        arrive after the next request has gone out and pass for its answer. RTU frames carry no
+        transaction id: nothing is sent until one more response timeout has passed and the line
+        has been quiet (libmodbus waits a response timeout and flushes, too). On Modbus TCP with
+        a device that answers with transaction id 0, the connection is reset instead."""
         if self._rtu:
             self._drain_until = max(self._drain_until, time.monotonic() + timeout_s)
+        elif self.zero_tid:
+            self._reset = True
 
     async def _drain(self) -> None:
         """Wait out a late answer (`_expect_late`); pymodbus discards what arrives meanwhile, as
@@ -266,7 +312,7 @@ class Link:
     async def _exchange(self, device: str, what: str, call: Any, timeout_s: float, stage: str) -> Any:
         """One request/response under the lock, with the serial line's silent interval."""
         async with self.lock:
-            if self._stale and self.client is not None:
+            if (self._stale or self._reset) and self.client is not None:
                 why = await self._open(device, timeout_s)
                 if why is not None:
                     raise ConnectionLost(device, f"reconnecting to {self.endpoint} failed: {why}", stage=stage)
@@ -287,7 +333,17 @@ class Link:
                     resp = await call(client)
                 _reraise_swallowed_cancel(cancels)
                 answered = True
+                if self._tcp:
+                    sent, got = self._sent_tid, resp.transaction_id
+                    if got != sent and not (got == 0 and device in self.zero_tid):
+                        # The answer to another request (one that timed out): ours may follow it,
+                        # and would be taken by the next request. A fresh connection drops both.
+                        self._reset = True
+                        raise StaleAnswer(device, what, sent, got, stage)
                 return resp
+            except asyncio.CancelledError:
+                self._expect_late(timeout_s)  # the answer may still come, for someone else's request
+                raise
             except TimeoutError:
                 self._last_timeout[device] = time.monotonic()
                 self._expect_late(timeout_s)
@@ -474,8 +530,9 @@ def _held_by_another(path: str) -> bool:
 _LINKS: dict[tuple, Link] = {}
 
 
-def acquire(device: str, endpoint: Endpoint) -> Link:
-    """The shared link for `endpoint` (created on first use); release it with `release`."""
+def acquire(device: str, endpoint: Endpoint, *, zero_transaction_id: bool = False) -> Link:
+    """The shared link for `endpoint` (created on first use); release it with `release`.
+    `zero_transaction_id`: this device answers with transaction id 0 (Modbus TCP)."""
     key = (id(asyncio.get_running_loop()), endpoint.key)
     link = _LINKS.get(key)
     if link is None:
@@ -489,11 +546,14 @@ def acquire(device: str, endpoint: Endpoint) -> Link:
             stage="connect",
         )
     link.refs += 1
+    if zero_transaction_id:
+        link.zero_tid.add(device)
     return link
 
 
-def release(link: Link) -> None:
-    """Drop one reference; the last one closes the connection. Never raises."""
+def release(link: Link, device: str | None = None) -> None:
+    """Drop one reference (`device`'s); the last one closes the connection. Never raises."""
+    link.zero_tid.discard(device or "")
     link.refs -= 1
     if link.refs <= 0:
         for key, value in list(_LINKS.items()):

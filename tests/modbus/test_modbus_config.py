@@ -181,3 +181,48 @@ def test_command_line_integers_stay_exact() -> None:
     assert parse_value("2.5", ValueKind.NUMBER) == 2.5 and parse_value("1e3", ValueKind.NUMBER) == 1000.0
     with pytest.raises(ValueError, match="expected a number"):
         parse_value("twelve", ValueKind.NUMBER)
+
+
+async def test_byte_orders_are_case_insensitive_like_addresses(tcp_peer, modbus_config, peer_module) -> None:
+    from edgeos import ConfigError
+
+    peer = await tcp_peer()
+    peer.set_registers(1, "hr", 0, peer_module.wire_registers("float32", "CDAB", 3.25))
+    peer.set_registers(1, "hr", 2, peer_module.wire_registers("int32", "DCBA", -7))
+    tags = (
+        '{ name = "f", address = "hr0", type = "float32", byte_order = "cdab" },\n'
+        '{ name = "i", address = "hr2", type = "int32", byte_order = "Dcba" }'
+    )
+    dev = modbus_config(peer_module.device(peer.port, tags)).devices[0]
+    adapter = plugins.load(plugins.PROTOCOLS, "modbus").create(dev)
+    await adapter.connect()
+    try:
+        (batch,) = [await adapter.read(g, 0) for g in adapter.poll_groups()]
+    finally:
+        await adapter.close()
+    assert batch.values.tolist() == [3.25, -7.0] and batch.quality.tolist() == [Quality.GOOD] * 2
+    with pytest.raises(ConfigError) as info:
+        modbus_config(
+            peer_module.device(peer.port, '{ name = "x", address = "hr0", type = "int32", byte_order = "abdc" }')
+        )
+    (problem,) = info.value.problems
+    assert problem.path.endswith(".byte_order")
+    assert problem.message.startswith('found "abdc", expected one of ABCD, CDAB, BADC, DCBA')
+
+
+def test_zero_transaction_id_applies_to_modbus_tcp_only(modbus_config) -> None:
+    from edgeos import ConfigError
+
+    body = """
+        [[devices]]
+        name = "conv"
+        protocol = "modbus"
+        transport = "rtu_over_tcp"
+        host = "127.0.0.1"
+        zero_transaction_id = true
+        tags = [{ name = "a", address = "hr0" }]
+    """
+    with pytest.raises(ConfigError) as info:
+        modbus_config(body)
+    (problem,) = info.value.problems
+    assert problem.path.endswith(".zero_transaction_id") and 'only with transport = "tcp"' in problem.message

@@ -271,7 +271,7 @@ tags = [
     assert out.exit_code == 1 and "out of range for uint64" in out.output
 
 
-# -- 7. illegal data value splits too; device failure does not ------------------------------
+# -- 7. illegal data value splits too ------------------------------------------------------
 
 
 async def test_illegal_data_value_splits_the_request_too(tcp_peer, modbus_config, peer_module):

@@ -147,3 +147,35 @@ def test_plan_is_optimal_for_its_cost(spans, request_cost, gap) -> None:
     covers(reqs, specs, limits)
     cost = sum(limits.request_cost + r.count for r in reqs)
     assert cost <= brute_force(specs, limits) + 1e-6
+
+
+def test_learned_sizes_barriers_and_held_tags_shape_the_plan() -> None:
+    specs = regs(*[(i, 1) for i in range(40)])
+    spans = lambda reqs: [(r.start, r.count) for r in reqs]  # noqa: E731
+    assert spans(plan(specs, Limits(), sizes={"hr": 15})) == [(0, 15), (15, 15), (30, 10)]
+    assert spans(plan(specs, Limits(max_registers=10), sizes={"hr": 15})) == [(0, 10), (10, 10), (20, 10), (30, 10)]
+    # A held tag is left out, and its address is not bridged by its neighbours' request.
+    reqs = plan(specs, Limits(), skip={10}, barriers={"hr": [(10, 11)]})
+    assert spans(reqs) == [(0, 10), (11, 29)] and 10 not in {m for r in reqs for m in r.members}
+    # A cut between two addresses (start == end).
+    assert spans(plan(specs, Limits(), barriers={"hr": [(20, 20)]})) == [(0, 20), (20, 20)]
+    assert spans(plan(specs, Limits(), barriers={"ir": [(20, 20)]})) == [(0, 40)]
+    # A learned size below a tag's own: the tag is still read, alone.
+    assert spans(plan(regs((0, 2), (2, 2)), Limits(), sizes={"hr": 1})) == [(0, 2), (2, 2)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 300), min_size=1, max_size=60, unique=True),
+    st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3)), max_size=5),
+    st.integers(1, 125),
+)
+def test_no_request_spans_a_barrier(starts, barriers, size) -> None:
+    specs = regs(*[(s, 1) for s in sorted(starts)])
+    bars = [(b, b + n) for b, n in barriers]
+    reqs = plan(specs, Limits(), sizes={"hr": size}, barriers={"hr": bars})
+    covers(reqs, specs, Limits())
+    for r in reqs:
+        assert r.count <= size
+        if len(r.members) > 1:
+            assert not any(r.start < be and bs < r.start + r.count for bs, be in bars), (r, bars)

@@ -57,6 +57,7 @@ class ModbusPeer:
         self.silent: set[int] = set()  # units that never answer
         self.busy: dict[int, int] = {}  # unit -> number of next requests answered "device busy"
         self.refuse: dict[tuple[int, str, int], int] = {}  # (unit, table, address) -> exception code
+        self.max_count: int | None = None  # reads of more registers (bits) are refused with exception 3
         self.short: set[int] = set()  # units whose register answers lose their last register
         self.garble: set[int] = set()  # units whose answers are replaced by garbage
         self.connections = 0  # client connections accepted
@@ -169,6 +170,8 @@ class ModbusPeer:
             self.busy[uid] -= 1
             return ExcCodes.DEVICE_BUSY
         table = TABLE_OF_FC.get(fc)
+        if self.max_count is not None and fc in (1, 2, 3, 4) and count > self.max_count:
+            return ExcCodes.ILLEGAL_VALUE
         for (u, t, a), code in self.refuse.items():
             if u == uid and t == table and address <= a < address + count:
                 return ExcCodes(code)
@@ -315,7 +318,10 @@ class RawModbusPeer:
     - `late`: request number (1-based, counted over all connections) -> seconds to wait before
       answering it; requests that follow wait behind it, as on a real single-threaded device;
     - `hang_after`: connection number (1-based) -> requests answered on it, after which that
-      connection stays open but silent (a hung gateway, a half-open socket).
+      connection stays open but silent (a hung gateway, a half-open socket);
+    - `tid_zero`: True to answer every request with transaction id 0 (as some devices and
+      gateways do), or the request numbers answered so; other answers echo the request's id.
+      `tids` records the transaction id of every request received.
     """
 
     def __init__(self, framing: str = "socket") -> None:
@@ -323,6 +329,8 @@ class RawModbusPeer:
         self.hr: dict[int, int] = {}
         self.late: dict[int, float] = {}
         self.hang_after: dict[int, int] = {}
+        self.tid_zero: bool | set[int] = False
+        self.tids: list[int] = []
         self.requests: list[tuple[int, int, int, int, int]] = []  # (connection, unit, fc, address, count)
         self.connections = 0
         self.port = 0
@@ -390,7 +398,11 @@ class RawModbusPeer:
                 if pdu is None:
                     continue
                 self.requests.append((conn, unit, pdu[0], *struct.unpack(">HH", pdu[1:5])))
-                delay = self.late.get(len(self.requests), 0.0)
+                self.tids.append(tid)
+                number = len(self.requests)
+                if self.tid_zero is True or (self.tid_zero and number in self.tid_zero):
+                    tid = 0
+                delay = self.late.get(number, 0.0)
                 if delay:
                     await asyncio.sleep(delay)
                 if conn in self.hang_after and answered >= self.hang_after[conn]:
