@@ -67,7 +67,7 @@ def test_broken_third_party_plugin_is_named_with_its_package(write_config):
     with pytest.raises(ConfigError) as info:
         load_config(cfg)
     msg = str(info.value)
-    assert "plugin 'broken'" in msg and "edgeos-example-plugin 1.0.0" in msg and "ModuleNotFoundError" in msg
+    assert "plugin 'broken'" in msg and "edgeos-fixture-plugin 1.0.0" in msg and "ModuleNotFoundError" in msg
 
 
 def test_demo_runs_and_stores(tmp_path):

@@ -76,7 +76,7 @@ tags = [{{ name = "state", signal = "text", filters = [{{ type = "{filter}" }}] 
 
 
 class _TextPlugin:
-    """An OEM filter plugin, built here: tests/example_plugin is installed as it is."""
+    """An OEM filter plugin, built here: tests/fixture_plugin is installed as it is."""
 
     name = "last_text"
     fields: dict = {}

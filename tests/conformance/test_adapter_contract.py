@@ -69,7 +69,34 @@ tags = [
         await peer.stop()
 
 
-PEERS: dict[str, Callable] = {"simulated": simulated_peer, "misbehaving": misbehaving_peer, "modbus": modbus_peer}
+@contextlib.asynccontextmanager
+async def sysfs_peer(write_config) -> AsyncIterator[str]:
+    """The example OEM adapter (examples/edgeos-sysfs): real files, one of them missing (Bad)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="edgeos-sysfs-") as d:
+        (Path(d) / "temp").write_text("45000\n")
+        (Path(d) / "count").write_text("17")
+        yield f"""
+[[devices]]
+name = "dev"
+protocol = "sysfs"
+poll_interval = "20ms"
+tags = [
+  {{ name = "a", path = "{d}/temp", scale = 0.001 }},
+  {{ name = "b", path = "{d}/count" }},
+  {{ name = "c", path = "{d}/missing", poll_interval = "50ms" }},
+]
+"""
+
+
+PEERS: dict[str, Callable] = {
+    "simulated": simulated_peer,
+    "misbehaving": misbehaving_peer,
+    "modbus": modbus_peer,
+    "sysfs": sysfs_peer,
+}
 TESTED = sorted(p.name for p in plugins.available(plugins.PROTOCOLS) if p.name in PEERS)
 
 

@@ -1,4 +1,4 @@
-"""An OEM-style plugin: a push-driven adapter that can misbehave on demand, and a filter."""
+"""Test fixtures packaged as a third-party plugin: an adapter that misbehaves on demand, and a filter."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A plugin whose import fails, as a badly packaged third-party one would."""
 
-import edgeos_example_dependency_that_is_not_installed  # noqa: F401
+import edgeos_fixture_dependency_that_is_not_installed  # noqa: F401
 
 protocol = None
