@@ -10,10 +10,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from edgeos import DeviceConfig, ValueKind
-
 # Field and Problems are the plugin-facing config types docs/adapters.md names in edgeos.config.
-from edgeos.config import Field, Problems
+from edgeos import DeviceConfig, Field, Problems, ValueKind
 from edgeos_sysfs.adapter import SysfsAdapter, read_number
 
 __all__ = ["SysfsAdapter", "SysfsProtocol", "plugin", "read_number"]

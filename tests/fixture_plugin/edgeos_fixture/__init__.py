@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeos import Batch, DeviceConfig, Emit, TagConfig, ValueKind
-from edgeos.config import Field, Problems
+from edgeos import Batch, DeviceConfig, Emit, Field, Problems, TagConfig, ValueKind
 
 
 class MisbehavingAdapter:
