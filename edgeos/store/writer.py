@@ -212,8 +212,9 @@ class StoreWriter:
                 f"{self.dir} is in use by another edgeos process (pid {other}); "
                 "two daemons must not share a data directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is for the message above; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
     def _open(self) -> sqlite3.Connection:
@@ -272,10 +273,13 @@ class StoreWriter:
         code = getattr(e, "sqlite_errorcode", 0) & 0xFF
         name = getattr(e, "sqlite_errorname", "") or "SQLITE_ERROR"
         cause = ""
-        if code == sqlite3.SQLITE_FULL:
-            with contextlib.suppress(OSError):
-                st = os.statvfs(self.dir)
-                cause = f"; {os.strerror(errno.ENOSPC)}: {st.f_bavail * st.f_frsize} bytes free in {self.dir}"
+        free = None
+        with contextlib.suppress(OSError):
+            st = os.statvfs(self.dir)
+            free = st.f_bavail * st.f_frsize
+        if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) and (code == sqlite3.SQLITE_FULL or free == 0):
+            # SQLite reports a full disk met while growing its -shm file as an I/O error.
+            cause = f"; {os.strerror(errno.ENOSPC)} ({free} bytes free in {self.dir})"
         elif code == sqlite3.SQLITE_IOERR:
             cause = f"; {os.strerror(errno.EIO)} (a failing disk or file system?)"
         elif code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
