@@ -302,7 +302,7 @@ def _present(w: StoreWriter) -> int:
 
 
 def _identity(w: StoreWriter) -> None:
-    """(I7) Each committed sample is present or counted in exactly one dropped/quarantined counter."""
+    """(I12) Each committed sample is present or counted in exactly one dropped/quarantined counter."""
     c = w.counters
     accounted = _present(w) + c.dropped_retention + c.dropped_budget + getattr(c, "quarantined_samples", 0)
     assert c.committed_samples == accounted, vars(c)

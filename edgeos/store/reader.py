@@ -53,7 +53,7 @@ class StoreReader:
             rows = self.db.execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot read store: {e}") from e
-        # A tag whose kind or unit changed has several ids over time (docs/store.md, I15): its
+        # A tag whose kind or unit changed has several ids over time (docs/store.md, I16): its
         # newest id names it, and queries by name read them all.
         self._all = {r[0]: TagInfo(*r) for r in rows}
         self._ids: dict[tuple[str, str], list[int]] = {}
@@ -140,7 +140,7 @@ class StoreReader:
     def latest(self, tags: Sequence[TagInfo] | None = None) -> list[tuple[TagInfo, int, float | str, int]]:
         """The last sample of each tag: newest hot units first, then each tag's newest chunk."""
         wanted = {t.id: t for t in (tags if tags is not None else self._tags.values())}
-        # Any id a tag's name had counts as that tag (I15): map them all to the wanted entry.
+        # Any id a tag's name had counts as that tag (I16): map them all to the wanted entry.
         alias = {i: tid for tid, t in wanted.items() for i in self.ids(t)}
         found: dict[int, tuple[int, float | str, int]] = {}
         with self._snapshot():
@@ -220,7 +220,7 @@ class StoreReader:
 
 
 def _decode(uid: int, data: bytes) -> wire.Unit | None:
-    """A unit that does not decode is skipped (compaction moves it to bad_units, I12)."""
+    """A unit that does not decode is skipped (compaction moves it to bad_units, I13)."""
     try:
         return wire.decode_unit(data)
     except Exception as e:  # noqa: BLE001 - one bad unit must not fail every query

@@ -34,13 +34,13 @@ LOCK_NAME = "edgeos.lock"
 SEQ_NAME = "edgeos.seq"
 PAGE_SIZE = 16384
 WAL_LIMIT = 64 * 1024 * 1024
-FILE_MODE = 0o640  # (I16) the service user writes; its group (operators) may read
+FILE_MODE = 0o640  # (I17) the service user writes; its group (operators) may read
 DIR_MODE = 0o750
-# (I13) Unit ids never exceed the bound reserved in edgeos.seq; raised by SEQ_RESERVE when the
+# (I14) Unit ids never exceed the bound reserved in edgeos.seq; raised by SEQ_RESERVE when the
 # ids come within SEQ_MARGIN of it, so the sidecar is written about once per million units.
 SEQ_RESERVE = 1_000_000
 SEQ_MARGIN = 10_000
-# (I14) Bounds on one unit (one upstream message at most): samples, and encoded bytes.
+# (I15) Bounds on one unit (one upstream message at most): samples, and encoded bytes.
 MAX_UNIT_SAMPLES = 10_000
 MAX_UNIT_BYTES = 128 * 1024
 MAX_DROP_STEPS = 200  # budget drops per maintenance round (each about 5% of what is left)
@@ -146,7 +146,7 @@ class StoreWriter:
         self._bad_logged = 0
         self._tags_per_device: dict[str, int] = {}
         self._max_id = 0  # highest unit id given so far (sqlite_sequence)
-        self._reserved = 0  # (I13) the bound in edgeos.seq
+        self._reserved = 0  # (I14) the bound in edgeos.seq
         self._cursor = 0  # the sync cursor last saved: units above it were never forwarded
         self._seq_warned = False
         if not self.dir.exists():
@@ -157,7 +157,14 @@ class StoreWriter:
         self._lock_fd = self._lock()
         try:
             self.db = self._open()
-            self._after_open()
+            try:
+                self._after_open()
+            except StoreError:
+                if not self._corrupt:
+                    raise
+                # Damage quick_check was not asked to find (the last stop was clean): same as
+                # damage found while running.
+                self.recover()
         except BaseException:
             with contextlib.suppress(Exception):
                 self.db.close()
@@ -314,7 +321,7 @@ class StoreWriter:
         if found is None:
             schema.create(db)
             if floor:
-                # (I13) A new store of a gateway that had one: ids continue above the old ones.
+                # (I14) A new store of a gateway that had one: ids continue above the old ones.
                 db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('units', ?)", (floor,))
                 log.warning("store %s: new store; unit ids continue after %d (never reused)", self.path, floor)
         elif found < schema.SCHEMA_VERSION:
@@ -323,7 +330,7 @@ class StoreWriter:
         db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '0')")
 
     def _floor(self, old_top: int) -> int:
-        """(I13) Where a new store's ids start: above every id this gateway may have given."""
+        """(I14) Where a new store's ids start: above every id this gateway may have given."""
         return max(self._read_seq() or 0, old_top)
 
     def _create_fresh(self, old_top: int) -> sqlite3.Connection:
@@ -392,7 +399,7 @@ class StoreWriter:
         self._seq_warned = False
 
     def _reserve(self, k: int) -> None:
-        """(I13) Before `k` new ids are given: they must stay within the reserved bound."""
+        """(I14) Before `k` new ids are given: they must stay within the reserved bound."""
         need = self._max_id + k
         if need + SEQ_MARGIN > self._reserved:
             self._raise_reserve(need, strict=need > self._reserved)
@@ -400,7 +407,7 @@ class StoreWriter:
     # -- tags -----------------------------------------------------------------------------
 
     def _map_tags(self, tags: Sequence[TagMeta]) -> np.ndarray:
-        """Runtime tag id -> store tag id. (I15) A store id is given once and keeps its kind and
+        """Runtime tag id -> store tag id. (I16) A store id is given once and keeps its kind and
         unit: when a tag's kind or unit changes it gets a new id, and the old one is retired."""
         lut = np.full(max((t.id for t in tags), default=-1) + 1, -1, np.int32)
         with self._txn():
@@ -441,7 +448,7 @@ class StoreWriter:
 
     def encode(self, batches: Sequence[Batch]) -> list[tuple[str, int, int, int, bytes]]:
         """Batches -> unit rows, per device. Timestamps are rounded to the store's resolution.
-        (I14) A device's samples go in one unit, or, past MAX_UNIT_SAMPLES samples or about
+        (I15) A device's samples go in one unit, or, past MAX_UNIT_SAMPLES samples or about
         MAX_UNIT_BYTES encoded, in several, in time order."""
         by_device: dict[str, list[Batch]] = {}
         for b in batches:
@@ -512,7 +519,7 @@ class StoreWriter:
 
     def recover(self) -> Path:
         """(I9) After StoreCorrupt: move the damaged file aside (with its -wal/-shm; never
-        deleted), start a fresh store whose unit ids continue above the old ones (I13), and map
+        deleted), start a fresh store whose unit ids continue above the old ones (I14), and map
         the tags again. The writer stays usable; returns where the damaged file went."""
         self._broken = True
         with contextlib.suppress(sqlite3.Error):
@@ -556,7 +563,7 @@ class StoreWriter:
         well and amortise the per-chunk cost) or its oldest unit waited `compact_after`; one
         device and one bounded slice per call keep commits flowing. (I5) Chunks are inserted
         and their units retired in one transaction: a query never sees both or neither.
-        (I12) A unit that does not decode is moved to bad_units in that same transaction.
+        (I13) A unit that does not decode is moved to bad_units in that same transaction.
         """
         s = self.settings
         due = None
@@ -688,7 +695,7 @@ class StoreWriter:
 
     def trim(self, now_ns: int) -> None:
         """(I6) Retention by age, then the size budget: hidden raw copies first, then the oldest
-        history; whole units and chunks; each sample counted once (I7)."""
+        history; whole units and chunks; each sample counted once (I12)."""
         s = self.settings
         if s.retention_ns:
             self._retention(now_ns - s.retention_ns)
@@ -730,7 +737,7 @@ class StoreWriter:
         return int(self.db.execute(f"SELECT COALESCE(SUM(n), 0) FROM {source}", args).fetchone()[0])
 
     def _retention(self, cutoff: int) -> None:
-        """(I6, I7) Drop what ended before `cutoff`: chunks and hot units count in
+        """(I6, I12) Drop what ended before `cutoff`: chunks and hot units count in
         dropped_retention; units above the cursor upstream still wanted count in dropped_unsent."""
         keep = 1 if self.settings.keep_until_synced else 0
         with self._txn():
@@ -845,7 +852,7 @@ def _check_unit(u: wire.Unit, device: str, n: int, t_min: int, t_max: int) -> No
 
 
 def _unit_cuts(device: str, tags: np.ndarray, quality: np.ndarray, text: np.ndarray | None) -> list[int]:
-    """Where to split one device's samples so each unit stays within the bounds (I14), from the
+    """Where to split one device's samples so each unit stays within the bounds (I15), from the
     fixed bytes per sample; text is measured only once encoded (see _encode_piece)."""
     n = len(tags)
     fixed = (4 if n and int(tags.max()) > 0xFFFF else 2) + 16 + (4 if quality.any() else 0)

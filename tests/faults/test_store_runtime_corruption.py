@@ -1,5 +1,5 @@
 """A store damaged while the daemon runs (pages overwritten in place under the open writer):
-StoreCorrupt, then recover() moves the file aside and a fresh store carries on (I9, I13)."""
+StoreCorrupt, then recover() moves the file aside and a fresh store carries on (I9, I14)."""
 
 from __future__ import annotations
 
