@@ -323,6 +323,8 @@ class StoreWriter:
             if floor:
                 # (I14) A new store of a gateway that had one: ids continue above the old ones.
                 db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('units', ?)", (floor,))
+                # Nothing at or below the floor is stored here: the sync starts after it.
+                db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(floor),))
                 log.warning("store %s: new store; unit ids continue after %d (never reused)", self.path, floor)
         elif found < schema.SCHEMA_VERSION:
             log.warning("store %s: migrating schema %d -> %d", self.path, found, schema.SCHEMA_VERSION)
@@ -855,8 +857,10 @@ def _unit_cuts(device: str, tags: np.ndarray, quality: np.ndarray, text: np.ndar
     """Where to split one device's samples so each unit stays within the bounds (I15), from the
     fixed bytes per sample; text is measured only once encoded (see _encode_piece)."""
     n = len(tags)
-    fixed = (4 if n and int(tags.max()) > 0xFFFF else 2) + 16 + (4 if quality.any() else 0)
     room = MAX_UNIT_BYTES - 128 - len(device.encode())
+    if n * 25 <= room and n <= MAX_UNIT_SAMPLES:  # the common case: one unit, whatever the columns
+        return [0, n]
+    fixed = (4 if n and int(tags.max()) > 0xFFFF else 2) + 16 + (4 if quality.any() else 0)
     if text is not None:
         fixed += 1  # at least msgpack's nil; longer strings are caught after encoding (halved)
     per = max(1, min(MAX_UNIT_SAMPLES, room // fixed))
