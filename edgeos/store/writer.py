@@ -11,6 +11,7 @@ import datetime as dt
 import errno
 import fcntl
 import itertools
+import json
 import logging
 import os
 import sqlite3
@@ -32,6 +33,7 @@ log = logging.getLogger("edgeos.store")
 DB_NAME = "edgeos.db"
 LOCK_NAME = "edgeos.lock"
 SEQ_NAME = "edgeos.seq"
+TAGS_NAME = "edgeos.tags"  # (I16) a copy of the tags table, so a new store keeps the tag ids
 PAGE_SIZE = 16384
 WAL_LIMIT = 64 * 1024 * 1024
 FILE_MODE = 0o640  # (I17) the service user writes; its group (operators) may read
@@ -135,6 +137,7 @@ class StoreWriter:
         self.dir = Path(data_dir)
         self.path = self.dir / DB_NAME
         self.seq_path = self.dir / SEQ_NAME
+        self.tags_path = self.dir / TAGS_NAME
         self.settings = settings or StoreSettings()
         self.counters = StoreCounters()
         self.generation = 0  # +1 at each recover(): readers of the old file must reopen
@@ -258,8 +261,11 @@ class StoreWriter:
                     if (res := db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
                         why = f"integrity check failed after an unclean shutdown: {res}"
                 if why is None:
-                    step = "configure it" if found is not None else "create it"
-                    self._configure(db, found, self._floor(0) if found is None else 0)
+                    if found is None:
+                        db.close()
+                        return self._create_fresh(0, [])
+                    step = "configure it"
+                    self._configure(db, found)
                     return db
                 old_top = _top_id(db, quiet=True)
                 db.close()
@@ -271,9 +277,10 @@ class StoreWriter:
                     raise StoreError(self._failure(step, e)) from e
                 why = f"unreadable ({step}): {e}"
         old_top = max(old_top, _peek_top_id(self.path))
+        old_tags = _peek_tags(self.path) if self.path.exists() else []
         moved = self._move_aside(why)
         log.error("store %s is %s; moved it to %s (kept, never deleted) and started a new store", self.path, why, moved)
-        return self._create_fresh(old_top)
+        return self._create_fresh(old_top, old_tags)
 
     def _failure(self, step: str, e: sqlite3.Error) -> str:
         """A clear start-up error: the path, the step, SQLite's words and the OS's."""
@@ -335,16 +342,40 @@ class StoreWriter:
         """(I14) Where a new store's ids start: above every id this gateway may have given."""
         return max(self._read_seq() or 0, old_top)
 
-    def _create_fresh(self, old_top: int) -> sqlite3.Connection:
+    def _create_fresh(self, old_top: int, old_tags: list[tuple]) -> sqlite3.Connection:
+        """A new store in place of one moved aside: ids above the old ones (I14), and the old
+        tag ids with their meaning (I16), from the old file if readable, else edgeos.tags."""
         floor = self._floor(old_top)
+        tags = old_tags or self._read_tags_copy()
         step = "create a new store"
         try:
             _create_file(self.path)
             db = _connect(self.path)
             self._configure(db, None, floor)
+            if tags:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT INTO tags(id, device, name, kind, unit, retired) VALUES(?,?,?,?,?,?)", tags)
+                db.execute("COMMIT")
         except sqlite3.Error as e:
             raise StoreError(self._failure(step, e)) from e
         return db
+
+    def _read_tags_copy(self) -> list[tuple]:
+        try:
+            return [tuple(r) for r in json.loads(self.tags_path.read_text())]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            log.error("store %s: cannot read %s (%s); tag ids start afresh", self.path, self.tags_path, e)
+            return []
+
+    def _save_tags_copy(self) -> None:
+        """(I16) Written when the tags table changes (rarely: at a start with a new config)."""
+        rows = self.db.execute("SELECT id, device, name, kind, unit, retired FROM tags ORDER BY id").fetchall()
+        try:
+            _write_atomic(self.tags_path, json.dumps(rows).encode())
+        except OSError as e:
+            log.warning("store %s: cannot write %s: %s", self.path, self.tags_path, e.strerror)
 
     def _move_aside(self, why: str) -> Path:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -374,20 +405,8 @@ class StoreWriter:
         """Write R = top + SEQ_RESERVE atomically (tmp, fsync, rename, fsync the directory).
         With `strict`, a failure raises; otherwise it is logged and retried at the next write."""
         value = top + SEQ_RESERVE
-        tmp = self.seq_path.with_name(SEQ_NAME + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-            try:
-                os.write(fd, f"{value}\n".encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.seq_path)
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _write_atomic(self.seq_path, f"{value}\n".encode())
         except OSError as e:
             msg = f"{self.seq_path}: cannot reserve unit ids up to {value}: {e.strerror}"
             if strict:
@@ -412,6 +431,7 @@ class StoreWriter:
         """Runtime tag id -> store tag id. (I16) A store id is given once and keeps its kind and
         unit: when a tag's kind or unit changes it gets a new id, and the old one is retired."""
         lut = np.full(max((t.id for t in tags), default=-1) + 1, -1, np.int32)
+        changed = not self.tags_path.exists()
         with self._txn():
             active = {
                 (d, n): (i, k, u)
@@ -431,6 +451,7 @@ class StoreWriter:
                 assert sid is not None
                 active[(t.device, t.name)] = (sid, t.kind.value, t.unit)
                 lut[t.id] = sid
+                changed = True
                 if cur is not None:
                     log.warning(
                         "tag %s: kind/unit changed (%s %r -> %s %r): new store id %d; id %d keeps the "
@@ -443,6 +464,8 @@ class StoreWriter:
                         sid,
                         cur[0],
                     )
+        if changed:
+            self._save_tags_copy()
         self._tags_per_device = {}
         return lut
 
@@ -528,11 +551,12 @@ class StoreWriter:
             self.db.close()  # not marked clean: it is not
         try:
             old_top = max(self._max_id, _peek_top_id(self.path))
+            old_tags = _peek_tags(self.path)
             moved = self._move_aside("damaged while running (SQLite reported corruption)")
         except OSError as e:
             raise StoreError(f"{self.path}: cannot move the damaged store aside: {e.strerror}") from e
         log.error("store %s was damaged while running; moved it to %s (kept, never deleted)", self.path, moved)
-        self.db = self._create_fresh(old_top)
+        self.db = self._create_fresh(old_top, old_tags)
         self._corrupt = False
         self._budget_episode = False
         self._after_open()
@@ -811,6 +835,41 @@ class StoreWriter:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename, fsync the directory: the old content or the new, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _peek_tags(path: Path) -> list[tuple]:
+    """Best effort: the tags table of a file about to be moved aside (it may be damaged)."""
+    if not path.exists():
+        return []
+    try:
+        db = _connect(path, readonly=True)
+    except sqlite3.Error:
+        return []
+    try:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(tags)")}
+        retired = "retired" if "retired" in cols else "0"
+        return db.execute(f"SELECT id, device, name, kind, unit, {retired} FROM tags ORDER BY id").fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
 
 
 def _top_id(db: sqlite3.Connection, *, quiet: bool = False) -> int:

@@ -33,6 +33,7 @@ def _damaged_writer(path) -> tuple[StoreWriter, int, bytes]:
     """A writer with about 6 MiB written (more than SQLite's page cache), whose file then gets
     garbage over every page but page 1 and the meta table's, in place."""
     rng = np.random.default_rng(0)
+    StoreWriter(path, [TagMeta(0, "old", "gone")]).close()  # store ids: not the config's order
     w = StoreWriter(path, TAGS)
     for s in range(3000):
         w.write([_batch(s, rng)])
@@ -52,6 +53,7 @@ def _damaged_writer(path) -> tuple[StoreWriter, int, bytes]:
 
 def test_corruption_while_running_raises_store_corrupt_and_recover_carries_on(tmp_path, caplog):
     w, top, garbage = _damaged_writer(tmp_path)
+    tags = [(1, "gone")] + [(i + 2, f"t{i}") for i in range(100)]
     damaged = (tmp_path / store_writer.DB_NAME).read_bytes().count(garbage)
     rng = np.random.default_rng(2)
     with pytest.raises(store_writer.StoreCorrupt):
@@ -65,6 +67,7 @@ def test_corruption_while_running_raises_store_corrupt_and_recover_carries_on(tm
     assert w.write([_batch(6000, rng), _batch(6001, rng)]) == 200
     first = w.db.execute("SELECT MIN(id) FROM units").fetchone()[0]
     assert first > top
+    assert w.db.execute("SELECT id, name FROM tags ORDER BY id").fetchall() == tags  # ids keep their meaning
     w.maintain(T0 + 10**13, compact_all=True)
     w.close()
     w = StoreWriter(tmp_path, TAGS)  # the fresh store is healthy: no second quarantine
