@@ -269,6 +269,8 @@ class StoreWriter:
                     return db
                 old_top = _top_id(db, quiet=True)
                 db.close()
+            except OSError as e:
+                raise StoreError(f"{self.path}: cannot {step}: {e.strerror}; the store was left untouched") from e
             except sqlite3.Error as e:
                 if db is not None:
                     with contextlib.suppress(sqlite3.Error):
@@ -348,6 +350,7 @@ class StoreWriter:
         floor = self._floor(old_top)
         tags = old_tags or self._read_tags_copy()
         step = "create a new store"
+        db = None
         try:
             _create_file(self.path)
             db = _connect(self.path)
@@ -356,7 +359,12 @@ class StoreWriter:
                 db.execute("BEGIN IMMEDIATE")
                 db.executemany("INSERT INTO tags(id, device, name, kind, unit, retired) VALUES(?,?,?,?,?,?)", tags)
                 db.execute("COMMIT")
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            if isinstance(e, OSError):
+                raise StoreError(f"{self.path}: cannot {step}: {e.strerror}") from e
             raise StoreError(self._failure(step, e)) from e
         return db
 
