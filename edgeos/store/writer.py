@@ -495,7 +495,9 @@ class StoreWriter:
             tags = self.lut[b.tags]
             values, quality, text = b.values, b.quality, b.text
             cuts = _unit_cuts(device, tags, quality, text)
-            if len(cuts) > 2 and len(ts) > 1 and bool((np.diff(ts) < 0).any()):
+            # Split (or maybe split: long strings are halved once encoded): in time order.
+            may_split = len(cuts) > 2 or text is not None
+            if may_split and len(ts) > 1 and bool((np.diff(ts) < 0).any()):
                 order = np.argsort(ts, kind="stable")
                 ts, tags, values, quality = ts[order], tags[order], values[order], quality[order]
                 text = None if text is None else text[order]
@@ -809,7 +811,7 @@ class StoreWriter:
         if not count:
             return 0
         row = self.db.execute(
-            "SELECT t_max FROM (SELECT t_max FROM chunks UNION ALL SELECT t_max FROM units WHERE compacted=0) "
+            "SELECT t_max FROM (SELECT t_max FROM chunks UNION ALL SELECT t_max FROM units WHERE +compacted=0) "
             "ORDER BY t_max LIMIT 1 OFFSET ?",
             (max(1, count // 20) - 1,),
         ).fetchone()
