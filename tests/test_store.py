@@ -539,6 +539,11 @@ def test_store_files_are_created_0640_in_a_0750_directory(tmp_path):
             assert stat.S_IMODE((d / name).stat().st_mode) == 0o640, name
         assert stat.S_IMODE(d.stat().st_mode) == 0o750
         w.close()
+        for name in ("edgeos.db", "edgeos.lock"):  # as an older edgeos left them
+            os.chmod(d / name, 0o644)
+        StoreWriter(d, TAGS).close()
+        for name in ("edgeos.db", "edgeos.lock"):
+            assert stat.S_IMODE((d / name).stat().st_mode) == 0o640, name
     finally:
         os.umask(old)
 
