@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import sqlite3
+import stat
 import threading
 import time
 
@@ -182,6 +185,8 @@ def test_damaged_pages_after_a_crash_are_detected(tmp_path, caplog):
     data[2 * page : 4 * page] = b"\xa5" * (2 * page)
     path.write_bytes(bytes(data))
     w = StoreWriter(tmp_path, TAGS)
+    fill(w, 1)
+    assert w.db.execute("SELECT MIN(id) FROM units").fetchone()[0] > 400  # ids never reused
     w.close()
     assert "integrity check failed" in caplog.text or "unreadable" in caplog.text
     assert len([p for p in tmp_path.glob(f"{DB_NAME}.bad-*") if not p.name.endswith(("-wal", "-shm"))]) == 1
@@ -191,7 +196,7 @@ def test_newer_schema_is_refused_clearly(tmp_path):
     w = StoreWriter(tmp_path, TAGS)
     w.db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     w.close()
-    with pytest.raises(StoreError, match="schema version 99 was written by a newer edgeos; this edgeos reads up to 2"):
+    with pytest.raises(StoreError, match="schema version 99 was written by a newer edgeos; this edgeos reads up to 3"):
         StoreWriter(tmp_path, TAGS)
     assert not list(tmp_path.glob(f"{DB_NAME}.bad-*"))  # refused, not moved: the data is fine
 
@@ -286,3 +291,314 @@ def test_aggregate_buckets_align_to_the_clock_and_skip_bad():
     assert means[0] == np.mean(np.arange(60)) and means[1] == np.mean(np.arange(61, 120))
     assert aggregate(h, 60 * SEC, "max")[1].tolist() == [59.0, 119.0, 179.0]
     assert aggregate(h, 60 * SEC, "last")[1].tolist() == [59.0, 119.0, 179.0]
+
+
+# -- issue 18: durability ------------------------------------------------------------------
+
+
+def _present(w: StoreWriter) -> int:
+    """Samples a query can see: chunks plus hot (not compacted) units."""
+    a = w.db.execute("SELECT COALESCE(SUM(n), 0) FROM chunks").fetchone()[0]
+    b = w.db.execute("SELECT COALESCE(SUM(n), 0) FROM units WHERE compacted=0").fetchone()[0]
+    return int(a + b)
+
+
+def _identity(w: StoreWriter) -> None:
+    """(I12) Each committed sample is present or counted in exactly one dropped/quarantined counter."""
+    c = w.counters
+    accounted = _present(w) + c.dropped_retention + c.dropped_budget + getattr(c, "quarantined_samples", 0)
+    assert c.committed_samples == accounted, vars(c)
+
+
+def _walk_batch(device: str, ntags: int, t: int, rng) -> Batch:
+    return Batch(
+        device,
+        np.arange(ntags, dtype=np.int32),
+        np.full(ntags, t),
+        np.round(50 + np.cumsum(rng.integers(-2, 3, ntags)) * 0.1, 1),
+        np.zeros(ntags, np.uint32),
+    )
+
+
+def test_minus_zero_keeps_its_sign_through_compaction(tmp_path):
+    from edgeos.store.chunk import decode_chunk, encode_chunk
+
+    v = np.array([1.5, -0.0, 2.25, 0.0, -0.0, 3.0, np.nan, -1.75])
+    ts = T0 + np.arange(len(v), dtype=np.int64) * SEC
+    c = decode_chunk(encode_chunk(ts, v, np.zeros(len(v), np.uint32)))
+    assert c.values.tobytes() == v.tobytes()  # bit-exact: the sign of zero included
+    w = StoreWriter(tmp_path, TAGS)
+    for i, x in enumerate(v):
+        w.write([poll("oven", [3], int(ts[i]), [x])])
+    w.maintain(T0 + 100 * SEC, compact_all=True)
+    with StoreReader(tmp_path) as r:
+        assert r.history("oven/temp").values.tobytes() == v.tobytes()
+    w.close()
+
+
+def test_a_tag_whose_unit_changes_gets_a_new_id_and_old_history_keeps_its_unit(tmp_path):
+    w = StoreWriter(tmp_path, TAGS)
+    w.write([poll("press", [0], T0, [60.0])])
+    w.close()
+    changed = [TagMeta(0, "press", "temp", unit="degF"), *TAGS[1:]]
+    w = StoreWriter(tmp_path, changed)
+    w.write([poll("press", [0], T0 + SEC, [140.0])])
+    w.close()
+    w = StoreWriter(tmp_path, changed)  # unchanged since: no third id
+    w.close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    # The sync's dictionary query: every id ever given, the old one with its old unit.
+    rows = db.execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
+    db.close()
+    temps = [r for r in rows if r[1:3] == ("press", "temp")]
+    assert [r[4] for r in temps] == ["degC", "degF"] and temps[0][0] < temps[1][0]
+    assert len(rows) == len(TAGS) + 1  # the dictionary grew: its version (length) moved
+    with StoreReader(tmp_path) as r:
+        h = r.history("press/temp")  # by name: both ids over time
+        assert h.values.tolist() == [60.0, 140.0] and h.tag.unit == "degF"
+        assert [t.key for t in r.tags()].count("press/temp") == 1
+        assert {t.key: v for t, _, v, _ in r.latest()}["press/temp"] == 140.0
+
+
+def _flip(blob: bytes, where: bytes, offset: int, bit: int) -> bytes:
+    i = blob.index(where) + offset
+    b = bytearray(blob)
+    b[i] ^= 1 << bit
+    return bytes(b)
+
+
+def test_an_undecodable_unit_is_quarantined_and_compaction_carries_on(tmp_path, caplog):
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 20)
+    ids = [r[0] for r in w.db.execute("SELECT id FROM units WHERE device='oven' ORDER BY id")]
+    # One flipped bit in a map key ("ts" -> "us": KeyError at decode), one in the sample count
+    # (1 -> 3: the columns disagree).
+    for uid, where, offset in ((ids[3], b"\xa2ts", 1), (ids[7], b"\xa1n\x01", 2)):
+        (blob,) = w.db.execute("SELECT data FROM units WHERE id=?", (uid,)).fetchone()
+        w.db.execute("UPDATE units SET data=? WHERE id=?", (_flip(blob, where, offset, 0 if offset == 1 else 1), uid))
+    assert w.db.execute("PRAGMA quick_check").fetchone()[0] == "ok"  # SQLite cannot see it
+    with StoreReader(tmp_path) as r:
+        assert len(r.history("oven/temp")) == 18  # queries skip it meanwhile
+    w.maintain(T0 + 100 * SEC, compact_all=True)  # must not raise
+    c = w.counters
+    assert (c.quarantined_units, c.quarantined_samples, c.compacted_samples) == (2, 2, 78)
+    bad = w.db.execute("SELECT id, device, reason FROM bad_units ORDER BY id").fetchall()
+    assert [b[0] for b in bad] == [ids[3], ids[7]] and "KeyError" in bad[0][2]
+    assert "does not decode" in caplog.text
+    _identity(w)
+    with StoreReader(tmp_path) as r:
+        assert len(r.history("oven/temp")) == 18 and len(r.history("press/temp")) == 20
+    w.close()
+
+
+def test_a_huge_commit_is_split_into_bounded_units(tmp_path):
+    from edgeos.store import writer as store_writer
+
+    n = 1_000_000
+    rng = np.random.default_rng(3)
+    b = Batch(
+        "press",
+        rng.integers(0, 3, n).astype(np.int32),
+        T0 + np.arange(n, dtype=np.int64) * 1_000_000,
+        rng.normal(size=n),
+        np.where(rng.random(n) < 0.01, np.uint32(Quality.BAD_COMM_FAILURE), np.uint32(0)),
+        np.array([f"state {i}" if i % 5 == 0 else None for i in range(n)], object),
+    )
+    w = StoreWriter(tmp_path, TAGS)
+    assert w.write([b]) == n
+    rows = w.db.execute("SELECT n, length(data), t_min, t_max FROM units ORDER BY id").fetchall()
+    assert len(rows) > 1 and sum(r[0] for r in rows) == n
+    assert max(r[0] for r in rows) <= store_writer.MAX_UNIT_SAMPLES
+    assert max(r[1] for r in rows) <= store_writer.MAX_UNIT_BYTES
+    assert all(a[3] <= b[2] for a, b in itertools.pairwise(rows))  # in time order
+    with StoreReader(tmp_path) as r:
+        assert r.count() == n
+        h = r.history("press/state")
+        mine = b.tags == 2
+        assert len(h) == int(mine.sum()) and h.values.tobytes() == b.values[mine].tobytes()
+        assert h.text == b.text[mine].tolist()
+    w.close()
+
+
+def _trace(w: StoreWriter) -> list[str]:
+    seen: list[str] = []
+    w.db.set_trace_callback(seen.append)
+    return seen
+
+
+def test_size_budget_with_upstream_pending_drops_hidden_raw_copies_first(tmp_path):
+    budget = 2 * 1024 * 1024
+    settings = StoreSettings(max_size=budget, keep_until_synced=True)
+    w = StoreWriter(tmp_path, [TagMeta(i, "d", f"t{i}") for i in range(500)], settings)
+    rng = np.random.default_rng(0)
+    total = 0
+    checkpoints = []
+    for s in range(300):
+        total += w.write([_walk_batch("d", 500, T0 + s * SEC, rng)])
+        if s % 20 == 19:
+            seen = _trace(w)
+            w.maintain(T0 + s * SEC, compact_all=True, sync_cursor=0)  # the broker is down
+            w.db.set_trace_callback(None)
+            checkpoints.append(sum("wal_checkpoint(TRUNCATE)" in q for q in seen))
+            assert w.used_bytes() <= budget
+            _identity(w)
+    c = w.counters
+    assert c.dropped_unsent > 0  # raw copies went ...
+    assert c.dropped_budget == 0  # ... and no history: it all stays queryable
+    assert c.committed_samples == total == _present(w)
+    with StoreReader(tmp_path) as r:
+        h = r.history("d/t0")
+        assert len(h) == 300 and h.ts[0] == T0
+    assert max(checkpoints) <= 2  # bounded waits for readers per round
+    w.close()
+
+
+def test_size_budget_then_drops_oldest_history_each_sample_counted_once(tmp_path):
+    budget = 1024 * 1024
+    settings = StoreSettings(max_size=budget, keep_until_synced=True, compact_after_ns=10**18)
+    w = StoreWriter(tmp_path, [TagMeta(i, "d", f"t{i}") for i in range(500)], settings)
+    rng = np.random.default_rng(0)
+    for s in range(300):
+        w.write([_walk_batch("d", 500, T0 + s * SEC, rng)])
+        if s % 20 == 19:
+            if s == 39:
+                w.maintain(T0 + s * SEC, compact_all=True, sync_cursor=0)
+            else:
+                w.maintain(T0 + s * SEC, sync_cursor=0)  # hot units pile up, never compacted
+            assert w.used_bytes() <= budget
+            _identity(w)
+    c = w.counters
+    assert c.dropped_budget > 0 and c.compacted_samples == 20_000
+    assert w.db.execute("SELECT COUNT(*) FROM units WHERE compacted=1").fetchone()[0] == 0
+    chunks_left = w.db.execute("SELECT COALESCE(SUM(n), 0) FROM chunks").fetchone()[0]
+    hot_dropped = c.dropped_budget - (c.compacted_samples - chunks_left)
+    # Raw copies count only in dropped_unsent (their chunks were history, counted in
+    # dropped_budget when they went); hot units dropped before upstream got them count in both.
+    assert c.dropped_unsent == c.compacted_samples + hot_dropped
+    with StoreReader(tmp_path) as r:
+        h = r.history("d/t0")
+        assert h.ts[-1] == T0 + 299 * SEC and (np.diff(h.ts) == SEC).all()  # the oldest went
+        assert r.count() + c.dropped_budget == c.committed_samples
+    w.close()
+
+
+def test_retention_counts_compacted_but_unsent_units_in_dropped_unsent(tmp_path):
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(retention_ns=3600 * SEC, keep_until_synced=True))
+    fill(w, 10, start=T0)
+    w.maintain(T0 + 10 * SEC, compact_all=True, sync_cursor=0)  # chunks + raw copies kept
+    fill(w, 10, start=T0 + 7200 * SEC)
+    w.maintain(T0 + 7210 * SEC, sync_cursor=0)
+    assert w.counters.dropped_retention == 40  # the chunks: once
+    assert w.counters.dropped_unsent == 40  # the raw copies upstream never got
+    assert w.db.execute("SELECT COUNT(*) FROM units WHERE t_max < ?", (T0 + 3600 * SEC,)).fetchone()[0] == 0
+    _identity(w)
+    w.close()
+
+
+def test_raw_copies_are_deleted_once_upstream_is_disabled(tmp_path, caplog):
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(keep_until_synced=True))
+    fill(w, 10)
+    w.maintain(T0 + 10 * SEC, compact_all=True, sync_cursor=0)
+    assert w.db.execute("SELECT SUM(n) FROM units WHERE compacted=1").fetchone()[0] == 40
+    w.close()
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(keep_until_synced=False))
+    w.maintain(T0 + 20 * SEC)
+    w.maintain(T0 + 21 * SEC)
+    assert w.db.execute("SELECT COUNT(*) FROM units WHERE compacted=1").fetchone()[0] == 0
+    assert w.counters.dropped_unsent == 40 and caplog.text.count("upstream is disabled") == 1
+    with StoreReader(tmp_path) as r:
+        assert r.count() == 40  # the history stays
+    w.close()
+
+
+def test_retention_and_budget_statements_use_indexes(tmp_path):
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(retention_ns=3600 * SEC, keep_until_synced=True))
+    fill(w, 10)
+    w.maintain(T0 + 10 * SEC, compact_all=True, sync_cursor=0)
+    seen = _trace(w)
+    w.trim(T0 + 7200 * SEC)
+    w.db.set_trace_callback(None)
+    plans = []
+    for q in seen:
+        if q.lstrip().upper().startswith(("SELECT", "DELETE")) and ("units" in q or "chunks" in q):
+            detail = [r[3] for r in w.db.execute("EXPLAIN QUERY PLAN " + q)]
+            plans.append((q, detail))
+            assert not any(d.startswith(("SCAN units", "SCAN chunks")) for d in detail), (q, detail)
+            assert any("t_max<" in d for d in detail), (q, detail)
+    assert any("DELETE FROM units" in q for q, _ in plans)
+    w.close()
+
+
+def test_store_files_are_created_0640_in_a_0750_directory(tmp_path):
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "new" / "data"
+        w = StoreWriter(d, TAGS)
+        fill(w, 2)
+        for name in ("edgeos.db", "edgeos.db-wal", "edgeos.db-shm", "edgeos.lock", "edgeos.seq", "edgeos.tags"):
+            assert stat.S_IMODE((d / name).stat().st_mode) == 0o640, name
+        assert stat.S_IMODE(d.stat().st_mode) == 0o750
+        w.close()
+        for name in ("edgeos.db", "edgeos.lock"):  # as an older edgeos left them
+            os.chmod(d / name, 0o644)
+        StoreWriter(d, TAGS).close()
+        for name in ("edgeos.db", "edgeos.lock"):
+            assert stat.S_IMODE((d / name).stat().st_mode) == 0o640, name
+    finally:
+        os.umask(old)
+
+
+def _max_id(path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_unit_ids_continue_above_the_old_ones_after_a_quarantine(tmp_path):
+    StoreWriter(tmp_path, [TagMeta(0, "old", "gone")]).close()  # store ids: not the config's order
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 30)
+    w.close()
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    tag_rows = db.execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
+    db.close()
+    old = _max_id(tmp_path / DB_NAME)
+    assert old == 60
+    reserved = int((tmp_path / "edgeos.seq").read_text())
+    assert reserved >= old
+    # Damage the file past recognition (garbage over its header): a real quarantine.
+    with (tmp_path / DB_NAME).open("r+b") as f:
+        f.write(b"\xa5" * 4096)
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 1)
+    first = w.db.execute("SELECT MIN(id) FROM units").fetchone()[0]
+    assert first > max(old, reserved)  # a forward jump, never a reuse
+    # Tag ids keep their meaning too (the old file is unreadable: from edgeos.tags).
+    assert w.db.execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall() == tag_rows
+    w.close()
+    assert len([p for p in tmp_path.glob(f"{DB_NAME}.bad-*") if not p.name.endswith(("-wal", "-shm"))]) == 1
+
+
+def test_a_store_without_the_seq_file_gets_one_and_it_is_written_rarely(tmp_path):
+    from edgeos.store import writer as store_writer
+
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 5)
+    w.close()
+    (tmp_path / "edgeos.seq").unlink()  # a store from an older edgeos
+    w = StoreWriter(tmp_path, TAGS)
+    reserved = int((tmp_path / "edgeos.seq").read_text())
+    assert reserved >= 10 + store_writer.SEQ_RESERVE - store_writer.SEQ_MARGIN
+    mtime = (tmp_path / "edgeos.seq").stat().st_mtime_ns
+    fill(w, 50)
+    assert (tmp_path / "edgeos.seq").stat().st_mtime_ns == mtime  # not per commit
+    w.close()
+    # The database deleted by hand: a new one still starts above every id given.
+    for p in tmp_path.glob(f"{DB_NAME}*"):
+        p.unlink()
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 1)
+    assert w.db.execute("SELECT MIN(id) FROM units").fetchone()[0] > reserved
+    w.close()

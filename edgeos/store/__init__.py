@@ -5,10 +5,11 @@ docs/store.md states what "stored" means and what a crash can lose. OEMs read hi
 """
 
 from edgeos.store.reader import History, StoreReader, TagInfo, aggregate
-from edgeos.store.writer import StoreCounters, StoreFull, StoreSettings, StoreWriter
+from edgeos.store.writer import StoreCorrupt, StoreCounters, StoreFull, StoreSettings, StoreWriter
 
 __all__ = [
     "History",
+    "StoreCorrupt",
     "StoreCounters",
     "StoreFull",
     "StoreReader",

@@ -4,7 +4,8 @@ Timestamps: delta-of-delta of ts // resolution. Values: when every finite value 
 decimal with k <= 6 digits (as register values scaled by 0.1, 0.01 are), the deltas of the
 scaled integers; otherwise XOR of each float's bits with the previous one. Integers are
 zigzagged, narrowed to the smallest width that holds them, byte-shuffled and zlib-compressed.
-Encoding is lossless: a mode is used only if decoding gives the same bits back.
+Encoding is lossless, bit for bit (-0.0 and NaN payloads included): a mode is used only if
+decoding gives the same bits back.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ class Chunk:
 
 
 def _encode_values(v: np.ndarray) -> dict:
-    finite = np.isfinite(v)
+    # -0.0 goes with NaN/inf: the decimal mode's integers have no negative zero.
+    finite = np.isfinite(v) & ~((v == 0) & np.signbit(v))
     doc: dict = {}
     if not finite.all():
-        # Rare (Bad samples, strings): keep the exact bits of the exceptions on the side and
-        # carry the previous finite value through them so the main stream stays smooth.
+        # Rare (Bad samples, strings, -0.0): keep the exact bits of the exceptions on the side
+        # and carry the previous ordinary value through them so the main stream stays smooth.
         idx = np.flatnonzero(~finite)
         doc["xi"] = _pack_ints(np.diff(idx, prepend=0))
         doc["xv"] = v[idx].astype("<f8").tobytes()
@@ -81,7 +83,8 @@ def _encode_values(v: np.ndarray) -> dict:
         r = np.round(v * scale)
         if np.abs(r).max(initial=0) >= 2**52:
             break
-        if np.array_equal((r / scale).view(np.uint64), bits):
+        # Checked the way _decode_values computes it: int64, back to float, divided.
+        if np.array_equal((r.astype(np.int64).astype(np.float64) / scale).view(np.uint64), bits):
             doc["k"] = k
             doc["iv"] = _pack_ints(np.diff(r.astype(np.int64), prepend=0))
             return doc

@@ -6,6 +6,7 @@ compaction swaps one for the other in a single transaction, so a snapshot sees e
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,8 @@ from edgeos.errors import StoreError
 from edgeos.model import Quality
 from edgeos.store.chunk import decode_chunk
 from edgeos.store.writer import DB_NAME, _connect
+
+log = logging.getLogger("edgeos.store")
 
 TagInfo = wire.TagEntry
 """A stored tag: the store's id, device, name, kind, unit (the same record consumers receive)."""
@@ -47,11 +50,16 @@ class StoreReader:
             raise StoreError(f"no edgeos store at {self.path} (has the daemon run with this data_dir?)")
         try:
             self.db = _connect(self.path, readonly=True)
-            self._tags = {
-                r[0]: TagInfo(*r) for r in self.db.execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id")
-            }
+            rows = self.db.execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: cannot read store: {e}") from e
+        # A tag whose kind or unit changed has several ids over time (docs/store.md, I16): its
+        # newest id names it, and queries by name read them all.
+        self._all = {r[0]: TagInfo(*r) for r in rows}
+        self._ids: dict[tuple[str, str], list[int]] = {}
+        for t in self._all.values():
+            self._ids.setdefault((t.device, t.name), []).append(t.id)
+        self._tags = {ids[-1]: self._all[ids[-1]] for ids in self._ids.values()}
 
     def close(self) -> None:
         self.db.close()
@@ -65,7 +73,12 @@ class StoreReader:
     # -- tags -----------------------------------------------------------------------------
 
     def tags(self) -> list[TagInfo]:
-        return list(self._tags.values())
+        """One entry per device/name: its current id, kind and unit."""
+        return sorted(self._tags.values(), key=lambda t: t.id)
+
+    def ids(self, tag: TagInfo) -> list[int]:
+        """Every store id the tag's name had (older ones kept their kind and unit)."""
+        return self._ids.get((tag.device, tag.name), [tag.id])
 
     def resolve(self, name: str) -> TagInfo:
         """`device/tag`, or a bare tag name when only one device has it."""
@@ -88,8 +101,9 @@ class StoreReader:
         # int(): numpy scalars would bind as BLOBs (buffer protocol) and match nothing.
         lo = -(2**63) if since_ns is None else int(since_ns)
         hi = 2**63 - 1 if until_ns is None else int(until_ns)
+        ids = self.ids(info)
         with self._snapshot():
-            parts = self._chunk_parts(info.id, lo, hi) + self._unit_parts(info, lo, hi)
+            parts = [p for tag in ids for p in self._chunk_parts(tag, lo, hi)] + self._unit_parts(info, ids, lo, hi)
         return _merge(info, parts)
 
     def _chunk_parts(self, tag: int, lo: int, hi: int) -> list:
@@ -103,15 +117,17 @@ class StoreReader:
             out.append((c.ts[m], c.values[m], c.quality[m], None if c.text is None else np.array(c.text, object)[m]))
         return out
 
-    def _unit_parts(self, info: TagInfo, lo: int, hi: int) -> list:
+    def _unit_parts(self, info: TagInfo, ids: list[int], lo: int, hi: int) -> list:
         out = []
         rows = self.db.execute(
-            "SELECT data FROM units WHERE device=? AND compacted=0 AND t_max>=? AND t_min<=? ORDER BY id",
+            "SELECT id, data FROM units WHERE device=? AND compacted=0 AND t_max>=? AND t_min<=? ORDER BY id",
             (info.device, lo, hi),
         )
-        for (data,) in rows:
-            u = wire.decode_unit(data)
-            m = (u.tags == info.id) & (u.ts >= lo) & (u.ts <= hi)
+        for uid, data in rows:
+            u = _decode(uid, data)
+            if u is None:
+                continue
+            m = (np.isin(u.tags, ids) if len(ids) > 1 else u.tags == info.id) & (u.ts >= lo) & (u.ts <= hi)
             if m.any():
                 text = None if u.text is None else np.array(u.text, object)[m]
                 out.append((u.ts[m], u.values[m], u.quality[m], text))
@@ -124,24 +140,29 @@ class StoreReader:
     def latest(self, tags: Sequence[TagInfo] | None = None) -> list[tuple[TagInfo, int, float | str, int]]:
         """The last sample of each tag: newest hot units first, then each tag's newest chunk."""
         wanted = {t.id: t for t in (tags if tags is not None else self._tags.values())}
+        # Any id a tag's name had counts as that tag (I16): map them all to the wanted entry.
+        alias = {i: tid for tid, t in wanted.items() for i in self.ids(t)}
         found: dict[int, tuple[int, float | str, int]] = {}
         with self._snapshot():
             for device in sorted({t.device for t in wanted.values()}):
                 need = {i for i, t in wanted.items() if t.device == device}
-                for (data,) in self.db.execute(
-                    "SELECT data FROM units WHERE device=? AND compacted=0 ORDER BY id DESC", (device,)
+                for uid, data in self.db.execute(
+                    "SELECT id, data FROM units WHERE device=? AND compacted=0 ORDER BY id DESC", (device,)
                 ):
-                    u = wire.decode_unit(data)
+                    u = _decode(uid, data)
+                    if u is None:
+                        continue
                     for i in range(len(u) - 1, -1, -1):
-                        tid = int(u.tags[i])
+                        tid = alias.get(int(u.tags[i]), -1)
                         if tid in need and tid not in found:
                             v = u.text[i] if u.text is not None and u.text[i] is not None else float(u.values[i])
                             found[tid] = (int(u.ts[i]), v, int(u.quality[i]))
                     if need <= found.keys():
                         break
             for tid in wanted.keys() - found.keys():
-                sql = "SELECT data FROM chunks WHERE tag=? ORDER BY t_max DESC LIMIT 1"
-                row = self.db.execute(sql, (tid,)).fetchone()
+                marks = ",".join("?" * len(self.ids(wanted[tid])))
+                sql = f"SELECT data FROM chunks WHERE tag IN ({marks}) ORDER BY t_max DESC LIMIT 1"
+                row = self.db.execute(sql, self.ids(wanted[tid])).fetchone()
                 if row:
                     c = decode_chunk(row[0])
                     j = int(np.argmax(c.ts))
@@ -196,6 +217,15 @@ class StoreReader:
                     text,
                 )
             t = end + 1
+
+
+def _decode(uid: int, data: bytes) -> wire.Unit | None:
+    """A unit that does not decode is skipped (compaction moves it to bad_units, I13)."""
+    try:
+        return wire.decode_unit(data)
+    except Exception as e:  # noqa: BLE001 - one bad unit must not fail every query
+        log.warning("store: unit %d does not decode (%s: %s); skipped", uid, type(e).__name__, e)
+        return None
 
 
 class _ReadTxn:

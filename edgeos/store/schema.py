@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x45444745  # "EDGE": tells our database from any other SQLite file
 HEADER = b"SQLite format 3\x00"
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- A tag whose kind or unit changes gets a new id; the old row stays (retired=1), so samples
+-- stored under it keep their kind and unit. One active row per device/name.
 CREATE TABLE IF NOT EXISTS tags(
     id INTEGER PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL,
-    kind TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', UNIQUE(device, name));
+    kind TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', retired INTEGER NOT NULL DEFAULT 0);
+CREATE UNIQUE INDEX IF NOT EXISTS tags_active ON tags(device, name) WHERE retired=0;
 -- Hot units: one device's samples from one commit, as committed (and as forwarded upstream).
 -- AUTOINCREMENT: ids are never reused after deletes, so they serve as sequence numbers.
 CREATE TABLE IF NOT EXISTS units(
@@ -21,12 +24,26 @@ CREATE TABLE IF NOT EXISTS units(
     compacted INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS units_device_time ON units(device, t_max);
 CREATE INDEX IF NOT EXISTS units_pending ON units(compacted, id);
+CREATE INDEX IF NOT EXISTS units_time ON units(t_max);
 -- Compacted history: one tag's samples over a span, compressed (edgeos/store/chunk.py).
 CREATE TABLE IF NOT EXISTS chunks(
     id INTEGER PRIMARY KEY, tag INTEGER NOT NULL,
     t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_tag_time ON chunks(tag, t_max);
 CREATE INDEX IF NOT EXISTS chunks_time ON chunks(t_max);
+-- Units that did not decode at compaction: kept aside with the reason, never deleted.
+CREATE TABLE IF NOT EXISTS bad_units(
+    id INTEGER PRIMARY KEY, device TEXT NOT NULL, reason TEXT NOT NULL, data BLOB NOT NULL);
+"""
+
+# Version 2's tags table: UNIQUE(device, name) over every row, which a retired row would break.
+_TAGS_V3 = """
+CREATE TABLE tags_v3(
+    id INTEGER PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL,
+    kind TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', retired INTEGER NOT NULL DEFAULT 0);
+INSERT INTO tags_v3(id, device, name, kind, unit) SELECT id, device, name, kind, unit FROM tags;
+DROP TABLE tags;
+ALTER TABLE tags_v3 RENAME TO tags;
 """
 
 
@@ -66,11 +83,19 @@ def migrate(db: sqlite3.Connection, found: int) -> None:
             ALTER TABLE units_v2 RENAME TO units;
             """
         )
-    db.executescript(
-        "BEGIN;"
-        + "".join(steps)
-        + DDL
-        + f"PRAGMA application_id={APPLICATION_ID};"
-        + f"INSERT OR REPLACE INTO meta VALUES('schema_version', '{SCHEMA_VERSION}');"
-        + "COMMIT;"
-    )
+    if found < 3:
+        # 2 -> 3: retired tags (a kind or unit change gets a new id), bad_units, units(t_max).
+        steps.append(_TAGS_V3)
+    try:
+        db.executescript(
+            "BEGIN;"
+            + "".join(steps)
+            + DDL
+            + f"PRAGMA application_id={APPLICATION_ID};"
+            + f"INSERT OR REPLACE INTO meta VALUES('schema_version', '{SCHEMA_VERSION}');"
+            + "COMMIT;"
+        )
+    except BaseException:
+        if db.in_transaction:  # a failed step leaves the file as it was
+            db.execute("ROLLBACK")
+        raise

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
+import itertools
+import json
 import logging
 import os
 import sqlite3
@@ -29,12 +32,29 @@ log = logging.getLogger("edgeos.store")
 
 DB_NAME = "edgeos.db"
 LOCK_NAME = "edgeos.lock"
+SEQ_NAME = "edgeos.seq"
+TAGS_NAME = "edgeos.tags"  # (I16) a copy of the tags table, so a new store keeps the tag ids
 PAGE_SIZE = 16384
 WAL_LIMIT = 64 * 1024 * 1024
+FILE_MODE = 0o640  # (I17) the service user writes; its group (operators) may read
+DIR_MODE = 0o750
+# (I14) Unit ids never exceed the bound reserved in edgeos.seq; raised by SEQ_RESERVE when the
+# ids come within SEQ_MARGIN of it, so the sidecar is written about once per million units.
+SEQ_RESERVE = 1_000_000
+SEQ_MARGIN = 10_000
+# (I15) Bounds on one unit (one upstream message at most): samples, and encoded bytes.
+MAX_UNIT_SAMPLES = 10_000
+MAX_UNIT_BYTES = 128 * 1024
+MAX_DROP_STEPS = 200  # budget drops per maintenance round (each about 5% of what is left)
+_CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 class StoreFull(StoreError):
     """The disk refused a write (ENOSPC / SQLITE_FULL); retry when space returns."""
+
+
+class StoreCorrupt(StoreError):
+    """SQLite found the open database damaged (SQLITE_CORRUPT / NOTADB): call `recover()`."""
 
 
 @dataclass
@@ -59,6 +79,9 @@ class StoreCounters:
     compacted_samples: int = 0
     dropped_retention: int = 0
     dropped_budget: int = 0
+    dropped_unsent: int = 0  # samples upstream will never get (raw copies or hot units dropped unsent)
+    quarantined_units: int = 0
+    quarantined_samples: int = 0
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -68,6 +91,24 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA busy_timeout=5000")
     return db
+
+
+def _is_corruption(e: BaseException) -> bool:
+    return isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorcode", 0) & 0xFF in _CORRUPT
+
+
+def _create_file(path: Path, mode: int = FILE_MODE) -> None:
+    """Create `path` empty with `mode` if absent (SQLite then gives -wal/-shm the same mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+
+
+def _tighten(path: Path) -> None:
+    """Files of an older edgeos were created 0644: take others' access and group write away."""
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        if st.st_mode & 0o037 and st.st_uid == os.geteuid():
+            os.chmod(path, st.st_mode & 0o7740)
 
 
 def _is_ours(path: Path) -> str | None:
@@ -95,21 +136,59 @@ class StoreWriter:
     ):
         self.dir = Path(data_dir)
         self.path = self.dir / DB_NAME
+        self.seq_path = self.dir / SEQ_NAME
+        self.tags_path = self.dir / TAGS_NAME
         self.settings = settings or StoreSettings()
         self.counters = StoreCounters()
+        self.generation = 0  # +1 at each recover(): readers of the old file must reopen
+        self._tags = list(tags)
         self._budget_episode = False
+        self._stale_logged = False
+        self._corrupt = False  # SQLite reported damage: never mark this file clean
+        self._broken = False  # a recover() failed half-way: refuse work until one succeeds
+        self._bad_logged = 0
         self._tags_per_device: dict[str, int] = {}
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"{self.dir}: cannot create data directory: {e.strerror}") from e
+        self._max_id = 0  # highest unit id given so far (sqlite_sequence)
+        self._reserved = 0  # (I14) the bound in edgeos.seq
+        self._cursor = 0  # the sync cursor last saved: units above it were never forwarded
+        self._seq_warned = False
+        if not self.dir.exists():
+            try:
+                self.dir.mkdir(DIR_MODE, parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"{self.dir}: cannot create data directory: {e.strerror}") from e
         self._lock_fd = self._lock()
         try:
             self.db = self._open()
-            self.lut = self._map_tags(tags)
+            try:
+                self._after_open()
+            except StoreError:
+                if not self._corrupt:
+                    raise
+                # Damage quick_check was not asked to find (the last stop was clean): same as
+                # damage found while running.
+                self.recover()
         except BaseException:
+            with contextlib.suppress(Exception):
+                self.db.close()
             os.close(self._lock_fd)
             raise
+
+    def _after_open(self) -> None:
+        """Ids, the cursor and the tag map of the file just opened."""
+        try:
+            self._max_id = _top_id(self.db)
+            row = self.db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
+            self._cursor = int(row[0]) if row else 0
+            self._reserved = self._read_seq() or 0
+            if self._reserved < self._max_id + SEQ_MARGIN:
+                # A store older than the sidecar (or a sidecar behind the file): reserve now.
+                self._raise_reserve(self._max_id, strict=False)
+            self.lut = self._map_tags(self._tags)
+        except sqlite3.Error as e:
+            if _is_corruption(e):
+                self._corrupt = True
+            raise StoreError(self._failure("read the store's tags and sequence", e)) from e
 
     @contextlib.contextmanager
     def _txn(self) -> Iterator[None]:
@@ -129,7 +208,11 @@ class StoreWriter:
     def _lock(self) -> int:
         """(I8) One writer per data directory: a second daemon is refused, never interleaved."""
         path = self.dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open the lock file: {e.strerror}") from e
+        _tighten(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -139,15 +222,31 @@ class StoreWriter:
                 f"{self.dir} is in use by another edgeos process (pid {other}); "
                 "two daemons must not share a data directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is for the message above; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
     def _open(self) -> sqlite3.Connection:
-        why = _is_ours(self.path)
+        """(I9) Open the store; move it aside only when it is really damaged or not ours. Any
+        other failure (disk full, I/O error, permissions, a lock held by another program)
+        raises StoreError and leaves the file as it is, for systemd to retry."""
+        try:
+            why = _is_ours(self.path)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot read the store file: {e.strerror}; left untouched") from e
+        old_top = 0
         if why is None:
+            step = "open the database"
+            db = None
             try:
+                if not self.path.exists():
+                    _create_file(self.path)
+                else:
+                    for suffix in ("", "-wal", "-shm"):
+                        _tighten(Path(str(self.path) + suffix))
                 db = _connect(self.path)
+                step = "read the schema version"
                 found = schema.version(db)
                 if found is not None and found > schema.SCHEMA_VERSION:
                     db.close()
@@ -157,19 +256,60 @@ class StoreWriter:
                     )
                 if found == -1:
                     why = "an SQLite database without edgeos tables"
-                elif self._needs_check(db, found) and (res := db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
-                    why = f"integrity check failed after an unclean shutdown: {res}"
+                elif self._needs_check(db, found):
+                    step = "check its integrity (PRAGMA quick_check)"
+                    if (res := db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+                        why = f"integrity check failed after an unclean shutdown: {res}"
                 if why is None:
+                    if found is None:
+                        db.close()
+                        return self._create_fresh(0, [])
+                    step = "configure it"
                     self._configure(db, found)
                     return db
+                old_top = _top_id(db, quiet=True)
                 db.close()
-            except sqlite3.DatabaseError as e:
-                why = f"unreadable: {e}"
+            except OSError as e:
+                raise StoreError(f"{self.path}: cannot {step}: {e.strerror}; the store was left untouched") from e
+            except sqlite3.Error as e:
+                if db is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.close()
+                if not _is_corruption(e):
+                    raise StoreError(self._failure(step, e)) from e
+                why = f"unreadable ({step}): {e}"
+        old_top = max(old_top, _peek_top_id(self.path))
+        old_tags = _peek_tags(self.path) if self.path.exists() else []
         moved = self._move_aside(why)
         log.error("store %s is %s; moved it to %s (kept, never deleted) and started a new store", self.path, why, moved)
-        db = _connect(self.path)
-        self._configure(db, None)
-        return db
+        return self._create_fresh(old_top, old_tags)
+
+    def _failure(self, step: str, e: sqlite3.Error) -> str:
+        """A clear start-up error: the path, the step, SQLite's words and the OS's."""
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        name = getattr(e, "sqlite_errorname", "") or "SQLITE_ERROR"
+        cause = ""
+        free = None
+        with contextlib.suppress(OSError):
+            st = os.statvfs(self.dir)
+            free = st.f_bavail * st.f_frsize
+        if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR) and (code == sqlite3.SQLITE_FULL or free == 0):
+            # SQLite reports a full disk met while growing its -shm file as an I/O error.
+            cause = f"; {os.strerror(errno.ENOSPC)} ({free} bytes free in {self.dir})"
+        elif code == sqlite3.SQLITE_IOERR:
+            cause = f"; {os.strerror(errno.EIO)} (a failing disk or file system?)"
+        elif code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            cause = "; another program holds a lock on the database (an sqlite3 shell, a backup tool?)"
+        elif code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_READONLY):
+            try:
+                os.close(os.open(self.path, os.O_RDWR))
+                cause = "; the file opens, its directory may refuse creating the -wal/-shm files"
+            except OSError as oe:
+                cause = f"; {oe.strerror}"
+        return (
+            f"{self.path}: cannot {step}: {e} ({name}){cause}. The store was left untouched "
+            "(this is not a damaged file); edgeos exits for its service manager to retry"
+        )
 
     def _needs_check(self, db: sqlite3.Connection, found: int | None) -> bool:
         if found is None:
@@ -177,7 +317,7 @@ class StoreWriter:
         row = db.execute("SELECT value FROM meta WHERE key='clean_shutdown'").fetchone()
         return row is None or row[0] != "1"
 
-    def _configure(self, db: sqlite3.Connection, found: int | None) -> None:
+    def _configure(self, db: sqlite3.Connection, found: int | None, floor: int = 0) -> None:
         if found is None:
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
@@ -189,82 +329,263 @@ class StoreWriter:
         db.execute(f"PRAGMA journal_size_limit={wal_limit}")
         if found is None:
             schema.create(db)
+            if floor:
+                # (I14) A new store of a gateway that had one: ids continue above the old ones.
+                db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('units', ?)", (floor,))
+                # Nothing at or below the floor is stored here: the sync starts after it.
+                db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(floor),))
+                log.warning("store %s: new store; unit ids continue after %d (never reused)", self.path, floor)
         elif found < schema.SCHEMA_VERSION:
             log.warning("store %s: migrating schema %d -> %d", self.path, found, schema.SCHEMA_VERSION)
             schema.migrate(db, found)
         db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '0')")
 
+    def _floor(self, old_top: int) -> int:
+        """(I14) Where a new store's ids start: above every id this gateway may have given."""
+        return max(self._read_seq() or 0, old_top)
+
+    def _create_fresh(self, old_top: int, old_tags: list[tuple]) -> sqlite3.Connection:
+        """A new store in place of one moved aside: ids above the old ones (I14), and the old
+        tag ids with their meaning (I16), from the old file if readable, else edgeos.tags."""
+        floor = self._floor(old_top)
+        tags = old_tags or self._read_tags_copy()
+        step = "create a new store"
+        db = None
+        try:
+            _create_file(self.path)
+            db = _connect(self.path)
+            self._configure(db, None, floor)
+            if tags:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT INTO tags(id, device, name, kind, unit, retired) VALUES(?,?,?,?,?,?)", tags)
+                db.execute("COMMIT")
+        except (sqlite3.Error, OSError) as e:
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            if isinstance(e, OSError):
+                raise StoreError(f"{self.path}: cannot {step}: {e.strerror}") from e
+            raise StoreError(self._failure(step, e)) from e
+        return db
+
+    def _read_tags_copy(self) -> list[tuple]:
+        try:
+            return [tuple(r) for r in json.loads(self.tags_path.read_text())]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            log.error("store %s: cannot read %s (%s); tag ids start afresh", self.path, self.tags_path, e)
+            return []
+
+    def _save_tags_copy(self) -> None:
+        """(I16) Written when the tags table changes (rarely: at a start with a new config)."""
+        rows = self.db.execute("SELECT id, device, name, kind, unit, retired FROM tags ORDER BY id").fetchall()
+        try:
+            _write_atomic(self.tags_path, json.dumps(rows).encode())
+        except OSError as e:
+            log.warning("store %s: cannot write %s: %s", self.path, self.tags_path, e.strerror)
+
     def _move_aside(self, why: str) -> Path:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         target = self.path.with_name(f"{DB_NAME}.bad-{stamp}")
+        k = 1
+        while any(Path(str(target) + sfx).exists() for sfx in ("", "-wal", "-shm")):
+            k += 1
+            target = self.path.with_name(f"{DB_NAME}.bad-{stamp}-{k}")
         for suffix in ("", "-wal", "-shm"):
             src = Path(str(self.path) + suffix)
             if src.exists():
                 src.rename(Path(str(target) + suffix))
         return target
 
+    # -- the sequence bound (edgeos.seq) ---------------------------------------------------
+
+    def _read_seq(self) -> int | None:
+        try:
+            return int(self.seq_path.read_text().strip())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.error("store %s: cannot read %s (%s); using the database's own ids", self.path, self.seq_path, e)
+            return None
+
+    def _raise_reserve(self, top: int, *, strict: bool) -> None:
+        """Write R = top + SEQ_RESERVE atomically (tmp, fsync, rename, fsync the directory).
+        With `strict`, a failure raises; otherwise it is logged and retried at the next write."""
+        value = top + SEQ_RESERVE
+        try:
+            _write_atomic(self.seq_path, f"{value}\n".encode())
+        except OSError as e:
+            msg = f"{self.seq_path}: cannot reserve unit ids up to {value}: {e.strerror}"
+            if strict:
+                cls = StoreFull if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT) else StoreError
+                raise cls(msg) from e
+            if not self._seq_warned:
+                log.warning("%s; retried at the next commit", msg)
+                self._seq_warned = True
+            return
+        self._reserved = value
+        self._seq_warned = False
+
+    def _reserve(self, k: int) -> None:
+        """(I14) Before `k` new ids are given: they must stay within the reserved bound."""
+        need = self._max_id + k
+        if need + SEQ_MARGIN > self._reserved:
+            self._raise_reserve(need, strict=need > self._reserved)
+
+    # -- tags -----------------------------------------------------------------------------
+
     def _map_tags(self, tags: Sequence[TagMeta]) -> np.ndarray:
-        """Runtime tag id -> store tag id; store ids are given once and never change."""
+        """Runtime tag id -> store tag id. (I16) A store id is given once and keeps its kind and
+        unit: when a tag's kind or unit changes it gets a new id, and the old one is retired."""
         lut = np.full(max((t.id for t in tags), default=-1) + 1, -1, np.int32)
+        changed = not self.tags_path.exists()
         with self._txn():
+            active = {
+                (d, n): (i, k, u)
+                for i, d, n, k, u in self.db.execute("SELECT id, device, name, kind, unit FROM tags WHERE retired=0")
+            }
             for t in tags:
-                self.db.execute(
-                    "INSERT INTO tags(device, name, kind, unit) VALUES(?,?,?,?) "
-                    "ON CONFLICT(device, name) DO UPDATE SET kind=excluded.kind, unit=excluded.unit",
+                cur = active.get((t.device, t.name))
+                if cur is not None and (cur[1], cur[2]) == (t.kind.value, t.unit):
+                    lut[t.id] = cur[0]
+                    continue
+                if cur is not None:
+                    self.db.execute("UPDATE tags SET retired=1 WHERE id=?", (cur[0],))
+                sid = self.db.execute(
+                    "INSERT INTO tags(device, name, kind, unit) VALUES(?,?,?,?)",
                     (t.device, t.name, t.kind.value, t.unit),
-                )
-                (sid,) = self.db.execute("SELECT id FROM tags WHERE device=? AND name=?", (t.device, t.name)).fetchone()
+                ).lastrowid
+                assert sid is not None
+                active[(t.device, t.name)] = (sid, t.kind.value, t.unit)
                 lut[t.id] = sid
+                changed = True
+                if cur is not None:
+                    log.warning(
+                        "tag %s: kind/unit changed (%s %r -> %s %r): new store id %d; id %d keeps the "
+                        "samples stored before, with their kind and unit",
+                        t.key,
+                        cur[1],
+                        cur[2],
+                        t.kind.value,
+                        t.unit,
+                        sid,
+                        cur[0],
+                    )
+        if changed:
+            self._save_tags_copy()
+        self._tags_per_device = {}
         return lut
 
     # -- writing --------------------------------------------------------------------------
 
     def encode(self, batches: Sequence[Batch]) -> list[tuple[str, int, int, int, bytes]]:
-        """Batches -> unit rows, one per device. Timestamps are rounded to the store's resolution."""
+        """Batches -> unit rows, per device. Timestamps are rounded to the store's resolution.
+        (I15) A device's samples go in one unit, or, past MAX_UNIT_SAMPLES samples or about
+        MAX_UNIT_BYTES encoded, in several, in time order."""
         by_device: dict[str, list[Batch]] = {}
         for b in batches:
             if len(b):
                 by_device.setdefault(b.device, []).append(b)
         res = self.settings.time_resolution_ns
-        rows = []
+        rows: list[tuple[str, int, int, int, bytes]] = []
         for device, parts in by_device.items():
             b = Batch.concat(device, parts)
             ts = b.ts if res == 1 else (b.ts + res // 2) // res * res
-            text = None if b.text is None else b.text.tolist()
-            data = wire.encode_unit(device, self.lut[b.tags], ts, b.values, b.quality, text)
-            rows.append((device, int(ts.min()), int(ts.max()), len(b), data))
+            tags = self.lut[b.tags]
+            values, quality, text = b.values, b.quality, b.text
+            cuts = _unit_cuts(device, tags, quality, text)
+            # Split (or maybe split: long strings are halved once encoded): in time order.
+            may_split = len(cuts) > 2 or text is not None
+            if may_split and len(ts) > 1 and bool((np.diff(ts) < 0).any()):
+                order = np.argsort(ts, kind="stable")
+                ts, tags, values, quality = ts[order], tags[order], values[order], quality[order]
+                text = None if text is None else text[order]
+                cuts = _unit_cuts(device, tags, quality, text)
+            for a, z in itertools.pairwise(cuts):
+                self._encode_piece(rows, device, tags[a:z], ts[a:z], values[a:z], quality[a:z], text, a, z)
         return rows
+
+    def _encode_piece(self, rows: list, device: str, tags, ts, values, quality, text, a: int, z: int) -> None:
+        txt = None if text is None else text[a:z].tolist()
+        data = wire.encode_unit(device, tags, ts, values, quality, txt)
+        if len(data) > MAX_UNIT_BYTES and z - a > 1:  # the estimate fell short (long strings): halve
+            m = (z - a) // 2
+            self._encode_piece(rows, device, tags[:m], ts[:m], values[:m], quality[:m], text, a, a + m)
+            self._encode_piece(rows, device, tags[m:], ts[m:], values[m:], quality[m:], text, a + m, z)
+            return
+        rows.append((device, int(ts.min()), int(ts.max()), z - a, data))
 
     def write(self, batches: Sequence[Batch]) -> int:
         """(I1) Commit the batches as one transaction; returns the samples now stored."""
+        self._check_usable()
         rows = self.encode(batches)
         if not rows:
             return 0
         try:
+            self._reserve(len(rows))
             with self._txn():
                 self.db.executemany("INSERT INTO units(device, t_min, t_max, n, data) VALUES(?,?,?,?,?)", rows)
+                top = _top_id(self.db)
+                if top > self._reserved:  # cannot happen while _reserve ran: never commit past R
+                    raise StoreError(f"{self.path}: unit id {top} would pass the reserved bound {self._reserved}")
         except sqlite3.Error as e:
             raise self._error("write", e) from e
+        self._max_id = top
         n = sum(r[3] for r in rows)
         self.counters.committed_samples += n
         self.counters.committed_units += len(rows)
         return n
 
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise StoreCorrupt(f"{self.path}: no usable store (a recovery failed); call recover() again")
+
     def _error(self, what: str, e: sqlite3.Error) -> StoreError:
         code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        if code in _CORRUPT:
+            self._corrupt = True
+            return StoreCorrupt(f"{self.path}: {what} failed, the database is damaged: {e}")
         if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
             return StoreFull(f"{self.path}: {what} failed, disk full or failing: {e}")
         return StoreError(f"{self.path}: {what} failed: {e}")
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def recover(self) -> Path:
+        """(I9) After StoreCorrupt: move the damaged file aside (with its -wal/-shm; never
+        deleted), start a fresh store whose unit ids continue above the old ones (I14), and map
+        the tags again. The writer stays usable; returns where the damaged file went."""
+        self._broken = True
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()  # not marked clean: it is not
+        try:
+            old_top = max(self._max_id, _peek_top_id(self.path))
+            old_tags = _peek_tags(self.path)
+            moved = self._move_aside("damaged while running (SQLite reported corruption)")
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot move the damaged store aside: {e.strerror}") from e
+        log.error("store %s was damaged while running; moved it to %s (kept, never deleted)", self.path, moved)
+        self.db = self._create_fresh(old_top, old_tags)
+        self._corrupt = False
+        self._budget_episode = False
+        self._after_open()
+        self._broken = False
+        self.generation += 1
+        return moved
 
     # -- maintenance ----------------------------------------------------------------------
 
     def maintain(self, now_ns: int | None = None, *, compact_all: bool = False, sync_cursor: int | None = None) -> None:
         """One bounded round of housekeeping: the sync cursor, a compaction slice, retention,
         the size budget."""
+        self._check_usable()
         now_ns = time.time_ns() if now_ns is None else now_ns
         try:
             if sync_cursor is not None:
                 self.save_cursor(sync_cursor)
+            if not self.settings.keep_until_synced:
+                self._drop_stale_copies()
             while self.compact(now_ns, force=compact_all) and compact_all:
                 pass  # compact_all: every device, every slice (tools and tests)
             self.trim(now_ns)
@@ -272,12 +593,13 @@ class StoreWriter:
             raise self._error("maintenance", e) from e
 
     def compact(self, now_ns: int, *, force: bool = False) -> int:
-        """Turn one device's oldest hot units into per-tag chunks.
+        """Turn one device's oldest hot units into per-tag chunks; returns the samples handled.
 
         A device is due when about `chunk_samples` samples per tag wait (big chunks compress
         well and amortise the per-chunk cost) or its oldest unit waited `compact_after`; one
         device and one bounded slice per call keep commits flowing. (I5) Chunks are inserted
         and their units retired in one transaction: a query never sees both or neither.
+        (I13) A unit that does not decode is moved to bad_units in that same transaction.
         """
         s = self.settings
         due = None
@@ -292,16 +614,54 @@ class StoreWriter:
         if due is None:
             return 0
         device, limit = due
-        ids, blobs, total = [], [], 0
-        for uid, n, data in self.db.execute(
-            "SELECT id, n, data FROM units WHERE compacted=0 AND device=? ORDER BY id", (device,)
+        ids, units, bad, total, good = [], [], [], 0, 0
+        for uid, n, t_min, t_max, data in self.db.execute(
+            "SELECT id, n, t_min, t_max, data FROM units WHERE compacted=0 AND device=? ORDER BY id", (device,)
         ):
-            ids.append(uid)
-            blobs.append(data)
             total += n
+            try:
+                u = wire.decode_unit(data)
+                _check_unit(u, device, n, t_min, t_max)
+            except Exception as e:  # noqa: BLE001 - any failure to decode is a bad unit, never a crash
+                bad.append((uid, device, f"{type(e).__name__}: {e}"[:500], data, n))
+            else:
+                ids.append(uid)
+                units.append(u)
+                good += n
             if total >= limit:
                 break
-        units = [wire.decode_unit(b) for b in blobs]
+        rows = self._chunk_rows(units) if units else []
+        with self._txn():
+            self.db.executemany("INSERT INTO chunks(tag, t_min, t_max, n, data) VALUES(?,?,?,?,?)", rows)
+            marks = [(i,) for i in ids]
+            if s.keep_until_synced:
+                self.db.executemany("UPDATE units SET compacted=1 WHERE id=?", marks)
+            else:
+                self.db.executemany("DELETE FROM units WHERE id=?", marks)
+            for uid, dev, reason, data, _ in bad:
+                self.db.execute("INSERT OR REPLACE INTO bad_units VALUES(?,?,?,?)", (uid, dev, reason, data))
+                self.db.execute("DELETE FROM units WHERE id=?", (uid,))
+        self.counters.compacted_samples += good
+        for uid, dev, reason, _, n in bad:
+            self.counters.quarantined_units += 1
+            self.counters.quarantined_samples += n
+            self._bad_logged += 1
+            if self._bad_logged <= 10:
+                log.error(
+                    "store %s: unit %d of %s (%d samples) does not decode (%s); moved to bad_units "
+                    "(kept, counted in quarantined_units)",
+                    self.path,
+                    uid,
+                    dev,
+                    n,
+                    reason,
+                )
+            elif self._bad_logged == 11:
+                log.error("store %s: more undecodable units; no longer logged one by one", self.path)
+        return total
+
+    def _chunk_rows(self, units: list[wire.Unit]) -> list[tuple[int, int, int, int, bytes]]:
+        s = self.settings
         tags = np.concatenate([u.tags for u in units])
         ts = np.concatenate([u.ts for u in units])
         values = np.concatenate([u.values for u in units])
@@ -325,20 +685,12 @@ class StoreWriter:
             txt = None if text is None else text[a:b].tolist()
             blob = encode_chunk(t, values[a:b], quality[a:b], txt, resolution=res_here)
             rows.append((int(tags[a]), int(t.min()), int(t.max()), b - a, blob))
-        with self._txn():
-            self.db.executemany("INSERT INTO chunks(tag, t_min, t_max, n, data) VALUES(?,?,?,?,?)", rows)
-            marks = [(i,) for i in ids]
-            if s.keep_until_synced:
-                self.db.executemany("UPDATE units SET compacted=1 WHERE id=?", marks)
-            else:
-                self.db.executemany("DELETE FROM units WHERE id=?", marks)
-        self.counters.compacted_samples += total
-        return total
+        return rows
 
     def _tag_count(self, device: str) -> int:
         n = self._tags_per_device.get(device)
         if n is None:
-            n = self.db.execute("SELECT COUNT(*) FROM tags WHERE device=?", (device,)).fetchone()[0] or 1
+            n = self.db.execute("SELECT COUNT(*) FROM tags WHERE device=? AND retired=0", (device,)).fetchone()[0] or 1
             self._tags_per_device[device] = n
         return n
 
@@ -347,6 +699,24 @@ class StoreWriter:
         with self._txn():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(cursor),))
             self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))
+        self._cursor = cursor
+
+    def _drop_stale_copies(self) -> None:
+        """(I6) Upstream is off: raw copies kept for it will never be forwarded. Delete them."""
+        if self.db.execute("SELECT 1 FROM units WHERE compacted=1 LIMIT 1").fetchone() is None:
+            return
+        with self._txn():
+            unsent = self._sum("units WHERE compacted=1 AND id>?", (self._cursor,))
+            self.db.execute("DELETE FROM units WHERE compacted=1")
+        self.counters.dropped_unsent += unsent
+        if not self._stale_logged:
+            self._stale_logged = True
+            log.warning(
+                "store %s: upstream is disabled: deleted the raw copies of compacted units kept for it "
+                "(%d samples never forwarded, counted in dropped_unsent; they stay in the history)",
+                self.path,
+                unsent,
+            )
 
     def used_bytes(self) -> int:
         """Live bytes: database pages in use plus the WAL. Free pages are reused before the file grows."""
@@ -360,14 +730,11 @@ class StoreWriter:
         return (pages - free) * size + wal
 
     def trim(self, now_ns: int) -> None:
-        """(I6) Retention by age, then the size budget; oldest first, in whole units and chunks."""
+        """(I6) Retention by age, then the size budget: hidden raw copies first, then the oldest
+        history; whole units and chunks; each sample counted once (I12)."""
         s = self.settings
         if s.retention_ns:
-            cutoff = now_ns - s.retention_ns
-            n = self._drop("t_max < ?", (cutoff,))
-            if n:
-                self.counters.dropped_retention += n
-                log.info("retention: dropped %d samples older than %s", n, _iso(cutoff))
+            self._retention(now_ns - s.retention_ns)
         if not s.max_size:
             return
         target = int(s.max_size * 0.85)
@@ -381,61 +748,96 @@ class StoreWriter:
                 log.warning("store back under its %d-byte budget", s.max_size)
             self._budget_episode = False
             return
-        dropped = 0
-        for _ in range(1000):
+        before = (self.counters.dropped_budget, self.counters.dropped_unsent)
+        for _ in range(MAX_DROP_STEPS):
             if self.used_bytes() <= target:
                 break
-            n = self._drop_oldest()
-            if not n:
+            if not (self._drop_copies() or self._drop_oldest()):
                 break
-            dropped += n
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.counters.dropped_budget += dropped
-        if dropped and not self._budget_episode:
+            # PASSIVE never waits for readers; the one TRUNCATE below ends the round.
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        history = self.counters.dropped_budget - before[0]
+        copies = self.counters.dropped_unsent - before[1]
+        if (history or copies) and not self._budget_episode:
             log.warning(
-                "store reached its %d-byte budget: dropping the oldest data (%d samples so far this episode; "
-                "counted in dropped_budget)",
+                "store reached its %d-byte budget: dropping unsent raw copies first (%d samples so far, "
+                "counted in dropped_unsent), then the oldest history (%d samples so far, counted in dropped_budget)",
                 s.max_size,
-                dropped,
+                copies,
+                history,
             )
         self._budget_episode = True
 
     def _sum(self, source: str, args: tuple) -> int:
         return int(self.db.execute(f"SELECT COALESCE(SUM(n), 0) FROM {source}", args).fetchone()[0])
 
-    def _drop(self, where: str, args: tuple) -> int:
+    def _retention(self, cutoff: int) -> None:
+        """(I6, I12) Drop what ended before `cutoff`: chunks and hot units count in
+        dropped_retention; units above the cursor upstream still wanted count in dropped_unsent."""
+        keep = 1 if self.settings.keep_until_synced else 0
         with self._txn():
-            n = self._sum(f"chunks WHERE {where}", args)
-            n += self._sum(f"units WHERE compacted=0 AND {where}", args)
-            self.db.execute(f"DELETE FROM chunks WHERE {where}", args)
-            self.db.execute(f"DELETE FROM units WHERE {where}", args)
-        return int(n)
+            kept = self._sum("chunks WHERE t_max < ?", (cutoff,))
+            kept += self._sum("units WHERE t_max < ? AND +compacted=0", (cutoff,))
+            # Unary + keeps the planner on units(t_max): the other terms only filter that range.
+            sql = "units WHERE t_max < ? AND +id > ? AND (+compacted=1 OR ?)"
+            unsent = self._sum(sql, (cutoff, self._cursor, keep))
+            self.db.execute("DELETE FROM chunks WHERE t_max < ?", (cutoff,))
+            self.db.execute("DELETE FROM units WHERE t_max < ?", (cutoff,))
+        self.counters.dropped_retention += kept
+        self.counters.dropped_unsent += unsent
+        if kept or unsent:
+            log.info("retention: dropped %d samples older than %s", kept, _iso(cutoff))
+
+    def _drop_copies(self) -> int:
+        """Budget, first: the oldest 5% (at least one) of the hidden raw copies (compacted units
+        kept for upstream). Their samples stay in the history; unsent ones count in dropped_unsent."""
+        count = self.db.execute("SELECT COUNT(*) FROM units WHERE compacted=1").fetchone()[0]
+        if not count:
+            return 0
+        sql = "SELECT id FROM units WHERE compacted=1 ORDER BY id LIMIT 1 OFFSET ?"
+        (cut,) = self.db.execute(sql, (max(1, count // 20) - 1,)).fetchone()
+        with self._txn():
+            unsent = self._sum("units WHERE compacted=1 AND id <= ? AND id > ?", (cut, self._cursor))
+            rows = self.db.execute("DELETE FROM units WHERE compacted=1 AND id <= ?", (cut,)).rowcount
+        self.counters.dropped_unsent += unsent
+        return max(1, rows)
 
     def _drop_oldest(self) -> int:
-        """Drop the oldest 5% of chunks (at least one), or the oldest hot units when none remain."""
+        """Budget, then: the oldest 5% (at least one) of the history, chunks and hot units
+        together by time. Hot units never forwarded count in dropped_unsent as well."""
         count = self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-        if count:
-            limit = max(1, count // 20)
-            sql = "SELECT t_max FROM chunks ORDER BY t_max LIMIT 1 OFFSET ?"
-            (cut,) = self.db.execute(sql, (limit - 1,)).fetchone()
-            with self._txn():
-                n = self._sum("chunks WHERE t_max <= ?", (cut,))
-                self.db.execute("DELETE FROM chunks WHERE t_max <= ?", (cut,))
-            return int(n)
-        rows = self.db.execute("SELECT id, n FROM units ORDER BY id LIMIT 64").fetchall()
-        if not rows:
+        count += self.db.execute("SELECT COUNT(*) FROM units WHERE compacted=0").fetchone()[0]
+        if not count:
             return 0
+        row = self.db.execute(
+            "SELECT t_max FROM (SELECT t_max FROM chunks UNION ALL SELECT t_max FROM units WHERE +compacted=0) "
+            "ORDER BY t_max LIMIT 1 OFFSET ?",
+            (max(1, count // 20) - 1,),
+        ).fetchone()
+        (cut,) = row
+        keep = 1 if self.settings.keep_until_synced else 0
         with self._txn():
-            self.db.execute("DELETE FROM units WHERE id <= ?", (rows[-1][0],))
-        return sum(n for _, n in rows)
+            n = self._sum("chunks WHERE t_max <= ?", (cut,))
+            n += self._sum("units WHERE t_max <= ? AND +compacted=0", (cut,))
+            unsent = self._sum("units WHERE t_max <= ? AND +compacted=0 AND +id > ? AND ?", (cut, self._cursor, keep))
+            self.db.execute("DELETE FROM chunks WHERE t_max <= ?", (cut,))
+            self.db.execute("DELETE FROM units WHERE t_max <= ? AND +compacted=0", (cut,))
+        self.counters.dropped_budget += n
+        self.counters.dropped_unsent += unsent
+        return max(1, n)
 
     # -- closing --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Mark a clean shutdown (so the next start skips the integrity check) and release the lock."""
+        """Mark a clean shutdown (so the next start skips the integrity check) and release the
+        lock. A file SQLite reported damaged is not marked clean: the next start checks it."""
         try:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '1')")
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if self._corrupt:
+                log.error("store %s: closing a damaged store unmarked; the next start checks it", self.path)
+            elif not self._broken:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '1')")
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
         except sqlite3.Error as e:
             log.warning("store %s: close: %s", self.path, e)
@@ -443,6 +845,95 @@ class StoreWriter:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file, fsync, rename, fsync the directory: the old content or the new, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _peek_tags(path: Path) -> list[tuple]:
+    """Best effort: the tags table of a file about to be moved aside (it may be damaged)."""
+    if not path.exists():
+        return []
+    try:
+        db = _connect(path, readonly=True)
+    except sqlite3.Error:
+        return []
+    try:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(tags)")}
+        retired = "retired" if "retired" in cols else "0"
+        return db.execute(f"SELECT id, device, name, kind, unit, {retired} FROM tags ORDER BY id").fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
+
+
+def _top_id(db: sqlite3.Connection, *, quiet: bool = False) -> int:
+    """The highest unit id ever given in this file (AUTOINCREMENT's sqlite_sequence)."""
+    try:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='units'").fetchone()
+        top = int(row[0]) if row else 0
+        if quiet:
+            top = max(top, int(db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]))
+        return top
+    except sqlite3.Error:
+        if quiet:
+            return 0
+        raise
+
+
+def _peek_top_id(path: Path) -> int:
+    """Best effort: the highest unit id of a file about to be moved aside (it may be damaged)."""
+    if not path.exists():
+        return 0
+    try:
+        db = _connect(path, readonly=True)
+    except sqlite3.Error:
+        return 0
+    try:
+        return _top_id(db, quiet=True)
+    finally:
+        db.close()
+
+
+def _check_unit(u: wire.Unit, device: str, n: int, t_min: int, t_max: int) -> None:
+    """A unit's columns must agree with its row: a flipped bit that still decodes often does not."""
+    if u.device != device or len(u) != n:
+        raise ValueError(f"unit says device {u.device!r} with {len(u)} samples, its row {device!r} with {n}")
+    if u.text is not None and len(u.text) != n:
+        raise ValueError("text column length disagrees")
+    if n and (int(u.ts.min()) != t_min or int(u.ts.max()) != t_max):
+        raise ValueError("timestamps outside the unit's recorded span")
+    if n and int(u.tags.min()) < 0:
+        raise ValueError("negative tag id")
+
+
+def _unit_cuts(device: str, tags: np.ndarray, quality: np.ndarray, text: np.ndarray | None) -> list[int]:
+    """Where to split one device's samples so each unit stays within the bounds (I15), from the
+    fixed bytes per sample; text is measured only once encoded (see _encode_piece)."""
+    n = len(tags)
+    room = MAX_UNIT_BYTES - 128 - len(device.encode())
+    if n * 25 <= room and n <= MAX_UNIT_SAMPLES:  # the common case: one unit, whatever the columns
+        return [0, n]
+    fixed = (4 if n and int(tags.max()) > 0xFFFF else 2) + 16 + (4 if quality.any() else 0)
+    if text is not None:
+        fixed += 1  # at least msgpack's nil; longer strings are caught after encoding (halved)
+    per = max(1, min(MAX_UNIT_SAMPLES, room // fixed))
+    return [*range(0, n, per), n]
 
 
 def _iso(ns: int) -> str:
