@@ -34,7 +34,7 @@ from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
 from edgeos.service.status import STATUS_NAME, live_path, write_status
-from edgeos.store import StoreFull, StoreSettings, StoreWriter
+from edgeos.store import StoreCorrupt, StoreFull, StoreSettings, StoreWriter
 from edgeos.sync import Sync
 
 log = logging.getLogger("edgeos.runtime")
@@ -109,6 +109,7 @@ class Counters:
     filter_errors: int = 0
     dropped_store_unavailable: int = 0  # oldest samples over memory_buffer while the disk refused writes
     dropped_at_stop: int = 0  # read but not committed when a stop ran out of shutdown_timeout
+    store_recoveries: int = 0  # damaged store files set aside while running (docs/store.md I9)
     started_ns: int = field(default_factory=time.time_ns)
 
 
@@ -518,6 +519,8 @@ class Runtime:
                     cursor = self.sync.cursor if self.sync is not None else None
                     try:
                         await asyncio.shield(loop.run_in_executor(self._executor, self._maintain, cursor))
+                    except StoreCorrupt as e:
+                        await self._recover(loop, e)
                     except StoreError as e:
                         self.errors.log(logging.ERROR, "store:maintain", "%s", e)
                     continue
@@ -555,6 +558,23 @@ class Runtime:
                 elif not getter.cancelled() and getter.exception() is None and getter.result() is not _STOP:
                     batch = getter.result()  # taken from the inbox, not yet pending: count it at stop
                     pending.append((batch, 0))
+
+    async def _recover(self, loop: asyncio.AbstractEventLoop, e: StoreCorrupt) -> bool:
+        """The store went corrupt while running (docs/store.md, I9): quarantine the file and go on
+        in a fresh one whose sequence numbers continue above the old ones. False if that failed
+        too (retried at the next commit)."""
+        assert self.store is not None
+        log.critical("STORE DAMAGED while running: %s; moving it aside and starting a fresh store", e)
+        try:
+            moved = await asyncio.shield(loop.run_in_executor(self._executor, self.store.recover))
+        except StoreError as e2:
+            self.errors.log(logging.CRITICAL, "store:recover", "could not start a fresh store: %s; retrying", e2)
+            return False
+        self.counters.store_recoveries += 1
+        log.critical("damaged store kept as %s (never deleted); collecting into a fresh store", moved)
+        if self.sync is not None:
+            self.sync.wakeup.set()
+        return True
 
     def _maintain(self, sync_cursor: int | None) -> None:
         """Once a second, in the store thread: housekeeping and the sync's cursor."""
@@ -597,6 +617,13 @@ class Runtime:
         else:
             try:
                 n = await asyncio.shield(loop.run_in_executor(self._executor, self.store.write, batches))
+            except StoreCorrupt as e:
+                # Damaged while running: set it aside and start a fresh file; these batches stay
+                # pending and go into it at the next try (half a second), and collecting goes on.
+                self.counters.store_errors += 1
+                self._store_failing = True
+                await self._recover(loop, e)
+                return False
             except StoreError as e:
                 self.counters.store_errors += 1
                 self._store_failing = True

@@ -91,3 +91,67 @@ def test_a_store_found_damaged_is_not_marked_clean_at_stop(tmp_path, caplog):
     StoreWriter(tmp_path, TAGS).close()
     assert "integrity check failed" in caplog.text or "unreadable" in caplog.text
     assert [p for p in os.listdir(tmp_path) if p.startswith("edgeos.db.bad-") and p[-4:] not in ("-wal", "-shm")]
+
+
+async def test_the_daemon_recovers_from_a_store_damaged_while_it_runs_and_keeps_collecting(tmp_path, caplog):
+    """The runtime's half of I9: the damage is found by a maintenance round (or a commit), the
+    file is set aside, collecting goes on into a fresh store, and the damaged file is kept."""
+    import asyncio
+
+    from edgeos.config import load_config
+    from edgeos.runtime import Runtime
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    w = StoreWriter(data, TAGS)  # about 6 MiB of hot units, old enough to be compacted at once
+    for s in range(3000):
+        w.write([_batch(s, rng)])
+    w.close()
+    cfg_path = tmp_path / "edgeos.toml"
+    (tmp_path / "tags.csv").write_text("name\n" + "".join(f"t{i}\n" for i in range(100)))
+    cfg_path.write_text(
+        """
+[gateway]
+id = "g"
+data_dir = "data"
+[store]
+compact_after = "1s"
+[[devices]]
+name = "d"
+protocol = "simulated"
+poll_interval = "20ms"
+tags_csv = "tags.csv"
+"""
+    )
+    rt = Runtime(load_config(cfg_path))
+    task = asyncio.create_task(rt.run())
+    db_path = data / store_writer.DB_NAME
+    garbage = np.random.default_rng(1).bytes(PAGE)
+    try:
+        async with asyncio.timeout(60):
+            await rt.running.wait()
+            keep = {1} | {r[0] for r in rt.store.db.execute("SELECT rootpage FROM sqlite_master WHERE tbl_name='meta'")}
+            with db_path.open("r+b") as f:  # the daemon has it open; its pages are not cached yet
+                for p in range(2, db_path.stat().st_size // PAGE + 1):
+                    if p not in keep:
+                        f.seek((p - 1) * PAGE)
+                        f.write(garbage)
+            while not rt.counters.store_recoveries:
+                await asyncio.sleep(0.1)
+            stored = rt.counters.stored
+            while rt.counters.stored < stored + 5_000:  # collecting goes on, into the fresh file
+                await asyncio.sleep(0.1)
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 30)
+    assert "STORE DAMAGED while running" in caplog.text
+    bad = [p for p in data.glob("edgeos.db.bad-*") if not p.name.endswith(("-wal", "-shm"))]
+    assert len(bad) == 1 and bad[0].read_bytes().count(garbage) > 100
+    db = sqlite3.connect(db_path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT seq FROM sqlite_sequence WHERE name='units'").fetchone()[0] > 3000  # seqs go on
+    finally:
+        db.close()
+    with StoreReader(data) as r:
+        assert r.count() >= 5_000
