@@ -602,3 +602,13 @@ def test_a_store_without_the_seq_file_gets_one_and_it_is_written_rarely(tmp_path
     fill(w, 1)
     assert w.db.execute("SELECT MIN(id) FROM units").fetchone()[0] > reserved
     w.close()
+
+
+def test_a_reader_takes_a_relative_data_dir(tmp_path, monkeypatch):
+    from edgeos.store import StoreReader, StoreWriter
+
+    StoreWriter(tmp_path / "data", []).close()
+    monkeypatch.chdir(tmp_path)
+    for form in ("data", "./data"):
+        with StoreReader(form) as r:
+            assert r.count() == 0

@@ -45,7 +45,7 @@ class StoreReader:
     """Read-only access to a data directory's store; safe beside a running daemon."""
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
-        self.path = Path(data_dir) / DB_NAME
+        self.path = Path(data_dir).absolute() / DB_NAME  # a relative path has no file URI
         if not self.path.exists():
             raise StoreError(f"no edgeos store at {self.path} (has the daemon run with this data_dir?)")
         try:
