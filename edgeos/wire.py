@@ -205,4 +205,4 @@ class Deduplicator:
         """Inclusive (first, last) runs of seqs not seen between the lowest and highest seen:
         units still on their way, other devices' units, or data the gateway dropped."""
         starts, ends = self._runs.get(gateway, ([], []))
-        return [(e + 1, s - 1) for e, s in zip(ends, starts[1:])]
+        return [(e + 1, s - 1) for e, s in zip(ends, starts[1:], strict=False)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,5 +54,5 @@ def test_same_answers_as_a_plain_set(offers):
         ranges = d.ranges(gateway)
         # Sorted, disjoint and not touching (adjacent runs are merged), covering exactly the set.
         assert all(lo <= hi for lo, hi in ranges)
-        assert all(a[1] + 1 < b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(ranges))
         assert {s for lo, hi in ranges for s in range(lo, hi + 1)} == {s for g, s in seen if g == gateway}
