@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeos import wire
 from edgeos.config import load_config
 from edgeos.runtime import Runtime
 
@@ -230,3 +232,149 @@ async def test_backlog_drain_respects_the_rate_cap_and_live_data_flows(write_con
     # One second of burst, then no faster than the cap.
     assert elapsed >= (backlog_bytes - cap) / cap * 0.9, (elapsed, backlog_bytes)
     assert live_seen_during_drain, "live data waited for the whole backlog"
+
+
+READ_ONLY_DATA = "topic read edgeos/#\ntopic write edgeos/gw1/status\ntopic write edgeos/gw1/tags\n"
+
+
+def meta_cursor(data_dir: Path) -> int:
+    db = sqlite3.connect(f"{(data_dir / 'edgeos.db').as_uri()}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        db.close()
+
+
+def unit_counts(data_dir: Path) -> tuple[int, int, int]:
+    """(units stored, of which compacted, highest id)."""
+    db = sqlite3.connect(f"{(data_dir / 'edgeos.db').as_uri()}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*), COALESCE(SUM(compacted), 0), COALESCE(MAX(id), 0) FROM units").fetchone()
+    finally:
+        db.close()
+
+
+async def test_a_refused_publish_holds_the_cursor_and_is_retried(write_config, make_broker, subscribe, caplog):
+    # MQTT 5: the broker's ACL makes the data topics read-only, so every data PUBACK carries
+    # reason 0x87 (not authorized). Nothing may count as delivered.
+    b = make_broker(acl=READ_ONLY_DATA)
+    cfg = load_config(config(write_config, b.port, store='compact_after = "1s"\n'))
+    caplog.set_level("ERROR", logger="edgeos.sync")
+    async with subscribe(b) as got:
+        rt = Runtime(cfg)
+        task = asyncio.create_task(rt.run())
+        await wait_until(lambda: rt.sync is not None and rt.sync.status.failures >= 3)
+        # Compaction runs meanwhile: its units are kept raw until the broker has them.
+        await wait_until(lambda: unit_counts(cfg.gateway.data_dir)[1] > 0)
+        await asyncio.sleep(1.2)  # at least one more maintenance round persisting the cursor
+        assert rt.sync.cursor == 0 and rt.sync.status.cursor == 0
+        assert meta_cursor(cfg.gateway.data_dir) == 0
+        error = rt.sync.status.last_error
+        assert "refused" in error and "edgeos/gw1/" in error and "135" in error, error
+        rt.stop()
+        await asyncio.wait_for(task, 20)
+        assert got.messages == []
+    assert meta_cursor(cfg.gateway.data_dir) == 0
+    units, compacted, top = unit_counts(cfg.gateway.data_dir)
+    assert compacted > 0 and units == top, "compacted units behind a refused publish were deleted"
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert 1 <= len(refusals) < rt.sync.status.failures, "refusals are logged, rate limited"
+    assert "edgeos/gw1/" in refusals[0].getMessage()
+
+    # The ACL is fixed: everything stored arrives, exactly once. (Compacted units the broker
+    # now has are deleted behind the cursor, so the expectation is taken before.)
+    kept = stored_units(cfg.gateway.data_dir)
+    b.stop()
+    b.acl = "topic readwrite edgeos/#\n"
+    b.start()
+    async with subscribe(b) as got:
+        rt = Runtime(cfg)
+        task = asyncio.create_task(rt.run())
+        await wait_until(lambda: rt.sync.cursor >= rt.sync.status.head > 0, 30)
+        rt.stop()
+        await asyncio.wait_for(task, 20)
+        expected = kept | stored_units(cfg.gateway.data_dir)
+        await wait_until(lambda: {s for s, _, _ in got.units()} >= set(expected))
+    units = got.units()
+    assert [s for s, _, _ in units] == sorted(expected)
+    assert all(u.ts.tobytes() == wire.decode_unit(expected[s][1]).ts.tobytes() for s, _, u in units)
+    assert got.deliveries() == len(units), "a unit was delivered twice"
+
+
+def make_store(data_dir: Path, units: int, devices: int = 1, *, first_id: int = 1) -> None:
+    """A store file written with plain sqlite3 and the schema module: `units` one-sample units,
+    round robin over `devices` devices (so each message carries one unit), ids from `first_id`."""
+    import numpy as np
+
+    from edgeos import wire
+    from edgeos.store import schema
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(data_dir / "edgeos.db")
+    schema.create(db)
+    db.execute("PRAGMA journal_mode=WAL")
+    t0 = time.time_ns()
+    rows = []
+    for k in range(units):
+        device = f"d{k % devices}"
+        ts = np.array([t0 + k * 1000], np.int64)
+        blob = wire.encode_unit(device, np.array([1], np.int32), ts, np.array([float(k)]), np.zeros(1, np.uint32))
+        rows.append((first_id + k, device, int(ts[0]), int(ts[0]), 1, blob))
+    with db:
+        db.execute("INSERT INTO tags(id, device, name, kind) VALUES(1, 'd0', 't', 'number')")
+        db.executemany("INSERT INTO units(id, device, t_min, t_max, n, data) VALUES(?,?,?,?,?,?)", rows)
+    db.close()
+
+
+def make_sync(write_config, port: int, upstream: str = ""):
+    from edgeos.sync import Sync
+    from edgeos.sync.mqtt import MqttTransport
+
+    cfg = load_config(config(write_config, port, upstream))
+    transport = MqttTransport(cfg.gateway.id, cfg.upstream.options, cfg.source.parent)
+    return cfg, Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
+
+
+async def test_the_cursor_read_from_other_threads_is_never_ahead(write_config, broker):
+    # The store thread and the status thread read the cursor while the event loop acknowledges
+    # units; with a tiny switch interval a read lands inside every update.
+    import threading
+
+    cfg, sync = make_sync(write_config, broker.port, "max_inflight = 1\n")
+    make_store(cfg.gateway.data_dir, 3000, devices=256)
+    seen: list[list[int]] = [[], []]  # per reader: in the order it read them
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read(mine: list[int]) -> None:
+        while not done.is_set():
+            try:
+                mine.append(sync.cursor)
+                if mine is seen[1]:
+                    vars(sync.status).copy()  # as the store thread writes status.json
+            except Exception as e:  # noqa: BLE001 - any exception here is the defect
+                errors.append(e)
+
+    readers = [threading.Thread(target=read, args=(mine,)) for mine in seen]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    task = asyncio.create_task(sync.run())
+    try:
+        for t in readers:
+            t.start()
+        await wait_until(lambda: sync.cursor >= 3000, 60)
+    finally:
+        done.set()
+        for t in readers:
+            t.join(10)
+        sys.setswitchinterval(interval)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sync.close()
+    assert not errors, errors[:3]
+    # The cursor only ever moves forward: a read above an unacknowledged unit would be
+    # followed by a lower one.
+    for cursors in seen:
+        assert cursors == sorted(cursors), next((a, b) for a, b in itertools.pairwise(cursors) if b < a)
+        assert len(cursors) > 1000 and cursors[-1] == 3000
