@@ -143,37 +143,44 @@ class _Backlog:
 
     def refresh(self, db: sqlite3.Connection, cursor: int) -> tuple[int, int, int, int | None]:
         """(head, units, samples, t_min of the first unit above the cursor), one snapshot."""
-        b = self.BLOCK
         db.execute("BEGIN")
         try:
-            head = db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
-            first = db.execute("SELECT id, t_min FROM units WHERE id > ? ORDER BY id LIMIT 1", (cursor,)).fetchone()
-            if head < self.top:  # not the file counted so far
-                self.reset()
-            # Nothing is stored between the cursor and the first unit above it.
-            lo = cursor if first is None else max(cursor, first[0] - 1)
-            start = max(self.top, lo)
-            if head > start:
-                for block, units, samples in db.execute(
-                    "SELECT id / ?, COUNT(*), SUM(n) FROM units WHERE id > ? AND id <= ? GROUP BY id / ?",
-                    (b, start, head, b),
-                ):
-                    counts = self.blocks.setdefault(block, [0, 0])
-                    counts[0] += units
-                    counts[1] += samples
-            self.top = max(self.top, head)
-            front = (lo + 1) // b
-            for block in [k for k in self.blocks if k < front]:
-                del self.blocks[block]
-            if lo != self.front and front in self.blocks:
-                units, samples = db.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(n), 0) FROM units WHERE id > ? AND id < ? AND id <= ?",
-                    (lo, (front + 1) * b, head),
-                ).fetchone()
-                self.blocks[front] = [units, samples]
-            self.front = lo
+            return self._refresh(db, cursor)
+        except BaseException:
+            self.reset()  # counts half updated: start over at the next refresh
+            raise
         finally:
-            db.execute("COMMIT")
+            if db.in_transaction:
+                db.execute("COMMIT")
+
+    def _refresh(self, db: sqlite3.Connection, cursor: int) -> tuple[int, int, int, int | None]:
+        b = self.BLOCK
+        head = db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
+        first = db.execute("SELECT id, t_min FROM units WHERE id > ? ORDER BY id LIMIT 1", (cursor,)).fetchone()
+        if head < self.top:  # not the file counted so far
+            self.reset()
+        # Nothing is stored between the cursor and the first unit above it.
+        lo = cursor if first is None else max(cursor, first[0] - 1)
+        start = max(self.top, lo)
+        if head > start:
+            for block, units, samples in db.execute(
+                "SELECT id / ?, COUNT(*), SUM(n) FROM units WHERE id > ? AND id <= ? GROUP BY id / ?",
+                (b, start, head, b),
+            ):
+                counts = self.blocks.setdefault(block, [0, 0])
+                counts[0] += units
+                counts[1] += samples
+        self.top = max(self.top, head)
+        front = (lo + 1) // b
+        for block in [k for k in self.blocks if k < front]:
+            del self.blocks[block]
+        if lo != self.front and front in self.blocks:
+            units, samples = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(n), 0) FROM units WHERE id > ? AND id < ? AND id <= ?",
+                (lo, (front + 1) * b, head),
+            ).fetchone()
+            self.blocks[front] = [units, samples]
+        self.front = lo
         units = sum(c[0] for c in self.blocks.values())
         samples = sum(c[1] for c in self.blocks.values())
         return head, units, samples, None if first is None else first[1]
@@ -350,8 +357,10 @@ class Sync:
         while True:
             self.status.state = "connecting"
             delivered = self.status.published_messages
+            connected_at = None
             try:
                 async with self.transport.session() as session:
+                    connected_at = time.monotonic()
                     self.status.connects += 1
                     self.status.state = "connected"
                     await self._pump(session)
@@ -364,9 +373,10 @@ class Sync:
                 self.status.failures += 1
                 self.status.last_error = str(e)
                 self.errors.log(logging.ERROR, str(e)[:80], "upstream: %s; data keeps accumulating locally", e)
-            if self.status.published_messages > delivered:
-                # The session delivered before it failed: a new outage, so backoff starts over. A
-                # session that connects and is then refused keeps backing off.
+            lasted = 0.0 if connected_at is None else time.monotonic() - connected_at
+            if self.status.published_messages > delivered or lasted * 1e9 > hi:
+                # The session delivered (or stood) before it failed: a new outage, so backoff
+                # starts over. One that connects and is then refused at once keeps backing off.
                 attempt = 0
             self.status.state = "backoff"
             await asyncio.sleep(backoff_delay(attempt, lo, hi))
