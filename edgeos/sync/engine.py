@@ -420,9 +420,13 @@ class Sync:
                         await self.wakeup.wait()
                 after = lane.after
                 continue
-            after = last
             if lane.end is None and self._dictionary_version < self._tag_count():
-                await self._publish_dictionary(session)  # new tags since the last dictionary
+                # New tags (or a new store file) since the last dictionary: publish it before the
+                # units that use it, then read and frame them again so their `td` names it.
+                await self._publish_dictionary(session)
+                after = lane.after
+                continue
+            after = last
             for device, seqs, payload, samples in messages:
                 if lane.bucket is not None:
                     await lane.bucket.take(len(payload))

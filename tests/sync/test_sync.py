@@ -303,7 +303,7 @@ async def test_a_refused_publish_holds_the_cursor_and_is_retried(write_config, m
     assert got.deliveries() == len(units), "a unit was delivered twice"
 
 
-def make_store(data_dir: Path, units: int, devices: int = 1, *, first_id: int = 1) -> None:
+def make_store(data_dir: Path, units: int, devices: int = 1, *, first_id: int = 1, tags: int = 1) -> None:
     """A store file written with plain sqlite3 and the schema module: `units` one-sample units,
     round robin over `devices` devices (so each message carries one unit), ids from `first_id`."""
     import numpy as np
@@ -323,7 +323,10 @@ def make_store(data_dir: Path, units: int, devices: int = 1, *, first_id: int = 
         blob = wire.encode_unit(device, np.array([1], np.int32), ts, np.array([float(k)]), np.zeros(1, np.uint32))
         rows.append((first_id + k, device, int(ts[0]), int(ts[0]), 1, blob))
     with db:
-        db.execute("INSERT OR IGNORE INTO tags(id, device, name, kind) VALUES(1, 'd0', 't', 'number')")
+        db.executemany(
+            "INSERT OR IGNORE INTO tags(id, device, name, kind) VALUES(?, 'd0', ?, 'number')",
+            [(i, f"t{i}") for i in range(1, tags + 1)],
+        )
         db.executemany("INSERT INTO units(id, device, t_min, t_max, n, data) VALUES(?,?,?,?,?,?)", rows)
     db.close()
 
@@ -478,7 +481,7 @@ async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, br
             for suffix in ("", "-wal", "-shm"):
                 if (data / f"edgeos.db{suffix}").exists():
                     (data / f"edgeos.db{suffix}").rename(data / f"edgeos.db.bad-test{suffix}")
-            make_store(data, 30, devices=2, first_id=1000)
+            make_store(data, 30, devices=2, first_id=1000, tags=2)  # its own tag dictionary
             await wait_until(lambda: sync.cursor >= 1029)
             await wait_until(lambda: sync.status.head == 1029 and sync.status.backlog_units == 0)
         finally:
@@ -487,6 +490,9 @@ async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, br
             sync.close()
         await wait_until(lambda: {s for s, _, _ in got.units()} >= set(range(1000, 1030)))
     assert [s for s, _, _ in got.units()] == [*range(1, 51), *range(1000, 1030)]
+    # The new file's dictionary went out before its units, which name it.
+    assert len(got.dictionary) == 2
+    assert {m.dictionary for m in got.messages if m.seqs[0] >= 1000} == {2}
 
 
 async def test_credentials_without_tls_are_warned_about_once(write_config, make_broker, tmp_path, caplog):
