@@ -7,6 +7,7 @@ map; it is encoded once, when committed, and forwarded as stored. docs/payload.m
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import msgpack
@@ -160,27 +161,48 @@ def decode_dictionary(payload: bytes) -> dict[int, TagEntry]:
 class Deduplicator:
     """At-least-once in, exactly-once out: remembers which (gateway, seq) were seen.
 
-    Sequence numbers are per gateway, shared by its devices, so a consumer of one device sees
-    gaps; this keeps the numbers of the last `horizon` units per gateway and treats anything
-    older as seen (redelivery reaches back one in-flight window or one second of cursor, never
-    a million units). A consumer with a database gets the same with a key on (gateway, seq).
+    Seen sequence numbers are kept per gateway as sorted runs [start, end], so memory grows
+    with the number of gaps, not with the number of units, and nothing is ever forgotten: a
+    backlog unit arriving a day behind the live ones is still recognised as new. A consumer of
+    every device of a gateway sees contiguous seqs (gaps only where the gateway dropped data, or
+    where units are still on their way); a consumer of some devices sees the others' seqs as
+    gaps, one run per stretch of its own units, and is better served by a database key on
+    (gateway, seq).
     """
 
-    def __init__(self, horizon: int = 1_000_000) -> None:
-        self.horizon = horizon
-        self._max: dict[str, int] = {}
-        self._seen: dict[str, set[int]] = {}
+    def __init__(self) -> None:
+        self._runs: dict[str, tuple[list[int], list[int]]] = {}  # gateway -> (starts, ends)
 
     def first_time(self, gateway: str, seq: int) -> bool:
         """True the first time (gateway, seq) is offered, False for every repeat."""
-        top = self._max.get(gateway, 0)
-        seen = self._seen.setdefault(gateway, set())
-        if seq in seen or seq <= top - self.horizon:
+        runs = self._runs.get(gateway)
+        if runs is None:
+            runs = self._runs[gateway] = ([], [])
+        starts, ends = runs
+        i = bisect.bisect_right(starts, seq) - 1  # the run starting at or before seq
+        if i >= 0 and seq <= ends[i]:
             return False
-        seen.add(seq)
-        if seq > top:
-            self._max[gateway] = seq
-            if len(seen) > 2 * self.horizon:
-                floor = seq - self.horizon
-                self._seen[gateway] = {s for s in seen if s > floor}
+        joins_left = i >= 0 and ends[i] == seq - 1
+        joins_right = i + 1 < len(starts) and starts[i + 1] == seq + 1
+        if joins_left and joins_right:
+            ends[i] = ends[i + 1]
+            del starts[i + 1], ends[i + 1]
+        elif joins_left:
+            ends[i] = seq  # the usual case: the next seq after the last one
+        elif joins_right:
+            starts[i + 1] = seq
+        else:
+            starts.insert(i + 1, seq)
+            ends.insert(i + 1, seq)
         return True
+
+    def ranges(self, gateway: str) -> list[tuple[int, int]]:
+        """The seen seqs of `gateway` as inclusive (first, last) runs, ascending."""
+        starts, ends = self._runs.get(gateway, ([], []))
+        return list(zip(starts, ends, strict=True))
+
+    def gaps(self, gateway: str) -> list[tuple[int, int]]:
+        """Inclusive (first, last) runs of seqs not seen between the lowest and highest seen:
+        units still on their way, other devices' units, or data the gateway dropped."""
+        starts, ends = self._runs.get(gateway, ([], []))
+        return [(e + 1, s - 1) for e, s in zip(ends, starts[1:], strict=False)]

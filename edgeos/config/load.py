@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,24 @@ def _named(path: str, name: Any) -> str:
     return path
 
 
+def _template_check(*allowed: str):
+    """A topic template may use only `allowed` placeholders: an unknown one would raise KeyError
+    at every publish, a malformed one ValueError."""
+
+    def check(v: str) -> str | None:
+        names = ", ".join(f"{{{a}}}" for a in allowed)
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            return f'found "{v}": {e} (write {{{{ and }}}} for literal braces); allowed placeholders: {names}'
+        for f in fields:
+            if f not in allowed:
+                return f"unknown placeholder {{{f}}}; allowed: {names}"
+        return None
+
+    return check
+
+
 GATEWAY_FIELDS: dict[str, Field] = {
     "id": Field("str", help="this gateway's unique id, used in topics and payloads", check=_name_check("gateway")),
     "data_dir": Field("str", help="directory for the store and state, relative to the config file"),
@@ -63,8 +82,8 @@ UPSTREAM_FIELDS: dict[str, Field] = {
     "host": Field("str", "127.0.0.1"),
     "port": Field("int", None, min=1, max=65535),
     "client_id": Field("str", None),
-    "topic": Field("str", "edgeos/{gateway}/{device}/data"),
-    "status_topic": Field("str", "edgeos/{gateway}/status"),
+    "topic": Field("str", "edgeos/{gateway}/{device}/data", check=_template_check("gateway", "device")),
+    "status_topic": Field("str", "edgeos/{gateway}/status", check=_template_check("gateway")),
     "mqtt_version": Field("choice", "5", choices=("5", "3.1.1")),
     "keepalive": Field("duration", "30s", min=1_000_000_000),
     "tls": Field("bool", False),

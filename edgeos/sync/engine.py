@@ -10,6 +10,13 @@ it exactly-once with the (gateway, seq) key. Policy for outages (docs/payload.md
   units that were waiting, oldest first, under the rate cap; the **live lane** publishes units
   committed from then on, uncapped, so current values are never held behind hours of history.
 - Each lane has its own in-flight window, so neither can starve the other.
+- A publish the broker refuses (an MQTT 5 PUBACK reason code of 0x80 or more) is not a delivery:
+  the session ends with the error, the cursor holds, and the connection is retried with backoff.
+
+Threads: the lanes, the cursor and `status.cursor` live on the event loop. `cursor` is a plain
+int assigned there at every acknowledgement, so another thread (the store's, saving it) reads a
+value that was true when assigned and never ahead of an unacknowledged unit. The status thread
+(`_io`) gets the cursor as an argument and never touches a lane.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -34,11 +42,9 @@ log = logging.getLogger("edgeos.sync")
 
 MAX_MESSAGE_BYTES = 256 * 1024
 FETCH_ROWS = 256  # per read; fewer would cut messages short when several devices interleave
-# The backlog is read once, front to back: through a memory map SQLite reads its pages without
-# a read() call per 4 KiB page (about a quarter of the framing cost per message). SQLite still
-# reads them under its own locks, and the store never shrinks its file, so a concurrent commit
-# or compaction is safe.
-READ_MMAP_BYTES = 256 * 1024 * 1024
+# No memory map (PRAGMA mmap_size): a media error under a mapped page is a SIGBUS, which kills the
+# daemon, where read() returns an error the sync can report and retry.
+REPLACED_CHECK_S = 1.0  # how often a connection checks that the store file is still the same
 
 
 class Session(Protocol):
@@ -116,6 +122,70 @@ class _Lane:
         return self.end is not None and self.after >= self.end - 1 and not self.inflight
 
 
+class _Backlog:
+    """Units and samples above the cursor, counted per block of ids so that a refresh reads only
+    what changed: the ids committed since the last one, and the block the cursor is in.
+
+    Only the status thread uses it. Units the store deletes above the cursor (retention, the size
+    budget) drop out when they are the oldest, as those are; one deleted elsewhere stays counted
+    until the cursor passes its block.
+    """
+
+    BLOCK = 1024
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.blocks: dict[int, list[int]] = {}  # id // BLOCK -> [units, samples]
+        self.top = 0  # the highest id counted
+        self.front = -1  # the id after which the front block was last counted
+
+    def refresh(self, db: sqlite3.Connection, cursor: int) -> tuple[int, int, int, int | None]:
+        """(head, units, samples, t_min of the first unit above the cursor), one snapshot."""
+        db.execute("BEGIN")
+        try:
+            return self._refresh(db, cursor)
+        except BaseException:
+            self.reset()  # counts half updated: start over at the next refresh
+            raise
+        finally:
+            if db.in_transaction:
+                db.execute("COMMIT")
+
+    def _refresh(self, db: sqlite3.Connection, cursor: int) -> tuple[int, int, int, int | None]:
+        b = self.BLOCK
+        head = db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
+        first = db.execute("SELECT id, t_min FROM units WHERE id > ? ORDER BY id LIMIT 1", (cursor,)).fetchone()
+        if head < self.top:  # not the file counted so far
+            self.reset()
+        # Nothing is stored between the cursor and the first unit above it.
+        lo = cursor if first is None else max(cursor, first[0] - 1)
+        start = max(self.top, lo)
+        if head > start:
+            for block, units, samples in db.execute(
+                "SELECT id / ?, COUNT(*), SUM(n) FROM units WHERE id > ? AND id <= ? GROUP BY id / ?",
+                (b, start, head, b),
+            ):
+                counts = self.blocks.setdefault(block, [0, 0])
+                counts[0] += units
+                counts[1] += samples
+        self.top = max(self.top, head)
+        front = (lo + 1) // b
+        for block in [k for k in self.blocks if k < front]:
+            del self.blocks[block]
+        if lo != self.front and front in self.blocks:
+            units, samples = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(n), 0) FROM units WHERE id > ? AND id < ? AND id <= ?",
+                (lo, (front + 1) * b, head),
+            ).fetchone()
+            self.blocks[front] = [units, samples]
+        self.front = lo
+        units = sum(c[0] for c in self.blocks.values())
+        samples = sum(c[1] for c in self.blocks.values())
+        return head, units, samples, None if first is None else first[1]
+
+
 class Sync:
     """Runs until cancelled; reconnects with capped full-jitter backoff."""
 
@@ -128,26 +198,65 @@ class Sync:
         self.wakeup = asyncio.Event()
         self._acked = asyncio.Event()
         self.errors = RateLimited(log)
+        self._cursor = 0  # assigned on the event loop only (see `cursor`)
         self._db: sqlite3.Connection | None = None
-        self._status_db: sqlite3.Connection | None = None  # only ever used in the _io thread
+        self._db_file: tuple[int, int] | None = None
+        self._db_checked = 0.0
+        # Only ever used in the _io thread:
+        self._status_db: sqlite3.Connection | None = None
+        self._status_file: tuple[int, int] | None = None
+        self._status_checked = 0.0
+        self._backlog = _Backlog()
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-sync")
         self._dictionary_version = -1
         self._key = 0
         self._lanes: list[_Lane] = []
+        self._failing = False
 
-    # -- store access (a read-only connection of its own) -----------------------------------
+    # -- store access (read-only connections of its own) -----------------------------------
 
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout=5000")
-        db.execute(f"PRAGMA mmap_size={READ_MMAP_BYTES}")
-        return db
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _open(self) -> tuple[sqlite3.Connection, tuple[int, int] | None]:
+        """A read-only connection and the identity (device, inode) of the file it opened."""
+        while True:
+            before = self._identity()
+            db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            if self._identity() == before:
+                return db, before
+            db.close()  # replaced while opening: open the new one
+
+    def _replaced(self, opened: tuple[int, int] | None) -> bool:
+        """The store moved a corrupt file aside and started a new one at the same path. While
+        the path is missing (between the two) the old file is still read."""
+        now = self._identity()
+        return now is not None and now != opened
 
     def _conn(self) -> sqlite3.Connection:
         """The event loop's read connection. Reads are short (one batch of units at a time);
         done in a worker thread, they cost the loop more in GIL hand-offs than they take."""
+        now = time.monotonic()
+        if self._db is not None and now - self._db_checked >= REPLACED_CHECK_S:
+            self._db_checked = now
+            if self._replaced(self._db_file):
+                log.warning(
+                    "upstream: %s was replaced (the store quarantined it?); reading the new file from "
+                    "after unit %d, which the broker has",
+                    self.path,
+                    self._cursor,
+                )
+                self._db.close()
+                self._db = None
+                self._dictionary_version = -1  # the new file's tags: republished before its units
         if self._db is None:
-            self._db = self._open()
+            self._db, self._db_file = self._open()
+            self._db_checked = now
         return self._db
 
     def _read_cursor(self) -> int:
@@ -178,40 +287,55 @@ class Sync:
     def _dictionary(self) -> list[tuple[int, str, str, str, str]]:
         return self._conn().execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
 
-    def refresh_status(self) -> None:
-        """Backlog and lag, for status and metrics: in the worker thread, on its own connection."""
+    def refresh_status(self, cursor: int | None = None) -> None:
+        """Backlog and lag above `cursor` (captured on the event loop), for status and metrics:
+        in the worker thread, on its own connection, reading only what changed since the last
+        call. Lag is the age of the oldest sample of the first unit not yet acknowledged."""
+        now = time.monotonic()
+        if self._status_db is not None and now - self._status_checked >= REPLACED_CHECK_S:
+            self._status_checked = now
+            if self._replaced(self._status_file):
+                self._status_db.close()
+                self._status_db = None
         if self._status_db is None:
-            self._status_db = self._open()
-        db = self._status_db
-        cursor = self.cursor
-        units, samples, oldest = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(n), 0), MIN(t_min) FROM units WHERE id > ?", (cursor,)
-        ).fetchone()
-        self.status.cursor = cursor
-        self.status.head = db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
-        self.status.backlog_units = units
-        self.status.backlog_samples = samples
-        self.status.lag_seconds = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
+            self._status_db, self._status_file = self._open()
+            self._status_checked = now
+            self._backlog = _Backlog()
+        if cursor is None:
+            cursor = self._cursor
+        head, units, samples, oldest = self._backlog.refresh(self._status_db, cursor)
+        st = self.status
+        st.head = head
+        st.backlog_units = units
+        st.backlog_samples = samples
+        st.lag_seconds = max(0.0, (time.time_ns() - oldest) / 1e9) if oldest else 0.0
 
     # -- the cursor ----------------------------------------------------------------------
 
     @property
     def cursor(self) -> int:
-        """Every unit with id <= cursor is acknowledged by the broker (or no longer stored)."""
-        if not self._lanes:
-            return self.status.cursor
+        """Every unit with id <= cursor is acknowledged by the broker (or no longer stored).
+
+        A plain int assigned on the event loop at every acknowledgement: reading it from another
+        thread is safe, and gives a value that was true when it was assigned."""
+        return self._cursor
+
+    def _advance(self) -> None:
+        """Recompute the cursor from the lanes; on the event loop, after any change to a lane."""
         frontier = []
         for lane in self._lanes:
             if lane.inflight:
                 frontier.append(min(lane.inflight.values()))
             if not lane.done:
                 frontier.append(lane.after + 1)
-        return min(frontier) - 1 if frontier else self.status.cursor
+        if frontier:
+            self._cursor = min(frontier) - 1
+        self.status.cursor = self._cursor
 
     # -- main loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.status.cursor = self._read_cursor()
+        self._cursor = self.status.cursor = self._read_cursor()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch(), name="sync:status")
             tg.create_task(self._connect_loop(), name="sync:connection")
@@ -221,7 +345,7 @@ class Sync:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(self._io, self.refresh_status)
+                await loop.run_in_executor(self._io, self.refresh_status, self._cursor)
             except sqlite3.Error as e:
                 log.debug("sync status: %s", e)
             await asyncio.sleep(1.0)
@@ -232,31 +356,35 @@ class Sync:
         hi = self.options["reconnect_max"]
         while True:
             self.status.state = "connecting"
+            delivered = self.status.published_messages
+            connected_at = None
             try:
                 async with self.transport.session() as session:
+                    connected_at = time.monotonic()
                     self.status.connects += 1
                     self.status.state = "connected"
-                    if attempt:
-                        log.warning("upstream connected again")
-                        self.errors.clear("")
-                    attempt = 0
                     await self._pump(session)
             except Exception as exc:  # any failure of a session: reconnect, never take the daemon down
                 e = first_error(exc)
                 if not isinstance(e, SyncError):
                     log.exception("upstream: unexpected error", exc_info=e)
-                self.status.cursor = self.cursor
-                self._lanes = []
+                self._lanes = []  # the cursor stays where the acknowledgements left it
+                self._failing = True
                 self.status.failures += 1
                 self.status.last_error = str(e)
                 self.errors.log(logging.ERROR, str(e)[:80], "upstream: %s; data keeps accumulating locally", e)
+            lasted = 0.0 if connected_at is None else time.monotonic() - connected_at
+            if self.status.published_messages > delivered or lasted * 1e9 > hi:
+                # The session delivered (or stood) before it failed: a new outage, so backoff
+                # starts over. One that connects and is then refused at once keeps backing off.
+                attempt = 0
             self.status.state = "backoff"
             await asyncio.sleep(backoff_delay(attempt, lo, hi))
             attempt += 1
 
     async def _pump(self, session: Session) -> None:
         await self._publish_dictionary(session)
-        cursor = self.status.cursor
+        cursor = self._cursor
         head = self._head()
         window = self.options["max_inflight"]
         cap = TokenBucket(self.options["rate_limit_bytes"], self.options["rate_limit_messages"])
@@ -268,7 +396,8 @@ class Sync:
             ]
             log.info("upstream: draining a backlog of %d units while forwarding live data", head - cursor)
         else:
-            self._lanes = [_Lane("live", cursor, None, asyncio.Semaphore(window), cap)]
+            # Live data is never capped (docs/payload.md): the cap is for draining a backlog.
+            self._lanes = [_Lane("live", cursor, None, asyncio.Semaphore(window))]
         async with asyncio.TaskGroup() as tg:
             for lane in self._lanes:
                 tg.create_task(self._lane(session, lane, tg), name=f"sync:{lane.name}")
@@ -280,6 +409,7 @@ class Sync:
             if not messages:
                 if lane.end is not None:
                     lane.after = lane.end - 1  # the rest of the backlog is no longer stored
+                    self._advance()
                     if lane.done:
                         break
                 self.wakeup.clear()
@@ -290,9 +420,13 @@ class Sync:
                         await self.wakeup.wait()
                 after = lane.after
                 continue
-            after = last
             if lane.end is None and self._dictionary_version < self._tag_count():
-                await self._publish_dictionary(session)  # new tags since the last dictionary
+                # New tags (or a new store file) since the last dictionary: publish it before the
+                # units that use it, then read and frame them again so their `td` names it.
+                await self._publish_dictionary(session)
+                after = lane.after
+                continue
+            after = last
             for device, seqs, payload, samples in messages:
                 if lane.bucket is not None:
                     await lane.bucket.take(len(payload))
@@ -301,6 +435,7 @@ class Sync:
                 lane.inflight[self._key] = seqs[0]
                 tg.create_task(self._send(session, lane, self._key, device, payload, samples), name="sync:publish")
             lane.after = last
+            self._advance()
         log.info("upstream: backlog drained")
 
     def _tag_count(self) -> int:
@@ -312,7 +447,12 @@ class Sync:
         finally:
             lane.window.release()
         del lane.inflight[key]
+        self._advance()
         self._acked.set()
+        if self._failing:
+            self._failing = False
+            log.warning("upstream: delivering again")
+            self.errors.clear("")
         st = self.status
         st.published_samples += samples
         st.published_messages += 1

@@ -3,13 +3,21 @@
 QoS 1 for data (the cursor moves on PUBACK), a retained status topic with a last will so the
 central side sees online/offline, TLS with hostname verification on by default, and the
 password read from a file or an environment variable, never from the config itself.
+
+A PUBACK is a delivery only when its MQTT 5 reason code is below 0x80: a refusal (ACL denied,
+quota, payload invalid...) raises PublishRefused, so the cursor holds and the session is retried.
+MQTT 3.1.1 has no reason code: a broker that denies a publish there acknowledges it all the same
+(mosquitto does), which no client can tell from a delivery (docs/payload.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import ipaddress
 import json
+import logging
 import os
 import socket
 import ssl
@@ -22,7 +30,14 @@ import aiomqtt
 
 from edgeos.errors import SyncError
 
+log = logging.getLogger("edgeos.sync")
+
 PUBLISH_TIMEOUT = 30.0
+_NO_CONNECTION = 4  # paho's MQTT_ERR_NO_CONN, raised by a publish on a lost connection
+
+
+class PublishRefused(SyncError):
+    """The broker answered a publish with a failure reason code (MQTT 5): not delivered."""
 
 
 def _password(options: dict[str, Any], base: Path) -> str | None:
@@ -40,11 +55,29 @@ def _password(options: dict[str, Any], base: Path) -> str | None:
     return None
 
 
-def _explain(e: BaseException, where: str) -> str:
+def _has_password(options: dict[str, Any]) -> bool:
+    return bool(options.get("password_file") or options.get("password_env"))
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: where it resolves can change, so it is not assumed local
+
+
+def _explain(e: BaseException, where: str, *, connecting: bool = True) -> str:
     """One clear sentence for the log, from whatever paho/aiomqtt/ssl raised."""
     text = str(e)
     rc = getattr(e, "rc", None)
     code = getattr(rc, "value", rc)
+    if not connecting:
+        # Codes of a publish are paho's own (4: no connection), not CONNACK's (4: bad password).
+        if code == _NO_CONNECTION or "not currently connected" in text:
+            return f"lost the connection to {where} ({text})"
+        return f"{where}: {type(e).__name__}: {text}"
     if code in (4, 5, 134, 135) or "not authori" in text.lower() or "bad user name" in text.lower():
         return f"{where} refused the credentials ({text})"
     if isinstance(e, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
@@ -58,16 +91,64 @@ def _explain(e: BaseException, where: str) -> str:
     return f"{where}: {type(e).__name__}: {text}"
 
 
+_last_mid: contextvars.ContextVar[int | None] = contextvars.ContextVar("edgeos_last_mid", default=None)
+
+
+class _Refusals:
+    """Keeps the PUBACK reason codes that aiomqtt 2.x drops.
+
+    aiomqtt's publish waits for paho's on_publish, which (callback API VERSION2) receives the
+    reason code and the message id, and then only sets an event. This wraps both ends on the
+    paho client underneath: `publish` notes the message id in the calling task's context (the
+    aiomqtt coroutine runs in it), `on_publish` keeps failures by message id, and the caller
+    looks its own id up once aiomqtt's publish returns.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        paho = client._client  # noqa: SLF001 - aiomqtt 2.x keeps the paho client private
+        self._publish = paho.publish
+        self._on_publish = paho.on_publish
+        self.refused: dict[int, Any] = {}
+        paho.publish = self._noting_publish  # an instance attribute, seen by aiomqtt's calls
+        paho.on_publish = self._noting_on_publish
+
+    def _noting_publish(self, *args: Any, **kwargs: Any) -> Any:
+        info = self._publish(*args, **kwargs)
+        # A PUBACK is read by the event loop, never inside publish(): an entry under this id is
+        # an older message's, whose caller is gone.
+        self.refused.pop(info.mid, None)
+        _last_mid.set(info.mid)
+        return info
+
+    def _noting_on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.refused[mid] = reason_code
+        self._on_publish(client, userdata, mid, reason_code, properties)
+
+    def take(self) -> Any | None:
+        """The refusal of the publish this task just awaited, if the broker refused it."""
+        mid = _last_mid.get()
+        return None if mid is None else self.refused.pop(mid, None)
+
+
 class _Session:
     def __init__(self, client: aiomqtt.Client, where: str) -> None:
         self.client = client
         self.where = where
+        self.refusals = _Refusals(client)
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        _last_mid.set(None)
         try:
             await self.client.publish(topic, payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT)
         except aiomqtt.MqttError as e:
-            raise SyncError(_explain(e, self.where)) from e
+            raise SyncError(_explain(e, self.where, connecting=False)) from e
+        refused = self.refusals.take()
+        if refused is not None:
+            raise PublishRefused(
+                f"{self.where} refused the publish to {topic}: {refused} "
+                f"(reason code {refused.value:#04x} = {refused.value}); kept, retrying"
+            )
 
 
 class MqttTransport:
@@ -79,6 +160,20 @@ class MqttTransport:
         self.where = f"broker {options['host']}:{port}"
         self.port = port
         self.status_topic = options["status_topic"].format(gateway=gateway)
+        self._warned_cleartext = False
+
+    def _warn_cleartext(self) -> None:
+        """Once per run: credentials without TLS cross the network readable, unless on loopback."""
+        o = self.options
+        if self._warned_cleartext or o.get("tls") or not (o.get("username") or _has_password(o)):
+            return
+        self._warned_cleartext = True
+        if not _is_loopback(o["host"]):
+            log.warning(
+                "upstream: credentials for %s are sent in cleartext (tls = false); enable tls for a "
+                "broker that is not on this machine",
+                self.where,
+            )
 
     def _status(self, state: str) -> bytes:
         return json.dumps({"gateway": self.gateway, "state": state, "ts": time.time()}).encode()
@@ -97,6 +192,7 @@ class MqttTransport:
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[_Session]:
         o = self.options
+        self._warn_cleartext()
         client = aiomqtt.Client(
             o["host"],
             self.port,

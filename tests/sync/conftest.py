@@ -25,12 +25,22 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, directory: Path, *, users: dict[str, str] | None = None, tls: dict[str, Path] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        users: dict[str, str] | None = None,
+        tls: dict[str, Path] | None = None,
+        acl: str | None = None,
+    ):
+        """`acl`: the text of a mosquitto acl_file (lines before any `user` line apply to
+        anonymous clients); it may be changed between a stop and a start."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.users = users
         self.tls = tls
+        self.acl = acl
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "mosquitto.log"
 
@@ -55,6 +65,13 @@ class Broker:
             for user, password in self.users.items():
                 subprocess.run(["mosquitto_passwd", "-b", str(pw), user, password], check=True)
             lines += ["allow_anonymous false", f"password_file {pw}"]
+        if self.acl is not None:
+            acl = self.dir / "acl"
+            acl.write_text(self.acl)
+            # mosquitto 2.0.11 drops the connection after a denied QoS 1 publish when
+            # max_queued_messages is 0 (unlimited); a large bound keeps the PUBACK refusal alone.
+            lines = [ln for ln in lines if not ln.startswith("max_queued_messages")]
+            lines += ["max_queued_messages 1000000", f"acl_file {acl}"]
         if self.tls:
             lines += [f"cafile {self.tls['ca']}", f"certfile {self.tls['cert']}", f"keyfile {self.tls['key']}"]
         conf = self.dir / "mosquitto.conf"

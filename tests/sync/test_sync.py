@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeos import wire
 from edgeos.config import load_config
 from edgeos.runtime import Runtime
 
@@ -230,3 +233,285 @@ async def test_backlog_drain_respects_the_rate_cap_and_live_data_flows(write_con
     # One second of burst, then no faster than the cap.
     assert elapsed >= (backlog_bytes - cap) / cap * 0.9, (elapsed, backlog_bytes)
     assert live_seen_during_drain, "live data waited for the whole backlog"
+
+
+READ_ONLY_DATA = "topic read edgeos/#\ntopic write edgeos/gw1/status\ntopic write edgeos/gw1/tags\n"
+
+
+def meta_cursor(data_dir: Path) -> int:
+    db = sqlite3.connect(f"{(data_dir / 'edgeos.db').as_uri()}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        db.close()
+
+
+def unit_counts(data_dir: Path) -> tuple[int, int, int]:
+    """(units stored, of which compacted, highest id)."""
+    db = sqlite3.connect(f"{(data_dir / 'edgeos.db').as_uri()}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*), COALESCE(SUM(compacted), 0), COALESCE(MAX(id), 0) FROM units").fetchone()
+    finally:
+        db.close()
+
+
+async def test_a_refused_publish_holds_the_cursor_and_is_retried(write_config, make_broker, subscribe, caplog):
+    # MQTT 5: the broker's ACL makes the data topics read-only, so every data PUBACK carries
+    # reason 0x87 (not authorized). Nothing may count as delivered.
+    b = make_broker(acl=READ_ONLY_DATA)
+    cfg = load_config(config(write_config, b.port, store='compact_after = "1s"\n'))
+    caplog.set_level("ERROR", logger="edgeos.sync")
+    async with subscribe(b) as got:
+        rt = Runtime(cfg)
+        task = asyncio.create_task(rt.run())
+        await wait_until(lambda: rt.sync is not None and rt.sync.status.failures >= 3)
+        # Compaction runs meanwhile: its units are kept raw until the broker has them.
+        await wait_until(lambda: unit_counts(cfg.gateway.data_dir)[1] > 0)
+        await asyncio.sleep(1.2)  # at least one more maintenance round persisting the cursor
+        assert rt.sync.cursor == 0 and rt.sync.status.cursor == 0
+        assert meta_cursor(cfg.gateway.data_dir) == 0
+        error = rt.sync.status.last_error
+        assert "refused" in error and "edgeos/gw1/" in error and "135" in error, error
+        rt.stop()
+        await asyncio.wait_for(task, 20)
+        assert got.messages == []
+    assert meta_cursor(cfg.gateway.data_dir) == 0
+    units, compacted, top = unit_counts(cfg.gateway.data_dir)
+    assert compacted > 0 and units == top, "compacted units behind a refused publish were deleted"
+    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert 1 <= len(refusals) < rt.sync.status.failures, "refusals are logged, rate limited"
+    assert "edgeos/gw1/" in refusals[0].getMessage()
+
+    # The ACL is fixed: everything stored arrives, exactly once. (Compacted units the broker
+    # now has are deleted behind the cursor, so the expectation is taken before.)
+    kept = stored_units(cfg.gateway.data_dir)
+    b.stop()
+    b.acl = "topic readwrite edgeos/#\n"
+    b.start()
+    async with subscribe(b) as got:
+        rt = Runtime(cfg)
+        task = asyncio.create_task(rt.run())
+        await wait_until(lambda: rt.sync.cursor >= rt.sync.status.head > 0, 30)
+        rt.stop()
+        await asyncio.wait_for(task, 20)
+        expected = kept | stored_units(cfg.gateway.data_dir)
+        await wait_until(lambda: {s for s, _, _ in got.units()} >= set(expected))
+    units = got.units()
+    assert [s for s, _, _ in units] == sorted(expected)
+    assert all(u.ts.tobytes() == wire.decode_unit(expected[s][1]).ts.tobytes() for s, _, u in units)
+    assert got.deliveries() == len(units), "a unit was delivered twice"
+
+
+def make_store(data_dir: Path, units: int, devices: int = 1, *, first_id: int = 1, tags: int = 1) -> None:
+    """A store file written with plain sqlite3 and the schema module: `units` one-sample units,
+    round robin over `devices` devices (so each message carries one unit), ids from `first_id`."""
+    import numpy as np
+
+    from edgeos import wire
+    from edgeos.store import schema
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(data_dir / "edgeos.db")
+    schema.create(db)
+    db.execute("PRAGMA journal_mode=WAL")
+    t0 = time.time_ns()
+    rows = []
+    for k in range(units):
+        device = f"d{k % devices}"
+        ts = np.array([t0 + k * 1000], np.int64)
+        blob = wire.encode_unit(device, np.array([1], np.int32), ts, np.array([float(k)]), np.zeros(1, np.uint32))
+        rows.append((first_id + k, device, int(ts[0]), int(ts[0]), 1, blob))
+    with db:
+        db.executemany(
+            "INSERT OR IGNORE INTO tags(id, device, name, kind) VALUES(?, 'd0', ?, 'number')",
+            [(i, f"t{i}") for i in range(1, tags + 1)],
+        )
+        db.executemany("INSERT INTO units(id, device, t_min, t_max, n, data) VALUES(?,?,?,?,?,?)", rows)
+    db.close()
+
+
+def make_sync(write_config, port: int, upstream: str = ""):
+    from edgeos.sync import Sync
+    from edgeos.sync.mqtt import MqttTransport
+
+    cfg = load_config(config(write_config, port, upstream))
+    transport = MqttTransport(cfg.gateway.id, cfg.upstream.options, cfg.source.parent)
+    return cfg, Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
+
+
+async def test_the_cursor_read_from_other_threads_is_never_ahead(write_config, broker):
+    # The store thread and the status thread read the cursor while the event loop acknowledges
+    # units; with a tiny switch interval a read lands inside every update.
+    import threading
+
+    cfg, sync = make_sync(write_config, broker.port, "max_inflight = 1\n")
+    make_store(cfg.gateway.data_dir, 3000, devices=256)
+    seen: list[list[int]] = [[], []]  # per reader: in the order it read them
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read(mine: list[int]) -> None:
+        while not done.is_set():
+            try:
+                mine.append(sync.cursor)
+                if mine is seen[1]:
+                    vars(sync.status).copy()  # as the store thread writes status.json
+            except Exception as e:  # noqa: BLE001 - any exception here is the defect
+                errors.append(e)
+
+    readers = [threading.Thread(target=read, args=(mine,)) for mine in seen]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    task = asyncio.create_task(sync.run())
+    try:
+        for t in readers:
+            t.start()
+        await wait_until(lambda: sync.cursor >= 3000, 60)
+    finally:
+        done.set()
+        for t in readers:
+            t.join(10)
+        sys.setswitchinterval(interval)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sync.close()
+    assert not errors, errors[:3]
+    # The cursor only ever moves forward: a read above an unacknowledged unit would be
+    # followed by a lower one.
+    for cursors in seen:
+        assert cursors == sorted(cursors), next((a, b) for a, b in itertools.pairwise(cursors) if b < a)
+        assert len(cursors) > 1000 and cursors[-1] == 3000
+
+
+def test_status_refresh_reads_only_what_changed(write_config, dead_port):
+    cfg, sync = make_sync(write_config, dead_port)
+    make_store(cfg.gateway.data_dir, 30_000)
+    try:
+        sync.refresh_status()  # the first one counts the whole backlog, once
+        assert (sync.status.head, sync.status.backlog_units, sync.status.backlog_samples) == (30_000,) * 3
+        make_store(cfg.gateway.data_dir, 10, first_id=30_001)
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        sync._status_db.set_progress_handler(count, 100)  # called every 100 SQLite VM instructions
+        sync.refresh_status()
+        assert (sync.status.head, sync.status.backlog_units, sync.status.backlog_samples) == (30_010,) * 3
+        assert sync.status.lag_seconds > 0
+        # Ten new units: a few probes by primary key and a count of those ten, not the backlog.
+        assert steps[0] < 30, steps[0]
+    finally:
+        sync.close()
+
+
+def test_status_backlog_follows_the_cursor_and_the_store_deleting_the_oldest(write_config, dead_port):
+    import random
+
+    cfg, sync = make_sync(write_config, dead_port)
+    rng = random.Random(7)
+    make_store(cfg.gateway.data_dir, 5000, devices=3)
+    top, cursor = 5000, 0
+    db = sqlite3.connect(cfg.gateway.data_dir / "edgeos.db")
+    try:
+        for _ in range(60):
+            op = rng.random()
+            if op < 0.4:
+                cursor = min(top, cursor + rng.randrange(0, 3000))
+            elif op < 0.7:
+                n = rng.randrange(1, 2500)
+                make_store(cfg.gateway.data_dir, n, devices=3, first_id=top + 1)
+                top += n
+            else:  # retention or the size budget: the oldest units go, sent or not
+                with db:
+                    db.execute("DELETE FROM units WHERE id <= ?", (cursor + rng.randrange(0, 2000),))
+            sync.refresh_status(cursor)
+            units, samples, head = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(n), 0), (SELECT MAX(id) FROM units) FROM units WHERE id > ?", (cursor,)
+            ).fetchone()
+            st = sync.status
+            assert (st.backlog_units, st.backlog_samples) == (units, samples)
+            assert st.head == (head or st.head)
+    finally:
+        db.close()
+        sync.close()
+
+
+def test_the_sync_reads_the_store_without_a_memory_map(write_config, dead_port):
+    # A media error under a mapped page is a SIGBUS, which kills the daemon.
+    cfg, sync = make_sync(write_config, dead_port)
+    make_store(cfg.gateway.data_dir, 10)
+    try:
+        sync.refresh_status()
+        assert sync._conn().execute("PRAGMA mmap_size").fetchone()[0] == 0
+        assert sync._status_db.execute("PRAGMA mmap_size").fetchone()[0] == 0
+    finally:
+        sync.close()
+
+
+async def test_live_data_is_not_held_by_the_backlog_rate_cap(write_config, broker, subscribe):
+    # No backlog at connect: everything is live, and live data is uncapped (docs/payload.md),
+    # however small the cap for draining a backlog (here one message a second).
+    cfg = load_config(config(write_config, broker.port, 'rate_limit_bytes = "1B"\n'))
+    async with subscribe(broker) as got:
+        rt = Runtime(cfg)
+        task = asyncio.create_task(rt.run())
+        try:
+            # About 40 messages a second are committed (two devices, a commit every 50 ms).
+            await wait_until(lambda: rt.sync is not None and rt.sync.status.published_messages >= 60, 20)
+        finally:
+            rt.stop()
+            await asyncio.wait_for(task, 20)
+        await wait_until(lambda: {s for s, _, _ in got.units()} >= set(stored_units(cfg.gateway.data_dir)))
+    assert_exactly_once_in_order(got, cfg.gateway.data_dir)
+
+
+async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, broker, subscribe):
+    # The store quarantines a corrupt file: it moves it aside and starts a new one whose ids
+    # continue above the old ones. The sync must read the new file, from its cursor on.
+    cfg, sync = make_sync(write_config, broker.port)
+    data = cfg.gateway.data_dir
+    make_store(data, 50, devices=2)
+    async with subscribe(broker) as got:
+        task = asyncio.create_task(sync.run())
+        try:
+            await wait_until(lambda: sync.cursor >= 50)
+            for suffix in ("", "-wal", "-shm"):
+                if (data / f"edgeos.db{suffix}").exists():
+                    (data / f"edgeos.db{suffix}").rename(data / f"edgeos.db.bad-test{suffix}")
+            make_store(data, 30, devices=2, first_id=1000, tags=2)  # its own tag dictionary
+            await wait_until(lambda: sync.cursor >= 1029)
+            await wait_until(lambda: sync.status.head == 1029 and sync.status.backlog_units == 0)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sync.close()
+        await wait_until(lambda: {s for s, _, _ in got.units()} >= set(range(1000, 1030)))
+    assert [s for s, _, _ in got.units()] == [*range(1, 51), *range(1000, 1030)]
+    # The new file's dictionary went out before its units, which name it.
+    assert len(got.dictionary) == 2
+    assert {m.dictionary for m in got.messages if m.seqs[0] >= 1000} == {2}
+
+
+async def test_credentials_without_tls_are_warned_about_once(write_config, make_broker, tmp_path, caplog):
+    from edgeos.sync.mqtt import MqttTransport
+
+    (tmp_path / "pw").write_text("right\n")
+    caplog.set_level("WARNING", logger="edgeos.sync")
+    # Loopback: nothing crosses a network, no warning.
+    b = make_broker(users={"gw1": "right"})
+    cfg = load_config(config(write_config, b.port, 'username = "gw1"\npassword_file = "pw"\n'))
+    local = MqttTransport("gw1", cfg.upstream.options, cfg.source.parent)
+    async with local.session() as session:
+        await session.publish("edgeos/gw1/x", b"1")
+    assert "cleartext" not in caplog.text
+    # A remote broker (a documentation address: nothing answers, the warning comes first).
+    remote = MqttTransport("gw1", {**cfg.upstream.options, "host": "192.0.2.1"}, cfg.source.parent)
+    for _ in range(3):
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(0.3), remote.session():
+                pass
+    warnings = [r.getMessage() for r in caplog.records if "cleartext" in r.getMessage()]
+    assert len(warnings) == 1 and "192.0.2.1" in warnings[0], warnings
