@@ -307,6 +307,7 @@ class Runtime:
                         await loop.run_in_executor(self._executor, self.store.save_cursor, cursor)
                     except Exception as e:  # the next start resumes from the last cursor saved
                         log.warning("could not save the sync cursor at stop: %s", e)
+                    await self.sync.final_status()
                     self.sync.close()
                 await loop.run_in_executor(self._executor, self.store.close)
                 final = {**self.status(), "stopped": True}

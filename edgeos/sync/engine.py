@@ -483,6 +483,14 @@ class Sync:
     def topic(self, device: str) -> str:
         return self.options["topic"].format(gateway=self.gateway, device=device)
 
+    async def final_status(self) -> None:
+        """At a stop, after the cursor is saved: backlog, cursor and head as they are now, so the
+        status written last does not show them a second old."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._io, self.refresh_status, self._cursor)
+        except sqlite3.Error as e:
+            log.debug("sync status at stop: %s", e)
+
     def close(self) -> None:
         def shut() -> None:
             if self._status_db is not None:

@@ -110,6 +110,12 @@ async def test_steady_state_every_sample_arrives_in_order(write_config, broker, 
     with sqlite3.connect(cfg.gateway.data_dir / "edgeos.db") as db:
         cursor = int(db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()[0])
     assert cursor == max(stored_units(cfg.gateway.data_dir))
+    # The status written at the stop shows the cursor and head as they ended, not a second old.
+    from edgeos.service.status import read_status
+
+    final, _ = read_status(cfg.gateway.data_dir)
+    assert final["stopped"] and final["sync"]["cursor"] == cursor == final["sync"]["head"]
+    assert final["sync"]["backlog_units"] == 0
 
 
 async def test_broker_outage_during_ingest_loses_nothing(write_config, broker, subscribe):
