@@ -370,3 +370,44 @@ def test_relative_data_dir_works_for_every_reading_command(write_config, tmp_pat
             result = CliRunner().invoke(app, [*args, "--data-dir", form])
             assert result.exit_code == 0, (args, form, result.output)
             assert "m/a" in result.output
+
+
+def test_status_table_shows_refused_tags_and_the_new_store_counters(tmp_path):
+    import json
+
+    doc = {
+        "gateway": "g",
+        "kernels": "compiled",
+        "time": time.time(),
+        "stopped": True,
+        "counters": {
+            "read": 10,
+            "stored": 10,
+            "filtered_out": 0,
+            "dropped_store_unavailable": 0,
+            "store_recoveries": 1,
+        },
+        "store": {
+            "compacted_samples": 0,
+            "dropped_retention": 0,
+            "dropped_budget": 0,
+            "dropped_unsent": 7,
+            "quarantined_units": 2,
+        },
+        "sync": None,
+        "devices": {
+            "plc1": {
+                "state": "stopped",
+                "samples": 10,
+                "failures": 0,
+                "last_error": "",
+                "health": {"refused_tags": {"speed": "exception 2"}},
+            }
+        },
+    }
+    (tmp_path / "status.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(app, ["status", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1  # not running
+    assert "refused by the device" in result.output and "speed (exception 2)" in result.output
+    assert "never forwarded 7" in result.output and "undecodable units set aside 2" in result.output
+    assert "damaged files set aside 1" in result.output

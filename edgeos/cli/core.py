@@ -117,6 +117,12 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
     typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
 
 
+def _listed(items: object) -> str:
+    if isinstance(items, dict):
+        return ", ".join(f"{k} ({v})" for k, v in items.items())
+    return ", ".join(map(str, items)) if isinstance(items, list | tuple) else str(items)
+
+
 def _unwritable(directory: Path) -> str | None:
     """Why the daemon, run as this user, could not create or write `directory` (None: it can).
     Run under the unit's sandbox (ExecStartPre) this also sees ProtectSystem's read-only /etc."""
@@ -344,7 +350,9 @@ def status(
     if st:
         typer.echo(
             f"store     compacted {st['compacted_samples']}, dropped by retention {st['dropped_retention']}, "
-            f"dropped for the size budget {st['dropped_budget']}"
+            f"dropped for the size budget {st['dropped_budget']}, never forwarded {st.get('dropped_unsent', 0)}"
+            + (f", undecodable units set aside {st['quarantined_units']}" if st.get("quarantined_units") else "")
+            + (f", damaged files set aside {c['store_recoveries']}" if c.get("store_recoveries") else "")
         )
     sync = doc.get("sync")
     if sync:
@@ -360,5 +368,8 @@ def status(
     typer.echo(f"{'DEVICE':<20} {'STATE':<11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR")
     for name, d in doc["devices"].items():
         typer.echo(f"{name:<20} {d['state']:<11} {d['samples']:>10} {d['failures']:>9}  {d['last_error']}")
+        refused = (d.get("health") or {}).get("refused_tags")
+        if refused:
+            typer.echo(f"{'':<20} refused by the device (kept Bad, asked again later): {_listed(refused)}")
     if not running:
         raise typer.Exit(1)
