@@ -75,8 +75,9 @@ class Adapter(Protocol):
     async def run(self, emit: Emit) -> None:
         """Produce batches through `emit` until cancelled; raise on a lost connection."""
 
-    async def write(self, tag: TagConfig, value: float | bool | str) -> None:
-        """Write one tag's value to the device (only called for writable tags)."""
+    async def write(self, tag: TagConfig, value: float | bool | str) -> float | bool | str | None:
+        """Write one tag's value to the device (only called for writable tags). Returns the
+        value as written (after rounding to what the device holds), or None when unknown."""
 
     async def close(self) -> None:
         """Release the connection. Idempotent; must not raise."""
@@ -240,7 +241,7 @@ class PollingAdapter:
     async def connect(self) -> None:
         return None
 
-    async def write(self, tag: TagConfig, value: float | bool | str) -> None:
+    async def write(self, tag: TagConfig, value: float | bool | str) -> float | bool | str | None:
         raise NotImplementedError(f"{self.device.protocol} does not support writes")
 
     async def close(self) -> None:

@@ -189,7 +189,9 @@ class Runtime:
         for name in devices or tuple(self._connected):
             await self._connected[name].wait()
 
-    async def write(self, device: str, tag: str, value: float | bool | str, *, by: str = "api") -> None:
+    async def write(
+        self, device: str, tag: str, value: float | bool | str, *, by: str = "api"
+    ) -> float | bool | str | None:
         """Write a tag through the running adapter; only tags configured `writable`. Every
         attempt is logged with who asked (`by`): an audit trail of what was sent to machines."""
         dev = self.config.device(device)
@@ -203,18 +205,22 @@ class Runtime:
             log.warning("write %s/%s = %r by %s refused: device not connected", device, tag, value, by)
             raise DeviceError(device, "not connected", code="not_connected", stage="write")
         try:
-            await adapter.write(tc, value)
+            written = await adapter.write(tc, value)
         except Exception as e:
             log.warning("write %s/%s = %r by %s failed: %s", device, tag, value, by, e)
             raise
-        log.info("write %s/%s = %r by %s", device, tag, value, by)
+        if written is None or written == value:
+            log.info("write %s/%s = %r by %s", device, tag, value, by)
+        else:
+            log.info("write %s/%s = %r (asked %r) by %s", device, tag, written, value, by)
+        return written
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
         """Requests on the control socket (edgeos write, edgeos status --live)."""
         op = req.get("op")
         if op == "write":
-            await self.write(str(req["device"]), str(req["tag"]), req["value"], by=str(req.get("_peer", "?")))
-            return {"ok": True}
+            written = await self.write(str(req["device"]), str(req["tag"]), req["value"], by=str(req.get("_peer", "?")))
+            return {"ok": True, "written": written}
         if op == "status":
             return {"ok": True, "status": self.status()}
         return {"ok": False, "error": f"unknown op {op!r}; expected write or status"}

@@ -34,7 +34,8 @@ tags = [{ name = "setpoint", writable = true }, { name = "temp" }]
                 await asyncio.sleep(0.02)
         d = cfg.gateway.data_dir
         assert await control.request(d, {"op": "write", "device": "press", "tag": "setpoint", "value": 72.5}) == {
-            "ok": True
+            "ok": True,
+            "written": 72.5,
         }
         refused = await control.request(d, {"op": "write", "device": "press", "tag": "temp", "value": 1})
         assert refused["ok"] is False and "not writable" in refused["error"]

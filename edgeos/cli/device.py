@@ -11,6 +11,7 @@ import typer
 from edgeos import plugins
 from edgeos.cli.app import app
 from edgeos.cli.core import ConfigArg, load_or_exit
+from edgeos.cli.store import clean_float
 from edgeos.errors import EdgeosError
 from edgeos.model import ValueKind
 from edgeos.service import control
@@ -40,6 +41,18 @@ def parse_value(text: str, kind: ValueKind) -> int | float | bool | str:
         return float(low)
     except ValueError:
         raise ValueError(f"found {text!r}, expected a number") from None
+
+
+def _as_written(asked: object, written: object) -> str:
+    """The value the device now holds, and what was asked when it differs (rounded)."""
+    if written is None:
+        return f"{asked}"
+    shown = clean_float(written) if isinstance(written, float) else written
+    if isinstance(shown, bool):
+        shown = "true" if shown else "false"
+    if written == asked or shown == asked or isinstance(asked, bool):
+        return f"{shown}"
+    return f"{shown} (asked {asked}; rounded to what the tag holds)"
 
 
 def _named(device: str, tag: str, error: str) -> str:
@@ -97,7 +110,7 @@ def write(
             if not reply.get("ok"):
                 typer.echo(f"edgeos: {_named(device, tag, str(reply.get('error')))}", err=True)
                 raise typer.Exit(1)
-            typer.echo(f"wrote {device}/{tag} = {value} (through the running daemon)")
+            typer.echo(f"wrote {device}/{tag} = {_as_written(v, reply.get('written'))} (through the running daemon)")
             return
     plugin = plugins.load(plugins.PROTOCOLS, dev.protocol)
     if getattr(plugin, "in_process", False):
@@ -110,16 +123,16 @@ def write(
         raise typer.Exit(1)
     adapter = plugin.create(dev)
 
-    async def run() -> None:
+    async def run() -> float | bool | str | None:
         try:
             await adapter.connect()
-            await adapter.write(tc, v)
+            return await adapter.write(tc, v)
         finally:
             await adapter.close()
 
     try:
-        asyncio.run(run())
+        written = asyncio.run(run())
     except (EdgeosError, NotImplementedError) as e:
         typer.echo(f"edgeos: {_named(device, tag, str(e))}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"wrote {device}/{tag} = {value}")
+    typer.echo(f"wrote {device}/{tag} = {_as_written(v, written)}")

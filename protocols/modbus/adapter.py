@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from edgeos.protocols.modbus import transport
-from edgeos.protocols.modbus.codec import Decoder, encode_registers, merge_into_register, to_bool
+from edgeos.protocols.modbus.codec import Decoder, encode_registers, merge_into_register, to_bool, written_value
 from edgeos.protocols.modbus.config import TagSpec, tag_spec
 from edgeos.protocols.modbus.planner import (
     TCP_REQUEST_COST,
@@ -464,8 +464,9 @@ class ModbusAdapter(PollingAdapter):
 
     # -- writes ------------------------------------------------------------------------------
 
-    async def write(self, tag: TagConfig, value: float | int | bool | str) -> None:
-        """Write one tag with type conversion and range checks (only `writable` tags reach here)."""
+    async def write(self, tag: TagConfig, value: float | int | bool | str) -> float | int | bool | str:
+        """Write one tag with type conversion and range checks (only `writable` tags reach here);
+        returns the value as the device now holds it (rounded to the register's steps)."""
         name = self.device.name
         specs = self._specs or specs_of(self.device)
         spec = specs.get(tag.id)
@@ -488,9 +489,11 @@ class ModbusAdapter(PollingAdapter):
                     await link.write_registers(name, self.unit, spec.start, [new], t, retries)
             else:
                 await link.write_registers(name, self.unit, spec.start, encode_registers(spec, value), t, retries)
+            written = written_value(spec, value)
         except ValueError as e:
             raise DeviceError(name, f"{tag.name}: {e}", code="value", stage="write") from None
         self.counters.writes += 1
+        return written
 
     async def close(self) -> None:
         link, self.link = self.link, None

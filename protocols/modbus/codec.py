@@ -199,6 +199,22 @@ def encode_registers(spec: TagSpec, value: float | int | bool | str) -> list[int
     return [int(x) for x in wire.view(">u2")]
 
 
+def written_value(spec: TagSpec, value: float | int | bool | str) -> float | int | bool | str:
+    """The engineering value the device holds after a write of `value`: rounded to the register's
+    integer steps (scale and offset applied back) or to float32, so `edgeos write` can say what
+    was written, not echo what was asked."""
+    if spec.type == "string":
+        return str(value)
+    if spec.table == "coil" or spec.type == "bool":
+        return to_bool(value)
+    raw = raw_number(spec, value)
+    if isinstance(raw, int) and spec.scale == 1.0 and spec.offset == 0.0:
+        return raw
+    if spec.type in ("float16", "float32"):
+        raw = float(np.array(raw, NUMERIC[spec.type][1]))  # what the register holds
+    return raw * spec.scale + spec.offset
+
+
 def merge_into_register(spec: TagSpec, current: int, value: float | int | bool | str) -> int:
     """Read-modify-write of a register bit or byte: the new register value."""
     if spec.type == "bool":

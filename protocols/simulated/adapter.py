@@ -109,9 +109,10 @@ class SimulatedAdapter(PollingAdapter):
         n = len(g.ids)
         return Batch(self.device.name, g.ids, np.full(n, now_ns, np.int64), v, np.zeros(n, QUALITY_DTYPE), text)
 
-    async def write(self, tag: TagConfig, value: float | bool | str) -> None:
+    async def write(self, tag: TagConfig, value: float | bool | str) -> float | bool | str:
         """Hold the written value: the tag reads it back until the next write."""
         self.writes[tag.id] = value
+        return value
 
     async def close(self) -> None:
         self.connected = False

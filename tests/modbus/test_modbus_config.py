@@ -146,6 +146,8 @@ tags = [
   {{ name = "ratio", address = "hr6", type = "float32", byte_order = "DCBA", writable = true }},
   {{ name = "pump", address = "coil2", writable = true }},
   {{ name = "speed", address = "hr0" }},
+  {{ name = "speed_sp", address = "hr7", type = "uint16", writable = true }},
+  {{ name = "gain", address = "hr8", type = "float32", writable = true }},
 ]
 """
     )
@@ -171,6 +173,16 @@ tags = [
     out = await write("plc", "pump", "maybe")
     assert out.exit_code == 2 and "expected true/false" in out.output
     assert peer.registers(1, "hr", 5, 1) == [(-123) & 0xFFFF]
+    # The confirmation says what the device holds, and when that was rounded.
+    out = await write("plc", "speed_sp", "12.7")
+    assert out.exit_code == 0 and peer.registers(1, "hr", 7, 1) == [13]
+    assert "wrote plc/speed_sp = 13 (asked 12.7; rounded" in out.output
+    out = await write("plc", "setpoint", "-12.34")
+    assert "= -12.3 (asked -12.34; rounded" in out.output
+    out = await write("plc", "gain", "0.1")
+    assert "wrote plc/gain = 0.1\n" in out.output  # float32's 0.1, in float32's shortest form
+    out = await write("plc", "pump", "off")
+    assert "wrote plc/pump = false" in out.output
 
 
 def test_command_line_integers_stay_exact() -> None:
