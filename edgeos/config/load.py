@@ -297,18 +297,20 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
         for p in sub.items:
             path = p.path if tpath else p.path.lstrip(".")
             problems.add(path, p.message, line=line if p.line is None else p.line, file=p.file)
+        # A duplicate name is reported even beside the tag's other problems: all in one pass.
+        name = t.get("name")
+        if isinstance(name, str):
+            if name in names:
+                problems.add(
+                    f"{lpath}.name" if lpath else "name",
+                    f"duplicate tag name {name!r} in device {d['name']!r} (first at {names[name]})",
+                    line=line,
+                    file=file,
+                )
+                continue
+            names[name] = f"{file}:{line}" if line else tpath
         if sub or "name" not in t or kind is None:
             continue
-        where = f"{file}:{line}" if line else tpath
-        if t["name"] in names:
-            problems.add(
-                f"{lpath}.name" if lpath else "name",
-                f"duplicate tag name {t['name']!r} in device {d['name']!r} (first at {names[t['name']]})",
-                line=line,
-                file=file,
-            )
-            continue
-        names[t["name"]] = where
         meta = TagMeta(
             id=first_id + len(tags),
             device=d["name"],
