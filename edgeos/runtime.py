@@ -34,7 +34,7 @@ from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
 from edgeos.service.status import STATUS_NAME, live_path, write_status
-from edgeos.store import StoreCorrupt, StoreFull, StoreSettings, StoreWriter
+from edgeos.store import StoreCorrupt, StoreFull, StoreSettings, StoreWriter, default_max_size
 from edgeos.sync import Sync
 
 log = logging.getLogger("edgeos.runtime")
@@ -655,7 +655,7 @@ def store_settings(cfg: Config) -> StoreSettings:
     return StoreSettings(
         time_resolution_ns=cfg.store.time_resolution_ns,
         retention_ns=cfg.store.retention_ns,
-        max_size=cfg.store.max_size,
+        max_size=cfg.store.max_size or default_max_size(cfg.gateway.data_dir)[0],
         compact_after_ns=cfg.store.compact_after_ns,
         keep_until_synced=cfg.upstream.enabled,
     )

@@ -411,3 +411,20 @@ def test_status_table_shows_refused_tags_and_the_new_store_counters(tmp_path):
     assert "refused by the device" in result.output and "speed (exception 2)" in result.output
     assert "never forwarded 7" in result.output and "undecodable units set aside 2" in result.output
     assert "damaged files set aside 1" in result.output
+
+
+def test_the_store_is_bounded_by_default_and_check_says_how(write_config):
+    import os
+
+    from edgeos.runtime import store_settings
+
+    cfg_path = write_config(
+        '[gateway]\nid = "g"\ndata_dir = "data"\n[[devices]]\nname = "m"\nprotocol = "simulated"\ntags = [{ name = "a" }]\n'
+    )
+    cfg = load_config(cfg_path)
+    assert cfg.store.max_size is None
+    st = os.statvfs(cfg_path.parent)
+    expected = max(64 * 2**20, int(st.f_blocks * st.f_frsize * 0.25))
+    assert store_settings(cfg).max_size == expected  # the daemon runs with a budget
+    result = CliRunner().invoke(app, ["check", str(cfg_path)])
+    assert result.exit_code == 0 and f"max_size {expected / 2**20:.0f} MiB (default: a quarter" in result.output

@@ -93,6 +93,7 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
     total_rate = sum(cfg.polls_per_second(d) for d in cfg.devices)
     typer.echo(f"{config}: OK")
     typer.echo(f"gateway   {cfg.gateway.id}   data_dir {cfg.gateway.data_dir}")
+    typer.echo(f"store     {_budget(cfg)}")
     typer.echo(f"kernels   {filters.implementation()}")
     upstream = f"enabled: {cfg.upstream.options.get('host')}" if cfg.upstream.enabled else "disabled"
     typer.echo(f"upstream  {upstream}{'' if cfg.upstream.enabled else ' (data stays on this gateway)'}")
@@ -115,6 +116,20 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
             for line in describe(d):
                 typer.echo(f"    {line}")
     typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
+
+
+def _budget(cfg: Config) -> str:
+    from edgeos.config.units import format_duration_ns
+    from edgeos.store import default_max_size
+
+    st = cfg.store
+    if st.max_size:
+        size = f"max_size {st.max_size / 2**20:.0f} MiB"
+    else:
+        n, how = default_max_size(cfg.gateway.data_dir)
+        size = f"max_size {n / 2**20:.0f} MiB (default: {how})"
+    keep = f"retention {format_duration_ns(st.retention_ns)}" if st.retention_ns else "no retention limit"
+    return f"{size}; {keep}"
 
 
 def _listed(items: object) -> str:
@@ -164,7 +179,8 @@ GATEWAY_HEADER = """\
   ## or commit_interval, whichever comes first.
   # commit_samples = 10000
   # commit_interval = "100ms"
-  ## Bounds on history; the oldest data goes first.
+  ## Bounds on history; the oldest data goes first. Without max_size the store keeps to a
+  ## quarter of the file system it is on (at least 64 MiB); `edgeos check` shows the figure.
   # retention = "90d"
   # max_size = "8GiB"
 

@@ -5,7 +5,14 @@ docs/store.md states what "stored" means and what a crash can lose. OEMs read hi
 """
 
 from edgeos.store.reader import History, StoreReader, TagInfo, aggregate
-from edgeos.store.writer import StoreCorrupt, StoreCounters, StoreFull, StoreSettings, StoreWriter
+from edgeos.store.writer import (
+    StoreCorrupt,
+    StoreCounters,
+    StoreFull,
+    StoreSettings,
+    StoreWriter,
+    default_max_size,
+)
 
 __all__ = [
     "History",
@@ -17,4 +24,5 @@ __all__ = [
     "StoreWriter",
     "TagInfo",
     "aggregate",
+    "default_max_size",
 ]

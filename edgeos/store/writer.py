@@ -49,6 +49,26 @@ MAX_DROP_STEPS = 200  # budget drops per maintenance round (each about 5% of wha
 _CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
+DEFAULT_SHARE = 0.25  # of the file system holding the data directory
+DEFAULT_FLOOR = 64 * 1024 * 1024
+
+
+def default_max_size(data_dir: str | os.PathLike[str]) -> tuple[int, str]:
+    """(I6) The size budget when `store.max_size` is not set: a quarter of the file system the
+    data directory is on, at least 64 MiB, so a store left to itself never fills the gateway's
+    disk (the system, its logs and updates share it). Returns (bytes, how it was reckoned)."""
+    probe = Path(data_dir).absolute()
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return DEFAULT_FLOOR, "64 MiB (the file system could not be measured)"
+    total = st.f_blocks * st.f_frsize
+    size = max(DEFAULT_FLOOR, int(total * DEFAULT_SHARE))
+    return size, f"a quarter of the {total / 2**30:.1f} GiB file system at {probe}, at least 64 MiB"
+
+
 class StoreFull(StoreError):
     """The disk refused a write (ENOSPC / SQLITE_FULL); retry when space returns."""
 
