@@ -322,13 +322,14 @@ class Runtime:
                     write_status(path, final)
             self._executor.shutdown(wait=True)
             c = self.counters
-            log.info(
-                "stopped: %d samples read, %d stored, %d dropped by filters, %d lost (store unavailable or stop)",
-                c.read,
-                c.stored,
-                c.filtered_out,
-                c.dropped_store_unavailable + c.dropped_at_stop,
-            )
+            if self.store is not None or not self.use_store:  # else it never started: its error says why
+                log.info(
+                    "stopped: %d samples read, %d stored, %d dropped by filters, %d lost (store unavailable or stop)",
+                    c.read,
+                    c.stored,
+                    c.filtered_out,
+                    c.dropped_store_unavailable + c.dropped_at_stop,
+                )
 
     async def _shutdown(
         self, devices: list[asyncio.Task], raw: Channel, filtered: Channel, *core: asyncio.Task

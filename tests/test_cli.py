@@ -419,7 +419,8 @@ def test_the_store_is_bounded_by_default_and_check_says_how(write_config):
     from edgeos.runtime import store_settings
 
     cfg_path = write_config(
-        '[gateway]\nid = "g"\ndata_dir = "data"\n[[devices]]\nname = "m"\nprotocol = "simulated"\ntags = [{ name = "a" }]\n'
+        '[gateway]\nid = "g"\ndata_dir = "data"\n'
+        '[[devices]]\nname = "m"\nprotocol = "simulated"\ntags = [{ name = "a" }]\n'
     )
     cfg = load_config(cfg_path)
     assert cfg.store.max_size is None

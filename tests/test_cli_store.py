@@ -162,6 +162,7 @@ def test_second_daemon_on_the_same_data_dir_is_refused(write_config):
         second = subprocess.run([edgeos, "run", "-c", str(cfg)], capture_output=True, text=True, timeout=30)
         assert second.returncode == 1
         assert "is in use by another edgeos process (pid" in second.stderr and str(first.pid) in second.stderr
+        assert "stopped:" not in second.stderr  # it never started: no "stopped: 0 samples read" first
     finally:
         first.terminate()
         first.wait(20)

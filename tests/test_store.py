@@ -612,3 +612,18 @@ def test_a_reader_takes_a_relative_data_dir(tmp_path, monkeypatch):
     for form in ("data", "./data"):
         with StoreReader(form) as r:
             assert r.count() == 0
+
+
+def test_a_start_after_an_unclean_stop_says_so(tmp_path, caplog):
+    import os
+
+    from edgeos.store import StoreWriter
+
+    w = StoreWriter(tmp_path, [])
+    w.db.close()  # as a kill -9 leaves it: not marked clean, lock released by the kernel
+    os.close(w._lock_fd)
+    StoreWriter(tmp_path, []).close()
+    assert "did not stop cleanly" in caplog.text
+    caplog.clear()
+    StoreWriter(tmp_path, []).close()  # after a clean stop: no check, no warning
+    assert "did not stop cleanly" not in caplog.text

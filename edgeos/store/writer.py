@@ -277,6 +277,11 @@ class StoreWriter:
                 if found == -1:
                     why = "an SQLite database without edgeos tables"
                 elif self._needs_check(db, found):
+                    log.warning(
+                        "store %s: the last run did not stop cleanly (killed, crashed or power cut); "
+                        "checking its integrity",
+                        self.path,
+                    )
                     step = "check its integrity (PRAGMA quick_check)"
                     if (res := db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
                         why = f"integrity check failed after an unclean shutdown: {res}"
