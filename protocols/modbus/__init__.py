@@ -6,7 +6,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from edgeos.protocols.modbus.adapter import ModbusAdapter, build_groups, tag_kind
-from edgeos.protocols.modbus.config import DEVICE_FIELDS, MAX_WRITE_REGISTERS, TAG_FIELDS, tag_spec, tag_type
+from edgeos.protocols.modbus.config import (
+    DEVICE_FIELDS,
+    MAX_WRITE_REGISTERS,
+    TAG_FIELDS,
+    tag_spec,
+    tag_type,
+    unit_id,
+)
 from edgeos.protocols.modbus.transport import endpoint_of
 
 from edgeos.adapter import DeviceConfig
@@ -31,8 +38,11 @@ class ModbusProtocol:
         if o["transport"] == "rtu":
             if not o.get("serial_port"):
                 problems.add(f"{path}.serial_port", 'missing: required with transport = "rtu" (e.g. "/dev/ttyUSB0")')
-            if not 1 <= o["unit"] <= 247:
-                problems.add(f"{path}.unit", f"found {o['unit']}, expected 1..247 on a serial line (0 is broadcast)")
+            if not 1 <= unit_id(o) <= 247:
+                key = "unit_id" if o.get("unit_id") is not None else "unit"
+                problems.add(f"{path}.{key}", f"found {unit_id(o)}, expected 1..247 on a serial line (0 is broadcast)")
+        if o.get("unit_id") is not None and o["unit"] not in (1, o["unit_id"]):
+            problems.add(f"{path}.unit", f"found {o['unit']} beside unit_id = {o['unit_id']}: give unit_id alone")
         if o["zero_transaction_id"] and o["transport"] != "tcp":
             problems.add(
                 f"{path}.zero_transaction_id",

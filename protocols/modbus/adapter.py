@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from edgeos.protocols.modbus import transport
 from edgeos.protocols.modbus.codec import Decoder, encode_registers, merge_into_register, to_bool, written_value
-from edgeos.protocols.modbus.config import TagSpec, tag_spec
+from edgeos.protocols.modbus.config import TagSpec, tag_spec, unit_id
 from edgeos.protocols.modbus.planner import (
     TCP_REQUEST_COST,
     Limits,
@@ -210,7 +210,7 @@ class ModbusAdapter(PollingAdapter):
     def __init__(self, device: DeviceConfig) -> None:
         super().__init__(device)
         o = device.options
-        self.unit = o["unit"]
+        self.unit = unit_id(o)
         self.timeout_s = o["timeout"] / 1e9
         self.retries = o["retries"]
         self.reconnect_after = o["reconnect_after"]

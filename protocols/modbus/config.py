@@ -13,7 +13,9 @@ Addresses are strings a plant engineer can read off a register map:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from edgeos.config.schema import Field
 
@@ -134,7 +136,9 @@ DEVICE_FIELDS = {
     "inter_frame": Field(
         "duration", None, max=1_000_000_000, help="silence before each request on a serial line (default 3.5 chars)"
     ),
-    "unit": Field("int", 1, min=0, max=255, help="unit id (slave id) of the device on this connection"),
+    "unit_id": Field("int", None, min=0, max=255, help="unit id (slave id) of the device on this connection"),
+    # The first name of unit_id; kept working. On a tag, `unit` is the engineering unit.
+    "unit": Field("int", 1, min=0, max=255, help="the older name of unit_id"),
     "timeout": Field("duration", "1s", min=1_000_000, max=60_000_000_000, help="response timeout of one request"),
     "retries": Field("int", 1, min=0, max=10, help="re-sends after a timeout or a busy answer"),
     "reconnect_after": Field(
@@ -267,3 +271,8 @@ def tag_spec(options: dict, address_base: int) -> tuple[TagSpec | None, list[tup
 
 def _table_name(table: str) -> str:
     return {"coil": "coil", "di": "discrete input", "hr": "holding register", "ir": "input register"}[table]
+
+
+def unit_id(options: Mapping[str, Any]) -> int:
+    """The device's unit id: `unit_id`, or its older name `unit`."""
+    return options["unit_id"] if options.get("unit_id") is not None else options["unit"]
