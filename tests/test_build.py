@@ -70,3 +70,15 @@ def test_the_unit_lets_the_longest_allowed_orderly_stop_finish():
     stop = re.search(r"^TimeoutStopSec=(\S+)$", unit, re.M).group(1)
     assert parse_duration_ns(stop) > GATEWAY_FIELDS["shutdown_timeout"].max
     assert re.search(r"^RuntimeDirectory=edgeos$", unit, re.M)  # /run/edgeos: the live status
+
+
+def test_the_unit_runs_as_the_user_and_group_its_sysusers_file_creates():
+    import re
+
+    unit = (ROOT / "systemd" / "edgeos.service").read_text()
+    sysusers = (ROOT / "systemd" / "edgeos.sysusers.conf").read_text()
+    user = re.search(r"^User=(\S+)$", unit, re.M).group(1)
+    assert re.search(r"^Group=(\S+)$", unit, re.M).group(1) == user
+    assert re.search(rf"^u {user} ", sysusers, re.M)
+    assert "DynamicUser=yes" not in unit  # a dynamic group cannot be joined by operators
+    assert re.search(r"^UMask=0027$", unit, re.M)
