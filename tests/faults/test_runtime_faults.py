@@ -3,25 +3,15 @@ real bytes, a fresh status, and a stop that accounts for every sample read."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 CHILD = Path(__file__).with_name("runtime_child.py")
 
 
-def test_full_disk_memory_status_and_stop(tmp_path):
-    mount = tmp_path / "fs"
-    mount.mkdir()
+def test_full_disk_memory_status_and_stop(tmp_path, on_tmpfs):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
-    script = f'mount -t tmpfs -o size=8m tmpfs "{mount}" && exec "{sys.executable}" "{CHILD}" "{mount}" "{run_dir}"'
-    out = subprocess.run([*unshare, "sh", "-c", script], capture_output=True, text=True, timeout=150, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    out, r = on_tmpfs(CHILD, "8m", run_dir)
     assert r["store_errors"] > 0 and r["dropped"] > 0
     # (item 8) memory_buffer counts real bytes: one-sample batches cost ~600 bytes each in
     # memory, so a 1 MiB buffer holds under 2,000 of them (plus what waits in the queues).

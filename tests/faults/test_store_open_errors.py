@@ -3,8 +3,6 @@ the start clearly and leave the store untouched; only real corruption is moved a
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,14 +22,8 @@ def _bad_files(d: Path) -> list[Path]:
     return sorted(d.glob("edgeos.db.bad-*"))
 
 
-def test_a_full_disk_at_start_fails_clearly_and_moves_nothing(tmp_path):
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
-    script = f'mount -t tmpfs -o size=8m tmpfs "{mount}" && exec "{sys.executable}" "{CHILD}" "{mount}"'
-    out = subprocess.run([*unshare, "sh", "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+def test_a_full_disk_at_start_fails_clearly_and_moves_nothing(on_tmpfs):
+    _, r = on_tmpfs(CHILD, "8m", timeout=120)
     assert "error_type" not in r, r  # a StoreError, not a traceback
     assert "error" in r and "edgeos.db" in r["error"] and "left untouched" in r["error"], r
     assert "No space left on device" in r["error"], r
