@@ -211,7 +211,7 @@ class Sync:
         self._dictionary_version = -1
         self._key = 0
         self._lanes: list[_Lane] = []
-        self._failing = False
+        self._failing_at: int | None = None  # the cursor when the last session failed
 
     # -- store access (read-only connections of its own) -----------------------------------
 
@@ -356,7 +356,7 @@ class Sync:
         hi = self.options["reconnect_max"]
         while True:
             self.status.state = "connecting"
-            delivered = self.status.published_messages
+            start = self._cursor
             connected_at = None
             try:
                 async with self.transport.session() as session:
@@ -369,14 +369,16 @@ class Sync:
                 if not isinstance(e, SyncError):
                     log.exception("upstream: unexpected error", exc_info=e)
                 self._lanes = []  # the cursor stays where the acknowledgements left it
-                self._failing = True
+                if self._failing_at is None:
+                    self._failing_at = self._cursor
                 self.status.failures += 1
                 self.status.last_error = str(e)
                 self.errors.log(logging.ERROR, str(e)[:80], "upstream: %s; data keeps accumulating locally", e)
             lasted = 0.0 if connected_at is None else time.monotonic() - connected_at
-            if self.status.published_messages > delivered or lasted * 1e9 > hi:
-                # The session delivered (or stood) before it failed: a new outage, so backoff
-                # starts over. One that connects and is then refused at once keeps backing off.
+            if self._cursor > start or lasted * 1e9 > hi:
+                # The session moved the cursor (or stood) before it failed: a new outage, so
+                # backoff starts over. One whose unit is refused again and again cannot move the
+                # cursor past it, whatever else is acknowledged meanwhile: it keeps backing off.
                 attempt = 0
             self.status.state = "backoff"
             await asyncio.sleep(backoff_delay(attempt, lo, hi))
@@ -449,8 +451,10 @@ class Sync:
         del lane.inflight[key]
         self._advance()
         self._acked.set()
-        if self._failing:
-            self._failing = False
+        if self._failing_at is not None and self._cursor > self._failing_at:
+            # Delivering again means the cursor moved past where the failure held it; acks of
+            # later units beside a unit still refused do not count (nor reset the log's limit).
+            self._failing_at = None
             log.warning("upstream: delivering again")
             self.errors.clear("")
         st = self.status

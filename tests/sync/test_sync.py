@@ -309,6 +309,34 @@ async def test_a_refused_publish_holds_the_cursor_and_is_retried(write_config, m
     assert got.deliveries() == len(units), "a unit was delivered twice"
 
 
+async def test_one_device_refused_while_others_are_delivered_backs_off_and_logs_rarely(
+    write_config, make_broker, caplog
+):
+    # The ACL refuses only the oven's topic: the press's units keep being acknowledged, but the
+    # cursor can never pass the first oven unit. That must count as a failing link (backoff
+    # grows, one log line a minute), not as "delivering again" at every reconnect.
+    b = make_broker(acl=READ_ONLY_DATA + "topic write edgeos/gw1/press/data\n")
+    path = config(write_config, b.port)
+    path.write_text(path.read_text().replace('reconnect_max = "300ms"', 'reconnect_max = "2s"'))
+    cfg = load_config(path)
+    caplog.set_level("WARNING", logger="edgeos.sync")
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run())
+    try:
+        await wait_until(lambda: rt.sync is not None and rt.sync.status.failures >= 2)
+        await asyncio.sleep(5)
+        first_oven = min(s for s, (d, _) in stored_units(cfg.gateway.data_dir).items() if d == "oven")
+        assert rt.sync.cursor < first_oven
+        # Without growing backoff a session every ~30 ms: some 150 in these 5 s.
+        assert rt.sync.status.connects < 25, rt.sync.status.connects
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 20)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("refused" in m for m in lines) <= 2, lines
+    assert not any("delivering again" in m for m in lines), lines
+
+
 def make_store(data_dir: Path, units: int, devices: int = 1, *, first_id: int = 1, tags: int = 1) -> None:
     """A store file written with plain sqlite3 and the schema module: `units` one-sample units,
     round robin over `devices` devices (so each message carries one unit), ids from `first_id`."""
