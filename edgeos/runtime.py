@@ -169,6 +169,7 @@ class Runtime:
         self._store_failing = False
         self._pending: collections.deque[tuple[Batch, int]] = collections.deque()  # the writer's, with sizes
         self._pending_bytes = 0
+        self._committing: tuple[asyncio.Future, int] | None = None  # a commit in the store thread
         self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
         self.sync: Sync | None = None
         if config.upstream.enabled and store:
@@ -240,7 +241,7 @@ class Runtime:
                     "failures": s.failures,
                     "samples": s.samples,
                     "last_error": s.last_error,
-                    "health": dict(s.adapter.health()) if s.adapter else {},
+                    "health": _health(s.adapter),
                 }
                 for n, s in self.devices.items()
             },
@@ -356,7 +357,23 @@ class Runtime:
             for t in (*devices, *core):
                 t.cancel()
             await asyncio.gather(*devices, *core, return_exceptions=True)
+        await self._settle_commit()
         self._count_lost(raw, filtered)
+
+    async def _settle_commit(self) -> None:
+        """A commit cancelled by the stop's deadline still runs in the store thread (it is
+        shielded); wait for it, so what it stored counts as stored, not lost."""
+        if self._committing is None:
+            return
+        fut, k = self._committing
+        self._committing = None
+        try:
+            n = await fut
+        except Exception:
+            return  # it failed: its batches are still pending, and counted as lost below
+        self.counters.stored += n
+        for _ in range(min(k, len(self._pending))):
+            self._pending.popleft()
 
     def _count_lost(self, raw: Channel, filtered: Channel) -> None:
         """After a stop that ran out of time: whatever was read and not committed is counted,
@@ -594,7 +611,10 @@ class Runtime:
         runs (and drops) exactly when the store fails. Built on the loop, written in a thread."""
         loop = asyncio.get_running_loop()
         while True:
-            await loop.run_in_executor(None, write_status, self._status_path, self.status())
+            try:
+                await loop.run_in_executor(None, write_status, self._status_path, self.status())
+            except Exception as e:  # a status is not data: never let it stop the daemon
+                self.errors.log(logging.ERROR, "status", "status not written: %s: %s", type(e).__name__, e)
             await asyncio.sleep(1.0)
 
     def _bound(self) -> int:
@@ -623,9 +643,14 @@ class Runtime:
         if self.store is None:
             n = sum(len(b) for b in batches)
         else:
+            # Kept while it runs: a stop that runs out of time must not count a commit that
+            # finishes in the store thread afterwards as lost (see _settle_commit).
+            fut = loop.run_in_executor(self._executor, self.store.write, batches)
+            self._committing = (fut, len(batches))
             try:
-                n = await asyncio.shield(loop.run_in_executor(self._executor, self.store.write, batches))
+                n = await asyncio.shield(fut)
             except StoreCorrupt as e:
+                self._committing = None
                 # Damaged while running: set it aside and start a fresh file; these batches stay
                 # pending and go into it at the next try (half a second), and collecting goes on.
                 self.counters.store_errors += 1
@@ -633,11 +658,13 @@ class Runtime:
                 await self._recover(loop, e)
                 return False
             except StoreError as e:
+                self._committing = None
                 self.counters.store_errors += 1
                 self._store_failing = True
                 key = "store:full" if isinstance(e, StoreFull) else "store:write"
                 self.errors.log(logging.ERROR, key, "%s; keeping samples in memory and retrying", e)
                 return False
+            self._committing = None
             if self._store_failing:
                 self._store_failing = False
                 dropped = self.counters.dropped_store_unavailable
@@ -650,6 +677,17 @@ class Runtime:
             for b in batches:
                 await s.put(b)
         return True
+
+
+def _health(adapter: Adapter | None) -> dict[str, Any]:
+    """An adapter's own counters; a plugin whose health() fails shows the error instead, and
+    never takes the status (or the daemon) down with it."""
+    if adapter is None:
+        return {}
+    try:
+        return dict(adapter.health())
+    except Exception as e:
+        return {"error": f"health() failed: {type(e).__name__}: {e}"}
 
 
 def store_settings(cfg: Config) -> StoreSettings:

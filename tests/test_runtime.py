@@ -395,3 +395,55 @@ tags = [{ name = "a" }, { name = "b" }]
     rt = await run_runtime(cfg, until=lambda rt: rt.devices["down"].failures >= 3)
     # One Bad placeholder per tag for the outage, stored, and counted as read by the device too.
     assert rt.devices["down"].samples == rt.counters.read == rt.counters.stored == 2
+
+
+async def test_a_plugin_whose_health_fails_cannot_stop_the_daemon(write_config, run_runtime):
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "odd"
+protocol = "misbehaving"
+mode = "health_raises"
+tags = [{ name = "a" }]
+"""
+        )
+    )
+    rt = await run_runtime(cfg, seconds=2.5)  # two or more status rounds, each calling health()
+    assert rt.counters.stored > 0
+    assert "health() failed: RuntimeError: plugin bug" in rt.status()["devices"]["odd"]["health"]["error"]
+
+
+async def test_a_commit_still_running_at_the_stop_deadline_counts_as_stored(write_config, monkeypatch):
+    """A slow disk (an fsync of seconds on an SD card): the stop's deadline passes while a
+    commit runs in the store thread; what that commit stores is stored, not lost."""
+    import time as _time
+
+    from edgeos.runtime import Runtime
+    from edgeos.store import StoreWriter
+
+    cfg = load_config(write_config(GATEWAY.replace('"5s"', '"1s"') + SIMPLE))
+    slow = {"on": False}
+    real_write = StoreWriter.write
+
+    def write(self, batches):
+        if slow["on"]:
+            _time.sleep(2.0)
+        return real_write(self, batches)
+
+    monkeypatch.setattr(StoreWriter, "write", write)
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run())
+    async with asyncio.timeout(20):
+        while rt.counters.stored < 20:
+            await asyncio.sleep(0.05)
+        slow["on"] = True
+        await asyncio.sleep(0.6)  # a commit is in the store thread now
+        rt.stop()
+        await task
+    c = rt.counters
+    assert c.stored == rt.store.counters.committed_samples  # nothing stored is reported lost
+    with StoreReader(cfg.gateway.data_dir) as r:
+        assert r.count() == c.stored
+    assert c.read == c.stored + c.filtered_out + c.dropped_store_unavailable + c.dropped_at_stop

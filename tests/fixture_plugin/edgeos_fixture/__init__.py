@@ -60,6 +60,8 @@ class MisbehavingAdapter:
             raise OSError("close failed")
 
     def health(self) -> Mapping[str, Any]:
+        if self.opts["mode"] == "health_raises":
+            raise RuntimeError("plugin bug in health()")
         return {"emitted": self.emitted}
 
 
@@ -67,7 +69,17 @@ class MisbehavingProtocol:
     name = "misbehaving"
     device_fields = {
         "mode": Field(
-            "choice", "ok", choices=("ok", "connect_raises", "run_raises", "run_returns", "close_hangs", "close_raises")
+            "choice",
+            "ok",
+            choices=(
+                "ok",
+                "connect_raises",
+                "run_raises",
+                "run_returns",
+                "close_hangs",
+                "close_raises",
+                "health_raises",
+            ),
         ),
         "period": Field("duration", "20ms"),
         "raise_every": Field("int", 5, min=1),
