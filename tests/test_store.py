@@ -627,3 +627,35 @@ def test_a_start_after_an_unclean_stop_says_so(tmp_path, caplog):
     caplog.clear()
     StoreWriter(tmp_path, []).close()  # after a clean stop: no check, no warning
     assert "did not stop cleanly" not in caplog.text
+
+
+def test_a_restored_backup_never_reuses_sequence_numbers(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from edgeos import Batch, TagMeta
+    from edgeos.store import StoreWriter
+
+    tags = [TagMeta(0, "d", "t")]
+
+    def one(w, t):
+        w.write([Batch("d", np.array([0], np.int32), [t], [1.0], np.zeros(1, np.uint32))])
+
+    w = StoreWriter(tmp_path, tags)
+    one(w, 1)
+    w.close()
+    backup = tmp_path / "backup.db"
+    shutil.copy(tmp_path / "edgeos.db", backup)
+    w = StoreWriter(tmp_path, tags)
+    for t in range(2, 30):
+        one(w, t)
+    given = w.db.execute("SELECT MAX(id) FROM units").fetchone()[0]
+    w._raise_reserve(given, strict=True)  # the bound moved on, as after a million units
+    w.close()
+    shutil.copy(backup, tmp_path / "edgeos.db")  # an operator restores yesterday's file
+    w = StoreWriter(tmp_path, tags)
+    one(w, 100)
+    new = w.db.execute("SELECT MAX(id) FROM units").fetchone()[0]
+    w.close()
+    assert new > given  # a jump forward, never an id consumers already have

@@ -201,6 +201,11 @@ class StoreWriter:
             row = self.db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
             self._cursor = int(row[0]) if row else 0
             self._reserved = self._read_seq() or 0
+            if self._max_id < self._reserved - SEQ_RESERVE:
+                # The file is older than the bound: ids above its top may have been given by a
+                # later file (a restored backup, a file swapped by hand). Continue above every id
+                # the bound allowed, as after a quarantine: a jump, never a reuse.
+                self._jump_to(self._reserved)
             if self._reserved < self._max_id + SEQ_MARGIN:
                 # A store older than the sidecar (or a sidecar behind the file): reserve now.
                 self._raise_reserve(self._max_id, strict=False)
@@ -233,9 +238,16 @@ class StoreWriter:
         except OSError as e:
             raise StoreError(f"{path}: cannot open the lock file: {e.strerror}") from e
         _tighten(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(5):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # `edgeos status` holds a shared lock for a few microseconds to ask whether a
+                # daemon runs; a daemon starting just then tries again before it gives up.
+                if attempt < 4:
+                    time.sleep(0.05)
+        else:
             other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise StoreError(
@@ -433,6 +445,21 @@ class StoreWriter:
         except (OSError, ValueError) as e:
             log.error("store %s: cannot read %s (%s); using the database's own ids", self.path, self.seq_path, e)
             return None
+
+    def _jump_to(self, floor: int) -> None:
+        log.warning(
+            "store %s: the file's unit ids (up to %d) are behind its sequence bound %s (a restored backup "
+            "or a replaced file?); new units continue after %d, so no sequence number is reused",
+            self.path,
+            self._max_id,
+            self.seq_path.name,
+            floor,
+        )
+        with self._txn():
+            self.db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='units'", (floor,))
+            if self.db.execute("SELECT changes()").fetchone()[0] == 0:
+                self.db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('units', ?)", (floor,))
+        self._max_id = floor
 
     def _raise_reserve(self, top: int, *, strict: bool) -> None:
         """Write R = top + SEQ_RESERVE atomically (tmp, fsync, rename, fsync the directory).

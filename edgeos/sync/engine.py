@@ -335,7 +335,21 @@ class Sync:
     # -- main loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._cursor = self.status.cursor = self._read_cursor()
+        attempt = 0
+        while True:  # a store busy or failing at start must not take the daemon down with the sync
+            try:
+                self._cursor = self.status.cursor = self._read_cursor()
+                break
+            except sqlite3.Error as e:
+                if self._db is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.close()
+                    self._db = None
+                self.errors.log(logging.ERROR, "cursor", "upstream: cannot read the sync cursor (%s); retrying", e)
+                await asyncio.sleep(
+                    backoff_delay(attempt, self.options["reconnect_min"], self.options["reconnect_max"])
+                )
+                attempt += 1
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._watch(), name="sync:status")
             tg.create_task(self._connect_loop(), name="sync:connection")

@@ -529,6 +529,25 @@ async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, br
     assert {m.dictionary for m in got.messages if m.seqs[0] >= 1000} == {2}
 
 
+async def test_a_store_not_readable_at_the_sync_start_is_waited_for(write_config, broker, subscribe, caplog):
+    # The sync starts before the store can be read (absent, or busy): it retries, logs once,
+    # and never ends the daemon's task group with an sqlite3 error.
+    cfg, sync = make_sync(write_config, broker.port)
+    data = cfg.gateway.data_dir
+    async with subscribe(broker) as got:
+        task = asyncio.create_task(sync.run())
+        try:
+            await asyncio.sleep(0.5)
+            assert not task.done() and "cannot read the sync cursor" in caplog.text
+            make_store(data, 10)
+            await wait_until(lambda: sync.cursor >= 10)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sync.close()
+        await wait_until(lambda: {s for s, _, _ in got.units()} >= set(range(1, 11)))
+
+
 async def test_credentials_without_tls_are_warned_about_once(write_config, make_broker, tmp_path, caplog):
     from edgeos.sync.mqtt import MqttTransport
 
