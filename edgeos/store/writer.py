@@ -317,7 +317,12 @@ class StoreWriter:
                 why = f"unreadable ({step}): {e}"
         old_top = max(old_top, _peek_top_id(self.path))
         old_tags = _peek_tags(self.path) if self.path.exists() else []
-        moved = self._move_aside(why)
+        try:
+            moved = self._move_aside(why)
+        except OSError as e:
+            raise StoreError(
+                f"{self.path} is {why}, and cannot be moved aside: {e.strerror}; the store was left untouched"
+            ) from e
         log.error("store %s is %s; moved it to %s (kept, never deleted) and started a new store", self.path, why, moved)
         return self._create_fresh(old_top, old_tags)
 
