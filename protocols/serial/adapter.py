@@ -156,7 +156,7 @@ class SerialAdapter:
         extra = len(frames.starts) - 1
         if extra > 0:  # one reply per request: the rest arrived unasked
             self.state.counts["unsolicited"] += extra
-            frames = Frames(frames.data, frames.starts[:1], frames.ends[:1], frames.bad)
+            frames = Frames(frames.data, frames.starts[:1], frames.ends[:1], frames.bad, frames.bad_at)
         res = self.parser.parse(frames, now, [req.pattern])
         self._count(res.frames, res.failures)
         return res.batch

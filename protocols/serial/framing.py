@@ -24,6 +24,11 @@ class Frames:
     starts: list[int] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)
+    bad_at: list[int] = field(default_factory=list)  # how many good frames came before each bad one
+
+    def reject(self, reason: str) -> None:
+        self.bad.append(reason)
+        self.bad_at.append(len(self.starts))
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -86,7 +91,7 @@ class TerminatorFramer(Framer):
             if i - pos > mx:
                 self.overlong += 1
                 self.garbage_bytes += i - pos
-                out.bad.append("overlong")
+                out.reject("overlong")
             else:
                 starts.append(pos)
                 ends.append(i)
@@ -95,7 +100,7 @@ class TerminatorFramer(Framer):
         rest = b[pos:]
         if len(rest) > mx:  # no terminator within max_frame: discard up to the next one
             self.overlong += 1
-            out.bad.append("overlong")
+            out.reject("overlong")
             keep = min(len(rest), tl - 1)
             self.garbage_bytes += len(rest) - keep
             rest = rest[len(rest) - keep :] if keep else b""
@@ -164,13 +169,13 @@ class StartEndFramer(Framer):
                 # A start before this frame's end: the end was lost; the frame is incomplete.
                 self.incomplete += 1
                 self.garbage_bytes += nxt - i
-                out.bad.append("incomplete")
+                out.reject("incomplete")
                 pos = nxt
                 continue
             if j < 0:
                 if n - body > mx:  # no end within max_frame: discard up to the next start
                     self.overlong += 1
-                    out.bad.append("overlong")
+                    out.reject("overlong")
                     nxt = b.find(s, body)
                     if nxt < 0:
                         keep = min(n - body, ls - 1)
@@ -185,7 +190,7 @@ class StartEndFramer(Framer):
             if j - body > mx:
                 self.overlong += 1
                 self.garbage_bytes += j + le - i
-                out.bad.append("overlong")
+                out.reject("overlong")
             else:
                 out.starts.append(body)
                 out.ends.append(j)

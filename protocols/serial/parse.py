@@ -115,9 +115,11 @@ class Parser:
         bad_ids = self.all_ids if len(patterns) > 1 or patterns is self.spec.patterns else None
         if bad_ids is None:
             bad_ids = np.array(patterns[0].tag_ids, np.int32)
-        bad_rows: list[int] = []  # frame index of each bad frame (n.. for those cut by the framer)
-        for reason in frames.bad:
-            bad_rows.append(n + len(bad_rows))
+        # Rows are ordered by frame: good frame i has key 2i+1, a frame the framer rejected
+        # before good frame k has key 2k.
+        bad_rows: list[int] = []
+        for reason, k in zip(frames.bad, frames.bad_at, strict=True):
+            bad_rows.append(2 * k)
             res.failures.append(
                 Failure(reason, f"longer than {self.spec.max_frame} bytes" if reason == "overlong" else "")
             )
@@ -132,13 +134,13 @@ class Parser:
             for i in range(n):
                 raw = data[starts[i] : te[i]]
                 if not okl[i]:
-                    bad_rows.append(i)
+                    bad_rows.append(2 * i + 1)
                     res.failures.append(Failure("checksum", excerpt(frames.frame(i))))
                     continue
                 try:
                     text = raw.decode(enc)
                 except UnicodeDecodeError:
-                    bad_rows.append(i)
+                    bad_rows.append(2 * i + 1)
                     res.failures.append(Failure("decode", excerpt(raw)))
                     continue
                 if single is not None:
@@ -156,7 +158,7 @@ class Parser:
                         m = None
                     if m is not None:
                         continue
-                bad_rows.append(i)
+                bad_rows.append(2 * i + 1)
                 res.failures.append(Failure("no_match", excerpt(raw)))
         parts: list[tuple[np.ndarray, Batch]] = []
         for pat, rows in zip(patterns, matched, strict=True):
@@ -189,7 +191,7 @@ class Parser:
         """Matched frames of one pattern: (frame index per row, batch), frame-major."""
         m, slots = len(rows), pat.slots
         k = len(slots)
-        idx = np.array([i for i, _ in rows], np.int64)
+        idx = np.array([2 * i + 1 for i, _ in rows], np.int64)
         groups = [g for _, g in rows]
         values = np.empty((m, k), np.float64)
         quality = np.zeros((m, k), QUALITY_DTYPE)

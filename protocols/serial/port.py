@@ -118,17 +118,22 @@ class _FdPort(Port):
             remove(self.fd)
 
     async def read(self) -> bytes:
+        # A tty read without data returns b"" (VMIN = VTIME = 0), not EAGAIN: only nothing to
+        # read right after the loop reported the port readable means it is gone (hang-up).
+        ready = False
         while True:
             try:
                 data = os.read(self.fd, READ_SIZE)
             except BlockingIOError:
-                await self._wait(self._loop.add_reader, self._loop.remove_reader)
-                continue
+                data = None
             except OSError as e:  # EIO: the USB adapter was unplugged, the pty's other end went away
                 raise PortError(self.device, f"{self.url}: lost: {e.strerror or e}", "lost") from None
-            if not data:
-                raise PortError(self.device, f"{self.url}: lost (end of file)", "lost")
-            return data
+            if data:
+                return data
+            if ready and data == b"":
+                raise PortError(self.device, f"{self.url}: lost (hang-up)", "lost")
+            await self._wait(self._loop.add_reader, self._loop.remove_reader)
+            ready = True
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
