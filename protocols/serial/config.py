@@ -199,9 +199,13 @@ class Checksum:
         return WIDTH[self.kind] * (1 if self.binary else 2)
 
     def describe(self) -> str:
-        fmt = f"binary, {self.order} endian" if self.binary and WIDTH[self.kind] == 2 else self.checksum_format
-        cover = f"bytes {self.start}.." + (f" up to {self.gap} byte(s) before it" if self.gap else "")
-        return f"checksum {self.kind} ({fmt}) at the end of the frame, over {cover}"
+        width = WIDTH[self.kind]
+        if self.binary:
+            fmt = f"{width} binary byte{'s' if width > 1 else ''}" + (f" ({self.order} endian)" if width > 1 else "")
+        else:
+            fmt = f"{self.size} hex digits"
+        gap = f" up to {self.gap} byte{'s' if self.gap > 1 else ''} before them" if self.gap else ""
+        return f"checksum {self.kind}, {fmt} ending the frame, over bytes {self.start}..{gap}"
 
     @property
     def checksum_format(self) -> str:
