@@ -103,9 +103,7 @@ tags = [{{ name = "x", address = "hr0" }}]
 def test_two_devices_may_not_share_a_port_except_modbus_rtu(serial_config):
     with pytest.raises(ConfigError) as info:
         serial_config(SHARED.format(a="/dev/ttyUSB0", b="/dev/ttyUSB0", c="/dev/ttyUSB1"))
-    assert 'devices[1].serial_port: "/dev/ttyUSB0" is also the port of device "scale1" (devices[0])' in str(
-        info.value
-    )
+    assert 'devices[1].serial_port: "/dev/ttyUSB0" is also the port of device "scale1" (devices[0])' in str(info.value)
     # Modbus RTU devices among themselves share a line; a serial device alone on its port is fine.
     cfg = serial_config(SHARED.format(a="/dev/ttyUSB0", b="/dev/ttyUSB1", c="/dev/ttyUSB1"))
     assert [d.name for d in cfg.devices] == ["scale1", "plc", "plc2"]
