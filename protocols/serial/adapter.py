@@ -136,6 +136,7 @@ class SerialAdapter:
             fut: asyncio.Future[tuple[Frames, int]] = asyncio.get_running_loop().create_future()
             self._waiter = fut
             self.state.counts["requests"] += 1
+            self.framer.drop_partial()
             try:
                 await self.port.write(req.send)
                 async with asyncio.timeout(req.timeout_ns / 1e9):
@@ -184,6 +185,9 @@ class SerialAdapter:
 
     async def close(self) -> None:
         p, self.port = self.port, None
+        # The framer goes with this adapter; its count must outlive it like the others.
+        self.state.counts["garbage_bytes"] += self.framer.garbage_bytes
+        self.framer.garbage_bytes = 0
         if p is not None:
             p.close()
 
@@ -199,7 +203,7 @@ class SerialAdapter:
             "bad_frames": sum(v for k, v in c.items() if k.startswith("bad_")),
         }
         out.update({k: v for k, v in sorted(c.items()) if k.startswith("bad_")})
-        out["garbage_bytes"] = self.framer.garbage_bytes
+        out["garbage_bytes"] = c["garbage_bytes"] + self.framer.garbage_bytes
         if self.spec.mode == "poll":
             out.update(requests=c["requests"], timeouts=c["timeouts"])
         out["unsolicited"] = c["unsolicited"]

@@ -55,6 +55,18 @@ class Framer:
     def feed(self, data: bytes) -> Frames:
         raise NotImplementedError
 
+    def drop_partial(self) -> int:
+        """Forget an unfinished frame (poll mode, before a request: stale bytes must not be
+        glued to the reply); counted as garbage. Returns the bytes dropped."""
+        n = len(self.rest)
+        self.garbage_bytes += n
+        self.rest = b""
+        if hasattr(self, "_scanned"):
+            self._scanned = 0
+        if hasattr(self, "discarding"):
+            self.discarding = False
+        return n
+
     def _keep(self, rest: bytes) -> None:
         self.rest = rest
         if len(rest) > self.peak_buffer:

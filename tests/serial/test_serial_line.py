@@ -177,3 +177,38 @@ async def test_poll_mode_requests_and_replies(line, serial_config, run_adapter):
         assert set(responder.requests) <= {b"T?", b"P?"}  # never interleaved on the line
     finally:
         responder.stop()
+
+
+async def test_poll_mode_drops_stale_bytes_before_each_request(line, serial_config, run_adapter):
+    """Line noise while nobody asked (no terminator) must not be glued to the next reply."""
+    peer_mod = __import__("edgeos_test_peers_serial")
+    answers = {b"T?": b"T=21.5\r\n", b"P?": b"P=1013\r\n"}
+    responder = peer_mod.Responder(line, lambda req: answers.get(req))
+    try:
+        cfg = serial_config(POLL.format(port=line.adapter).replace('"50ms"', '"200ms"'))
+        run = await run_adapter(cfg.devices[0])
+        await run.wait(lambda r: len(r.of("temp")) >= 1)
+        line.send(b"\x00noise")  # between polls: a partial frame, then nothing
+        n = len(run.of("temp"))
+        await run.wait(lambda r: len(r.of("temp")) >= n + 2)
+        assert all(r[3] == GOOD for r in run.rows), run.adapter.health()
+        assert run.adapter.health()["garbage_bytes"] >= 6
+    finally:
+        responder.stop()
+
+
+async def test_a_port_held_by_another_process_is_refused(line, serial_config):
+    import serial
+
+    from edgeos import DeviceError, plugins
+
+    cfg = serial_config(SCALE.format(port=line.adapter, extra=""))
+    other = serial.Serial(line.adapter, exclusive=True)
+    try:
+        adapter = plugins.load(plugins.PROTOCOLS, "serial").create(cfg.devices[0])
+        with pytest.raises(DeviceError) as info:
+            await adapter.connect()
+        assert info.value.code == "in_use" and "in use" in str(info.value)
+        await adapter.close()
+    finally:
+        other.close()
