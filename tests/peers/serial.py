@@ -160,3 +160,87 @@ class TcpSerialServer:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await self.server.wait_closed()
+
+
+class Rfc2217Server:
+    """An RFC 2217 server (pyserial's PortManager, as in pyserial's example server) in front of
+    a `loop://` port: what `send` writes comes out at the client, negotiation included."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        import serial
+        import serial.rfc2217
+
+        self._serial = serial
+        self.port_obj = serial.serial_for_url("loop://", timeout=0.05)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop_flag = threading.Event()
+        self.conn = None
+        self.manager = None
+        self._rfc = serial.rfc2217
+        self._threads = [threading.Thread(target=self._serve, daemon=True)]
+        self._threads[0].start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while not self.stop_flag.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(0.2)
+            self.conn = conn
+            self.manager = self._rfc.PortManager(self.port_obj, _Writer(conn))
+            t = threading.Thread(target=self._to_client, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+            while not self.stop_flag.is_set():
+                try:
+                    data = conn.recv(1024)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                b"".join(self.manager.filter(data))  # negotiation; requests are not forwarded
+            conn.close()
+
+    def _to_client(self, conn) -> None:
+        while not self.stop_flag.is_set():
+            try:
+                data = self.port_obj.read(4096)
+                if data:
+                    conn.sendall(b"".join(self.manager.escape(data)))
+            except OSError:
+                return
+
+    def send(self, data: bytes) -> None:
+        self.port_obj.write(data)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.close()
+        self.sock.close()
+        for t in self._threads:
+            t.join(2)
+        self.port_obj.close()
+
+
+class _Writer:
+    """What PortManager writes its telnet answers to."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def write(self, data: bytes) -> None:
+        self.conn.sendall(data)

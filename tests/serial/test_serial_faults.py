@@ -98,3 +98,23 @@ async def test_ten_megabytes_without_terminator_keep_the_adapter_bounded(tcp_ser
     assert h["peak_buffered_bytes"] <= 4096 and h["bad_overlong"] == 1
     assert run.of("w")[-1][2:4] == (3.0, Quality.GOOD)
     assert run.of("w")[0][3] == Quality.BAD_DECODING_ERROR  # the overlong frame's Bad sample
+
+
+async def test_rfc2217_url(serial_config, run_adapter):
+    peers = __import__("edgeos_test_peers_serial")
+    server = peers.Rfc2217Server()
+    try:
+        cfg = serial_config(BODY.format(port=f"rfc2217://127.0.0.1:{server.port}"))
+        run = await run_adapter(cfg.devices[0])
+        server.send(b"W=4.5\nW=5")
+        await asyncio.sleep(0.1)
+        server.send(b".5\n")
+        await run.wait(lambda r: len(r.of("w")) >= 2)
+        assert [(r[2], r[3]) for r in run.of("w")] == [(4.5, Quality.GOOD), (5.5, Quality.GOOD)]
+    finally:
+        server.stop()
+    # The server gone, run() raises (the runtime would back off and reconnect).
+    async with asyncio.timeout(5):
+        while not run.task.done():
+            await asyncio.sleep(0.01)
+    assert run.error is not None and run.error.code in ("lost", "closed")
