@@ -18,6 +18,8 @@ KINDS = ("xor", "lrc", "sum8", "crc16_modbus", "crc16_ccitt", "crc16_xmodem")
 WIDTH = {"xor": 1, "lrc": 1, "sum8": 1, "crc16_modbus": 2, "crc16_ccitt": 2, "crc16_xmodem": 2}
 """Bytes of each checksum; in hex representation it takes twice as many characters."""
 DEFAULT_ORDER = {"crc16_modbus": "little"}
+COLUMNAR_MIN = 32
+"""From this many frames in one read on, CRC-16/MODBUS is computed across frames with numpy."""
 """How a binary 16-bit checksum is sent: Modbus RTU sends its CRC low byte first."""
 
 
@@ -55,19 +57,6 @@ def compute(kind: str, data: bytes) -> int:
     raise ValueError(f"unknown checksum {kind!r}")
 
 
-def _table_ccitt() -> np.ndarray:
-    t = np.zeros(256, np.uint16)
-    for i in range(256):
-        c = i << 8
-        for _ in range(8):
-            c = ((c << 1) ^ 0x1021) & 0xFFFF if c & 0x8000 else (c << 1) & 0xFFFF
-        t[i] = c
-    return t
-
-
-_CCITT = _table_ccitt()
-
-
 def compute_many(kind: str, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Checksums of buf[starts[i]:ends[i]] for every i (uint8 buffer, int64 index arrays)."""
     n = len(starts)
@@ -87,17 +76,19 @@ def compute_many(kind: str, buf: np.ndarray, starts: np.ndarray, ends: np.ndarra
             out = (-out) & 0xFF if kind == "lrc" else out & 0xFF
         out[lengths <= 0] = 0
         return out
-    # CRCs: one step per byte position, across all frames at once (frames are short, many).
-    init = 0 if kind == "crc16_xmodem" else 0xFFFF
+    if kind in ("crc16_ccitt", "crc16_xmodem") or n < COLUMNAR_MIN:
+        # binascii's CRC-CCITT is C already; a few frames (poll replies) are cheaper one by one.
+        data = buf.tobytes()
+        return np.array(
+            [compute(kind, data[s:e]) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)], np.int64
+        )
+    # CRC-16/MODBUS: one step per byte position, across all frames at once (short, many frames).
+    init = 0xFFFF
     crc = np.full(n, init, np.int64)
     if len(buf) == 0:
         return crc
     for j in range(int(lengths.max()) if n else 0):
         live = lengths > j
         b = buf[np.minimum(starts + j, len(buf) - 1)].astype(np.int64)
-        if kind == "crc16_modbus":
-            step = (crc >> 8) ^ _MODBUS[(crc ^ b) & 0xFF]
-        else:
-            step = ((crc << 8) & 0xFFFF) ^ _CCITT[((crc >> 8) ^ b) & 0xFF]
-        crc = np.where(live, step, crc)
+        crc = np.where(live, (crc >> 8) ^ _MODBUS[(crc ^ b) & 0xFF], crc)
     return crc

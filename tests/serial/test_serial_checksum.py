@@ -20,7 +20,7 @@ def test_check_values():
     assert compute("xor", b"GPGLL,5300.97914,N,00259.98174,E,125926,A") == 0x28
 
 
-@given(st.lists(st.binary(max_size=40), min_size=1, max_size=20))
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=80))
 def test_columnar_equals_scalar(frames):
     buf = b"".join(frames)
     ends = np.cumsum([len(f) for f in frames]).astype(np.int64)
@@ -30,3 +30,13 @@ def test_columnar_equals_scalar(frames):
         got = compute_many(kind, arr, starts, ends).tolist()
         want = [compute(kind, f) for f in frames]
         assert got == want, kind
+
+
+def test_columnar_crc_over_many_frames_of_mixed_lengths():
+    rng = np.random.default_rng(7)
+    frames = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in rng.integers(0, 300, 200)]
+    buf = b"".join(frames)
+    ends = np.cumsum([len(f) for f in frames]).astype(np.int64)
+    starts = ends - np.array([len(f) for f in frames], np.int64)
+    got = compute_many("crc16_modbus", np.frombuffer(buf, np.uint8), starts, ends).tolist()
+    assert got == [compute("crc16_modbus", f) for f in frames]
