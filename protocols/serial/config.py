@@ -17,7 +17,7 @@ from typing import Any
 
 from edgeos.protocols.serial.checksum import DEFAULT_ORDER, KINDS, WIDTH
 
-from edgeos.config.schema import Field, Problems
+from edgeos.config.schema import Field, Problems, parse_table
 from edgeos.model import ValueKind
 
 NAMES = {
@@ -257,11 +257,6 @@ class Spec:
         return f"framing: {what}, max_frame {self.max_frame} bytes, encoding {self.encoding}"
 
 
-def _patterns_raw(o: Mapping[str, Any]) -> list[str] | str | None:
-    p = o.get("pattern")
-    return p
-
-
 def build_spec(
     options: Mapping[str, Any],
     tags: Sequence[Any],
@@ -391,8 +386,6 @@ def build_spec(
             rr = []
         for k, r in enumerate(rr):
             rpath = f"{p}requests[{k}]"
-            from edgeos.config.schema import parse_table
-
             rt = parse_table(r, REQUEST_FIELDS, rpath, problems)
             if "send" not in rt:
                 continue
@@ -412,8 +405,8 @@ def build_spec(
                 continue
             patterns.append(pat)
             requests.append(Request(send, pat, rt["interval"] or default_interval_ns, rt["timeout"], rt["send"]))
-        if device_pat is not None and device_pat not in patterns:
-            patterns.append(device_pat)
+        if device_pat is not None and rr and device_pat not in patterns:
+            problems.add(f"{p}pattern", "no request uses it: every request has its own pattern")
     for i, t in enumerate(tags):
         g = t.options.get("group") or t.name
         if g in tag_by_group and tag_by_group[g] is t and g not in used and patterns:

@@ -152,3 +152,18 @@ def test_check_shows_framing_checksum_and_patterns(write_config):
         "-> r (integer)",
     ]:
         assert expected in res.output, f"{expected!r} not in:\n{res.output}"
+
+
+def test_poll_mode_device_pattern_no_request_uses_is_refused(serial_config):
+    body = """
+    [[devices]]
+    name = "d"
+    protocol = "serial"
+    port = "/dev/ttyS9"
+    mode = "poll"
+    pattern = '^(?P<w>\\d+)$'
+    requests = [{ send = "R", pattern = '^(?P<r>\\d+)$' }]
+    tags = [{ name = "w" }, { name = "r" }]
+    """
+    with pytest.raises(ConfigError, match=r"devices\[0\].pattern: no request uses it"):
+        serial_config(body)
