@@ -115,10 +115,11 @@ class TcpSerialServer:
     """A raw-TCP serial device server (socket://): sends what `send` is given to every client,
     and records what clients write."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply=None, suffix: bytes = b"\r") -> None:
         self.server: asyncio.Server | None = None
         self.clients: list[asyncio.StreamWriter] = []
         self.received = b""
+        self.reply, self.suffix = reply, suffix  # answer each request ending in suffix (None: silent)
         self.connections = 0
         self.port = 0
 
@@ -131,8 +132,15 @@ class TcpSerialServer:
         self.connections += 1
         self.clients.append(writer)
         with contextlib.suppress(OSError):
+            pending = b""
             while data := await reader.read(65536):
                 self.received += data
+                pending += data
+                while self.reply is not None and self.suffix in pending:
+                    req, _, pending = pending.partition(self.suffix)
+                    answer = self.reply(req)
+                    if answer is not None:
+                        writer.write(answer)
 
     async def send(self, data: bytes) -> None:
         for w in list(self.clients):

@@ -118,3 +118,24 @@ async def test_rfc2217_url(serial_config, run_adapter):
         while not run.task.done():
             await asyncio.sleep(0.01)
     assert run.error is not None and run.error.code in ("lost", "closed")
+
+
+async def test_poll_over_socket_counts_unsolicited_frames(tcp_server, serial_config, run_adapter):
+    body = """
+    [[devices]]
+    name = "ctl"
+    protocol = "serial"
+    port = "socket://127.0.0.1:{port}"
+    terminator = "CR"
+    mode = "poll"
+    requests = [{{ send = "R\\r", pattern = '^R=(?P<r>\\d+)$', interval = "50ms", timeout = "300ms" }}]
+    tags = [{{ name = "r", type = "integer" }}]
+    """
+    # One frame more than asked with each reply: counted as unsolicited, never taken as a reply.
+    tcp_server.reply = lambda req: b"R=42\rR=7\r" if req == b"R" else None
+    cfg = serial_config(body.format(port=tcp_server.port))
+    run = await run_adapter(cfg.devices[0])
+    await run.wait(lambda r: len(r.of("r")) >= 3)
+    h = run.adapter.health()
+    assert h["unsolicited"] >= 1 and h["requests"] >= 1
+    assert all(x[2:4] == (42.0, Quality.GOOD) for x in run.of("r"))
