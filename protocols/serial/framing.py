@@ -1,7 +1,7 @@
 """Cutting a byte stream into frames: by terminator, by fixed length, or between start and end bytes.
 
 A framer keeps only the unfinished tail of the stream between reads, never more than
-`max_frame` plus a delimiter: a frame split across reads is completed by the next one, frames
+`max_frame` plus its delimiters: a frame split across reads is completed by the next one, frames
 glued in one read come out together, and a device that never sends its terminator cannot grow
 memory. A frame longer than `max_frame` is counted and discarded up to the next frame start
 (after the next terminator, or at the next start bytes). Delimiters are not part of a frame.
@@ -110,7 +110,7 @@ class TerminatorFramer(Framer):
             pos = i + tl
             i = find(term, pos)
         rest = b[pos:]
-        if len(rest) > mx:  # no terminator within max_frame: discard up to the next one
+        if len(rest) > mx + tl - 1:  # no terminator within max_frame (a partial one may end it)
             self.overlong += 1
             out.reject("overlong")
             keep = min(len(rest), tl - 1)
@@ -175,38 +175,34 @@ class StartEndFramer(Framer):
                 break
             self.garbage_bytes += i - pos
             body = i + ls
-            j = b.find(e, body)
+            j = b.find(e, body, body + mx + le)  # an end within max_frame
             nxt = b.find(s, body)
-            if 0 <= nxt < (j if j >= 0 else n) and nxt - body <= mx:
-                # A start before this frame's end: the end was lost; the frame is incomplete.
+            if nxt >= 0 and (j < 0 or nxt < j) and nxt - body <= mx:
+                # Another start before this frame's end: the end was lost; the frame is incomplete.
                 self.incomplete += 1
                 self.garbage_bytes += nxt - i
                 out.reject("incomplete")
                 pos = nxt
                 continue
-            if j < 0:
-                if n - body > mx:  # no end within max_frame: discard up to the next start
-                    self.overlong += 1
-                    out.reject("overlong")
-                    nxt = b.find(s, body)
-                    if nxt < 0:
-                        keep = min(n - body, ls - 1)
-                        self.garbage_bytes += n - i - keep
-                        pos = n - keep
-                        break
-                    self.garbage_bytes += nxt - i
-                    pos = nxt
-                    continue
-                pos = i
-                break
-            if j - body > mx:
-                self.overlong += 1
-                self.garbage_bytes += j + le - i
-                out.reject("overlong")
-            else:
+            if j >= 0:
                 out.starts.append(body)
                 out.ends.append(j)
-            pos = j + le
+                pos = j + le
+                continue
+            if n - body <= mx + le - 1:  # may still end within max_frame: wait for more
+                pos = i
+                break
+            # No end within max_frame: counted, discarded up to the next start.
+            self.overlong += 1
+            out.reject("overlong")
+            if nxt >= 0:
+                self.garbage_bytes += nxt - i
+                pos = nxt
+                continue
+            keep = min(n - body, ls - 1)
+            self.garbage_bytes += n - i - keep
+            pos = n - keep
+            break
         self._keep(b[pos:])
         return out
 
