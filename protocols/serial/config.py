@@ -112,6 +112,9 @@ DEVICE_FIELDS = {
     "frame_length": Field("int", None, min=1, max=MAX_FRAME_LIMIT, help="bytes of a frame (framing = fixed)"),
     "start": Field("str", None, check=_bytes_check(True), help="first bytes of a frame (start_end; fixed: sync)"),
     "end": Field("str", "ETX", check=_bytes_check(True), help="last bytes of a frame (framing = start_end)"),
+    "trailer": Field(
+        "int", 0, min=0, max=16, help="start_end: bytes after the end that belong to the frame (e.g. a BCC)"
+    ),
     "max_frame": Field("int", 1024, min=1, max=MAX_FRAME_LIMIT, help="longest frame in bytes; longer is discarded"),
     "encoding": Field("str", "ascii", check=_encoding_check, help="how a frame's bytes become text"),
     "mode": Field("choice", "listen", choices=("listen", "poll")),
@@ -229,6 +232,7 @@ class Spec:
     start: bytes
     end: bytes
     max_frame: int
+    trailer: int
     encoding: str
     mode: str
     patterns: tuple[Pattern, ...]
@@ -254,6 +258,8 @@ class Spec:
             what = f"fixed {self.frame_length} bytes" + (f" starting {show_bytes(self.start)}" if self.start else "")
         else:
             what = f"start {show_bytes(self.start)} end {show_bytes(self.end)}"
+            if self.trailer:
+                what += f" and {self.trailer} more byte{'s' if self.trailer > 1 else ''}"
         return f"framing: {what}, max_frame {self.max_frame} bytes, encoding {self.encoding}"
 
 
@@ -302,6 +308,8 @@ def build_spec(
         problems.add(f"{p}frame_length", f'applies to framing = "fixed", not "{o["framing"]}"')
     if o["framing"] == "fixed" and o.get("frame_length") and o["frame_length"] > o["max_frame"]:
         problems.add(f"{p}frame_length", f"found {o['frame_length']}, more than max_frame = {o['max_frame']}")
+    if o.get("trailer") and o["framing"] != "start_end":
+        problems.add(f"{p}trailer", f'applies to framing = "start_end", not "{o["framing"]}"')
     if o["framing"] == "start_end" and start == end:
         problems.add(f"{p}end", "found the same bytes as start: a frame could not be told from the next")
 
@@ -458,6 +466,7 @@ def build_spec(
         start=start,
         end=end,
         max_frame=o["max_frame"],
+        trailer=o["trailer"],
         encoding=enc,
         mode=o["mode"],
         patterns=tuple(dict.fromkeys(patterns)),

@@ -156,10 +156,14 @@ class FixedFramer(Framer):
 
 
 class StartEndFramer(Framer):
-    def __init__(self, start: bytes, end: bytes, max_frame: int) -> None:
+    """With `trailer`, that many bytes after the end (a BCC) belong to the frame, and the frame
+    then keeps its end bytes too (a checksum often covers them): data, end, trailer."""
+
+    def __init__(self, start: bytes, end: bytes, max_frame: int, trailer: int = 0) -> None:
         super().__init__(max_frame)
         self.start = start
         self.end = end
+        self.trailer = trailer
 
     def feed(self, data: bytes) -> Frames:
         b = self.rest + data if self.rest else data
@@ -185,9 +189,17 @@ class StartEndFramer(Framer):
                 pos = nxt
                 continue
             if j >= 0:
-                out.starts.append(body)
-                out.ends.append(j)
-                pos = j + le
+                stop = j + le + self.trailer
+                if self.trailer:
+                    if stop > n:  # the trailer is still on its way
+                        pos = i
+                        break
+                    out.starts.append(body)
+                    out.ends.append(stop)
+                else:
+                    out.starts.append(body)
+                    out.ends.append(j)
+                pos = stop
                 continue
             if n - body <= mx + le - 1:  # may still end within max_frame: wait for more
                 pos = i
@@ -212,4 +224,4 @@ def framer_for(spec) -> Framer:  # spec: config.Spec
         return TerminatorFramer(spec.terminator, spec.max_frame)
     if spec.framing == "fixed":
         return FixedFramer(spec.frame_length, spec.start, spec.max_frame)
-    return StartEndFramer(spec.start, spec.end, spec.max_frame)
+    return StartEndFramer(spec.start, spec.end, spec.max_frame, spec.trailer)

@@ -76,8 +76,10 @@ class Parser:
         the whole frame and every frame passes."""
         ends = np.array(frames.ends, np.int64)
         cs = self.spec.checksum
+        # With a trailer the frame holds its end bytes and trailer: the text stops before them.
+        cut = len(self.spec.end) + self.spec.trailer if self.spec.framing == "start_end" and self.spec.trailer else 0
         if cs is None:
-            return ends, np.ones(len(ends), bool), None, None
+            return ends - cut, np.ones(len(ends), bool), None, None
         starts = np.array(frames.starts, np.int64)
         arr = np.frombuffer(frames.data, np.uint8)
         at = ends - cs.size  # where the checksum field begins
@@ -103,7 +105,8 @@ class Parser:
                 if width == 2 and cs.order == "little":
                     found = ((found & 0xFF) << 8) | (found >> 8)
         ok = valid & (computed == found)
-        return np.where(fits, text_end, ends), ok, computed, found
+        text_end = np.minimum(text_end, ends - cut)
+        return np.where(fits, np.maximum(text_end, starts), ends), ok, computed, found
 
     # -- parse -------------------------------------------------------------------------------
 

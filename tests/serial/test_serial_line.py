@@ -212,3 +212,34 @@ async def test_a_port_held_by_another_process_is_refused(line, serial_config):
         await adapter.close()
     finally:
         other.close()
+
+
+async def test_start_end_with_a_checksum_after_the_end_byte(line, serial_config, run_adapter):
+    """STX data ETX BCC: the BCC (XOR over data and ETX) follows the end byte."""
+    body = """
+    [[devices]]
+    name = "plc"
+    protocol = "serial"
+    port = "{port}"
+    framing = "start_end"
+    trailer = 1
+    checksum = "xor"
+    checksum_format = "binary"
+    pattern = '^D(?P<d>\\d+)$'
+    tags = [{{ name = "d", type = "integer" }}]
+    """
+    cfg = serial_config(body.format(port=line.adapter))
+    run = await run_adapter(cfg.devices[0])
+
+    def frame(data: bytes) -> bytes:
+        x = 0
+        for c in data + b"\x03":
+            x ^= c
+        return b"\x02" + data + b"\x03" + bytes([x])
+
+    line.send(frame(b"D12") + frame(b"D13")[:-1] + b"\x00" + frame(b"D14")[:-1])
+    await asyncio.sleep(0.05)
+    line.send(frame(b"D14")[-1:])  # the BCC alone in the next read
+    await run.wait(lambda r: len(r.of("d")) >= 3)
+    d = run.of("d")
+    assert [r[3] for r in d] == [GOOD, BAD, GOOD] and (d[0][2], d[2][2]) == (12.0, 14.0)
