@@ -93,3 +93,34 @@ def test_any_bytes_never_raise_and_every_frame_is_accounted_for(serial_config_on
     bad_frames = len(res.failures) - sum(1 for f in res.failures if f.reason == "value")
     assert int((b.quality == BAD).sum()) >= 4 * bad_frames
     assert np.isnan(b.values[b.quality == BAD]).all()
+
+
+TIMED = """
+[[devices]]
+name = "t"
+protocol = "serial"
+port = "/dev/ttyS9"
+terminator = "LF"
+pattern = '^(?P<time>[^;]+);(?P<v>\\S+)$'
+timestamp_group = "time"
+timestamp_format = "{fmt}"
+timezone = "{tz}"
+tags = [{{ name = "v" }}]
+"""
+
+
+def test_device_timestamps_in_every_format(serial_config):
+    cases = [
+        ("unix", "UTC", "1764844200.5", 1764844200_500_000_000),
+        ("unix_ms", "UTC", "1764844200123", 1764844200_123_000_000),
+        ("unix_ns", "UTC", "1764844200123456789", 1764844200_123456789),
+        ("iso8601", "UTC", "2025-12-04T10:30:00+01:00", 1764840600_000_000_000),
+        ("iso8601", "Europe/Berlin", "2025-12-04 10:30:00.25", 1764840600_250_000_000),
+        ("%y%m%d%H%M%S", "UTC", "251204093000", 1764840600_000_000_000),
+    ]
+    for fmt, tz, text, want in cases:
+        dev = serial_config(TIMED.format(fmt=fmt, tz=tz)).devices[0]
+        res = parse(dev, f"{text};1.5\nnot-a-time;2\n".encode())
+        assert res.batch.ts.tolist()[0] == want, (fmt, text)
+        assert res.batch.quality.tolist() == [0, BAD], fmt
+        assert [f.reason for f in res.failures] == ["timestamp"]
