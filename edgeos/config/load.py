@@ -180,11 +180,13 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         raw_devices = []
     seen_devices: dict[str, int] = {}
     next_id = 0
+    placed: list[tuple[int, DeviceConfig]] = []
     for i, rd in enumerate(raw_devices):
         dpath = f"devices[{i}]"
         dev = _parse_device(rd, dpath, base, problems, next_id)
         if dev is None:
             continue
+        placed.append((i, dev))
         if dev.name in seen_devices:
             problems.add(
                 f"{dpath}.name", f"duplicate device name {dev.name!r} (also devices[{seen_devices[dev.name]}])"
@@ -194,6 +196,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         devices.append(dev)
     if not raw_devices:
         problems.add("devices", "no devices configured: add at least one [[devices]] table")
+    _check_shared_ports(placed, problems)
 
     problems.raise_if_any()
     data_dir = Path(gw["data_dir"])
@@ -221,6 +224,38 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         devices=tuple(devices),
         upstream=UpstreamConfig(enabled=up.get("enabled", False), options=up),
     )
+
+
+def _serial_port(dev: DeviceConfig) -> tuple[str, str, bool] | None:
+    """(key, port, may share) of a device that opens a serial port: Modbus RTU devices share
+    their line (one master polls each unit in turn); any other reader owns its port alone."""
+    o = dev.options
+    if dev.protocol == "modbus" and o.get("transport") == "rtu" and o.get("serial_port"):
+        return "serial_port", o["serial_port"], True
+    if dev.protocol == "serial" and o.get("port"):
+        return "port", o["port"], False
+    return None
+
+
+def _check_shared_ports(devices: list[tuple[int, DeviceConfig]], problems: Problems) -> None:
+    """Two devices on one port would each read half of the other's bytes: refused at load,
+    except Modbus RTU devices among themselves. Symlinks (/dev/serial/by-id/...) are resolved."""
+    owner: dict[str, tuple[int, DeviceConfig, bool]] = {}
+    for i, dev in devices:
+        found = _serial_port(dev)
+        if found is None or not dev.enabled:
+            continue
+        key, port, shared = found
+        real = port if "://" in port else os.path.realpath(port)
+        first = owner.get(real)
+        if first is None:
+            owner[real] = (i, dev, shared)
+        elif not (shared and first[2]):
+            problems.add(
+                f"devices[{i}].{key}",
+                f'"{port}" is also the port of device "{first[1].name}" (devices[{first[0]}]): two devices may '
+                "not share one port (only Modbus RTU devices share a line among themselves)",
+            )
 
 
 def _protocol(name: Any, path: str, problems: Problems) -> Any:

@@ -91,11 +91,54 @@ tags = [
 """
 
 
+@contextlib.asynccontextmanager
+async def serial_peer(write_config) -> AsyncIterator[str]:
+    """A TCP serial device server (socket://) sending a scale's lines every 10 ms; the pty peers
+    and bad input are in tests/serial."""
+    clients: list[asyncio.StreamWriter] = []
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        clients.append(writer)
+
+    async def feed() -> None:
+        while True:
+            line = b"ST,GS,+0012.34 kg\r\nUS,GS,+0012.30 kg\r\n"
+            for w in clients:
+                if not w.is_closing():
+                    w.write(line)
+            await asyncio.sleep(0.01)
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    task = asyncio.create_task(feed())
+    try:
+        yield f"""
+[[devices]]
+name = "dev"
+protocol = "serial"
+port = "socket://127.0.0.1:{port}"
+pattern = '^(?P<status>ST|US),GS,(?P<a>[+-][\\d.]+) (?P<b>\\w+)$'
+tags = [
+  {{ name = "a" }},
+  {{ name = "b", type = "string" }},
+  {{ name = "c", group = "status", type = "bool", true_values = ["ST"] }},
+]
+"""
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for w in clients:
+            w.close()
+        server.close()
+
+
 PEERS: dict[str, Callable] = {
     "simulated": simulated_peer,
     "misbehaving": misbehaving_peer,
     "modbus": modbus_peer,
     "sysfs": sysfs_peer,
+    "serial": serial_peer,
 }
 TESTED = sorted(p.name for p in plugins.available(plugins.PROTOCOLS) if p.name in PEERS)
 

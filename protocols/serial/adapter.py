@@ -1,0 +1,214 @@
+"""The serial line adapter: frames from a port, parsed into batches; listen or poll mode.
+
+*listen*: one read loop; whatever one read returns is cut into frames and parsed into one
+batch. *poll*: the same read loop, plus one task per request sending it on an absolute grid
+(as `PollingAdapter` does) and waiting for the reply frame under a lock, so requests on one
+line never overlap. A reply that does not come in time gives the request's tags
+`BAD_TIMEOUT`; frames nobody asked for are counted and discarded.
+
+Counters live in a `DeviceState` per configured device, not in the adapter: the runtime makes
+a new adapter at each reconnect (an unplugged port raises `PortError` from `run`; the runtime
+records Bad samples, backs off and reopens), and the counts must survive that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import weakref
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from edgeos.protocols.serial import port as ports
+from edgeos.protocols.serial.config import Request, Spec, build_spec
+from edgeos.protocols.serial.framing import Framer, Frames, framer_for
+from edgeos.protocols.serial.parse import Parser
+
+from edgeos.adapter import DeviceConfig, TagConfig
+from edgeos.errors import DeviceError
+from edgeos.logs import RateLimited
+from edgeos.model import Batch, Quality
+
+log = logging.getLogger("edgeos.protocols.serial")
+
+
+class DeviceState:
+    """Counters of one configured device; outlives its adapters."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()  # bytes, frames, bad_<reason>, timeouts, unsolicited, opens
+        self.peak_buffer = 0
+        self.last_bad = ""
+        self.errors = RateLimited(log)
+
+
+_STATES: dict[int, DeviceState] = {}
+
+
+def state_of(device: DeviceConfig) -> DeviceState:
+    """The device's state, kept as long as its DeviceConfig lives (one per device per run)."""
+    st = _STATES.get(id(device))
+    if st is None:
+        st = _STATES[id(device)] = DeviceState()
+        weakref.finalize(device, _STATES.pop, id(device), None)
+    return st
+
+
+def spec_of(device: DeviceConfig) -> Spec:
+    spec = build_spec(device.options, device.tags, device.poll_interval_ns)
+    assert spec is not None  # build_spec raises ConfigError on problems
+    return spec
+
+
+class SerialAdapter:
+    def __init__(self, device: DeviceConfig) -> None:
+        self.device = device
+        self.spec = spec_of(device)
+        self.state = state_of(device)
+        self.parser = Parser(device.name, self.spec)
+        self.framer: Framer = framer_for(self.spec)
+        self.port: ports.Port | None = None
+        self._lock = asyncio.Lock()  # poll mode: one request on the line at a time
+        self._waiter: asyncio.Future[tuple[Frames, int]] | None = None
+
+    async def connect(self) -> None:
+        if self.port is None:
+            self.port = await ports.open_port(self.device.name, self.spec)
+            self.state.counts["opens"] += 1
+
+    async def run(self, emit: Any) -> None:
+        if self.port is None:
+            raise DeviceError(self.device.name, "not connected", code="not_connected")
+        if self.spec.mode == "listen":
+            await self._listen(emit)
+            return
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._listen(emit), name=f"serial:{self.device.name}:read")
+            for i, r in enumerate(self.spec.requests):
+                tg.create_task(self._poll(r, emit), name=f"serial:{self.device.name}:poll{i}")
+
+    async def _listen(self, emit: Any) -> None:
+        port, framer, st = self.port, self.framer, self.state
+        assert port is not None
+        counts = st.counts
+        listen = self.spec.mode == "listen"
+        while True:
+            data = await port.read()
+            now = time.time_ns()
+            counts["bytes"] += len(data)
+            frames = framer.feed(data)
+            if framer.peak_buffer > st.peak_buffer:
+                st.peak_buffer = framer.peak_buffer
+            if not frames.starts and not frames.bad:
+                continue
+            if listen:
+                res = self.parser.parse(frames, now)
+                self._count(res.frames, res.failures)
+                if len(res.batch):
+                    await emit(res.batch)
+            elif self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result((frames, now))
+            else:
+                counts["unsolicited"] += len(frames.starts) + len(frames.bad)
+
+    async def _poll(self, req: Request, emit: Any) -> None:
+        loop = asyncio.get_running_loop()
+        interval = req.interval_ns / 1e9
+        wall = time.time()
+        start = loop.time() + ((wall // interval + 1) * interval - wall)
+        k = 0
+        ids = np.array(req.pattern.tag_ids, np.int32)
+        while True:
+            delay = start + k * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            batch = await self._ask(req, ids)
+            await emit(batch)
+            k = max(k + 1, int((loop.time() - start) / interval) + 1)
+
+    async def _ask(self, req: Request, ids: np.ndarray) -> Batch:
+        assert self.port is not None
+        async with self._lock:
+            fut: asyncio.Future[tuple[Frames, int]] = asyncio.get_running_loop().create_future()
+            self._waiter = fut
+            self.state.counts["requests"] += 1
+            self.framer.drop_partial()
+            try:
+                await self.port.write(req.send)
+                async with asyncio.timeout(req.timeout_ns / 1e9):
+                    frames, now = await fut
+            except TimeoutError:
+                self.state.counts["timeouts"] += 1
+                self.state.errors.log(
+                    logging.WARNING,
+                    "timeout",
+                    "%s: no reply to %r within %gs",
+                    self.device.name,
+                    req.send,
+                    req.timeout_ns / 1e9,
+                )
+                return Batch.filled(self.device.name, ids, time.time_ns(), math.nan, Quality.BAD_TIMEOUT)
+            finally:
+                self._waiter = None
+        extra = len(frames.starts) - 1
+        if extra > 0:  # one reply per request: the rest arrived unasked
+            self.state.counts["unsolicited"] += extra
+            frames = Frames(frames.data, frames.starts[:1], frames.ends[:1], frames.bad, frames.bad_at)
+        res = self.parser.parse(frames, now, [req.pattern])
+        self._count(res.frames, res.failures)
+        return res.batch
+
+    def _count(self, frames: int, failures: list) -> None:
+        st = self.state
+        st.counts["frames"] += frames
+        if not failures:
+            return
+        for f in failures:
+            st.counts[f"bad_{f.reason}"] += 1
+        f = failures[-1]
+        st.last_bad = f"{f.reason}: {f.detail}" if f.detail else f.reason
+        if len(failures) > 1:
+            first = failures[0]
+            detail = f"{first.detail} (and {len(failures) - 1} more bad frames in this read)"
+        else:
+            first, detail = f, f.detail
+        st.errors.log(
+            logging.WARNING, f"bad:{first.reason}", "%s: bad frame (%s): %s", self.device.name, first.reason, detail
+        )
+
+    async def write(self, tag: TagConfig, value: float | bool | str) -> float | bool | str | None:
+        raise DeviceError(self.device.name, "serial tags are read-only", code="read_only", stage="write")
+
+    async def close(self) -> None:
+        p, self.port = self.port, None
+        # The framer goes with this adapter; its count must outlive it like the others.
+        self.state.counts["garbage_bytes"] += self.framer.garbage_bytes
+        self.framer.garbage_bytes = 0
+        if p is not None:
+            p.close()
+
+    def health(self) -> Mapping[str, Any]:
+        """Counters since the daemon started (they survive reopening the port)."""
+        st, c = self.state, self.state.counts
+        out: dict[str, Any] = {
+            "port": self.spec.port,
+            "connected": self.port is not None,
+            "opens": c["opens"],
+            "bytes": c["bytes"],
+            "frames": c["frames"],
+            "bad_frames": sum(v for k, v in c.items() if k.startswith("bad_")),
+        }
+        out.update({k: v for k, v in sorted(c.items()) if k.startswith("bad_")})
+        out["garbage_bytes"] = c["garbage_bytes"] + self.framer.garbage_bytes
+        if self.spec.mode == "poll":
+            out.update(requests=c["requests"], timeouts=c["timeouts"])
+        out["unsolicited"] = c["unsolicited"]
+        out["buffered_bytes"] = self.framer.buffered
+        out["peak_buffered_bytes"] = st.peak_buffer
+        if st.last_bad:
+            out["last_bad"] = st.last_bad
+        return out
