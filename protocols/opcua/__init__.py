@@ -46,7 +46,7 @@ class OpcUaProtocol:
             problems.add(f"{path}.protocol", INSTALL_HINT)
         mode = o.get("security_mode")
         policy = o.get("security_policy")
-        if "security_mode" not in device.options:
+        if mode is None:
             problems.add(
                 f"{path}.security_mode",
                 'missing: say how to connect: "Sign" or "SignAndEncrypt" (with security_policy, certificate, '

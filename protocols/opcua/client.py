@@ -285,7 +285,7 @@ def check_server_certificate(der: bytes, trust_dir: Path, endpoint: str) -> None
         saved.write_bytes(der)
         raise OpcUaError(
             f"the server certificate of {endpoint} (thumbprint {thumb}) is not trusted; it was saved as {saved}. "
-            f"If it is the right server, trust it with: edgeos opcua cert trust {saved} --trust-dir {trust_dir}",
+            f"If it is the right server, trust it with: edgeos opcua trust {saved} --trust-dir {trust_dir}",
             "untrusted",
         )
     now = dt.datetime.now(dt.UTC)

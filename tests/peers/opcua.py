@@ -123,11 +123,9 @@ async def _serve(spec: dict[str, Any]) -> None:
 
     class Users(UserManager):
         def get_user(self, iserver, username=None, password=None, certificate=None):
-            if username is None and certificate is None:
-                return User(role=UserRole.User) if not users else None
-            if certificate is not None:
+            if not users:
                 return User(role=UserRole.User)
-            if users.get(username) == password:
+            if username is not None and users.get(username) == password:
                 return User(role=UserRole.User)
             return None
 
@@ -186,7 +184,13 @@ async def _serve(spec: dict[str, Any]) -> None:
             await node.set_writable()
         if v.get("unit"):
             eu = ua.EUInformation(DisplayName=ua.LocalizedText(v["unit"]), Description=ua.LocalizedText(v["unit"]))
-            await node.add_property(ns, "EngineeringUnits", eu, varianttype=ua.VariantType.ExtensionObject)
+            # The standard's BrowseName (namespace 0), the node in the server's namespace.
+            await node.add_property(
+                ua.NodeId(f"{ident}.EngineeringUnits", ns),
+                ua.QualifiedName("EngineeringUnits", 0),
+                eu,
+                varianttype=ua.VariantType.ExtensionObject,
+            )
         if v.get("status"):
             await node.write_value(ua.DataValue(ua.Variant(value, vt), StatusCode_=ua.StatusCode(v["status"])))
         nodes[v["name"]] = node
