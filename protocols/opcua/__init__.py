@@ -29,7 +29,11 @@ INSTALL_HINT = "the opcua protocol needs asyncua: pip install 'edgeos[opcua]'"
 
 
 def asyncua_installed() -> bool:
-    return importlib.util.find_spec("asyncua") is not None
+    """Whether asyncua can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec("asyncua") is not None
+    except (ImportError, ValueError):  # a broken install, or sys.modules["asyncua"] = None
+        return False
 
 
 class OpcUaProtocol:
@@ -89,8 +93,8 @@ class OpcUaProtocol:
         for i, t in enumerate(device.tags):
             topt = t.options
             where = f' (tag "{t.name}")'
-            db = topt.get("deadband") or o["deadband"]
-            if db != "none" and topt.get("type", "number") != "number":
+            db = topt.get("deadband")
+            if db and db != "none" and topt.get("type", "number") != "number":
                 problems.add(f"{path}.tags[{i}].deadband", f'found "{db}", a deadband applies to number tags{where}')
 
     def create(self, device: DeviceConfig) -> Adapter:

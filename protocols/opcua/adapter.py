@@ -242,7 +242,9 @@ class OpcUaAdapter(PollingAdapter):
                         "queue_size": t.get("queue_size") or o["queue_size"],
                         "discard_oldest": o["discard_oldest"],
                         "trigger": o["trigger"],
-                        "deadband": t.get("deadband") or o["deadband"],
+                        # The device's deadband applies to number tags (a server refuses it on others).
+                        "deadband": t.get("deadband")
+                        or (o["deadband"] if self.kinds[i] == uac.KIND_NUMBER else "none"),
                         "deadband_value": t.get("deadband_value")
                         if t.get("deadband_value") is not None
                         else o["deadband_value"],

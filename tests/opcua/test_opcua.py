@@ -102,6 +102,23 @@ def test_a_gateway_without_opcua_devices_never_imports_asyncua(write_config) -> 
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd="/")
 
 
+def test_a_config_with_opcua_devices_says_how_to_install_asyncua_when_it_is_missing(write_config) -> None:
+    body = device("opc.tcp://127.0.0.1:4840", '{ name = "a", node = "ns=2;s=A" }')
+    path = write_config(GATEWAY + body)
+    code = (
+        "import sys\n"
+        "sys.modules['asyncua'] = None  # as if not installed\n"
+        "from edgeos.config import load_config\n"
+        "from edgeos.errors import ConfigError\n"
+        "try:\n"
+        f"    load_config({str(path)!r})\n"
+        "except ConfigError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd="/", capture_output=True, text=True)
+    assert "devices[0].protocol: the opcua protocol needs asyncua: pip install 'edgeos[opcua]'" in out.stdout
+
+
 def spec_basic(**kw):
     return {
         "namespaces": [NS, "urn:edgeos:test:other"],
@@ -336,3 +353,40 @@ async def test_a_restarted_server_leaves_one_bad_gap_and_no_change_lost_or_doubl
     assert after == list(np.arange(after[0], after[0] + len(after)))
     before = [v for _, v, q in counter[: bad[0]]]
     assert before == list(np.arange(before[0], before[0] + len(before)))
+
+
+async def test_the_server_side_deadband_filters_changes(opcua_peer, write_config) -> None:
+    peer = opcua_peer(spec_basic())
+    # The counter steps by 1: a deadband of 1.5 lets none of its steps through, 0.5 lets all.
+    tags = f"""
+  {{ name = "wide", node = "nsu={NS};s=Counter", deadband = "absolute", deadband_value = 1.5 }},
+  {{ name = "narrow", node = "nsu={NS};s=Counter", deadband = "absolute", deadband_value = 0.5 }},
+"""
+    cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, tags, 'publishing_interval = "50ms"')))
+    await adapter.connect()
+    try:
+        got = await collect(adapter, lambda g: len(rows(g, 1)) >= 8)
+    finally:
+        await adapter.close()
+    assert len(rows(got, 0)) == 1  # the first value only
+    narrow = [v for _, v, _ in rows(got, 1)]
+    assert narrow == list(np.arange(narrow[0], narrow[0] + len(narrow)))
+
+
+async def test_timestamps_follow_the_timestamp_option(opcua_peer, write_config) -> None:
+    peer = opcua_peer(spec_basic())
+    tags = '  { name = "other", node = "nsu=urn:edgeos:test:other;s=Other", mode = "poll" },\n'
+    stamps = {}
+    for choice in ("source", "gateway"):
+        path = write_config(GATEWAY + device(peer.endpoint, tags, f'timestamp = "{choice}"'), name=f"{choice}.toml")
+        cfg, dev, adapter = make(path)
+        await adapter.connect()
+        try:
+            before = time.time_ns()
+            got = await collect(adapter, lambda g: len(g) >= 1)
+            stamps[choice] = (before, rows(got, 0)[0][0])
+        finally:
+            await adapter.close()
+    # The node was written once when the server started: its source time is before this test read.
+    assert stamps["source"][1] < stamps["source"][0]
+    assert stamps["gateway"][1] >= stamps["gateway"][0]
