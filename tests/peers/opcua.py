@@ -258,6 +258,7 @@ async def _serve(spec: dict[str, Any]) -> None:
             for nid in dvs_ids:
                 await server.iserver.aspace.write_attribute_value(nid, ua.AttributeIds.Value, dv)
             stats["bulk_changes"] = stats.get("bulk_changes", 0) + len(dvs_ids)
+            stats["bulk_t"] = time.time()  # when the last round of changes was made
 
     async def commands() -> None:
         loop = asyncio.get_running_loop()
