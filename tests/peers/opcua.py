@@ -250,6 +250,7 @@ async def _serve(spec: dict[str, Any]) -> None:
     async def bulk_loop() -> None:
         dvs_ids = [n.nodeid for n in bulk]
         k = 0
+        stats["bulk_changes"], stats["bulk_t"] = 0, time.time()
         while True:
             await asyncio.sleep(period - (time.time() % period))
             k += 1
