@@ -26,7 +26,16 @@ import numpy as np
 from edgeos.protocols.opcua import client as uac
 from edgeos.protocols.opcua.config import device_options, parse_nodeid, tag_mode
 
-from edgeos.adapter import DeviceConfig, Emit, PollGroup, PollingAdapter, TagConfig, group_by_interval
+from edgeos.adapter import (
+    DeviceConfig,
+    Emit,
+    PollGroup,
+    PollingAdapter,
+    PollStats,
+    TagConfig,
+    first_error,
+    group_by_interval,
+)
 from edgeos.errors import DeviceError
 from edgeos.logs import RateLimited
 from edgeos.model import Batch
@@ -203,17 +212,15 @@ class OpcUaAdapter(PollingAdapter):
                         self.session.subscribe(self.publishing_ns, self.o["keepalive_count"], self._on_publish)
                     )
                     await self._monitor(emit, [i for i in sub if self.nodes[i] is not None])
+                    self._last_publish = time.monotonic()  # creating many items may take a while
                     tg.create_task(self._drain(emit), name=f"opcua:{self.device.name}:publish")
                 for k, g in enumerate(self.poll_groups()):
-                    from edgeos.adapter import PollStats
-
                     self.stats[k] = PollStats()
                     tg.create_task(self._poll_loop(g, self.stats[k], emit), name=f"poll:{self.device.name}:{k}")
                 tg.create_task(self._watch(bool(sub)), name=f"opcua:{self.device.name}:watch")
                 tg.create_task(self._retry_held(emit), name=f"opcua:{self.device.name}:retry")
         except BaseExceptionGroup as eg:
-            from edgeos.adapter import first_error
-
+            # One failed task means the session is gone: report that error, not a group.
             raise first_error(eg) from eg
 
     async def _call(self, coro: Any) -> Any:

@@ -164,7 +164,7 @@ def columns(
             n,
         )
         missing = np.isnan(secs)
-        ts = np.round(secs * 1e6).astype(np.int64) * 1000 if n else np.empty(0, np.int64)
+        ts = np.round(np.where(missing, 0.0, secs) * 1e6).astype(np.int64) * 1000
         ts[missing] = now_ns
     return values, quality, ts, text
 
@@ -331,6 +331,7 @@ class Session:
         self.namespaces: list[str] = []
         self.limits = Limits()
         self.password = password
+        self._builtins: dict[Any, str] = {}  # DataType -> built-in type name, per session
 
     # -- connection
 
@@ -478,6 +479,13 @@ class Session:
 
     async def builtin_name(self, dtype: ua.NodeId) -> str:
         """The built-in type a DataType encodes as (an enumeration is Int32; a subtype its base)."""
+        if dtype in self._builtins:
+            return self._builtins[dtype]
+        name = await self._builtin_name(dtype)
+        self._builtins[dtype] = name
+        return name
+
+    async def _builtin_name(self, dtype: ua.NodeId) -> str:
         c = self.client
         seen = 0
         while dtype is not None and seen < 8:

@@ -390,3 +390,43 @@ async def test_timestamps_follow_the_timestamp_option(opcua_peer, write_config) 
     # The node was written once when the server started: its source time is before this test read.
     assert stamps["source"][1] < stamps["source"][0]
     assert stamps["gateway"][1] >= stamps["gateway"][0]
+
+
+def test_every_nodeid_form_parses() -> None:
+    import uuid
+
+    from edgeos.protocols.opcua.config import format_nodeid, parse_nodeid
+
+    assert parse_nodeid("ns=3;i=1001") == parse_nodeid("ns=3;i=1001")
+    r = parse_nodeid("ns=2;s=Line 1;Speed")  # a ';' inside a string identifier is kept
+    assert (r.ns, r.kind, r.ident) == (2, "s", "Line 1;Speed")
+    assert parse_nodeid("i=2258").ns == 0
+    g = "09087e75-8e5e-499b-954f-f2a9603db28a"
+    assert parse_nodeid(f"ns=4;g={g}").ident == uuid.UUID(g)
+    assert parse_nodeid("ns=4;b=AQID").ident == b"\x01\x02\x03"
+    r = parse_nodeid("nsu=urn:a%3Bb;s=X")
+    assert (r.ns, r.uri, r.ident) == (None, "urn:a;b", "X")
+    assert parse_nodeid(format_nodeid("urn:a;b", "b", b"\x01")) == parse_nodeid("nsu=urn:a%3Bb;b=AQ==")
+
+
+def test_timestamps_fall_back_source_then_server_then_arrival() -> None:
+    import datetime as dt
+
+    from asyncua import ua
+    from edgeos.protocols.opcua.client import KIND_NUMBER, columns
+
+    t1 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    t2 = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+    dvs = [
+        ua.DataValue(ua.Variant(1.0), SourceTimestamp=t1, ServerTimestamp=t2),
+        ua.DataValue(ua.Variant(2.0), ServerTimestamp=t2),
+        ua.DataValue(ua.Variant(3.0)),
+        ua.DataValue(StatusCode_=ua.StatusCode(0x808B0000), ServerTimestamp=t2),
+    ]
+    kinds = np.full(4, KIND_NUMBER, np.int8)
+    values, quality, ts, _ = columns(dvs, kinds, "source", 123)
+    s1, s2 = int(t1.timestamp()) * 10**9, int(t2.timestamp()) * 10**9
+    assert ts.tolist() == [s1, s2, 123, s2]
+    assert quality.tolist() == [0, 0, 0, 0x808B0000] and np.isnan(values[3])
+    assert columns(dvs, kinds, "server", 123)[2].tolist() == [s2, s2, 123, s2]
+    assert columns(dvs, kinds, "gateway", 123)[2].tolist() == [123] * 4

@@ -105,6 +105,10 @@ async def test_every_policy_and_mode_after_trusting_the_server_with_the_command_
             body = secure_device(peer.endpoint, pki, trust, mode, policy)
             dev = load_config(write_config(GATEWAY + body, name=f"{policy}-{mode}.toml")).devices[0]
             assert await read_once(dev) == 12.5, (policy, mode)
+    r = CliRunner().invoke(app, ["check", str(write_config(GATEWAY + body, name="check.toml"))])
+    assert r.exit_code == 0, r.output
+    assert f"opcua {peer.endpoint}: SignAndEncrypt Aes256_Sha256_RsaPss, anonymous" in r.output
+    assert f"certificate {pki / 'gw' / 'cert.der'} expires " in r.output
 
 
 async def test_an_expired_server_certificate_is_refused_even_when_trusted(opcua_peer, pki, tmp_path, write_config):
