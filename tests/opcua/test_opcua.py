@@ -218,6 +218,19 @@ async def test_poll_reads_every_tag_in_chunks_of_max_nodes_per_read(opcua_peer, 
     assert 0 < stats["max_read"] <= 50
 
 
+async def test_monitored_items_are_created_in_chunks_of_max_monitored_items_per_call(opcua_peer, write_config):
+    peer = opcua_peer({"namespaces": [NS], "bulk": 30, "period": 0.2, "max_monitored_items_per_call": 8})
+    tags = ",\n".join(f'{{ name = "b{k}", node = "nsu={NS};i={100000 + k}" }}' for k in range(30))
+    cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, tags, 'publishing_interval = "50ms"')))
+    await adapter.connect()
+    try:
+        got = await collect(adapter, lambda g: all(any(r[2] == 0 for r in rows(g, k)) for k in range(30)))
+    finally:
+        await adapter.close()
+    assert not any((b.quality != 0).any() for b in got)
+    assert __import__("json").loads(peer.command("stats"))["max_items"] == 8
+
+
 async def test_nsu_ids_follow_a_server_that_renumbers_its_namespaces(opcua_peer, write_config) -> None:
     spec = spec_basic()
     peer = opcua_peer(spec)

@@ -224,6 +224,18 @@ async def _serve(spec: dict[str, Any]) -> None:
             ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead, 0)
         ).write_value(ua.Variant(limit, ua.VariantType.UInt32))
     mi = spec.get("max_monitored_items_per_call") or 0
+    subs = server.iserver.subscription_service
+    plain_create = subs.create_monitored_items
+    stats["max_items"] = 0
+
+    async def create_monitored_items(params: Any) -> Any:
+        n = len(params.ItemsToCreate)
+        stats["max_items"] = max(stats["max_items"], n)
+        if mi and n > mi:
+            raise ua.uaerrors.BadTooManyOperations()
+        return await plain_create(params)
+
+    subs.create_monitored_items = create_monitored_items
     if mi:
         await server.get_node(
             ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall, 0)
@@ -256,6 +268,8 @@ async def _serve(spec: dict[str, Any]) -> None:
         dvs_ids = [n.nodeid for n in bulk]
         k = 0
         stats["bulk_changes"], stats["bulk_t"] = 0, time.time()
+        rounds: list[float] = []
+        stats["rounds"] = rounds  # end time of each round of changes (for the bench's windows)
         while True:
             await asyncio.sleep(period - (time.time() % period))
             k += 1
@@ -265,6 +279,7 @@ async def _serve(spec: dict[str, Any]) -> None:
                 await server.iserver.aspace.write_attribute_value(nid, ua.AttributeIds.Value, dv)
             stats["bulk_changes"] = stats.get("bulk_changes", 0) + len(dvs_ids)
             stats["bulk_t"] = time.time()  # when the last round of changes was made
+            rounds.append(stats["bulk_t"])
 
     async def commands() -> None:
         loop = asyncio.get_running_loop()
