@@ -150,6 +150,29 @@ async def test_a_right_password_connects_and_a_wrong_one_is_refused(
     assert "connect" in str(info.value)
 
 
+async def test_an_x509_user_identity_is_accepted_and_another_refused(opcua_peer, pki, tmp_path, write_config) -> None:
+    from edgeos.protocols.opcua.client import make_certificate, trust_certificate
+
+    make_certificate(pki / "alice.der", pki / "alice.pem", "urn:edgeos:user:alice", "localhost", common_name="alice")
+    sec = {
+        "policies": ["Basic256Sha256_SignAndEncrypt"],
+        "cert": str(pki / "server.der"),
+        "key": str(pki / "server.pem"),
+    }
+    peer = opcua_peer({"namespaces": [NS], "vars": VARS, "security": sec, "user_cert": str(pki / "alice.der")})
+    trust = tmp_path / "trust"
+    trust_certificate(pki / "server.der", trust)
+    for user, ok in (("alice", True), ("server", False)):
+        extra = f'user_certificate = "{pki / (user + ".der")}"\nuser_private_key = "{pki / (user + ".pem")}"'
+        body = secure_device(peer.endpoint, pki, trust, "SignAndEncrypt", "Basic256Sha256", extra)
+        dev = load_config(write_config(GATEWAY + body, name=f"{user}.toml")).devices[0]
+        if ok:
+            assert await read_once(dev) == 12.5
+        else:
+            with pytest.raises(DeviceError, match="BadUserAccessDenied|Bad"):
+                await read_once(dev)
+
+
 def test_none_is_refused_unless_said_and_deprecated_policies_unless_allowed(write_config, pki) -> None:
     body = '[[devices]]\nname = "plc"\nprotocol = "opcua"\nendpoint = "opc.tcp://127.0.0.1:4840"\n'
     body += f'tags = [{{ name = "a", node = "nsu={NS};s=A" }}]\n'

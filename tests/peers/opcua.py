@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -120,13 +121,25 @@ async def _serve(spec: dict[str, Any]) -> None:
     from asyncua.server.user_managers import UserManager
 
     users = spec.get("users") or {}
+    user_cert = bytes.fromhex(spec["user_cert_der"]) if spec.get("user_cert_der") else None
 
     class Users(UserManager):
         def get_user(self, iserver, username=None, password=None, certificate=None):
+            if user_cert is not None:  # only this X.509 user (the certificate is the user token's)
+                der = certificate if isinstance(certificate, bytes) else _der(certificate)
+                return User(role=UserRole.User) if der == user_cert else None
             if not users:
                 return User(role=UserRole.User)
             if username is not None and users.get(username) == password:
                 return User(role=UserRole.User)
+            return None
+
+    def _der(cert: Any) -> bytes | None:
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            return cert.public_bytes(serialization.Encoding.DER)
+        except AttributeError:
             return None
 
     server = Server(user_manager=Users())
@@ -141,7 +154,9 @@ async def _serve(spec: dict[str, Any]) -> None:
         if sec.get("application_uri"):
             await server.set_application_uri(sec["application_uri"])
     if users:
-        server.set_security_IDs(["Username"])
+        server.set_identity_tokens([ua.UserNameIdentityToken])
+    if user_cert is not None:
+        server.set_identity_tokens([ua.X509IdentityToken])
     idx: dict[str, int] = {}
     for uri in spec.get("namespaces", ["urn:edgeos:test"]):
         idx[uri] = await server.register_namespace(uri)
@@ -344,4 +359,7 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    asyncio.run(_serve(json.loads(sys.argv[1])))
+    spec = json.loads(sys.argv[1])
+    if spec.get("user_cert"):
+        spec["user_cert_der"] = Path(spec["user_cert"]).read_bytes().hex()
+    asyncio.run(_serve(spec))
