@@ -274,7 +274,7 @@ class OpcUaAdapter(PollingAdapter):
                 "monitor",
                 "%s: the server refused to monitor %s: Bad, tried again every %gs",
                 self.device.name,
-                ", ".join(self.device.tags[i].name for i in refused[:10]),
+                ", ".join(f"{self.device.tags[i].name} (0x{self.held[i]:08X})" for i in refused[:10]),
                 self.o["retry_unknown"] / 1e9,
             )
             await emit(self._held_batch(refused))
