@@ -443,3 +443,34 @@ def test_timestamps_fall_back_source_then_server_then_arrival() -> None:
     assert quality.tolist() == [0, 0, 0, 0x808B0000] and np.isnan(values[3])
     assert columns(dvs, kinds, "server", 123)[2].tolist() == [s2, s2, 123, s2]
     assert columns(dvs, kinds, "gateway", 123)[2].tolist() == [123] * 4
+
+
+async def test_datetime_bool_and_string_nodes_read_and_write(opcua_peer, write_config) -> None:
+    spec = {
+        "namespaces": [NS],
+        "vars": [
+            {"ns": NS, "id": "s=Stamp", "name": "Stamp", "type": "DateTime", "value": 1700000000.5},
+            {"ns": NS, "id": "s=On", "name": "On", "type": "Boolean", "value": False, "writable": True},
+            {"ns": NS, "id": "s=Text", "name": "Text", "type": "String", "value": "a", "writable": True},
+        ],
+    }
+    peer = opcua_peer(spec)
+    tags = f"""
+  {{ name = "stamp", node = "nsu={NS};s=Stamp", type = "datetime" }},
+  {{ name = "on", node = "nsu={NS};s=On", type = "bool", writable = true }},
+  {{ name = "text", node = "nsu={NS};s=Text", type = "string", writable = true }},
+  {{ name = "wrong", node = "nsu={NS};s=Text" }},
+"""
+    cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, tags, 'mode = "poll"')))
+    await adapter.connect()
+    try:
+        assert await adapter.write(dev.tags[1], "true") is True
+        assert await adapter.write(dev.tags[2], "b;c") == "b;c"
+        got = await collect(adapter, lambda g: rows(g, 0))  # the first batch is the held tag alone
+    finally:
+        await adapter.close()
+    b = got[-1]
+    assert rows(got, 0)[0][1:] == (1700000000.5, 0)
+    assert rows(got, 1)[0][1:] == (1.0, 0)
+    assert b.text[b.tags == 2][0] == "b;c"
+    assert rows(got, 3)[0][2] == 0x80740000  # a String node for a number tag: BadTypeMismatch, not a guess
