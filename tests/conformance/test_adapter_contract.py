@@ -133,12 +133,56 @@ tags = [
         server.close()
 
 
+@contextlib.asynccontextmanager
+async def opcua_peer(write_config) -> AsyncIterator[str]:
+    """An asyncua server in its own process on a random loopback port (tests/peers/opcua.py)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "edgeos_test_peers_opcua"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "peers" / "opcua.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    ns = "urn:edgeos:conformance"
+    peer = sys.modules[name].OpcUaPeer(
+        {
+            "namespaces": [ns],
+            "vars": [
+                {"ns": ns, "id": "s=A", "name": "A", "type": "Double", "ramp": 0.02},
+                {"ns": ns, "id": "s=B", "name": "B", "type": "String", "value": "OK"},
+                {"ns": ns, "id": "s=C", "name": "C", "type": "Boolean", "value": True},
+            ],
+        }
+    )
+    await asyncio.to_thread(peer.start)
+    try:
+        yield f"""
+[[devices]]
+name = "dev"
+protocol = "opcua"
+endpoint = "{peer.endpoint}"
+security_mode = "None"
+poll_interval = "20ms"
+tags = [
+  {{ name = "a", node = "nsu={ns};s=A" }},
+  {{ name = "b", node = "nsu={ns};s=B", type = "string" }},
+  {{ name = "c", node = "nsu={ns};s=C", type = "bool", mode = "poll", poll_interval = "50ms" }},
+  {{ name = "d", node = "nsu={ns};s=Missing" }},
+]
+"""
+    finally:
+        await asyncio.to_thread(peer.stop)
+
+
 PEERS: dict[str, Callable] = {
     "simulated": simulated_peer,
     "misbehaving": misbehaving_peer,
     "modbus": modbus_peer,
     "sysfs": sysfs_peer,
     "serial": serial_peer,
+    "opcua": opcua_peer,
 }
 TESTED = sorted(p.name for p in plugins.available(plugins.PROTOCOLS) if p.name in PEERS)
 

@@ -1,0 +1,447 @@
+"""The OPC UA adapter: subscribed tags through monitored items, polled tags through Read calls
+on the shared scheduler, one session per device.
+
+Every (re)connect resolves `nsu=` node ids through the server's NamespaceArray and reads each
+node's DataType and ValueRank. A node the server does not know (or that is an array, or of a
+type the tag cannot carry) is Bad on its own and re-tried every `retry_unknown`; the other tags
+keep flowing. The session's health is watched: asyncua's own tasks failing, or a subscription
+with no publish answer (data or keep-alive) for longer than its bound, raises DeviceError, and
+the runtime marks the tags Bad once and reconnects with backoff. Counters live in a state per
+configured device and survive the reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgeos.protocols.opcua import client as uac
+from edgeos.protocols.opcua.config import device_options, parse_nodeid, tag_mode
+
+from edgeos.adapter import (
+    DeviceConfig,
+    Emit,
+    PollGroup,
+    PollingAdapter,
+    PollStats,
+    TagConfig,
+    first_error,
+    group_by_interval,
+)
+from edgeos.errors import DeviceError
+from edgeos.logs import RateLimited
+from edgeos.model import Batch
+
+log = logging.getLogger("edgeos.protocols.opcua")
+
+QUEUE_PUBLISHES = 64
+"""Publish responses waiting to be turned into batches. When full, asyncua's publish loop waits,
+so the server keeps the notifications in its own queues (nothing is dropped here)."""
+
+
+@dataclass
+class Counters:
+    connects: int = 0
+    publishes: int = 0
+    keepalives: int = 0
+    notifications: int = 0
+    reads: int = 0
+    writes: int = 0
+    silent_rebuilds: int = 0
+    unknown_nodes: int = 0
+
+
+@dataclass
+class DeviceState:
+    counters: Counters = field(default_factory=Counters)
+    errors: RateLimited = field(default_factory=lambda: RateLimited(log))
+    limits: dict[str, int] = field(default_factory=dict)
+
+
+_STATES: dict[int, DeviceState] = {}
+
+
+def state_of(device: DeviceConfig) -> DeviceState:
+    """Counters that outlive the adapters the runtime makes at each reconnect."""
+    st = _STATES.get(id(device))
+    if st is None:
+        st = _STATES[id(device)] = DeviceState()
+        weakref.finalize(device, _STATES.pop, id(device), None)
+    return st
+
+
+def read_password(o: Mapping[str, Any]) -> str | None:
+    if o.get("password_env"):
+        return os.environ.get(o["password_env"])
+    if o.get("password_file"):
+        return Path(o["password_file"]).read_text().rstrip("\r\n")
+    return None
+
+
+def silence_bound_s(o: Mapping[str, Any], publishing_ns: int) -> float:
+    """How long a subscription may stay without any publish answer: the server owes a keep-alive
+    every publishing_interval x keepalive_count; allow half as much again plus one request timeout."""
+    if o.get("silence_timeout"):
+        return o["silence_timeout"] / 1e9
+    return publishing_ns / 1e9 * o["keepalive_count"] * 1.5 + o["timeout"] / 1e9
+
+
+class OpcUaAdapter(PollingAdapter):
+    def __init__(self, device: DeviceConfig) -> None:
+        super().__init__(device)
+        self.o = device_options(device.options)
+        self.state = state_of(device)
+        self.counters = self.state.counters
+        self.session: uac.Session | None = None
+        n = len(device.tags)
+        self.ids = np.array([t.id for t in device.tags], np.int32)
+        self.kinds = np.array([uac.KINDS[t.options.get("type", "number")] for t in device.tags], np.int8)
+        self.refs = [parse_nodeid(t.options["node"]) for t in device.tags]
+        self.modes = [tag_mode(self.o, t.options) for t in device.tags]
+        self.pos = {t.id: i for i, t in enumerate(device.tags)}
+        self.nodes: list[Any] = [None] * n  # resolved NodeIds, None when not usable now
+        self.builtin = [""] * n
+        self.held: dict[int, int] = {}  # tag position -> the Bad status it is held with
+        self.publishing_ns = self.o.get("publishing_interval") or device.poll_interval_ns
+        self._last_publish = 0.0
+        self._publishes: asyncio.Queue[Any] | None = None
+        self._sub_id: int | None = None
+
+    # -- connect
+
+    async def connect(self) -> None:
+        name = self.device.name
+        try:
+            password = read_password(self.o)
+        except OSError as e:
+            raise DeviceError(name, f"password_file: {e}", code="config", stage="connect") from None
+        self.session = uac.Session(self.o["endpoint"], self.o, password)
+        try:
+            await self.session.connect()
+            await self._resolve(list(range(len(self.refs))))
+        except uac.OpcUaError as e:
+            raise DeviceError(name, str(e), code=e.code, stage="connect") from None
+        self.counters.connects += 1
+        lim = self.session.limits
+        self.state.limits = {k: getattr(lim, k) for k in vars(lim)}
+
+    async def _resolve(self, positions: list[int]) -> None:
+        """Resolve and check the tags at `positions` under this session's NamespaceArray."""
+        s = self.session
+        assert s is not None
+        todo: list[int] = []
+        for i in positions:
+            nid = s.resolve(self.refs[i])
+            self.nodes[i] = nid
+            if nid is None:
+                self.held[i] = uac.BAD_NODE_ID_UNKNOWN
+            else:
+                todo.append(i)
+        if not todo:
+            return
+        info = await s.node_info([self.nodes[i] for i in todo])
+        for i, (status, _dtype, rank, builtin) in zip(todo, info, strict=True):
+            tag = self.device.tags[i]
+            if status:
+                self.held[i] = status
+                self.nodes[i] = None
+            elif rank != -1:
+                self.held[i] = uac.BAD_TYPE_MISMATCH
+                self.nodes[i] = None
+                self.state.errors.log(
+                    logging.WARNING,
+                    f"array:{tag.name}",
+                    "%s: %s is an array (ValueRank %d): arrays are not read; "
+                    "configure one tag per element on a server that exposes them as scalars",
+                    self.device.name,
+                    tag.name,
+                    rank,
+                )
+            elif not _fits(builtin, int(self.kinds[i])):
+                self.held[i] = uac.BAD_TYPE_MISMATCH
+                self.nodes[i] = None
+                self.state.errors.log(
+                    logging.WARNING,
+                    f"type:{tag.name}",
+                    "%s: %s is a %s node, which a %s tag cannot carry",
+                    self.device.name,
+                    tag.name,
+                    builtin or "non-scalar",
+                    tag.options.get("type", "number"),
+                )
+            else:
+                self.held.pop(i, None)
+                self.builtin[i] = builtin
+        unknown = [self.device.tags[i].name for i in positions if self.held.get(i) == uac.BAD_NODE_ID_UNKNOWN]
+        if unknown:
+            self.counters.unknown_nodes += len(unknown)
+            self.state.errors.log(
+                logging.WARNING,
+                "unknown",
+                "%s: the server does not know %s: Bad, tried again every %gs",
+                self.device.name,
+                ", ".join(unknown[:10]),
+                self.o["retry_unknown"] / 1e9,
+            )
+
+    # -- run
+
+    def poll_groups(self) -> list[PollGroup]:
+        return group_by_interval([t for t, m in zip(self.device.tags, self.modes, strict=True) if m == "poll"])
+
+    async def run(self, emit: Emit) -> None:
+        if self.session is None or self.session.client is None:
+            raise DeviceError(self.device.name, "not connected", code="not_connected", stage="run")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.held:
+                    await emit(self._held_batch(list(self.held)))
+                sub = [i for i, m in enumerate(self.modes) if m == "subscribe"]
+                if sub:
+                    self._publishes = asyncio.Queue(QUEUE_PUBLISHES)
+                    self._last_publish = time.monotonic()
+                    self._sub_id = await self._call(
+                        self.session.subscribe(self.publishing_ns, self.o["keepalive_count"], self._on_publish)
+                    )
+                    await self._monitor(emit, [i for i in sub if self.nodes[i] is not None])
+                    self._last_publish = time.monotonic()  # creating many items may take a while
+                    tg.create_task(self._drain(emit), name=f"opcua:{self.device.name}:publish")
+                for k, g in enumerate(self.poll_groups()):
+                    self.stats[k] = PollStats()
+                    tg.create_task(self._poll_loop(g, self.stats[k], emit), name=f"poll:{self.device.name}:{k}")
+                tg.create_task(self._watch(bool(sub)), name=f"opcua:{self.device.name}:watch")
+                tg.create_task(self._retry_held(emit), name=f"opcua:{self.device.name}:retry")
+        except BaseExceptionGroup as eg:
+            # One failed task means the session is gone: report that error, not a group.
+            raise first_error(eg) from eg
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except uac.OpcUaError as e:
+            raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
+
+    async def _monitor(self, emit: Emit, positions: list[int]) -> None:
+        o = self.o
+        items = []
+        for i in positions:
+            t = self.device.tags[i].options
+            items.append(
+                (
+                    i,
+                    self.nodes[i],
+                    {
+                        "sampling_interval": t.get("sampling_interval")
+                        if t.get("sampling_interval") is not None
+                        else (
+                            o["sampling_interval"]
+                            if o["sampling_interval"] is not None
+                            else self.device.tags[i].poll_interval_ns
+                        ),
+                        "queue_size": t.get("queue_size") or o["queue_size"],
+                        "discard_oldest": o["discard_oldest"],
+                        "trigger": o["trigger"],
+                        # The device's deadband applies to number tags (a server refuses it on others).
+                        "deadband": t.get("deadband")
+                        or (o["deadband"] if self.kinds[i] == uac.KIND_NUMBER else "none"),
+                        "deadband_value": t.get("deadband_value")
+                        if t.get("deadband_value") is not None
+                        else o["deadband_value"],
+                    },
+                )
+            )
+        if not items:
+            return
+        codes = await self._call(self.session.monitor(self._sub_id, items))
+        refused = []
+        for (i, _n, _s), code in zip(items, codes, strict=True):
+            if code & 0x80000000:
+                self.held[i] = code
+                self.nodes[i] = None
+                refused.append(i)
+        if refused:
+            self.counters.unknown_nodes += len(refused)
+            self.state.errors.log(
+                logging.WARNING,
+                "monitor",
+                "%s: the server refused to monitor %s: Bad, tried again every %gs",
+                self.device.name,
+                ", ".join(f"{self.device.tags[i].name} (0x{self.held[i]:08X})" for i in refused[:10]),
+                self.o["retry_unknown"] / 1e9,
+            )
+            await emit(self._held_batch(refused))
+
+    async def _on_publish(self, result: Any) -> None:
+        """asyncua's publish loop calls this for every publish response, keep-alives included."""
+        self._last_publish = time.monotonic()
+        q = self._publishes
+        if q is not None:
+            await q.put(result)
+
+    async def _drain(self, emit: Emit) -> None:
+        q = self._publishes
+        assert q is not None
+        c = self.counters
+        ts_mode = self.o["timestamp"]
+        while True:
+            result = await q.get()
+            c.publishes += 1
+            status = uac.status_change(result)
+            if status is not None and status & 0x80000000:
+                raise DeviceError(
+                    self.device.name,
+                    f"the server ended the subscription (status 0x{status:08X})",
+                    code="subscription",
+                    stage="run",
+                )
+            items = uac.publish_items(result)
+            if not items:
+                c.keepalives += 1
+                continue
+            now = time.time_ns()
+            handles = uac.handles_of(items)
+            c.notifications += len(handles)
+            values, quality, ts, text = uac.columns(uac.values_of(items), self.kinds[handles], ts_mode, now)
+            await emit(Batch(self.device.name, self.ids[handles], ts, values, quality, text))
+
+    async def read(self, group: PollGroup, now_ns: int) -> Batch:
+        pos = np.array([self.pos[t.id] for t in group.tags], np.intp)
+        live = [p for p in pos.tolist() if self.nodes[p] is not None]
+        s = self.session
+        if s is None:
+            raise DeviceError(self.device.name, "not connected", code="not_connected")
+        parts = []
+        if live:
+            try:
+                dvs = await s.read([self.nodes[p] for p in live])
+            except uac.OpcUaError as e:
+                raise DeviceError(self.device.name, str(e), code=e.code) from None
+            self.counters.reads += 1
+            lp = np.array(live, np.intp)
+            values, quality, ts, text = uac.columns(dvs, self.kinds[lp], self.o["timestamp"], now_ns)
+            unknown = [p for p, q in zip(live, quality.tolist(), strict=True) if q == uac.BAD_NODE_ID_UNKNOWN]
+            for p in unknown:  # deleted since connect: held and re-tried like any unknown node
+                self.held[p] = uac.BAD_NODE_ID_UNKNOWN
+                self.nodes[p] = None
+            parts.append(Batch(self.device.name, self.ids[lp], ts, values, quality, text))
+        dead = [p for p in pos.tolist() if self.nodes[p] is None]
+        if dead:
+            parts.append(self._held_batch(dead, now_ns))
+        return Batch.concat(self.device.name, parts)
+
+    def _held_batch(self, positions: list[int], now_ns: int | None = None) -> Batch:
+        p = np.array(positions, np.intp)
+        n = len(p)
+        q = np.array([self.held.get(i, uac.BAD_NODE_ID_UNKNOWN) for i in positions], np.uint32)
+        text = None
+        if (self.kinds[p] == uac.KIND_STRING).any():
+            text = np.array(["" if k == uac.KIND_STRING else None for k in self.kinds[p]], object)
+        ts = np.full(n, now_ns or time.time_ns(), np.int64)
+        return Batch(self.device.name, self.ids[p], ts, np.full(n, np.nan), q, text)
+
+    async def _watch(self, subscribed: bool) -> None:
+        """Raise when asyncua's tasks failed, or the subscription went silent (no data nor keep-alive)."""
+        bound = silence_bound_s(self.o, self.publishing_ns)
+        step = min(0.5, bound / 4)
+        while True:
+            await asyncio.sleep(step)
+            s = self.session
+            if s is None:
+                raise DeviceError(self.device.name, "not connected", code="not_connected", stage="run")
+            try:
+                s.check()
+            except uac.OpcUaError as e:
+                raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
+            silent = time.monotonic() - self._last_publish
+            if subscribed and silent > bound:
+                self.counters.silent_rebuilds += 1
+                raise DeviceError(
+                    self.device.name,
+                    f"subscription silent for {silent:.1f}s (no data nor keep-alive; bound {bound:.1f}s): rebuilding",
+                    code="silent",
+                    stage="run",
+                )
+
+    async def _retry_held(self, emit: Emit) -> None:
+        """Nodes held Bad (unknown, refused) are tried again every retry_unknown."""
+        while True:
+            await asyncio.sleep(self.o["retry_unknown"] / 1e9)
+            held = sorted(self.held)
+            if not held:
+                continue
+            await self._call(self._resolve(held))
+            back = [i for i in held if i not in self.held]
+            if not back:
+                continue
+            log.info("%s: %s known again", self.device.name, ", ".join(self.device.tags[i].name for i in back))
+            sub = [i for i in back if self.modes[i] == "subscribe"]
+            if sub and self._sub_id is not None:
+                await self._monitor(emit, sub)
+
+    # -- writes
+
+    async def write(self, tag: TagConfig, value: float | bool | str) -> float | bool | str:
+        name = self.device.name
+        i = self.pos.get(tag.id)
+        if i is None:
+            raise DeviceError(name, f"tag {tag.name!r} is not a tag of this device", code="config", stage="write")
+        s = self.session
+        if s is None or s.client is None:
+            raise DeviceError(name, "not connected", code="not_connected", stage="write")
+        if self.nodes[i] is None:
+            raise DeviceError(name, f"{tag.name}: the node is not usable now (held Bad)", code="node", stage="write")
+        builtin = self.builtin[i]
+        try:
+            v = uac.convert(value, builtin)
+        except ValueError as e:
+            raise DeviceError(name, f"{tag.name}: {e}", code="value", stage="write") from None
+        try:
+            await s.write(self.nodes[i], v, builtin)
+        except uac.OpcUaError as e:
+            raise DeviceError(name, f"{tag.name}: {e}", code=e.code, stage="write") from None
+        self.counters.writes += 1
+        return uac.written(v, builtin)
+
+    async def close(self) -> None:
+        s, self.session = self.session, None
+        self._publishes = None
+        if s is not None:
+            await s.close()
+
+    def health(self) -> Mapping[str, Any]:
+        c = self.counters
+        return {
+            **super().health(),
+            "endpoint": self.o["endpoint"],
+            "connected": bool(self.session and self.session.client),
+            "connects": c.connects,
+            "publishes": c.publishes,
+            "keepalives": c.keepalives,
+            "notifications": c.notifications,
+            "reads": c.reads,
+            "writes": c.writes,
+            "silent_rebuilds": c.silent_rebuilds,
+            "operation_limits": dict(self.state.limits),
+            "held_tags": {self.device.tags[i].name: f"0x{q:08X}" for i, q in list(self.held.items())[:64]},
+        }
+
+
+_NUMERIC = {"SByte", "Byte", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float", "Double", "Boolean"}
+
+
+def _fits(builtin: str, kind: int) -> bool:
+    if kind == uac.KIND_STRING:
+        return builtin in ("String", "Variant", "")
+    if kind == uac.KIND_DATETIME:
+        return builtin in ("DateTime", "Variant", "")
+    if kind == uac.KIND_BOOL:
+        return builtin in ("Boolean", "Variant", "")
+    return builtin in _NUMERIC or builtin in ("Variant", "")

@@ -1,0 +1,736 @@
+"""The only module that imports asyncua: a session, its requests chunked to the server's
+OperationLimits, notifications turned into numpy columns, certificates. asyncua's exceptions
+are wrapped here into `OpcUaError`, so the rest of edgeos never sees them.
+
+Requests go through asyncua's low-level `UaClient` (read, create_subscription,
+create_monitored_items): the high-level `Subscription` builds a Node and a DataChangeNotif per
+sample and calls a handler per sample, which edgeos does not need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import math
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from asyncua import Client, ua
+from asyncua.crypto import security_policies as sp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from edgeos.protocols.opcua.config import NodeRef
+
+BAD_NODE_ID_UNKNOWN = 0x80340000
+BAD_TYPE_MISMATCH = 0x80740000
+BAD_NOT_SUPPORTED = 0x803D0000
+BAD_COMM = 0x80050000
+
+KIND_NUMBER, KIND_BOOL, KIND_STRING, KIND_DATETIME = 0, 1, 2, 3
+KINDS = {"number": KIND_NUMBER, "bool": KIND_BOOL, "string": KIND_STRING, "datetime": KIND_DATETIME}
+
+POLICY_CLASSES = {
+    "Basic256Sha256": sp.SecurityPolicyBasic256Sha256,
+    "Aes128_Sha256_RsaOaep": sp.SecurityPolicyAes128Sha256RsaOaep,
+    "Aes256_Sha256_RsaPss": sp.SecurityPolicyAes256Sha256RsaPss,
+    "Basic256": sp.SecurityPolicyBasic256,
+    "Basic128Rsa15": sp.SecurityPolicyBasic128Rsa15,
+}
+MODES = {"Sign": ua.MessageSecurityMode.Sign, "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt}
+_KIND = {"i": ua.NodeIdType.Numeric, "s": ua.NodeIdType.String, "g": ua.NodeIdType.Guid, "b": ua.NodeIdType.ByteString}
+_LIMIT_IDS = {
+    "max_nodes_per_read": ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead,
+    "max_nodes_per_write": ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerWrite,
+    "max_monitored_items_per_call": ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
+    "max_nodes_per_browse": ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerBrowse,
+}
+
+
+class OpcUaError(Exception):
+    """A failed request or connection; `code` is low-cardinality (connect, timeout, status, security...)."""
+
+    def __init__(self, message: str, code: str = "opcua", status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def _wrap(e: BaseException, what: str) -> OpcUaError:
+    if isinstance(e, OpcUaError):
+        return e
+    if isinstance(e, ua.UaStatusCodeError):
+        return OpcUaError(f"{what}: {e}", "status", int(e.code))
+    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+        return OpcUaError(f"{what}: no answer in time", "timeout")
+    if isinstance(e, ConnectionError | OSError):
+        return OpcUaError(f"{what}: {e or type(e).__name__}", "connect")
+    return OpcUaError(f"{what}: {type(e).__name__}: {e}", "opcua")
+
+
+def node_id(ref: NodeRef) -> ua.NodeId:
+    """The asyncua NodeId of a parsed reference whose namespace index is known."""
+    return ua.NodeId(ref.ident, ref.ns or 0, _KIND[ref.kind])
+
+
+def _ms(ns: int) -> float:
+    return ns / 1e6
+
+
+@dataclass
+class Limits:
+    """Operation limits in force: the server's (0 = none) capped by the config's."""
+
+    max_nodes_per_read: int = 0
+    max_nodes_per_write: int = 0
+    max_monitored_items_per_call: int = 0
+    max_nodes_per_browse: int = 0
+
+    def chunk(self, name: str) -> int:
+        n = getattr(self, name)
+        return n if n > 0 else 1 << 30
+
+
+def chunks(seq: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)] or [seq[:0]]
+
+
+# --------------------------------------------------------------------------------------------
+# Columns
+
+
+def columns(
+    dvs: Sequence[Any], kinds: np.ndarray, timestamp: str, now_ns: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """DataValues as (values, quality, ts, text) columns; `kinds` holds each value's tag kind.
+
+    The StatusCode goes into quality unchanged (Bad and Uncertain kept; their value is NaN
+    when the server sent none). A value that does not fit its tag's kind (an array, text for a
+    number) is NaN with BadTypeMismatch, never a guess.
+    """
+    n = len(dvs)
+    quality = np.fromiter((0 if d.StatusCode_ is None else d.StatusCode_.value for d in dvs), np.uint32, n)
+    raw = [None if d.Value is None else d.Value.Value for d in dvs]
+    text = None
+    values = None
+    if n and kinds.max(initial=0) <= KIND_BOOL:
+        try:
+            values = np.array(raw, dtype=np.float64)
+        except (TypeError, ValueError):
+            values = None
+        if values is not None and values.ndim != 1:
+            values = None
+    if values is None:
+        values = np.full(n, np.nan)
+        if n and (kinds == KIND_STRING).any():
+            text = np.full(n, None, object)
+        for i, v in enumerate(raw):
+            k = kinds[i]
+            if v is None:
+                if k == KIND_STRING:
+                    text[i] = ""
+                continue
+            try:
+                if k == KIND_STRING:
+                    if not isinstance(v, str):
+                        raise TypeError
+                    text[i] = v
+                elif k == KIND_DATETIME:
+                    values[i] = v.timestamp()
+                elif isinstance(v, bool | int | float):
+                    values[i] = v
+                else:
+                    raise TypeError
+            except (TypeError, AttributeError):
+                if k == KIND_STRING:
+                    text[i] = ""
+                values[i] = np.nan
+                quality[i] = BAD_TYPE_MISMATCH
+    if timestamp == "gateway":
+        ts = np.full(n, now_ns, np.int64)
+    else:
+        first = "SourceTimestamp" if timestamp == "source" else "ServerTimestamp"
+        second = "ServerTimestamp" if timestamp == "source" else "SourceTimestamp"
+        secs = np.fromiter(
+            (_epoch(getattr(d, first) or (getattr(d, second) if timestamp == "source" else None)) for d in dvs),
+            np.float64,
+            n,
+        )
+        missing = np.isnan(secs)
+        ts = np.round(np.where(missing, 0.0, secs) * 1e6).astype(np.int64) * 1000
+        ts[missing] = now_ns
+    return values, quality, ts, text
+
+
+def _epoch(t: dt.datetime | None) -> float:
+    if t is None:
+        return math.nan
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
+# --------------------------------------------------------------------------------------------
+# Certificates
+
+
+def thumbprint(der: bytes) -> str:
+    return hashlib.sha1(der).hexdigest()  # noqa: S324 - the OPC UA thumbprint is SHA-1 by definition
+
+
+def certificate_expiry(path: str | os.PathLike[str]) -> dt.datetime:
+    cert = _load_cert(Path(path).read_bytes())
+    return cert.not_valid_after_utc
+
+
+def _load_cert(data: bytes) -> x509.Certificate:
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
+def application_uri_of(cert_path: str | os.PathLike[str]) -> str | None:
+    """The URI in the certificate's subjectAltName: the ApplicationUri the client must send."""
+    cert = _load_cert(Path(cert_path).read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else None
+
+
+def make_certificate(
+    cert_path: Path,
+    key_path: Path,
+    application_uri: str,
+    hostname: str,
+    *,
+    days: int = 3650,
+    not_before: dt.datetime | None = None,
+    server: bool = False,
+    common_name: str = "edgeos",
+) -> None:
+    """A self-signed application instance certificate (Part 6, 6.2.2): RSA 2048, SHA-256,
+    the ApplicationUri and host name in subjectAltName. The key is written mode 0600."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    eku = [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(application_uri), x509.DNSName(hostname)]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=True,
+                key_encipherment=True,
+                data_encipherment=True,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    os.chmod(key_path, 0o600)
+    data = cert.public_bytes(serialization.Encoding.DER if cert_path.suffix == ".der" else serialization.Encoding.PEM)
+    cert_path.write_bytes(data)
+
+
+def check_server_certificate(der: bytes, trust_dir: Path, endpoint: str) -> None:
+    """Refuse a server certificate edgeos has not been told to trust, or one out of its validity.
+
+    asyncua accepts any certificate; this check is edgeos's own. An unknown one is saved in
+    trust_dir/rejected so the operator can trust exactly that one with the command named.
+    """
+    cert = _load_cert(der)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    thumb = thumbprint(der)
+    trusted = trust_dir / "trusted"
+    known = trusted.is_dir() and any(p.is_file() and _same_cert(p, der) for p in sorted(trusted.iterdir()))
+    if not known:
+        rejected = trust_dir / "rejected"
+        rejected.mkdir(parents=True, exist_ok=True)
+        saved = rejected / f"{thumb}.der"
+        saved.write_bytes(der)
+        raise OpcUaError(
+            f"the server certificate of {endpoint} (thumbprint {thumb}) is not trusted; it was saved as {saved}. "
+            f"If it is the right server, trust it with: edgeos opcua trust {saved} --trust-dir {trust_dir}",
+            "untrusted",
+        )
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise OpcUaError(
+            f"the server certificate of {endpoint} (thumbprint {thumb}) is valid from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}, not now: refused",
+            "expired",
+        )
+
+
+def _same_cert(path: Path, der: bytes) -> bool:
+    try:
+        return _load_cert(path.read_bytes()).public_bytes(serialization.Encoding.DER) == der
+    except (OSError, ValueError):
+        return False
+
+
+def trust_certificate(path: Path, trust_dir: Path) -> Path:
+    """Copy a (rejected) certificate into trust_dir/trusted; returns the new file."""
+    der = _load_cert(path.read_bytes()).public_bytes(serialization.Encoding.DER)
+    dest = trust_dir / "trusted" / f"{thumbprint(der)}.der"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(der)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# Session
+
+
+PublishCallback = Callable[[Any], Awaitable[None]]
+
+
+class Session:
+    """One connected session to one endpoint, configured from a device's checked options."""
+
+    def __init__(self, endpoint: str, options: Mapping[str, Any], password: str | None = None) -> None:
+        self.endpoint = endpoint
+        self.o = options
+        self.timeout_s = options["timeout"] / 1e9
+        self.client: Client | None = None
+        self.namespaces: list[str] = []
+        self.limits = Limits()
+        self.password = password
+        self._builtins: dict[Any, str] = {}  # DataType -> built-in type name, per session
+
+    # -- connection
+
+    async def connect(self) -> None:
+        o = self.o
+        client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=max(1.0, self.timeout_s))
+        client.session_timeout = o["session_timeout"] // 1_000_000
+        self.client = client
+        try:
+            mode = o.get("security_mode") or "None"
+            if mode != "None":
+                await self._secure(client, mode)
+            if o.get("username"):
+                client.set_user(o["username"])
+                client.set_password(self.password or "")
+            if o.get("user_certificate"):
+                await client.load_client_certificate(o["user_certificate"])
+                await client.load_private_key(Path(o["user_private_key"]))
+            await asyncio.wait_for(client.connect(), self.timeout_s * 3)
+            self.namespaces = await self._read_value(ua.ObjectIds.Server_NamespaceArray)
+            await self._read_limits()
+        except BaseException as e:
+            await self.close()
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise _wrap(e, f"connect to {self.endpoint}") from None
+
+    async def _secure(self, client: Client, mode: str) -> None:
+        o = self.o
+        policy = POLICY_CLASSES[o["security_policy"]]
+        probe = Client(self.endpoint, timeout=self.timeout_s)
+        try:
+            endpoints = await asyncio.wait_for(probe.connect_and_get_server_endpoints(), self.timeout_s * 2)
+        except Exception as e:
+            raise _wrap(e, f"get endpoints of {self.endpoint}") from None
+        wanted = [e for e in endpoints if e.SecurityPolicyUri == policy.URI and e.SecurityMode == MODES[mode]]
+        if not wanted:
+            offered = sorted({f"{e.SecurityMode.name}/{e.SecurityPolicyUri.rsplit('#', 1)[-1]}" for e in endpoints})
+            raise OpcUaError(
+                f"{self.endpoint} offers no endpoint with {mode} and {o['security_policy']}; it offers: "
+                + ", ".join(offered),
+                "security",
+            )
+        der = wanted[0].ServerCertificate
+        # A chain may follow the leaf certificate: keep the first DER element.
+        der = der[: int.from_bytes(der[2:4], "big") + 4]
+        check_server_certificate(der, Path(o["trust_dir"]), self.endpoint)
+        uri = application_uri_of(o["certificate"])
+        if uri:
+            client.application_uri = uri
+        await client.set_security(policy, o["certificate"], o["private_key"], server_certificate=der, mode=MODES[mode])
+
+    async def _read_limits(self) -> None:
+        ids = list(_LIMIT_IDS.values())
+        dvs = await self._read_raw([ua.NodeId(i, 0) for i in ids], ua.AttributeIds.Value, 1 << 30)
+        cap = self.o.get("max_nodes_per_request") or 0
+        for name, d in zip(_LIMIT_IDS, dvs, strict=True):
+            v = d.Value.Value if d.Value is not None and d.StatusCode_.is_good() else 0
+            v = int(v or 0)
+            if cap:
+                v = min(v, cap) if v else cap
+            setattr(self.limits, name, v)
+
+    def check(self) -> None:
+        """Raise if asyncua's own tasks (publish loop, keep-alive reads, channel renewal) failed."""
+        c = self.client
+        if c is None:
+            raise OpcUaError("not connected", "not_connected")
+        for t in (c._renew_channel_task, c._monitor_server_task, c.uaclient._publish_task):
+            if t is not None and t.done() and not t.cancelled() and t.exception() is not None:
+                raise _wrap(t.exception(), "connection")
+        if c.uaclient.protocol is None or c.uaclient.protocol.state == "closed":
+            raise OpcUaError("connection closed by the server", "connect")
+
+    async def close(self) -> None:
+        """Close the session politely within a bound, then drop the socket and asyncua's tasks."""
+        c, self.client = self.client, None
+        if c is None:
+            return
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(c.disconnect(), min(2.0, self.timeout_s))
+        # A frozen server never answers CloseSession: end what asyncua left running ourselves.
+        c._closing = True
+        c.uaclient._closing = True
+        tasks = [c._renew_channel_task, c._monitor_server_task, c.uaclient._publish_task]
+        for t in tasks:
+            if t is not None and not t.done():
+                t.cancel()
+        for t in tasks:
+            if t is not None:
+                with contextlib.suppress(BaseException):
+                    await t
+        with contextlib.suppress(Exception):
+            c.disconnect_socket()
+
+    # -- namespaces and nodes
+
+    def resolve(self, ref: NodeRef) -> ua.NodeId | None:
+        """The NodeId under this session's NamespaceArray; None for a URI the server lacks."""
+        if ref.uri is None:
+            return node_id(ref)
+        try:
+            return node_id(ref.with_index(self.namespaces.index(ref.uri)))
+        except ValueError:
+            return None
+
+    async def _read_value(self, ident: int) -> Any:
+        dvs = await self._read_raw([ua.NodeId(ident, 0)], ua.AttributeIds.Value, 1)
+        dvs[0].StatusCode_.check()
+        return dvs[0].Value.Value
+
+    async def _read_raw(self, nodes: Sequence[ua.NodeId], attr: int, chunk: int) -> list[Any]:
+        c = self.client
+        if c is None:
+            raise OpcUaError("not connected", "not_connected")
+        out: list[Any] = []
+        for part in chunks(nodes, chunk):
+            params = ua.ReadParameters()
+            params.TimestampsToReturn = ua.TimestampsToReturn.Both
+            params.NodesToRead = [ua.ReadValueId(NodeId_=n, AttributeId=attr) for n in part]
+            out += await asyncio.wait_for(c.uaclient.read(params), self.timeout_s * 2)
+        return out
+
+    async def read(self, nodes: Sequence[ua.NodeId], attr: int = ua.AttributeIds.Value) -> list[Any]:
+        """DataValues of `nodes`, in Read calls of at most MaxNodesPerRead nodes each."""
+        try:
+            return await self._read_raw(nodes, attr, self.limits.chunk("max_nodes_per_read"))
+        except Exception as e:
+            raise _wrap(e, "read") from None
+
+    async def node_info(self, nodes: Sequence[ua.NodeId]) -> list[tuple[int, ua.NodeId | None, int, str]]:
+        """(status, DataType, ValueRank, BuiltIn type name) per node: what writes and checks need."""
+        types = await self.read(nodes, ua.AttributeIds.DataType)
+        ranks = await self.read(nodes, ua.AttributeIds.ValueRank)
+        out = []
+        for t, r in zip(types, ranks, strict=True):
+            status = t.StatusCode_.value if t.StatusCode_ is not None else 0
+            if status & 0x80000000:
+                out.append((status, None, -1, ""))
+                continue
+            dtype = t.Value.Value
+            rank = r.Value.Value if r.Value is not None and r.Value.Value is not None else -1
+            out.append((0, dtype, int(rank), await self.builtin_name(dtype)))
+        return out
+
+    async def builtin_name(self, dtype: ua.NodeId) -> str:
+        """The built-in type a DataType encodes as (an enumeration is Int32; a subtype its base)."""
+        if dtype in self._builtins:
+            return self._builtins[dtype]
+        name = await self._builtin_name(dtype)
+        self._builtins[dtype] = name
+        return name
+
+    async def _builtin_name(self, dtype: ua.NodeId) -> str:
+        c = self.client
+        seen = 0
+        while dtype is not None and seen < 8:
+            if dtype.NamespaceIndex == 0 and isinstance(dtype.Identifier, int) and 1 <= dtype.Identifier <= 25:
+                return ua.VariantType(dtype.Identifier).name
+            if dtype == ua.NodeId(ua.ObjectIds.Enumeration, 0):
+                return "Int32"
+            try:
+                parents = await c.get_node(dtype).get_references(
+                    ua.ObjectIds.HasSubtype, ua.BrowseDirection.Inverse, includesubtypes=False
+                )
+            except Exception:
+                return ""
+            dtype = parents[0].NodeId if parents else None
+            seen += 1
+        return ""
+
+    # -- subscriptions
+
+    async def subscribe(self, publishing_interval_ns: int, keepalive_count: int, callback: PublishCallback) -> int:
+        c = self.client
+        params = ua.CreateSubscriptionParameters()
+        params.RequestedPublishingInterval = _ms(publishing_interval_ns)
+        params.RequestedMaxKeepAliveCount = keepalive_count
+        params.RequestedLifetimeCount = max(3 * keepalive_count, 30)
+        params.MaxNotificationsPerPublish = 0
+        params.PublishingEnabled = True
+        params.Priority = 0
+        try:
+            result = await asyncio.wait_for(c.uaclient.create_subscription(params, callback), self.timeout_s * 2)
+        except Exception as e:
+            raise _wrap(e, "create subscription") from None
+        return result.SubscriptionId
+
+    async def monitor(self, subscription: int, items: Sequence[tuple[int, ua.NodeId, Mapping[str, Any]]]) -> list[int]:
+        """Create monitored items (handle, node, settings), chunked to MaxMonitoredItemsPerCall;
+        returns each item's StatusCode (0 = created)."""
+        c = self.client
+        reqs = []
+        for handle, node, s in items:
+            mp = ua.MonitoringParameters()
+            mp.ClientHandle = handle
+            mp.SamplingInterval = _ms(s["sampling_interval"])
+            mp.QueueSize = s["queue_size"]
+            mp.DiscardOldest = s["discard_oldest"]
+            trigger = {"status": 0, "status_value": 1, "status_value_timestamp": 2}[s["trigger"]]
+            if s["deadband"] != "none" or trigger != 1:
+                f = ua.DataChangeFilter()
+                f.Trigger = ua.DataChangeTrigger(trigger)
+                f.DeadbandType = {"none": 0, "absolute": 1, "percent": 2}[s["deadband"]]
+                f.DeadbandValue = float(s["deadband_value"] or 0.0)
+                mp.Filter = f
+            r = ua.MonitoredItemCreateRequest()
+            r.ItemToMonitor = ua.ReadValueId(NodeId_=node, AttributeId=ua.AttributeIds.Value)
+            r.MonitoringMode = ua.MonitoringMode.Reporting
+            r.RequestedParameters = mp
+            reqs.append(r)
+        out: list[int] = []
+        try:
+            for part in chunks(reqs, self.limits.chunk("max_monitored_items_per_call")):
+                if not part:
+                    continue
+                params = ua.CreateMonitoredItemsParameters()
+                params.SubscriptionId = subscription
+                params.TimestampsToReturn = ua.TimestampsToReturn.Both
+                params.ItemsToCreate = list(part)
+                results = await asyncio.wait_for(c.uaclient.create_monitored_items(params), self.timeout_s * 2)
+                out += [r.StatusCode.value for r in results]
+        except Exception as e:
+            raise _wrap(e, "create monitored items") from None
+        return out
+
+    # -- writes
+
+    async def write(self, node: ua.NodeId, value: Any, builtin: str) -> None:
+        c = self.client
+        if c is None:
+            raise OpcUaError("not connected", "not_connected")
+        dv = ua.DataValue(ua.Variant(value, ua.VariantType[builtin]))
+        params = ua.WriteParameters()
+        params.NodesToWrite = [ua.WriteValue(NodeId_=node, AttributeId=ua.AttributeIds.Value, Value=dv)]
+        try:
+            results = await asyncio.wait_for(c.uaclient.write(params), self.timeout_s * 2)
+            results[0].check()
+        except Exception as e:
+            raise _wrap(e, "write") from None
+
+
+def publish_items(result: Any) -> list[Any]:
+    """The MonitoredItemNotifications of one PublishResult (empty for a keep-alive)."""
+    data = result.NotificationMessage.NotificationData
+    if not data:
+        return []
+    items: list[Any] = []
+    for n in data:
+        if isinstance(n, ua.DataChangeNotification):
+            items += n.MonitoredItems
+    return items
+
+
+def status_change(result: Any) -> int | None:
+    """The status of a StatusChangeNotification in the result (the subscription ended), else None."""
+    for n in result.NotificationMessage.NotificationData or ():
+        if isinstance(n, ua.StatusChangeNotification):
+            return n.Status.value
+    return None
+
+
+def handles_of(items: Sequence[Any]) -> np.ndarray:
+    return np.fromiter((m.ClientHandle for m in items), np.int64, len(items))
+
+
+def values_of(items: Sequence[Any]) -> list[Any]:
+    return [m.Value for m in items]
+
+
+# --------------------------------------------------------------------------------------------
+# Writes: conversion to the node's DataType
+
+_INT_RANGES = {
+    "SByte": (-(2**7), 2**7 - 1),
+    "Byte": (0, 2**8 - 1),
+    "Int16": (-(2**15), 2**15 - 1),
+    "UInt16": (0, 2**16 - 1),
+    "Int32": (-(2**31), 2**31 - 1),
+    "UInt32": (0, 2**32 - 1),
+    "Int64": (-(2**63), 2**63 - 1),
+    "UInt64": (0, 2**64 - 1),
+}
+
+
+def convert(value: float | int | bool | str, builtin: str) -> Any:
+    """`value` as the node's built-in type; ValueError naming the range when it does not fit."""
+    if builtin == "Boolean":
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("true", "1", "on"):
+                return True
+            if low in ("false", "0", "off"):
+                return False
+            raise ValueError(f"{value!r} is not a boolean (true/false, 1/0)")
+        if value not in (0, 1):
+            raise ValueError(f"{value!r} is not a boolean (true/false, 1/0)")
+        return bool(value)
+    if builtin == "String":
+        return str(value)
+    if builtin in _INT_RANGES:
+        lo, hi = _INT_RANGES[builtin]
+        try:
+            f = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ValueError(f"{value!r} is not a whole number ({builtin})")
+        if not lo <= int(f) <= hi:
+            raise ValueError(f"{value!r} is out of range for {builtin} ({lo}..{hi})")
+        return int(f)
+    if builtin in ("Float", "Double"):
+        try:
+            f = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number") from None
+        if builtin == "Float":
+            if math.isfinite(f) and abs(f) > float(np.finfo(np.float32).max):
+                raise ValueError(f"{value!r} is out of range for Float")
+            return float(np.float32(f))
+        return f
+    if builtin == "DateTime":
+        return dt.datetime.fromtimestamp(float(value), dt.UTC)
+    raise ValueError(f"writing a {builtin or 'value of an unknown type'} is not supported")
+
+
+def written(value: Any, builtin: str) -> float | bool | str:
+    if builtin == "Boolean":
+        return bool(value)
+    if builtin == "String":
+        return str(value)
+    if builtin == "DateTime":
+        return value.timestamp()
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Browse
+
+
+@dataclass
+class Variable:
+    path: str
+    node: str  # nsu= form
+    builtin: str
+    unit: str
+    writable: bool
+    array: bool
+
+
+async def browse(session: Session, start: str | None, depth: int) -> list[Variable]:
+    """The variables under `start` (default the Objects folder) down to `depth` levels."""
+    from edgeos.protocols.opcua.config import format_nodeid, parse_nodeid
+
+    c = session.client
+    ns = session.namespaces
+    root = c.get_node(session.resolve(parse_nodeid(start)) if start else ua.NodeId(ua.ObjectIds.ObjectsFolder, 0))
+    out: list[Variable] = []
+    seen: set[ua.NodeId] = set()
+
+    async def walk(node: Any, path: list[str], level: int) -> None:
+        if node.nodeid in seen or level > depth:
+            return
+        seen.add(node.nodeid)
+        try:
+            children = await node.get_children_descriptions(refs=ua.ObjectIds.HierarchicalReferences)
+        except Exception as e:
+            raise _wrap(e, "browse") from None
+        for ch in children:
+            nid = ch.NodeId
+            if nid.NamespaceIndex == 0:  # the standard's own nodes (Server object, ...)
+                continue
+            name = ch.BrowseName.Name
+            child = c.get_node(nid)
+            if ch.NodeClass == ua.NodeClass.Variable:
+                info = await session.node_info([nid])
+                _, _, rank, builtin = info[0]
+                unit = ""
+                with contextlib.suppress(Exception):
+                    eu = await child.get_child("0:EngineeringUnits")
+                    unit = (await eu.read_value()).DisplayName.Text or ""
+                access = (await session.read([nid], ua.AttributeIds.UserAccessLevel))[0]
+                level_bits = access.Value.Value if access.Value is not None and access.Value.Value is not None else 0
+                kind = {ua.NodeIdType.Guid: "g", ua.NodeIdType.ByteString: "b", ua.NodeIdType.String: "s"}.get(
+                    nid.NodeIdType, "i"
+                )
+                uri = ns[nid.NamespaceIndex] if nid.NamespaceIndex < len(ns) else ""
+                out.append(
+                    Variable(
+                        ".".join([*path, name]),
+                        format_nodeid(uri, kind, nid.Identifier),
+                        builtin,
+                        unit,
+                        bool(level_bits & ua.AccessLevel.CurrentWrite.mask),
+                        rank >= 0 or rank == -3 or rank == -2,
+                    )
+                )
+            if ch.NodeClass in (ua.NodeClass.Object, ua.NodeClass.Variable) and level < depth:
+                await walk(child, [*path, name], level + 1)
+
+    await walk(root, [], 0)
+    return out
