@@ -275,7 +275,7 @@ def version() -> None:
     typer.echo(f"edgeos {__version__}")
     typer.echo(f"kernels: {filters.implementation()}")
     typer.echo(f"python {platform.python_version()} ({sys.platform}, {platform.machine()})")
-    for dist in ("numpy", "msgpack", "pymodbus", "aiomqtt", "typer"):
+    for dist in ("numpy", "msgpack", "pymodbus", "aiomqtt", "typer", "asyncua"):
         try:
             typer.echo(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:

@@ -282,6 +282,9 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
         # Without the plugin its keys cannot be checked; don't report them as unknown too.
         rd = {k: v for k, v in rd.items() if k in DEVICE_FIELDS}
     d = parse_table(rd, dev_fields, dpath, problems, extra=extra)
+    for key, f in extra.items():  # a plugin's file names: relative to the config, not to where it runs
+        if f.kind == "path" and isinstance(d.get(key), str) and d[key]:
+            d[key] = str(base / d[key])
     for key, f in DEVICE_FIELDS.items():
         if key not in d:  # present but invalid: reported; carry on with the default
             if f.required:

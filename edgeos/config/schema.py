@@ -50,7 +50,8 @@ def _show(value: Any) -> str:
 class Field:
     """One key: its kind, default, and constraints.
 
-    kind is one of: str, int, float, bool, duration (-> ns int), size (-> bytes int),
+    kind is one of: str, path (a file name, resolved relative to the config file's directory:
+    the daemon runs in /), int, float, bool, duration (-> ns int), size (-> bytes int),
     choice (one of `choices`), list (of `item` kind), any.
     """
 
@@ -94,7 +95,7 @@ class Field:
     def _convert(self, kind: str, value: Any) -> Any:
         if kind == "any":
             return value
-        if kind == "str" or kind == "choice":
+        if kind in ("str", "path", "choice"):
             if kind == "choice" and not isinstance(value, str) and value in self.choices:
                 return value
             if not isinstance(value, str):

@@ -144,14 +144,14 @@ DEVICE_FIELDS: dict[str, Field] = {
     "security_mode": Field("choice", None, choices=SECURITY_MODES, help="None, Sign or SignAndEncrypt (required)"),
     "security_policy": Field("choice", None, choices=(*POLICIES, *DEPRECATED_POLICIES)),
     "allow_deprecated": Field("bool", False, help="accept Basic128Rsa15 and Basic256"),
-    "certificate": Field("str", None, help="the gateway's application instance certificate (edgeos opcua cert)"),
-    "private_key": Field("str", None, help="its private key (PEM)"),
-    "trust_dir": Field("str", None, help="trusted server certificates (trusted/) and rejected ones (rejected/)"),
+    "certificate": Field("path", None, help="the gateway's application instance certificate (edgeos opcua cert)"),
+    "private_key": Field("path", None, help="its private key (PEM)"),
+    "trust_dir": Field("path", None, help="trusted server certificates (trusted/) and rejected ones (rejected/)"),
     "username": Field("str", None),
-    "password_file": Field("str", None),
+    "password_file": Field("path", None),
     "password_env": Field("str", None),
-    "user_certificate": Field("str", None, help="an X.509 user identity (with user_private_key)"),
-    "user_private_key": Field("str", None),
+    "user_certificate": Field("path", None, help="an X.509 user identity (with user_private_key)"),
+    "user_private_key": Field("path", None),
 }
 
 TAG_FIELDS: dict[str, Field] = {
