@@ -196,7 +196,7 @@ def test_newer_schema_is_refused_clearly(tmp_path):
     w = StoreWriter(tmp_path, TAGS)
     w.db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     w.close()
-    with pytest.raises(StoreError, match="schema version 99 was written by a newer edgeos; this edgeos reads up to 3"):
+    with pytest.raises(StoreError, match="schema version 99 was written by a newer edgeos; this edgeos reads up to 4"):
         StoreWriter(tmp_path, TAGS)
     assert not list(tmp_path.glob(f"{DB_NAME}.bad-*"))  # refused, not moved: the data is fine
 
@@ -263,17 +263,20 @@ def test_readers_do_not_block_the_writer(tmp_path):
     th.start()
     try:
         worst = 0.0
-        for s in range(20, 120):
+        s, deadline = 20, time.monotonic() + 20
+        # Commits are fast (a page or two each): go on until the reader has read a few times.
+        while (s < 120 or len(reads) <= 5) and time.monotonic() < deadline:
             t = time.perf_counter()
             w.write([poll("oven", [3], T0 + s * SEC, [float(s)])])
             worst = max(worst, time.perf_counter() - t)
+            s += 1
     finally:
         stop.set()
         th.join(10)
     assert len(reads) > 3 and min(reads) >= 20
     assert worst < 1.0  # never waits on the reader's lock (a busy wait would take 5 s)
     with StoreReader(tmp_path) as r:
-        assert len(r.history("oven/temp")) == 120
+        assert len(r.history("oven/temp")) == s  # 20 from fill, then one a commit
     w.close()
 
 
@@ -524,7 +527,8 @@ def test_retention_and_budget_statements_use_indexes(tmp_path):
             detail = [r[3] for r in w.db.execute("EXPLAIN QUERY PLAN " + q)]
             plans.append((q, detail))
             assert not any(d.startswith(("SCAN units", "SCAN chunks")) for d in detail), (q, detail)
-            assert any("t_max<" in d for d in detail), (q, detail)
+            # Chunks and raw copies by their t_max indexes; hot units by id from hot_from (I19).
+            assert any("t_max<" in d or "rowid>" in d for d in detail), (q, detail)
     assert any("DELETE FROM units" in q for q, _ in plans)
     w.close()
 

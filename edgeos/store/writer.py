@@ -34,7 +34,7 @@ DB_NAME = "edgeos.db"
 LOCK_NAME = "edgeos.lock"
 SEQ_NAME = "edgeos.seq"
 TAGS_NAME = "edgeos.tags"  # (I16) a copy of the tags table, so a new store keeps the tag ids
-PAGE_SIZE = 16384
+PAGE_SIZE = 4096  # new stores; a commit writes whole pages, so small pages write less
 WAL_LIMIT = 64 * 1024 * 1024
 FILE_MODE = 0o640  # (I17) the service user writes; its group (operators) may read
 DIR_MODE = 0o750
@@ -168,7 +168,9 @@ class StoreWriter:
         self._broken = False  # a recover() failed half-way: refuse work until one succeeds
         self._bad_logged = 0
         self._tags_per_device: dict[str, int] = {}
-        self._max_id = 0  # highest unit id given so far (sqlite_sequence)
+        self._max_id = 0  # highest unit id given so far
+        self._top_saved = 0  # meta.top_id: the highest id, kept when the newest units are deleted
+        self._hot_from = 0  # meta.hot_from: every hot (uncompacted) unit has an id at or above it
         self._reserved = 0  # (I14) the bound in edgeos.seq
         self._cursor = 0  # the sync cursor last saved: units above it were never forwarded
         self._seq_warned = False
@@ -198,8 +200,14 @@ class StoreWriter:
         """Ids, the cursor and the tag map of the file just opened."""
         try:
             self._max_id = _top_id(self.db)
+            self._top_saved = _meta_int(self.db, "top_id") or 0
             row = self.db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
             self._cursor = int(row[0]) if row else 0
+            hot = _meta_int(self.db, "hot_from")
+            self._hot_from = 0 if hot is None else hot
+            if hot is None:  # a new or migrated store: one scan, then kept up to date
+                with self._txn():
+                    self._mark_units()
             self._reserved = self._read_seq() or 0
             if self._max_id < self._reserved - SEQ_RESERVE:
                 # The file is older than the bound: ids above its top may have been given by a
@@ -365,15 +373,20 @@ class StoreWriter:
         db.execute("PRAGMA journal_mode=WAL")
         # (I3) FULL: the WAL is fsynced at every commit, so a commit survives a power cut too.
         db.execute("PRAGMA synchronous=FULL")
-        # The WAL counts against max_size: keep it to a tenth of the budget.
+        # (I19) Deleted units are not overwritten with zeros (Debian's SQLite defaults to
+        # secure_delete=ON, which rewrote every compacted unit's pages once more).
+        db.execute("PRAGMA secure_delete=OFF")
+        # The WAL counts against max_size: keep it to a tenth of the budget. A large WAL means
+        # rare checkpoints, each writing a page once however often commits rewrote it.
         wal_limit = WAL_LIMIT if not self.settings.max_size else min(WAL_LIMIT, self.settings.max_size // 10)
-        db.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_limit // PAGE_SIZE)}")
+        page = db.execute("PRAGMA page_size").fetchone()[0] if found is not None else PAGE_SIZE
+        db.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_limit // page)}")
         db.execute(f"PRAGMA journal_size_limit={wal_limit}")
         if found is None:
             schema.create(db)
             if floor:
                 # (I14) A new store of a gateway that had one: ids continue above the old ones.
-                db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('units', ?)", (floor,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES('top_id', ?)", (str(floor),))
                 # Nothing at or below the floor is stored here: the sync starts after it.
                 db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(floor),))
                 log.warning("store %s: new store; unit ids continue after %d (never reused)", self.path, floor)
@@ -461,10 +474,8 @@ class StoreWriter:
             floor,
         )
         with self._txn():
-            self.db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='units'", (floor,))
-            if self.db.execute("SELECT changes()").fetchone()[0] == 0:
-                self.db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('units', ?)", (floor,))
-        self._max_id = floor
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES('top_id', ?)", (str(floor),))
+        self._max_id = self._top_saved = floor
 
     def _raise_reserve(self, top: int, *, strict: bool) -> None:
         """Write R = top + SEQ_RESERVE atomically (tmp, fsync, rename, fsync the directory).
@@ -581,9 +592,15 @@ class StoreWriter:
             return 0
         try:
             self._reserve(len(rows))
+            # (I14) The writer gives the ids: above every id this file ever held (meta.top_id
+            # keeps the highest across deletes), so no sqlite_sequence page per commit.
+            first = self._max_id + 1
+            top = self._max_id + len(rows)
             with self._txn():
-                self.db.executemany("INSERT INTO units(device, t_min, t_max, n, data) VALUES(?,?,?,?,?)", rows)
-                top = _top_id(self.db)
+                self.db.executemany(
+                    "INSERT INTO units(id, device, t_min, t_max, n, data) VALUES(?,?,?,?,?,?)",
+                    [(first + i, *r) for i, r in enumerate(rows)],
+                )
                 if top > self._reserved:  # cannot happen while _reserve ran: never commit past R
                     raise StoreError(f"{self.path}: unit id {top} would pass the reserved bound {self._reserved}")
         except sqlite3.Error as e:
@@ -661,7 +678,9 @@ class StoreWriter:
         s = self.settings
         due = None
         rows = self.db.execute(
-            "SELECT device, SUM(n), MIN(t_max), MIN(id) FROM units WHERE compacted=0 GROUP BY device ORDER BY MIN(id)"
+            "SELECT device, SUM(n), MIN(t_max), MIN(id) FROM units WHERE id>=? AND compacted=0 "
+            "GROUP BY device ORDER BY MIN(id)",
+            (self._hot_from,),
         ).fetchall()
         for device, waiting, oldest, _ in rows:
             want = max(s.compact_min_samples, s.chunk_samples * self._tag_count(device))
@@ -673,7 +692,8 @@ class StoreWriter:
         device, limit = due
         ids, units, bad, total, good = [], [], [], 0, 0
         for uid, n, t_min, t_max, data in self.db.execute(
-            "SELECT id, n, t_min, t_max, data FROM units WHERE compacted=0 AND device=? ORDER BY id", (device,)
+            "SELECT id, n, t_min, t_max, data FROM units WHERE id>=? AND compacted=0 AND device=? ORDER BY id",
+            (self._hot_from, device),
         ):
             total += n
             try:
@@ -698,6 +718,7 @@ class StoreWriter:
             for uid, dev, reason, data, _ in bad:
                 self.db.execute("INSERT OR REPLACE INTO bad_units VALUES(?,?,?,?)", (uid, dev, reason, data))
                 self.db.execute("DELETE FROM units WHERE id=?", (uid,))
+            self._mark_units()
         self.counters.compacted_samples += good
         for uid, dev, reason, _, n in bad:
             self.counters.quarantined_units += 1
@@ -752,11 +773,29 @@ class StoreWriter:
         return n
 
     def save_cursor(self, cursor: int) -> None:
-        """Persist the sync cursor; compacted units at or below it are no longer needed hot."""
+        """Persist the sync cursor; compacted units at or below it are no longer needed hot.
+        (I19) Nothing is written when the cursor did not move."""
+        if cursor == self._cursor:
+            return
         with self._txn():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(cursor),))
             self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))
+            self._mark_units()
         self._cursor = cursor
+
+    def _mark_units(self) -> None:
+        """Inside a transaction that deleted or compacted units: keep meta.top_id (the highest
+        id ever given, which MAX(id) forgets once the newest units are deleted: I14) and
+        meta.hot_from (every hot unit's id is at or above it, so hot units are found by id
+        without an index: I19). Each is written only when it changed."""
+        if self._max_id > self._top_saved:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES('top_id', ?)", (str(self._max_id),))
+            self._top_saved = self._max_id
+        row = self.db.execute("SELECT MIN(id) FROM units WHERE id>=? AND compacted=0", (self._hot_from,)).fetchone()
+        hot = self._max_id + 1 if row[0] is None else int(row[0])
+        if hot != self._hot_from or _meta_int(self.db, "hot_from") is None:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES('hot_from', ?)", (str(hot),))
+            self._hot_from = hot
 
     def _drop_stale_copies(self) -> None:
         """(I6) Upstream is off: raw copies kept for it will never be forwarded. Delete them."""
@@ -765,6 +804,7 @@ class StoreWriter:
         with self._txn():
             unsent = self._sum("units WHERE compacted=1 AND id>?", (self._cursor,))
             self.db.execute("DELETE FROM units WHERE compacted=1")
+            self._mark_units()
         self.counters.dropped_unsent += unsent
         if not self._stale_logged:
             self._stale_logged = True
@@ -826,6 +866,9 @@ class StoreWriter:
             )
         self._budget_episode = True
 
+    def _exists(self, source: str, args: tuple) -> bool:
+        return self.db.execute(f"SELECT 1 FROM {source} LIMIT 1", args).fetchone() is not None
+
     def _sum(self, source: str, args: tuple) -> int:
         return int(self.db.execute(f"SELECT COALESCE(SUM(n), 0) FROM {source}", args).fetchone()[0])
 
@@ -833,14 +876,19 @@ class StoreWriter:
         """(I6, I12) Drop what ended before `cutoff`: chunks and hot units count in
         dropped_retention; units above the cursor upstream still wanted count in dropped_unsent."""
         keep = 1 if self.settings.keep_until_synced else 0
+        hot = "units WHERE id >= ? AND compacted=0 AND t_max < ?"  # (I19) hot units, by id
+        hf = self._hot_from
         with self._txn():
             kept = self._sum("chunks WHERE t_max < ?", (cutoff,))
-            kept += self._sum("units WHERE t_max < ? AND +compacted=0", (cutoff,))
-            # Unary + keeps the planner on units(t_max): the other terms only filter that range.
-            sql = "units WHERE t_max < ? AND +id > ? AND (+compacted=1 OR ?)"
-            unsent = self._sum(sql, (cutoff, self._cursor, keep))
-            self.db.execute("DELETE FROM chunks WHERE t_max < ?", (cutoff,))
-            self.db.execute("DELETE FROM units WHERE t_max < ?", (cutoff,))
+            kept += self._sum(hot, (hf, cutoff))
+            unsent = self._sum(hot + " AND id > ? AND ?", (hf, cutoff, self._cursor, keep))
+            # Raw copies through their partial index on t_max.
+            unsent += self._sum("units WHERE compacted=1 AND t_max < ? AND +id > ?", (cutoff, self._cursor))
+            if kept or unsent or self._exists("units WHERE compacted=1 AND t_max < ?", (cutoff,)):
+                self.db.execute("DELETE FROM chunks WHERE t_max < ?", (cutoff,))
+                self.db.execute("DELETE FROM " + hot, (hf, cutoff))
+                self.db.execute("DELETE FROM units WHERE compacted=1 AND t_max < ?", (cutoff,))
+                self._mark_units()
         self.counters.dropped_retention += kept
         self.counters.dropped_unsent += unsent
         if kept or unsent:
@@ -857,29 +905,33 @@ class StoreWriter:
         with self._txn():
             unsent = self._sum("units WHERE compacted=1 AND id <= ? AND id > ?", (cut, self._cursor))
             rows = self.db.execute("DELETE FROM units WHERE compacted=1 AND id <= ?", (cut,)).rowcount
+            self._mark_units()
         self.counters.dropped_unsent += unsent
         return max(1, rows)
 
     def _drop_oldest(self) -> int:
         """Budget, then: the oldest 5% (at least one) of the history, chunks and hot units
         together by time. Hot units never forwarded count in dropped_unsent as well."""
+        hf = self._hot_from
         count = self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-        count += self.db.execute("SELECT COUNT(*) FROM units WHERE compacted=0").fetchone()[0]
+        count += self.db.execute("SELECT COUNT(*) FROM units WHERE id>=? AND compacted=0", (hf,)).fetchone()[0]
         if not count:
             return 0
         row = self.db.execute(
-            "SELECT t_max FROM (SELECT t_max FROM chunks UNION ALL SELECT t_max FROM units WHERE +compacted=0) "
+            "SELECT t_max FROM (SELECT t_max FROM chunks UNION ALL SELECT t_max FROM units WHERE id>=? AND compacted=0) "
             "ORDER BY t_max LIMIT 1 OFFSET ?",
-            (max(1, count // 20) - 1,),
+            (hf, max(1, count // 20) - 1),
         ).fetchone()
         (cut,) = row
         keep = 1 if self.settings.keep_until_synced else 0
         with self._txn():
+            hot = "units WHERE id >= ? AND compacted=0 AND t_max <= ?"
             n = self._sum("chunks WHERE t_max <= ?", (cut,))
-            n += self._sum("units WHERE t_max <= ? AND +compacted=0", (cut,))
-            unsent = self._sum("units WHERE t_max <= ? AND +compacted=0 AND +id > ? AND ?", (cut, self._cursor, keep))
+            n += self._sum(hot, (hf, cut))
+            unsent = self._sum(hot + " AND id > ? AND ?", (hf, cut, self._cursor, keep))
             self.db.execute("DELETE FROM chunks WHERE t_max <= ?", (cut,))
-            self.db.execute("DELETE FROM units WHERE t_max <= ? AND +compacted=0", (cut,))
+            self.db.execute("DELETE FROM " + hot, (hf, cut))
+            self._mark_units()
         self.counters.dropped_budget += n
         self.counters.dropped_unsent += unsent
         return max(1, n)
@@ -939,15 +991,23 @@ def _peek_tags(path: Path) -> list[tuple]:
         db.close()
 
 
+def _meta_int(db: sqlite3.Connection, key: str) -> int | None:
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return None if row is None else int(row[0])
+
+
 def _top_id(db: sqlite3.Connection, *, quiet: bool = False) -> int:
-    """The highest unit id ever given in this file (AUTOINCREMENT's sqlite_sequence)."""
+    """The highest unit id ever given in this file: the newest unit, or meta.top_id when the
+    newest units were deleted (and sqlite_sequence, in stores from before schema 4)."""
     try:
-        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='units'").fetchone()
-        top = int(row[0]) if row else 0
-        if quiet:
-            top = max(top, int(db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]))
+        top = _meta_int(db, "top_id") or 0
+        for table in ("units", "bad_units"):
+            top = max(top, int(db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]))
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'").fetchone():
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='units'").fetchone()
+            top = max(top, int(row[0]) if row else 0)
         return top
-    except sqlite3.Error:
+    except (sqlite3.Error, ValueError):
         if quiet:
             return 0
         raise
