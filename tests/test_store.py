@@ -663,3 +663,18 @@ def test_a_restored_backup_never_reuses_sequence_numbers(tmp_path):
     new = w.db.execute("SELECT MAX(id) FROM units").fetchone()[0]
     w.close()
     assert new > given  # a jump forward, never an id consumers already have
+
+
+def test_ids_are_not_reused_after_the_newest_units_are_deleted(tmp_path):
+    # Schema 4 gives ids itself (no AUTOINCREMENT): compaction deletes every unit, newest
+    # included, and a restart must still continue above them (meta.top_id, I14).
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 5)
+    top = _max_id(tmp_path / "edgeos.db")
+    w.maintain(T0 + 10 * SEC, compact_all=True)
+    assert _max_id(tmp_path / "edgeos.db") == 0  # every unit compacted away
+    w.close()
+    w = StoreWriter(tmp_path, TAGS)
+    w.write([poll("oven", [3], T0 + 20 * SEC, [1.0])])
+    assert _max_id(tmp_path / "edgeos.db") == top + 1
+    w.close()
