@@ -918,8 +918,8 @@ class StoreWriter:
         if not count:
             return 0
         row = self.db.execute(
-            "SELECT t_max FROM (SELECT t_max FROM chunks UNION ALL SELECT t_max FROM units WHERE id>=? AND compacted=0) "
-            "ORDER BY t_max LIMIT 1 OFFSET ?",
+            "SELECT t_max FROM (SELECT t_max FROM chunks "
+            "UNION ALL SELECT t_max FROM units WHERE id>=? AND compacted=0) ORDER BY t_max LIMIT 1 OFFSET ?",
             (hf, max(1, count // 20) - 1),
         ).fetchone()
         (cut,) = row
