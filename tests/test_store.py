@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from edgeos import Batch, Quality, TagMeta, ValueKind
+from edgeos import Batch, Quality, TagMeta, ValueKind, wire
 from edgeos.errors import StoreError
 from edgeos.store import StoreReader, StoreSettings, StoreWriter, aggregate
 from edgeos.store.writer import DB_NAME
@@ -174,6 +174,7 @@ def test_damaged_pages_after_a_crash_are_detected(tmp_path, caplog):
     fill(w, 200)
     w.maintain(T0 + 300 * SEC, compact_all=True)
     w.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = w.db.execute("PRAGMA page_size").fetchone()[0]
     # Simulate a crash (no clean close) that left garbage in the middle of the file.
     w.db.close()
     import os
@@ -181,8 +182,7 @@ def test_damaged_pages_after_a_crash_are_detected(tmp_path, caplog):
     os.close(w._lock_fd)
     path = tmp_path / DB_NAME
     data = bytearray(path.read_bytes())
-    page = 16384
-    data[2 * page : 4 * page] = b"\xa5" * (2 * page)
+    data[2 * page : 4 * 16384] = b"\xa5" * (4 * 16384 - 2 * page)  # from page 3 to 64 KiB
     path.write_bytes(bytes(data))
     w = StoreWriter(tmp_path, TAGS)
     fill(w, 1)
@@ -431,7 +431,9 @@ def _trace(w: StoreWriter) -> list[str]:
 
 def test_size_budget_with_upstream_pending_drops_hidden_raw_copies_first(tmp_path):
     budget = 2 * 1024 * 1024
-    settings = StoreSettings(max_size=budget, keep_until_synced=True)
+    settings = StoreSettings(
+        max_size=budget, keep_until_synced=True, compress_units=False
+    )  # plain units: the volume reaches the budget
     w = StoreWriter(tmp_path, [TagMeta(i, "d", f"t{i}") for i in range(500)], settings)
     rng = np.random.default_rng(0)
     total = 0
@@ -458,7 +460,9 @@ def test_size_budget_with_upstream_pending_drops_hidden_raw_copies_first(tmp_pat
 
 def test_size_budget_then_drops_oldest_history_each_sample_counted_once(tmp_path):
     budget = 1024 * 1024
-    settings = StoreSettings(max_size=budget, keep_until_synced=True, compact_after_ns=10**18)
+    settings = StoreSettings(
+        max_size=budget, keep_until_synced=True, compact_after_ns=10**18, compress_units=False
+    )  # plain units: the volume reaches the budget
     w = StoreWriter(tmp_path, [TagMeta(i, "d", f"t{i}") for i in range(500)], settings)
     rng = np.random.default_rng(0)
     for s in range(300):
@@ -677,4 +681,102 @@ def test_ids_are_not_reused_after_the_newest_units_are_deleted(tmp_path):
     w = StoreWriter(tmp_path, TAGS)
     w.write([poll("oven", [3], T0 + 20 * SEC, [1.0])])
     assert _max_id(tmp_path / "edgeos.db") == top + 1
+    w.close()
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([21.5, 21.6, -3.25, 0.0, 1e6, 7.0]),  # decimals: stored as scaled integers
+        np.array([-0.0, 1.5, np.nan, np.inf, -np.inf, 1e300]),  # kept bit for bit
+        np.random.default_rng(3).normal(50, 5, 6),  # plain floats
+        np.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]),  # booleans
+    ],
+)
+def test_version_3_units_read_back_bit_for_bit(values):
+    tags = np.array([1, 2, 3, 70_000, 5, 1], np.int32)
+    ts = np.array([T0, T0 + 1_000_000, T0, T0 + 7, T0 - 5, T0 + 2**40], np.int64)
+    quality = np.array([0, 0, 0x80000000, 0, 0, 0], np.uint32)
+    text = [None, "a", None, "ü" * 3, None, None]
+    for q, txt in ((quality, text), (np.zeros(6, np.uint32), None)):
+        u = wire.decode_unit(wire.encode_unit("dev", tags, ts, values, q, txt))
+        assert u.device == "dev" and u.text == txt
+        assert _same(u.tags, tags) and _same(u.ts, ts) and _same(u.quality, q)
+        assert u.values.tobytes() == values.astype("<f8").tobytes()
+    empty = wire.decode_unit(wire.encode_unit("dev", tags[:0], ts[:0], values[:0], quality[:0]))
+    assert len(empty) == 0
+
+
+def test_version_3_units_are_small_and_version_2_still_reads():
+    n = 1000
+    rng = np.random.default_rng(1)
+    tags = np.arange(n, dtype=np.int32)
+    ts = T0 + rng.integers(0, 5, n) * 1_000_000
+    values = rng.uniform(0, 1000, n).round(1)
+    q = np.zeros(n, np.uint32)
+    v2 = wire.encode_unit("plc", tags, ts, values, q, compress=False)
+    v3 = wire.encode_unit("plc", tags, ts, values, q)
+    assert len(v3) < len(v2) / 4  # 18 bytes a sample -> under 4.5
+    for data in (v2, v3):
+        u = wire.decode_unit(data)
+        assert _same(u.ts, ts) and u.values.tobytes() == values.tobytes() and (u.tags == tags).all()
+    with pytest.raises(ValueError, match="newer"):
+        wire.decode_unit(msgpack.packb({"v": 4, "n": 0}))
+
+
+def test_a_store_of_version_2_units_compacts_and_reads(tmp_path):
+    # A store written before version 3 (or with compress_units=False) reads and compacts as before.
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(compress_units=False))
+    fill(w, 5)
+    w.close()
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 5, start=T0 + 5 * SEC)
+    with StoreReader(tmp_path) as r:
+        before = r.history("oven/temp")
+    w.maintain(T0 + 20 * SEC, compact_all=True)
+    w.close()
+    with StoreReader(tmp_path) as r:
+        after = r.history("oven/temp")
+    assert len(before) == 10 and _same(after.ts, before.ts) and _same(after.values, before.values)
+
+
+def _saved_cursor(path) -> int:
+    db = sqlite3.connect(f"{(path / DB_NAME).as_uri()}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        db.close()
+
+
+def test_the_sync_cursor_is_written_every_ten_seconds_while_it_moves_and_at_close(tmp_path):
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(keep_until_synced=True))
+    fill(w, 30)
+    w.maintain(T0 + 1 * SEC, sync_cursor=5)
+    assert _saved_cursor(tmp_path) == 5
+    for s, c in ((2, 7), (5, 8), (10, 9)):  # moving, but within ten seconds of the last write
+        w.maintain(T0 + s * SEC, sync_cursor=c)
+        assert _saved_cursor(tmp_path) == 5
+    w.maintain(T0 + 11 * SEC, sync_cursor=12)
+    assert _saved_cursor(tmp_path) == 12
+    w.maintain(T0 + 12 * SEC, sync_cursor=14)
+    w.close()  # the last cursor known is written at close
+    assert _saved_cursor(tmp_path) == 14
+
+
+def test_a_maintenance_round_with_nothing_to_do_writes_nothing(tmp_path):
+    settings = StoreSettings(retention_ns=3600 * SEC, keep_until_synced=True)
+    w = StoreWriter(tmp_path, TAGS, settings)
+    fill(w, 10)
+    w.maintain(T0 + 10 * SEC, sync_cursor=3)
+    other = sqlite3.connect(tmp_path / DB_NAME)
+    before = other.execute("PRAGMA data_version").fetchone()[0]
+    for s in range(11, 40):  # the cursor stands still; nothing is due for compaction or retention
+        w.maintain(T0 + s * SEC, sync_cursor=3)
+    assert other.execute("PRAGMA data_version").fetchone()[0] == before
+    other.close()
     w.close()

@@ -34,7 +34,7 @@ DB_NAME = "edgeos.db"
 LOCK_NAME = "edgeos.lock"
 SEQ_NAME = "edgeos.seq"
 TAGS_NAME = "edgeos.tags"  # (I16) a copy of the tags table, so a new store keeps the tag ids
-PAGE_SIZE = 4096  # new stores; a commit writes whole pages, so small pages write less
+PAGE_SIZE = 1024  # new stores; a commit writes whole pages, so small pages write less
 WAL_LIMIT = 64 * 1024 * 1024
 FILE_MODE = 0o640  # (I17) the service user writes; its group (operators) may read
 DIR_MODE = 0o750
@@ -45,6 +45,9 @@ SEQ_MARGIN = 10_000
 # (I15) Bounds on one unit (one upstream message at most): samples, and encoded bytes.
 MAX_UNIT_SAMPLES = 10_000
 MAX_UNIT_BYTES = 128 * 1024
+# (I19) The sync cursor is written at most this often while it moves (and at every stop): a
+# crash re-sends at most this much, which the consumer's sequence check drops as duplicates.
+CURSOR_SAVE_S = 10.0
 MAX_DROP_STEPS = 200  # budget drops per maintenance round (each about 5% of what is left)
 _CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
@@ -90,6 +93,9 @@ class StoreSettings:
     compact_slice_samples: int = 1_000_000
     compact_max_samples: int = 4_000_000  # bound on one compaction's memory and time
     keep_until_synced: bool = False
+    # (I19) Version-3 units (deflated columns): a third of the bytes a commit writes, and of
+    # what goes upstream. False writes version 2, for consumers whose edgeos.wire predates 3.
+    compress_units: bool = True
 
 
 @dataclass
@@ -172,7 +178,9 @@ class StoreWriter:
         self._top_saved = 0  # meta.top_id: the highest id, kept when the newest units are deleted
         self._hot_from = 0  # meta.hot_from: every hot (uncompacted) unit has an id at or above it
         self._reserved = 0  # (I14) the bound in edgeos.seq
-        self._cursor = 0  # the sync cursor last saved: units above it were never forwarded
+        self._cursor = 0  # the sync cursor last known: units above it were never forwarded
+        self._cursor_saved = 0  # the one in meta.sync_cursor (at most CURSOR_SAVE_S behind)
+        self._cursor_saved_at = 0  # now_ns of maintain() when it was last written
         self._seq_warned = False
         if not self.dir.exists():
             try:
@@ -202,7 +210,7 @@ class StoreWriter:
             self._max_id = _top_id(self.db)
             self._top_saved = _meta_int(self.db, "top_id") or 0
             row = self.db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
-            self._cursor = int(row[0]) if row else 0
+            self._cursor = self._cursor_saved = int(row[0]) if row else 0
             hot = _meta_int(self.db, "hot_from")
             self._hot_from = 0 if hot is None else hot
             if hot is None:  # a new or migrated store: one scan, then kept up to date
@@ -576,7 +584,7 @@ class StoreWriter:
 
     def _encode_piece(self, rows: list, device: str, tags, ts, values, quality, text, a: int, z: int) -> None:
         txt = None if text is None else text[a:z].tolist()
-        data = wire.encode_unit(device, tags, ts, values, quality, txt)
+        data = wire.encode_unit(device, tags, ts, values, quality, txt, compress=self.settings.compress_units)
         if len(data) > MAX_UNIT_BYTES and z - a > 1:  # the estimate fell short (long strings): halve
             m = (z - a) // 2
             self._encode_piece(rows, device, tags[:m], ts[:m], values[:m], quality[:m], text, a, a + m)
@@ -657,7 +665,13 @@ class StoreWriter:
         now_ns = time.time_ns() if now_ns is None else now_ns
         try:
             if sync_cursor is not None:
-                self.save_cursor(sync_cursor)
+                # (I19) Counted at once (I12's dropped_unsent uses it); written every
+                # CURSOR_SAVE_S while it moves, and at close.
+                self._cursor = sync_cursor
+                # abs(): a clock stepped back saves at once rather than stalling.
+                if sync_cursor != self._cursor_saved and abs(now_ns - self._cursor_saved_at) >= CURSOR_SAVE_S * 1e9:
+                    self.save_cursor(sync_cursor)
+                    self._cursor_saved_at = now_ns
             if not self.settings.keep_until_synced:
                 self._drop_stale_copies()
             while self.compact(now_ns, force=compact_all) and compact_all:
@@ -775,13 +789,14 @@ class StoreWriter:
     def save_cursor(self, cursor: int) -> None:
         """Persist the sync cursor; compacted units at or below it are no longer needed hot.
         (I19) Nothing is written when the cursor did not move."""
-        if cursor == self._cursor:
+        self._cursor = cursor
+        if cursor == self._cursor_saved:
             return
         with self._txn():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(cursor),))
             self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))
             self._mark_units()
-        self._cursor = cursor
+        self._cursor_saved = cursor
 
     def _mark_units(self) -> None:
         """Inside a transaction that deleted or compacted units: keep meta.top_id (the highest
@@ -945,6 +960,8 @@ class StoreWriter:
             if self._corrupt:
                 log.error("store %s: closing a damaged store unmarked; the next start checks it", self.path)
             elif not self._broken:
+                if self._cursor != self._cursor_saved:
+                    self.save_cursor(self._cursor)
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '1')")
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
