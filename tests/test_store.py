@@ -780,3 +780,49 @@ def test_a_maintenance_round_with_nothing_to_do_writes_nothing(tmp_path):
     assert other.execute("PRAGMA data_version").fetchone()[0] == before
     other.close()
     w.close()
+
+
+def test_a_schema_3_store_is_migrated_and_its_ids_go_on(tmp_path):
+    # Schema 3 (before issue 22): AUTOINCREMENT units and three indexes written per commit.
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(
+        """
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE tags(id INTEGER PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL,
+            kind TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', retired INTEGER NOT NULL DEFAULT 0);
+        CREATE UNIQUE INDEX tags_active ON tags(device, name) WHERE retired=0;
+        CREATE TABLE units(id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
+            t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL,
+            compacted INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL);
+        CREATE INDEX units_device_time ON units(device, t_max);
+        CREATE INDEX units_pending ON units(compacted, id);
+        CREATE INDEX units_time ON units(t_max);
+        CREATE TABLE chunks(id INTEGER PRIMARY KEY, tag INTEGER NOT NULL,
+            t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL);
+        CREATE TABLE bad_units(id INTEGER PRIMARY KEY, device TEXT NOT NULL, reason TEXT NOT NULL, data BLOB NOT NULL);
+        INSERT INTO meta VALUES('schema_version', '3');
+        INSERT INTO meta VALUES('clean_shutdown', '1');
+        INSERT INTO tags(id, device, name, kind) VALUES(1, 'oven', 'temp', 'number');
+        """
+    )
+    for k in range(4):
+        data = wire.encode_unit("oven", np.array([1], np.int32), np.array([T0 + k * SEC]), np.array([float(k)]),
+                                np.zeros(1, np.uint32), compress=False)  # fmt: skip
+        db.execute("INSERT INTO units(device, t_min, t_max, n, data) VALUES('oven', ?, ?, 1, ?)",
+                   (T0 + k * SEC, T0 + k * SEC, data))  # fmt: skip
+    db.execute("DELETE FROM units WHERE id=4")  # the newest unit gone: only sqlite_sequence knows 4
+    db.commit()
+    db.close()
+    (tmp_path / "edgeos.seq").write_text("1000000\n")
+    w = StoreWriter(tmp_path, [TagMeta(0, "oven", "temp")])
+    indexes = {r[0] for r in w.db.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='units'")}
+    assert indexes == {"units_copies", "units_copies_time"}
+    assert w.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+    w.write([poll("oven", [0], T0 + 9 * SEC, [9.0])])
+    assert w.db.execute("SELECT MAX(id) FROM units").fetchone()[0] == 5  # never 4 again
+    with StoreReader(tmp_path) as r:
+        assert r.history("oven/temp").values.tolist() == [0.0, 1.0, 2.0, 9.0]
+    w.maintain(T0 + 20 * SEC, compact_all=True)
+    w.close()
+    with StoreReader(tmp_path) as r:
+        assert r.history("oven/temp").values.tolist() == [0.0, 1.0, 2.0, 9.0]
