@@ -86,3 +86,16 @@ def test_status_shows_the_bytes_written_a_day(tmp_path):
     out = CliRunner().invoke(app, ["status", "--data-dir", str(tmp_path)])
     # 50 MB in an hour: 1.2 GB a day.
     assert "writes    50.0 MB to the data disk, 1.20 GB/day" in out.output, out.output
+
+
+def test_check_counts_a_live_status_on_the_data_disk(write_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeos.cli import app
+
+    body = '[gateway]\nid="g"\ndata_dir="d"\n{run}[[devices]]\nname="x"\nprotocol="simulated"\ntags=[{{name="t"}}]\n'
+    on_disk = CliRunner().invoke(app, ["check", str(write_config(body.format(run=f'run_dir="{tmp_path}"\n')))])
+    assert "the live status goes to the data disk too" in on_disk.output, on_disk.output
+    shm = Path("/dev/shm")  # a tmpfs on Linux
+    in_memory = CliRunner().invoke(app, ["check", str(write_config(body.format(run=f'run_dir="{shm}"\n')))])
+    assert in_memory.exit_code == 0 and "the live status goes" not in in_memory.output, in_memory.output
