@@ -1057,19 +1057,26 @@ def _meta_int(db: sqlite3.Connection, key: str) -> int | None:
 
 def _top_id(db: sqlite3.Connection, *, quiet: bool = False) -> int:
     """The highest unit id ever given in this file: the newest unit, or meta.top_id when the
-    newest units were deleted (and sqlite_sequence, in stores from before schema 4)."""
-    try:
-        top = _meta_int(db, "top_id") or 0
-        for table in ("units", "bad_units"):
-            top = max(top, int(db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]))
-        if db.execute("SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'").fetchone():
-            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='units'").fetchone()
-            top = max(top, int(row[0]) if row else 0)
-        return top
-    except (sqlite3.Error, ValueError):
-        if quiet:
-            return 0
-        raise
+    newest units were deleted (and sqlite_sequence, in stores from before schema 4). With
+    `quiet` (a damaged file about to be moved aside), whatever can still be read."""
+    sources = [
+        "SELECT CAST(value AS INTEGER) FROM meta WHERE key='top_id'",
+        "SELECT MAX(id) FROM units",
+        "SELECT MAX(id) FROM bad_units",
+        "SELECT seq FROM sqlite_sequence WHERE name='units'",
+    ]
+    top = 0
+    for i, sql in enumerate(sources):
+        try:
+            row = db.execute(sql).fetchone()
+        except sqlite3.Error as e:
+            # bad_units and sqlite_sequence are absent from some stores: not an error.
+            if quiet or (i >= 2 and "no such table" in str(e)):
+                continue
+            raise
+        if row and row[0] is not None:
+            top = max(top, int(row[0]))
+    return top
 
 
 def _peek_top_id(path: Path) -> int:
