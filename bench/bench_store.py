@@ -7,11 +7,18 @@ bytes_per_sample: a day of the realistic signal set (bench/signals.py) ingested 
 store settings and maintenance (compaction, on a simulated clock); live database pages / samples,
 and the whole file (free pages included) / samples; compaction: its throughput.
 query_24h_ms: one tag's 24 h at 1 Hz out of that 1,000-tag device, best of 5.
+write_bytes_per_sample / write_gb_per_day_small: what the store writes to the disk (write_bytes
+of /proc/PID/io, in a child: bench/flash_load.py) for 1,000 tags every second and for 8 tags
+every 500 ms, default settings, one commit per poll cycle, 30 simulated minutes (10 with
+--quick) so compaction and the closing checkpoint are in the figure.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +109,17 @@ def _day(tmp: Path) -> tuple[float, float, float, int, float]:
     return live, file, best * 1000, total, total / busy
 
 
+def _flash(tmp: Path, tags: int, period_ms: int, seconds: int) -> dict:
+    load = Path(__file__).with_name("flash_load.py")
+    out = subprocess.run(
+        [sys.executable, str(load), str(tmp / f"flash-{tags}"), str(tags), str(period_ms), str(seconds)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
 def run(quick: bool):
     seconds = 3.0 if quick else 10.0
     with tempfile.TemporaryDirectory(prefix="edgeos-bench-store-", dir=os.environ.get("EDGEOS_BENCH_DIR")) as d:
@@ -117,3 +135,9 @@ def run(quick: bool):
         yield "day_samples", n, "samples"
         yield "compaction", compact_rate, "samples/s"
         yield "query_24h_ms", query_ms, "ms"
+        minutes = 10 if quick else 30
+        busy = _flash(tmp, 1000, 1000, minutes * 60)
+        yield "write_bytes_per_sample", busy["bytes_per_sample"], "bytes/sample (1,000 tags at 1 s; target <= 20)"
+        small = _flash(tmp, 8, 500, minutes * 60)
+        yield "write_gb_per_day_small", small["gb_per_day"], "GB/day (8 tags at 500 ms; target <= 0.5)"
+        yield "write_bytes_per_commit_small", small["bytes_per_commit"], "bytes/commit"

@@ -8,13 +8,16 @@ map; it is encoded once, when committed, and forwarded as stored. docs/payload.m
 from __future__ import annotations
 
 import bisect
+import zlib
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 
-UNIT_VERSION = 2
-"""1: edgeos 0.1.0 development format (int32 tags, quality always present); still decoded."""
+UNIT_VERSION = 3
+"""3: columns byte-shuffled and deflated (docs/payload.md); 2: plain columns, still written on
+request (`compress=False`) and read; 1: edgeos 0.1.0 development format (int32 tags, quality
+always present), read."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,18 @@ def encode_unit(
     values: np.ndarray,
     quality: np.ndarray,
     text: list[str | None] | None = None,
+    *,
+    compress: bool = True,
 ) -> bytes:
-    """Columns -> bytes. Tag ids go as uint16 when they fit; an all-Good quality column is omitted."""
+    """Columns -> bytes. Tag ids go as uint16 when they fit; an all-Good quality column is omitted.
+    `compress` (version 3) deflates the byte-shuffled columns: a unit is written to flash once
+    as a hot unit and again at a checkpoint, so its size is most of what a commit writes."""
+    if compress:
+        return _encode_v3(device, tags, ts, values, quality, text)
     n = len(tags)
     wide = n and int(tags.max()) > 0xFFFF
     doc: dict = {
-        "v": UNIT_VERSION,
+        "v": 2,
         "d": device,
         "n": n,
         "tag": np.ascontiguousarray(tags, "<i4" if wide else "<u2").tobytes(),
@@ -63,9 +72,11 @@ def decode_unit(data: bytes) -> Unit:
     """bytes -> columns (zero-copy views where possible). Reads every version this edgeos wrote."""
     doc = msgpack.unpackb(data, raw=False)
     version = doc.get("v")
-    if version not in (1, 2):
+    if version not in (1, 2, 3):
         raise ValueError(f"unit version {version!r} is newer than this edgeos understands (up to {UNIT_VERSION})")
     n = doc["n"]
+    if version == 3:
+        return _check(_decode_v3(doc, n), n)
     if version == 1:
         tags = np.frombuffer(doc["tag"], "<i4")
         quality = np.frombuffer(doc["q"], "<u4")
@@ -80,9 +91,115 @@ def decode_unit(data: bytes) -> Unit:
         quality=quality,
         text=doc.get("txt"),
     )
+    return _check(unit, n)
+
+
+def _check(unit: Unit, n: int) -> Unit:
     if not (len(unit.tags) == len(unit.ts) == len(unit.values) == len(unit.quality) == n):
         raise ValueError("unit columns disagree in length")
     return unit
+
+
+_WIDTHS = ("<i1", "<i2", "<i4", "<i8")
+
+
+def _narrow(a: np.ndarray) -> tuple[str, np.ndarray]:
+    """An int64 column in the narrowest little-endian signed type that holds it."""
+    if not len(a):
+        return "<i1", a.astype("<i1")
+    lo, hi = int(a.min()), int(a.max())
+    for dt in _WIDTHS:
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return dt, a.astype(dt)
+    raise AssertionError("unreachable: int64 fits <i8")
+
+
+def _pack(a: np.ndarray) -> bytes:
+    """Byte-shuffle (bytes of equal significance together), then deflate (level 1: fast)."""
+    w = a.dtype.itemsize
+    raw = np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8)
+    return zlib.compress(raw.reshape(-1, w).T.tobytes() if w > 1 and len(a) else raw.tobytes(), 1)
+
+
+def _unpack(data: bytes, dtype: str, n: int) -> np.ndarray:
+    if dtype not in _WIDTHS + ("<u2", "<u4", "<f8"):
+        raise ValueError(f"unit column type {dtype!r} unknown")
+    raw = np.frombuffer(zlib.decompress(data), np.uint8)
+    w = np.dtype(dtype).itemsize
+    if len(raw) != n * w:
+        raise ValueError("unit column has the wrong length")
+    if w > 1 and n:
+        raw = raw.reshape(w, n).T
+    return np.ascontiguousarray(raw).view(dtype).reshape(n)
+
+
+_SCALES = [10.0**k for k in range(7)]
+
+
+def _decimal_scale(values: np.ndarray) -> int | None:
+    """The smallest k <= 6 such that every value is exactly an integer / 10**k (bit for bit,
+    so -0.0, NaN and inf never qualify), or None."""
+    v = np.ascontiguousarray(values, "<f8")
+    if not len(v) or not np.isfinite(v).all() or float(np.abs(v).max()) >= 2.0**53 / 1e6:
+        return None
+    # The first values tell where to start (the whole column needs at least their k): one
+    # pass over the column in the common case.
+    start = 0 if len(v) <= 16 else (_decimal_scale(v[:16]) or 0)
+    bits = v.view("<i8")
+    for k in range(start, len(_SCALES)):
+        f = _SCALES[k]
+        # Exactly what the decoder computes: an integer back to float, divided (-0.0 fails).
+        if np.array_equal((np.round(v * f).astype("<i8").astype("<f8") / f).view("<i8"), bits):
+            return k
+    return None
+
+
+def _encode_v3(device, tags, ts, values, quality, text) -> bytes:
+    n = len(tags)
+    ts = np.ascontiguousarray(ts, "<i8")
+    t0 = int(ts.min()) if n else 0
+    off = ts - t0
+    # Timestamps rounded to the store's resolution share a step: store offsets in steps.
+    step = int(np.gcd.reduce(off)) if n and off.any() else 1
+    step = step if 0 < step < 2**62 else 1
+    tsd, off = _narrow(off // step)
+    # Tag ids as differences from the previous one: a poll's tags mostly step by one.
+    td, dtags = _narrow(np.diff(np.asarray(tags, "<i8"), prepend=0))
+    doc: dict = {"v": 3, "d": device, "n": n, "t0": t0, "tst": step, "tsd": tsd, "tgd": td}
+    doc["tag"] = _pack(dtags)
+    doc["ts"] = _pack(off)
+    k = _decimal_scale(values)
+    if k is None:
+        doc["vd"] = "<f8"
+        doc["val"] = _pack(np.ascontiguousarray(values, "<f8"))
+    else:  # register values scaled by 0.1 or 0.01: small integers
+        doc["vs"] = k
+        doc["vd"], scaled = _narrow(np.round(np.asarray(values, "<f8") * _SCALES[k]).astype("<i8"))
+        # Narrowed, not deflated: their low bytes hardly compress, and deflate costs the time.
+        doc["val"] = scaled.tobytes()
+    if n and quality.any():
+        doc["q"] = _pack(np.ascontiguousarray(quality, "<u4"))
+    if text is not None:
+        doc["txt"] = list(text)
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def _decode_v3(doc: dict, n: int) -> Unit:
+    try:
+        tags = np.cumsum(_unpack(doc["tag"], doc["tgd"], n), dtype="<i8").astype(np.int32)
+        ts = _unpack(doc["ts"], doc["tsd"], n).astype("<i8") * np.int64(doc["tst"]) + np.int64(doc["t0"])
+        vd = doc["vd"]
+        if "vs" in doc:
+            if vd not in _WIDTHS or len(doc["val"]) != n * np.dtype(vd).itemsize:
+                raise ValueError("unit value column has the wrong type or length")
+            values = np.frombuffer(doc["val"], vd).astype("<f8") / _SCALES[doc["vs"]]
+        else:
+            values = _unpack(doc["val"], vd, n).astype("<f8")
+        quality = _unpack(doc["q"], "<u4", n) if "q" in doc else np.zeros(n, np.uint32)
+    except zlib.error as e:
+        raise ValueError(f"unit column does not inflate: {e}") from e
+    return Unit(device=doc["d"], tags=tags, ts=ts, values=values, quality=quality, text=doc.get("txt"))
 
 
 # -- upstream messages ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from edgeos import Batch, Quality, TagMeta, ValueKind
+from edgeos import Batch, Quality, TagMeta, ValueKind, wire
 from edgeos.errors import StoreError
 from edgeos.store import StoreReader, StoreSettings, StoreWriter, aggregate
 from edgeos.store.writer import DB_NAME
@@ -174,6 +174,7 @@ def test_damaged_pages_after_a_crash_are_detected(tmp_path, caplog):
     fill(w, 200)
     w.maintain(T0 + 300 * SEC, compact_all=True)
     w.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = w.db.execute("PRAGMA page_size").fetchone()[0]
     # Simulate a crash (no clean close) that left garbage in the middle of the file.
     w.db.close()
     import os
@@ -181,8 +182,7 @@ def test_damaged_pages_after_a_crash_are_detected(tmp_path, caplog):
     os.close(w._lock_fd)
     path = tmp_path / DB_NAME
     data = bytearray(path.read_bytes())
-    page = 16384
-    data[2 * page : 4 * page] = b"\xa5" * (2 * page)
+    data[2 * page : 4 * 16384] = b"\xa5" * (4 * 16384 - 2 * page)  # from page 3 to 64 KiB
     path.write_bytes(bytes(data))
     w = StoreWriter(tmp_path, TAGS)
     fill(w, 1)
@@ -196,7 +196,7 @@ def test_newer_schema_is_refused_clearly(tmp_path):
     w = StoreWriter(tmp_path, TAGS)
     w.db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     w.close()
-    with pytest.raises(StoreError, match="schema version 99 was written by a newer edgeos; this edgeos reads up to 3"):
+    with pytest.raises(StoreError, match="schema version 99 was written by a newer edgeos; this edgeos reads up to 4"):
         StoreWriter(tmp_path, TAGS)
     assert not list(tmp_path.glob(f"{DB_NAME}.bad-*"))  # refused, not moved: the data is fine
 
@@ -263,17 +263,20 @@ def test_readers_do_not_block_the_writer(tmp_path):
     th.start()
     try:
         worst = 0.0
-        for s in range(20, 120):
+        s, deadline = 20, time.monotonic() + 20
+        # Commits are fast (a page or two each): go on until the reader has read a few times.
+        while (s < 120 or len(reads) <= 5) and time.monotonic() < deadline:
             t = time.perf_counter()
             w.write([poll("oven", [3], T0 + s * SEC, [float(s)])])
             worst = max(worst, time.perf_counter() - t)
+            s += 1
     finally:
         stop.set()
         th.join(10)
     assert len(reads) > 3 and min(reads) >= 20
     assert worst < 1.0  # never waits on the reader's lock (a busy wait would take 5 s)
     with StoreReader(tmp_path) as r:
-        assert len(r.history("oven/temp")) == 120
+        assert len(r.history("oven/temp")) == s  # 20 from fill, then one a commit
     w.close()
 
 
@@ -428,7 +431,9 @@ def _trace(w: StoreWriter) -> list[str]:
 
 def test_size_budget_with_upstream_pending_drops_hidden_raw_copies_first(tmp_path):
     budget = 2 * 1024 * 1024
-    settings = StoreSettings(max_size=budget, keep_until_synced=True)
+    settings = StoreSettings(
+        max_size=budget, keep_until_synced=True, compress_units=False
+    )  # plain units: the volume reaches the budget
     w = StoreWriter(tmp_path, [TagMeta(i, "d", f"t{i}") for i in range(500)], settings)
     rng = np.random.default_rng(0)
     total = 0
@@ -455,7 +460,9 @@ def test_size_budget_with_upstream_pending_drops_hidden_raw_copies_first(tmp_pat
 
 def test_size_budget_then_drops_oldest_history_each_sample_counted_once(tmp_path):
     budget = 1024 * 1024
-    settings = StoreSettings(max_size=budget, keep_until_synced=True, compact_after_ns=10**18)
+    settings = StoreSettings(
+        max_size=budget, keep_until_synced=True, compact_after_ns=10**18, compress_units=False
+    )  # plain units: the volume reaches the budget
     w = StoreWriter(tmp_path, [TagMeta(i, "d", f"t{i}") for i in range(500)], settings)
     rng = np.random.default_rng(0)
     for s in range(300):
@@ -524,7 +531,8 @@ def test_retention_and_budget_statements_use_indexes(tmp_path):
             detail = [r[3] for r in w.db.execute("EXPLAIN QUERY PLAN " + q)]
             plans.append((q, detail))
             assert not any(d.startswith(("SCAN units", "SCAN chunks")) for d in detail), (q, detail)
-            assert any("t_max<" in d for d in detail), (q, detail)
+            # Chunks and raw copies by their t_max indexes; hot units by id from hot_from (I19).
+            assert any("t_max<" in d or "rowid>" in d for d in detail), (q, detail)
     assert any("DELETE FROM units" in q for q, _ in plans)
     w.close()
 
@@ -659,3 +667,162 @@ def test_a_restored_backup_never_reuses_sequence_numbers(tmp_path):
     new = w.db.execute("SELECT MAX(id) FROM units").fetchone()[0]
     w.close()
     assert new > given  # a jump forward, never an id consumers already have
+
+
+def test_ids_are_not_reused_after_the_newest_units_are_deleted(tmp_path):
+    # Schema 4 gives ids itself (no AUTOINCREMENT): compaction deletes every unit, newest
+    # included, and a restart must still continue above them (meta.top_id, I14).
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 5)
+    top = _max_id(tmp_path / "edgeos.db")
+    w.maintain(T0 + 10 * SEC, compact_all=True)
+    assert _max_id(tmp_path / "edgeos.db") == 0  # every unit compacted away
+    w.close()
+    w = StoreWriter(tmp_path, TAGS)
+    w.write([poll("oven", [3], T0 + 20 * SEC, [1.0])])
+    assert _max_id(tmp_path / "edgeos.db") == top + 1
+    w.close()
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([21.5, 21.6, -3.25, 0.0, 1e6, 7.0]),  # decimals: stored as scaled integers
+        np.array([-0.0, 1.5, np.nan, np.inf, -np.inf, 1e300]),  # kept bit for bit
+        np.random.default_rng(3).normal(50, 5, 6),  # plain floats
+        np.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]),  # booleans
+    ],
+)
+def test_version_3_units_read_back_bit_for_bit(values):
+    tags = np.array([1, 2, 3, 70_000, 5, 1], np.int32)
+    ts = np.array([T0, T0 + 1_000_000, T0, T0 + 7, T0 - 5, T0 + 2**40], np.int64)
+    quality = np.array([0, 0, 0x80000000, 0, 0, 0], np.uint32)
+    text = [None, "a", None, "ü" * 3, None, None]
+    for q, txt in ((quality, text), (np.zeros(6, np.uint32), None)):
+        u = wire.decode_unit(wire.encode_unit("dev", tags, ts, values, q, txt))
+        assert u.device == "dev" and u.text == txt
+        assert _same(u.tags, tags) and _same(u.ts, ts) and _same(u.quality, q)
+        assert u.values.tobytes() == values.astype("<f8").tobytes()
+    empty = wire.decode_unit(wire.encode_unit("dev", tags[:0], ts[:0], values[:0], quality[:0]))
+    assert len(empty) == 0
+
+
+def test_version_3_units_are_small_and_version_2_still_reads():
+    n = 1000
+    rng = np.random.default_rng(1)
+    tags = np.arange(n, dtype=np.int32)
+    ts = T0 + rng.integers(0, 5, n) * 1_000_000
+    values = rng.uniform(0, 1000, n).round(1)
+    q = np.zeros(n, np.uint32)
+    v2 = wire.encode_unit("plc", tags, ts, values, q, compress=False)
+    v3 = wire.encode_unit("plc", tags, ts, values, q)
+    assert len(v3) < len(v2) / 4  # 18 bytes a sample -> under 4.5
+    for data in (v2, v3):
+        u = wire.decode_unit(data)
+        assert _same(u.ts, ts) and u.values.tobytes() == values.tobytes() and (u.tags == tags).all()
+    with pytest.raises(ValueError, match="newer"):
+        wire.decode_unit(msgpack.packb({"v": 4, "n": 0}))
+
+
+def test_a_store_of_version_2_units_compacts_and_reads(tmp_path):
+    # A store written before version 3 (or with compress_units=False) reads and compacts as before.
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(compress_units=False))
+    fill(w, 5)
+    w.close()
+    w = StoreWriter(tmp_path, TAGS)
+    fill(w, 5, start=T0 + 5 * SEC)
+    with StoreReader(tmp_path) as r:
+        before = r.history("oven/temp")
+    w.maintain(T0 + 20 * SEC, compact_all=True)
+    w.close()
+    with StoreReader(tmp_path) as r:
+        after = r.history("oven/temp")
+    assert len(before) == 10 and _same(after.ts, before.ts) and _same(after.values, before.values)
+
+
+def _saved_cursor(path) -> int:
+    db = sqlite3.connect(f"{(path / DB_NAME).as_uri()}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        db.close()
+
+
+def test_the_sync_cursor_is_written_every_ten_seconds_while_it_moves_and_at_close(tmp_path):
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(keep_until_synced=True))
+    fill(w, 30)
+    w.maintain(T0 + 1 * SEC, sync_cursor=5)
+    assert _saved_cursor(tmp_path) == 5
+    for s, c in ((2, 7), (5, 8), (10, 9)):  # moving, but within ten seconds of the last write
+        w.maintain(T0 + s * SEC, sync_cursor=c)
+        assert _saved_cursor(tmp_path) == 5
+    w.maintain(T0 + 11 * SEC, sync_cursor=12)
+    assert _saved_cursor(tmp_path) == 12
+    w.maintain(T0 + 12 * SEC, sync_cursor=14)
+    w.close()  # the last cursor known is written at close
+    assert _saved_cursor(tmp_path) == 14
+
+
+def test_a_maintenance_round_with_nothing_to_do_writes_nothing(tmp_path):
+    settings = StoreSettings(retention_ns=3600 * SEC, keep_until_synced=True)
+    w = StoreWriter(tmp_path, TAGS, settings)
+    fill(w, 10)
+    w.maintain(T0 + 10 * SEC, sync_cursor=3)
+    other = sqlite3.connect(tmp_path / DB_NAME)
+    before = other.execute("PRAGMA data_version").fetchone()[0]
+    for s in range(11, 40):  # the cursor stands still; nothing is due for compaction or retention
+        w.maintain(T0 + s * SEC, sync_cursor=3)
+    assert other.execute("PRAGMA data_version").fetchone()[0] == before
+    other.close()
+    w.close()
+
+
+def test_a_schema_3_store_is_migrated_and_its_ids_go_on(tmp_path):
+    # Schema 3 (before issue 22): AUTOINCREMENT units and three indexes written per commit.
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    db.executescript(
+        """
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE tags(id INTEGER PRIMARY KEY, device TEXT NOT NULL, name TEXT NOT NULL,
+            kind TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', retired INTEGER NOT NULL DEFAULT 0);
+        CREATE UNIQUE INDEX tags_active ON tags(device, name) WHERE retired=0;
+        CREATE TABLE units(id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
+            t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL,
+            compacted INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL);
+        CREATE INDEX units_device_time ON units(device, t_max);
+        CREATE INDEX units_pending ON units(compacted, id);
+        CREATE INDEX units_time ON units(t_max);
+        CREATE TABLE chunks(id INTEGER PRIMARY KEY, tag INTEGER NOT NULL,
+            t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL);
+        CREATE TABLE bad_units(id INTEGER PRIMARY KEY, device TEXT NOT NULL, reason TEXT NOT NULL, data BLOB NOT NULL);
+        INSERT INTO meta VALUES('schema_version', '3');
+        INSERT INTO meta VALUES('clean_shutdown', '1');
+        INSERT INTO tags(id, device, name, kind) VALUES(1, 'oven', 'temp', 'number');
+        """
+    )
+    for k in range(4):
+        data = wire.encode_unit("oven", np.array([1], np.int32), np.array([T0 + k * SEC]), np.array([float(k)]),
+                                np.zeros(1, np.uint32), compress=False)  # fmt: skip
+        db.execute("INSERT INTO units(device, t_min, t_max, n, data) VALUES('oven', ?, ?, 1, ?)",
+                   (T0 + k * SEC, T0 + k * SEC, data))  # fmt: skip
+    db.execute("DELETE FROM units WHERE id=4")  # the newest unit gone: only sqlite_sequence knows 4
+    db.commit()
+    db.close()
+    (tmp_path / "edgeos.seq").write_text("1000000\n")
+    w = StoreWriter(tmp_path, [TagMeta(0, "oven", "temp")])
+    indexes = {r[0] for r in w.db.execute("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='units'")}
+    assert indexes == {"units_copies", "units_copies_time"}
+    assert w.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+    w.write([poll("oven", [0], T0 + 9 * SEC, [9.0])])
+    assert w.db.execute("SELECT MAX(id) FROM units").fetchone()[0] == 5  # never 4 again
+    with StoreReader(tmp_path) as r:
+        assert r.history("oven/temp").values.tolist() == [0.0, 1.0, 2.0, 9.0]
+    w.maintain(T0 + 20 * SEC, compact_all=True)
+    w.close()
+    with StoreReader(tmp_path) as r:
+        assert r.history("oven/temp").values.tolist() == [0.0, 1.0, 2.0, 9.0]

@@ -94,6 +94,7 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
     typer.echo(f"{config}: OK")
     typer.echo(f"gateway   {cfg.gateway.id}   data_dir {cfg.gateway.data_dir}")
     typer.echo(f"store     {_budget(cfg)}")
+    typer.echo(f"writes    {_writes(cfg)}")
     typer.echo(f"kernels   {filters.implementation()}")
     upstream = f"enabled: {cfg.upstream.options.get('host')}" if cfg.upstream.enabled else "disabled"
     typer.echo(f"upstream  {upstream}{'' if cfg.upstream.enabled else ' (data stays on this gateway)'}")
@@ -116,6 +117,46 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
             for line in describe(d):
                 typer.echo(f"    {line}")
     typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
+
+
+def _writes(cfg: Config) -> str:
+    """The estimated flash wear of this config (docs/store.md, "Writes to the disk")."""
+    from edgeos.config.units import format_duration_ns
+    from edgeos.service.status import live_path
+    from edgeos.store import estimate_write_bytes_per_day
+
+    devices = [d for d in cfg.devices if d.enabled]
+    samples = sum(cfg.polls_per_second(d) for d in devices)
+    # Tags that share an interval are read in one poll cycle; each cycle is a commit at most.
+    cycles = sum(1e9 / iv for d in devices for iv in {t.poll_interval_ns for t in d.tags})
+    interval = cfg.store.commit_interval_ns
+    est = estimate_write_bytes_per_day(samples, cycles, interval / 1e9)
+    commits = min(cycles, 1e9 / interval)
+    status = ""
+    if not _on_tmpfs(live_path(cfg.gateway.data_dir, cfg.gateway.run_dir).parent):
+        est += 4096 * 86_400  # one 4 KiB page a second (docs/store.md, "Writes to the disk")
+        status = "; the live status goes to the data disk too (0.35 GB/day of it): set gateway.run_dir to a tmpfs"
+    return (
+        f"about {est / 1e9:.2f} GB/day to the data disk, estimated ({commits:.1f} commits/s at "
+        f"commit_interval {format_duration_ns(interval)}; a longer one writes less and can lose more at a power cut)"
+        + status
+    )
+
+
+def _on_tmpfs(path: Path) -> bool:
+    """Whether `path` is on a memory file system (the longest mount point of /proc/mounts)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    target = str(path.absolute())
+    best, kind = "", ""
+    for point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) > len(best):
+            best, kind = point, fstype
+    return kind in ("tmpfs", "ramfs")
 
 
 def _budget(cfg: Config) -> str:
@@ -370,6 +411,10 @@ def status(
             + (f", undecodable units set aside {st['quarantined_units']}" if st.get("quarantined_units") else "")
             + (f", damaged files set aside {c['store_recoveries']}" if c.get("store_recoveries") else "")
         )
+        up = doc.get("time", 0) - c.get("started_ns", 0) / 1e9
+        if "written_bytes" in st and up > 0:
+            rate = st["written_bytes"] / up * 86_400
+            typer.echo(f"writes    {st['written_bytes'] / 1e6:.1f} MB to the data disk, {rate / 1e9:.2f} GB/day")
     sync = doc.get("sync")
     if sync:
         last = sync["last_publish_ns"]

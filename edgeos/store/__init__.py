@@ -12,6 +12,7 @@ from edgeos.store.writer import (
     StoreSettings,
     StoreWriter,
     default_max_size,
+    estimate_write_bytes_per_day,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "TagInfo",
     "aggregate",
     "default_max_size",
+    "estimate_write_bytes_per_day",
 ]

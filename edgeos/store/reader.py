@@ -120,8 +120,8 @@ class StoreReader:
     def _unit_parts(self, info: TagInfo, ids: list[int], lo: int, hi: int) -> list:
         out = []
         rows = self.db.execute(
-            "SELECT id, data FROM units WHERE device=? AND compacted=0 AND t_max>=? AND t_min<=? ORDER BY id",
-            (info.device, lo, hi),
+            "SELECT id, data FROM units WHERE id>=? AND device=? AND compacted=0 AND t_max>=? AND t_min<=? ORDER BY id",
+            (self._hot_from(), info.device, lo, hi),
         )
         for uid, data in rows:
             u = _decode(uid, data)
@@ -132,6 +132,15 @@ class StoreReader:
                 text = None if u.text is None else np.array(u.text, object)[m]
                 out.append((u.ts[m], u.values[m], u.quality[m], text))
         return out
+
+    def _hot_from(self) -> int:
+        """(I19) Every hot unit's id is at or above meta.hot_from: hot units are read by id
+        range, without an index (0 in a store the writer has not opened since schema 4)."""
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key='hot_from'").fetchone()
+        except sqlite3.Error:
+            return 0
+        return int(row[0]) if row else 0
 
     def _snapshot(self):
         """One read transaction: chunk and unit reads see the same committed state."""
@@ -147,7 +156,8 @@ class StoreReader:
             for device in sorted({t.device for t in wanted.values()}):
                 need = {i for i, t in wanted.items() if t.device == device}
                 for uid, data in self.db.execute(
-                    "SELECT id, data FROM units WHERE device=? AND compacted=0 ORDER BY id DESC", (device,)
+                    "SELECT id, data FROM units WHERE id>=? AND device=? AND compacted=0 ORDER BY id DESC",
+                    (self._hot_from(), device),
                 ):
                     u = _decode(uid, data)
                     if u is None:
@@ -177,14 +187,21 @@ class StoreReader:
     def count(self) -> int:
         """Samples stored (hot units not yet compacted plus chunks)."""
         with self._snapshot():
-            a = self.db.execute("SELECT COALESCE(SUM(n), 0) FROM units WHERE compacted=0").fetchone()[0]
+            sql = "SELECT COALESCE(SUM(n), 0) FROM units WHERE id>=? AND compacted=0"
+            a = self.db.execute(sql, (self._hot_from(),)).fetchone()[0]
             b = self.db.execute("SELECT COALESCE(SUM(n), 0) FROM chunks").fetchone()[0]
         return int(a + b)
 
     def time_range(self) -> tuple[int, int] | None:
-        both = "SELECT {f}(t) FROM (SELECT {f}({c}) t FROM chunks UNION ALL SELECT {f}({c}) FROM units)"
-        lo = self.db.execute(both.format(f="MIN", c="t_min")).fetchone()[0]
-        hi = self.db.execute(both.format(f="MAX", c="t_max")).fetchone()[0]
+        # Raw copies' samples are in the chunks too: chunks and hot units cover every sample.
+        both = (
+            "SELECT {f}(t) FROM (SELECT {f}({c}) t FROM chunks "
+            "UNION ALL SELECT {f}({c}) FROM units WHERE id>=? AND compacted=0)"
+        )
+        with self._snapshot():
+            hf = self._hot_from()
+            lo = self.db.execute(both.format(f="MIN", c="t_min"), (hf,)).fetchone()[0]
+            hi = self.db.execute(both.format(f="MAX", c="t_max"), (hf,)).fetchone()[0]
         return None if lo is None else (int(lo), int(hi))
 
     def windows(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x45444745  # "EDGE": tells our database from any other SQLite file
 HEADER = b"SQLite format 3\x00"
 
@@ -17,14 +17,16 @@ CREATE TABLE IF NOT EXISTS tags(
     kind TEXT NOT NULL, unit TEXT NOT NULL DEFAULT '', retired INTEGER NOT NULL DEFAULT 0);
 CREATE UNIQUE INDEX IF NOT EXISTS tags_active ON tags(device, name) WHERE retired=0;
 -- Hot units: one device's samples from one commit, as committed (and as forwarded upstream).
--- AUTOINCREMENT: ids are never reused after deletes, so they serve as sequence numbers.
+-- The writer gives the ids (never reused: meta.top_id and edgeos.seq, docs/store.md I14), so
+-- a commit writes no sqlite_sequence page. No index is touched by a commit: hot units are
+-- found by id from meta.hot_from (I19); the partial indexes hold only compacted raw copies,
+-- and are written by the compaction that marks them.
 CREATE TABLE IF NOT EXISTS units(
-    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,
+    id INTEGER PRIMARY KEY, device TEXT NOT NULL,
     t_min INTEGER NOT NULL, t_max INTEGER NOT NULL, n INTEGER NOT NULL,
     compacted INTEGER NOT NULL DEFAULT 0, data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS units_device_time ON units(device, t_max);
-CREATE INDEX IF NOT EXISTS units_pending ON units(compacted, id);
-CREATE INDEX IF NOT EXISTS units_time ON units(t_max);
+CREATE INDEX IF NOT EXISTS units_copies ON units(id) WHERE compacted=1;
+CREATE INDEX IF NOT EXISTS units_copies_time ON units(t_max) WHERE compacted=1;
 -- Compacted history: one tag's samples over a span, compressed (edgeos/store/chunk.py).
 CREATE TABLE IF NOT EXISTS chunks(
     id INTEGER PRIMARY KEY, tag INTEGER NOT NULL,
@@ -86,6 +88,14 @@ def migrate(db: sqlite3.Connection, found: int) -> None:
     if found < 3:
         # 2 -> 3: retired tags (a kind or unit change gets a new id), bad_units, units(t_max).
         steps.append(_TAGS_V3)
+    if found < 4:
+        # 3 -> 4: no index on hot units (each cost a page written per commit); partial ones
+        # for raw copies. The table keeps AUTOINCREMENT (rebuilding it would copy every unit):
+        # its sqlite_sequence page is still written per commit, in migrated stores only.
+        steps.append(
+            "DROP INDEX IF EXISTS units_device_time; DROP INDEX IF EXISTS units_pending; "
+            "DROP INDEX IF EXISTS units_time;"
+        )
     try:
         db.executescript(
             "BEGIN;"

@@ -13,8 +13,10 @@ import fcntl
 import itertools
 import json
 import logging
+import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ DB_NAME = "edgeos.db"
 LOCK_NAME = "edgeos.lock"
 SEQ_NAME = "edgeos.seq"
 TAGS_NAME = "edgeos.tags"  # (I16) a copy of the tags table, so a new store keeps the tag ids
-PAGE_SIZE = 16384
+PAGE_SIZE = 1024  # new stores; a commit writes whole pages, so small pages write less
 WAL_LIMIT = 64 * 1024 * 1024
 FILE_MODE = 0o640  # (I17) the service user writes; its group (operators) may read
 DIR_MODE = 0o750
@@ -45,6 +47,9 @@ SEQ_MARGIN = 10_000
 # (I15) Bounds on one unit (one upstream message at most): samples, and encoded bytes.
 MAX_UNIT_SAMPLES = 10_000
 MAX_UNIT_BYTES = 128 * 1024
+# (I19) The sync cursor is written at most this often while it moves (and at every stop): a
+# crash re-sends at most this much, which the consumer's sequence check drops as duplicates.
+CURSOR_SAVE_S = 10.0
 MAX_DROP_STEPS = 200  # budget drops per maintenance round (each about 5% of what is left)
 _CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
@@ -69,6 +74,22 @@ def default_max_size(data_dir: str | os.PathLike[str]) -> tuple[int, str]:
     return size, f"a quarter of the {total / 2**30:.1f} GiB file system at {probe}, at least 64 MiB"
 
 
+def estimate_write_bytes_per_day(samples_per_s: float, cycles_per_s: float, commit_interval_s: float) -> float:
+    """(I19) What the store will write to the disk a day, from the load (docs/store.md, "Writes
+    to the disk"): one commit per poll cycle, at most one per `commit_interval`; a commit
+    writes its WAL frames (the unit's pages, about 3 bytes a sample for register-like values,
+    plus the page-1/freelist updates of a multi-page unit), rounded up by the kernel to 4 KiB
+    pages; compaction and checkpoints add about 4 bytes a sample. Calibrated on this
+    project's machine within about 30%; plain float noise makes units about three times larger."""
+    if samples_per_s <= 0 or cycles_per_s <= 0:
+        return 0.0
+    commits = min(cycles_per_s, 1.0 / max(commit_interval_s, 1e-3))
+    unit = 100 + 3 * samples_per_s / commits
+    frames = 1 + (math.ceil((unit - 900) / 1020) + 1 if unit > 900 else 0)
+    per_commit = 4096 * (1 + frames * (PAGE_SIZE + 24) / 4096)
+    return (commits * per_commit + 4 * samples_per_s) * 86_400
+
+
 class StoreFull(StoreError):
     """The disk refused a write (ENOSPC / SQLITE_FULL); retry when space returns."""
 
@@ -90,6 +111,9 @@ class StoreSettings:
     compact_slice_samples: int = 1_000_000
     compact_max_samples: int = 4_000_000  # bound on one compaction's memory and time
     keep_until_synced: bool = False
+    # (I19) Version-3 units (deflated columns): a third of the bytes a commit writes, and of
+    # what goes upstream. False writes version 2, for consumers whose edgeos.wire predates 3.
+    compress_units: bool = True
 
 
 @dataclass
@@ -102,6 +126,7 @@ class StoreCounters:
     dropped_unsent: int = 0  # samples upstream will never get (raw copies or hot units dropped unsent)
     quarantined_units: int = 0
     quarantined_samples: int = 0
+    written_bytes: int = 0  # (I19) what the store's thread wrote to the disk (write_bytes of /proc)
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -168,10 +193,16 @@ class StoreWriter:
         self._broken = False  # a recover() failed half-way: refuse work until one succeeds
         self._bad_logged = 0
         self._tags_per_device: dict[str, int] = {}
-        self._max_id = 0  # highest unit id given so far (sqlite_sequence)
+        self._max_id = 0  # highest unit id given so far
+        self._top_saved = 0  # meta.top_id: the highest id, kept when the newest units are deleted
+        self._hot_from = 0  # meta.hot_from: every hot (uncompacted) unit has an id at or above it
         self._reserved = 0  # (I14) the bound in edgeos.seq
-        self._cursor = 0  # the sync cursor last saved: units above it were never forwarded
+        self._cursor = 0  # the sync cursor last known: units above it were never forwarded
+        self._cursor_saved = 0  # the one in meta.sync_cursor (at most CURSOR_SAVE_S behind)
+        self._cursor_saved_at = 0  # now_ns of maintain() when it was last written
         self._seq_warned = False
+        self._io_thread = -1  # (I19) the thread whose /proc write_bytes is counted, and its last figure
+        self._io_seen = 0
         if not self.dir.exists():
             try:
                 self.dir.mkdir(DIR_MODE, parents=True, exist_ok=True)
@@ -198,8 +229,14 @@ class StoreWriter:
         """Ids, the cursor and the tag map of the file just opened."""
         try:
             self._max_id = _top_id(self.db)
+            self._top_saved = _meta_int(self.db, "top_id") or 0
             row = self.db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
-            self._cursor = int(row[0]) if row else 0
+            self._cursor = self._cursor_saved = int(row[0]) if row else 0
+            hot = _meta_int(self.db, "hot_from")
+            self._hot_from = 0 if hot is None else hot
+            if hot is None:  # a new or migrated store: one scan, then kept up to date
+                with self._txn():
+                    self._mark_units()
             self._reserved = self._read_seq() or 0
             if self._max_id < self._reserved - SEQ_RESERVE:
                 # The file is older than the bound: ids above its top may have been given by a
@@ -365,15 +402,20 @@ class StoreWriter:
         db.execute("PRAGMA journal_mode=WAL")
         # (I3) FULL: the WAL is fsynced at every commit, so a commit survives a power cut too.
         db.execute("PRAGMA synchronous=FULL")
-        # The WAL counts against max_size: keep it to a tenth of the budget.
+        # (I19) Deleted units are not overwritten with zeros (Debian's SQLite defaults to
+        # secure_delete=ON, which rewrote every compacted unit's pages once more).
+        db.execute("PRAGMA secure_delete=OFF")
+        # The WAL counts against max_size: keep it to a tenth of the budget. A large WAL means
+        # rare checkpoints, each writing a page once however often commits rewrote it.
         wal_limit = WAL_LIMIT if not self.settings.max_size else min(WAL_LIMIT, self.settings.max_size // 10)
-        db.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_limit // PAGE_SIZE)}")
+        page = db.execute("PRAGMA page_size").fetchone()[0] if found is not None else PAGE_SIZE
+        db.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_limit // page)}")
         db.execute(f"PRAGMA journal_size_limit={wal_limit}")
         if found is None:
             schema.create(db)
             if floor:
                 # (I14) A new store of a gateway that had one: ids continue above the old ones.
-                db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('units', ?)", (floor,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES('top_id', ?)", (str(floor),))
                 # Nothing at or below the floor is stored here: the sync starts after it.
                 db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(floor),))
                 log.warning("store %s: new store; unit ids continue after %d (never reused)", self.path, floor)
@@ -461,10 +503,8 @@ class StoreWriter:
             floor,
         )
         with self._txn():
-            self.db.execute("UPDATE sqlite_sequence SET seq=? WHERE name='units'", (floor,))
-            if self.db.execute("SELECT changes()").fetchone()[0] == 0:
-                self.db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES('units', ?)", (floor,))
-        self._max_id = floor
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES('top_id', ?)", (str(floor),))
+        self._max_id = self._top_saved = floor
 
     def _raise_reserve(self, top: int, *, strict: bool) -> None:
         """Write R = top + SEQ_RESERVE atomically (tmp, fsync, rename, fsync the directory).
@@ -565,7 +605,7 @@ class StoreWriter:
 
     def _encode_piece(self, rows: list, device: str, tags, ts, values, quality, text, a: int, z: int) -> None:
         txt = None if text is None else text[a:z].tolist()
-        data = wire.encode_unit(device, tags, ts, values, quality, txt)
+        data = wire.encode_unit(device, tags, ts, values, quality, txt, compress=self.settings.compress_units)
         if len(data) > MAX_UNIT_BYTES and z - a > 1:  # the estimate fell short (long strings): halve
             m = (z - a) // 2
             self._encode_piece(rows, device, tags[:m], ts[:m], values[:m], quality[:m], text, a, a + m)
@@ -581,14 +621,21 @@ class StoreWriter:
             return 0
         try:
             self._reserve(len(rows))
+            # (I14) The writer gives the ids: above every id this file ever held (meta.top_id
+            # keeps the highest across deletes), so no sqlite_sequence page per commit.
+            first = self._max_id + 1
+            top = self._max_id + len(rows)
             with self._txn():
-                self.db.executemany("INSERT INTO units(device, t_min, t_max, n, data) VALUES(?,?,?,?,?)", rows)
-                top = _top_id(self.db)
+                self.db.executemany(
+                    "INSERT INTO units(id, device, t_min, t_max, n, data) VALUES(?,?,?,?,?,?)",
+                    [(first + i, *r) for i, r in enumerate(rows)],
+                )
                 if top > self._reserved:  # cannot happen while _reserve ran: never commit past R
                     raise StoreError(f"{self.path}: unit id {top} would pass the reserved bound {self._reserved}")
         except sqlite3.Error as e:
             raise self._error("write", e) from e
         self._max_id = top
+        self._count_io()
         n = sum(r[3] for r in rows)
         self.counters.committed_samples += n
         self.counters.committed_units += len(rows)
@@ -640,7 +687,13 @@ class StoreWriter:
         now_ns = time.time_ns() if now_ns is None else now_ns
         try:
             if sync_cursor is not None:
-                self.save_cursor(sync_cursor)
+                # (I19) Counted at once (I12's dropped_unsent uses it); written every
+                # CURSOR_SAVE_S while it moves, and at close.
+                self._cursor = sync_cursor
+                # abs(): a clock stepped back saves at once rather than stalling.
+                if sync_cursor != self._cursor_saved and abs(now_ns - self._cursor_saved_at) >= CURSOR_SAVE_S * 1e9:
+                    self.save_cursor(sync_cursor)
+                    self._cursor_saved_at = now_ns
             if not self.settings.keep_until_synced:
                 self._drop_stale_copies()
             while self.compact(now_ns, force=compact_all) and compact_all:
@@ -648,6 +701,26 @@ class StoreWriter:
             self.trim(now_ns)
         except sqlite3.Error as e:
             raise self._error("maintenance", e) from e
+        finally:
+            self._count_io()
+
+    def _count_io(self) -> None:
+        """(I19) Add what this thread wrote to the disk since the last call to `written_bytes`
+        (the kernel's write_bytes, per thread: the daemon calls the store from one thread; a
+        call from another thread starts counting afresh there)."""
+        tid = threading.get_native_id()
+        try:
+            with open(f"/proc/self/task/{tid}/io", "rb") as f:
+                text = f.read()
+        except OSError:
+            return
+        i = text.find(b"\nwrite_bytes:")
+        if i < 0:
+            return
+        now = int(text[i + 13 : text.index(b"\n", i + 1)])
+        if tid == self._io_thread:
+            self.counters.written_bytes += max(0, now - self._io_seen)
+        self._io_thread, self._io_seen = tid, now
 
     def compact(self, now_ns: int, *, force: bool = False) -> int:
         """Turn one device's oldest hot units into per-tag chunks; returns the samples handled.
@@ -661,7 +734,9 @@ class StoreWriter:
         s = self.settings
         due = None
         rows = self.db.execute(
-            "SELECT device, SUM(n), MIN(t_max), MIN(id) FROM units WHERE compacted=0 GROUP BY device ORDER BY MIN(id)"
+            "SELECT device, SUM(n), MIN(t_max), MIN(id) FROM units WHERE id>=? AND compacted=0 "
+            "GROUP BY device ORDER BY MIN(id)",
+            (self._hot_from,),
         ).fetchall()
         for device, waiting, oldest, _ in rows:
             want = max(s.compact_min_samples, s.chunk_samples * self._tag_count(device))
@@ -673,7 +748,8 @@ class StoreWriter:
         device, limit = due
         ids, units, bad, total, good = [], [], [], 0, 0
         for uid, n, t_min, t_max, data in self.db.execute(
-            "SELECT id, n, t_min, t_max, data FROM units WHERE compacted=0 AND device=? ORDER BY id", (device,)
+            "SELECT id, n, t_min, t_max, data FROM units WHERE id>=? AND compacted=0 AND device=? ORDER BY id",
+            (self._hot_from, device),
         ):
             total += n
             try:
@@ -698,6 +774,7 @@ class StoreWriter:
             for uid, dev, reason, data, _ in bad:
                 self.db.execute("INSERT OR REPLACE INTO bad_units VALUES(?,?,?,?)", (uid, dev, reason, data))
                 self.db.execute("DELETE FROM units WHERE id=?", (uid,))
+            self._mark_units()
         self.counters.compacted_samples += good
         for uid, dev, reason, _, n in bad:
             self.counters.quarantined_units += 1
@@ -752,11 +829,30 @@ class StoreWriter:
         return n
 
     def save_cursor(self, cursor: int) -> None:
-        """Persist the sync cursor; compacted units at or below it are no longer needed hot."""
+        """Persist the sync cursor; compacted units at or below it are no longer needed hot.
+        (I19) Nothing is written when the cursor did not move."""
+        self._cursor = cursor
+        if cursor == self._cursor_saved:
+            return
         with self._txn():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(cursor),))
             self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))
-        self._cursor = cursor
+            self._mark_units()
+        self._cursor_saved = cursor
+
+    def _mark_units(self) -> None:
+        """Inside a transaction that deleted or compacted units: keep meta.top_id (the highest
+        id ever given, which MAX(id) forgets once the newest units are deleted: I14) and
+        meta.hot_from (every hot unit's id is at or above it, so hot units are found by id
+        without an index: I19). Each is written only when it changed."""
+        if self._max_id > self._top_saved:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES('top_id', ?)", (str(self._max_id),))
+            self._top_saved = self._max_id
+        row = self.db.execute("SELECT MIN(id) FROM units WHERE id>=? AND compacted=0", (self._hot_from,)).fetchone()
+        hot = self._max_id + 1 if row[0] is None else int(row[0])
+        if hot != self._hot_from or _meta_int(self.db, "hot_from") is None:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES('hot_from', ?)", (str(hot),))
+            self._hot_from = hot
 
     def _drop_stale_copies(self) -> None:
         """(I6) Upstream is off: raw copies kept for it will never be forwarded. Delete them."""
@@ -765,6 +861,7 @@ class StoreWriter:
         with self._txn():
             unsent = self._sum("units WHERE compacted=1 AND id>?", (self._cursor,))
             self.db.execute("DELETE FROM units WHERE compacted=1")
+            self._mark_units()
         self.counters.dropped_unsent += unsent
         if not self._stale_logged:
             self._stale_logged = True
@@ -826,6 +923,9 @@ class StoreWriter:
             )
         self._budget_episode = True
 
+    def _exists(self, source: str, args: tuple) -> bool:
+        return self.db.execute(f"SELECT 1 FROM {source} LIMIT 1", args).fetchone() is not None
+
     def _sum(self, source: str, args: tuple) -> int:
         return int(self.db.execute(f"SELECT COALESCE(SUM(n), 0) FROM {source}", args).fetchone()[0])
 
@@ -833,14 +933,19 @@ class StoreWriter:
         """(I6, I12) Drop what ended before `cutoff`: chunks and hot units count in
         dropped_retention; units above the cursor upstream still wanted count in dropped_unsent."""
         keep = 1 if self.settings.keep_until_synced else 0
+        hot = "units WHERE id >= ? AND compacted=0 AND t_max < ?"  # (I19) hot units, by id
+        hf = self._hot_from
         with self._txn():
             kept = self._sum("chunks WHERE t_max < ?", (cutoff,))
-            kept += self._sum("units WHERE t_max < ? AND +compacted=0", (cutoff,))
-            # Unary + keeps the planner on units(t_max): the other terms only filter that range.
-            sql = "units WHERE t_max < ? AND +id > ? AND (+compacted=1 OR ?)"
-            unsent = self._sum(sql, (cutoff, self._cursor, keep))
-            self.db.execute("DELETE FROM chunks WHERE t_max < ?", (cutoff,))
-            self.db.execute("DELETE FROM units WHERE t_max < ?", (cutoff,))
+            kept += self._sum(hot, (hf, cutoff))
+            unsent = self._sum(hot + " AND id > ? AND ?", (hf, cutoff, self._cursor, keep))
+            # Raw copies through their partial index on t_max.
+            unsent += self._sum("units WHERE compacted=1 AND t_max < ? AND +id > ?", (cutoff, self._cursor))
+            if kept or unsent or self._exists("units WHERE compacted=1 AND t_max < ?", (cutoff,)):
+                self.db.execute("DELETE FROM chunks WHERE t_max < ?", (cutoff,))
+                self.db.execute("DELETE FROM " + hot, (hf, cutoff))
+                self.db.execute("DELETE FROM units WHERE compacted=1 AND t_max < ?", (cutoff,))
+                self._mark_units()
         self.counters.dropped_retention += kept
         self.counters.dropped_unsent += unsent
         if kept or unsent:
@@ -857,29 +962,33 @@ class StoreWriter:
         with self._txn():
             unsent = self._sum("units WHERE compacted=1 AND id <= ? AND id > ?", (cut, self._cursor))
             rows = self.db.execute("DELETE FROM units WHERE compacted=1 AND id <= ?", (cut,)).rowcount
+            self._mark_units()
         self.counters.dropped_unsent += unsent
         return max(1, rows)
 
     def _drop_oldest(self) -> int:
         """Budget, then: the oldest 5% (at least one) of the history, chunks and hot units
         together by time. Hot units never forwarded count in dropped_unsent as well."""
+        hf = self._hot_from
         count = self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
-        count += self.db.execute("SELECT COUNT(*) FROM units WHERE compacted=0").fetchone()[0]
+        count += self.db.execute("SELECT COUNT(*) FROM units WHERE id>=? AND compacted=0", (hf,)).fetchone()[0]
         if not count:
             return 0
         row = self.db.execute(
-            "SELECT t_max FROM (SELECT t_max FROM chunks UNION ALL SELECT t_max FROM units WHERE +compacted=0) "
-            "ORDER BY t_max LIMIT 1 OFFSET ?",
-            (max(1, count // 20) - 1,),
+            "SELECT t_max FROM (SELECT t_max FROM chunks "
+            "UNION ALL SELECT t_max FROM units WHERE id>=? AND compacted=0) ORDER BY t_max LIMIT 1 OFFSET ?",
+            (hf, max(1, count // 20) - 1),
         ).fetchone()
         (cut,) = row
         keep = 1 if self.settings.keep_until_synced else 0
         with self._txn():
+            hot = "units WHERE id >= ? AND compacted=0 AND t_max <= ?"
             n = self._sum("chunks WHERE t_max <= ?", (cut,))
-            n += self._sum("units WHERE t_max <= ? AND +compacted=0", (cut,))
-            unsent = self._sum("units WHERE t_max <= ? AND +compacted=0 AND +id > ? AND ?", (cut, self._cursor, keep))
+            n += self._sum(hot, (hf, cut))
+            unsent = self._sum(hot + " AND id > ? AND ?", (hf, cut, self._cursor, keep))
             self.db.execute("DELETE FROM chunks WHERE t_max <= ?", (cut,))
-            self.db.execute("DELETE FROM units WHERE t_max <= ? AND +compacted=0", (cut,))
+            self.db.execute("DELETE FROM " + hot, (hf, cut))
+            self._mark_units()
         self.counters.dropped_budget += n
         self.counters.dropped_unsent += unsent
         return max(1, n)
@@ -893,6 +1002,8 @@ class StoreWriter:
             if self._corrupt:
                 log.error("store %s: closing a damaged store unmarked; the next start checks it", self.path)
             elif not self._broken:
+                if self._cursor != self._cursor_saved:
+                    self.save_cursor(self._cursor)
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '1')")
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
@@ -939,18 +1050,33 @@ def _peek_tags(path: Path) -> list[tuple]:
         db.close()
 
 
+def _meta_int(db: sqlite3.Connection, key: str) -> int | None:
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return None if row is None else int(row[0])
+
+
 def _top_id(db: sqlite3.Connection, *, quiet: bool = False) -> int:
-    """The highest unit id ever given in this file (AUTOINCREMENT's sqlite_sequence)."""
-    try:
-        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='units'").fetchone()
-        top = int(row[0]) if row else 0
-        if quiet:
-            top = max(top, int(db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]))
-        return top
-    except sqlite3.Error:
-        if quiet:
-            return 0
-        raise
+    """The highest unit id ever given in this file: the newest unit, or meta.top_id when the
+    newest units were deleted (and sqlite_sequence, in stores from before schema 4). With
+    `quiet` (a damaged file about to be moved aside), whatever can still be read."""
+    sources = [
+        "SELECT CAST(value AS INTEGER) FROM meta WHERE key='top_id'",
+        "SELECT MAX(id) FROM units",
+        "SELECT MAX(id) FROM bad_units",
+        "SELECT seq FROM sqlite_sequence WHERE name='units'",
+    ]
+    top = 0
+    for i, sql in enumerate(sources):
+        try:
+            row = db.execute(sql).fetchone()
+        except sqlite3.Error as e:
+            # bad_units and sqlite_sequence are absent from some stores: not an error.
+            if quiet or (i >= 2 and "no such table" in str(e)):
+                continue
+            raise
+        if row and row[0] is not None:
+            top = max(top, int(row[0]))
+    return top
 
 
 def _peek_top_id(path: Path) -> int:

@@ -210,11 +210,12 @@ async def test_backlog_drain_respects_the_rate_cap_and_live_data_flows(write_con
 
     cap = 400_000  # bytes/s
     cfg = load_config(config(write_config, broker.port, f'rate_limit_bytes = "{cap}B"\n'))
-    # A backlog, as an outage leaves it: 60 units of 1,000 samples already stored.
+    # A backlog, as an outage leaves it: 150 units of 1,000 samples already stored (version-3
+    # units of random floats are about 8 KB each).
     w = StoreWriter(cfg.gateway.data_dir, cfg.tags)
     rng = np.random.default_rng(0)
     t0 = time.time_ns() - 3600 * 10**9
-    for k in range(60):
+    for k in range(150):
         ts = t0 + (k * 1000 + np.arange(1000)) * 10**6
         w.write(
             [
