@@ -125,10 +125,14 @@ def _pack(a: np.ndarray) -> bytes:
 def _unpack(data: bytes, dtype: str, n: int) -> np.ndarray:
     if dtype not in _WIDTHS + ("<u2", "<u4", "<f8"):
         raise ValueError(f"unit column type {dtype!r} unknown")
-    raw = np.frombuffer(zlib.decompress(data), np.uint8)
     w = np.dtype(dtype).itemsize
-    if len(raw) != n * w:
+    # Bounded: a column never inflates past what its header says (a consumer decodes what any
+    # broker client could publish; an unbounded inflate would be a memory bomb).
+    z = zlib.decompressobj()
+    out = z.decompress(data, n * w + 1)
+    if len(out) != n * w or not z.eof or z.unconsumed_tail:
         raise ValueError("unit column has the wrong length")
+    raw = np.frombuffer(out, np.uint8)
     if w > 1 and n:
         raw = raw.reshape(w, n).T
     return np.ascontiguousarray(raw).view(dtype).reshape(n)

@@ -56,3 +56,19 @@ def test_same_answers_as_a_plain_set(offers):
         assert all(lo <= hi for lo, hi in ranges)
         assert all(a[1] + 1 < b[0] for a, b in itertools.pairwise(ranges))
         assert {s for lo, hi in ranges for s in range(lo, hi + 1)} == {s for g, s in seen if g == gateway}
+
+
+def test_a_compressed_column_that_inflates_past_its_length_is_refused():
+    import zlib
+
+    import msgpack
+    import numpy as np
+    import pytest
+
+    from edgeos import wire
+
+    good = wire.encode_unit("d", np.arange(4, dtype=np.int32), np.arange(4), np.ones(4), np.zeros(4, np.uint32))
+    doc = msgpack.unpackb(good, raw=False)
+    doc["ts"] = zlib.compress(b"\0" * 50_000_000)  # 50 MB of zeros in a few kB
+    with pytest.raises(ValueError, match="wrong length"):
+        wire.decode_unit(msgpack.packb(doc, use_bin_type=True))
