@@ -100,6 +100,7 @@ def spec_enum() -> dict:
 ENUM_TAGS = f"""
   {{ name = "mode_poll", node = "nsu={NS};s=Mode", mode = "poll", writable = true }},
   {{ name = "mode_sub", node = "nsu={NS};s=Mode", mode = "subscribe" }},
+  {{ name = "server_state", node = "ns=0;i=2259", mode = "poll" }},
 """
 
 
@@ -115,9 +116,12 @@ async def test_an_enumeration_node_reads_as_its_integer_in_both_modes_and_writes
         dtype = (await adapter.session.read([adapter.nodes[0]], 14))[0].Value.Value  # 14 = DataType
         assert dtype.NamespaceIndex != 0
         assert not adapter.held, adapter.held
-        got = await collect(adapter, lambda g: rows(g, 0) and rows(g, 1))
+        got = await collect(adapter, lambda g: rows(g, 0) and rows(g, 1) and rows(g, 2))
         assert rows(got, 0)[0][1:] == (1.0, 0)  # poll: Running, Good
         assert rows(got, 1)[0][1:] == (1.0, 0)  # subscribe: Running, Good
+        # A standard enumeration too: Server.ServerStatus.State (ServerState, i=852) is 0, Running.
+        assert rows(got, 2)[0][1:] == (0.0, 0)
+        assert adapter.enums[2][0] == "Running" and adapter.enums[0] == dict(enumerate(MODES))
 
         assert await adapter.write(dev.tags[0], 2.0) == 2
         assert peer.command("get Mode") == "2"
@@ -129,6 +133,11 @@ async def test_an_enumeration_node_reads_as_its_integer_in_both_modes_and_writes
             await adapter.write(dev.tags[0], 1.5)
         with pytest.raises(DeviceError, match="not a number"):
             await adapter.write(dev.tags[0], "Faulted")
+        # In Int32's range but no value of the enumeration: refused, as a PLC state must be one of its states.
+        with pytest.raises(DeviceError, match=r"4 is not a value of its enumeration \(0 Stopped, 1 Running, 2 Fau"):
+            await adapter.write(dev.tags[0], 4)
+        with pytest.raises(DeviceError, match="-1 is not a value of its enumeration"):
+            await adapter.write(dev.tags[0], -1)
         assert peer.command("get Mode") == "3"
 
         # The written value comes back in both modes, still Good.
