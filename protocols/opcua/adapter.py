@@ -109,6 +109,7 @@ class OpcUaAdapter(PollingAdapter):
         self.pos = {t.id: i for i, t in enumerate(device.tags)}
         self.nodes: list[Any] = [None] * n  # resolved NodeIds, None when not usable now
         self.builtin = [""] * n
+        self.enums: list[dict[int, str] | None] = [None] * n  # an enumeration node's values
         self.held: dict[int, int] = {}  # tag position -> the Bad status it is held with
         self.publishing_ns = self.o.get("publishing_interval") or device.poll_interval_ns
         self._last_publish = 0.0
@@ -148,7 +149,7 @@ class OpcUaAdapter(PollingAdapter):
         if not todo:
             return
         info = await s.node_info([self.nodes[i] for i in todo])
-        for i, (status, _dtype, rank, builtin) in zip(todo, info, strict=True):
+        for i, (status, dtype, rank, builtin) in zip(todo, info, strict=True):
             tag = self.device.tags[i]
             if status:
                 self.held[i] = status
@@ -180,6 +181,7 @@ class OpcUaAdapter(PollingAdapter):
             else:
                 self.held.pop(i, None)
                 self.builtin[i] = builtin
+                self.enums[i] = await s.enum_values(dtype) if builtin == "Int32" else None
         unknown = [self.device.tags[i].name for i in positions if self.held.get(i) == uac.BAD_NODE_ID_UNKNOWN]
         if unknown:
             self.counters.unknown_nodes += len(unknown)
@@ -403,6 +405,12 @@ class OpcUaAdapter(PollingAdapter):
             v = uac.convert(value, builtin)
         except ValueError as e:
             raise DeviceError(name, f"{tag.name}: {e}", code="value", stage="write") from None
+        enum = self.enums[i]
+        if enum is not None and v not in enum:
+            listed = ", ".join(f"{k} {n}" for k, n in sorted(enum.items()))
+            raise DeviceError(
+                name, f"{tag.name}: {v} is not a value of its enumeration ({listed})", code="value", stage="write"
+            )
         try:
             await s.write(self.nodes[i], v, builtin)
         except uac.OpcUaError as e:

@@ -332,6 +332,8 @@ class Session:
         self.limits = Limits()
         self.password = password
         self._builtins: dict[Any, str] = {}  # DataType -> built-in type name, per session
+        self._enum_types: set[Any] = set()  # DataTypes found to be enumerations
+        self._enums: dict[Any, dict[int, str] | None] = {}  # enumeration DataType -> its values
 
     # -- connection
 
@@ -487,11 +489,13 @@ class Session:
 
     async def _builtin_name(self, dtype: ua.NodeId) -> str:
         c = self.client
+        start = dtype
         seen = 0
         while dtype is not None and seen < 8:
             if dtype.NamespaceIndex == 0 and isinstance(dtype.Identifier, int) and 1 <= dtype.Identifier <= 25:
                 return ua.VariantType(dtype.Identifier).name
             if dtype == ua.NodeId(ua.ObjectIds.Enumeration, 0):
+                self._enum_types.add(start)
                 return "Int32"
             try:
                 parents = await c.get_node(dtype).get_references(
@@ -502,6 +506,33 @@ class Session:
             dtype = parents[0].NodeId if parents else None
             seen += 1
         return ""
+
+    async def enum_values(self, dtype: ua.NodeId) -> dict[int, str] | None:
+        """The values (and names) of an enumeration DataType, None for any other type or when the
+        server publishes none. Part 3 gives them as the EnumValues or EnumStrings property (the
+        latter valued 0..n-1), and 1.04 servers also as the DataTypeDefinition attribute."""
+        if dtype not in self._enum_types:
+            return None
+        if dtype not in self._enums:
+            self._enums[dtype] = await self._enum_values(dtype)
+        return self._enums[dtype]
+
+    async def _enum_values(self, dtype: ua.NodeId) -> dict[int, str] | None:
+        node = self.client.get_node(dtype)
+        with contextlib.suppress(Exception):
+            values = await (await node.get_child("0:EnumValues")).read_value()
+            if values:
+                return {int(v.Value): v.DisplayName.Text or "" for v in values}
+        with contextlib.suppress(Exception):
+            strings = await (await node.get_child("0:EnumStrings")).read_value()
+            if strings:
+                return {k: t.Text or "" for k, t in enumerate(strings)}
+        with contextlib.suppress(Exception):
+            dvs = await self.read([dtype], ua.AttributeIds.DataTypeDefinition)
+            definition = dvs[0].Value.Value if dvs[0].Value is not None else None
+            if isinstance(definition, ua.EnumDefinition) and definition.Fields:
+                return {int(f.Value): f.Name for f in definition.Fields}
+        return None
 
     # -- subscriptions
 

@@ -6,7 +6,8 @@ obeys one command per line on stdin (``status NAME CODE``, ``set NAME VALUE``, `
 
 Spec keys: port, namespaces (URIs in registration order: another order renumbers them), vars
 (list of {ns, id, name, type, value | ramp (seconds per step), writable, unit, folder, status,
-array}), bulk (N Double nodes "ns=<first>;i=100000+k" changing once a second), period,
+array, enum (field names: the node's DataType becomes a new enumeration of them, valued 0..,
+with type Int32)}), bulk (N Double nodes "ns=<first>;i=100000+k" changing once a second), period,
 max_nodes_per_read, max_monitored_items_per_call, security ({policies, cert, key}), users.
 """
 
@@ -192,7 +193,12 @@ async def _serve(spec: dict[str, Any]) -> None:
             value = int(value)
         if v.get("array"):
             value = [value, value]
-        node = await parent.add_variable(nid, ua.QualifiedName(v["name"], ns), value, varianttype=vt)
+        dtype = None
+        if v.get("enum"):
+            from asyncua.common.structures104 import new_enum
+
+            dtype = (await new_enum(server, ns, f"{v['name']}Enum", list(v["enum"]))).nodeid
+        node = await parent.add_variable(nid, ua.QualifiedName(v["name"], ns), value, varianttype=vt, datatype=dtype)
         if v.get("array"):
             await node.write_attribute(ua.AttributeIds.ValueRank, ua.DataValue(ua.Variant(1, ua.VariantType.Int32)))
         if v.get("writable"):
