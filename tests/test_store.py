@@ -826,3 +826,31 @@ def test_a_schema_3_store_is_migrated_and_its_ids_go_on(tmp_path):
     w.close()
     with StoreReader(tmp_path) as r:
         assert r.history("oven/temp").values.tolist() == [0.0, 1.0, 2.0, 9.0]
+
+
+def test_unit_version_2_can_be_kept_for_older_consumers(write_config):
+    import sqlite3
+
+    import msgpack
+    import numpy as np
+
+    from edgeos import Batch
+    from edgeos.config import load_config
+    from edgeos.runtime import store_settings
+    from edgeos.store import StoreWriter
+
+    body = (
+        '[gateway]\nid = "g"\ndata_dir = "data"\n[store]\n{}\n'
+        '[[devices]]\nname = "m"\nprotocol = "simulated"\ntags = [{{ name = "a" }}]\n'
+    )
+    for line, version in (("", 3), ("unit_version = 2", 2)):
+        cfg = load_config(write_config(body.format(line)))
+        w = StoreWriter(cfg.gateway.data_dir, cfg.tags, store_settings(cfg))
+        w.write([Batch("m", np.array([0], np.int32), [10**18], [1.5], np.zeros(1, np.uint32))])
+        w.close()
+        db = sqlite3.connect(cfg.gateway.data_dir / "edgeos.db")
+        try:
+            blob = db.execute("SELECT data FROM units ORDER BY id DESC LIMIT 1").fetchone()[0]
+        finally:
+            db.close()
+        assert msgpack.unpackb(blob, raw=False)["v"] == version

@@ -75,6 +75,9 @@ STORE_FIELDS: dict[str, Field] = {
     "memory_buffer": Field("size", "64MiB", min=1024 * 1024),
     "time_resolution": Field("duration", "1ms", min=1, max=1_000_000_000, help="timestamps are stored to this"),
     "compact_after": Field("duration", "10m", min=1_000_000_000, max=86_400_000_000_000),
+    "unit_version": Field(
+        "choice", 3, choices=(2, 3), help="3: compressed units; 2: plain, for consumers whose edgeos.wire predates 3"
+    ),
 }
 
 UPSTREAM_FIELDS: dict[str, Field] = {
@@ -220,6 +223,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
             memory_buffer=st["memory_buffer"],
             time_resolution_ns=st["time_resolution"],
             compact_after_ns=st["compact_after"],
+            unit_version=st["unit_version"],
         ),
         devices=tuple(devices),
         upstream=UpstreamConfig(enabled=up.get("enabled", False), options=up),

@@ -29,6 +29,7 @@ class StoreConfig:
     memory_buffer: int = 64 * 1024 * 1024
     time_resolution_ns: int = 1_000_000
     compact_after_ns: int = 600_000_000_000
+    unit_version: int = 3  # of the units the store writes (and so sends upstream): docs/payload.md
 
 
 @dataclass(frozen=True)
