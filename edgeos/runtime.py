@@ -529,6 +529,8 @@ class Runtime:
                         n_pending = 0
                         retry_at = 0.0
                     else:
+                        if not retry_at:  # the store just began refusing: size what waits, once
+                            self._measure_pending()
                         retry_at = loop.time() + 0.5
                         n_pending -= self._bound()
                     continue
@@ -570,12 +572,14 @@ class Runtime:
                     continue
                 if not pending:
                     deadline = loop.time() + interval
-                size = item.memory_bytes()
-                pending.append((item, size))
-                self._pending_bytes += size
                 n_pending += len(item)
-                if retry_at:
+                if retry_at:  # memory is counted only while the store refuses writes
+                    size = item.memory_bytes()
+                    pending.append((item, size))
+                    self._pending_bytes += size
                     n_pending -= self._bound()
+                else:
+                    pending.append((item, 0))
         finally:
             if getter is not None:
                 if not getter.done():
@@ -616,6 +620,15 @@ class Runtime:
             except Exception as e:  # a status is not data: never let it stop the daemon
                 self.errors.log(logging.ERROR, "status", "status not written: %s: %s", type(e).__name__, e)
             await asyncio.sleep(1.0)
+
+    def _measure_pending(self) -> None:
+        """Real bytes of what waits, when the store starts refusing writes; from then on each
+        new batch is sized as it arrives (a healthy store commits within commit_interval, so
+        the writer does not pay for sizing, text columns included, on every batch)."""
+        sized = collections.deque((b, b.memory_bytes()) for b, _ in self._pending)
+        self._pending.clear()
+        self._pending.extend(sized)
+        self._pending_bytes = sum(size for _, size in sized)
 
     def _bound(self) -> int:
         """Drop the oldest batches beyond memory_buffer; returns the samples dropped."""
