@@ -375,12 +375,9 @@ def status(
         pid = daemon_pid(directory)
         doc, age = read_status(directory, run_dir)
     except PermissionError as e:
-        typer.echo(
-            f"edgeos status: permission denied reading {e.filename or directory}; run as the service user, "
-            'join its group (see docs/store.md, "Who may read it"), or use sudo',
-            err=True,
-        )
-        raise typer.Exit(1) from None
+        from edgeos.cli.store import denied
+
+        denied(e.filename or directory)
     if doc is None:
         typer.echo(f"edgeos is not running here: no status in {directory}", err=True)
         raise typer.Exit(1)
