@@ -576,6 +576,8 @@ class Consumer:
     between devices a consumer subscribes to and those it does not: seqs of other devices are
     never taken for gaps. Memory follows the number of gaps and devices, not of units.
 
+    The first message of a device sets where its chain starts: nothing before it is asked for,
+    unless `from_start` (then everything the gateway still holds of that device is wanted).
     Units split for the size cap arrive as parts; they are joined here (at most `max_partial`
     bytes held; the oldest incomplete unit is dropped beyond, and asked for again by its gap).
     """
@@ -587,12 +589,14 @@ class Consumer:
         retry_after: float = 30.0,
         replay_topic: str = "edgeos/{gateway}/replay",
         max_partial: int = 64 * 1024 * 1024,
+        from_start: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reorder_wait = reorder_wait
         self.retry_after = retry_after
         self.replay_topic = replay_topic
         self.max_partial = max_partial
+        self.from_start = from_start
         self.clock = clock
         self._seen: dict[str, _Runs] = {}
         self._own: dict[tuple[str, str], _Runs] = {}  # (gateway, device) -> its seqs seen
@@ -629,7 +633,9 @@ class Consumer:
         own = self._own.setdefault((gw, dev), _Runs())
         key = (gw, dev)
         if key not in self._start:
-            self._start[key] = env.prev  # a consumer starting mid-stream asks nothing before it
+            # A consumer starting mid-stream asks nothing before the first unit it sees, unless
+            # it wants each device's history from its first unit (`from_start`).
+            self._start[key] = 0 if self.from_start else env.prev
         out = []
         for seq, blob in zip(seqs, blobs, strict=True):
             if seq in seen:

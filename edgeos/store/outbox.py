@@ -36,14 +36,11 @@ class UnitRun:
     ids: list[int]
     devices: list[str]
     samples: list[int]
-    data: list[bytes]
+    data: list[bytes] | list[memoryview]  # each unit's bytes exactly as committed
     last: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-_EMPTY = UnitRun([], [], [], [], 0)
 
 
 def _columns(rows: list[tuple[int, str, int, bytes]]) -> UnitRun:

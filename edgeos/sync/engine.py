@@ -158,7 +158,8 @@ class Sync:
         self.errors = RateLimited(log)
         self._cursor = 0  # assigned on the event loop only (see `cursor`)
         self.outbox = Outbox(data_dir)  # the event loop's (reads are short: a run of units)
-        self._generation = 0  # of the outbox's file when the dictionary was last published
+        self._generations: dict[int, int] = {}  # per outbox: the file generation last read
+        self._readers: dict[str, tuple[concurrent.futures.ThreadPoolExecutor, Outbox]] = {}
         # Only ever used in the _io thread:
         self._status_outbox = Outbox(data_dir)
         self._backlog = Backlog(self._status_outbox)
@@ -183,38 +184,47 @@ class Sync:
     def _head(self) -> int:
         return self.outbox.head()
 
-    def _fresh_file(self) -> None:
+    def _fresh_file(self, outbox: Outbox) -> None:
         """A new store file since the last dictionary: its tags go out before its units."""
-        if self.outbox.generation != self._generation:
-            self._generation = self.outbox.generation
-            self._dictionary_version = -1
-            for lane in self._lanes:
-                lane.prev.clear()
+        seen = self._generations.get(id(outbox))
+        if seen != outbox.generation:
+            self._generations[id(outbox)] = outbox.generation
+            if seen is not None:
+                self._dictionary_version = -1
 
     def _prepare(
-        self, after: int, end: int | None, prev: dict[str, int]
-    ) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int]]:
-        """Read the next run of units and frame them (without re-encoding).
-        Returns (last id read or 0, messages, each device's last seq framed)."""
-        run = self.outbox.after(after, end, READ_BYTES)
-        self._fresh_file()
+        self, outbox: Outbox, after: int, end: int | None, prev: dict[str, int]
+    ) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int]:
+        """Read the next run of units and frame them (without re-encoding); in a lane's reader
+        thread. Returns (last id read or 0, messages, each device's last seq framed, the
+        dictionary version they name)."""
+        run = outbox.after(after, end, READ_BYTES)
+        self._fresh_file(outbox)
+        version = self._dictionary_version
         if not len(run):
-            return 0, [], {}
-        messages, last = self._frame(run, prev, replay=False)
-        return run.last, messages, last
+            return 0, [], {}, version
+        messages, last = self._frame(run, prev, replay=False, outbox=outbox, version=version)
+        return run.last, messages, last, version
 
     def _frame(
-        self, run: UnitRun, prev: dict[str, int], *, replay: bool
+        self,
+        run: UnitRun,
+        prev: dict[str, int],
+        *,
+        replay: bool,
+        outbox: Outbox | None = None,
+        version: int | None = None,
     ) -> tuple[list[tuple[str, list[int], bytes, int]], dict[str, int]]:
         """Messages of at most max_message bytes, per device in id order; each names the
         device's previous unit (`pv`). A unit too large for one message goes as parts."""
-        version = self._dictionary_version
+        outbox = outbox or self.outbox
+        version = self._dictionary_version if version is None else version
         out: list[tuple[str, list[int], bytes, int]] = []
         last: dict[str, int] = {}
         for device, seqs, blobs, samples in _pack(run, self.gateway, self.max_message):
             pv = last.get(device) or prev.get(device)
             if pv is None:
-                pv = self.outbox.device_before(device, seqs[0])
+                pv = outbox.device_before(device, seqs[0])
             if len(seqs) == 1 and len(blobs[0]) + wire.message_overhead(self.gateway, device, 1) > self.max_message:
                 out.extend(self._parts(device, seqs[0], blobs[0], samples, version, pv, replay))
             else:
@@ -368,10 +378,27 @@ class Sync:
             tg.create_task(self._listen(session), name="sync:replay-requests")
             tg.create_task(self._replay(session), name="sync:replay")
 
+    def _reader(self, name: str) -> tuple[concurrent.futures.ThreadPoolExecutor, Outbox]:
+        """A lane's reader thread and its own outbox connection: the next run of units is read
+        and framed there while the loop publishes the current one (sqlite3 releases the GIL
+        while it reads pages)."""
+        if name not in self._readers:
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"edgeos-sync-{name}")
+            self._readers[name] = (pool, Outbox(self.path.parent))
+        return self._readers[name]
+
     async def _lane(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup) -> None:
-        after = lane.after
+        loop = asyncio.get_running_loop()
+        pool, outbox = self._reader(lane.name)
+
+        def read(after: int) -> asyncio.Future:
+            fut = loop.run_in_executor(pool, self._prepare, outbox, after, lane.end, dict(lane.prev))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if abandoned
+            return fut
+
+        pending = read(lane.after)
         while not lane.done:
-            last, messages, framed = self._prepare(after, lane.end, lane.prev)  # a few ms at most
+            last, messages, framed, version = await pending
             if not messages:
                 if lane.end is not None:
                     lane.after = lane.end - 1  # the rest of the backlog is no longer stored
@@ -384,16 +411,19 @@ class Sync:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.2):
                         await self.wakeup.wait()
-                after = lane.after
+                pending = read(lane.after)
                 continue
             if lane.end is None and self._dictionary_version < self._tag_count():
                 # New tags (or a new store file) since the last dictionary: publish it before the
                 # units that use it, then read and frame them again so their `td` names it.
                 await self._publish_dictionary(session)
-                after = lane.after
+                pending = read(lane.after)
                 continue
-            after = last
+            if version != self._dictionary_version:
+                pending = read(lane.after)  # framed before the dictionary changed
+                continue
             lane.prev.update(framed)
+            pending = read(last)  # the next run is read while this one goes out
             for device, seqs, payload, samples in messages:
                 if lane.bucket is not None:
                     await lane.bucket.take(len(payload))
@@ -517,6 +547,10 @@ class Sync:
     def close(self) -> None:
         self._io.submit(self._status_outbox.close).result()
         self._io.shutdown(wait=True)
+        for pool, outbox in self._readers.values():
+            pool.submit(outbox.close).result()
+            pool.shutdown(wait=True)
+        self._readers = {}
         self.outbox.close()
 
 
