@@ -353,7 +353,10 @@ class Sync:
                 # cursor past it, whatever else is acknowledged meanwhile: it keeps backing off.
                 attempt = 0
             self.status.state = "backoff"
-            await asyncio.sleep(backoff_delay(attempt, lo, hi))
+            # With several brokers the backoff grows per round of the list, not per broker: a
+            # cluster that lost a node is tried node after node at the same short delay.
+            rounds = attempt // max(1, len(getattr(self.transport, "servers", ())))
+            await asyncio.sleep(backoff_delay(rounds, lo, hi))
             attempt += 1
 
     async def _pump(self, session: Session) -> None:
