@@ -334,6 +334,7 @@ class Sync:
                 async with self.transport.session() as session:
                     connected_at = time.monotonic()
                     self.status.connects += 1
+                    self.status.server = str(getattr(self.transport, "where", ""))
                     self.status.state = "connected"
                     await self._pump(session)
             except Exception as exc:  # any failure of a session: reconnect, never take the daemon down
