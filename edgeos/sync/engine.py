@@ -462,7 +462,18 @@ class Sync:
     async def _publish_dictionary(self, session: Session) -> None:
         tags = self._dictionary()
         topic = self.options["status_topic"].format(gateway=self.gateway).rsplit("/", 1)[0] + "/tags"
-        await session.publish(topic, wire.encode_dictionary(self.gateway, tags), retain=True)
+        payload = wire.encode_dictionary(self.gateway, tags)
+        if len(payload) > self.max_message:
+            # One retained message, never split (consumers read it whole): the one exception.
+            self.errors.log(
+                logging.WARNING,
+                "dictionary-size",
+                "upstream: the tag dictionary (%d tags, %d bytes) exceeds max_message (%d); sent whole",
+                len(tags),
+                len(payload),
+                self.max_message,
+            )
+        await session.publish(topic, payload, retain=True)
         self._dictionary_version = len(tags)
 
     async def flush(self, within: float) -> bool:

@@ -184,7 +184,7 @@ def servers(options: dict[str, Any]) -> list[tuple[str, int]]:
     bare host with the default port), else `host`/`port`."""
     default = options.get("port") or (8883 if options.get("tls") else 1883)
     out = []
-    for entry in options.get("servers") or [f"{options['host']}"]:
+    for entry in options.get("servers") or [str(options.get("host") or "127.0.0.1")]:
         host, port = entry, default
         if entry.startswith("["):
             host, _, rest = entry[1:].partition("]")
