@@ -172,6 +172,7 @@ class Runtime:
         self._committing: tuple[asyncio.Future, int] | None = None  # a commit in the store thread
         self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
         self.sync: Sync | None = None
+        self.console_url: str | None = None  # set while the console listens
         if config.upstream.enabled and store:
             from edgeos.sync.mqtt import MqttTransport
 
@@ -285,6 +286,11 @@ class Runtime:
                 if self.use_store:
                     t_ctl = tg.create_task(control.serve(cfg.gateway.data_dir, self._control), name="control")
                     t_status = tg.create_task(self._status_loop(), name="status")
+                t_console = None
+                if self.use_store and cfg.console.enabled:
+                    from edgeos.console.service import serve as serve_console
+
+                    t_console = tg.create_task(serve_console(self), name="console")
                 t_devs = [
                     tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
                 ]
@@ -292,7 +298,7 @@ class Runtime:
                 try:
                     await self._stop.wait()
                 finally:
-                    for t in (t_ctl, t_status):
+                    for t in (t_ctl, t_status, t_console):
                         if t is not None:
                             t.cancel()
                     await asyncio.shield(self._shutdown(t_devs, raw, filtered, t_pipe, t_write))

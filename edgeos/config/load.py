@@ -15,6 +15,7 @@ from edgeos.adapter import DeviceConfig, FilterSpec, TagConfig
 from edgeos.config.model import Config, GatewayConfig, StoreConfig, UpstreamConfig
 from edgeos.config.schema import Field, Problems, parse_table, unknown_key_message
 from edgeos.config.tags_csv import read_tags_csv
+from edgeos.console.settings import parse_console
 from edgeos.errors import ConfigError, PluginError, Problem
 from edgeos.model import TagMeta, ValueKind
 
@@ -124,7 +125,7 @@ TAG_FIELDS: dict[str, Field] = {
     "filters": Field("any", None),
 }
 
-TOP_KEYS = {"gateway", "store", "devices", "upstream"}
+TOP_KEYS = {"gateway", "store", "devices", "upstream", "console"}
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -165,6 +166,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
     gw = parse_table(raw.get("gateway", {}), GATEWAY_FIELDS, "gateway", problems)
     st = parse_table(raw.get("store", {}), STORE_FIELDS, "store", problems)
     up = parse_table(raw.get("upstream", {}), UPSTREAM_FIELDS, "upstream", problems)
+    console = parse_console(raw.get("console", {}), base, problems)
     if up.get("enabled") and not up.get("host"):
         problems.add("upstream.host", "missing: required when upstream.enabled = true")
     if up.get("enabled"):
@@ -227,6 +229,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         ),
         devices=tuple(devices),
         upstream=UpstreamConfig(enabled=up.get("enabled", False), options=up),
+        console=console,
     )
 
 

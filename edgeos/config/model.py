@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeos.adapter import DeviceConfig, TagConfig
+from edgeos.console.settings import ConsoleSettings
 from edgeos.model import TagMeta
 
 
@@ -47,6 +48,7 @@ class Config:
     store: StoreConfig
     devices: tuple[DeviceConfig, ...]
     upstream: UpstreamConfig
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)  # docs/console.md
 
     @property
     def tags(self) -> tuple[TagMeta, ...]:
