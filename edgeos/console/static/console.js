@@ -95,11 +95,11 @@ async function overview() {
       const drops = s.dropped_retention + s.dropped_budget + s.dropped_store_unavailable;
       fill($("#store"), [
         ["Size / budget", `${fmtBytes(s.used_bytes)} / ${fmtBytes(s.max_size)}${pct}`],
-        ["Oldest sample", s.horizon_ns ? `${fmtTime(s.horizon_ns)} (${fmtAge(s.horizon_ns, o.now_ns)} ago)` : "–"],
+        ["Oldest sample", s.horizon_ns ? `${fmtAge(s.horizon_ns, o.now_ns)} ago (${fmtTime(s.horizon_ns)})` : "–"],
         ["Retention", s.retention_s ? fmtDuration(s.retention_s) : "until the budget is full"],
         ["Samples committed", s.committed_samples],
-        ["Dropped (retention / budget / disk refused)",
-          `${s.dropped_retention} / ${s.dropped_budget} / ${s.dropped_store_unavailable}`, drops ? "uncertain" : ""],
+        ["Dropped", `${s.dropped_retention} by retention, ${s.dropped_budget} by budget, `
+          + `${s.dropped_store_unavailable} while the disk refused`, drops ? "uncertain" : ""],
         ["Store errors", s.store_errors, s.store_errors ? "bad" : ""],
       ]);
       const u = o.upstream;
@@ -453,16 +453,17 @@ function toml(obj) {
   const lines = [];
   const scalar = (v) => (typeof v === "string" ? JSON.stringify(v) : Array.isArray(v) ? "[" + v.map(scalar).join(", ") + "]"
     : v !== null && typeof v === "object" ? "{ " + Object.entries(v).map(([k, x]) => `${k} = ${scalar(x)}`).join(", ") + " }" : String(v));
+  const isTable = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+  const isTableArray = (v) => Array.isArray(v) && v.length > 0 && v.every(isTable);
   const table = (prefix, o, arrayItem) => {
-    const plain = Object.entries(o).filter(([, v]) => !(v && typeof v === "object" && !Array.isArray(v)) && !(Array.isArray(v) && v.length && typeof v[0] === "object" && !Array.isArray(v[0]) && prefix !== ""));
-    const nested = Object.entries(o).filter((e) => !plain.includes(e));
+    const entries = Object.entries(o);
     if (prefix) lines.push(arrayItem ? `[[${prefix}]]` : `[${prefix}]`);
-    for (const [k, v] of plain) lines.push(`${k} = ${scalar(v)}`);
-    if (prefix || plain.length) lines.push("");
-    for (const [k, v] of nested) {
+    for (const [k, v] of entries) if (!isTable(v) && !isTableArray(v)) lines.push(`${k} = ${scalar(v)}`);
+    lines.push("");
+    for (const [k, v] of entries) {
       const name = prefix ? `${prefix}.${k}` : k;
-      if (Array.isArray(v)) for (const item of v) table(name, item, true);
-      else table(name, v, false);
+      if (isTable(v)) table(name, v, false);
+      else if (isTableArray(v)) for (const item of v) table(name, item, true);
     }
   };
   table("", obj, false);
