@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 MAX_PAGE = 500
 MAX_STREAM_IDS = 1000
 MAX_TREND_TAGS = 8
+MAX_CSV_ROWS = 2_000_000
 MASK = "********"
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "api_key", "apikey", "private")
 
@@ -306,14 +307,22 @@ class ConsoleData:
         if buf.tell():
             yield buf.getvalue()
 
-    async def csv_chunks(self, names: list[str], lo: int, hi: int):
-        """Async pieces of the CSV; each window is read in the pool thread."""
-        it = await self._in_pool(lambda: iter(self.csv(names, lo, hi)))
-        while True:
-            piece = await self._in_pool(next, it, None)
-            if piece is None:
-                return
-            yield piece.encode()
+    async def csv_body(self, names: list[str], lo: int, hi: int) -> bytes:
+        """The whole CSV in memory, at most MAX_CSV_ROWS samples (a week of one tag at 1 Hz is
+        605k). Not streamed: edgeos/service/http.py ends a streamed response by closing the
+        connection without its last chunk, which browsers report as a failed download."""
+        return await self._in_pool(self._csv_body, names, lo, hi)
+
+    def _csv_body(self, names: list[str], lo: int, hi: int) -> bytes:
+        out, rows = [], 0
+        for piece in self.csv(names, lo, hi):
+            rows += piece.count("\n")
+            if rows > MAX_CSV_ROWS + 1:
+                raise ValueError(
+                    f"more than {MAX_CSV_ROWS:,} samples in this range: narrow it, or use `edgeos export`"
+                )
+            out.append(piece.encode())
+        return b"".join(out)
 
     # -- config ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The console as one of the daemon's tasks: listen, serve until cancelled, then close."""
+"""The console as one of the daemon's tasks: its routes on a local HTTP server, until cancelled."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from edgeos.console import server
 from edgeos.console.app import Console
 from edgeos.console.auth import Authenticator
+from edgeos.service.http import HttpServer, HttpSettings
 
 if TYPE_CHECKING:
     from edgeos.runtime import Runtime
@@ -16,25 +16,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgeos.console")
 
 
-async def serve(rt: Runtime) -> None:
-    """Run the console for `rt` until cancelled. A console that cannot listen (port taken) is
-    logged and given up: it must never stop the daemon from collecting."""
+def make_console(rt: Runtime) -> Console:
     s = rt.config.console
-    auth = Authenticator(s.password_file) if s.password_file is not None else None
-    console = Console(rt, auth)
+    return Console(rt, Authenticator(s.password_file) if s.password_file is not None else None)
+
+
+async def serve(rt: Runtime) -> None:
+    """Listen on [console]'s address and serve until cancelled. A console that cannot listen
+    (a port taken) is logged and given up: it must never stop the daemon from collecting."""
+    s = rt.config.console
+    console = make_console(rt)
+    server = HttpServer(HttpSettings(address=s.address, port=s.port, tls_cert=s.cert_file, tls_key=s.key_file))
+    console.mount(server)
     try:
-        tls = server.tls_context(str(s.cert_file), str(s.key_file)) if s.cert_file and s.key_file else None
-        srv = await server.start(console.handle, s.address, s.port, tls)
-    except OSError as e:
-        log.error("console: cannot listen on %s:%d: %s; the daemon runs without it", s.address, s.port, e)
-        console.close()
-        return
-    port = srv.sockets[0].getsockname()[1]
-    rt.console_url = s.url(port)
-    log.info("console: %s%s", rt.console_url, " (password required)" if auth else "")
-    try:
-        await asyncio.Event().wait()
+        async with asyncio.TaskGroup() as tg:
+            serving = tg.create_task(server.serve(), name="console-http")
+            started = tg.create_task(server.started.wait(), name="console-started")
+            await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
+            if server.started.is_set():
+                rt.console_url = s.url(server.port)
+                log.info("console: %s%s", rt.console_url, " (password required)" if console.auth else "")
+    except* OSError as eg:
+        log.warning(
+            "console: cannot listen on %s:%d: %s; the daemon runs without it", s.address, s.port, eg.exceptions[0]
+        )
     finally:
         rt.console_url = None
-        await server.stop(srv)
         console.close()
