@@ -318,9 +318,7 @@ class ConsoleData:
         for piece in self.csv(names, lo, hi):
             rows += piece.count("\n")
             if rows > MAX_CSV_ROWS + 1:
-                raise ValueError(
-                    f"more than {MAX_CSV_ROWS:,} samples in this range: narrow it, or use `edgeos export`"
-                )
+                raise ValueError(f"more than {MAX_CSV_ROWS:,} samples in this range: narrow it, or use `edgeos export`")
             out.append(piece.encode())
         return b"".join(out)
 
