@@ -78,9 +78,10 @@ class ConsoleData:
         self._store_info: tuple[float, dict[str, Any]] = (0.0, {})
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Queued reads are dropped; the reader is closed in its thread after the one running."""
         if self._reader is not None:
             self._pool.submit(self._reader.close)
+        self._pool.shutdown(wait=False, cancel_futures=False)
 
     async def _in_pool(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
