@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import math
 import time
 import tomllib
@@ -31,6 +32,7 @@ MAX_PAGE = 500
 MAX_STREAM_IDS = 1000
 MAX_TREND_TAGS = 8
 MAX_CSV_ROWS = 2_000_000
+TRIM_AFTER = 2.0  # s without a trend or download before freed memory goes back to the system
 MASK = "********"
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "api_key", "apikey", "private")
 
@@ -76,9 +78,14 @@ class ConsoleData:
         self._reader: StoreReader | None = None
         self._generation = -1
         self._store_info: tuple[float, dict[str, Any]] = (0.0, {})
+        self._trim: asyncio.TimerHandle | None = None
+        self._open = True
 
     def close(self) -> None:
         """Queued reads are dropped; the reader is closed in its thread after the one running."""
+        self._open = False
+        if self._trim is not None:
+            self._trim.cancel()
         if self._reader is not None:
             self._pool.submit(self._reader.close)
         self._pool.shutdown(wait=False, cancel_futures=False)
@@ -116,7 +123,7 @@ class ConsoleData:
                     "errors": st.failures,
                     "last_error": st.last_error,
                     "last_error_code": st.last_error_code,
-                    "lateness_ms": _lateness(st.adapter),
+                    "lateness_ms": _lateness(st.adapter, st),
                 }
             )
         sync = rt.sync.status if rt.sync is not None else None
@@ -267,7 +274,18 @@ class ConsoleData:
 
     async def trend(self, names: list[str], since: str, until: str, width: int) -> dict[str, Any]:
         lo, hi = self.range_ns(since, until)
-        return await self._in_pool(self._trend, names, lo, hi, max(10, min(int(width), 4000)))
+        try:
+            return await self._in_pool(self._trend, names, lo, hi, max(10, min(int(width), 4000)))
+        finally:
+            self._trim_later()
+
+    def _trim_later(self) -> None:
+        """release_memory() once queries pause for TRIM_AFTER s (not after each: the next query
+        would fault the same pages back in)."""
+        if self._trim is not None:
+            self._trim.cancel()
+        loop = asyncio.get_running_loop()
+        self._trim = loop.call_later(TRIM_AFTER, lambda: self._pool.submit(release_memory) if self._open else None)
 
     def _trend(self, names: list[str], lo: int, hi: int, width: int) -> dict[str, Any]:
         r = self._store()
@@ -312,7 +330,10 @@ class ConsoleData:
         """The whole CSV in memory, at most MAX_CSV_ROWS samples (a week of one tag at 1 Hz is
         605k). Not streamed: edgeos/service/http.py ends a streamed response by closing the
         connection without its last chunk, which browsers report as a failed download."""
-        return await self._in_pool(self._csv_body, names, lo, hi)
+        try:
+            return await self._in_pool(self._csv_body, names, lo, hi)
+        finally:
+            self._trim_later()
 
     def _csv_body(self, names: list[str], lo: int, hi: int) -> bytes:
         out, rows = [], 0
@@ -334,13 +355,36 @@ class ConsoleData:
         return {"file": str(src), "config": masked(raw)}
 
 
-def _lateness(adapter: Any) -> dict[str, float] | None:
-    """Poll lateness of a polled adapter (PollStats), in ms: median, p99, max of recent cycles."""
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Give a big query's freed memory back to the system. A week of one tag is tens of MB of
+    numpy temporaries; glibc keeps freed blocks in the console thread's arena (its mmap
+    threshold grows with each large free), so without this the daemon would stay that much
+    bigger after the first long trend or download."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+def _lateness(adapter: Any, state: Any = None) -> dict[str, float] | None:
+    """Poll lateness in ms: median, p99 and max of the adapter's recent cycles where it keeps
+    them (PollStats.lateness_ns), else the mean since start (DeviceState.poll_stats())."""
     stats = getattr(adapter, "stats", None)
-    if not isinstance(stats, dict) or not stats:
-        return None
-    samples = [x for s in stats.values() for x in getattr(s, "lateness_ns", [])]
-    if not samples:
-        return None
-    a = np.asarray(samples, np.float64) / 1e6
-    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+    samples = [x for s in stats.values() for x in getattr(s, "lateness_ns", ())] if isinstance(stats, dict) else []
+    if samples:
+        a = np.asarray(samples, np.float64) / 1e6
+        return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+    totals = getattr(state, "poll_stats", None)
+    if callable(totals):
+        ps = totals()
+        if getattr(ps, "cycles", 0):
+            return {"mean": ps.late_sum_ns / ps.cycles / 1e6}
+    return None

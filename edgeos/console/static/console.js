@@ -114,7 +114,9 @@ async function overview() {
       for (const d of o.devices) {
         const tr = el("tr");
         const cls = d.state === "running" ? "good" : d.state === "disabled" ? "muted" : "bad";
-        const late = d.lateness_ms ? `${d.lateness_ms.p50.toFixed(1)} / ${d.lateness_ms.p99.toFixed(1)} / ${d.lateness_ms.max.toFixed(1)} ms` : "–";
+        const L = d.lateness_ms;
+        const late = !L ? "–" : L.p50 !== undefined
+          ? `${L.p50.toFixed(1)} / ${L.p99.toFixed(1)} / ${L.max.toFixed(1)} ms` : `mean ${L.mean.toFixed(1)} ms`;
         tr.append(el("td", {}, d.name), el("td", {}, d.protocol), el("td", { class: cls }, d.state),
           el("td", {}, d.last_ok_ns ? `${fmtAge(d.last_ok_ns, o.now_ns)} ago` : "never"),
           el("td", { class: "num" + (d.errors ? " bad" : "") }, d.errors),
