@@ -336,7 +336,8 @@ def demo(
     Starts a filling machine that speaks Modbus TCP on 127.0.0.1 (read through the real
     Modbus adapter) and three simulated machines (a press, an oven, a packer), runs the full
     runtime with filters and a store in a temporary directory (or --dir), and shows the live
-    values updating in the terminal until Ctrl-C. Nothing leaves this computer.
+    values updating in the terminal until Ctrl-C, with the URL of the web console, where the
+    same values and their trends are in a browser. Nothing leaves this computer.
     """
     from edgeos.demo import run_demo
 

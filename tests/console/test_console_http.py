@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -194,3 +195,13 @@ def test_tags_page_filters_and_pages_10000_tags(tmp_path):
         assert len(data.tags(limit=10**6)["rows"]) == 500  # a page is bounded
     finally:
         data.close()
+
+
+def test_demo_prints_the_console_url(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeos", "demo", "--dir", str(tmp_path / "demo"), "--duration", "1.5"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.split("\n\n")[0]
+    assert re.search(r"console: http://127\.0\.0\.1:\d+/ ", first), first

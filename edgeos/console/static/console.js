@@ -460,8 +460,9 @@ function toml(obj) {
   const table = (prefix, o, arrayItem) => {
     const entries = Object.entries(o);
     if (prefix) lines.push(arrayItem ? `[[${prefix}]]` : `[${prefix}]`);
-    for (const [k, v] of entries) if (!isTable(v) && !isTableArray(v)) lines.push(`${k} = ${scalar(v)}`);
-    lines.push("");
+    let plain = 0;
+    for (const [k, v] of entries) if (!isTable(v) && !isTableArray(v)) { lines.push(`${k} = ${scalar(v)}`); plain++; }
+    if (prefix || plain) lines.push("");
     for (const [k, v] of entries) {
       const name = prefix ? `${prefix}.${k}` : k;
       if (isTable(v)) table(name, v, false);
