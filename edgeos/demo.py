@@ -148,8 +148,10 @@ def run_demo(data_dir: Path, duration: float = 0.0, *, temporary: bool = False) 
         async def show() -> None:
             await rt.running.wait()
             t0 = asyncio.get_running_loop().time()
-            while rt.console_url is None and asyncio.get_running_loop().time() - t0 < 1.0:
-                await asyncio.sleep(0.02)  # the console's URL in the first screen, when it listens
+            for _ in range(50):  # up to 1 s: the console's URL in the first screen, once it listens
+                if rt.console_url is not None:
+                    break
+                await asyncio.sleep(0.02)
             while rt.running.is_set():
                 print(render(rt, tty), flush=True)
                 if duration and asyncio.get_running_loop().time() - t0 >= duration:

@@ -255,13 +255,19 @@ class ConsoleData:
 
     # -- history --------------------------------------------------------------------------
 
-    def _resolve(self, names: list[str], r: StoreReader) -> list[TagInfo]:
+    def _resolve(self, names: list[str]) -> list[TagInfo]:
         out = []
+        r = self._store()
         for name in names[:MAX_TREND_TAGS]:
             try:
                 out.append(r.resolve(name))
-            except KeyError as e:
-                raise LookupError(e.args[0]) from None
+            except KeyError:
+                # The reader knows the tags of when it opened: a tag added since needs a new one.
+                self._generation = -1
+                try:
+                    out.append(self._store().resolve(name))
+                except KeyError as e:
+                    raise LookupError(e.args[0]) from None
         return out
 
     @staticmethod
@@ -288,9 +294,10 @@ class ConsoleData:
         self._trim = loop.call_later(TRIM_AFTER, lambda: self._pool.submit(release_memory) if self._open else None)
 
     def _trend(self, names: list[str], lo: int, hi: int, width: int) -> dict[str, Any]:
-        r = self._store()
+        infos = self._resolve(names)
+        r = self._store()  # reopened if a name was new
         series = []
-        for info in self._resolve(names, r):
+        for info in infos:
             t = trend(r.history(info, lo, hi), lo, hi, width)
             series.append(
                 {
@@ -314,7 +321,8 @@ class ConsoleData:
         import io
 
         r = self._store()
-        infos = self._resolve(names, r) if names else r.tags()
+        infos = self._resolve(names) if names else r.tags()
+        r = self._store()  # reopened if a name was new
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(CSV_HEADER)
