@@ -105,6 +105,13 @@ class HttpSettings:
     keepalive_timeout: float = 15.0  # idle between requests
     write_timeout: float = 30.0  # a client that stops reading is dropped
 
+    @classmethod
+    def from_config(cls, c: Any) -> HttpSettings:
+        """From the config's [http] table (edgeos.config.model.HttpConfig)."""
+        return cls(
+            address=c.address, port=c.port, tls_cert=c.tls_cert, tls_key=c.tls_key, max_connections=c.max_connections
+        )
+
 
 @dataclass
 class Request:
