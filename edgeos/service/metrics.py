@@ -20,7 +20,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from edgeos.runtime import Runtime
 
 NS = "edgeos"
+# The classic text format every Prometheus reads (prometheus_client >= 0.22 names 1.0.0 "latest",
+# which Prometheus 2 does not negotiate); our names are all legacy-valid, so the body is the same.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
@@ -255,6 +258,6 @@ def register(server: HttpServer, rt: Runtime) -> None:
 
     async def metrics(req: Request) -> Response:
         await rt.refresh_store_stats(max_age=1.0)
-        return Response(200, generate_latest(reg), CONTENT_TYPE_LATEST, {"cache-control": "no-store"})
+        return Response(200, generate_latest(reg), CONTENT_TYPE, {"cache-control": "no-store"})
 
     server.route("/metrics", metrics)
