@@ -176,3 +176,23 @@ async def test_a_busy_port_is_logged_and_the_daemon_runs_on(write_config, caplog
             rt.stop()
             await task
     assert any("cannot listen" in r.getMessage() for r in caplog.records)
+
+
+def test_exposition_escaping_and_special_values_parse_back() -> None:
+    """Our text writer against prometheus_client's parser: escaped label values, NaN, +Inf."""
+    from edgeos.service.metrics import Exposition, labels
+
+    out = Exposition()
+    out.family("edgeos_x", "gauge", "help with \\ and\nnewline")
+    odd = 'a"b\\c\nd'
+    out.sample("edgeos_x", float("nan"), labels(device=odd))
+    out.sample("edgeos_x", float("inf"), labels(device="inf"))
+    out.sample("edgeos_x", 1.5e-7, labels(device="small"))
+    out.family("edgeos_h", "histogram", "h")
+    out.histogram("edgeos_h", {"device": "d"}, (0.1, 1.0), [1, 2, 3], 4.5)
+    m = parse(out.text().decode())
+    got = {lab["device"]: v for lab, v in m["edgeos_x"]}
+    assert got.keys() == {odd, "inf", "small"}
+    assert got[odd] != got[odd] and got["inf"] == float("inf") and got["small"] == 1.5e-7
+    assert [v for _, v in m["edgeos_h_bucket"]] == [1, 3, 6]
+    assert one(m, "edgeos_h_count") == 6 and one(m, "edgeos_h_sum") == 4.5
