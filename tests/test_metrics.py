@@ -196,3 +196,37 @@ def test_exposition_escaping_and_special_values_parse_back() -> None:
     assert got[odd] != got[odd] and got["inf"] == float("inf") and got["small"] == 1.5e-7
     assert [v for _, v in m["edgeos_h_bucket"]] == [1, 3, 6]
     assert one(m, "edgeos_h_count") == 6 and one(m, "edgeos_h_sum") == 4.5
+
+
+async def test_status_table_and_json_of_a_daemon(write_config) -> None:
+    """`edgeos status` (here of the status the daemon left at its stop): devices up or down with
+    the last error, age of the last values, store usage; --format json and --json give the document."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgeos.cli import app
+
+    async with daemon(write_config) as rt:
+        async with asyncio.timeout(15):
+            while rt.counters.stored < 10 or rt.devices["refused"].failures < 1:
+                await asyncio.sleep(0.05)
+            await rt.refresh_store_stats(max_age=0)
+        data_dir = rt.config.gateway.data_dir
+    runner = CliRunner()
+    table = runner.invoke(app, ["status", "--data-dir", str(data_dir)])
+    assert table.exit_code == 1  # stopped
+    lines = table.output.splitlines()
+    head = next(ln for ln in lines if ln.startswith("DEVICE"))
+    assert "UP" in head and "LAST VALUES" in head and "LAST ERROR" in head
+    good = next(ln for ln in lines if ln.startswith("good "))
+    refused = next(ln for ln in lines if ln.startswith("refused "))
+    assert " ago " in good and " never " in refused and "connection refused" in refused
+    assert any(ln.startswith("usage ") and " MB of " in ln for ln in lines), table.output
+    docs = [
+        runner.invoke(app, ["status", "--data-dir", str(data_dir), *opt]).output
+        for opt in (["--json"], ["--format", "json"])
+    ]
+    assert json.loads(docs[0])["devices"] == json.loads(docs[1])["devices"]
+    assert json.loads(docs[1])["store_stats"]["used_bytes"] > 0
+    assert runner.invoke(app, ["status", "--data-dir", str(data_dir), "--format", "yaml"]).exit_code == 2
