@@ -5,7 +5,8 @@ trend data for a 1,000-pixel chart (/api/trend?width=1000): median of the reques
 tags_page_ms: /api/tags (a page of 100) with 10,000 tags configured and polled every second,
 the worst of no filter, a text filter and a device filter (medians).
 rss_delta_mb: the daemon's RSS with the console on (every page and API fetched once, the 7-day
-trend included; read 3 s after the last request) minus the same daemon with the console off.
+trend included; read 3 s after the last request) minus the same daemon with the console off
+(the HTTP server, with /metrics, on in both).
 page_kb: bytes (headers included) the overview page transfers: HTML, script, style, icon, data.
 """
 
@@ -51,9 +52,11 @@ tags = [
   { name = "pressure", signal = "random_walk", amplitude = 5.0, offset = 120.0, unit = "bar" },
 ]
 
+[http]
+port = 0
+
 [console]
 enabled = @ENABLED@
-port = 0
 """
 
 
@@ -91,7 +94,7 @@ def _start(config: Path, console: bool = True) -> tuple[subprocess.Popen, str]:
             m = re.search(r"console: (https?://\S+)", line)
             if m:
                 return proc, m.group(1)
-            if not console and "gateway bench:" in line:
+            if not console and "http: listening" in line:
                 return proc, ""
         time.sleep(0.05)
     proc.kill()
@@ -178,7 +181,7 @@ def run(quick: bool):
             for k in range(10)
         )
         big = d / "big.toml"
-        big.write_text(f'[gateway]\nid = "bench"\ndata_dir = "big-data"\n{devices}\n[console]\nport = 0\n')
+        big.write_text(f'[gateway]\nid = "bench"\ndata_dir = "big-data"\n{devices}\n[http]\nport = 0\n')
         proc, url = _start(big)
         try:
             time.sleep(2.0)

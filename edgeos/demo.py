@@ -23,9 +23,9 @@ log_level = "warning"
 [store]
 commit_interval = "200ms"
 
-# The read-only web console (docs/console.md): the URL is printed above the values.
-[console]
-port = @CONSOLE_PORT@
+# The local HTTP server: the read-only web console (docs/console.md), /metrics and /healthz.
+[http]
+port = @HTTP_PORT@
 
 [[devices]]
 name = "press"
@@ -113,16 +113,18 @@ def render(rt: Runtime, tty: bool) -> str:
     return "\n".join(lines)
 
 
-def _console_port() -> int:
-    """The console's usual port, or any free one when it is taken (a daemon already runs)."""
-    from edgeos.console.settings import DEFAULT_PORT
+def _http_port() -> int:
+    """The HTTP server's usual port (the console's), or any free one when it is taken (a
+    daemon already runs)."""
+    from edgeos.service.http import HttpSettings
 
+    port = HttpSettings().port
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", DEFAULT_PORT))
+            s.bind(("127.0.0.1", port))
         except OSError:
             return 0
-    return DEFAULT_PORT
+    return port
 
 
 def run_demo(data_dir: Path, duration: float = 0.0, *, temporary: bool = False) -> None:
@@ -134,7 +136,7 @@ def run_demo(data_dir: Path, duration: float = 0.0, *, temporary: bool = False) 
         # A machine on loopback that speaks Modbus TCP, read through the real Modbus adapter.
         machine = DemoMachine()
         port = await machine.start()
-        text = DEMO_CONFIG.replace("@FILLER_PORT@", str(port)).replace("@CONSOLE_PORT@", str(_console_port()))
+        text = DEMO_CONFIG.replace("@FILLER_PORT@", str(port)).replace("@HTTP_PORT@", str(_http_port()))
         cfg_path.write_text(text, encoding="utf-8")
         cfg = load_config(cfg_path)
         setup_logging(cfg.gateway.log_level)

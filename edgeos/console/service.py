@@ -1,4 +1,4 @@
-"""The console as one of the daemon's tasks: its routes on a local HTTP server, until cancelled."""
+"""The console as one of the daemon's tasks: its routes on the daemon's HTTP server until cancelled."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from edgeos.console.app import Console
 from edgeos.console.auth import Authenticator
-from edgeos.service.http import HttpServer, HttpSettings
+from edgeos.console.settings import url
 
 if TYPE_CHECKING:
     from edgeos.runtime import Runtime
@@ -22,24 +22,20 @@ def make_console(rt: Runtime) -> Console:
 
 
 async def serve(rt: Runtime) -> None:
-    """Listen on [console]'s address and serve until cancelled. A console that cannot listen
-    (a port taken) is logged and given up: it must never stop the daemon from collecting."""
-    s = rt.config.console
+    """Mount the console on `rt.http` (created by the runtime's http task, started before this
+    one) and keep it until cancelled. If the server cannot listen, the console waits unseen:
+    the http task has logged why, and the daemon collects on."""
+    server = rt.http
+    if server is None:
+        return
     console = make_console(rt)
-    server = HttpServer(HttpSettings(address=s.address, port=s.port, tls_cert=s.cert_file, tls_key=s.key_file))
     console.mount(server)
     try:
-        async with asyncio.TaskGroup() as tg:
-            serving = tg.create_task(server.serve(), name="console-http")
-            started = tg.create_task(server.started.wait(), name="console-started")
-            await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
-            if server.started.is_set():
-                rt.console_url = s.url(server.port)
-                log.info("console: %s%s", rt.console_url, " (password required)" if console.auth else "")
-    except* OSError as eg:
-        log.warning(
-            "console: cannot listen on %s:%d: %s; the daemon runs without it", s.address, s.port, eg.exceptions[0]
-        )
+        await server.started.wait()
+        h = rt.config.http
+        rt.console_url = url(h.address, server.port, h.tls_cert is not None)
+        log.info("console: %s%s", rt.console_url, " (password required)" if console.auth else "")
+        await asyncio.Event().wait()
     finally:
         rt.console_url = None
         console.close()

@@ -105,6 +105,13 @@ class HttpSettings:
     keepalive_timeout: float = 15.0  # idle between requests
     write_timeout: float = 30.0  # a client that stops reading is dropped
 
+    @classmethod
+    def from_config(cls, c: Any) -> HttpSettings:
+        """From the config's [http] table (edgeos.config.model.HttpConfig)."""
+        return cls(
+            address=c.address, port=c.port, tls_cert=c.tls_cert, tls_key=c.tls_key, max_connections=c.max_connections
+        )
+
 
 @dataclass
 class Request:
@@ -247,31 +254,40 @@ class HttpServer:
     # -- serving ---------------------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Listen and serve until cancelled; open connections (streams included) are closed then."""
+        """Listen and serve until cancelled; open connections (streams included) are closed then.
+        A failure to listen (a busy port, a bad certificate) raises OSError/SSLError as it is."""
         s = self.settings
         tls = ssl_context(s.tls_cert, s.tls_key) if s.tls_cert and s.tls_key else None
-        async with asyncio.TaskGroup() as tg:
+        tg: asyncio.TaskGroup | None = None
 
-            def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                # The handler task belongs to this TaskGroup, so a stop cancels every connection.
-                tg.create_task(self._connection(reader, writer, tls is not None), name="http-conn")
+        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # The handler task belongs to the TaskGroup below, so a stop cancels every connection.
+            assert tg is not None
+            tg.create_task(self._connection(reader, writer, tls is not None), name="http-conn")
 
-            server = await asyncio.start_server(
-                accept,
-                s.address,
-                s.port,
-                ssl=tls,
-                ssl_handshake_timeout=10.0 if tls else None,
-                reuse_address=True,
-            )
-            try:
+        # Bound before the TaskGroup, so a busy port raises OSError itself, not inside a group.
+        server = await asyncio.start_server(
+            accept,
+            s.address,
+            s.port,
+            ssl=tls,
+            ssl_handshake_timeout=10.0 if tls else None,
+            reuse_address=True,
+            start_serving=False,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                await server.start_serving()
                 self.port = server.sockets[0].getsockname()[1]
                 self.started.set()
                 log.info("http: listening on %s://%s:%d", "https" if tls else "http", s.address, self.port)
-                await asyncio.Future()  # until cancelled
-            finally:
-                self.started.clear()
-                server.close()  # no new connections; the TaskGroup then cancels the open ones
+                try:
+                    await asyncio.Future()  # until cancelled
+                finally:
+                    server.close()  # no new connections; the TaskGroup then cancels the open ones
+        finally:
+            self.started.clear()
+            server.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: bool) -> None:
         s = self.settings

@@ -48,7 +48,7 @@ enabled = false
 username = "line-7"
 password_file = "canary-pw-7f3a91.secret"
 
-[console]
+[http]
 port = 0
 """
 

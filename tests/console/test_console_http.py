@@ -41,23 +41,20 @@ def _write(tmp_path: Path, console: str) -> Path:
 
 def test_non_loopback_bind_without_auth_is_refused_at_load(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_config(_write(tmp_path, '[console]\naddress = "0.0.0.0"\n'))
-    assert "console.address" in str(e.value) and "password_file" in str(e.value)
-    assert load_config(_write(tmp_path, '[console]\naddress = "0.0.0.0"\nallow_anonymous = true\n')).console
+        load_config(_write(tmp_path, '[http]\naddress = "0.0.0.0"\n'))
+    assert "console.password_file" in str(e.value) and '"0.0.0.0" is not loopback' in str(e.value)
+    assert load_config(_write(tmp_path, '[http]\naddress = "0.0.0.0"\n[console]\nallow_anonymous = true\n'))
+    assert load_config(_write(tmp_path, '[http]\naddress = "0.0.0.0"\n[console]\nenabled = false\n'))
     (tmp_path / "console.passwd").write_text("admin:scrypt$x\n")
-    cfg = load_config(_write(tmp_path, '[console]\naddress = "192.0.2.1"\npassword_file = "console.passwd"\n'))
+    cfg = load_config(_write(tmp_path, '[http]\naddress = "192.0.2.1"\n[console]\npassword_file = "console.passwd"\n'))
     assert cfg.console.password_file == tmp_path / "console.passwd"
     for ok in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
-        assert load_config(_write(tmp_path, f'[console]\naddress = "{ok}"\n')).console.address == ok
+        assert load_config(_write(tmp_path, f'[http]\naddress = "{ok}"\n')).http.address == ok
     cfg = load_config(_write(tmp_path, ""))
-    assert cfg.console.enabled and cfg.console.address == "127.0.0.1"
-
-
-def test_console_tls_cert_and_key_checked_at_load(tmp_path):
+    assert cfg.console.enabled and cfg.http.address == "127.0.0.1"
     with pytest.raises(ConfigError) as e:
-        load_config(_write(tmp_path, '[console]\ncert_file = "c.pem"\n'))
-    assert "cert_file and key_file must be given together" in str(e.value)
-    assert "console.cert_file: file 'c.pem' not found" in str(e.value)
+        load_config(_write(tmp_path, '[console]\npassword_file = "missing.passwd"\n'))
+    assert "console.password_file: file 'missing.passwd' not found" in str(e.value)
 
 
 def test_passwd_command_writes_a_salted_hash_only(tmp_path):
@@ -115,11 +112,13 @@ async def test_tls_and_password_wrong_password_gets_401(tmp_path, tls_files):
         _write(
             tmp_path,
             f"""
-            [console]
+            [http]
             port = 0
+            tls_cert = "{cert.name}"
+            tls_key = "{key.name}"
+
+            [console]
             password_file = "console.passwd"
-            cert_file = "{cert.name}"
-            key_file = "{key.name}"
             """,
         )
     )
@@ -139,6 +138,7 @@ async def test_tls_and_password_wrong_password_gets_401(tmp_path, tls_files):
             assert _get(url + "api/overview", ctx, ("op", "wrong horse"))[0] == 401
             assert _get(url + "api/overview", ctx, ("nobody", "correct horse"))[0] == 401
             assert _get(url + "static/console.js", ctx)[0] == 401  # assets too
+            assert _get(url + "healthz", ctx)[0] == 200  # the server's own routes keep their own auth
             status, headers, body = _get(url, ctx, ("op", "correct horse"))
             assert status == 200 and b"/static/console.js" in body
             csp = headers["content-security-policy"]
