@@ -262,8 +262,11 @@ class HttpServer:
 
         def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             # The handler task belongs to the TaskGroup below, so a stop cancels every connection.
-            assert tg is not None
-            tg.create_task(self._connection(reader, writer, tls is not None), name="http-conn")
+            try:
+                assert tg is not None
+                tg.create_task(self._connection(reader, writer, tls is not None), name="http-conn")
+            except RuntimeError:  # accepted in the instant the server stops: the group takes no more
+                writer.close()
 
         # Bound before the TaskGroup, so a busy port raises OSError itself, not inside a group.
         server = await asyncio.start_server(
