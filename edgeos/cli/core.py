@@ -252,6 +252,18 @@ GATEWAY_HEADER = """\
 #   ca_file = "ca.pem"
 #   username = "gateway1"
 #   password_file = "mqtt.password"
+
+## Prometheus metrics at /metrics and a health check at /healthz (docs/metrics.md), on
+## loopback unless you change address; enabled = false turns the server off.
+# [http]
+#   enabled = true
+#   address = "127.0.0.1"
+#   port = 9180
+#   metrics_per_tag = false
+## /healthz answers 503 when a device is down longer than device_down, or upstream lags more.
+# [health]
+#   device_down = "60s"
+#   sync_lag = "5m"
 """
 
 
