@@ -453,9 +453,11 @@ class HttpServer:
                 await _aclose(resp.stream)
             else:
                 await self._stream(resp.stream, write, reader)
-                # A stream ends the connection: the client may have gone, and h11 is mid-message.
-                if conn.our_state is not h11.DONE:
-                    return False
+                # The stream ran to its end: terminate the body (the last chunk), so the client
+                # knows it is whole. A stream ends the connection either way.
+                if conn.our_state is h11.SEND_BODY:
+                    await write(h11.EndOfMessage())
+                return False
         elif resp.body and not head_only:
             await write(h11.Data(data=resp.body))
         if conn.our_state is h11.SEND_BODY:
