@@ -117,8 +117,10 @@ class Delivery:
     latency: list[np.ndarray] = field(default_factory=list)
     latency_held: list[np.ndarray] = field(default_factory=list)
     oldest: list[float] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
 
-    def add(self, arrival: float, n: int, lat: np.ndarray, held: np.ndarray, oldest: float) -> None:
+    def add(self, arrival: float, n: int, lat: np.ndarray, held: np.ndarray, oldest: float, device: str = "") -> None:
+        self.devices.append(device)
         self.samples += n
         self.messages += 1
         self.arrivals.append(arrival)
@@ -144,6 +146,11 @@ class Delivery:
             "p99": pct(lat, 99),
             "held_p50": pct(held, 50),
             "held_p99": pct(held, 99),
+            "by_device": {
+                dev: (pct(x, 50), pct(x, 99))
+                for dev in sorted({self.devices[i] for i in idx})
+                for x in [np.concatenate([self.latency[i] for i in idx if self.devices[i] == dev])]
+            },
         }
 
     def drain_end(self, restart: float) -> float:
@@ -218,6 +225,14 @@ class Subscriber:
                 self.connected.clear()
                 await asyncio.sleep(0.05)
 
+    def gaps(self, gateway: str) -> list[tuple[int, int]]:
+        with self.lock:
+            return self._dedup.gaps(gateway)
+
+    def ranges(self, gateway: str) -> list[tuple[int, int]]:
+        with self.lock:
+            return self._dedup.ranges(gateway)
+
     def _handle(self, client, topic: str, payload: bytes) -> None:
         now = time.time()
         if topic.startswith("edgeos/"):
@@ -245,7 +260,9 @@ class Subscriber:
         now_ms = now * 1e3
         n, lats, helds, oldest, dups = 0, [], [], now, 0
         for seq, unit in zip(msg.seqs, msg.units, strict=True):
-            if not self._dedup.first_time(msg.gateway, seq):
+            with self.lock:
+                first = self._dedup.first_time(msg.gateway, seq)
+            if not first:
                 dups += len(unit)
                 continue
             n += len(unit)
@@ -258,7 +275,7 @@ class Subscriber:
         with self.lock:
             self.ours.duplicates += dups
             if n:
-                self.ours.add(now, n, np.concatenate(lats), np.concatenate(helds), oldest)
+                self.ours.add(now, n, np.concatenate(lats), np.concatenate(helds), oldest, msg.device)
 
     def _peer(self, now: float, payload: bytes) -> None:
         doc = json.loads(payload)

@@ -5,8 +5,8 @@ Run as a script with a JSON spec: {"modbus": [registers per device, ...], "seria
 "lines_per_s": R}. It prints one JSON line {"modbus": [ports], "serial": [ports]} when it
 listens, then obeys one command per line on stdin, answering one JSON line each:
 `stats` (successful Modbus reads and registers served, per device, since start), `pause` /
-`resume` (while paused every Modbus request is answered "device busy", so a gateway reads
-nothing and what it read before can be counted exactly), `quit`.
+`resume` (while paused every Modbus request is answered "device busy" and the lines are
+silent, so a gateway reads nothing and what it read before can be counted exactly), `quit`.
 """
 
 from __future__ import annotations
@@ -87,9 +87,10 @@ async def main(spec: dict) -> None:
         due = time.monotonic()
         try:
             while True:
-                writer.write(line(k))
-                await writer.drain()
-                k += 1
+                if not paused:
+                    writer.write(line(k))
+                    await writer.drain()
+                    k += 1
                 due += period
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
         except (ConnectionError, OSError):
