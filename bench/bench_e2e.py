@@ -132,18 +132,20 @@ tags = [
 """
 
 
-def _metrics_table(base: str, port: int) -> str:
-    """The metrics endpoint's table when this edgeos's config schema has one, else ''."""
+def _metrics_table(base: str, port: int, path: Path) -> str:
+    """The metrics endpoint's table when this edgeos's config schema has one, else ''. (Where
+    it has one that is on by default, a random port keeps it off anything else's.)"""
+    import tomllib
+
     from edgeos.config import parse_config
 
     for table in (
-        f'[http]\nenabled = true\nlisten = "127.0.0.1:{port}"\n',
         f"[http]\nenabled = true\nport = {port}\n",
         f"[metrics]\nenabled = true\nport = {port}\n",
         f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
     ):
         with contextlib.suppress(Exception):
-            parse_config(base + table, Path("probe.toml"))
+            parse_config(tomllib.loads(base + table), path)
             return table
     return ""
 
@@ -179,8 +181,8 @@ def write_config(
             f'[upstream]\nenabled = true\nhost = "127.0.0.1"\nport = {broker}\n'
             'reconnect_min = "200ms"\nreconnect_max = "2s"\n'
         )
-    text += _metrics_table(text, harness.free_port())
     p = d / "edgeos.toml"
+    text += _metrics_table(text, harness.free_port(), p)
     p.write_text(text)
     return p
 
@@ -295,10 +297,10 @@ def _outage(broker: harness.Broker, seconds: float, delivery: harness.Delivery, 
             break
     with sub.lock:
         end = delivery.drain_end(restart)
-    return {"down_s": restart - t_down, "drain_s": end - restart}
+    return {"down_s": restart - t_down, "drain_s": end - restart, "wait_s": time.time() - restart}
 
 
-def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict) -> dict:
+def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, log) -> dict:
     mb = plant.ports["modbus"]
     devices = [(f"m{k}", mb[k], "1s", 500) for k in range(20)] + [("fast", mb[20], "100ms", 1000)]
     d = tmp / "ours"
@@ -309,8 +311,10 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict) ->
         daemon.wait_running()
         time.sleep(t["warm"])
         s0, c0, t0 = daemon.status(), harness.cpu_s(daemon.proc.pid), time.time()
+        o0 = harness.cpu_s(opc.proc.pid)
         time.sleep(t["window"])
         s1, c1, t1 = daemon.status(), harness.cpu_s(daemon.proc.pid), time.time()
+        opc_cpu = 100 * (harness.cpu_s(opc.proc.pid) - o0) / (t1 - t0)
         cur, peak = harness.rss_mb(daemon.proc.pid)
         with sub.lock:
             win = sub.ours.window(t0, t1)
@@ -319,20 +323,19 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict) ->
         # Caught up when every seq up to the highest seen has arrived: no gap left.
         out = _outage(broker, t["outage"], sub.ours, sub, t["drain_timeout"], lambda: not sub.gaps("e2e"))
         outage_cpu = harness.cpu_s(daemon.proc.pid) - c_out
-        # Pause the plant, so the daemon stores nothing more, and wait until delivery settles.
-        plant.command("pause")
-        opc.freeze()
-        try:
-            _wait_quiet(lambda: (daemon.status().get("counters", {}).get("stored"), sub.ours.samples), 30, 3.0)
-            final = daemon.status()
-        finally:
-            opc.thaw()
-            plant.command("resume")
         _, peak = harness.rss_mb(daemon.proc.pid)
     finally:
+        # Stop the daemon: its final status counts everything it stored, and what its sync
+        # had not sent when it stopped (kept in the store for its next start); then wait
+        # until nothing more arrives.
+        t_pause = time.monotonic()
         stopped = daemon.stop()
-    stored = final["counters"]["stored"]
-    print(f"# e2e diag: final sync {final.get('sync')} stored {stored} delivered {sub.ours.samples}", flush=True)
+    _wait_quiet(lambda: sub.ours.samples, 15, 2.0)
+    settle = time.monotonic() - t_pause
+    log(f"# e2e: outage {out['down_s']:.1f} s, drain wait {out['wait_s']:.1f} s, stop and settle {settle:.1f} s")
+    stored = stopped["counters"]["stored"]
+    unsent = (stopped.get("sync") or {}).get("backlog_samples", 0)
+    print(f"# e2e diag: final sync {stopped.get('sync')} stored {stored} delivered {sub.ours.samples}", flush=True)
     print(f"# e2e diag: gaps {sub.gaps('e2e')[:10]} ranges {sub.ranges('e2e')[:5]}", flush=True)
     print(f"# e2e diag: latency by device {win['by_device']}", flush=True)
     return {
@@ -347,7 +350,9 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict) ->
         "p99": win["p99"],
         "held_p50": win["held_p50"],
         "held_p99": win["held_p99"],
-        "lost": stored - sub.ours.samples,
+        "opc_cpu": opc_cpu,
+        "lost": stored - unsent - sub.ours.samples,
+        "unsent_at_stop": unsent,
         "duplicates": sub.ours.duplicates,
         "drain_s": out["drain_s"],
         "outage_s": out["down_s"],
@@ -372,6 +377,7 @@ def _peer(tmp: Path, plant: Plant, broker: harness.Broker, sub, t: dict, log) ->
             if proc.poll() is not None:
                 return {"error": f"exited with {proc.returncode}: {(root / 'logs' / 'stdout.log').read_text()[-1500:]}"}
             time.sleep(0.2)
+        log(f"# e2e: the peer's first telemetry after {time.monotonic() - deadline + 60:.1f} s")
         if sub.peer.samples == 0:
             return {"error": f"no telemetry within 60 s; session-limit requests answered: {sub.tb_requests}"}
         time.sleep(t["warm"])
@@ -383,12 +389,15 @@ def _peer(tmp: Path, plant: Plant, broker: harness.Broker, sub, t: dict, log) ->
         out = _outage(broker, t["outage"], sub.peer, sub, t["drain_timeout"], lambda: True)
         reads1 = sum(plant.command("pause")["reads"])
         try:
-            _wait_quiet(lambda: sub.peer.samples, 30, 3.0)
+            _wait_quiet(lambda: sub.peer.samples, t["drain_timeout"], t["quiet"])
         finally:
             plant.command("resume")
         _, peak = harness.rss_mb(proc.pid)
     finally:
+        t_stop = time.monotonic()
         harness.stop_process(proc, 15)
+        log(f"# e2e: the peer took {time.monotonic() - t_stop:.1f} s to stop")
+        _peer_log_summary(root / "logs" / "gateway.log", log)
     return {
         "delivered_per_s": win["samples_per_s"],
         "cpu_pct": 100 * (c1 - c0) / (t1 - t0),
@@ -403,6 +412,23 @@ def _peer(tmp: Path, plant: Plant, broker: harness.Broker, sub, t: dict, log) ->
     }
 
 
+def _peer_log_summary(path: Path, log) -> None:
+    """The peer's warnings and errors, counted by kind (the text before the first digit or
+    bracket), so a run shows why it lost what it lost."""
+    import collections
+    import re
+
+    kinds: collections.Counter[str] = collections.Counter()
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            m = re.match(r"\S+ \S+ (WARNING|ERROR|CRITICAL) (\S+) (.*)", line)
+            if m:
+                head = re.split(r"[0-9<\[{(]", m[3], maxsplit=1)[0][:80]
+                kinds[f"{m[1]} {m[2]} {head}"] += 1
+    for kind, n in kinds.most_common(6):
+        log(f"# e2e: peer log: {n} x {kind}")
+
+
 def _footprint(tmp: Path, plant: Plant, settle: float) -> dict:
     """RSS of a one-tag simulated daemon, and of a 10 x 1,000-tag Modbus gateway (no upstream)."""
     d = tmp / "idle"
@@ -410,7 +436,7 @@ def _footprint(tmp: Path, plant: Plant, settle: float) -> dict:
     text = f'[gateway]\nid = "idle"\ndata_dir = "{d / "data"}"\nrun_dir = "{d / "run"}"\n'
     text += '[[devices]]\nname = "sim"\nprotocol = "simulated"\ntags = [{ name = "t" }]\n'
     (d / "run").mkdir()
-    text += _metrics_table(text, harness.free_port())
+    text += _metrics_table(text, harness.free_port(), d / "edgeos.toml")
     (d / "edgeos.toml").write_text(text)
     daemon = Daemon(d / "edgeos.toml")
     try:
@@ -436,9 +462,9 @@ def _footprint(tmp: Path, plant: Plant, settle: float) -> dict:
 
 def run(quick: bool):
     t = (
-        {"warm": 3.0, "window": 10.0, "outage": 5.0, "drain_timeout": 20.0}
+        {"warm": 3.0, "window": 10.0, "outage": 5.0, "drain_timeout": 20.0, "quiet": 3.0}
         if quick
-        else {"warm": 15.0, "window": 120.0, "outage": 30.0, "drain_timeout": 120.0}
+        else {"warm": 15.0, "window": 120.0, "outage": 30.0, "drain_timeout": 120.0, "quiet": 10.0}
     )
     if not shutil.which("mosquitto"):
         raise RuntimeError("the e2e bench needs mosquitto (scripts/setup --test installs it)")
@@ -457,7 +483,7 @@ def run(quick: bool):
             log(f"# e2e: plant up at {time.monotonic() - began:.0f} s")
             foot = _footprint(tmp, plant, 2.0 if quick else 10.0)
             log(f"# e2e: footprint done at {time.monotonic() - began:.0f} s")
-            ours = _ours(tmp, plant, opc, broker, sub, t)
+            ours = _ours(tmp, plant, opc, broker, sub, t, log)
             opc.stop()  # the peer reads the Modbus part only
             log(f"# e2e: ours done at {time.monotonic() - began:.0f} s")
             peer = _peer(tmp, plant, broker, sub, t, log) if os.environ.get("EDGEOS_E2E_PEER", "1") != "0" else {}
@@ -476,7 +502,9 @@ def run(quick: bool):
     yield "p99_latency_ms", ours["p99"], "ms (target < 100)"
     yield "p50_latency_swinging_door_ms", ours["held_p50"], "ms (the archive holds a point until the next)"
     yield "p99_latency_swinging_door_ms", ours["held_p99"], "ms"
+    yield "opcua_server_cpu_pct", ours["opc_cpu"], "% of one core (the OPC UA server, not the daemon)"
     yield "lost", ours["lost"], f"samples (target 0) after a {ours['outage_s']:.0f} s broker outage"
+    yield "unsent_at_stop", ours["unsent_at_stop"], "samples stored, not yet sent when it stopped (kept)"
     yield "duplicates", ours["duplicates"], "samples delivered twice (at least once)"
     yield "drain_s", ours["drain_s"], "s from the broker's restart to the last older sample"
     yield "outage_cpu_s", ours["outage_cpu_s"], "CPU s over the outage and the drain"

@@ -146,10 +146,14 @@ class Delivery:
             "p99": pct(lat, 99),
             "held_p50": pct(held, 50),
             "held_p99": pct(held, 99),
-            "by_device": {
-                dev: (pct(x, 50), pct(x, 99))
-                for dev in sorted({self.devices[i] for i in idx})
-                for x in [np.concatenate([self.latency[i] for i in idx if self.devices[i] == dev])]
+            "by_device": {  # p50, p99 per kind of device (names without their number)
+                kind: (round(pct(x, 50)), round(pct(x, 99)))
+                for kind in sorted({self.devices[i].rstrip("0123456789") for i in idx})
+                for x in [
+                    np.concatenate(
+                        [self.latency[i] for i in idx if self.devices[i].rstrip("0123456789") == kind] or [[]]
+                    )
+                ]
             },
         }
 
