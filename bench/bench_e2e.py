@@ -298,7 +298,7 @@ def _outage(broker: harness.Broker, seconds: float, delivery: harness.Delivery, 
             break
     with sub.lock:
         end = delivery.drain_end(restart)
-    return {"down_s": restart - t_down, "drain_s": end - restart, "wait_s": time.time() - restart}
+    return {"down_s": restart - t_down, "restart": restart, "wait_s": time.time() - restart}
 
 
 def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, log) -> dict:
@@ -334,6 +334,8 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, lo
     _wait_quiet(lambda: sub.ours.samples, 15, 2.0)
     settle = time.monotonic() - t_pause
     log(f"# e2e: outage {out['down_s']:.1f} s, drain wait {out['wait_s']:.1f} s, stop and settle {settle:.1f} s")
+    with sub.lock:  # what came late counts too
+        out["drain_s"] = sub.ours.drain_end(out["restart"]) - out["restart"]
     stored = stopped["counters"]["stored"]
     unsent = (stopped.get("sync") or {}).get("backlog_samples", 0)
     print(f"# e2e diag: final sync {stopped.get('sync')} stored {stored} delivered {sub.ours.samples}", flush=True)
@@ -393,6 +395,8 @@ def _peer(tmp: Path, plant: Plant, broker: harness.Broker, sub, t: dict, log) ->
             _wait_quiet(lambda: sub.peer.samples, t["drain_timeout"], t["quiet"])
         finally:
             plant.command("resume")
+        with sub.lock:  # what came late counts too
+            out["drain_s"] = sub.peer.drain_end(out["restart"]) - out["restart"]
         _, peak = harness.rss_mb(proc.pid)
     finally:
         t_stop = time.monotonic()
