@@ -467,7 +467,7 @@ def _footprint(tmp: Path, plant: Plant, settle: float) -> dict:
 
 def run(quick: bool):
     t = (
-        {"warm": 3.0, "window": 10.0, "outage": 5.0, "drain_timeout": 20.0, "quiet": 3.0}
+        {"warm": 2.0, "window": 10.0, "outage": 5.0, "drain_timeout": 20.0, "quiet": 3.0}
         if quick
         else {"warm": 15.0, "window": 120.0, "outage": 30.0, "drain_timeout": 120.0, "quiet": 10.0}
     )
@@ -486,7 +486,7 @@ def run(quick: bool):
         sub = harness.Subscriber(broker.port).start()
         try:
             log(f"# e2e: plant up at {time.monotonic() - began:.0f} s")
-            foot = _footprint(tmp, plant, 2.0 if quick else 10.0)
+            foot = _footprint(tmp, plant, 1.0 if quick else 10.0)
             log(f"# e2e: footprint done at {time.monotonic() - began:.0f} s")
             ours = _ours(tmp, plant, opc, broker, sub, t, log)
             opc.stop()  # the peer reads the Modbus part only
