@@ -375,14 +375,17 @@ def _peer(tmp: Path, plant: Plant, broker: harness.Broker, sub, t: dict, log) ->
     reads0 = sum(plant.command("stats")["reads"])
     proc = peer_tb.start(root, conf)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + t["peer_start"]
         while sub.peer.samples == 0 and time.monotonic() < deadline:
             if proc.poll() is not None:
                 return {"error": f"exited with {proc.returncode}: {(root / 'logs' / 'stdout.log').read_text()[-1500:]}"}
             time.sleep(0.2)
-        log(f"# e2e: the peer's first telemetry after {time.monotonic() - deadline + 60:.1f} s")
+        log(f"# e2e: the peer's first telemetry after {time.monotonic() - deadline + t['peer_start']:.1f} s")
         if sub.peer.samples == 0:
-            return {"error": f"no telemetry within 60 s; session-limit requests answered: {sub.tb_requests}"}
+            return {
+                "error": f"no telemetry within {t['peer_start']:.0f} s (it delivers in bursts under this load); "
+                f"session-limit requests answered: {sub.tb_requests}"
+            }
         time.sleep(t["warm"])
         c0, t0 = harness.cpu_s(proc.pid), time.time()
         time.sleep(t["window"])
@@ -467,9 +470,9 @@ def _footprint(tmp: Path, plant: Plant, settle: float) -> dict:
 
 def run(quick: bool):
     t = (
-        {"warm": 2.0, "window": 10.0, "outage": 5.0, "drain_timeout": 20.0, "quiet": 3.0}
+        {"warm": 2.0, "window": 10.0, "outage": 5.0, "drain_timeout": 12.0, "quiet": 3.0, "peer_start": 20.0}
         if quick
-        else {"warm": 15.0, "window": 120.0, "outage": 30.0, "drain_timeout": 120.0, "quiet": 10.0}
+        else {"warm": 15.0, "window": 120.0, "outage": 30.0, "drain_timeout": 120.0, "quiet": 10.0, "peer_start": 90.0}
     )
     if not shutil.which("mosquitto"):
         raise RuntimeError("the e2e bench needs mosquitto (scripts/setup --test installs it)")
@@ -533,6 +536,9 @@ def run(quick: bool):
     yield "peer_read", peer["read"], "Modbus reads it made (one tag each)"
     yield "peer_lost", peer["lost"], "samples (read - delivered)"
     yield "peer_drain_s", peer["drain_s"], "s"
+    if not peer["delivered_per_s"]:
+        print("# e2e: the peer delivered nothing within the window (bursts): no ratios", flush=True)
+        return
     yield (
         "cpu_per_sample_vs_peer",
         ours["cpu_s_per_sample"] / peer["cpu_s_per_sample"],
