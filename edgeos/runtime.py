@@ -33,6 +33,7 @@ from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
+from edgeos.service.notify import CursorProbe, ExecutorProbe, Notifier, Watchdog, status_line
 from edgeos.service.status import STATUS_NAME, live_path, write_status
 from edgeos.store import StoreCorrupt, StoreFull, StoreSettings, StoreWriter, default_max_size
 from edgeos.sync import Sync
@@ -157,7 +158,7 @@ class Runtime:
         self.sinks = list(sinks)
         self.use_store = store
         self.store: StoreWriter | None = None
-        self.devices = {d.name: DeviceState(d.name) for d in config.devices}
+        self.devices = {d.name: DeviceState(d.name, "starting" if d.enabled else "disabled") for d in config.devices}
         self.latest = LatestValues(config.tags)
         self.counters = Counters()
         self.errors = RateLimited(logging.getLogger("edgeos.device"))
@@ -171,6 +172,7 @@ class Runtime:
         self._pending_bytes = 0
         self._committing: tuple[asyncio.Future, int] | None = None  # a commit in the store thread
         self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
+        self.notifier = Notifier()  # sd_notify: READY, STATUS, WATCHDOG, STOPPING (no-op outside systemd)
         self.sync: Sync | None = None
         if config.upstream.enabled and store:
             from edgeos.sync.mqtt import MqttTransport
@@ -289,10 +291,13 @@ class Runtime:
                     tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
                 ]
                 self.running.set()
+                self.notifier.ready(status_line(self.status(), None))
+                t_notify = tg.create_task(self._notify_loop(), name="notify") if self.notifier.enabled else None
                 try:
                     await self._stop.wait()
                 finally:
-                    for t in (t_ctl, t_status):
+                    self.notifier.stopping()
+                    for t in (t_ctl, t_status, t_notify):
                         if t is not None:
                             t.cancel()
                     await asyncio.shield(self._shutdown(t_devs, raw, filtered, t_pipe, t_write))
@@ -322,6 +327,7 @@ class Runtime:
                 for path in dict.fromkeys((self._status_path, cfg.gateway.data_dir / STATUS_NAME)):
                     write_status(path, final)
             self._executor.shutdown(wait=True)
+            self.notifier.close()
             c = self.counters
             if self.store is not None or not self.use_store:  # else it never started: its error says why
                 log.info(
@@ -620,6 +626,44 @@ class Runtime:
             except Exception as e:  # a status is not data: never let it stop the daemon
                 self.errors.log(logging.ERROR, "status", "status not written: %s: %s", type(e).__name__, e)
             await asyncio.sleep(1.0)
+
+    async def _notify_loop(self) -> None:
+        """STATUS= for `systemctl status` every few seconds, and WATCHDOG=1 only while the loop
+        (this task runs on it), the store's thread and the sync progress (service/notify.py)."""
+        n = self.notifier
+        wd = n.watchdog_s
+        tick = min(wd / 5, 5.0) if wd else 5.0
+        judge = Watchdog()
+        if wd and self._executor is not None:
+            judge.add("store writer", ExecutorProbe(self._executor, wd / 2))
+        sync = self.sync
+        if wd and sync is not None:
+            judge.add("sync", CursorProbe(lambda: (sync.status.state, sync.cursor, sync.status.head), wd / 2))
+        last = (time.monotonic(), self.counters.read)
+        next_status = last[0] + 5.0
+        stalled_before: list[str] = []
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if wd:
+                stalled = judge.stalled(now)
+                if not stalled:
+                    n.watchdog()
+                    if stalled_before:
+                        log.warning("watchdog: progress again; pinging systemd's watchdog", extra={"code": "watchdog"})
+                elif stalled != stalled_before:
+                    log.critical(
+                        "watchdog: %s; not pinging systemd's watchdog (WatchdogSec=%gs restarts the service)",
+                        "; ".join(stalled),
+                        wd,
+                        extra={"code": "watchdog"},
+                    )
+                stalled_before = stalled
+            if now >= next_status:
+                rate = (self.counters.read - last[1]) / max(1e-3, now - last[0])
+                last = (now, self.counters.read)
+                next_status = now + 5.0
+                n.status(status_line(self.status(), rate, store_failing=self._store_failing))
 
     def _measure_pending(self) -> None:
         """Real bytes of what waits, when the store starts refusing writes; from then on each
