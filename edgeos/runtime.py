@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import signal
 import time
@@ -28,11 +29,12 @@ from edgeos import filters, plugins
 from edgeos.adapter import Adapter, DeviceConfig, Sink, first_error
 from edgeos.config.model import Config
 from edgeos.errors import DeviceError, StoreError
-from edgeos.logs import RateLimited
+from edgeos.logs import RateLimited, redact
 from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
+from edgeos.service import reload as reloading
 from edgeos.service.notify import CursorProbe, ExecutorProbe, Notifier, Watchdog, status_line
 from edgeos.service.status import STATUS_NAME, live_path, write_status
 from edgeos.store import StoreCorrupt, StoreFull, StoreSettings, StoreWriter, default_max_size
@@ -41,6 +43,17 @@ from edgeos.sync import Sync
 log = logging.getLogger("edgeos.runtime")
 
 _STOP: Any = object()
+
+
+@dataclass
+class _Swap:
+    """Through the raw queue at a reload: the pipeline (and tags) for the batches after it."""
+
+    pipeline: Pipeline
+    tags: tuple[TagMeta, ...]
+
+    def __len__(self) -> int:  # counted as no samples where a stop drains the queue
+        return 0
 
 
 class Channel:
@@ -119,7 +132,7 @@ class LatestValues:
 
     def __init__(self, tags: Iterable[TagMeta]) -> None:
         self.meta = list(tags)
-        n = len(self.meta)
+        n = max((t.id for t in self.meta), default=-1) + 1  # ids are stable across reloads, not dense
         self.ts = np.zeros(n, np.int64)
         self.values = np.full(n, np.nan)
         self.quality = np.full(n, Quality.BAD_WAITING_FOR_INITIAL_DATA, np.uint32)
@@ -134,6 +147,14 @@ class LatestValues:
             for t, s in zip(b.tags.tolist(), b.text.tolist(), strict=True):
                 if s is not None:
                     self.text[t] = s
+
+    def resized(self, tags: Iterable[TagMeta]) -> LatestValues:
+        """For the tags of a reloaded config: an id keeps its meaning, so its values carry over."""
+        new = LatestValues(tags)
+        k = min(len(self.ts), len(new.ts))
+        new.ts[:k], new.values[:k], new.quality[:k] = self.ts[:k], self.values[:k], self.quality[:k]
+        new.text = {i: v for i, v in self.text.items() if i < k}
+        return new
 
     def rows(self) -> list[tuple[TagMeta, int, float | str, int]]:
         return [
@@ -172,6 +193,12 @@ class Runtime:
         self._pending_bytes = 0
         self._committing: tuple[asyncio.Future, int] | None = None  # a commit in the store thread
         self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
+        self._tag_ids = reloading.TagIds.of(config)  # stable across reloads (service/reload.py)
+        self._reload_lock = asyncio.Lock()
+        self._reload_asked = asyncio.Event()  # SIGHUP
+        self._device_tasks: dict[str, asyncio.Task] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._raw: Channel | None = None
         self.notifier = Notifier()  # sd_notify: READY, STATUS, WATCHDOG, STOPPING (no-op outside systemd)
         self.sync: Sync | None = None
         if config.upstream.enabled and store:
@@ -226,7 +253,9 @@ class Runtime:
             return {"ok": True, "written": written}
         if op == "status":
             return {"ok": True, "status": self.status()}
-        return {"ok": False, "error": f"unknown op {op!r}; expected write or status"}
+        if op == "reload":
+            return await self.reload()
+        return {"ok": False, "error": f"unknown op {op!r}; expected write, status or reload"}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -234,7 +263,7 @@ class Runtime:
             "kernels": filters.implementation(),
             "counters": vars(self.counters).copy(),
             "store": vars(self.store.counters).copy() if self.store else {},
-            "sync": vars(self.sync.status).copy() if self.sync else None,
+            "sync": _redacted(vars(self.sync.status)) if self.sync else None,
             "time": time.time(),
             "devices": {
                 n: {
@@ -249,6 +278,98 @@ class Runtime:
             },
         }
 
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply its devices and tags (SIGHUP, `edgeos reload`).
+
+        Devices whose configuration is unchanged keep running (no gap); removed and changed ones
+        are stopped, their last batches still flowing to the store; added and changed ones are
+        started. Tag ids stay stable (service/reload.py). An invalid config changes nothing:
+        the reply lists its problems. Gateway, store and upstream settings apply at the next
+        restart (named in the reply)."""
+        async with self._reload_lock:
+            if not self.running.is_set() or self._stop.is_set() or self._tg is None:
+                return {"ok": False, "errors": ["the daemon is not running (or is stopping)"]}
+            self.notifier.reloading()
+            try:
+                return await self._reload()
+            finally:
+                self.notifier.ready(status_line(self.status(), None))
+
+    async def _reload(self) -> dict[str, Any]:
+        from edgeos.config import load_config
+        from edgeos.errors import ConfigError
+        from edgeos.logs import redact
+
+        loop = asyncio.get_running_loop()
+        source = self.config.source
+        log.info("reload: reading %s", source, extra={"code": "reload"})
+        try:
+            loaded = await loop.run_in_executor(None, load_config, source)
+            new, new_tags = self._tag_ids.renumber(loaded)
+            plan = reloading.plan(self.config, new)
+            pipeline = Pipeline(new.tag_configs(), impl=self.kernel_impl)
+            if new_tags and self.store is not None:  # known to the store before any batch carries them
+                await asyncio.shield(loop.run_in_executor(self._executor, self.store.add_tags, new_tags))
+        except ConfigError as e:
+            errors = [redact(str(p)) for p in e.problems]
+        except Exception as e:  # a plugin or the store refusing: the running config stays too
+            errors = [redact(f"{type(e).__name__}: {e}")]
+        else:
+            errors = []
+        if errors:
+            log.error(
+                "reload refused, the running config stays: %s", "; ".join(errors), extra={"code": "reload_refused"}
+            )
+            return {"ok": False, "config": str(source), "errors": errors}
+        stopping = [n for n in plan.removed] + [d.name for d in plan.changed]
+        tasks = [self._device_tasks.pop(n) for n in stopping if n in self._device_tasks]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # bounded: _close has a bound
+        if self._stop.is_set():
+            return {"ok": False, "errors": ["the daemon began stopping during the reload"]}
+        # From here to the end, no await: a stop cannot begin half-way through.
+        assert self._raw is not None and self._tg is not None
+        self._tag_ids.commit(new)
+        self._raw.put_nowait(_Swap(pipeline, new.tags))
+        self.config = dataclasses.replace(self.config, devices=new.devices)
+        for name in plan.removed:
+            self.devices.pop(name, None)
+            self._connected.pop(name, None)
+            self._producing.pop(f"device:{name}", None)
+        for d in (*plan.added, *plan.changed):
+            st = self.devices.setdefault(d.name, DeviceState(d.name))
+            st.state = "starting" if d.enabled else "disabled"
+            st.adapter = None
+            self._producing[f"device:{d.name}"] = asyncio.Event()
+            if d.enabled:
+                self._connected.setdefault(d.name, asyncio.Event()).clear()
+                self._device_tasks[d.name] = self._tg.create_task(
+                    self._supervise(d, self._raw), name=f"device:{d.name}"
+                )
+            else:
+                self._connected.pop(d.name, None)
+        summary = {"ok": True, "config": str(source), **plan.summary(), "tags_added": len(new_tags)}
+        log.info(
+            "reload applied: %d devices added, %d removed, %d changed, %d unchanged, %d new tag ids%s",
+            len(plan.added),
+            len(plan.removed),
+            len(plan.changed),
+            len(plan.unchanged),
+            len(new_tags),
+            f"; {', '.join(plan.restart_needed)} settings apply at the next restart" if plan.restart_needed else "",
+            extra={"code": "reload"},
+        )
+        return summary
+
+    async def _hup_loop(self) -> None:
+        while True:
+            await self._reload_asked.wait()
+            self._reload_asked.clear()
+            await self.reload()
+
     # -- main ------------------------------------------------------------------------------
 
     async def run(self, *, handle_signals: bool = False) -> None:
@@ -262,6 +383,7 @@ class Runtime:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_asked.set)
         pipeline = Pipeline(cfg.tag_configs(), impl=self.kernel_impl)
         raw = Channel(cfg.gateway.queue_batches)
         filtered = Channel(cfg.gateway.queue_batches)
@@ -287,9 +409,13 @@ class Runtime:
                 if self.use_store:
                     t_ctl = tg.create_task(control.serve(cfg.gateway.data_dir, self._control), name="control")
                     t_status = tg.create_task(self._status_loop(), name="status")
-                t_devs = [
-                    tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
-                ]
+                self._tg, self._raw = tg, raw
+                self._device_tasks = {
+                    d.name: tg.create_task(self._supervise(d, raw), name=f"device:{d.name}")
+                    for d in cfg.devices
+                    if d.enabled
+                }
+                t_hup = tg.create_task(self._hup_loop(), name="reload") if handle_signals else None
                 self.running.set()
                 self.notifier.ready(status_line(self.status(), None))
                 t_notify = tg.create_task(self._notify_loop(), name="notify") if self.notifier.enabled else None
@@ -297,9 +423,10 @@ class Runtime:
                     await self._stop.wait()
                 finally:
                     self.notifier.stopping()
-                    for t in (t_ctl, t_status, t_notify):
+                    for t in (t_ctl, t_status, t_notify, t_hup):
                         if t is not None:
                             t.cancel()
+                    t_devs = list(self._device_tasks.values())  # as reloads left them
                     await asyncio.shield(self._shutdown(t_devs, raw, filtered, t_pipe, t_write))
                     if t_sync is not None and self.sync is not None:
                         # Everything is committed; forward the last of it if that is quick,
@@ -310,7 +437,7 @@ class Runtime:
         finally:
             self.running.clear()
             if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             if self.store is not None:
                 if self.sync is not None:
@@ -433,10 +560,11 @@ class Runtime:
                     self._connected[dev.name].clear()
                     e = first_error(exc)
                     st.failures += 1
-                    st.last_error = str(e)
+                    st.last_error = redact(str(e))  # shown by status and metrics: no secret
                     st.last_error_code = e.code if isinstance(e, DeviceError) else type(e).__name__
                     text = str(e) if isinstance(e, DeviceError) else f"{dev.name}: {type(e).__name__}: {e}"
-                    self.errors.log(logging.WARNING, f"{dev.name}:{st.last_error_code}", "%s", text)
+                    key = f"{dev.name}:{st.last_error_code}"
+                    self.errors.log(logging.WARNING, key, "%s", text, device=dev.name, code=st.last_error_code)
                     if not degraded:
                         degraded = True
                         quality = Quality.BAD_COMM_FAILURE if st.connects else Quality.BAD_NOT_CONNECTED
@@ -483,6 +611,13 @@ class Runtime:
     async def _pipeline(self, pipeline: Pipeline, raw: Channel, out: Channel) -> None:
         while True:
             batch = await raw.get()
+            if isinstance(batch, _Swap):  # a reload: batches before it were read under the old config
+                for held in self._flush_filters(pipeline):
+                    self.counters.filtered_out -= len(held)  # held back earlier, stored now
+                    await out.put(held)
+                pipeline = batch.pipeline
+                self.latest = self.latest.resized(batch.tags)
+                continue
             if batch is _STOP:
                 for held in self._flush_filters(pipeline):
                     self.counters.filtered_out -= len(held)  # held back earlier, stored now
@@ -734,6 +869,11 @@ class Runtime:
             for b in batches:
                 await s.put(b)
         return True
+
+
+def _redacted(doc: dict[str, Any]) -> dict[str, Any]:
+    """A copy with its strings redacted (an error text may quote a URL with its password)."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in doc.items()}
 
 
 def _health(adapter: Adapter | None) -> dict[str, Any]:
