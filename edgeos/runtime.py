@@ -871,9 +871,15 @@ class Runtime:
         return True
 
 
-def _redacted(doc: dict[str, Any]) -> dict[str, Any]:
-    """A copy with its strings redacted (an error text may quote a URL with its password)."""
-    return {k: redact(v) if isinstance(v, str) else v for k, v in doc.items()}
+def _redacted(doc: Any) -> Any:
+    """A copy with its strings redacted (an error text, an endpoint, may hold a password)."""
+    if isinstance(doc, str):
+        return redact(doc)
+    if isinstance(doc, dict):
+        return {k: _redacted(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_redacted(v) for v in doc]
+    return doc
 
 
 def _health(adapter: Adapter | None) -> dict[str, Any]:
@@ -882,7 +888,7 @@ def _health(adapter: Adapter | None) -> dict[str, Any]:
     if adapter is None:
         return {}
     try:
-        return dict(adapter.health())
+        return _redacted(dict(adapter.health()))
     except Exception as e:
         return {"error": f"health() failed: {type(e).__name__}: {e}"}
 

@@ -126,7 +126,7 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
         describe = getattr(plugins.load(plugins.PROTOCOLS, d.protocol), "describe", None)
         if describe is not None:
             for line in describe(d):
-                typer.echo(f"    {line}")
+                typer.echo(f"    {redact(line)}")
     typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
 
 
