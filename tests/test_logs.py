@@ -203,3 +203,54 @@ def test_secret_field_problems_never_quote_the_value(write_config):
     r = CliRunner().invoke(app, ["check", str(path)])
     assert r.exit_code == 2 and "security_mode" in r.output
     assert "canary-Bad-url" not in r.output
+
+
+def test_run_under_journald_and_as_json(write_config, tmp_path):
+    """`edgeos run` as systemd starts it (stderr is the journal's stream), and for a shipper."""
+    import re
+    import signal
+    import sys
+
+    exe = str(os.path.join(os.path.dirname(sys.executable), "edgeos"))
+    path = write_config(
+        """
+        [gateway]
+        id = "gw"
+        data_dir = "data"
+        [[devices]]
+        name = "sim"
+        protocol = "simulated"
+        tags = [{ name = "t" }]
+        """
+    )
+    runs = []
+    for name, args, journal in (("journal", [], True), ("json", ["--log-format", "json"], True)):
+        err = open(tmp_path / f"{name}.err", "w")  # noqa: SIM115 - closed below
+        st = os.fstat(err.fileno())
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}" if journal else ""
+        data = f"data-{name}"
+        cfg = path.with_name(f"{name}.toml")
+        cfg.write_text(path.read_text().replace('data_dir = "data"', f'data_dir = "{data}"'))
+        proc = subprocess.Popen([exe, "run", "-c", str(cfg), *args], stderr=err, env=env)
+        runs.append((name, proc, err))
+    try:
+        for name, proc, _ in runs:
+            deadline = time.monotonic() + 30
+            while "gateway gw" not in (tmp_path / f"{name}.err").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / f"{name}.err").read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        for _, proc, _ in runs:
+            assert proc.wait(30) == 0
+    finally:
+        for _, proc, err in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            err.close()
+    journal = (tmp_path / "journal.err").read_text().splitlines()
+    assert journal and all(re.match(r"<[0-7]>edgeos\.\S+ \S+ \S+: ", ln) for ln in journal), journal
+    assert any(ln.startswith("<6>edgeos.runtime - ") and "stopped:" in ln for ln in journal), journal
+    docs = [json.loads(ln) for ln in (tmp_path / "json.err").read_text().splitlines()]  # --log-format wins
+    assert docs and all(d["level"] in ("info", "warning") and d["logger"].startswith("edgeos") for d in docs)
