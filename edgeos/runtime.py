@@ -773,7 +773,8 @@ class Runtime:
             judge.add("store writer", ExecutorProbe(self._executor, wd / 2))
         sync = self.sync
         if wd and sync is not None:
-            judge.add("sync", CursorProbe(lambda: (sync.status.state, sync.cursor, sync.status.head), wd / 2))
+            st = sync.status
+            judge.add("sync", CursorProbe(lambda: (st.state, sync.cursor, st.head, st.published_messages), wd / 2))
         last = (time.monotonic(), self.counters.read)
         next_status = last[0] + 5.0
         stalled_before: list[str] = []

@@ -153,11 +153,13 @@ def test_status_line_and_sync_progress():
         "sync": {"state": "connected", "lag_seconds": 0.42},
     }
     assert status_line(status, 48000.0) == "12 devices up, 1 down; 48,000 samples/s; upstream lag 0.4 s"
-    state = ["connected", 5, 9]
+    state = ["connected", 5, 9, 100]
     probe = CursorProbe(lambda: tuple(state), bound=10.0)
     assert probe(0.0) is None and probe(5.0) is None
     assert "cursor stuck at 5" in probe(10.5)
-    state[1] = 6  # an acknowledgement: progress
+    state[1] = 6  # the cursor moved: progress
     assert probe(11.0) is None and probe(20.0) is None
+    state[3] = 101  # a live publish acknowledged while a capped backlog holds the cursor: progress
+    assert probe(30.0) is None and "stuck" in probe(40.5)
     state[0] = "backoff"  # disconnected and retrying: not a stall of the daemon
     assert probe(40.0) is None

@@ -152,19 +152,20 @@ def _noop() -> None:
 
 
 class CursorProbe:
-    """Progress of the sync: while connected with units to send, its cursor must move at least
-    once every `bound` seconds. Disconnected and retrying (backoff) is progress of its kind:
-    the outage is reported elsewhere, and a restart would not bring a broker back."""
+    """Progress of the sync: while connected with units to send, its cursor must move, or a
+    publish be acknowledged (a rate-capped backlog holds the cursor while live data flows), at
+    least once every `bound` seconds. Disconnected and retrying (backoff) is progress of its
+    kind: the outage is reported elsewhere, and a restart would not bring a broker back."""
 
-    def __init__(self, state: Callable[[], tuple[str, int, int]], bound: float) -> None:
-        self.state = state  # () -> (state, cursor, head)
+    def __init__(self, state: Callable[[], tuple[str, int, int, int]], bound: float) -> None:
+        self.state = state  # () -> (state, cursor, head, acknowledged messages)
         self.bound = bound
-        self._last: tuple[str, int] | None = None
+        self._last: tuple[str, int, int] | None = None
         self._since = 0.0
 
     def __call__(self, now: float) -> str | None:
-        state, cursor, head = self.state()
-        key = (state, cursor)
+        state, cursor, head, acked = self.state()
+        key = (state, cursor, acked)
         if key != self._last or state != "connected" or cursor >= head:
             self._last = key
             self._since = now
