@@ -304,7 +304,7 @@ class Runtime:
 
         loop = asyncio.get_running_loop()
         source = self.config.source
-        log.info("reload: reading %s", source, extra={"code": "reload"})
+        log.info("re-reading the config %s", source, extra={"code": "reload"})
         try:
             loaded = await loop.run_in_executor(None, load_config, source)
             new, new_tags = self._tag_ids.renumber(loaded)
@@ -320,7 +320,9 @@ class Runtime:
             errors = []
         if errors:
             log.error(
-                "reload refused, the running config stays: %s", "; ".join(errors), extra={"code": "reload_refused"}
+                "config reload refused, the running config stays: %s",
+                "; ".join(errors),
+                extra={"code": "reload_refused"},
             )
             return {"ok": False, "config": str(source), "errors": errors}
         stopping = [n for n in plan.removed] + [d.name for d in plan.changed]
@@ -353,7 +355,7 @@ class Runtime:
                 self._connected.pop(d.name, None)
         summary = {"ok": True, "config": str(source), **plan.summary(), "tags_added": len(new_tags)}
         log.info(
-            "reload applied: %d devices added, %d removed, %d changed, %d unchanged, %d new tag ids%s",
+            "config reloaded: %d devices added, %d removed, %d changed, %d unchanged, %d new tag ids%s",
             len(plan.added),
             len(plan.removed),
             len(plan.changed),

@@ -104,7 +104,11 @@ def reload(
         raise typer.Exit(1)
     if not reply.get("ok"):
         errors = reply.get("errors") or [reply.get("error") or "refused"]
-        typer.echo(f"edgeos: reload refused; the daemon keeps running its config ({len(errors)} problems):", err=True)
+        n = len(errors)
+        typer.echo(
+            f"edgeos: reload refused; the daemon keeps running its config ({n} problem{'s' if n != 1 else ''}):",
+            err=True,
+        )
         for e in errors:
             typer.echo(f"  {redact(str(e))}", err=True)
         raise typer.Exit(1)
