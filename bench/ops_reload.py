@@ -11,6 +11,7 @@ runs it alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import tempfile
 import time
@@ -62,6 +63,7 @@ async def _measure(directory: Path, extra_tags: int, pause: float) -> tuple[floa
     path = directory / "edgeos.toml"
     path.write_text(HEAD)
     rt = Runtime(load_config(path))
+    gc.freeze()  # as `edgeos run` does
     task = asyncio.create_task(rt.run())
     durations = []
     try:

@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import signal
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -306,7 +307,14 @@ class Runtime:
         source = self.config.source
         log.info("re-reading the config %s", source, extra={"code": "reload"})
         try:
-            loaded = await loop.run_in_executor(None, load_config, source)
+            # Parsed in a thread; meanwhile the GIL is handed back to the loop every 1 ms, not
+            # 5: polls of untouched devices stay on time while a large config is parsed.
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(switch, 0.001))
+            try:
+                loaded = await loop.run_in_executor(None, load_config, source)
+            finally:
+                sys.setswitchinterval(switch)
             new, new_tags = self._tag_ids.renumber(loaded)
             plan = reloading.plan(self.config, new)
             pipeline = Pipeline(new.tag_configs(), impl=self.kernel_impl)
