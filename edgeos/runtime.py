@@ -38,7 +38,7 @@ from edgeos.service import control
 from edgeos.service import reload as reloading
 from edgeos.service.notify import CursorProbe, ExecutorProbe, Notifier, Watchdog, status_line
 from edgeos.service.status import STATUS_NAME, live_path, write_status
-from edgeos.store import StoreCorrupt, StoreFull, StoreSettings, StoreWriter, default_max_size
+from edgeos.store import StoreCorrupt, StoreFsyncFailed, StoreFull, StoreSettings, StoreWriter, default_max_size
 from edgeos.sync import Sync
 
 log = logging.getLogger("edgeos.runtime")
@@ -88,6 +88,12 @@ class Channel:
         self._items.clear()
         self._not_full.set()
         return items
+
+    def get_nowait(self) -> Any:
+        item = self._items.popleft()
+        if len(self._items) < self.maxsize:
+            self._not_full.set()
+        return item
 
     async def get(self) -> Any:
         while not self._items:
@@ -193,6 +199,8 @@ class Runtime:
         self._pending: collections.deque[tuple[Batch, int]] = collections.deque()  # the writer's, with sizes
         self._pending_bytes = 0
         self._committing: tuple[asyncio.Future, int] | None = None  # a commit in the store thread
+        self._undurable = 0  # (I3) samples committed, not yet fsynced: stored at the next flush
+        self.failed: str | None = None  # why the daemon stopped itself (a failed fsync): exit status 1
         self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
         self._tag_ids = reloading.TagIds.of(config)  # stable across reloads (service/reload.py)
         self._reload_lock = asyncio.Lock()
@@ -459,6 +467,17 @@ class Runtime:
                     await self.sync.final_status()
                     self.sync.close()
                 await loop.run_in_executor(self._executor, self.store.close)
+                if self._undurable:
+                    # Committed after the last flush (a commit the stop's deadline overtook): the
+                    # closing checkpoint fsyncs it, unless an fsync failed (then it may be lost).
+                    if self.store.undurable:
+                        self.counters.dropped_at_stop += self._undurable
+                        log.error(
+                            "stop: %d committed samples were never fsynced (lost on a power cut)", self._undurable
+                        )
+                    else:
+                        self.counters.stored += self._undurable
+                    self._undurable = 0
                 final = {**self.status(), "stopped": True}
                 # The live file (tmpfs) and the data directory's, which outlives /run.
                 for path in dict.fromkeys((self._status_path, cfg.gateway.data_dir / STATUS_NAME)):
@@ -514,7 +533,7 @@ class Runtime:
             n = await fut
         except Exception:
             return  # it failed: its batches are still pending, and counted as lost below
-        self.counters.stored += n
+        self._committed(n)
         for _ in range(min(k, len(self._pending))):
             self._pending.popleft()
 
@@ -655,40 +674,75 @@ class Runtime:
                 await out.put(kept)
 
     async def _writer(self, inbox: Channel) -> None:
-        """Batch commits: at `commit_samples` samples or `commit_interval` after the first
-        pending one, whichever comes first. A failed commit keeps its batches and is retried;
-        while the disk refuses writes, pending batches are bounded by `memory_buffer`, counted
-        in real bytes with a running total (oldest dropped and counted). At shutdown everything
-        pending is committed before it returns."""
+        """Group commit (docs/store.md I2): commit as soon as nothing more is queued (what
+        arrives during a commit goes into the next one), at `commit_samples` samples, or, with
+        `commit_interval` set, no sooner than that after the first pending batch. A commit is
+        a write to the WAL that a kill cannot undo; every `fsync_interval` the WAL is fsynced,
+        and only then do its samples count as stored (I3). A failed commit keeps its batches
+        and is retried; while the disk refuses writes, pending batches are bounded by
+        `memory_buffer`, counted in real bytes with a running total (oldest dropped and
+        counted). At shutdown everything pending is committed and fsynced before it returns."""
         cfg = self.config.store
         loop = asyncio.get_running_loop()
         interval = cfg.commit_interval_ns / 1e9
+        fsync_every = cfg.fsync_interval_ns / 1e9
         pending = self._pending
         n_pending = 0
         deadline = 0.0
+        flush_at = 0.0  # set while commits wait for their fsync
         stopping = False
         retry_at = 0.0  # set while the store refuses writes
         next_maintenance = loop.time() + 1.0
         getter: asyncio.Future | None = None
+
+        def take(item: Any) -> None:
+            nonlocal stopping, deadline, n_pending
+            if item is _STOP:
+                stopping = True
+                return
+            if not pending:
+                deadline = loop.time() + interval
+            n_pending += len(item)
+            if retry_at:  # memory is counted only while the store refuses writes
+                size = item.memory_bytes()
+                pending.append((item, size))
+                self._pending_bytes += size
+                n_pending -= self._bound()
+            else:
+                pending.append((item, 0))
+
         try:
-            while not (stopping and not pending):
+            while not (stopping and not pending and not flush_at):
                 now = loop.time()
-                if pending and now >= retry_at and (stopping or n_pending >= cfg.commit_samples or now >= deadline):
+                if self.failed:  # an fsync failed: nothing more is written (I3); the stop counts what waits
+                    if stopping:
+                        break
+                elif (
+                    pending
+                    and now >= retry_at
+                    and (stopping or n_pending >= cfg.commit_samples or (now >= deadline and not len(inbox)))
+                ):
                     if await self._commit(loop, [b for b, _ in pending]):
                         pending.clear()
                         self._pending_bytes = 0
                         n_pending = 0
                         retry_at = 0.0
+                        if self._undurable and not flush_at:
+                            flush_at = loop.time() + fsync_every
                     else:
                         if not retry_at:  # the store just began refusing: size what waits, once
                             self._measure_pending()
                         retry_at = loop.time() + 0.5
                         n_pending -= self._bound()
                     continue
-                if stopping:  # only a failed commit left to retry
+                elif flush_at and not retry_at and (now >= flush_at or (stopping and not pending)):
+                    flush_at = 0.0
+                    await self._flush(loop)
+                    continue
+                elif stopping:  # only a failed commit left to retry
                     await asyncio.sleep(max(0.0, retry_at - now))
                     continue
-                if now >= next_maintenance and not retry_at:
+                if now >= next_maintenance and not retry_at and not self.failed:
                     next_maintenance = now + 1.0
                     if self.store is None:
                         continue
@@ -704,33 +758,25 @@ class Runtime:
                     continue
                 # Keep draining the inbox even while the store refuses writes: producers are never
                 # stalled by the disk; memory stays bounded by memory_buffer instead.
-                wakes = [max(deadline, retry_at)] if pending else []
-                if not retry_at:
-                    wakes.append(next_maintenance)
+                wakes = [next_maintenance]
+                if pending and not self.failed:
+                    wakes.append(max(deadline, retry_at))
+                if flush_at:
+                    wakes.append(flush_at)
                 # One pending get, kept across wake-ups and never cancelled by a timeout, so no
                 # batch can be popped and then dropped (asyncio.wait, unlike wait_for, does not
                 # cancel what it waits on, nor swallow a cancellation of its own).
                 if getter is None:
                     getter = asyncio.ensure_future(inbox.get())
                 if not getter.done():
-                    timeout = max(0.001, min(wakes) - now) if wakes else None
-                    await asyncio.wait({getter}, timeout=timeout)
+                    await asyncio.wait({getter}, timeout=max(0.001, min(wakes) - now))
                     if not getter.done():
                         continue
                 item, getter = getter.result(), None
-                if item is _STOP:
-                    stopping = True
-                    continue
-                if not pending:
-                    deadline = loop.time() + interval
-                n_pending += len(item)
-                if retry_at:  # memory is counted only while the store refuses writes
-                    size = item.memory_bytes()
-                    pending.append((item, size))
-                    self._pending_bytes += size
-                    n_pending -= self._bound()
-                else:
-                    pending.append((item, 0))
+                take(item)
+                # Whatever else is queued joins this commit (group commit), up to commit_samples.
+                while len(inbox) and not stopping and n_pending < cfg.commit_samples:
+                    take(inbox.get_nowait())
         finally:
             if getter is not None:
                 if not getter.done():
@@ -738,6 +784,22 @@ class Runtime:
                 elif not getter.cancelled() and getter.exception() is None and getter.result() is not _STOP:
                     batch = getter.result()  # taken from the inbox, not yet pending: count it at stop
                     pending.append((batch, 0))
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(I3) fsync what was committed; it counts as stored from now on. A failed fsync stops
+        the daemon (exit status 1, for systemd to restart it): the page cache can no longer be
+        trusted to hold what reaches the disk, only a fresh start that reads the disk can."""
+        assert self.store is not None
+        try:
+            await asyncio.shield(loop.run_in_executor(self._executor, self.store.flush))
+        except StoreFsyncFailed as e:
+            self.failed = str(e)
+            self.counters.store_errors += 1
+            log.critical("%s", e)
+            self.stop()
+            return
+        self.counters.stored += self._undurable
+        self._undurable = 0
 
     async def _recover(self, loop: asyncio.AbstractEventLoop, e: StoreCorrupt) -> bool:
         """The store went corrupt while running (docs/store.md, I9): quarantine the file and go on
@@ -842,6 +904,14 @@ class Runtime:
             )
         return dropped
 
+    def _committed(self, n: int) -> None:
+        """(I3) Committed samples are stored at once when every commit is fsynced, else at the
+        next flush."""
+        if self.store is not None and self.config.store.fsync_interval_ns > 0:
+            self._undurable += n
+        else:
+            self.counters.stored += n
+
     async def _commit(self, loop: asyncio.AbstractEventLoop, batches: list[Batch]) -> bool:
         if self.store is None:
             n = sum(len(b) for b in batches)
@@ -873,7 +943,7 @@ class Runtime:
                 dropped = self.counters.dropped_store_unavailable
                 log.warning("store writable again; %d samples dropped while it was not", dropped)
                 self.errors.clear("store:")
-        self.counters.stored += n
+        self._committed(n)
         if self.sync is not None:
             self.sync.wakeup.set()
         for s in self.sinks:
@@ -912,6 +982,7 @@ def store_settings(cfg: Config) -> StoreSettings:
         compact_after_ns=cfg.store.compact_after_ns,
         keep_until_synced=cfg.upstream.enabled,
         compress_units=cfg.store.unit_version == 3,
+        fsync_interval_ns=cfg.store.fsync_interval_ns,
     )
 
 

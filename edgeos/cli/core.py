@@ -88,6 +88,9 @@ def run(
     except EdgeosError as e:
         typer.echo(f"edgeos: {redact(str(e))}", err=True)
         raise typer.Exit(1) from None
+    if rt.failed:  # it stopped itself (a failed fsync): non-zero, so systemd restarts it
+        typer.echo(f"edgeos: {rt.failed}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -145,16 +148,17 @@ def _writes(cfg: Config) -> str:
     # Tags that share an interval are read in one poll cycle; each cycle is a commit at most.
     cycles = sum(1e9 / iv for d in devices for iv in {t.poll_interval_ns for t in d.tags})
     interval = cfg.store.commit_interval_ns
-    est = estimate_write_bytes_per_day(samples, cycles, interval / 1e9)
-    commits = min(cycles, 1e9 / interval)
+    fsync = cfg.store.fsync_interval_ns
+    est = estimate_write_bytes_per_day(samples, cycles, interval / 1e9, fsync / 1e9)
+    commits = cycles if interval <= 0 else min(cycles, 1e9 / interval)
     status = ""
     if not _on_tmpfs(live_path(cfg.gateway.data_dir, cfg.gateway.run_dir).parent):
         est += 4096 * 86_400  # one 4 KiB page a second (docs/store.md, "Writes to the disk")
         status = "; the live status goes to the data disk too (0.35 GB/day of it): set gateway.run_dir to a tmpfs"
+    when = "every commit" if fsync <= 0 else f"every {format_duration_ns(fsync)}"
     return (
-        f"about {est / 1e9:.2f} GB/day to the data disk, estimated ({commits:.1f} commits/s at "
-        f"commit_interval {format_duration_ns(interval)}; a longer one writes less and can lose more at a power cut)"
-        + status
+        f"about {est / 1e9:.2f} GB/day to the data disk, estimated ({commits:.1f} commits/s, fsynced {when}: "
+        "a longer store.fsync_interval writes less and can lose more at a power cut)" + status
     )
 
 
@@ -231,10 +235,12 @@ GATEWAY_HEADER = """\
   # shutdown_timeout = "10s"
 
 [store]
-  ## A sample is stored once its transaction commits: at most every commit_samples samples
-  ## or commit_interval, whichever comes first.
+  ## Samples are committed as soon as nothing more is queued (one commit per poll cycle),
+  ## at most commit_samples at a time; a kill cannot lose a commit. The commits are fsynced
+  ## every fsync_interval: a power cut can lose that much, and a longer one wears flash less.
   # commit_samples = 10000
-  # commit_interval = "100ms"
+  # commit_interval = "0s"
+  # fsync_interval = "2s"
   ## Bounds on history; the oldest data goes first. Without max_size the store keeps to a
   ## quarter of the file system it is on (at least 64 MiB); `edgeos check` shows the figure.
   # retention = "90d"

@@ -69,7 +69,16 @@ GATEWAY_FIELDS: dict[str, Field] = {
 
 STORE_FIELDS: dict[str, Field] = {
     "commit_samples": Field("int", 10_000, min=1, max=10_000_000),
-    "commit_interval": Field("duration", "100ms", min=1_000_000, max=1_000_000_000),
+    "commit_interval": Field(
+        "duration", "0s", min=0, max=1_000_000_000, help="0: commit as soon as nothing more is queued (group commit)"
+    ),
+    "fsync_interval": Field(
+        "duration",
+        "2s",
+        min=0,
+        max=60_000_000_000,
+        help="how often commits are fsynced (what a power cut can lose; 0: every commit)",
+    ),
     "retention": Field("duration", None, min=60_000_000_000),
     "max_size": Field("size", None, min=1024 * 1024),
     "memory_buffer": Field("size", "64MiB", min=1024 * 1024),
@@ -219,6 +228,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         store=StoreConfig(
             commit_samples=st["commit_samples"],
             commit_interval_ns=st["commit_interval"],
+            fsync_interval_ns=st["fsync_interval"],
             retention_ns=st["retention"],
             max_size=st["max_size"],
             memory_buffer=st["memory_buffer"],

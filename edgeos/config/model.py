@@ -23,7 +23,8 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     commit_samples: int = 10_000
-    commit_interval_ns: int = 100_000_000
+    commit_interval_ns: int = 0  # 0: group commit, as soon as the writer has nothing more queued
+    fsync_interval_ns: int = 2_000_000_000  # 0: every commit is fsynced
     retention_ns: int | None = None
     max_size: int | None = None
     memory_buffer: int = 64 * 1024 * 1024
