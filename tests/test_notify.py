@@ -97,21 +97,27 @@ async def test_ready_status_watchdog_stopping_and_a_hung_store_writer(listener, 
         assert any(ln.startswith("STATUS=") and "device" in ln for ln in lines), lines
         assert "STOPPING=1" not in lines
 
-        # The store's commit hangs (a disk that stopped answering): the pings must stop within
-        # WatchdogSec of it, and nothing else on the loop is blocked meanwhile.
-        assert rt.store is not None
-        write = rt.store.write
+        # The store's thread hangs in a commit or an fsync (a disk that stopped answering): the
+        # pings must stop within WatchdogSec of it, and nothing else on the loop is blocked.
+        store = rt.store
+        assert store is not None
+        entered: list[float] = []
 
-        def hung(batches):
-            released.wait(30)
-            return write(batches)
+        def hang(method):
+            def hung(*args, **kw):
+                entered.append(time.monotonic())
+                released.wait(30)
+                return method(*args, **kw)
 
-        rt.store.write = hung  # type: ignore[method-assign]
-        hung_at = time.monotonic()
+            return hung
+
+        store.write = hang(store.write)  # type: ignore[method-assign]
+        store.flush = hang(store.flush)  # type: ignore[method-assign]
+        await _until(lambda: entered)
         await asyncio.sleep(3.0)  # 1.5 x WatchdogSec
+        hung_at = entered[0]
         pings = [t for t, ln in listener.lines() if ln == "WATCHDOG=1" and t > hung_at]
-        assert pings, "pings went on at first (the commit had not started yet)"
-        assert max(pings) - hung_at < 2.0, [round(p - hung_at, 2) for p in pings]
+        assert not pings or max(pings) - hung_at < 2.0, [round(p - hung_at, 2) for p in pings]
         assert rt.running.is_set()  # the daemon itself did not notice: only systemd can help
 
         # The disk answers again: pings resume, and nothing read was lost.
