@@ -241,17 +241,40 @@ class Runtime:
             raise PermissionError(f"{device}/{tag} is not writable (set writable = true in its config)")
         adapter = self.devices[device].adapter
         if adapter is None or self.devices[device].state != "running":
-            log.warning("write %s/%s = %r by %s refused: device not connected", device, tag, value, by)
+            log.warning(
+                "write %s/%s = %r by %s refused: device not connected",
+                device,
+                tag,
+                value,
+                by,
+                extra={"device": device, "code": "write_refused"},
+            )
             raise DeviceError(device, "not connected", code="not_connected", stage="write")
         try:
             written = await adapter.write(tc, value)
         except Exception as e:
-            log.warning("write %s/%s = %r by %s failed: %s", device, tag, value, by, e)
+            log.warning(
+                "write %s/%s = %r by %s failed: %s",
+                device,
+                tag,
+                value,
+                by,
+                e,
+                extra={"device": device, "code": "write_failed"},
+            )
             raise
         if written is None or written == value:
-            log.info("write %s/%s = %r by %s", device, tag, value, by)
+            log.info("write %s/%s = %r by %s", device, tag, value, by, extra={"device": device, "code": "write"})
         else:
-            log.info("write %s/%s = %r (asked %r) by %s", device, tag, written, value, by)
+            log.info(
+                "write %s/%s = %r (asked %r) by %s",
+                device,
+                tag,
+                written,
+                value,
+                by,
+                extra={"device": device, "code": "write"},
+            )
         return written
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -567,7 +590,7 @@ class Runtime:
             st.samples += len(batch)
             st.last_ok_ns = time.time_ns()
             if degraded:
-                log.info("%s: device is producing again", dev.name)
+                log.info("%s: device is producing again", dev.name, extra={"device": dev.name, "code": "recovered"})
                 self.errors.clear(dev.name + ":")
             attempt = 0
             degraded = False
@@ -618,7 +641,7 @@ class Runtime:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.warning("%s: close failed: %s", dev.name, e)
+            log.warning("%s: close failed: %s", dev.name, e, extra={"device": dev.name, "code": "close_failed"})
         finally:
             self.devices[dev.name].state = "stopped"
 
