@@ -37,6 +37,12 @@ def test_install_into_root_then_uninstall_keeps_data_and_config(tmp_path):
     assert cfg.gateway.data_dir == Path("/var/lib/edgeos") and cfg.devices
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0, verify.stderr
+    # The sysusers entry, applied to the staging tree as the target's systemd-sysusers would.
+    sysusers = ["systemd-sysusers", f"--root={root}", str(root / "etc/sysusers.d/edgeos.conf")]
+    done = subprocess.run(sysusers, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (root / "etc/passwd").read_text().startswith("gwd:x:")
+    assert any(ln.startswith("dialout:") and ln.endswith(":gwd") for ln in (root / "etc/group").read_text().splitlines())
 
     # A second install (an upgrade) never overwrites the operator's config.
     config.write_text(config.read_text() + "\n# mine\n")
