@@ -42,7 +42,8 @@ def test_install_into_root_then_uninstall_keeps_data_and_config(tmp_path):
     done = subprocess.run(sysusers, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (root / "etc/passwd").read_text().startswith("gwd:x:")
-    assert any(ln.startswith("dialout:") and ln.endswith(":gwd") for ln in (root / "etc/group").read_text().splitlines())
+    groups = (root / "etc/group").read_text().splitlines()
+    assert any(ln.startswith("dialout:") and ln.endswith(":gwd") for ln in groups)
 
     # A second install (an upgrade) never overwrites the operator's config.
     config.write_text(config.read_text() + "\n# mine\n")
