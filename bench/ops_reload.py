@@ -29,6 +29,9 @@ id = "bench"
 data_dir = "data"
 shutdown_timeout = "10s"
 
+[http]
+port = 0  # the endpoint on, as by default, on any free port
+
 [[devices]]
 name = "steady"
 protocol = "simulated"

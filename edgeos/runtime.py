@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import sys
 import time
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgeos import filters, plugins
-from edgeos.adapter import Adapter, DeviceConfig, Sink, first_error
+from edgeos.adapter import Adapter, DeviceConfig, PollStats, Sink, first_error
 from edgeos.config.model import Config
 from edgeos.errors import DeviceError, StoreError
 from edgeos.logs import RateLimited, redact
@@ -37,6 +39,7 @@ from edgeos.retry import backoff_delay
 from edgeos.service import control
 from edgeos.service import reload as reloading
 from edgeos.service.notify import CursorProbe, ExecutorProbe, Notifier, Watchdog, status_line
+from edgeos.service.stats import Histogram
 from edgeos.service.status import STATUS_NAME, live_path, write_status
 from edgeos.store import StoreCorrupt, StoreFsyncFailed, StoreFull, StoreSettings, StoreWriter, default_max_size
 from edgeos.sync import Sync
@@ -119,6 +122,46 @@ class DeviceState:
     last_error_code: str = ""
     last_ok_ns: int = 0
     adapter: Adapter | None = None
+    # For /metrics and /healthz (edgeos/service/metrics.py): failures by error code, when the
+    # device last stopped running (0 while it runs), and poll lateness of closed adapters.
+    errors_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
+    down_since_ns: int = field(default_factory=time.time_ns)
+    retired: PollStats = field(default_factory=PollStats)
+    _retired_adapter: Adapter | None = None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "state":
+            if value == "running":
+                object.__setattr__(self, "down_since_ns", 0)
+            elif not getattr(self, "down_since_ns", 1):
+                object.__setattr__(self, "down_since_ns", time.time_ns())
+        object.__setattr__(self, key, value)
+
+    def retire(self, adapter: Adapter) -> None:
+        """Fold a closed adapter's poll statistics into the device's running totals."""
+        if adapter is self._retired_adapter:
+            return
+        for ps in getattr(adapter, "stats", {}).values():
+            if isinstance(ps, PollStats):
+                r = self.retired
+                r.cycles += ps.cycles
+                r.overruns += ps.overruns
+                r.late_sum_ns += ps.late_sum_ns
+                r.buckets = [a + b for a, b in zip(r.buckets, ps.buckets, strict=True)]
+        self._retired_adapter = adapter
+
+    def poll_stats(self) -> PollStats:
+        """Poll cycles, overruns and the lateness histogram since the daemon started."""
+        out = PollStats(self.retired.cycles, self.retired.overruns, [], 0, list(self.retired.buckets))
+        out.late_sum_ns = self.retired.late_sum_ns
+        if self.adapter is not None and self.adapter is not self._retired_adapter:
+            for ps in list(getattr(self.adapter, "stats", {}).values()):
+                if isinstance(ps, PollStats):
+                    out.cycles += ps.cycles
+                    out.overruns += ps.overruns
+                    out.late_sum_ns += ps.late_sum_ns
+                    out.buckets = [a + b for a, b in zip(out.buckets, ps.buckets, strict=True)]
+        return out
 
 
 @dataclass
@@ -209,6 +252,13 @@ class Runtime:
         self._tg: asyncio.TaskGroup | None = None
         self._raw: Channel | None = None
         self.notifier = Notifier()  # sd_notify: READY, STATUS, WATCHDOG, STOPPING (no-op outside systemd)
+        # /metrics and /healthz (edgeos/service/metrics.py, health.py): the server, commit
+        # latency, and the store's size figures, cached (counting walks an index).
+        self.http: Any = None  # an edgeos.service.http.HttpServer while [http] enabled
+        self.commit_latency = Histogram()
+        self.store_stats: dict[str, int] = {}
+        self._store_stats_at = 0.0
+        self._store_stats_fut: asyncio.Future | None = None
         self.sync: Sync | None = None
         if config.upstream.enabled and store:
             from edgeos.sync.mqtt import MqttTransport
@@ -289,6 +339,38 @@ class Runtime:
             return await self.reload()
         return {"ok": False, "error": f"unknown op {op!r}; expected write, status or reload"}
 
+    @property
+    def store_failing(self) -> bool:
+        """True while the store refuses writes (samples wait in memory_buffer)."""
+        return self._store_failing
+
+    def store_stats_age(self) -> float:
+        return time.monotonic() - self._store_stats_at if self._store_stats_at else math.inf
+
+    async def refresh_store_stats(self, max_age: float = 5.0, wait: float = 1.0) -> dict[str, int]:
+        """The store's size figures (StoreWriter.stats), asked of the store's thread when older
+        than `max_age`; waits at most `wait` seconds (0: not at all), so a hung disk leaves the last
+        figures rather than a hung caller."""
+        if self.store is None or self._executor is None or self.store_stats_age() < max_age:
+            return self.store_stats
+        if self._store_stats_fut is None or self._store_stats_fut.done():
+            store = self.store
+            try:
+                fut = asyncio.get_running_loop().run_in_executor(self._executor, store.stats)
+            except RuntimeError:  # the executor is shut down: stopping
+                return self.store_stats
+
+            def done(f: asyncio.Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.store_stats, self._store_stats_at = f.result(), time.monotonic()
+
+            fut.add_done_callback(done)
+            self._store_stats_fut = fut
+        if wait > 0:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._store_stats_fut), wait)
+        return self.store_stats
+
     def status(self) -> dict[str, Any]:
         return {
             "gateway": self.config.gateway.id,
@@ -296,6 +378,9 @@ class Runtime:
             "counters": vars(self.counters).copy(),
             "store": vars(self.store.counters).copy() if self.store else {},
             "sync": _redacted(vars(self.sync.status)) if self.sync else None,
+            "store_stats": dict(self.store_stats),
+            "store_failing": self._store_failing,
+            "http": {"address": self.config.http.address, "port": self.http.port} if self.http is not None else None,
             "time": time.time(),
             "devices": {
                 n: {
@@ -304,6 +389,9 @@ class Runtime:
                     "failures": s.failures,
                     "samples": s.samples,
                     "last_error": s.last_error,
+                    "last_error_code": s.last_error_code,
+                    "last_ok_ns": s.last_ok_ns,
+                    "down_since_ns": s.down_since_ns,
                     "health": _health(s.adapter),
                 }
                 for n, s in self.devices.items()
@@ -446,10 +534,12 @@ class Runtime:
                 t_pipe = tg.create_task(self._pipeline(pipeline, raw, filtered), name="pipeline")
                 t_write = tg.create_task(self._writer(filtered), name="store-writer")
                 t_sync = tg.create_task(self.sync.run(), name="sync") if self.sync else None
-                t_ctl = t_status = None
+                t_ctl = t_status = t_http = None
                 if self.use_store:
                     t_ctl = tg.create_task(control.serve(cfg.gateway.data_dir, self._control), name="control")
                     t_status = tg.create_task(self._status_loop(), name="status")
+                if cfg.http.enabled:
+                    t_http = tg.create_task(self._serve_http(), name="http")
                 self._tg, self._raw = tg, raw
                 self._device_tasks = {
                     d.name: tg.create_task(self._supervise(d, raw), name=f"device:{d.name}")
@@ -464,7 +554,7 @@ class Runtime:
                     await self._stop.wait()
                 finally:
                     self.notifier.stopping()
-                    for t in (t_ctl, t_status, t_notify, t_hup):
+                    for t in (t_ctl, t_status, t_http, t_notify, t_hup):
                         if t is not None:
                             t.cancel()
                     t_devs = list(self._device_tasks.values())  # as reloads left them
@@ -614,6 +704,7 @@ class Runtime:
                     st.failures += 1
                     st.last_error = redact(str(e))  # shown by status and metrics: no secret
                     st.last_error_code = e.code if isinstance(e, DeviceError) else type(e).__name__
+                    st.errors_by_code[st.last_error_code] += 1
                     text = str(e) if isinstance(e, DeviceError) else f"{dev.name}: {type(e).__name__}: {e}"
                     key = f"{dev.name}:{st.last_error_code}"
                     self.errors.log(logging.WARNING, key, "%s", text, device=dev.name, code=st.last_error_code)
@@ -644,6 +735,7 @@ class Runtime:
             log.warning("%s: close failed: %s", dev.name, e, extra={"device": dev.name, "code": "close_failed"})
         finally:
             self.devices[dev.name].state = "stopped"
+            self.devices[dev.name].retire(adapter)
 
     # -- pipeline and writer ---------------------------------------------------------------
 
@@ -846,12 +938,30 @@ class Runtime:
         assert self.store is not None
         self.store.maintain(sync_cursor=sync_cursor)
 
+    async def _serve_http(self) -> None:
+        """The local HTTP server ([http]): /metrics, /healthz. Imported only when enabled; a port
+        that cannot be bound is logged and the daemon runs on without it (it is not data)."""
+        from edgeos.service import health, metrics
+        from edgeos.service.http import HttpServer, HttpSettings
+
+        self.http = HttpServer(HttpSettings.from_config(self.config.http))
+        metrics.register(self.http, self)
+        health.register(self.http, self)
+        try:
+            await self.http.serve()
+        except OSError as e:
+            a = self.config.http
+            log.warning(
+                "http: cannot listen on %s:%d (%s); /metrics and /healthz are unavailable", a.address, a.port, e
+            )
+
     async def _status_loop(self) -> None:
         """The status file, once a second, whatever the store does: it must say that the daemon
         runs (and drops) exactly when the store fails. Built on the loop, written in a thread."""
         loop = asyncio.get_running_loop()
         while True:
             try:
+                await self.refresh_store_stats(max_age=10.0, wait=0)
                 await loop.run_in_executor(None, write_status, self._status_path, self.status())
             except Exception as e:  # a status is not data: never let it stop the daemon
                 self.errors.log(logging.ERROR, "status", "status not written: %s: %s", type(e).__name__, e)
@@ -941,6 +1051,7 @@ class Runtime:
         else:
             # Kept while it runs: a stop that runs out of time must not count a commit that
             # finishes in the store thread afterwards as lost (see _settle_commit).
+            t0 = time.perf_counter()
             fut = loop.run_in_executor(self._executor, self.store.write, batches)
             self._committing = (fut, len(batches))
             try:
@@ -961,6 +1072,7 @@ class Runtime:
                 self.errors.log(logging.ERROR, key, "%s; keeping samples in memory and retrying", e)
                 return False
             self._committing = None
+            self.commit_latency.observe(time.perf_counter() - t0)
             if self._store_failing:
                 self._store_failing = False
                 dropped = self.counters.dropped_store_unavailable

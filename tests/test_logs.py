@@ -64,6 +64,17 @@ def test_redact_url_userinfo_and_registered_secrets():
     assert logs.redact("mqtt://h:1883 opc.tcp://h:4840") == "mqtt://h:1883 opc.tcp://h:4840"
 
 
+def _get(url: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+    except urllib.error.HTTPError as e:  # /healthz answers 503 while plc is down
+        return e.read().decode()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,6 +130,10 @@ async def test_canary_passwords_never_shown(write_config, refusing_broker, tmp_p
         data_dir = "data"
         shutdown_timeout = "3s"
 
+        [http]
+        port = 0
+        metrics_per_tag = true
+
         [upstream]
         enabled = true
         host = "127.0.0.1"
@@ -163,6 +178,10 @@ async def test_canary_passwords_never_shown(write_config, refusing_broker, tmp_p
                 await rt.running.wait()
                 while not (rt.devices["plc"].failures >= 2 and rt.sync and rt.sync.status.failures >= 2):
                     await asyncio.sleep(0.05)
+            assert rt.http is not None
+            http = [
+                await asyncio.to_thread(_get, f"http://127.0.0.1:{rt.http.port}{p}") for p in ("/metrics", "/healthz")
+            ]
             runner = CliRunner()
             cli = [
                 await asyncio.to_thread(runner.invoke, app, args)
@@ -177,10 +196,12 @@ async def test_canary_passwords_never_shown(write_config, refusing_broker, tmp_p
     # The failures were logged, naming what failed (the user, the URL without its password).
     assert "refused the credentials" in text, text[-2000:]
     assert "plc" in text and "operator:***@127.0.0.1" in text + "".join(r.output for r in cli), text[-2000:]
+    assert 'device="plc"' in http[0] and '"devices_down":1' in http[1], http[1]  # scraped while it failed
     status_file = (tmp_path / "data" / "status.json").read_text()
     for canary in (MQTT_CANARY, OPCUA_CANARY, URL_CANARY):
         assert canary not in text and canary not in js
         assert canary not in status_file
+        assert all(canary not in body for body in http)
         for r in cli:
             assert canary not in r.output, r.output
 

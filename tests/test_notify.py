@@ -22,6 +22,9 @@ id = "gw"
 data_dir = "data"
 shutdown_timeout = "5s"
 
+[http]
+enabled = false
+
 [[devices]]
 name = "press1"
 protocol = "simulated"

@@ -192,6 +192,17 @@ def _budget(cfg: Config) -> str:
     return f"{size}; {keep}"
 
 
+def _age(seconds: float) -> str:
+    """A short age for the status table: 0.4s, 12s, 5m, 3h, 2d."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def _listed(items: object) -> str:
     if isinstance(items, dict):
         return ", ".join(f"{k} ({v})" for k, v in items.items())
@@ -379,7 +390,10 @@ def status(
     config_file: ConfigPos = None,
     config: ConfigOpt = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Read this data directory instead.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status document (JSON only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="table (for people) or json (the status document, for scripts).")
+    ] = "table",
 ) -> None:
     """Show whether the daemon runs, its devices, store counters and upstream sync lag.
 
@@ -392,6 +406,11 @@ def status(
     import json
 
     from edgeos.service.status import daemon_pid, read_status
+
+    if fmt not in ("table", "json"):
+        typer.echo(f"--format: found {fmt!r}, expected table or json", err=True)
+        raise typer.Exit(2)
+    as_json = as_json or fmt == "json"
 
     if data_dir is not None:
         directory, run_dir = data_dir, None
@@ -439,6 +458,14 @@ def status(
         if "written_bytes" in st and up > 0:
             rate = st["written_bytes"] / up * 86_400
             typer.echo(f"writes    {st['written_bytes'] / 1e6:.1f} MB to the data disk, {rate / 1e9:.2f} GB/day")
+    ss = doc.get("store_stats") or {}
+    if ss:
+        used, budget = ss.get("used_bytes", 0), ss.get("max_size", 0)
+        share = f" of {budget / 1e6:,.0f} MB budget ({100 * used / budget:.0f}%)" if budget else ""
+        oldest = ss.get("oldest_ns", 0)
+        horizon = f", oldest sample {_age(doc['time'] - oldest / 1e9)} old" if oldest else ""
+        refusing = "; REFUSING WRITES (samples wait in memory)" if doc.get("store_failing") else ""
+        typer.echo(f"usage     {used / 1e6:,.1f} MB{share}, {ss.get('chunks', 0)} chunks{horizon}{refusing}")
     sync = doc.get("sync")
     if sync:
         last = sync["last_publish_ns"]
@@ -450,9 +477,19 @@ def status(
         )
     else:
         typer.echo("upstream  disabled")
-    typer.echo(f"{'DEVICE':<20} {'STATE':<11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR")
+    http = doc.get("http")
+    if http and running:
+        typer.echo(f"metrics   http://{http['address']}:{http['port']}/metrics  (and /healthz)")
+    typer.echo(
+        f"{'DEVICE':<20} {'STATE':<11} {'UP':<4} {'LAST VALUES':>11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR"
+    )
     for name, d in doc["devices"].items():
-        typer.echo(f"{name:<20} {d['state']:<11} {d['samples']:>10} {d['failures']:>9}  {d['last_error']}")
+        up = "up" if d["state"] == "running" else "down"
+        last = d.get("last_ok_ns")
+        values = "never" if last == 0 else "-" if last is None else _age(doc["time"] - last / 1e9) + " ago"
+        typer.echo(
+            f"{name:<20} {d['state']:<11} {up:<4} {values:>11} {d['samples']:>10} {d['failures']:>9}  {d['last_error']}"
+        )
         refused = (d.get("health") or {}).get("refused_tags")
         if refused:
             typer.echo(f"{'':<20} refused by the device (kept Bad, asked again later): {_listed(refused)}")

@@ -84,8 +84,9 @@ def plan(old: Config, new: Config) -> Plan:
     restart = [
         name for name, a, b in (("gateway", old.gateway, new.gateway), ("store", old.store, new.store)) if a != b
     ]
-    if old.upstream != new.upstream:
-        restart.append("upstream")
+    for name in ("upstream", "http", "health"):
+        if getattr(old, name, None) != getattr(new, name, None):
+            restart.append(name)
     return Plan(
         added=[d for n, d in after.items() if n not in before],
         removed=[n for n in before if n not in after],

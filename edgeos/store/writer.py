@@ -980,6 +980,30 @@ class StoreWriter:
             wal = 0
         return (pages - free) * size + wal
 
+    def stats(self) -> dict[str, int]:
+        """Read-only figures for metrics and status, in the store's thread: bytes used and the
+        budget, hot units (not yet compacted) and compacted chunks, and the oldest sample's
+        time (the retention horizon; 0 when empty). Counting walks an index, so callers cache."""
+        db = self.db
+        hot = db.execute("SELECT count(*) FROM units WHERE id>=? AND compacted=0", (self._hot_from,)).fetchone()[0]
+        copies = db.execute("SELECT count(*) FROM units WHERE compacted=1").fetchone()[0]
+        chunks = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        oldest = [
+            db.execute("SELECT min(t_min) FROM chunks WHERE t_max=(SELECT min(t_max) FROM chunks)").fetchone()[0],
+            db.execute(
+                "SELECT t_min FROM units WHERE compacted=0 AND id>=? ORDER BY id LIMIT 1", (self._hot_from,)
+            ).fetchone(),
+        ]
+        times = [t for t in (oldest[0], oldest[1][0] if oldest[1] else None) if t]
+        return {
+            "used_bytes": self.used_bytes(),
+            "max_size": self.settings.max_size or 0,
+            "hot_units": hot,
+            "copied_units": copies,
+            "chunks": chunks,
+            "oldest_ns": min(times) if times else 0,
+        }
+
     def trim(self, now_ns: int) -> None:
         """(I6) Retention by age, then the size budget: hidden raw copies first, then the oldest
         history; whole units and chunks; each sample counted once (I12)."""
