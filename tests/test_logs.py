@@ -238,6 +238,8 @@ def test_run_under_journald_and_as_json(write_config, tmp_path):
         [gateway]
         id = "gw"
         data_dir = "data"
+        [http]
+        enabled = false
         [[devices]]
         name = "sim"
         protocol = "simulated"
