@@ -199,11 +199,15 @@ class LatestValues:
                     self.text[t] = s
 
     def resized(self, tags: Iterable[TagMeta]) -> LatestValues:
-        """For the tags of a reloaded config: an id keeps its meaning, so its values carry over."""
+        """For the tags of a reloaded config: an id keeps its meaning, so its values carry over.
+        The columns never shrink (a reader holding an id of a removed tag reads its last value)."""
         new = LatestValues(tags)
-        k = min(len(self.ts), len(new.ts))
-        new.ts[:k], new.values[:k], new.quality[:k] = self.ts[:k], self.values[:k], self.quality[:k]
-        new.text = {i: v for i, v in self.text.items() if i < k}
+        k = len(self.ts)
+        if len(new.ts) < k:
+            new.ts, new.values, new.quality = self.ts.copy(), self.values.copy(), self.quality.copy()
+        else:
+            new.ts[:k], new.values[:k], new.quality[:k] = self.ts, self.values, self.quality
+        new.text = dict(self.text)
         return new
 
     def rows(self) -> list[tuple[TagMeta, int, float | str, int]]:
@@ -260,6 +264,7 @@ class Runtime:
         self._store_stats_at = 0.0
         self._store_stats_fut: asyncio.Future | None = None
         self.sync: Sync | None = None
+        self.console_url: str | None = None  # set while the console listens
         if config.upstream.enabled and store:
             from edgeos.sync.mqtt import MqttTransport
 
@@ -540,6 +545,12 @@ class Runtime:
                     t_status = tg.create_task(self._status_loop(), name="status")
                 if cfg.http.enabled:
                     t_http = tg.create_task(self._serve_http(), name="http")
+                t_console = None
+                if self.use_store and cfg.http.enabled and cfg.console.enabled:
+                    from edgeos.console.service import serve as serve_console
+
+                    # After the http task: its first step creates self.http, where this mounts.
+                    t_console = tg.create_task(serve_console(self), name="console")
                 self._tg, self._raw = tg, raw
                 self._device_tasks = {
                     d.name: tg.create_task(self._supervise(d, raw), name=f"device:{d.name}")
@@ -554,7 +565,7 @@ class Runtime:
                     await self._stop.wait()
                 finally:
                     self.notifier.stopping()
-                    for t in (t_ctl, t_status, t_http, t_notify, t_hup):
+                    for t in (t_ctl, t_status, t_http, t_console, t_notify, t_hup):
                         if t is not None:
                             t.cancel()
                     t_devs = list(self._device_tasks.values())  # as reloads left them
@@ -1116,6 +1127,7 @@ def store_settings(cfg: Config) -> StoreSettings:
         max_size=cfg.store.max_size or default_max_size(cfg.gateway.data_dir)[0],
         compact_after_ns=cfg.store.compact_after_ns,
         keep_until_synced=cfg.upstream.enabled,
+        replay_window_ns=cfg.upstream.options.get("replay_window") or 0 if cfg.upstream.enabled else 0,
         compress_units=cfg.store.unit_version == 3,
         fsync_interval_ns=cfg.store.fsync_interval_ns,
     )

@@ -114,7 +114,8 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
     typer.echo(f"store     {_budget(cfg)}")
     typer.echo(f"writes    {_writes(cfg)}")
     typer.echo(f"kernels   {filters.implementation()}")
-    upstream = f"enabled: {cfg.upstream.options.get('host')}" if cfg.upstream.enabled else "disabled"
+    brokers = cfg.upstream.options.get("servers") or [cfg.upstream.options.get("host")]  # issue 25: failover list
+    upstream = f"enabled: {', '.join(map(str, brokers))}" if cfg.upstream.enabled else "disabled"
     typer.echo(f"upstream  {upstream}{'' if cfg.upstream.enabled else ' (data stays on this gateway)'}")
     typer.echo(
         "plugins   "
@@ -266,6 +267,18 @@ GATEWAY_HEADER = """\
 #   ca_file = "ca.pem"
 #   username = "gateway1"
 #   password_file = "mqtt.password"
+
+## Prometheus metrics at /metrics and a health check at /healthz (docs/metrics.md), on
+## loopback unless you change address; enabled = false turns the server off.
+# [http]
+#   enabled = true
+#   address = "127.0.0.1"
+#   port = 9180
+#   metrics_per_tag = false
+## /healthz answers 503 when a device is down longer than device_down, or upstream lags more.
+# [health]
+#   device_down = "60s"
+#   sync_lag = "5m"
 """
 
 
@@ -374,7 +387,8 @@ def demo(
     Starts a filling machine that speaks Modbus TCP on 127.0.0.1 (read through the real
     Modbus adapter) and three simulated machines (a press, an oven, a packer), runs the full
     runtime with filters and a store in a temporary directory (or --dir), and shows the live
-    values updating in the terminal until Ctrl-C. Nothing leaves this computer.
+    values updating in the terminal until Ctrl-C, with the URL of the web console, where the
+    same values and their trends are in a browser. Nothing leaves this computer.
     """
     from edgeos.demo import run_demo
 

@@ -15,6 +15,7 @@ from edgeos.adapter import DeviceConfig, FilterSpec, TagConfig
 from edgeos.config.model import Config, GatewayConfig, HealthConfig, HttpConfig, StoreConfig, UpstreamConfig
 from edgeos.config.schema import Field, Problems, parse_table, unknown_key_message
 from edgeos.config.tags_csv import read_tags_csv
+from edgeos.console.settings import parse_console
 from edgeos.errors import ConfigError, PluginError, Problem
 from edgeos.model import TagMeta, ValueKind
 
@@ -56,6 +57,22 @@ def _template_check(*allowed: str):
         return None
 
     return check
+
+
+def _servers_check(v: list[str]) -> str | None:
+    """Each broker as host, host:port or [v6]:port, port 1-65535; at least one."""
+    if not v:
+        return 'found an empty list, expected at least one "host:port"'
+    for entry in v:
+        host, port = entry, "1"
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "1"
+        elif ":" in entry:
+            host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return f'found "{entry}", expected "host:port" (port 1-65535)'
+    return None
 
 
 GATEWAY_FIELDS: dict[str, Field] = {
@@ -111,6 +128,11 @@ UPSTREAM_FIELDS: dict[str, Field] = {
     "rate_limit_messages": Field("float", None, min=0.001),
     "reconnect_min": Field("duration", "1s", min=10_000_000),
     "reconnect_max": Field("duration", "60s", min=100_000_000),
+    # Issue 25: broker failover, the message size cap, replay on request.
+    "servers": Field("list", None, item="str", check=_servers_check, help='["host:port", ...], tried in turn'),
+    "max_message": Field("size", "128KiB", min=4096, max=256 * 1024 * 1024),
+    "replay_topic": Field("str", "edgeos/{gateway}/replay", check=_template_check("gateway")),
+    "replay_window": Field("duration", "24h", min=0, max=366 * 86_400_000_000_000),
 }
 
 DEVICE_FIELDS: dict[str, Field] = {
@@ -149,7 +171,7 @@ HEALTH_FIELDS: dict[str, Field] = {
     "devices": Field("any", None, help="per-device device_down: a table of device name = duration"),
 }
 
-TOP_KEYS = {"gateway", "store", "devices", "upstream", "http", "health"}
+TOP_KEYS = {"gateway", "store", "devices", "upstream", "http", "health", "console"}
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -203,6 +225,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
             problems.add("upstream.password_env", f"environment variable {up['password_env']!r} is not set")
 
     ht = parse_table(raw.get("http", {}), HTTP_FIELDS, "http", problems)
+    console = parse_console(raw.get("console", {}), base, problems, http=ht)
     for key in ("tls_cert", "tls_key"):
         if ht.get(key) and not (base / ht[key]).exists():
             problems.add(f"http.{key}", f"file {ht[key]!r} not found (relative to {base})")
@@ -278,6 +301,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         health=HealthConfig(
             device_down_ns=he["device_down"], device_down_by_name=down_by_name, sync_lag_ns=he["sync_lag"]
         ),
+        console=console,
     )
 
 

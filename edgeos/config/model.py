@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeos.adapter import DeviceConfig, TagConfig
+from edgeos.console.settings import ConsoleSettings
 from edgeos.model import TagMeta
 
 
@@ -75,6 +76,7 @@ class Config:
     upstream: UpstreamConfig
     http: HttpConfig = field(default_factory=HttpConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)  # docs/console.md
 
     @property
     def tags(self) -> tuple[TagMeta, ...]:

@@ -84,7 +84,7 @@ def plan(old: Config, new: Config) -> Plan:
     restart = [
         name for name, a, b in (("gateway", old.gateway, new.gateway), ("store", old.store, new.store)) if a != b
     ]
-    for name in ("upstream", "http", "health"):
+    for name in ("upstream", "http", "health", "console"):
         if getattr(old, name, None) != getattr(new, name, None):
             restart.append(name)
     return Plan(
