@@ -12,6 +12,9 @@ from setuptools.command.build_ext import build_ext
 packages = ["edgeos"] + [f"edgeos.{p}" for p in find_packages("edgeos")]
 packages += ["edgeos.protocols"] + [f"edgeos.protocols.{p}" for p in find_packages("protocols")]
 package_dir = {"edgeos": "edgeos", "edgeos.protocols": "protocols"}
+# The systemd unit and sysusers file, shipped inside the package for `edgeos service install`.
+packages += ["edgeos.service.systemd"]
+package_dir["edgeos.service.systemd"] = "systemd"
 
 HINT = """
 edgeos: compiling the filter kernels (ext/_kernels.pyx) failed: {error}

@@ -16,9 +16,11 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,11 +32,13 @@ from edgeos import filters, plugins
 from edgeos.adapter import Adapter, DeviceConfig, PollStats, Sink, first_error
 from edgeos.config.model import Config
 from edgeos.errors import DeviceError, StoreError
-from edgeos.logs import RateLimited
+from edgeos.logs import RateLimited, redact
 from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
+from edgeos.service import reload as reloading
+from edgeos.service.notify import CursorProbe, ExecutorProbe, Notifier, Watchdog, status_line
 from edgeos.service.stats import Histogram
 from edgeos.service.status import STATUS_NAME, live_path, write_status
 from edgeos.store import StoreCorrupt, StoreFsyncFailed, StoreFull, StoreSettings, StoreWriter, default_max_size
@@ -43,6 +47,17 @@ from edgeos.sync import Sync
 log = logging.getLogger("edgeos.runtime")
 
 _STOP: Any = object()
+
+
+@dataclass
+class _Swap:
+    """Through the raw queue at a reload: the pipeline (and tags) for the batches after it."""
+
+    pipeline: Pipeline
+    tags: tuple[TagMeta, ...]
+
+    def __len__(self) -> int:  # counted as no samples where a stop drains the queue
+        return 0
 
 
 class Channel:
@@ -167,7 +182,7 @@ class LatestValues:
 
     def __init__(self, tags: Iterable[TagMeta]) -> None:
         self.meta = list(tags)
-        n = len(self.meta)
+        n = max((t.id for t in self.meta), default=-1) + 1  # ids are stable across reloads, not dense
         self.ts = np.zeros(n, np.int64)
         self.values = np.full(n, np.nan)
         self.quality = np.full(n, Quality.BAD_WAITING_FOR_INITIAL_DATA, np.uint32)
@@ -182,6 +197,18 @@ class LatestValues:
             for t, s in zip(b.tags.tolist(), b.text.tolist(), strict=True):
                 if s is not None:
                     self.text[t] = s
+
+    def resized(self, tags: Iterable[TagMeta]) -> LatestValues:
+        """For the tags of a reloaded config: an id keeps its meaning, so its values carry over.
+        The columns never shrink (a reader holding an id of a removed tag reads its last value)."""
+        new = LatestValues(tags)
+        k = len(self.ts)
+        if len(new.ts) < k:
+            new.ts, new.values, new.quality = self.ts.copy(), self.values.copy(), self.quality.copy()
+        else:
+            new.ts[:k], new.values[:k], new.quality[:k] = self.ts, self.values, self.quality
+        new.text = dict(self.text)
+        return new
 
     def rows(self) -> list[tuple[TagMeta, int, float | str, int]]:
         return [
@@ -206,7 +233,7 @@ class Runtime:
         self.sinks = list(sinks)
         self.use_store = store
         self.store: StoreWriter | None = None
-        self.devices = {d.name: DeviceState(d.name) for d in config.devices}
+        self.devices = {d.name: DeviceState(d.name, "starting" if d.enabled else "disabled") for d in config.devices}
         self.latest = LatestValues(config.tags)
         self.counters = Counters()
         self.errors = RateLimited(logging.getLogger("edgeos.device"))
@@ -222,6 +249,13 @@ class Runtime:
         self._undurable = 0  # (I3) samples committed, not yet fsynced: stored at the next flush
         self.failed: str | None = None  # why the daemon stopped itself (a failed fsync): exit status 1
         self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
+        self._tag_ids = reloading.TagIds.of(config)  # stable across reloads (service/reload.py)
+        self._reload_lock = asyncio.Lock()
+        self._reload_asked = asyncio.Event()  # SIGHUP
+        self._device_tasks: dict[str, asyncio.Task] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._raw: Channel | None = None
+        self.notifier = Notifier()  # sd_notify: READY, STATUS, WATCHDOG, STOPPING (no-op outside systemd)
         # /metrics and /healthz (edgeos/service/metrics.py, health.py): the server, commit
         # latency, and the store's size figures, cached (counting walks an index).
         self.http: Any = None  # an edgeos.service.http.HttpServer while [http] enabled
@@ -262,17 +296,40 @@ class Runtime:
             raise PermissionError(f"{device}/{tag} is not writable (set writable = true in its config)")
         adapter = self.devices[device].adapter
         if adapter is None or self.devices[device].state != "running":
-            log.warning("write %s/%s = %r by %s refused: device not connected", device, tag, value, by)
+            log.warning(
+                "write %s/%s = %r by %s refused: device not connected",
+                device,
+                tag,
+                value,
+                by,
+                extra={"device": device, "code": "write_refused"},
+            )
             raise DeviceError(device, "not connected", code="not_connected", stage="write")
         try:
             written = await adapter.write(tc, value)
         except Exception as e:
-            log.warning("write %s/%s = %r by %s failed: %s", device, tag, value, by, e)
+            log.warning(
+                "write %s/%s = %r by %s failed: %s",
+                device,
+                tag,
+                value,
+                by,
+                e,
+                extra={"device": device, "code": "write_failed"},
+            )
             raise
         if written is None or written == value:
-            log.info("write %s/%s = %r by %s", device, tag, value, by)
+            log.info("write %s/%s = %r by %s", device, tag, value, by, extra={"device": device, "code": "write"})
         else:
-            log.info("write %s/%s = %r (asked %r) by %s", device, tag, written, value, by)
+            log.info(
+                "write %s/%s = %r (asked %r) by %s",
+                device,
+                tag,
+                written,
+                value,
+                by,
+                extra={"device": device, "code": "write"},
+            )
         return written
 
     async def _control(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -283,7 +340,9 @@ class Runtime:
             return {"ok": True, "written": written}
         if op == "status":
             return {"ok": True, "status": self.status()}
-        return {"ok": False, "error": f"unknown op {op!r}; expected write or status"}
+        if op == "reload":
+            return await self.reload()
+        return {"ok": False, "error": f"unknown op {op!r}; expected write, status or reload"}
 
     @property
     def store_failing(self) -> bool:
@@ -323,7 +382,7 @@ class Runtime:
             "kernels": filters.implementation(),
             "counters": vars(self.counters).copy(),
             "store": vars(self.store.counters).copy() if self.store else {},
-            "sync": vars(self.sync.status).copy() if self.sync else None,
+            "sync": _redacted(vars(self.sync.status)) if self.sync else None,
             "store_stats": dict(self.store_stats),
             "store_failing": self._store_failing,
             "http": {"address": self.config.http.address, "port": self.http.port} if self.http is not None else None,
@@ -344,6 +403,107 @@ class Runtime:
             },
         }
 
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply its devices and tags (SIGHUP, `edgeos reload`).
+
+        Devices whose configuration is unchanged keep running (no gap); removed and changed ones
+        are stopped, their last batches still flowing to the store; added and changed ones are
+        started. Tag ids stay stable (service/reload.py). An invalid config changes nothing:
+        the reply lists its problems. Gateway, store and upstream settings apply at the next
+        restart (named in the reply)."""
+        async with self._reload_lock:
+            if not self.running.is_set() or self._stop.is_set() or self._tg is None:
+                return {"ok": False, "errors": ["the daemon is not running (or is stopping)"]}
+            self.notifier.reloading()
+            try:
+                return await self._reload()
+            finally:
+                self.notifier.ready(status_line(self.status(), None))
+
+    async def _reload(self) -> dict[str, Any]:
+        from edgeos.config import load_config
+        from edgeos.errors import ConfigError
+        from edgeos.logs import redact
+
+        loop = asyncio.get_running_loop()
+        source = self.config.source
+        log.info("re-reading the config %s", source, extra={"code": "reload"})
+        try:
+            # Parsed in a thread; meanwhile the GIL is handed back to the loop every 1 ms, not
+            # 5: polls of untouched devices stay on time while a large config is parsed.
+            switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(switch, 0.001))
+            try:
+                loaded = await loop.run_in_executor(None, load_config, source)
+            finally:
+                sys.setswitchinterval(switch)
+            new, new_tags = self._tag_ids.renumber(loaded)
+            plan = reloading.plan(self.config, new)
+            pipeline = Pipeline(new.tag_configs(), impl=self.kernel_impl)
+            if new_tags and self.store is not None:  # known to the store before any batch carries them
+                await asyncio.shield(loop.run_in_executor(self._executor, self.store.add_tags, new_tags))
+        except ConfigError as e:
+            errors = [redact(str(p)) for p in e.problems]
+        except Exception as e:  # a plugin or the store refusing: the running config stays too
+            errors = [redact(f"{type(e).__name__}: {e}")]
+        else:
+            errors = []
+        if errors:
+            log.error(
+                "config reload refused, the running config stays: %s",
+                "; ".join(errors),
+                extra={"code": "reload_refused"},
+            )
+            return {"ok": False, "config": str(source), "errors": errors}
+        stopping = [n for n in plan.removed] + [d.name for d in plan.changed]
+        tasks = [self._device_tasks.pop(n) for n in stopping if n in self._device_tasks]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # bounded: _close has a bound
+        if self._stop.is_set():
+            return {"ok": False, "errors": ["the daemon began stopping during the reload"]}
+        # From here to the end, no await: a stop cannot begin half-way through.
+        assert self._raw is not None and self._tg is not None
+        self._tag_ids.commit(new)
+        self._raw.put_nowait(_Swap(pipeline, new.tags))
+        self.config = dataclasses.replace(self.config, devices=new.devices)
+        for name in plan.removed:
+            self.devices.pop(name, None)
+            self._connected.pop(name, None)
+            self._producing.pop(f"device:{name}", None)
+        for d in (*plan.added, *plan.changed):
+            st = self.devices.setdefault(d.name, DeviceState(d.name))
+            st.state = "starting" if d.enabled else "disabled"
+            st.adapter = None
+            self._producing[f"device:{d.name}"] = asyncio.Event()
+            if d.enabled:
+                self._connected.setdefault(d.name, asyncio.Event()).clear()
+                self._device_tasks[d.name] = self._tg.create_task(
+                    self._supervise(d, self._raw), name=f"device:{d.name}"
+                )
+            else:
+                self._connected.pop(d.name, None)
+        summary = {"ok": True, "config": str(source), **plan.summary(), "tags_added": len(new_tags)}
+        log.info(
+            "config reloaded: %d devices added, %d removed, %d changed, %d unchanged, %d new tag ids%s",
+            len(plan.added),
+            len(plan.removed),
+            len(plan.changed),
+            len(plan.unchanged),
+            len(new_tags),
+            f"; {', '.join(plan.restart_needed)} settings apply at the next restart" if plan.restart_needed else "",
+            extra={"code": "reload"},
+        )
+        return summary
+
+    async def _hup_loop(self) -> None:
+        while True:
+            await self._reload_asked.wait()
+            self._reload_asked.clear()
+            await self.reload()
+
     # -- main ------------------------------------------------------------------------------
 
     async def run(self, *, handle_signals: bool = False) -> None:
@@ -357,6 +517,7 @@ class Runtime:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_asked.set)
         pipeline = Pipeline(cfg.tag_configs(), impl=self.kernel_impl)
         raw = Channel(cfg.gateway.queue_batches)
         filtered = Channel(cfg.gateway.queue_batches)
@@ -390,16 +551,24 @@ class Runtime:
 
                     # After the http task: its first step creates self.http, where this mounts.
                     t_console = tg.create_task(serve_console(self), name="console")
-                t_devs = [
-                    tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
-                ]
+                self._tg, self._raw = tg, raw
+                self._device_tasks = {
+                    d.name: tg.create_task(self._supervise(d, raw), name=f"device:{d.name}")
+                    for d in cfg.devices
+                    if d.enabled
+                }
+                t_hup = tg.create_task(self._hup_loop(), name="reload") if handle_signals else None
                 self.running.set()
+                self.notifier.ready(status_line(self.status(), None))
+                t_notify = tg.create_task(self._notify_loop(), name="notify") if self.notifier.enabled else None
                 try:
                     await self._stop.wait()
                 finally:
-                    for t in (t_ctl, t_status, t_http, t_console):
+                    self.notifier.stopping()
+                    for t in (t_ctl, t_status, t_http, t_console, t_notify, t_hup):
                         if t is not None:
                             t.cancel()
+                    t_devs = list(self._device_tasks.values())  # as reloads left them
                     await asyncio.shield(self._shutdown(t_devs, raw, filtered, t_pipe, t_write))
                     if t_sync is not None and self.sync is not None:
                         # Everything is committed; forward the last of it if that is quick,
@@ -410,7 +579,7 @@ class Runtime:
         finally:
             self.running.clear()
             if handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             if self.store is not None:
                 if self.sync is not None:
@@ -438,6 +607,7 @@ class Runtime:
                 for path in dict.fromkeys((self._status_path, cfg.gateway.data_dir / STATUS_NAME)):
                     write_status(path, final)
             self._executor.shutdown(wait=True)
+            self.notifier.close()
             c = self.counters
             if self.store is not None or not self.use_store:  # else it never started: its error says why
                 log.info(
@@ -521,7 +691,7 @@ class Runtime:
             st.samples += len(batch)
             st.last_ok_ns = time.time_ns()
             if degraded:
-                log.info("%s: device is producing again", dev.name)
+                log.info("%s: device is producing again", dev.name, extra={"device": dev.name, "code": "recovered"})
                 self.errors.clear(dev.name + ":")
             attempt = 0
             degraded = False
@@ -543,11 +713,12 @@ class Runtime:
                     self._connected[dev.name].clear()
                     e = first_error(exc)
                     st.failures += 1
-                    st.last_error = str(e)
+                    st.last_error = redact(str(e))  # shown by status and metrics: no secret
                     st.last_error_code = e.code if isinstance(e, DeviceError) else type(e).__name__
                     st.errors_by_code[st.last_error_code] += 1
                     text = str(e) if isinstance(e, DeviceError) else f"{dev.name}: {type(e).__name__}: {e}"
-                    self.errors.log(logging.WARNING, f"{dev.name}:{st.last_error_code}", "%s", text)
+                    key = f"{dev.name}:{st.last_error_code}"
+                    self.errors.log(logging.WARNING, key, "%s", text, device=dev.name, code=st.last_error_code)
                     if not degraded:
                         degraded = True
                         quality = Quality.BAD_COMM_FAILURE if st.connects else Quality.BAD_NOT_CONNECTED
@@ -572,7 +743,7 @@ class Runtime:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.warning("%s: close failed: %s", dev.name, e)
+            log.warning("%s: close failed: %s", dev.name, e, extra={"device": dev.name, "code": "close_failed"})
         finally:
             self.devices[dev.name].state = "stopped"
             self.devices[dev.name].retire(adapter)
@@ -595,6 +766,13 @@ class Runtime:
     async def _pipeline(self, pipeline: Pipeline, raw: Channel, out: Channel) -> None:
         while True:
             batch = await raw.get()
+            if isinstance(batch, _Swap):  # a reload: batches before it were read under the old config
+                for held in self._flush_filters(pipeline):
+                    self.counters.filtered_out -= len(held)  # held back earlier, stored now
+                    await out.put(held)
+                pipeline = batch.pipeline
+                self.latest = self.latest.resized(batch.tags)
+                continue
             if batch is _STOP:
                 for held in self._flush_filters(pipeline):
                     self.counters.filtered_out -= len(held)  # held back earlier, stored now
@@ -800,6 +978,45 @@ class Runtime:
                 self.errors.log(logging.ERROR, "status", "status not written: %s: %s", type(e).__name__, e)
             await asyncio.sleep(1.0)
 
+    async def _notify_loop(self) -> None:
+        """STATUS= for `systemctl status` every few seconds, and WATCHDOG=1 only while the loop
+        (this task runs on it), the store's thread and the sync progress (service/notify.py)."""
+        n = self.notifier
+        wd = n.watchdog_s
+        tick = min(wd / 5, 5.0) if wd else 5.0
+        judge = Watchdog()
+        if wd and self._executor is not None:
+            judge.add("store writer", ExecutorProbe(self._executor, wd / 2))
+        sync = self.sync
+        if wd and sync is not None:
+            st = sync.status
+            judge.add("sync", CursorProbe(lambda: (st.state, sync.cursor, st.head, st.published_messages), wd / 2))
+        last = (time.monotonic(), self.counters.read)
+        next_status = last[0] + 5.0
+        stalled_before: list[str] = []
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if wd:
+                stalled = judge.stalled(now)
+                if not stalled:
+                    n.watchdog()
+                    if stalled_before:
+                        log.warning("watchdog: progress again; pinging systemd's watchdog", extra={"code": "watchdog"})
+                elif stalled != stalled_before:
+                    log.critical(
+                        "watchdog: %s; not pinging systemd's watchdog (WatchdogSec=%gs restarts the service)",
+                        "; ".join(stalled),
+                        wd,
+                        extra={"code": "watchdog"},
+                    )
+                stalled_before = stalled
+            if now >= next_status:
+                rate = (self.counters.read - last[1]) / max(1e-3, now - last[0])
+                last = (now, self.counters.read)
+                next_status = now + 5.0
+                n.status(status_line(self.status(), rate, store_failing=self._store_failing))
+
     def _measure_pending(self) -> None:
         """Real bytes of what waits, when the store starts refusing writes; from then on each
         new batch is sized as it arrives (a healthy store commits within commit_interval, so
@@ -881,13 +1098,24 @@ class Runtime:
         return True
 
 
+def _redacted(doc: Any) -> Any:
+    """A copy with its strings redacted (an error text, an endpoint, may hold a password)."""
+    if isinstance(doc, str):
+        return redact(doc)
+    if isinstance(doc, dict):
+        return {k: _redacted(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_redacted(v) for v in doc]
+    return doc
+
+
 def _health(adapter: Adapter | None) -> dict[str, Any]:
     """An adapter's own counters; a plugin whose health() fails shows the error instead, and
     never takes the status (or the daemon) down with it."""
     if adapter is None:
         return {}
     try:
-        return dict(adapter.health())
+        return _redacted(dict(adapter.health()))
     except Exception as e:
         return {"error": f"health() failed: {type(e).__name__}: {e}"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.metadata
 import os
 import platform
@@ -18,6 +19,7 @@ from edgeos import filters, plugins
 from edgeos.cli.app import app
 from edgeos.config import Config, load_config
 from edgeos.errors import ConfigError, EdgeosError
+from edgeos.logs import FORMATS, redact
 from edgeos.logs import setup as setup_logging
 
 ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML); see docs/config.md.")]
@@ -48,7 +50,7 @@ def load_or_exit(path: Path) -> Config:
         n = len(e.problems)
         typer.echo(f"{path}: invalid config ({n} problem{'s' if n != 1 else ''}):", err=True)
         for p in e.problems:
-            typer.echo(f"  {p}", err=True)
+            typer.echo(f"  {redact(str(p))}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -57,6 +59,13 @@ def run(
     config_file: ConfigPos = None,
     config: ConfigOpt = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error; overrides the config.")] = None,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            help="auto (journal under journald, else text), text, journal (syslog priority prefix, "
+            "no timestamp) or json (one object per line, for log shippers)."
+        ),
+    ] = "auto",
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C (what the systemd unit starts).
 
@@ -66,12 +75,18 @@ def run(
     from edgeos.runtime import Runtime
 
     cfg = load_or_exit(pick_config(config_file, config))
-    setup_logging(log_level or cfg.gateway.log_level)
+    if log_format not in FORMATS:
+        typer.echo(f"edgeos: --log-format {log_format!r}: expected one of {', '.join(FORMATS)}", err=True)
+        raise typer.Exit(2)
+    setup_logging(log_level or cfg.gateway.log_level, log_format)
     rt = Runtime(cfg)
+    # What is alive now (modules, plugins, the config) lives as long as the daemon: kept out of
+    # the collector's full passes, which otherwise stall the loop for tens of ms (polls late).
+    gc.freeze()
     try:
         asyncio.run(rt.run(handle_signals=True))
     except EdgeosError as e:
-        typer.echo(f"edgeos: {e}", err=True)
+        typer.echo(f"edgeos: {redact(str(e))}", err=True)
         raise typer.Exit(1) from None
     if rt.failed:  # it stopped itself (a failed fsync): non-zero, so systemd restarts it
         typer.echo(f"edgeos: {rt.failed}", err=True)
@@ -119,7 +134,7 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
         describe = getattr(plugins.load(plugins.PROTOCOLS, d.protocol), "describe", None)
         if describe is not None:
             for line in describe(d):
-                typer.echo(f"    {line}")
+                typer.echo(f"    {redact(line)}")
     typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
 
 
@@ -300,22 +315,10 @@ def init(
     commented out, with each option explained and its default shown. The parent directory is
     created when missing (/etc/edgeos on a fresh gateway).
     """
-    parts = [GATEWAY_HEADER]
-    for info in plugins.available(plugins.PROTOCOLS):
-        text = _sample(info.name)
-        if text is None:
-            continue
-        if info.name != "simulated":
-            text = "".join(f"# {ln}" if ln.strip() else ln for ln in text.splitlines(keepends=True))
-        parts.append(f"\n## ---- protocol: {info.name} ({info.dist} {info.version}) ----\n{text}")
-    out = "".join(parts)
     if str(path) == "-":
-        typer.echo(out, nl=False)
+        typer.echo(starting_config(False), nl=False)
         return
-    if system if system is not None else _system_install(path):
-        # The shipped unit runs with ProtectSystem=strict: /etc is read-only to the daemon, and
-        # its state directory is /var/lib/edgeos.
-        out = out.replace('  data_dir = "data"', f'  data_dir = "{SYSTEM_DATA_DIR}"', 1)
+    out = starting_config(system if system is not None else _system_install(path))
     if path.exists() and not force:
         typer.echo(f"{path} exists; use --force to overwrite", err=True)
         raise typer.Exit(1)
@@ -331,6 +334,24 @@ def init(
 
 
 SYSTEM_DATA_DIR = "/var/lib/edgeos"
+
+
+def starting_config(system: bool) -> str:
+    """The commented example config of `edgeos init` (and `edgeos service install`)."""
+    parts = [GATEWAY_HEADER]
+    for info in plugins.available(plugins.PROTOCOLS):
+        text = _sample(info.name)
+        if text is None:
+            continue
+        if info.name != "simulated":
+            text = "".join(f"# {ln}" if ln.strip() else ln for ln in text.splitlines(keepends=True))
+        parts.append(f"\n## ---- protocol: {info.name} ({info.dist} {info.version}) ----\n{text}")
+    out = "".join(parts)
+    if system:
+        # The shipped unit runs with ProtectSystem=strict: /etc is read-only to the daemon, and
+        # its state directory is /var/lib/edgeos.
+        out = out.replace('  data_dir = "data"', f'  data_dir = "{SYSTEM_DATA_DIR}"', 1)
+    return out
 
 
 def _system_install(path: Path) -> bool:

@@ -121,8 +121,8 @@ UPSTREAM_FIELDS: dict[str, Field] = {
     "key_file": Field("str", None),
     "tls_insecure": Field("bool", False, help="skip hostname verification (never in production)"),
     "username": Field("str", None),
-    "password_file": Field("str", None),
-    "password_env": Field("str", None),
+    "password_file": Field("str", None, secret="file"),
+    "password_env": Field("str", None, secret="env"),
     "max_inflight": Field("int", 16, min=1, max=65535),
     "rate_limit_bytes": Field("size", None),
     "rate_limit_messages": Field("float", None, min=0.001),
@@ -212,6 +212,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
     gw = parse_table(raw.get("gateway", {}), GATEWAY_FIELDS, "gateway", problems)
     st = parse_table(raw.get("store", {}), STORE_FIELDS, "store", problems)
     up = parse_table(raw.get("upstream", {}), UPSTREAM_FIELDS, "upstream", problems)
+    _register_secrets(up, UPSTREAM_FIELDS, base)
     if up.get("enabled") and not up.get("host"):
         problems.add("upstream.host", "missing: required when upstream.enabled = true")
     if up.get("enabled"):
@@ -304,6 +305,16 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
     )
 
 
+def _register_secrets(values: Mapping[str, Any], fields: Mapping[str, Field], base: Path) -> None:
+    """Values of fields marked secret (or the files and variables they name) are masked in every
+    log line and error text from now on (edgeos.logs.redact)."""
+    from edgeos.logs import register_secret_ref
+
+    for key, f in fields.items():
+        if f.secret:
+            register_secret_ref(f.secret, values.get(key), base)
+
+
 def _health_devices(raw: Any, problems: Problems) -> dict[str, int]:
     """[health.devices]: device name = how long it may be down (checked against devices below)."""
     if raw is None:
@@ -378,6 +389,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
     for key, f in extra.items():  # a plugin's file names: relative to the config, not to where it runs
         if f.kind == "path" and isinstance(d.get(key), str) and d[key]:
             d[key] = str(base / d[key])
+    _register_secrets(d, extra, base)
     for key, f in DEVICE_FIELDS.items():
         if key not in d:  # present but invalid: reported; carry on with the default
             if f.required:

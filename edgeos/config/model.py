@@ -80,7 +80,8 @@ class Config:
 
     @property
     def tags(self) -> tuple[TagMeta, ...]:
-        """Every tag's metadata; `tags[i].id == i`."""
+        """Every tag's metadata; `tags[i].id == i` as loaded. After a reload ids are stable, not
+        dense: a tag keeps its id, new ones get ids above every earlier one (service/reload.py)."""
         return tuple(t.meta for d in self.devices for t in d.tags)
 
     def tag_configs(self) -> tuple[TagConfig, ...]:

@@ -63,12 +63,19 @@ class Field:
     max: float | None = None
     item: str = "str"
     check: Callable[[Any], str | None] | None = None  # returns an error message or None
+    # A secret, never shown (edgeos.logs.redact): "value" (the key holds it), "file" (names a file
+    # holding it) or "env" (names an environment variable holding it).
+    secret: str = ""
 
     @property
     def required(self) -> bool:
         return self.default is _MISSING
 
     def parse(self, value: Any, path: str, problems: Problems) -> Any:
+        if self.secret == "value" and isinstance(value, str):
+            from edgeos.logs import register_secret
+
+            register_secret(value)  # before any problem message could quote it
         try:
             out = self._convert(self.kind, value)
         except ValueError as e:

@@ -1,4 +1,5 @@
-"""A local control socket in the data directory: commands to the running daemon (writes).
+"""A local control socket in the data directory: commands to the running daemon (write,
+status, reload).
 
 Unix socket, one JSON object per line each way; file permissions (0600, the daemon's user)
 are the access control, so a write needs the same rights as reading the store. Requests are

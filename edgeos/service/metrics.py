@@ -84,7 +84,8 @@ class Metrics:
     def __init__(self, rt: Runtime, *, per_tag: bool = False) -> None:
         self.rt = rt
         self.per_tag = per_tag
-        self._tag_labels = [labels(device=m.device, tag=m.name) for m in rt.latest.meta] if per_tag else []
+        self._tag_labels: list[tuple[int, str]] = []
+        self._labels_of: object = None  # the LatestValues they were made for (a reload replaces it)
         self._version = _version()
 
     def render(self) -> bytes:
@@ -268,18 +269,21 @@ class Metrics:
 
     def _tags(self, out: Exposition) -> None:
         lv = self.rt.latest
+        if lv is not self._labels_of:  # at start and after a reload (tag ids stable, not dense)
+            self._labels_of = lv
+            self._tag_labels = [(m.id, labels(device=m.device, tag=m.name)) for m in lv.meta]
         labs = self._tag_labels
         values, times, quals = lv.values.tolist(), lv.ts.tolist(), lv.quality.tolist()
         text = lv.text
         name = f"{NS}_tag_value"
         out.family(name, "gauge", "last value of a numeric tag")
-        out.lines.extend(f"{name}{labs[i]} {_num(v)}\n" for i, v in enumerate(values) if i not in text)
+        out.lines.extend(f"{name}{lab} {_num(values[i])}\n" for i, lab in labs if i not in text)
         name = f"{NS}_tag_last_timestamp_seconds"
         out.family(name, "gauge", "time of the tag's last sample (Unix time; 0: none yet)")
-        out.lines.extend(f"{name}{lab} {t / 1e9!r}\n" for lab, t in zip(labs, times, strict=True))
+        out.lines.extend(f"{name}{lab} {times[i] / 1e9!r}\n" for i, lab in labs)
         name = f"{NS}_tag_quality"
         out.family(name, "gauge", "OPC UA status code of the tag's last sample (0: Good)")
-        out.lines.extend(f"{name}{lab} {q}\n" for lab, q in zip(labs, quals, strict=True))
+        out.lines.extend(f"{name}{lab} {quals[i]}\n" for i, lab in labs)
 
 
 def _version() -> str:

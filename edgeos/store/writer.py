@@ -616,6 +616,21 @@ class StoreWriter:
         self._tags_per_device = {}
         return lut
 
+    def add_tags(self, tags: Sequence[TagMeta]) -> None:
+        """Tags a config reload added, with runtime ids above every earlier one: the map only
+        grows, and ids mapped before keep their store id for the batches still on their way."""
+        self._check_usable()
+        try:
+            lut = self._map_tags(tags)
+        except sqlite3.Error as e:
+            raise self._error("add tags", e) from e
+        grown = np.full(max(len(self.lut), len(lut)), -1, np.int32)
+        grown[: len(self.lut)] = self.lut
+        mapped = lut >= 0
+        grown[: len(lut)][mapped] = lut[mapped]
+        self._tags.extend(tags)
+        self.lut = grown
+
     # -- writing --------------------------------------------------------------------------
 
     def encode(self, batches: Sequence[Batch]) -> list[tuple[str, int, int, int, bytes]]:

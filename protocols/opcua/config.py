@@ -148,8 +148,8 @@ DEVICE_FIELDS: dict[str, Field] = {
     "private_key": Field("path", None, help="its private key (PEM)"),
     "trust_dir": Field("path", None, help="trusted server certificates (trusted/) and rejected ones (rejected/)"),
     "username": Field("str", None),
-    "password_file": Field("path", None),
-    "password_env": Field("str", None),
+    "password_file": Field("path", None, secret="file"),
+    "password_env": Field("str", None, secret="env"),
     "user_certificate": Field("path", None, help="an X.509 user identity (with user_private_key)"),
     "user_private_key": Field("path", None),
 }
