@@ -12,7 +12,8 @@ from edgeos.cli import _plain_run
 
 PROBE = """
 import atexit, sys
-atexit.register(lambda: print("LOADED", " ".join(m for m in ("pydantic", "edgeos.runtime") if m in sys.modules)))
+WATCH = ("pydantic", "typer", "edgeos.runtime")
+atexit.register(lambda: print("LOADED", " ".join(m for m in WATCH if m in sys.modules)))
 sys.argv = ["edgeos", *sys.argv[1:]]
 from edgeos.cli import main
 main()
@@ -32,16 +33,17 @@ main()
         (["-c"], None),
         (["-c", "a.toml", "-c", "b.toml"], None),
         (["a.toml", "b.toml"], None),
-        (["-c", "a.toml", "--log-format", "json"], None),  # an option it does not know: typer
+        (["-c", "a.toml", "--log-format", "json"], {"config": Path("a.toml"), "log_format": "json"}),
+        (["-c", "a.toml", "--verbose"], None),  # an option it does not know: typer
     ],
 )
 def test_plain_run_arguments(args, expected):
     assert _plain_run(args) == expected
 
 
-def test_run_does_not_load_typers_pydantic(tmp_path):
+def test_run_does_not_load_typer(tmp_path):
     # An invalid config exits at load, with the same message and code as through typer, and
-    # the process never imported pydantic (typer's parameter conversion does).
+    # the process never imported typer nor pydantic (typer's parameter conversion does).
     bad = tmp_path / "bad.toml"
     bad.write_text('[gateway]\nid = "x"\n')
     r = subprocess.run([sys.executable, "-c", PROBE, "run", "-c", str(bad)], capture_output=True, text=True, timeout=60)
@@ -51,3 +53,10 @@ def test_run_does_not_load_typers_pydantic(tmp_path):
     # The typer path still handles everything else, e.g. help.
     r = subprocess.run([sys.executable, "-c", PROBE, "run", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--log-level" in r.stdout
+
+
+def test_plain_run_refuses_two_configs(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, "run", "a.toml", "-c", "b.toml"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "two configs given" in r.stderr

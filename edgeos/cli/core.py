@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import importlib.metadata
 import os
 import platform
@@ -18,9 +16,8 @@ import typer
 from edgeos import filters, plugins
 from edgeos.cli.app import app
 from edgeos.config import Config, load_config
-from edgeos.errors import ConfigError, EdgeosError
-from edgeos.logs import FORMATS, redact
-from edgeos.logs import setup as setup_logging
+from edgeos.errors import ConfigError
+from edgeos.logs import redact
 
 ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="Config file (TOML); see docs/config.md.")]
 DEFAULT_CONFIG = Path("/etc/edgeos/edgeos.toml")
@@ -72,25 +69,11 @@ def run(
     The config is checked first; a config with any problem is refused as a whole. On SIGTERM
     polling stops, every sample already read is committed to the store, and the exit code is 0.
     """
-    from edgeos.runtime import Runtime
+    from edgeos.cli.daemon import run_daemon
 
-    cfg = load_or_exit(pick_config(config_file, config))
-    if log_format not in FORMATS:
-        typer.echo(f"edgeos: --log-format {log_format!r}: expected one of {', '.join(FORMATS)}", err=True)
-        raise typer.Exit(2)
-    setup_logging(log_level or cfg.gateway.log_level, log_format)
-    rt = Runtime(cfg)
-    # What is alive now (modules, plugins, the config) lives as long as the daemon: kept out of
-    # the collector's full passes, which otherwise stall the loop for tens of ms (polls late).
-    gc.freeze()
-    try:
-        asyncio.run(rt.run(handle_signals=True))
-    except EdgeosError as e:
-        typer.echo(f"edgeos: {redact(str(e))}", err=True)
-        raise typer.Exit(1) from None
-    if rt.failed:  # it stopped itself (a failed fsync): non-zero, so systemd restarts it
-        typer.echo(f"edgeos: {rt.failed}", err=True)
-        raise typer.Exit(1)
+    code = run_daemon(pick_config(config_file, config), log_level, log_format)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -1,0 +1,80 @@
+"""`edgeos run`'s body, without typer: what the daemon imports is what it keeps for its life.
+
+typer, click, rich and the other commands' modules cost the daemon about 2 MB of RSS it never
+uses (docs/benchmarks.md, "Footprint"). `edgeos.cli.main` calls `run_daemon` directly for a
+plain `edgeos run -c FILE` (`plain_run` says which argument lists are plain); the typer
+command `run` calls the same function, so the daemon's behaviour lives here only.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def plain_run(args: list[str]) -> dict[str, Any] | None:
+    """The keyword arguments of `run` for `[CONFIG] [-c|--config CONFIG] [--log-level L]
+    [--log-format F]`, or None for anything else (typer handles it, with its messages)."""
+    kw: dict[str, Any] = {}
+    names = {"-c": "config", "--config": "config", "--log-level": "log_level", "--log-format": "log_format"}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        key, eq, value = a.partition("=")
+        if a.startswith("-") and eq and key in names and key != "-c":
+            name = names[key]
+            i += 1
+        elif a in names and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            name, value = names[a], args[i + 1]
+            i += 2
+        elif not a.startswith("-") and "config_file" not in kw:
+            name, value = "config_file", a
+            i += 1
+        else:
+            return None
+        if name in kw or not value:
+            return None
+        kw[name] = Path(value) if name in ("config", "config_file") else value
+    if "config_file" not in kw and "config" not in kw:
+        return None  # the default config: typer's path says which
+    return kw
+
+
+def run_daemon(config: Path, log_level: str | None = None, log_format: str = "auto") -> int:
+    """Run the daemon in the foreground until SIGTERM; the exit code (2: invalid config or
+    arguments, 1: it failed)."""
+    import asyncio
+    import gc
+
+    from edgeos.config import load_config
+    from edgeos.errors import ConfigError, EdgeosError
+    from edgeos.logs import FORMATS, redact
+    from edgeos.logs import setup as setup_logging
+    from edgeos.runtime import Runtime
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        n = len(e.problems)
+        print(f"{config}: invalid config ({n} problem{'s' if n != 1 else ''}):", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {redact(str(p))}", file=sys.stderr)
+        return 2
+    if log_format not in FORMATS:
+        print(f"edgeos: --log-format {log_format!r}: expected one of {', '.join(FORMATS)}", file=sys.stderr)
+        return 2
+    setup_logging(log_level or cfg.gateway.log_level, log_format)
+    rt = Runtime(cfg)
+    # What is alive now (modules, plugins, the config) lives as long as the daemon: kept out of
+    # the collector's full passes, which otherwise stall the loop for tens of ms (polls late).
+    gc.freeze()
+    try:
+        asyncio.run(rt.run(handle_signals=True))
+    except EdgeosError as e:
+        print(f"edgeos: {redact(str(e))}", file=sys.stderr)
+        return 1
+    if rt.failed:  # it stopped itself (a failed fsync): non-zero, so systemd restarts it
+        print(f"edgeos: {rt.failed}", file=sys.stderr)
+        return 1
+    return 0
