@@ -60,3 +60,24 @@ def test_plain_run_refuses_two_configs(tmp_path):
         [sys.executable, "-c", PROBE, "run", "a.toml", "-c", "b.toml"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 2 and "two configs given" in r.stderr
+
+
+def test_plugin_discovery_without_importlib_metadata(tmp_path):
+    # The daemon's own scan of entry_points.txt finds what importlib.metadata finds (the
+    # built-ins and the test fixtures' plugins alike), and loading a plugin never imports it.
+    probe = """
+import sys
+from edgeos import plugins
+for g in (plugins.PROTOCOLS, plugins.FILTERS):
+    plugins.load(g, plugins.names(g)[-1] if g == plugins.FILTERS else "simulated")
+    print(g, sorted((n, ep.value) for n, ep in plugins._entry_points(g).items()))
+print("LOADED", "importlib.metadata" in sys.modules)
+for g in (plugins.PROTOCOLS, plugins.FILTERS):
+    print(g, sorted((n, ep.value) for n, ep in plugins._entry_points(g, metadata=True).items()))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[2] == "LOADED False"
+    assert lines[:2] == lines[3:5]
+    assert "('simulated', 'edgeos.protocols.simulated:plugin')" in lines[0]
