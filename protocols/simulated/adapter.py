@@ -16,10 +16,45 @@ from edgeos.model import QUALITY_DTYPE, Batch, Quality
 _KIND = {name: i for i, name in enumerate(("sine", "ramp", "random_walk", "step", "square", "counter", "bool", "text"))}
 
 
+class _Rng:
+    """Uniform and normal columns from splitmix64 over a counter, vectorised in numpy, seeded
+    for repeatable runs. numpy.random would cost every daemon 2.6 MB of RSS for a simulator's
+    noise (docs/benchmarks.md, "Footprint"); this costs a few numpy expressions per poll."""
+
+    _GAMMA = 0x9E3779B97F4A7C15
+
+    def __init__(self, seed: int) -> None:
+        self._next = seed % 2**64
+        self._next = int(self._bits(1)[0])  # seeds 5 and 6 start far apart, not one step
+
+    def _bits(self, n: int) -> np.ndarray:
+        z = np.arange(1, n + 1, dtype=np.uint64)
+        z *= np.uint64(self._GAMMA)
+        z += np.uint64(self._next)
+        self._next = (self._next + n * self._GAMMA) % 2**64
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+        return z
+
+    def uniform(self, low: float, high: float, n: int) -> np.ndarray:
+        """n floats in [low, high)."""
+        return low + (high - low) * ((self._bits(n) >> np.uint64(11)) * 2.0**-53)
+
+    def normal(self, mean: float, sd: float, n: int) -> np.ndarray:
+        """n normal floats (Box-Muller on the two 32-bit halves of one draw)."""
+        z = self._bits(n)
+        u1 = ((z >> np.uint64(32)) + 0.5) * 2.0**-32  # (0, 1): log(u1) is finite
+        u2 = (z & np.uint64(0xFFFFFFFF)) * (2 * np.pi * 2.0**-32)
+        return mean + sd * np.sqrt(-2.0 * np.log(u1)) * np.cos(u2)
+
+
 class _GroupSignals:
     """Per-group parameter columns, so one poll is a handful of numpy expressions."""
 
-    def __init__(self, tags: tuple[TagConfig, ...], rng: np.random.Generator) -> None:
+    def __init__(self, tags: tuple[TagConfig, ...], rng: _Rng) -> None:
         o = [t.options for t in tags]
         self.ids = np.array([t.id for t in tags], np.int32)
         self.kind = np.array([_KIND[x["signal"]] for x in o])
@@ -38,7 +73,7 @@ class _GroupSignals:
 class SimulatedAdapter(PollingAdapter):
     def __init__(self, device: DeviceConfig) -> None:
         super().__init__(device)
-        self.rng = np.random.default_rng(device.options["seed"])
+        self.rng = _Rng(device.options["seed"])
         self.connected = False
         self.started = 0.0
         self.reads = 0
