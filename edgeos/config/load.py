@@ -375,6 +375,32 @@ def _protocol(name: Any, path: str, problems: Problems) -> Any:
     return None
 
 
+class _Shared:
+    """One object for equal values across a device's tags: its 1,000 rows read "float32",
+    "ABCD" and `deadband(abs=2)` as 1,000 equal strings and chains each, kept for the daemon's
+    life (about 2 MB per 10,000 tags; docs/benchmarks.md, "Footprint"). Filter specs are shared
+    as whole objects (they are frozen; the pipeline reads their params and keeps its own)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Any, Any] = {}
+
+    def value(self, v: Any) -> Any:
+        if type(v) is str:
+            return self._seen.setdefault(v, v)
+        return v
+
+    def filters(self, specs: list[FilterSpec]) -> tuple[FilterSpec, ...]:
+        out = []
+        for f in specs:
+            try:
+                key = (FilterSpec, f.name, tuple(f.params.items()))
+                out.append(self._seen.setdefault(key, f))
+            except TypeError:  # an unhashable param (a list): kept as it is
+                out.append(f)
+        # By identity: FilterSpec's hash would hash its params dict. Each one is alive in a tag.
+        return self._seen.setdefault((tuple, *map(id, out)), tuple(out))
+
+
 def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id: int) -> DeviceConfig | None:
     if not isinstance(rd, dict):
         problems.add(dpath, "expected a table ([[devices]])")
@@ -425,6 +451,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
         problems.add(f"{dpath}.tags", "no tags: add [[devices.tags]] tables or tags_csv")
 
     tags: list[TagConfig] = []
+    shared = _Shared()
     places: list[tuple[str, str, int | None]] = []  # (file, path, line) of each tag in `tags`
     names: dict[str, str] = {}
     for file, tpath, lpath, line, rt in sources:
@@ -432,7 +459,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
         if plugin is None and isinstance(rt, dict):
             rt = {k: v for k, v in rt.items() if k in TAG_FIELDS}
         t = parse_table(rt, tag_fields, lpath, sub, extra=None)
-        opts = {k: v for k, v in t.items() if k not in TAG_FIELDS}
+        opts = {k: shared.value(v) for k, v in t.items() if k not in TAG_FIELDS}
         # tag_kind is promised checked options; if the tag's own keys are wrong its kind is unknown.
         kind = None if sub else (plugin.tag_kind(opts) if plugin else ValueKind.NUMBER)
         fpath = f"{lpath}.filters" if lpath else "filters"
@@ -459,15 +486,15 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
             device=d["name"],
             name=t["name"],
             kind=kind,
-            unit=t["unit"],
-            description=t["description"],
+            unit=shared.value(t["unit"]),
+            description=shared.value(t["description"]),
             writable=t["writable"],
         )
         tags.append(
             TagConfig(
                 meta=meta,
                 poll_interval_ns=t["poll_interval"] or d["poll_interval"],
-                filters=tuple(filters),
+                filters=shared.filters(filters),
                 options=opts,
             )
         )
