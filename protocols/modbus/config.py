@@ -60,7 +60,7 @@ _NUMERIC = re.compile(r"^(\d{5,6})(?:\.(\d+))?$")
 ADDRESS_HELP = 'a register address such as "40001", "40001.3", "hr100", "ir0x10", "coil5" or "di0"'
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Address:
     """A parsed address: table, number as written, whether that number is 1-based, bit."""
 
@@ -179,7 +179,7 @@ TAG_FIELDS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TagSpec:
     """A tag's checked Modbus layout: where it sits and how its bytes become a value."""
 

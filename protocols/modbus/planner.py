@@ -54,7 +54,7 @@ class Limits:
     coalesce: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """One read: table, first address, count, and the group positions of the tags it serves."""
 
@@ -76,7 +76,7 @@ class Request:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Atom:
     start: int
     end: int  # exclusive
