@@ -81,3 +81,26 @@ for g in (plugins.PROTOCOLS, plugins.FILTERS):
     assert lines[2] == "LOADED False"
     assert lines[:2] == lines[3:5]
     assert "('simulated', 'edgeos.protocols.simulated:plugin')" in lines[0]
+
+
+def test_tags_share_equal_config_values(tmp_path):
+    # Tags read from CSV hold one object per distinct string and filter chain (a 10,000-tag
+    # gateway keeps them for its life), and their options stay a read-only mapping.
+    (tmp_path / "tags.csv").write_text(
+        "name,signal,amplitude,filters\n"
+        + "".join(f"t{i},{'ramp' if i % 2 else 'sine'},2.5,deadband(abs=0.5)\n" for i in range(4))
+    )
+    (tmp_path / "edgeos.toml").write_text(
+        '[gateway]\nid = "g"\ndata_dir = "data"\n[[devices]]\nname = "sim"\nprotocol = "simulated"\n'
+        'tags_csv = "tags.csv"\n'
+    )
+    from edgeos.config import load_config
+
+    tags = load_config(tmp_path / "edgeos.toml").devices[0].tags
+    assert tags[0].filters is tags[2].filters and tags[0].filters[0].params["abs"] == 0.5
+    assert tags[0].options["signal"] is tags[2].options["signal"] == "sine"
+    o = tags[1].options
+    assert o["signal"] == "ramp" and o.get("amplitude") == 2.5 and o.get("nope", 7) == 7 and "period" in o
+    assert dict(o) == {**o} and o == dict(o) and len(o) == len(dict(o))
+    with pytest.raises(KeyError):
+        o["nope"]
