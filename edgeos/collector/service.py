@@ -175,9 +175,9 @@ class Collector:
             await self._connect_db()
             try:
                 async with self.subscriber.session() as session:
-                    self.metrics.broker_connected = True
                     delay = 0.2
                     await session.subscribe(self.cfg.topics())
+                    self.metrics.broker_connected = True
                     log.info("collector: subscribed on %s", session.where)
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._read(session), name="collector-read")

@@ -37,3 +37,16 @@ def pg(pg_cluster):
     """(cluster, dsn of a new empty database)."""
     name = f"t{next(_counter)}"
     return pg_cluster, pg_cluster.create_database(name)
+
+
+sync_peers = _load("edgeos_test_sync_peers", _HERE.parent / "sync" / "conftest.py")
+Broker = sync_peers.Broker
+free_port = sync_peers.free_port
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
