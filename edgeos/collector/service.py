@@ -167,7 +167,7 @@ class Collector:
                 self.metrics.db_errors += 1
                 log.warning("collector: %s; retrying in %.1fs", e, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
 
     async def _sessions(self) -> None:
         delay = 0.2
@@ -190,7 +190,7 @@ class Collector:
             self._drain_queue()
             await self.db.close()  # a batch cancelled mid-transaction leaves nothing behind
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)
 
     def _drain_queue(self) -> None:
         """Messages of a lost session are never acknowledged: the broker sends them again."""
@@ -270,7 +270,7 @@ class Collector:
                 self.metrics.db_errors += 1
                 log.warning("collector: %s; batch kept, retrying in %.1fs", e, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
 
     async def _park(self, m: Incoming, reason: str, gateway: str | None) -> None:
         self.metrics.parked += 1
