@@ -37,6 +37,7 @@ class CollectorConfig:
     topic_prefix: str = "edgeos"
     replay_topic: str = "{prefix}/{gateway}/replay"
     batch_units: int = 2000
+    writers: int = 2
     batch_wait: float = 0.2
     retention: float = 365 * 86400.0
     rollup_after: float = 2 * 3600.0
@@ -128,6 +129,7 @@ def load(path: Path | str) -> CollectorConfig:
         ("topic_prefix", "topic_prefix", str),
         ("replay_topic", "replay_topic", str),
         ("batch_units", "batch_units", int),
+        ("writers", "writers", int),
         ("batch_wait", "batch_wait", seconds),
         ("reorder_wait", "reorder_wait", seconds),
         ("replay_retry", "replay_retry", seconds),
@@ -148,6 +150,7 @@ def load(path: Path | str) -> CollectorConfig:
         (
             "collector",
             {
+                "writers",
                 "gateways",
                 "topic_prefix",
                 "replay_topic",

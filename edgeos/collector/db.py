@@ -51,13 +51,21 @@ class Written:
 class Database:
     """One asyncpg connection for writes (a batch at a time) and tag lookups."""
 
-    def __init__(self, dsn: str, *, password: str | None = None, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        password: str | None = None,
+        connect_timeout: float = 10.0,
+        tag_maps: dict[str, np.ndarray] | None = None,
+    ) -> None:
         self.dsn = dsn
         self.password = password
         self.connect_timeout = connect_timeout
         self.conn: asyncpg.Connection | None = None
         self._hours: set[dt.datetime] = set()
-        self._tag_maps: dict[str, np.ndarray] = {}  # gateway -> local tag id -> global id (-1: unknown)
+        # gateway -> local tag id -> global id (-1: unknown); shared by a collector's connections
+        self.tag_maps: dict[str, np.ndarray] = {} if tag_maps is None else tag_maps
         self.latency_s = 0.0
 
     async def connect(self) -> None:
@@ -102,11 +110,11 @@ class Database:
         m = np.full(size, -1, np.int32)
         for r in rows:
             m[r["tag_id"]] = r["id"]
-        self._tag_maps[gateway] = m
+        self.tag_maps[gateway] = m
         return m
 
     def tag_map(self, gateway: str) -> np.ndarray | None:
-        return self._tag_maps.get(gateway)
+        return self.tag_maps.get(gateway)
 
     # -- samples -------------------------------------------------------------------------------
 

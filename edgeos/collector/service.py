@@ -132,7 +132,11 @@ class Collector:
         password = None
         if cfg.password_file:
             password = (cfg.base / cfg.password_file).read_text(encoding="utf-8").strip()
+        # One connection for dictionaries, parking and gaps (under a lock), and `writers` more
+        # for data batches in parallel (PostgreSQL uses a core per connection).
         self.db = dbm.Database(cfg.dsn, password=password)
+        self.writers = [dbm.Database(cfg.dsn, password=password, tag_maps=self.db.tag_maps) for _ in range(cfg.writers)]
+        self._control_lock = asyncio.Lock()
         self.subscriber = Subscriber(cfg.broker, cfg.base)
         self.metrics = Metrics()
         self.gaps = _Gaps(cfg.reorder_wait, cfg.replay_retry)
@@ -181,14 +185,16 @@ class Collector:
                     log.info("collector: subscribed on %s", session.where)
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._read(session), name="collector-read")
-                        tg.create_task(self._write(session), name="collector-write")
+                        for i, w in enumerate(self.writers):
+                            tg.create_task(self._write(session, w), name=f"collector-write-{i}")
                         tg.create_task(self._replays(session), name="collector-replays")
             except* BrokerError as eg:
                 self.metrics.broker_connected = False
                 self.metrics.broker_errors += 1
                 log.warning("collector: %s; next broker in %.1fs", eg.exceptions[0], delay)
             self._drain_queue()
-            await self.db.close()  # a batch cancelled mid-transaction leaves nothing behind
+            for d in [self.db, *self.writers]:
+                await d.close()  # a batch cancelled mid-transaction leaves nothing behind
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 2.0)
 
@@ -202,7 +208,7 @@ class Collector:
             await self._queue.put(msg)  # blocks while the writer is behind: backpressure
         raise BrokerError(f"{session.where} closed the session")
 
-    async def _write(self, session: Session) -> None:
+    async def _write(self, session: Session, db: dbm.Database) -> None:
         while True:
             first = await self._queue.get()
             msgs = [first]
@@ -220,32 +226,34 @@ class Collector:
                     except TimeoutError:
                         break
                 units += 1
-            await self._handle(session, msgs)
+            await self._handle(session, msgs, db)
 
-    async def _handle(self, session: Session, msgs: list[Incoming]) -> None:
+    async def _handle(self, session: Session, msgs: list[Incoming], db: dbm.Database | None = None) -> None:
+        db = db or self.db
         pending: list[dbm.Pending] = []
         data: list[tuple[Incoming, wire.Message]] = []
         others: list[Incoming] = []
-        for m in msgs:
-            if m.topic.endswith("/data"):
-                decoded = await self._decode(m)
-                if decoded is not None:
-                    data.append((m, decoded))
-            else:
-                others.append(m)
-        # Dictionaries first: units of this batch may use tags they add.
-        for m in others:
-            await self._retrying(lambda m=m: self._control(session, m))
-        for m, message in data:
-            units = await self._resolve(m, message)
-            if units is not None:
-                pending += units
+        async with self._control_lock:
+            for m in msgs:
+                if m.topic.endswith("/data"):
+                    decoded = await self._decode(m)
+                    if decoded is not None:
+                        data.append((m, decoded))
+                else:
+                    others.append(m)
+            # Dictionaries first: units of this batch may use tags they add.
+            for m in others:
+                await self._retrying(lambda m=m: self._control(session, m))
+            for m, message in data:
+                units = await self._resolve(m, message)
+                if units is not None:
+                    pending += units
         if pending:
-            written = await self._retrying(lambda: self.db.write(pending))
+            written = await self._retrying(lambda: db.write(pending), db)
             self.metrics.units_written += written.units
             self.metrics.samples_written += written.samples
             self.metrics.duplicates_skipped += written.duplicates
-            self.metrics.db_latency_s = self.db.latency_s
+            self.metrics.db_latency_s = db.latency_s
             now = time.time()
             for p in pending:
                 if len(p.unit):
@@ -255,13 +263,14 @@ class Collector:
         for _m, message in data:
             self.gaps.saw(message.gateway, message.seqs)
 
-    async def _retrying(self, op):
+    async def _retrying(self, op, db: dbm.Database | None = None):
         """Run a database operation until it succeeds: backpressure, never loss."""
+        db = db or self.db
         delay = 0.2
         while True:
             try:
-                if self.db.conn is None:
-                    await self.db.connect()
+                if db.conn is None:
+                    await db.connect()
                 result = await op()
                 self.metrics.db_connected = True
                 return result
@@ -308,9 +317,12 @@ class Collector:
         out = []
         for seq, unit in zip(message.seqs, message.units, strict=True):
             local = unit.tags
-            if len(local) and (int(local.max()) >= len(tag_map) or int(local.min()) < 0 or (tag_map[local] < 0).any()):
-                await self._park(m, UNKNOWN_TAGS, gw)
-                return None
+            if len(local) and _unknown(local, tag_map):
+                # Another collector (or writer) may have saved the dictionary meanwhile.
+                tag_map = await self._retrying(lambda: self._guard(self.db.load_tags(gw)))
+                if _unknown(local, tag_map):
+                    await self._park(m, UNKNOWN_TAGS, gw)
+                    return None
             out.append(dbm.Pending(gw, int(seq), unit, tag_map[local] if len(local) else np.zeros(0, np.int32)))
         return out
 
@@ -380,9 +392,10 @@ class Collector:
                 topic = self.cfg.replay_topic.format(prefix=self.cfg.topic_prefix, gateway=gw)
                 await session.publish(topic, wire_replay_request(first, last))
                 self.metrics.replay_requests += 1
-                await self._retrying(
-                    lambda gw=gw, f=first, la=last: self._guard(self.db.record_gap(gw, f, la, "open", 1))
-                )
+                async with self._control_lock:
+                    await self._retrying(
+                        lambda gw=gw, f=first, la=last: self._guard(self.db.record_gap(gw, f, la, "open", 1))
+                    )
             self.metrics.gaps_open = self.gaps.open_count()
 
     async def _maintenance(self) -> None:
@@ -396,6 +409,10 @@ class Collector:
                 log.warning("collector: maintenance failed: %s", e)
             finally:
                 await maint.close()
+
+
+def _unknown(local: np.ndarray, tag_map: np.ndarray) -> bool:
+    return int(local.max()) >= len(tag_map) or int(local.min()) < 0 or bool((tag_map[local] < 0).any())
 
 
 def wire_replay_request(first: int, last: int) -> bytes:
