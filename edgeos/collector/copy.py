@@ -65,10 +65,10 @@ def sample_rows(
     return b"".join(parts)
 
 
-def key_rows(gateways: list[str], seqs: list[int], devices: list[str], counts: list[int]) -> bytes:
-    """Binary COPY body of (gateway text, seq int8, device text, samples int4): one per unit."""
+def key_rows(gateways: list[str], seqs: list[int], devices: list[str], counts: list[int], prevs: list[int]) -> bytes:
+    """Binary COPY body of (gateway text, seq int8, device text, samples int4, prev int8): one per unit."""
     out = []
-    for g, s, d, c in zip(gateways, seqs, devices, counts, strict=True):
+    for g, s, d, c, p in zip(gateways, seqs, devices, counts, prevs, strict=True):
         gb, db = g.encode(), d.encode()
-        out.append(struct.pack(f"!hi{len(gb)}sIqi{len(db)}sii", 4, len(gb), gb, 8, s, len(db), db, 4, c))
+        out.append(struct.pack(f"!hi{len(gb)}sIqi{len(db)}siiIq", 5, len(gb), gb, 8, s, len(db), db, 4, c, 8, p))
     return b"".join(out)

@@ -39,6 +39,7 @@ class Pending:
     seq: int
     unit: wire.Unit
     gtags: np.ndarray  # global tag ids (tags.id), one per sample
+    prev: int = 0  # the device's previous unit (the gateway's `pv` chain), for gap detection
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Database:
             self.conn = await asyncpg.connect(self.dsn, password=self.password, timeout=self.connect_timeout)
             await schema.migrate(self.conn)
             await self.conn.execute(
-                "CREATE TEMP TABLE incoming (gateway text, seq bigint, device text, samples integer) "
+                "CREATE TEMP TABLE incoming (gateway text, seq bigint, device text, samples integer, prev bigint) "
                 "ON COMMIT DELETE ROWS"
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as e:
@@ -172,16 +173,17 @@ class Database:
             [p.seq for p in batch],
             [p.unit.device for p in batch],
             [len(p.unit) for p in batch],
+            [p.prev for p in batch],
         )
         async with conn.transaction():
             await conn.copy_to_table(
                 "incoming",
                 source=io.BytesIO(copy.HEADER + keys + copy.TRAILER),
                 format="binary",
-                columns=["gateway", "seq", "device", "samples"],
+                columns=["gateway", "seq", "device", "samples", "prev"],
             )
             new = await conn.fetch(
-                "INSERT INTO units (gateway, seq, device, samples) SELECT gateway, seq, device, samples "
+                "INSERT INTO units (gateway, seq, device, samples, prev) SELECT gateway, seq, device, samples, prev "
                 "FROM incoming ORDER BY gateway, seq ON CONFLICT DO NOTHING RETURNING gateway, seq"
             )
             fresh = {(r["gateway"], r["seq"]) for r in new}
@@ -222,18 +224,72 @@ class Database:
         assert self.conn is not None
         await self.conn.execute("DELETE FROM parked WHERE id = ANY($1::bigint[])", ids)
 
-    async def record_gap(self, gateway: str, first: int, last: int, state: str, requests: int = 0) -> None:
+    async def find_gaps(self, since_s: float) -> int:
+        """Record as open gaps the units whose stated predecessor (`prev`) is not in the ledger,
+        among units received in the last `since_s` seconds: units the broker lost, whichever
+        collector was running then. The ledger is shared, so several collectors agree."""
+        assert self.conn is not None
+        status = await self.conn.execute(
+            """
+            INSERT INTO gaps (gateway, device, first_seq, last_seq, state)
+            SELECT DISTINCT u.gateway, u.device,
+                   coalesce((SELECT max(p.seq) FROM units p
+                             WHERE p.gateway = u.gateway AND p.seq < u.prev AND p.device = u.device), 0) + 1,
+                   u.prev, 'open'
+            FROM units u
+            WHERE u.received > now() - make_interval(secs => $1) AND u.prev > 0
+              AND NOT EXISTS (SELECT 1 FROM units p WHERE p.gateway = u.gateway AND p.seq = u.prev)
+              AND NOT EXISTS (SELECT 1 FROM gaps g WHERE g.gateway = u.gateway
+                              AND u.prev BETWEEN g.first_seq AND g.last_seq)
+            ON CONFLICT DO NOTHING
+            """,
+            since_s,
+        )
+        return int(status.split()[-1])
+
+    async def due_gaps(self, reorder_wait: float, retry: float) -> list[tuple[str, str | None, int, int]]:
+        """Open gaps to ask for now; gaps whose last unit arrived are marked filled first."""
         assert self.conn is not None
         await self.conn.execute(
-            "INSERT INTO gaps (gateway, first_seq, last_seq, state, requests) VALUES ($1, $2, $3, $4, $5) "
-            "ON CONFLICT (gateway, first_seq, last_seq) DO UPDATE SET state = excluded.state, "
-            "requests = greatest(gaps.requests, excluded.requests), updated = now()",
-            gateway,
-            first,
-            last,
-            state,
-            requests,
+            "UPDATE gaps g SET state = 'filled', updated = now() WHERE state = 'open' "
+            "AND EXISTS (SELECT 1 FROM units u WHERE u.gateway = g.gateway AND u.seq = g.last_seq)"
         )
+        rows = await self.conn.fetch(
+            "UPDATE gaps SET requests = requests + 1, updated = now() "
+            "WHERE state = 'open' AND opened < now() - make_interval(secs => $1) "
+            "AND (requests = 0 OR updated < now() - make_interval(secs => $2)) "
+            "RETURNING gateway, device, first_seq, last_seq",
+            reorder_wait,
+            retry,
+        )
+        return [(r["gateway"], r["device"], r["first_seq"], r["last_seq"]) for r in rows]
+
+    async def record_gone(self, gateway: str, device: str | None, ranges: list[tuple[int, int]]) -> None:
+        """The gateway no longer holds these seqs: the gaps they cover are closed as gone (never
+        asked for again), and each range is kept as a gone row."""
+        assert self.conn is not None
+        async with self.conn.transaction():
+            for first, last in ranges:
+                await self.conn.execute(
+                    "UPDATE gaps SET state = 'gone', updated = now() WHERE gateway = $1 AND state = 'open' "
+                    "AND last_seq BETWEEN $2 AND $3",
+                    gateway,
+                    first,
+                    last,
+                )
+                await self.conn.execute(
+                    "INSERT INTO gaps (gateway, device, first_seq, last_seq, state) VALUES ($1, $2, $3, $4, 'gone') "
+                    "ON CONFLICT (gateway, first_seq, last_seq) DO UPDATE SET state = 'gone', updated = now()",
+                    gateway,
+                    device,
+                    first,
+                    last,
+                )
+
+    async def gap_counts(self) -> dict[str, int]:
+        assert self.conn is not None
+        rows = await self.conn.fetch("SELECT state, count(*) FROM gaps GROUP BY state")
+        return {r[0]: r[1] for r in rows}
 
     async def maintain(self, *, rollup_after: float, retention: float) -> tuple[int, int]:
         """Rollup and retention, by one collector at a time (advisory lock); partitions ahead."""

@@ -43,14 +43,17 @@ CREATE TABLE units (
     seq bigint NOT NULL,
     device text NOT NULL,
     samples integer NOT NULL,
+    prev bigint NOT NULL DEFAULT 0,  -- the device's previous unit, as the gateway stated it (0: none)
     received timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (gateway, seq)
 );
+CREATE INDEX units_received ON units (received);
 
 CREATE TABLE gaps (
     gateway text NOT NULL,
     first_seq bigint NOT NULL,
     last_seq bigint NOT NULL,
+    device text,
     state text NOT NULL CHECK (state IN ('open', 'gone', 'filled')),
     requests integer NOT NULL DEFAULT 0,
     opened timestamptz NOT NULL DEFAULT now(),

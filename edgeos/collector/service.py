@@ -81,51 +81,6 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class _Gaps:
-    """Per gateway: seqs seen, gaps waiting out the reorder delay, replay requests, gone ranges."""
-
-    def __init__(self, reorder_wait: float, retry: float) -> None:
-        self.seen = wire.Deduplicator()
-        self.reorder_wait = reorder_wait
-        self.retry = retry
-        self.first_noticed: dict[tuple[str, int, int], float] = {}
-        self.requested: dict[tuple[str, int, int], float] = {}
-        self.gone: set[tuple[str, int, int]] = set()
-
-    def saw(self, gateway: str, seqs: list[int]) -> None:
-        for s in seqs:
-            self.seen.first_time(gateway, s)
-
-    def due(self, now: float) -> list[tuple[str, int, int]]:
-        """Gaps older than the reorder wait whose replay is due (first time or retry)."""
-        out = []
-        current = set()
-        for gw in list(self.seen._runs):  # noqa: SLF001 - read-only walk of the helper's runs
-            for first, last in self.seen.gaps(gw):
-                key = (gw, first, last)
-                current.add(key)
-                if any(g[0] == gw and g[1] <= first and last <= g[2] for g in self.gone):
-                    continue
-                t0 = self.first_noticed.setdefault(key, now)
-                if now - t0 < self.reorder_wait:
-                    continue
-                if now - self.requested.get(key, -1e18) >= self.retry:
-                    self.requested[key] = now
-                    out.append(key)
-        for k in list(self.first_noticed):
-            if k not in current:
-                del self.first_noticed[k]
-        return out
-
-    def open_count(self) -> int:
-        n = 0
-        for gw in list(self.seen._runs):  # noqa: SLF001
-            for first, last in self.seen.gaps(gw):
-                if not any(g[0] == gw and g[1] <= first and last <= g[2] for g in self.gone):
-                    n += 1
-        return n
-
-
 class Collector:
     def __init__(self, cfg: CollectorConfig) -> None:
         self.cfg = cfg
@@ -139,7 +94,9 @@ class Collector:
         self._control_lock = asyncio.Lock()
         self.subscriber = Subscriber(cfg.broker, cfg.base)
         self.metrics = Metrics()
-        self.gaps = _Gaps(cfg.reorder_wait, cfg.replay_retry)
+        # Joins the parts of units split for the size cap (one per session: what a lost session
+        # held half-joined is delivered again, whole, by the broker).
+        self._joiner = wire.Consumer()
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=max(16, cfg.broker["receive_maximum"]))
         self._stop = asyncio.Event()
         self._dictionaries: dict[str, dict[int, wire.TagEntry]] = {}
@@ -180,6 +137,7 @@ class Collector:
             try:
                 async with self.subscriber.session() as session:
                     delay = 0.2
+                    self._joiner = wire.Consumer()
                     await session.subscribe(self.cfg.topics())
                     self.metrics.broker_connected = True
                     log.info("collector: subscribed on %s", session.where)
@@ -260,8 +218,6 @@ class Collector:
                     self.metrics.lag_s[p.gateway] = max(0.0, now - int(p.unit.ts.max()) / 1e9)
         for m in msgs:
             session.ack(m)
-        for _m, message in data:
-            self.gaps.saw(message.gateway, message.seqs)
 
     async def _retrying(self, op, db: dbm.Database | None = None):
         """Run a database operation until it succeeds: backpressure, never loss."""
@@ -303,7 +259,15 @@ class Collector:
     async def _decode(self, m: Incoming) -> wire.Message | None:
         self.metrics.messages += 1
         try:
-            return wire.decode(m.payload)
+            env = wire.decode_envelope(m.payload)
+            if env.part is None:
+                units = [wire.decode_unit(u) for u in env.units]
+                return wire.Message(env.gateway, env.device, env.seqs, env.dictionary, units, env.prev, env.replay)
+            whole = self._joiner.feed(m.payload)
+            if not whole:
+                return None  # more parts to come (acknowledged: a part lost in a crash is replayed)
+            d = whole[0]
+            return wire.Message(d.gateway, d.device, [d.seq], env.dictionary, [d.unit], env.prev, env.replay)
         except Exception as e:  # noqa: BLE001 - anything a broker client could publish
             await self._park(m, f"undecodable: {type(e).__name__}: {e}"[:500], self._topic_gateway(m.topic))
             return None
@@ -315,6 +279,7 @@ class Collector:
         if tag_map is None:
             tag_map = await self._retrying(lambda: self._guard(self.db.load_tags(gw)))
         out = []
+        prev = message.prev
         for seq, unit in zip(message.seqs, message.units, strict=True):
             local = unit.tags
             if len(local) and _unknown(local, tag_map):
@@ -323,7 +288,9 @@ class Collector:
                 if _unknown(local, tag_map):
                     await self._park(m, UNKNOWN_TAGS, gw)
                     return None
-            out.append(dbm.Pending(gw, int(seq), unit, tag_map[local] if len(local) else np.zeros(0, np.int32)))
+            gtags = tag_map[local] if len(local) else np.zeros(0, np.int32)
+            out.append(dbm.Pending(gw, int(seq), unit, gtags, prev))
+            prev = int(seq)  # within a message, each unit follows the one before
         return out
 
     async def _control(self, session: Session, m: Incoming) -> None:
@@ -358,7 +325,8 @@ class Collector:
                 if len(unit.tags) and (int(unit.tags.max()) >= len(tag_map) or (tag_map[unit.tags] < 0).any()):
                     pending = None
                     break
-                pending.append(dbm.Pending(gateway, int(seq), unit, tag_map[unit.tags]))
+                prev = message.prev if not pending else pending[-1].seq
+                pending.append(dbm.Pending(gateway, int(seq), unit, tag_map[unit.tags], prev))
             if pending is None:
                 continue
             written = await self.db.write(pending)
@@ -366,37 +334,43 @@ class Collector:
             self.metrics.samples_written += written.samples
             self.metrics.duplicates_skipped += written.duplicates
             self.metrics.parked_retried += 1
-            self.gaps.saw(gateway, message.seqs)
             done.append(pid)
         if done:
             await self._guard(self.db.unpark(done))
 
     async def _gone(self, gw: str | None, m: Incoming) -> None:
         try:
-            doc = wire_gone(m.payload)
+            g = wire.decode_gone(m.payload)
         except Exception as e:  # noqa: BLE001
             await self._park(m, f"undecodable gone report: {e}"[:500], gw)
             return
-        for first, last in doc:
-            if gw is None:
-                continue
-            self.gaps.gone.add((gw, first, last))
-            self.metrics.gaps_gone += 1
-            await self._guard(self.db.record_gap(gw, first, last, "gone"))
+        if gw is None or g.gateway != gw:
+            await self._park(m, "gone report for another gateway than its topic's", gw)
+            return
+        self.metrics.gaps_gone += len(g.ranges)
+        log.warning("collector: %s no longer holds seqs %s: recorded as gone", gw, g.ranges)
+        await self._guard(self.db.record_gone(gw, g.device, g.ranges))
 
     async def _replays(self, session: Session) -> None:
-        """Every second: request replays of gaps older than the reorder wait."""
+        """Gaps from the shared ledger (a unit's stated predecessor missing), asked for again
+        after the reorder wait and every `replay_retry` until filled or reported gone."""
         while True:
-            await asyncio.sleep(1.0)
-            for gw, first, last in self.gaps.due(time.monotonic()):
+            await asyncio.sleep(min(1.0, self.cfg.reorder_wait))
+            async with self._control_lock:
+                due = await self._retrying(lambda: self._guard(self._gaps_due()))
+            for gw, device, first, last in due:
                 topic = self.cfg.replay_topic.format(prefix=self.cfg.topic_prefix, gateway=gw)
-                await session.publish(topic, wire_replay_request(first, last))
+                await session.publish(topic, wire.encode_replay_request(gw, first, last, device))
                 self.metrics.replay_requests += 1
-                async with self._control_lock:
-                    await self._retrying(
-                        lambda gw=gw, f=first, la=last: self._guard(self.db.record_gap(gw, f, la, "open", 1))
-                    )
-            self.metrics.gaps_open = self.gaps.open_count()
+                log.info("collector: asked %s to replay seqs %d..%d of %s", gw, first, last, device)
+
+    async def _gaps_due(self) -> list[tuple[str, str | None, int, int]]:
+        await self.db.find_gaps(max(600.0, 3 * self.cfg.replay_retry))
+        due = await self.db.due_gaps(self.cfg.reorder_wait, self.cfg.replay_retry)
+        counts = await self.db.gap_counts()
+        self.metrics.gaps_open = counts.get("open", 0)
+        self.metrics.gaps_filled = counts.get("filled", 0)
+        return due
 
     async def _maintenance(self) -> None:
         while True:
@@ -413,14 +387,3 @@ class Collector:
 
 def _unknown(local: np.ndarray, tag_map: np.ndarray) -> bool:
     return int(local.max()) >= len(tag_map) or int(local.min()) < 0 or bool((tag_map[local] < 0).any())
-
-
-def wire_replay_request(first: int, last: int) -> bytes:
-    """Interim replay request (JSON) until edgeos.wire's consumer helper (issue 25) provides it."""
-    return json.dumps({"first": first, "last": last}).encode()
-
-
-def wire_gone(payload: bytes) -> list[tuple[int, int]]:
-    """Interim: a gone report as JSON {"ranges": [[first, last], ...]}."""
-    doc = json.loads(payload)
-    return [(int(a), int(b)) for a, b in doc["ranges"]]

@@ -50,3 +50,18 @@ def mosquitto(tmp_path):
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture
+def make_mosquitto(tmp_path):
+    made = []
+
+    def make(**kw):
+        b = Broker(tmp_path / f"broker{len(made)}", **kw)
+        b.start()
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.stop()

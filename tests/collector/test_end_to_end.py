@@ -83,3 +83,45 @@ async def test_postgresql_down_for_10s_backpressure_then_catch_up(tmp_path, pg, 
         col.stop()
         if cluster.proc is None:
             cluster.start()
+
+
+async def wait_gaps_closed(dsn: str, timeout: float = 30.0) -> dict[str, int]:
+    """Until gaps were found and none is open; returns the count per state."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                counts = dict(await conn.fetch("SELECT state, count(*) FROM gaps GROUP BY state"))
+                if counts and not counts.get("open"):
+                    return counts
+                await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
+async def test_broker_restarted_without_persistence_while_the_collector_was_down(tmp_path, pg, make_mosquitto):
+    _, dsn = pg
+    broker = make_mosquitto(persistence=False)
+    port = free_port()
+    col = plant.collector(plant.collector_config(tmp_path / "c", "col", [broker.port], dsn, port))
+    gw = plant.gateway(plant.gateway_config(tmp_path / "gw", "line1-gw", broker.port))
+    try:
+        col.start()
+        await plant.healthy(port)
+        gw.start()
+        await asyncio.sleep(1.5)
+        col.stop()  # its session keeps queueing at the broker...
+        await asyncio.sleep(1.0)
+        broker.stop()  # ...which forgets all of it (no persistence) after acknowledging the gateway
+        broker.start()
+        await asyncio.sleep(1.0)
+        col.start()
+        await plant.healthy(port)
+        counts = await wait_gaps_closed(dsn)
+        assert counts.get("filled", 0) >= 1 and not counts.get("gone")
+        assert plant.metrics(port)["edgeos_collector_replay_requests_total"] >= 1
+        gw.stop()
+        await plant.assert_exactly_once(dsn, plant.store_truth(tmp_path / "gw" / "data", "line1-gw"))
+    finally:
+        gw.stop()
+        col.stop()
