@@ -35,6 +35,9 @@ from edgeos.errors import SyncError
 log = logging.getLogger("edgeos.sync")
 
 PUBLISH_TIMEOUT = 30.0
+# A broker that takes the TCP connection but sends no CONNACK (a cluster node electing its
+# JetStream leader) counts as refused after this long, so the next broker is tried.
+CONNECT_TIMEOUT = 4.0
 _NO_CONNECTION = 4  # paho's MQTT_ERR_NO_CONN, raised by a publish on a lost connection
 
 
@@ -276,7 +279,7 @@ class MqttTransport:
             tls_params=self._tls(),
             tls_insecure=bool(o.get("tls_insecure")) if o.get("tls") else None,
             max_inflight_messages=inflight * 2,
-            timeout=PUBLISH_TIMEOUT,
+            timeout=CONNECT_TIMEOUT,  # connect and disconnect; publish and subscribe pass their own
             **extra,
         )
         # Our own window bounds what is in flight; aiomqtt would warn from 10 on.
@@ -285,6 +288,8 @@ class MqttTransport:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
             self._next_server()  # refused, unreachable, or a cluster node electing a leader
+            with contextlib.suppress(Exception):
+                client._client.disconnect()  # noqa: SLF001 - a half-open connection left by a timeout
             raise SyncError(_explain(e.__cause__ or e, self.where)) from e
         session = _Session(client, self.where)
         failed = False
