@@ -65,3 +65,12 @@ def make_mosquitto(tmp_path):
     yield make
     for b in made:
         b.stop()
+
+
+peers_nats = _load("edgeos_test_peers_nats", _HERE.parent / "peers" / "nats.py")
+
+
+@pytest.fixture
+def nats_cluster(tmp_path):
+    with peers_nats.NatsCluster(tmp_path / "nats") as c:
+        yield c

@@ -19,7 +19,7 @@ from edgeos.store.reader import StoreReader
 EDGEOS = str(Path(sys.executable).with_name("edgeos"))
 
 
-def gateway_config(directory: Path, gw: str, port: int, *, tags: int = 20, extra: str = "") -> Path:
+def gateway_config(directory: Path, gw: str, port: int, *, tags: int = 20, extra: str = "", upstream: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tag_lines = ", ".join(f'{{ name = "t{i}", signal = "random_walk" }}' for i in range(tags))
     body = f"""
@@ -46,13 +46,16 @@ host = "127.0.0.1"
 port = {port}
 reconnect_min = "50ms"
 reconnect_max = "300ms"
+{upstream}
 """
     p = directory / "edgeos.toml"
     p.write_text(body)
     return p
 
 
-def collector_config(directory: Path, name: str, ports: list[int], dsn: str, http_port: int, extra: str = "") -> Path:
+def collector_config(
+    directory: Path, name: str, ports: list[int], dsn: str, http_port: int, extra: str = "", broker: str = ""
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
     p = directory / f"{name}.toml"
@@ -62,6 +65,7 @@ def collector_config(directory: Path, name: str, ports: list[int], dsn: str, htt
 servers = [{servers}]
 client_id = "{name}"
 keepalive = "5s"
+{broker}
 [database]
 dsn = "{dsn}"
 [collector]

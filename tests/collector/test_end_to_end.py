@@ -125,3 +125,34 @@ async def test_broker_restarted_without_persistence_while_the_collector_was_down
     finally:
         gw.stop()
         col.stop()
+
+
+async def test_the_nats_node_in_use_killed(tmp_path, pg, nats_cluster):
+    _, dsn = pg
+    ports = nats_cluster.mqtt
+    port = free_port()
+    # The collector on n0, the gateway on n1; n0 dies mid-stream.
+    col = plant.collector(
+        plant.collector_config(tmp_path / "c", "col", ports, dsn, port, broker='mqtt_version = "3.1.1"')
+    )
+    servers = ", ".join(f'"127.0.0.1:{p}"' for p in [ports[1], ports[2], ports[0]])
+    gw = plant.gateway(
+        plant.gateway_config(
+            tmp_path / "gw", "line1-gw", ports[1], upstream=f'mqtt_version = "3.1.1"\nservers = [{servers}]'
+        )
+    )
+    try:
+        col.start()
+        await plant.healthy(port)
+        gw.start()
+        await asyncio.sleep(2.0)
+        nats_cluster.kill(0)
+        await asyncio.sleep(2.0)
+        await plant.healthy(port, timeout=30)
+        await asyncio.sleep(1.0)
+        gw.stop()
+        await plant.assert_exactly_once(dsn, plant.store_truth(tmp_path / "gw" / "data", "line1-gw"), timeout=40)
+        assert plant.metrics(port)["edgeos_collector_broker_errors_total"] >= 1
+    finally:
+        gw.stop()
+        col.stop()
