@@ -13,6 +13,10 @@ PostgreSQL's, not mosquitto's.
   divided by samples, for a plant of 1,000 tags polled at 1 s (values quantised like registers,
   timestamps jittered by a few ms like real polls). The layout is per hour, so a day is 24 such
   hours; --quick stores 1 hour, the full run 4.
+- fleet_lost / fleet_duplicated: simulated gateways (each its own Runtime, store and sync, all
+  in this process) with 1,000 tags at 1 s through a 3-node NATS cluster (tests/peers/nats.py)
+  into one `edgeos collect` process, the node the collector is connected to killed half-way;
+  samples in each gateway's store minus those in PostgreSQL, and the reverse.
 - query_24h_ms: one tag's last 24 h (86,400 samples, packed) through the `samples` view, the
   issue's example query, median of 7: executed by the server (EXPLAIN ANALYZE), and separately
   fetched into Python (asyncpg building 86,400 datetime objects is most of that).
@@ -25,7 +29,9 @@ import datetime as dt
 import importlib.util
 import json
 import os
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -216,9 +222,152 @@ def run(quick: bool):
         yield "query_24h_fetch_ms", fetch_ms, "ms (the same rows fetched into Python by asyncpg)"
     finally:
         pg.close()
+    gateways, tags, seconds = (5, 1000, 30.0) if quick else (FLEET_GATEWAYS, 1000, 120.0)
+    with tempfile.TemporaryDirectory(prefix="edgeos-fleet-") as tmp:
+        lost, dup, n = asyncio.run(_fleet(quick, gateways, tags, seconds, Path(tmp)))
+    yield (
+        "fleet_lost",
+        lost,
+        f"samples lost of {n} ({gateways} gateways x {tags} tags at 1 s, {seconds:.0f} s, node killed)",
+    )
+    yield "fleet_duplicated", dup, "samples"
+
+
+FLEET_GATEWAYS = int(os.environ.get("EDGEOS_BENCH_FLEET", "20"))
+"""Gateways in the full fleet run: 100 do not fit this 2-core machine in one process (each
+gateway's runtime polls, stores and syncs 1,000 tags a second), so 20 by default."""
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     for f, v, u in run("--quick" in sys.argv):
         print(f"collector.{f}: {v:.4g} {u}")
+
+
+# -- fleet through the NATS cluster ---------------------------------------------------------
+
+
+def _nats():
+    spec = importlib.util.spec_from_file_location("edgeos_peers_nats", HERE.parent / "tests" / "peers" / "nats.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fleet_gateway(directory: Path, gw: str, servers: list[int], tags: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tag_lines = ", ".join(f'{{ name = "t{i}", signal = "random_walk" }}' for i in range(tags))
+    order = ", ".join(f'"127.0.0.1:{p}"' for p in servers)
+    p = directory / "edgeos.toml"
+    p.write_text(
+        f"""
+[gateway]
+id = "{gw}"
+data_dir = "data"
+shutdown_timeout = "10s"
+[store]
+commit_interval = "1s"
+[[devices]]
+name = "plc"
+protocol = "simulated"
+poll_interval = "1s"
+tags = [{tag_lines}]
+[upstream]
+enabled = true
+mqtt_version = "3.1.1"
+servers = [{order}]
+reconnect_min = "100ms"
+reconnect_max = "2s"
+"""
+    )
+    return p
+
+
+async def _fleet(quick: bool, gateways: int, tags: int, seconds: float, tmp: Path):
+    """`gateways` simulated gateways (each its own Runtime, store and sync; all in this
+    process) -> 3-node NATS cluster -> one `edgeos collect` process -> PostgreSQL, with the
+    node the collector uses killed half-way. Returns (lost, duplicated, samples stored)."""
+    import subprocess
+
+    import asyncpg
+
+    from edgeos.config import load_config
+    from edgeos.runtime import Runtime
+    from edgeos.store.reader import StoreReader
+
+    pgmod = _postgres()
+    nats = _nats().NatsCluster(tmp / "nats")
+    nats.start_all()
+    pg = pgmod.Postgres(settings={"shared_buffers": "256MB"})
+    pg.start()
+    col = None
+    runtimes: list[Runtime] = []
+    tasks: list[asyncio.Task] = []
+    try:
+        dsn = pg.create_database("fleet")
+        ports = nats.mqtt
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            http = s.getsockname()[1]
+        cfg = tmp / "collector.toml"
+        cfg.write_text(
+            f"""
+[broker]
+servers = [{", ".join(f'"127.0.0.1:{p}"' for p in ports)}]
+mqtt_version = "3.1.1"
+client_id = "fleet-collector"
+[database]
+dsn = "{dsn}"
+[collector]
+reorder_wait = "5s"
+replay_retry = "10s"
+[http]
+listen = "127.0.0.1:{http}"
+"""
+        )
+        log = open(tmp / "collector.log", "ab")  # noqa: SIM115, ASYNC230 - a bench, once
+        col = subprocess.Popen(  # noqa: ASYNC220 - a bench, once
+            [str(Path(sys.executable).with_name("edgeos")), "collect", "-c", str(cfg)], stdout=log, stderr=log
+        )
+        await asyncio.sleep(3.0)
+        for g in range(gateways):
+            # Gateways on n1 and n2 (and n0 last); the collector starts on n0, which dies.
+            order = [ports[1 + g % 2], ports[2 - g % 2], ports[0]]
+            c = load_config(_fleet_gateway(tmp / f"gw{g}", f"gw{g:03d}", order, tags))
+            rt = Runtime(c)
+            runtimes.append(rt)
+            tasks.append(asyncio.create_task(rt.run(), name=f"gw{g}"))
+        await asyncio.sleep(seconds / 2)
+        nats.kill(0)
+        await asyncio.sleep(seconds / 2)
+        for rt in runtimes:
+            rt.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stored = {}
+        for g in range(gateways):
+            with StoreReader(tmp / f"gw{g}" / "data") as r:
+                stored[f"gw{g:03d}"] = sum(len(r.history(t)) for t in r.tags())
+        want = sum(stored.values())
+        conn = await asyncpg.connect(dsn)
+        try:
+            deadline = time.monotonic() + 120
+            got = {}
+            while time.monotonic() < deadline:
+                got = dict(await conn.fetch("SELECT gateway, sum(samples)::bigint FROM units GROUP BY gateway"))
+                if sum(got.values()) >= want:
+                    break
+                await asyncio.sleep(1.0)
+            in_view = await conn.fetchval("SELECT count(*) FROM samples_recent")
+        finally:
+            await conn.close()
+        lost = sum(max(0, n - got.get(g, 0)) for g, n in stored.items())
+        dup = sum(max(0, got.get(g, 0) - n) for g, n in stored.items()) + max(0, in_view - sum(got.values()))
+        return lost, dup, want
+    finally:
+        for t in tasks:
+            t.cancel()
+        if col is not None:
+            col.terminate()
+            col.wait(20)
+        nats.stop()
+        pg.close()
