@@ -31,6 +31,11 @@ class DatabaseError(Exception):
     """PostgreSQL is unreachable or refused a statement; the batch was not committed."""
 
 
+class BadData(DatabaseError):
+    """PostgreSQL refused the batch's data itself (SQLSTATE class 22, e.g. a NUL in a text
+    value): retrying the same batch would fail forever, so its messages are tried alone."""
+
+
 @dataclass
 class Pending:
     """One decoded unit waiting for its batch's commit."""
@@ -156,6 +161,8 @@ class Database:
                     self._hours.clear()
             else:  # pragma: no cover - the loop always breaks or raises
                 raise DatabaseError("batch not written")
+        except asyncpg.DataError as e:
+            raise BadData(f"PostgreSQL refused the data: {type(e).__name__}: {e}") from e
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             await self.close()
             raise DatabaseError(f"PostgreSQL: {type(e).__name__}: {e}") from e

@@ -202,12 +202,17 @@ class Collector:
             # Dictionaries first: units of this batch may use tags they add.
             for m in others:
                 await self._retrying(lambda m=m: self._control(session, m))
+            groups: list[tuple[Incoming, list[dbm.Pending]]] = []
             for m, message in data:
                 units = await self._resolve(m, message)
                 if units is not None:
                     pending += units
+                    groups.append((m, units))
         if pending:
-            written = await self._retrying(lambda: db.write(pending), db)
+            try:
+                written = await self._retrying(lambda: db.write(pending), db)
+            except dbm.BadData:
+                written = await self._write_alone(groups, db)
             self.metrics.units_written += written.units
             self.metrics.samples_written += written.samples
             self.metrics.duplicates_skipped += written.duplicates
@@ -218,6 +223,21 @@ class Collector:
                     self.metrics.lag_s[p.gateway] = max(0.0, now - int(p.unit.ts.max()) / 1e9)
         for m in msgs:
             session.ack(m)
+
+    async def _write_alone(self, groups: list[tuple[Incoming, list[dbm.Pending]]], db: dbm.Database) -> dbm.Written:
+        """A batch PostgreSQL refused as data: each message alone, the refused ones parked."""
+        total = dbm.Written()
+        for m, units in groups:
+            try:
+                w = await self._retrying(lambda units=units: db.write(units), db)
+            except dbm.BadData as e:
+                async with self._control_lock:
+                    await self._park(m, str(e)[:500], units[0].gateway if units else None)
+                continue
+            total.units += w.units
+            total.duplicates += w.duplicates
+            total.samples += w.samples
+        return total
 
     async def _retrying(self, op, db: dbm.Database | None = None):
         """Run a database operation until it succeeds: backpressure, never loss."""
@@ -230,6 +250,8 @@ class Collector:
                 result = await op()
                 self.metrics.db_connected = True
                 return result
+            except dbm.BadData:
+                raise
             except dbm.DatabaseError as e:
                 self.metrics.db_connected = False
                 self.metrics.db_errors += 1

@@ -22,7 +22,7 @@ if "edgeos_test_plant" not in sys.modules:
 free_port = sys.modules["edgeos_test_sync_peers"].free_port
 
 
-def message(seq: int, tags: list[int], *, version: int | None = None) -> bytes:
+def message(seq: int, tags: list[int], *, version: int | None = None, text: list | None = None) -> bytes:
     n = len(tags)
     u = wire.encode_unit(
         "press1",
@@ -30,6 +30,7 @@ def message(seq: int, tags: list[int], *, version: int | None = None) -> bytes:
         np.full(n, 1_764_000_000_000_000_000 + seq * 10**9, np.int64),
         np.arange(n, dtype=np.float64) + seq,
         np.zeros(n, np.uint32),
+        text,
     )
     if version is not None:  # a unit from a future edgeos
         doc = msgpack.unpackb(u)
@@ -53,17 +54,21 @@ async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_p
             await c.publish("edgeos/gw9/press1/data", message(2, [0, 1], version=99), qos=1)
             await c.publish("edgeos/gw9/press1/data", message(3, [0, 1, 2]), qos=1)  # tag 2 unknown yet
             await c.publish("edgeos/gw9/press1/data", message(4, [1]), qos=1)
+            # PostgreSQL refuses a NUL in text: that message alone is parked, its batch written.
+            await c.publish("edgeos/gw9/press1/data", message(5, [0, 1], text=["ok", "b\x00d"]), qos=1)
+            await c.publish("edgeos/gw9/press1/data", message(6, [0]), qos=1)
             await asyncio.sleep(1.5)
             conn = await asyncpg.connect(dsn)
             try:
                 reasons = [r[0] for r in await conn.fetch("SELECT reason FROM parked ORDER BY id")]
-                assert len(reasons) == 3
+                assert len(reasons) == 4
                 assert reasons[0].startswith("undecodable")
                 assert "newer" in reasons[1]
                 assert reasons[2] == "unknown tags"
-                # Nothing of a parked message is half-written: units 2 and 3 are not in the ledger.
-                assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 4]
-                assert plant.metrics(port)["edgeos_collector_parked_total"] == 3
+                assert "refused the data" in reasons[3]
+                # Nothing of a parked message is half-written: units 2, 3 and 5 are not in the ledger.
+                assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 4, 6]
+                assert plant.metrics(port)["edgeos_collector_parked_total"] == 4
                 # The dictionary grows: the parked unit with tag 2 is written, and leaves the park.
                 d2 = wire.encode_dictionary(
                     "gw9",
@@ -72,12 +77,12 @@ async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_p
                 await c.publish("edgeos/gw9/tags", d2, qos=1, retain=True)
                 for _ in range(50):
                     await asyncio.sleep(0.1)
-                    if await conn.fetchval("SELECT count(*) FROM units") == 3:
+                    if await conn.fetchval("SELECT count(*) FROM units") == 4:
                         break
-                assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 3, 4]
-                assert await conn.fetchval("SELECT count(*) FROM parked") == 2
+                assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 3, 4, 6]
+                assert await conn.fetchval("SELECT count(*) FROM parked") == 3
                 assert await conn.fetchval("SELECT count(*) FROM samples WHERE tag = 'gw9/press1/c'") == 1
-                assert await conn.fetchval("SELECT count(*) FROM samples") == 2 + 3 + 1
+                assert await conn.fetchval("SELECT count(*) FROM samples") == 2 + 3 + 1 + 1
             finally:
                 await conn.close()
         assert col.p.poll() is None  # still running
