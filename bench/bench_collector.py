@@ -200,11 +200,19 @@ async def _size_and_query(pg, quick: bool):
             rows = await conn.fetch(q)
             fetch.append(time.perf_counter() - t0)
         assert len(rows) == 86400, len(rows)
+        fn_times = []
+        qf = (
+            "SELECT ts, value FROM samples_between('line1-gw/plc/t3', now() - interval '1 day', now() + interval '1 h')"
+        )
+        for _ in range(7):
+            plan = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + qf)
+            fn_times.append(json.loads(plan)[0]["Execution Time"] / 1000)
     finally:
         await conn.close()
     await c.db.close()
     await c2.db.close()
-    return plant_bytes / written, float(np.median(times)) * 1000, float(np.median(fetch)) * 1000, written
+    ms = [float(np.median(x)) * 1000 for x in (times, fetch, fn_times)]
+    return plant_bytes / written, *ms, written
 
 
 def run(quick: bool):
@@ -216,10 +224,11 @@ def run(quick: bool):
         yield "samples_per_s", rate, "samples/s"
         yield "collector_cpu", cpu, "%"
         yield "postgres_cpu", pgcpu, "%"
-        per_sample, q_ms, fetch_ms, n = asyncio.run(_size_and_query(pg, quick))
+        per_sample, q_ms, fetch_ms, fn_ms, n = asyncio.run(_size_and_query(pg, quick))
         yield "bytes_per_sample_pg", per_sample, f"B/sample (rolled up, {n} samples; gateway store ~1.2)"
         yield "query_24h_ms", q_ms, "ms (server: executed, 86,400 rows)"
         yield "query_24h_fetch_ms", fetch_ms, "ms (the same rows fetched into Python by asyncpg)"
+        yield "query_24h_fn_ms", fn_ms, "ms (server: samples_between(), the same rows)"
     finally:
         pg.close()
     gateways, tags, seconds = (5, 1000, 30.0) if quick else (FLEET_GATEWAYS, 1000, 120.0)

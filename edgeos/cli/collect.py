@@ -114,6 +114,8 @@ def query(
 ) -> None:
     """Print one tag's samples (ts, value, quality) as CSV; plain SQL stays the main interface."""
     cfg = _load(config)
+    import datetime as dt
+
     import asyncpg
 
     from edgeos.collector.config import seconds
@@ -124,14 +126,13 @@ def query(
             try:
                 start_sql, start_arg = "now() - make_interval(secs => $2)", seconds(since)
             except ValueError:
-                import datetime as dt
-
                 start_sql, start_arg = "$2::timestamptz", dt.datetime.fromisoformat(since)
-            end_sql = "AND ts <= $3::timestamptz" if until else ""
-            args = [tag, start_arg] + ([__import__("datetime").datetime.fromisoformat(until)] if until else [])
+            end = dt.datetime.fromisoformat(until) if until else dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
             rows = await conn.fetch(
-                f"SELECT ts, value, quality FROM samples WHERE tag = $1 AND ts > {start_sql} {end_sql} ORDER BY ts",
-                *args,
+                f"SELECT ts, value, quality FROM samples_between($1, {start_sql}, $3) ORDER BY ts",
+                tag,
+                start_arg,
+                end,
             )
         finally:
             await conn.close()

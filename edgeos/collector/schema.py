@@ -112,6 +112,25 @@ CREATE VIEW samples AS
     FROM samples_packed p JOIN tags t ON t.id = p.tag
     CROSS JOIN LATERAL unnest(p.off, p.off_us, p.val, p.q, p.txt) AS u(off, us, val, q, txt);
 
+-- The view cannot let a time condition skip packed windows (their ts is computed): this
+-- function takes the range as arguments and reads only the windows that overlap it.
+CREATE FUNCTION samples_between(p_tag text, p_from timestamptz, p_to timestamptz)
+RETURNS TABLE (ts timestamptz, value double precision, quality bigint, text text)
+LANGUAGE sql STABLE AS $fn$
+    SELECT r.ts, r.value, r.quality::bigint & 4294967295, r.text
+    FROM samples_recent r JOIN tags t ON t.id = r.tag
+    WHERE t.key = p_tag AND r.ts >= p_from AND r.ts < p_to
+    UNION ALL
+    SELECT x.ts, x.val, x.q, x.txt FROM (
+        SELECT p.t0 + u.off * interval '1 millisecond' + coalesce(u.us, 0) * interval '1 microsecond' AS ts,
+               u.val, coalesce(u.q, 0)::bigint & 4294967295 AS q, u.txt
+        FROM samples_packed p JOIN tags t ON t.id = p.tag
+        CROSS JOIN LATERAL unnest(p.off, p.off_us, p.val, p.q, p.txt) AS u(off, us, val, q, txt)
+        WHERE t.key = p_tag AND p.t0 > p_from - interval '1 hour' AND p.t0 < p_to AND p.t1 > p_from
+    ) x
+    WHERE x.ts >= p_from AND x.ts < p_to
+$fn$;
+
 CREATE TABLE edgeos_collector (version integer NOT NULL);
 INSERT INTO edgeos_collector VALUES (0);
 """,

@@ -117,3 +117,19 @@ async def test_retention_drops_whole_partitions(pg):
     await schema.drop_older(a.conn, dt.datetime.fromtimestamp(T0 / 1e9 + 2 * 86400, dt.UTC))
     assert await a.conn.fetchval("SELECT count(*) FROM samples") == 0
     await a.close()
+
+
+async def test_samples_between_reads_only_the_windows_it_needs(pg):
+    _, dsn = pg
+    a = await fresh(dsn)
+    await a.write(pending(a, "gw1", range(0, 100)))
+    await a.write(pending(a, "gw1", [4000, 8000]))
+    await schema.rollup(a.conn, dt.datetime.fromtimestamp(T0 / 1e9 + 7200, dt.UTC))
+    lo = dt.datetime.fromtimestamp(T0 / 1e9 + 10, dt.UTC)
+    hi = dt.datetime.fromtimestamp(T0 / 1e9 + 4001, dt.UTC)
+    by_fn = await a.conn.fetch("SELECT ts, value FROM samples_between('gw1/press1/t2', $1, $2) ORDER BY ts", lo, hi)
+    by_view = await a.conn.fetch(
+        "SELECT ts, value FROM samples WHERE tag = 'gw1/press1/t2' AND ts >= $1 AND ts < $2 ORDER BY ts", lo, hi
+    )
+    assert [tuple(r) for r in by_fn] == [tuple(r) for r in by_view] and len(by_fn) == 91
+    await a.close()
