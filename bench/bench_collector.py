@@ -109,12 +109,12 @@ async def _collector(dsn: str, gateway: str, tags: int):
     return c
 
 
-def _messages(gateway: str, tags: int, seconds: int, start_s: int, per_message: int = 1):
+def _messages(gateway: str, tags: int, seconds: int, start_s: int, per_message: int = 1, seq0: int = 0):
     from edgeos.collector.mqtt import Incoming
 
     out, seqs, units = [], [], []
-    for s, u in _plant_units(gateway, tags, seconds, start_s):
-        seqs.append(s + 1)
+    for s, u in _plant_units(gateway, tags, seconds, start_s, seed=start_s):
+        seqs.append(seq0 + s + 1)
         units.append(u)
         if len(units) == per_message:
             out.append(
@@ -162,7 +162,7 @@ async def _size_and_query(pg, quick: bool):
     session = _Session()
     written = 0
     for h in range(hours):
-        msgs = _messages("gw-p", tags, 3600, day0 + h * 3600)
+        msgs = _messages("gw-p", tags, 3600, day0 + h * 3600, seq0=h * 3600)
         for i in range(0, len(msgs), 200):
             await c._handle(session, msgs[i : i + 200])  # noqa: SLF001
         written = c.metrics.samples_written
