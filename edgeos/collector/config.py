@@ -38,6 +38,7 @@ class CollectorConfig:
     replay_topic: str = "{prefix}/{gateway}/replay"
     batch_units: int = 2000
     writers: int = 2
+    pack_min: int = 16
     batch_wait: float = 0.2
     retention: float = 365 * 86400.0
     rollup_after: float = 2 * 3600.0
@@ -130,6 +131,7 @@ def load(path: Path | str) -> CollectorConfig:
         ("replay_topic", "replay_topic", str),
         ("batch_units", "batch_units", int),
         ("writers", "writers", int),
+        ("pack_min", "pack_min", int),
         ("batch_wait", "batch_wait", seconds),
         ("reorder_wait", "reorder_wait", seconds),
         ("replay_retry", "replay_retry", seconds),
@@ -151,6 +153,7 @@ def load(path: Path | str) -> CollectorConfig:
             "collector",
             {
                 "writers",
+                "pack_min",
                 "gateways",
                 "topic_prefix",
                 "replay_topic",

@@ -64,12 +64,15 @@ class Database:
         password: str | None = None,
         connect_timeout: float = 10.0,
         tag_maps: dict[str, np.ndarray] | None = None,
+        pack_min: int = 16,
     ) -> None:
         self.dsn = dsn
         self.password = password
         self.connect_timeout = connect_timeout
         self.conn: asyncpg.Connection | None = None
         self._hours: set[dt.datetime] = set()
+        self._days: set[dt.datetime] = set()
+        self.pack_min = pack_min
         # gateway -> local tag id -> global id (-1: unknown); shared by a collector's connections
         self.tag_maps: dict[str, np.ndarray] = {} if tag_maps is None else tag_maps
         self.latency_s = 0.0
@@ -86,6 +89,7 @@ class Database:
             await self.close()
             raise DatabaseError(f"PostgreSQL: {type(e).__name__}: {e}") from e
         self._hours.clear()
+        self._days.clear()
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -124,6 +128,20 @@ class Database:
 
     # -- samples -------------------------------------------------------------------------------
 
+    async def _ensure_days(self, ts_us: np.ndarray) -> None:
+        if not len(ts_us):
+            return
+        days = {dt.datetime.fromtimestamp(int(d) * 86400, dt.UTC) for d in np.unique(ts_us // 86_400_000_000)}
+        assert self.conn is not None
+        for d in sorted(days - self._days):
+            for _ in range(3):
+                try:
+                    await schema.ensure_packed(self.conn, d)
+                    break
+                except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+                    continue
+            self._days.add(d)
+
     async def _ensure_hours(self, ts_us: np.ndarray) -> None:
         if not len(ts_us):
             return
@@ -159,6 +177,7 @@ class Database:
                 except asyncpg.exceptions.CheckViolationError:
                     # A partition was dropped by a rollup after we cached it: forget and retry.
                     self._hours.clear()
+                    self._days.clear()
             else:  # pragma: no cover - the loop always breaks or raises
                 raise DatabaseError("batch not written")
         except asyncpg.DataError as e:
@@ -175,6 +194,8 @@ class Database:
         batch = sorted(batch, key=lambda p: (p.gateway, p.seq))  # one lock order for every collector
         ts_all = np.concatenate([p.unit.ts for p in batch]) // 1000 if batch else np.zeros(0, np.int64)
         await self._ensure_hours(ts_all)
+        if self.pack_min:
+            await self._ensure_days(ts_all)
         keys = copy.key_rows(
             [p.gateway for p in batch],
             [p.seq for p in batch],
@@ -196,9 +217,30 @@ class Database:
             fresh = {(r["gateway"], r["seq"]) for r in new}
             keep = [p for p in batch if (p.gateway, p.seq) in fresh]
             parts = []
+            plain = [p for p in keep if p.unit.text is None]
+            if plain and self.pack_min:
+                # A tag with many samples in one hour of this batch (a backlog being caught up)
+                # goes straight into its packed row: no row per sample, no index entry each.
+                tags = np.concatenate([p.gtags for p in plain])
+                ts = np.concatenate([p.unit.ts for p in plain])
+                vals = np.concatenate([p.unit.values for p in plain])
+                q = np.concatenate([p.unit.quality for p in plain])
+                body, rest, _days = copy.split_packed(tags, ts, vals, q, self.pack_min)
+                if body:
+                    await conn.copy_to_table(
+                        "samples_packed",
+                        source=io.BytesIO(copy.HEADER + body + copy.TRAILER),
+                        format="binary",
+                        columns=list(copy.PACKED_COLUMNS),
+                    )
+                if rest.any():
+                    parts.append(copy.sample_rows(tags[rest], ts[rest], vals[rest], q[rest]))
+            else:
+                plain = []
             for p in keep:
-                u = p.unit
-                parts.append(copy.sample_rows(p.gtags, u.ts, u.values, u.quality, u.text))
+                if p.unit.text is not None or not plain:
+                    u = p.unit
+                    parts.append(copy.sample_rows(p.gtags, u.ts, u.values, u.quality, u.text))
             if parts:
                 await conn.copy_to_table(
                     "samples_recent",
@@ -312,6 +354,7 @@ class Database:
             packed = await schema.rollup(self.conn, now - dt.timedelta(seconds=rollup_after))
             dropped = await schema.drop_older(self.conn, now - dt.timedelta(seconds=retention)) if retention else 0
             self._hours.clear()
+            self._days.clear()
         finally:
             await self.conn.execute("SELECT pg_advisory_unlock(7302520)")
         return packed, dropped

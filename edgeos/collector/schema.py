@@ -200,34 +200,55 @@ async def recent_partitions(conn) -> list[tuple[str, dt.datetime]]:
     return out
 
 
-async def rollup(conn, older_than: dt.datetime) -> int:
-    """Pack every closed hour partition of `samples_recent` that ends at or before `older_than`:
-    insert its rows as per-tag arrays into `samples_packed` and drop it, in one transaction
-    (so a sample is never in both, nor in neither). A late hour rolled up twice makes a second
-    packed row for that window; the view reads both. Returns the hours packed."""
+async def rollup(conn, older_than: dt.datetime, lookback: dt.timedelta = dt.timedelta(days=7)) -> int:
+    """Make each closed hour ending at or before `older_than` one packed row per tag: the hour's
+    rows in `samples_recent` and its packed rows (written directly for backlogs, or by an
+    earlier rollup of a late hour) are merged, and the hour's partition dropped, in one
+    transaction, so a sample is never in both, nor in neither. Hours with several packed rows
+    for a tag are looked for `lookback` back. Returns the hours rolled up."""
+    recent = {start: name for name, start in await recent_partitions(conn) if start + HOUR <= older_than}
+    rows = await conn.fetch(
+        "SELECT DISTINCT t0 FROM (SELECT t0 FROM samples_packed WHERE t0 >= $1 AND t0 <= $2 "
+        "GROUP BY tag, t0 HAVING count(*) > 1) x",
+        older_than - lookback,
+        older_than - HOUR,
+    )
     done = 0
-    for name, start in await recent_partitions(conn):
-        if start + HOUR > older_than:
-            continue
+    for start in sorted(set(recent) | {r["t0"] for r in rows}):
+        name = recent.get(start)
+        from_rows = (
+            f"UNION ALL SELECT tag, (extract(epoch FROM ts - $1) * 1000000)::bigint, value, quality, text FROM {name}"
+            if name
+            else ""
+        )
         async with conn.transaction():
-            # The lock waits for writers still copying into the hour, and keeps new ones out.
-            await conn.execute(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
+            if name:
+                # The lock waits for writers still copying into the hour, and keeps new ones out.
+                await conn.execute(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
             await ensure_packed(conn, start)
             await conn.execute(
                 f"""
+                WITH moved AS (
+                    DELETE FROM samples_packed WHERE t0 = $1 RETURNING tag, off, off_us, val, q, txt
+                ), s (tag, us, value, quality, text) AS (
+                    SELECT m.tag, u.off::bigint * 1000 + coalesce(u.us, 0), u.val, coalesce(u.q, 0), u.txt
+                    FROM moved m
+                    CROSS JOIN LATERAL unnest(m.off, m.off_us, m.val, m.q, m.txt) AS u(off, us, val, q, txt)
+                    {from_rows}
+                )
                 INSERT INTO samples_packed (tag, t0, t1, n, off, off_us, val, q, txt)
-                SELECT tag, $1, $2, count(*), array_agg((us / 1000)::integer ORDER BY ts),
-                       CASE WHEN bool_or(us % 1000 <> 0) THEN array_agg((us % 1000)::smallint ORDER BY ts) END,
-                       array_agg(value ORDER BY ts),
-                       CASE WHEN bool_or(quality <> 0) THEN array_agg(quality ORDER BY ts) END,
-                       CASE WHEN bool_or(text IS NOT NULL) THEN array_agg(text ORDER BY ts) END
-                FROM (SELECT *, (extract(epoch FROM ts - $1) * 1000000)::bigint AS us FROM {name}) r
-                GROUP BY tag
+                SELECT tag, $1, $2, count(*), array_agg((us / 1000)::integer ORDER BY us),
+                       CASE WHEN bool_or(us % 1000 <> 0) THEN array_agg((us % 1000)::smallint ORDER BY us) END,
+                       array_agg(value ORDER BY us),
+                       CASE WHEN bool_or(quality <> 0) THEN array_agg(quality ORDER BY us) END,
+                       CASE WHEN bool_or(text IS NOT NULL) THEN array_agg(text ORDER BY us) END
+                FROM s GROUP BY tag
                 """,
                 start,
                 start + HOUR,
             )
-            await conn.execute(f"DROP TABLE {name}")
+            if name:
+                await conn.execute(f"DROP TABLE {name}")
         done += 1
     return done
 

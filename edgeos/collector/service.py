@@ -90,7 +90,10 @@ class Collector:
         # One connection for dictionaries, parking and gaps (under a lock), and `writers` more
         # for data batches in parallel (PostgreSQL uses a core per connection).
         self.db = dbm.Database(cfg.dsn, password=password)
-        self.writers = [dbm.Database(cfg.dsn, password=password, tag_maps=self.db.tag_maps) for _ in range(cfg.writers)]
+        self.writers = [
+            dbm.Database(cfg.dsn, password=password, tag_maps=self.db.tag_maps, pack_min=cfg.pack_min)
+            for _ in range(cfg.writers)
+        ]
         self._control_lock = asyncio.Lock()
         self.subscriber = Subscriber(cfg.broker, cfg.base)
         self.metrics = Metrics()

@@ -23,8 +23,8 @@ def unit(seq: int, n_tags: int = 5, *, device: str = "press1", sub_ms: bool = Fa
     return wire.Unit(device, tags, ts, values, np.zeros(n_tags, np.uint32))
 
 
-async def fresh(dsn: str, gateway: str = "gw1", n_tags: int = 5) -> dbm.Database:
-    d = dbm.Database(dsn)
+async def fresh(dsn: str, gateway: str = "gw1", n_tags: int = 5, pack_min: int = 0) -> dbm.Database:
+    d = dbm.Database(dsn, pack_min=pack_min)
     await d.connect()
     entries = {i: wire.TagEntry(i, "press1", f"t{i}", "number", "bar") for i in range(n_tags)}
     await d.save_dictionary(gateway, entries)
@@ -133,3 +133,53 @@ async def test_samples_between_reads_only_the_windows_it_needs(pg):
     )
     assert [tuple(r) for r in by_fn] == [tuple(r) for r in by_view] and len(by_fn) == 91
     await a.close()
+
+
+async def test_a_backlog_batch_written_packed_reads_back_as_rows_would(pg_cluster):
+    """The same units into two databases, as rows (pack_min=0) and packed where a tag has 16
+    samples in an hour of the batch: the view shows the same samples, bit for bit."""
+    rng = np.random.default_rng(7)
+    units = []
+    for s in range(60):
+        n = 5
+        ts = np.full(n, T0 + 3_540_000_000_000 + s * 2_000_000_000, np.int64)  # crosses an hour
+        ts += rng.integers(0, 3, n) * 1234  # sub-millisecond parts in some
+        q = np.where(rng.random(n) < 0.2, 0x80000000, 0).astype(np.uint32)
+        units.append(wire.Unit("press1", np.arange(n, dtype=np.int32), ts, rng.normal(size=n), q))
+    units.append(
+        wire.Unit(
+            "press1",
+            np.array([1], np.int32),
+            np.array([T0], np.int64),
+            np.array([2.5]),
+            np.zeros(1, np.uint32),
+            ["text"],
+        )
+    )
+    out = []
+    for name, pack_min in [("rows_db", 0), ("packed_db", 16)]:
+        d = await fresh(pg_cluster.create_database(name), pack_min=pack_min)
+        await d.write([dbm.Pending("gw1", i + 1, u, d.tag_map("gw1")[u.tags]) for i, u in enumerate(units)])
+        out.append(await d.conn.fetch("SELECT tag, ts, value, quality, text FROM samples ORDER BY tag, ts, value"))
+        n_packed = await d.conn.fetchval("SELECT count(*) FROM samples_packed")
+        n_rows = await d.conn.fetchval("SELECT count(*) FROM samples_recent")
+        assert (n_packed, n_rows) == ((0, 301) if pack_min == 0 else (10, 1))
+        await d.close()
+    assert [tuple(r) for r in out[0]] == [tuple(r) for r in out[1]]
+    assert len(out[0]) == 301
+
+
+async def test_rollup_merges_packed_pieces_and_rows_of_an_hour_into_one_row_per_tag(pg):
+    _, dsn = pg
+    d = await fresh(dsn, pack_min=16)
+    for first in (0, 40, 80):  # three backlog batches: three packed pieces per tag
+        await d.write(pending(d, "gw1", range(first, first + 40)))
+    await d.write(pending(d, "gw1", [120]))  # and a row
+    before = await d.conn.fetch("SELECT tag, ts, value, quality FROM samples ORDER BY tag, ts")
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_packed") == 15
+    assert await schema.rollup(d.conn, dt.datetime.fromtimestamp(T0 / 1e9 + 3600, dt.UTC)) == 1
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_packed") == 5
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_recent") == 0
+    after = await d.conn.fetch("SELECT tag, ts, value, quality FROM samples ORDER BY tag, ts")
+    assert [tuple(r) for r in after] == [tuple(r) for r in before] and len(after) == 121 * 5
+    await d.close()
