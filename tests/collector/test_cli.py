@@ -69,3 +69,18 @@ async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, 
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "ts,value,quality" and [ln.split(",")[1] for ln in lines[1:]] == ["3.5", "2.5", "1.5"]
+
+
+def test_a_gateway_filter_subscribes_to_those_gateways_only(tmp_path):
+    from edgeos.collector.config import load
+
+    p = tmp_path / "collector.toml"
+    p.write_text(
+        '[broker]\nhost = "b.plant"\ntls = true\n[database]\ndsn = "postgresql://x/y"\n'
+        '[collector]\ngateways = ["line1-gw", "line2-gw"]\nbatch_wait = "250ms"\n'
+    )
+    cfg = load(p)
+    assert cfg.broker["servers"] == [("b.plant", 8883)] and cfg.batch_wait == 0.25
+    assert cfg.topics() == [
+        f"edgeos/{g}/{t}" for g in ("line1-gw", "line2-gw") for t in ("+/data", "tags", "status", "replay/gone")
+    ]
