@@ -96,7 +96,8 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
     typer.echo(f"store     {_budget(cfg)}")
     typer.echo(f"writes    {_writes(cfg)}")
     typer.echo(f"kernels   {filters.implementation()}")
-    upstream = f"enabled: {cfg.upstream.options.get('host')}" if cfg.upstream.enabled else "disabled"
+    brokers = cfg.upstream.options.get("servers") or [cfg.upstream.options.get("host")]  # issue 25: failover list
+    upstream = f"enabled: {', '.join(map(str, brokers))}" if cfg.upstream.enabled else "disabled"
     typer.echo(f"upstream  {upstream}{'' if cfg.upstream.enabled else ' (data stays on this gateway)'}")
     typer.echo(
         "plugins   "

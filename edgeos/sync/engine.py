@@ -334,6 +334,7 @@ class Sync:
                 async with self.transport.session() as session:
                     connected_at = time.monotonic()
                     self.status.connects += 1
+                    self.status.server = str(getattr(self.transport, "where", ""))
                     self.status.state = "connected"
                     await self._pump(session)
             except Exception as exc:  # any failure of a session: reconnect, never take the daemon down
@@ -353,7 +354,10 @@ class Sync:
                 # cursor past it, whatever else is acknowledged meanwhile: it keeps backing off.
                 attempt = 0
             self.status.state = "backoff"
-            await asyncio.sleep(backoff_delay(attempt, lo, hi))
+            # With several brokers the backoff grows per round of the list, not per broker: a
+            # cluster that lost a node is tried node after node at the same short delay.
+            rounds = attempt // max(1, len(getattr(self.transport, "servers", ())))
+            await asyncio.sleep(backoff_delay(rounds, lo, hi))
             attempt += 1
 
     async def _pump(self, session: Session) -> None:
@@ -458,7 +462,18 @@ class Sync:
     async def _publish_dictionary(self, session: Session) -> None:
         tags = self._dictionary()
         topic = self.options["status_topic"].format(gateway=self.gateway).rsplit("/", 1)[0] + "/tags"
-        await session.publish(topic, wire.encode_dictionary(self.gateway, tags), retain=True)
+        payload = wire.encode_dictionary(self.gateway, tags)
+        if len(payload) > self.max_message:
+            # One retained message, never split (consumers read it whole): the one exception.
+            self.errors.log(
+                logging.WARNING,
+                "dictionary-size",
+                "upstream: the tag dictionary (%d tags, %d bytes) exceeds max_message (%d); sent whole",
+                len(tags),
+                len(payload),
+                self.max_message,
+            )
+        await session.publish(topic, payload, retain=True)
         self._dictionary_version = len(tags)
 
     async def flush(self, within: float) -> bool:

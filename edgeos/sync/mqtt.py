@@ -37,7 +37,8 @@ log = logging.getLogger("edgeos.sync")
 PUBLISH_TIMEOUT = 30.0
 # A broker that takes the TCP connection but sends no CONNACK (a cluster node electing its
 # JetStream leader) counts as refused after this long, so the next broker is tried.
-CONNECT_TIMEOUT = 4.0
+CONNECT_TIMEOUT = 3.0
+FIRST_PUBACK_TIMEOUT = 5.0  # the same for the first publish of a session (its status)
 _NO_CONNECTION = 4  # paho's MQTT_ERR_NO_CONN, raised by a publish on a lost connection
 
 
@@ -162,10 +163,12 @@ class _Session:
         except aiomqtt.MqttError as e:
             raise SyncError(_explain(e, self.where, connecting=False)) from e
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, ack_within: float = PUBLISH_TIMEOUT
+    ) -> None:
         _last_mid.set(None)
         try:
-            await self.client.publish(topic, payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT)
+            await self.client.publish(topic, payload, qos=1, retain=retain, timeout=ack_within)
         except aiomqtt.MqttError as e:
             raise SyncError(_explain(e, self.where, connecting=False)) from e
         refused = self.refusals.take()
@@ -181,7 +184,7 @@ def servers(options: dict[str, Any]) -> list[tuple[str, int]]:
     bare host with the default port), else `host`/`port`."""
     default = options.get("port") or (8883 if options.get("tls") else 1883)
     out = []
-    for entry in options.get("servers") or [f"{options['host']}"]:
+    for entry in options.get("servers") or [str(options.get("host") or "127.0.0.1")]:
         host, port = entry, default
         if entry.startswith("["):
             host, _, rest = entry[1:].partition("]")
@@ -295,7 +298,11 @@ class MqttTransport:
         failed = False
         try:
             if self.status_topic:
-                await session.publish(self.status_topic, self._status("online"), retain=True)
+                # A node that took the connection but cannot store (a cluster without its
+                # JetStream leader yet) acknowledges nothing: soon the next broker instead.
+                await session.publish(
+                    self.status_topic, self._status("online"), retain=True, ack_within=FIRST_PUBACK_TIMEOUT
+                )
             yield session
         except Exception:
             failed = True

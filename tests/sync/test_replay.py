@@ -355,3 +355,29 @@ async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_con
     for d in central.delivered:
         ref = wire.decode_unit(held[d.seq][1])
         assert d.unit.tags.tolist() == ref.tags.tolist() and d.unit.quality.tobytes() == ref.quality.tobytes()
+
+
+async def test_servers_are_tried_in_turn_and_a_session_subscribes(write_config, broker, dead_port):
+    from edgeos.sync.mqtt import MqttTransport, servers
+
+    assert servers({"servers": ["a:1", "[::1]:2", "b"], "port": 9}) == [("a", 1), ("::1", 2), ("b", 9)]
+    assert servers({"host": "h", "tls": True}) == [("h", 8883)]
+    # The first broker refuses the connection: the next attempt goes to the next one.
+    cfg, sync = make_sync(
+        write_config, broker.port, f'servers = ["127.0.0.1:{dead_port}", "127.0.0.1:{broker.port}"]\n'
+    )
+    make_store(cfg.gateway.data_dir, 10)
+    async with Central(broker.port) as central, running(sync):
+        await wait_until(lambda: sync.cursor >= 10)
+        assert sync.status.failures >= 1 and sync.status.server == f"broker 127.0.0.1:{broker.port}"
+        await wait_until(lambda: set(central.seqs()) >= set(range(1, 11)))
+    # The module's subscribe capability, as the plant-side collector uses it (no status, no will).
+    plain = MqttTransport("collector", {"servers": [f"127.0.0.1:{broker.port}"], "status_topic": None}, Path("."))
+    async with plain.session() as session:
+        await session.subscribe("edgeos/+/replay")
+        async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+            await c.publish("edgeos/gwX/replay", b"hello", qos=1)
+        async with asyncio.timeout(5):
+            async for topic, payload in session.messages():
+                assert (topic, payload) == ("edgeos/gwX/replay", b"hello")
+                break
