@@ -242,8 +242,14 @@ def run(quick: bool):
     finally:
         pg.close()
     gateways, tags, seconds = (5, 1000, 30.0) if quick else (FLEET_GATEWAYS, 1000, 120.0)
-    with tempfile.TemporaryDirectory(prefix="edgeos-fleet-") as tmp:
-        lost, dup, n = asyncio.run(_fleet(quick, gateways, tags, seconds, Path(tmp)))
+    import logging
+
+    logging.disable(logging.WARNING)  # the gateways' reconnect warnings when the node dies
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgeos-fleet-") as tmp:
+            lost, dup, n = asyncio.run(_fleet(quick, gateways, tags, seconds, Path(tmp)))
+    finally:
+        logging.disable(logging.NOTSET)
     yield (
         "fleet_lost",
         lost,
