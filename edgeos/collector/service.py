@@ -102,7 +102,6 @@ class Collector:
         self._joiner = wire.Consumer()
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=max(16, cfg.broker["receive_maximum"]))
         self._stop = asyncio.Event()
-        self._dictionaries: dict[str, dict[int, wire.TagEntry]] = {}
 
     def stop(self) -> None:
         self._stop.set()
