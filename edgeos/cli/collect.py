@@ -54,6 +54,7 @@ def collect(
         raise typer.Exit(2)
     cfg = _load(config)
     setup_logging(log_level)
+    from edgeos.collector.schema import SchemaError
     from edgeos.collector.service import Collector
 
     async def main() -> None:
@@ -68,7 +69,11 @@ def collect(
         finally:
             await c.db.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except SchemaError as e:
+        typer.echo(f"edgeos collect: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @collect_app.command("check")

@@ -109,6 +109,8 @@ class Collector:
     # -- the main loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        # First the database: a schema newer than this collector's stops it here, plainly.
+        await self._connect_db()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._sessions(), name="collector-sessions")
             tg.create_task(self._maintenance(), name="collector-maintenance")

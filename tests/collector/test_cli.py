@@ -84,3 +84,17 @@ def test_a_gateway_filter_subscribes_to_those_gateways_only(tmp_path):
     assert cfg.topics() == [
         f"edgeos/{g}/{t}" for g in ("line1-gw", "line2-gw") for t in ("+/data", "tags", "status", "replay/gone")
     ]
+
+
+async def test_a_newer_schema_stops_the_collector_with_a_clear_message(tmp_path, pg):
+    _, dsn = pg
+    d = dbm.Database(dsn)
+    await d.connect()
+    await d.conn.execute("UPDATE edgeos_collector SET version = 99")
+    await d.close()
+    p = tmp_path / "collector.toml"
+    p.write_text(f'[broker]\nservers = ["127.0.0.1:1"]\n[database]\ndsn = "{dsn}"\n[http]\nlisten = ""\n')
+    r = await asyncio.to_thread(
+        subprocess.run, [EDGEOS, "collect", "-c", str(p)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1 and "schema is version 99, newer" in r.stderr and "Traceback" not in r.stderr
