@@ -598,7 +598,6 @@ class Consumer:
         self.max_partial = max_partial
         self.from_start = from_start
         self.clock = clock
-        self._seen: dict[str, _Runs] = {}
         self._own: dict[tuple[str, str], _Runs] = {}  # (gateway, device) -> its seqs seen
         self._start: dict[tuple[str, str], int] = {}  # the first pv seen: nothing asked below it
         self._gone: dict[str, _Runs] = {}
@@ -629,7 +628,6 @@ class Consumer:
 
     def _on_units(self, env: Envelope, seqs: list[int], blobs: list[bytes], now: float) -> list[Delivered]:
         gw, dev = env.gateway, env.device
-        seen = self._seen.setdefault(gw, _Runs())
         own = self._own.setdefault((gw, dev), _Runs())
         key = (gw, dev)
         if key not in self._start:
@@ -638,7 +636,7 @@ class Consumer:
             self._start[key] = 0 if self.from_start else env.prev
         out = []
         for seq, blob in zip(seqs, blobs, strict=True):
-            if seq in seen:
+            if seq in own:  # a seq is one device's: repeats are found among that device's
                 self.duplicates += 1
                 continue
             try:
@@ -646,18 +644,24 @@ class Consumer:
             except ValueError:
                 self.undecodable += 1
                 continue
-            seen.add(seq, seq)
             own.add(seq, seq)
             out.append(Delivered(gw, dev, seq, unit, env.replay))
         # The chain: the message names the device's unit before its first; inside a message
-        # each unit's predecessor is the one before it.
+        # each unit's predecessor is the one before it. The seqs between are other devices':
+        # counted as accounted for in this device's runs, so they stay few (one per gap).
+        if seqs:
+            if env.prev and env.prev + 1 < seqs[0]:
+                own.add(env.prev + 1, seqs[0] - 1)
+            for a, b in zip(seqs, seqs[1:], strict=False):
+                if a + 1 < b:
+                    own.add(a + 1, b - 1)
         self._check(key, env.prev, seqs[0] if seqs else 0, now)
         self._settle(key)
         return out
 
     def _check(self, key: tuple[str, str], prev: int, first: int, now: float) -> None:
         gw = key[0]
-        if prev <= self._start.get(key, 0) or prev in self._seen[gw] or prev in self._gone.get(gw, ()):
+        if prev <= self._start.get(key, 0) or prev in self._own[key] or prev in self._gone.get(gw, ()):
             return
         gaps = self._gaps.setdefault(key, {})
         if prev in gaps:
@@ -671,14 +675,13 @@ class Consumer:
         gaps = self._gaps.get(key)
         if not gaps:
             return
-        gw = key[0]
-        seen, gone = self._seen[gw], self._gone.get(gw, _Runs())
-        for anchor in [a for a in gaps if a in seen or a in gone]:
+        own, gone = self._own[key], self._gone.get(key[0], _Runs())
+        for anchor in [a for a in gaps if a in own or a in gone]:
             del gaps[anchor]
 
     def _on_part(self, env: Envelope, now: float) -> list[Delivered]:
         seq = env.seqs[0]
-        if seq in self._seen.setdefault(env.gateway, _Runs()):
+        if seq in self._own.get((env.gateway, env.device), ()):
             self.duplicates += 1
             return []
         index, count = env.part or (0, 1)
@@ -737,5 +740,11 @@ class Consumer:
         return out
 
     def seen(self, gateway: str) -> list[tuple[int, int]]:
-        """The seqs of `gateway` delivered so far, as inclusive runs."""
-        return self._seen.get(gateway, _Runs()).runs()
+        """The seqs of `gateway` accounted for, as inclusive runs: delivered, or known from a
+        device's chain to be another device's."""
+        union = _Runs()
+        for (gw, _dev), own in self._own.items():
+            if gw == gateway:
+                for a, b in own.runs():
+                    union.add(a, b)
+        return union.runs()

@@ -135,7 +135,19 @@ def test_consumer_of_one_device_never_takes_other_devices_seqs_for_gaps():
         if dev == "a":
             c.feed(_msg(dev, seq, prev), now=0)
     assert c.gaps("gw") == [] and c.requests(now=10) == []
-    assert c.seen("gw") == [(1, 1), (4, 4), (9, 9)]
+    # Memory follows the gaps: a's chain accounts for the seqs between its units (b's).
+    assert c.seen("gw") == [(1, 9)]
+
+
+def test_consumer_memory_follows_gaps_not_units_for_a_partial_subscription():
+    c = wire.Consumer(reorder_wait=0)
+    blob = _unit(1)
+    prev = 0
+    for seq in range(1, 20_001, 2):  # device a's units; b's (even seqs) are never seen
+        c.feed(wire.encode_message("gw", "a", [seq], [blob], 1, prev=prev), now=0)
+        prev = seq
+    assert c._own[("gw", "a")].runs() == [(1, 19_999)]
+    assert not c.feed(wire.encode_message("gw", "a", [5], [blob], 1, prev=3), now=0)  # a repeat
 
 
 def test_consumer_reports_gone_and_stops_asking():

@@ -51,7 +51,7 @@ from edgeos.store.outbox import Backlog, Outbox, UnitRun
 log = logging.getLogger("edgeos.sync")
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
-READ_BYTES = 1 << 20  # unit bytes per read of the outbox: several messages' worth
+READ_BYTES = 4 << 20  # unit bytes per read of the outbox: many messages per GIL hand-off
 REPLAY_QUEUE = 16  # requests waiting; more are counted (replay_dropped) and ignored
 GONE_RANGES = 1000  # ranges per gone message (a fragmented range goes in several)
 
