@@ -25,6 +25,9 @@ from edgeos.collector import copy, schema
 log = logging.getLogger("edgeos.collector")
 
 _DEADLOCK_RETRIES = 5
+# What a lost or broken connection raises: the batch was not committed; reconnect and retry.
+# (asyncpg's InternalClientError: a protocol left mid-operation by a dropped server.)
+_LOST = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
 
 
 class DatabaseError(Exception):
@@ -85,11 +88,17 @@ class Database:
                 "CREATE TEMP TABLE incoming (gateway text, seq bigint, device text, samples integer, prev bigint) "
                 "ON COMMIT DELETE ROWS"
             )
-        except (TimeoutError, OSError, asyncpg.PostgresError) as e:
-            await self.close()
+        except _LOST as e:
+            self.drop()
             raise DatabaseError(f"PostgreSQL: {type(e).__name__}: {e}") from e
         self._hours.clear()
         self._days.clear()
+
+    def drop(self) -> None:
+        """Forget a connection that failed, without talking to it (it may be mid-operation)."""
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.terminate()
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -182,8 +191,8 @@ class Database:
                 raise DatabaseError("batch not written")
         except asyncpg.DataError as e:
             raise BadData(f"PostgreSQL refused the data: {type(e).__name__}: {e}") from e
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            await self.close()
+        except _LOST as e:
+            self.drop()
             raise DatabaseError(f"PostgreSQL: {type(e).__name__}: {e}") from e
         self.latency_s = time.monotonic() - start
         return result

@@ -156,7 +156,7 @@ class Collector:
                 log.warning("collector: %s; next broker in %.1fs", eg.exceptions[0], delay)
             self._drain_queue()
             for d in [self.db, *self.writers]:
-                await d.close()  # a batch cancelled mid-transaction leaves nothing behind
+                d.drop()  # a batch cancelled mid-transaction leaves nothing behind (rolled back)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 2.0)
 
@@ -274,8 +274,8 @@ class Collector:
 
         try:
             return await coro
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            await self.db.close()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as e:
+            self.db.drop()
             raise dbm.DatabaseError(f"PostgreSQL: {type(e).__name__}: {e}") from e
 
     def _topic_gateway(self, topic: str) -> str | None:

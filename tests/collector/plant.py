@@ -4,6 +4,7 @@ and the exactly-once check of PostgreSQL against each gateway's own store."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import signal
 import subprocess
@@ -119,7 +120,7 @@ async def healthy(http_port: int, timeout: float = 20.0) -> None:
             body = await asyncio.to_thread(
                 lambda: urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1).read()
             )
-            if b'"ok": true' in body:
+            if json.loads(body).get("ok") is True:
                 return
         except OSError:
             pass
