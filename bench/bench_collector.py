@@ -180,7 +180,9 @@ async def _size_and_query(pg, quick: bool):
         await c2._handle(session, msgs[i : i + 50])  # noqa: SLF001
     conn = await asyncpg.connect(dsn)
     try:
+        # What the collector's maintenance does once these hours and days are closed.
         await schema.rollup(conn, dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+        await schema.rewrite_closed_days(conn, dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
         await conn.execute("VACUUM ANALYZE")
         size = await conn.fetchval(
             """SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c

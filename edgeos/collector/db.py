@@ -361,6 +361,7 @@ class Database:
             await schema.ensure_packed(self.conn, now)
             await schema.ensure_packed(self.conn, now + schema.DAY)
             packed = await schema.rollup(self.conn, now - dt.timedelta(seconds=rollup_after))
+            await schema.rewrite_closed_days(self.conn, now - dt.timedelta(seconds=rollup_after))
             dropped = await schema.drop_older(self.conn, now - dt.timedelta(seconds=retention)) if retention else 0
             self._hours.clear()
             self._days.clear()

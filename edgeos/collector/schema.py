@@ -131,6 +131,9 @@ LANGUAGE sql STABLE AS $fn$
     WHERE x.ts >= p_from AND x.ts < p_to
 $fn$;
 
+-- Days whose packed partition holds the dead space of merged pieces: rewritten once closed.
+CREATE TABLE packed_dirty (day timestamptz PRIMARY KEY);
+
 CREATE TABLE edgeos_collector (version integer NOT NULL);
 INSERT INTO edgeos_collector VALUES (0);
 """,
@@ -226,6 +229,9 @@ async def rollup(conn, older_than: dt.datetime, lookback: dt.timedelta = dt.time
                 # The lock waits for writers still copying into the hour, and keeps new ones out.
                 await conn.execute(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
             await ensure_packed(conn, start)
+            merged = await conn.fetchval("SELECT count(*) FROM samples_packed WHERE t0 = $1", start)
+            if merged:
+                await conn.execute("INSERT INTO packed_dirty VALUES ($1) ON CONFLICT DO NOTHING", start.replace(hour=0))
             await conn.execute(
                 f"""
                 WITH moved AS (
@@ -251,6 +257,17 @@ async def rollup(conn, older_than: dt.datetime, lookback: dt.timedelta = dt.time
                 await conn.execute(f"DROP TABLE {name}")
         done += 1
     return done
+
+
+async def rewrite_closed_days(conn, older_than: dt.datetime) -> int:
+    """VACUUM FULL each day partition of `samples_packed` that merged pieces left dead space in,
+    once the day is over (its hours are rolled up): the space goes back to the filesystem. It
+    locks only that closed day, for as long as rewriting it takes."""
+    rows = await conn.fetch("SELECT day FROM packed_dirty WHERE day + interval '1 day' <= $1", older_than)
+    for r in rows:
+        await conn.execute(f"VACUUM (FULL, ANALYZE) {_packed_name(r['day'])}")
+        await conn.execute("DELETE FROM packed_dirty WHERE day = $1", r["day"])
+    return len(rows)
 
 
 async def drop_older(conn, before: dt.datetime) -> int:

@@ -182,4 +182,10 @@ async def test_rollup_merges_packed_pieces_and_rows_of_an_hour_into_one_row_per_
     assert await d.conn.fetchval("SELECT count(*) FROM samples_recent") == 0
     after = await d.conn.fetch("SELECT tag, ts, value, quality FROM samples ORDER BY tag, ts")
     assert [tuple(r) for r in after] == [tuple(r) for r in before] and len(after) == 121 * 5
+    # The merged pieces' dead space goes once the day is over.
+    day_over = dt.datetime.fromtimestamp(T0 / 1e9 + 86400, dt.UTC)
+    assert await schema.rewrite_closed_days(d.conn, day_over) == 1
+    assert await schema.rewrite_closed_days(d.conn, day_over) == 0
+    again = await d.conn.fetch("SELECT tag, ts, value, quality FROM samples ORDER BY tag, ts")
+    assert [tuple(r) for r in again] == [tuple(r) for r in before]
     await d.close()
