@@ -243,14 +243,23 @@ class Message:
 
 
 def decode(payload: bytes) -> Message:
-    """Decode a data message (any payload version up to PAYLOAD_VERSION)."""
-    doc = msgpack.unpackb(payload, raw=False)
-    if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION:
-        raise ValueError(f"not an edgeos data message of version {PAYLOAD_VERSION} (got {doc.get('v')!r})")
-    units = [decode_unit(u) for u in doc["units"]]
-    if len(units) != len(doc["seq"]):
-        raise ValueError("message carries a different number of units and sequence numbers")
-    return Message(doc["gw"], doc["dev"], list(doc["seq"]), doc["td"], units)
+    """Decode a data message (any payload version up to PAYLOAD_VERSION).
+
+    Raises ValueError, and only ValueError, for any payload that is not a well-formed message:
+    a consumer decodes whatever any broker client published (fuzzed: tests/fuzz)."""
+    try:
+        doc = msgpack.unpackb(payload, raw=False)
+        if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION:
+            got = doc.get("v") if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f"not an edgeos data message of version {PAYLOAD_VERSION} (got {got!r})")
+        units = [decode_unit(u) for u in doc["units"]]
+        if len(units) != len(doc["seq"]):
+            raise ValueError("message carries a different number of units and sequence numbers")
+        return Message(doc["gw"], doc["dev"], list(doc["seq"]), doc["td"], units)
+    except ValueError:
+        raise
+    except (LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException) as e:
+        raise ValueError(f"malformed edgeos data message: {type(e).__name__}: {e}") from e
 
 
 @dataclass(frozen=True)
