@@ -14,6 +14,7 @@ from edgeos import plugins
 from edgeos.adapter import DeviceConfig, FilterSpec, TagConfig
 from edgeos.config.model import Config, GatewayConfig, StoreConfig, UpstreamConfig
 from edgeos.config.schema import Field, Problems, parse_table, unknown_key_message
+from edgeos.config.secrets import check_options as check_secret_files
 from edgeos.config.tags_csv import read_tags_csv
 from edgeos.errors import ConfigError, PluginError, Problem
 from edgeos.model import TagMeta, ValueKind
@@ -175,6 +176,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
             problems.add("upstream.cert_file", "cert_file and key_file must be given together")
         if up.get("password_env") and up["password_env"] not in os.environ:
             problems.add("upstream.password_env", f"environment variable {up['password_env']!r} is not set")
+    check_secret_files(up, base, "upstream", problems)
 
     raw_devices = raw.get("devices", [])
     devices: list[DeviceConfig] = []
@@ -289,6 +291,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
     for key, f in extra.items():  # a plugin's file names: relative to the config, not to where it runs
         if f.kind == "path" and isinstance(d.get(key), str) and d[key]:
             d[key] = str(base / d[key])
+    check_secret_files(d, base, dpath, problems)
     for key, f in DEVICE_FIELDS.items():
         if key not in d:  # present but invalid: reported; carry on with the default
             if f.required:

@@ -570,21 +570,23 @@ def _broken_raw_number(spec: Any, value: Any) -> Any:
 
 
 def _broken_config(inp: tuple[str, str | None]) -> None:
-    """A loader that reads CSV integer cells with int() and no check."""
-    from edgeos.config import tags_csv
+    """A loader that lets the TOML parser's own error escape (the first draft of every loader)."""
+    import tomllib
 
-    original = tags_csv.coerce
+    from edgeos.config import load as L
 
-    def coerce(cell: str, f: Any) -> Any:
-        if f is not None and f.kind in ("int", "float"):
-            return float(cell)
-        return original(cell, f)
+    def loads(text: str) -> object:
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise RuntimeError(f"unguarded: {e}") from e
 
-    tags_csv.coerce = coerce
+    original = L.tomllib
+    L.tomllib = type("T", (), {"loads": staticmethod(loads), "TOMLDecodeError": type("Never", (Exception,), {})})
     try:
         load_config_text(*inp)
     finally:
-        tags_csv.coerce = original
+        L.tomllib = original
 
 
 BROKEN: dict[str, Target] = {
