@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeos import wire
-from edgeos.errors import StoreError
+from edgeos.errors import EdgeosError, StoreError
 from edgeos.model import Batch, TagMeta
 from edgeos.store import schema
 from edgeos.store.chunk import encode_chunk
@@ -92,6 +92,27 @@ def estimate_write_bytes_per_day(samples_per_s: float, cycles_per_s: float, comm
 
 class StoreFull(StoreError):
     """The disk refused a write (ENOSPC / SQLITE_FULL); retry when space returns."""
+
+
+class StoreFsyncFailed(EdgeosError):
+    """(issue 28) An fsync of the store failed. After a failed fsync the kernel may have dropped
+    the dirty pages and marked them clean (PostgreSQL's "fsyncgate"): the page cache no longer
+    says what is on disk, and a later fsync that succeeds proves nothing. The writer refuses all
+    further work, and the process must exit so systemd restarts it; on restart SQLite recovers
+    from what is on disk (the WAL's checksums end the replay at the last whole commit). Every
+    commit acknowledged before the failure had its own fsync succeed, so none is lost.
+
+    Deliberately NOT a StoreError: callers retry a StoreError in the same process (a full disk
+    frees up), and retrying after a failed fsync is exactly what must not happen."""
+
+
+def fsync_failed(e: BaseException) -> bool:
+    """(issue 28) True for an fsync failure: SQLite's IOERR_FSYNC/IOERR_DIR_FSYNC, or an OSError
+    from os.fsync/os.fdatasync (pass `e` from a periodic WAL fsync of the caller's own)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code in (sqlite3.SQLITE_IOERR_FSYNC, sqlite3.SQLITE_IOERR_DIR_FSYNC)
+    return isinstance(e, StoreFsyncFailed)
 
 
 class StoreCorrupt(StoreError):
@@ -255,15 +276,21 @@ class StoreWriter:
     @contextlib.contextmanager
     def _txn(self) -> Iterator[None]:
         """One explicit transaction. (The connection is in autocommit mode, where `with db:`
-        would commit each statement on its own: not atomic, and one fsync per row.)"""
+        would commit each statement on its own: not atomic, and one fsync per row.)
+
+        (issue 28) A failed statement or COMMIT (an I/O error) rolls back, and the in-memory
+        marks set inside the transaction (`_mark_units`) go back with it: a `_hot_from` kept
+        past a rolled-back compaction hid every unit below it from queries (found by libfiu)."""
+        marks = (self._hot_from, self._top_saved)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+            self._hot_from, self._top_saved = marks
             raise
-        self.db.execute("COMMIT")
 
     # -- opening --------------------------------------------------------------------------
 
@@ -642,10 +669,23 @@ class StoreWriter:
         return n
 
     def _check_usable(self) -> None:
+        if getattr(self, "_fsync_failed", False):  # (issue 28) see StoreFsyncFailed
+            raise StoreFsyncFailed(
+                f"{self.path}: an fsync failed earlier; restart the process (the page cache is not trusted)"
+            )
         if self._broken:
             raise StoreCorrupt(f"{self.path}: no usable store (a recovery failed); call recover() again")
 
-    def _error(self, what: str, e: sqlite3.Error) -> StoreError:
+    def _error(self, what: str, e: sqlite3.Error) -> EdgeosError:
+        if fsync_failed(e):  # (issue 28) never retried in this process
+            self._fsync_failed = True
+            log.critical(
+                "store %s: %s failed at fsync (%s): exiting for a restart; the page cache is not trusted",
+                self.path,
+                what,
+                e,
+            )
+            return StoreFsyncFailed(f"{self.path}: {what} failed at fsync: {e}; restart the process")
         code = getattr(e, "sqlite_errorcode", 0) & 0xFF
         if code in _CORRUPT:
             self._corrupt = True
@@ -1001,7 +1041,7 @@ class StoreWriter:
         try:
             if self._corrupt:
                 log.error("store %s: closing a damaged store unmarked; the next start checks it", self.path)
-            elif not self._broken:
+            elif not self._broken and not getattr(self, "_fsync_failed", False):
                 if self._cursor != self._cursor_saved:
                     self.save_cursor(self._cursor)
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '1')")
