@@ -724,7 +724,8 @@ class StoreWriter:
         """One bounded round of housekeeping: the sync cursor, a compaction slice, retention,
         the size budget."""
         self._check_usable()
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        if now_ns is None:  # (issue 28) a wall-clock step must not age (and so delete) history
+            now_ns = self.__dict__.setdefault("_clock", HousekeepingClock()).now()
         try:
             if sync_cursor is not None:
                 # (I19) Counted at once (I12's dropped_unsent uses it); written every
@@ -1053,6 +1054,29 @@ class StoreWriter:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+class HousekeepingClock:
+    """(issue 28) The wall clock for retention and compaction, guarded against steps: it moves
+    with the monotonic clock, and follows the wall clock only when that is behind it.
+
+    A step forward (+1 h: an RTC set wrong, a first NTP sync) would otherwise make every sample
+    an hour older at once and let retention delete an hour of history that is not due; with
+    this clock the step is ignored for housekeeping (history is kept up to that much longer,
+    the size budget still bounds the disk). A step back is followed at once: retention then
+    deletes later, never earlier. Samples keep the real wall clock (docs/reliability.md). A new
+    process starts from the wall clock as it then is."""
+
+    def __init__(self) -> None:
+        self._wall0, self._mono0 = time.time_ns(), time.monotonic_ns()
+
+    def now(self) -> int:
+        wall, mono = time.time_ns(), time.monotonic_ns()
+        guarded = self._wall0 + (mono - self._mono0)
+        if wall <= guarded:
+            self._wall0, self._mono0 = wall, mono
+            return wall
+        return guarded
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
