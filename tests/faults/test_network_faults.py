@@ -17,6 +17,7 @@ must notice it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import resource
 import sys
@@ -206,3 +207,105 @@ async def test_negative_control_a_flipped_byte_is_caught_by_the_value_check(tmp_
         await proxy.stop()
         await peer.stop()
     assert wrong_values(sink), "the value check did not notice corrupted answers"
+
+
+# -- MQTT: the gateway's upstream through the proxy -----------------------------------------
+
+MQTT = """
+[gateway]
+id = "gw1"
+data_dir = "data"
+log_level = "error"
+[upstream]
+enabled = true
+host = "127.0.0.1"
+port = {port}
+keepalive = "1s"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+[[devices]]
+name = "press"
+protocol = "simulated"
+poll_interval = "50ms"
+tags = [{{ name = "p", signal = "ramp" }}]
+"""
+
+
+async def test_mqtt_upstream_through_stall_and_reset(tmp_path):
+    import aiomqtt
+    from herd import Mosquitto
+
+    from edgeos import wire
+
+    broker = Mosquitto(tmp_path / "broker")
+    broker.start()
+    proxy = await FaultProxy("127.0.0.1", broker.port).start()
+    cfg_path = tmp_path / "edgeos.toml"
+    cfg_path.write_text(MQTT.format(port=proxy.port))
+    cfg = load_config(cfg_path)
+    seqs: set[int] = set()
+    deliveries = 0
+
+    async def listen() -> None:
+        nonlocal deliveries
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="central") as client:
+            await client.subscribe("edgeos/gw1/+/data", qos=1)
+            async for msg in client.messages:
+                m = wire.decode(bytes(msg.payload))
+                seqs.update(m.seqs)
+                deliveries += len(m.seqs)
+
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run(), name="runtime")
+    listener = asyncio.create_task(listen(), name="listener")
+    try:
+        async with asyncio.timeout(60):
+            await rt.running.wait()
+            while rt.sync is None or rt.sync.status.state != "connected" or not seqs:
+                await asyncio.sleep(0.02)
+            t_stall = time.monotonic()
+            proxy.set("stall")
+            while rt.sync.status.state == "connected":
+                await asyncio.sleep(0.01)
+            detect = time.monotonic() - t_stall
+            await asyncio.sleep(max(0.0, 3.0 - detect))
+            proxy.set("pass")
+            await asyncio.sleep(1.0)
+            proxy.set("reset")
+            await asyncio.sleep(0.5)
+            proxy.set("pass")
+            await asyncio.sleep(0.5)
+            # Everything stored up to now reaches the broker (units committed at the stop itself
+            # wait for the next start: not part of this check).
+            stored = set(_stored_ids(cfg.gateway.data_dir))
+            while not stored <= seqs:
+                await asyncio.sleep(0.05)
+    finally:
+        rt.stop()
+        listener.cancel()
+        with contextlib.suppress(BaseException):
+            await listener
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, 30)
+        await proxy.stop()
+        broker.stop()
+    print(
+        f"faults.net.mqtt.stall_detect_s: {detect:.2f} (keepalive 1 s; issue target <= 1.5 s, "
+        f"{'met' if detect <= 1.5 else 'MISSED'}); "
+        f"{len(stored)} units stored, all delivered ({deliveries} deliveries, duplicates deduplicated by seq)"
+    )
+    assert stored <= seqs
+    # paho (under aiomqtt) pings after one keep-alive of silence and gives up one more later,
+    # checked once a second: up to 2 keep-alives + 1 s. The issue's 1.5 is not met here yet
+    # (docs/reliability.md); this asserts what is promised today.
+    assert detect <= 2 * 1.0 + 1.0, detect
+
+
+def _stored_ids(data_dir: Path) -> list[int]:
+    import sqlite3
+
+    db = sqlite3.connect(f"{(data_dir / 'edgeos.db').as_uri()}?mode=ro", uri=True)
+    try:
+        return [i for (i,) in db.execute("SELECT id FROM units")]
+    finally:
+        db.close()
