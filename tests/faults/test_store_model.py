@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
@@ -170,5 +170,6 @@ class _BrokenModel(StoreModel):
 
 
 def test_negative_control_a_store_that_drops_too_much_is_caught() -> None:
+    quick = settings(RUN, phases=[Phase.generate], max_examples=200)  # found is enough: no shrinking
     with pytest.raises(AssertionError, match="committed samples lost"):
-        run_state_machine_as_test(_BrokenModel, settings=RUN)
+        run_state_machine_as_test(_BrokenModel, settings=quick)

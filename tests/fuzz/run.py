@@ -16,7 +16,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import HypothesisException
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -40,6 +40,8 @@ def main() -> None:
         derandomize=False,
         suppress_health_check=list(HealthCheck),
         report_multiple_bugs=False,
+        # A negative control only needs to be caught: shrinking it would cost the time budget.
+        phases=[Phase.generate] if stop_first else list(Phase),
     )
     @given(target.strategy)
     def one(inp: object) -> None:
