@@ -319,3 +319,82 @@ def _stored_ids(data_dir: Path) -> list[int]:
         return [i for (i,) in db.execute("SELECT id FROM units")]
     finally:
         db.close()
+
+
+# -- OPC UA: a subscription through the proxy --------------------------------------------------
+
+OPCUA = """
+[gateway]
+id = "gw1"
+data_dir = "data"
+log_level = "error"
+[[devices]]
+name = "plc"
+protocol = "opcua"
+endpoint = "opc.tcp://127.0.0.1:{port}/"
+security_mode = "None"
+poll_interval = "100ms"
+publishing_interval = "100ms"
+keepalive_count = 5
+timeout = "500ms"
+reconnect_min = "100ms"
+reconnect_max = "500ms"
+tags = [{{ name = "x", node = "ns=2;s=x" }}]
+"""
+
+
+async def test_opcua_subscription_through_stall_and_reset(tmp_path):
+    from test_malformed_input import OddPeer, _free_port
+
+    port = _free_port()
+    peer = await asyncio.to_thread(OddPeer, port)
+    proxy = await FaultProxy("127.0.0.1", port).start()
+    cfg_path = tmp_path / "edgeos.toml"
+    cfg_path.write_text(OPCUA.format(port=proxy.port))
+    cfg = load_config(cfg_path)
+    sink = Sink(cfg)
+    rt = Runtime(cfg, sinks=[sink])
+    task = asyncio.create_task(rt.run(), name="runtime")
+
+    async def until(pred, since: float, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hit = next((r[0] for r in sink.of("plc/x", since) if pred(r)), None)
+            if hit is not None:
+                return hit
+            await asyncio.sleep(0.02)
+        return None
+
+    try:
+        async with asyncio.timeout(60):
+            await rt.running.wait()
+            assert await until(lambda r: r[4] == Quality.GOOD, 0, 20)
+            t_stall = time.monotonic()
+            proxy.set("stall")
+            bad_at = await until(lambda r: r[4] != Quality.GOOD, t_stall, 10)
+            proxy.set("pass")
+            t_pass = time.monotonic()
+            good_again = await until(lambda r: r[4] == Quality.GOOD, t_pass, 15)
+            t_reset = time.monotonic()
+            proxy.set("reset")
+            reset_bad = await until(lambda r: r[4] != Quality.GOOD, t_reset, 10)
+            proxy.set("pass")
+            t_pass2 = time.monotonic()
+            good_after_reset = await until(lambda r: r[4] == Quality.GOOD, t_pass2, 15)
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 30)
+        await proxy.stop()
+        peer.stop()
+    keepalive = 0.1 * 5
+    silence = 1.5 * keepalive + 0.5  # the adapter's default silence_timeout: 1.5 keep-alives + one request
+    detect = None if bad_at is None else bad_at - t_stall
+    print(
+        f"faults.net.opcua.stall_detect_s: {detect if detect is None else round(detect, 3)} "
+        f"(keep-alive {keepalive} s; promise <= 1.5 keep-alives + one request timeout = {silence} s); "
+        f"recovered {None if good_again is None else round(good_again - t_pass, 2)} s after the stall, "
+        f"{None if good_after_reset is None else round(good_after_reset - t_pass2, 2)} s after a reset"
+    )
+    assert detect is not None and detect <= silence + 0.25, detect  # + one 100 ms publish and scheduling
+    assert good_again is not None and reset_bad is not None and good_after_reset is not None
+    assert all(r[3] == 1.5 for r in sink.rows if r[1] == "plc/x" and r[4] == Quality.GOOD)
