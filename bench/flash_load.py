@@ -1,9 +1,10 @@
 """Child process: what the store writes to the disk for a steady load (docs/store.md, "Writes").
 
-`python bench/flash_load.py DATA_DIR TAGS PERIOD_MS SECONDS [--upstream] [--group N]`
-runs the daemon's store path on a simulated clock: one commit per poll cycle (the runtime
-commits `commit_interval` after the first pending batch, so a poll cycle's batches share a
-commit; `--group N` puts N cycles in one commit, as a `commit_interval` of N periods does),
+`python bench/flash_load.py DATA_DIR TAGS PERIOD_MS SECONDS [--upstream] [--group N] [--fsync S]`
+runs the daemon's store path on a simulated clock: one commit per poll cycle (the runtime's
+group commit; `--group N` puts N cycles in one commit, as a `commit_interval` of N periods
+does), the WAL fsynced every S simulated seconds after a commit (the daemon's default
+`fsync_interval`, 2 s; `--fsync 0` fsyncs every commit, synchronous=FULL),
 the maintenance round once a simulated second (compaction, retention, the budget,
 the sync cursor when upstream is on), the daemon's default store settings. It prints one JSON
 object: `write_bytes` from /proc/self/io (what the kernel charges to the disk, counted in
@@ -39,14 +40,19 @@ def main(argv: list[str]) -> dict:
     data_dir, n_tags, period_ms, seconds = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
     upstream = "--upstream" in argv
     group = int(argv[argv.index("--group") + 1]) if "--group" in argv else 1
+    fsync_s = float(argv[argv.index("--fsync") + 1]) if "--fsync" in argv else 2.0
+    fsync_ns = int(fsync_s * 1e9)
     tags = [TagMeta(i, "plc", f"t{i}") for i in range(n_tags)]
-    settings = StoreSettings(max_size=default_max_size(data_dir)[0], keep_until_synced=upstream)
+    settings = StoreSettings(
+        max_size=default_max_size(data_dir)[0], keep_until_synced=upstream, fsync_interval_ns=fsync_ns
+    )
     w = StoreWriter(data_dir, tags, settings)
     rng = np.random.default_rng(1)
     ids = np.arange(n_tags, dtype=np.int32)
     level = rng.uniform(0, 1000, n_tags).round(1)
     zeros = np.zeros(n_tags, np.uint32)
-    src = dict.fromkeys(("commit", "maintain", "close"), 0)
+    src = dict.fromkeys(("commit", "fsync", "maintain", "close"), 0)
+    flush_at = 0
     samples = commits = 0
     cursor = 0
     period = period_ms * 1_000_000
@@ -66,6 +72,15 @@ def main(argv: list[str]) -> dict:
             src["commit"] += write_bytes() - a
             commits += 1
             pending = []
+            if fsync_ns and not flush_at:
+                flush_at = now + fsync_ns
+        if flush_at and now >= flush_at:
+            # Counted apart: an fsync writes nothing itself, but the pages it cleans count again
+            # at their next write (the cost lands in "commit").
+            a = write_bytes()
+            w.flush()
+            src["fsync"] += write_bytes() - a
+            flush_at = 0
         if now >= next_maint:
             next_maint += 10**9
             # With upstream on, the sync forwards what was committed up to the last round; its
@@ -84,6 +99,7 @@ def main(argv: list[str]) -> dict:
         "seconds": seconds,
         "samples": samples,
         "commits": commits,
+        "fsync_interval_s": fsync_s,
         "write_bytes": total,
         "by_source": src,
         "bytes_per_sample": total / max(1, samples),

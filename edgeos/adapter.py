@@ -11,6 +11,7 @@ restarts it with backoff. See docs/adapters.md.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,17 +154,28 @@ class PollGroup:
         return [t.id for t in self.tags]
 
 
+# Upper bounds of the poll-lateness histogram (/metrics), in ns; the last bucket is +Inf.
+LATENESS_BOUNDS_NS = tuple(
+    int(s * 1e9) for s in (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+)
+
+
 @dataclass
 class PollStats:
-    """Poll-cycle lateness and overruns, for health and the benchmarks."""
+    """Poll-cycle lateness and overruns, for health, metrics and the benchmarks."""
 
     cycles: int = 0
     overruns: int = 0
     lateness_ns: list[int] = field(default_factory=list)
     max_samples: int = 4096
+    # Cumulative histogram of lateness: counts per LATENESS_BOUNDS_NS bucket (+Inf last), and the sum.
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENESS_BOUNDS_NS) + 1))
+    late_sum_ns: int = 0
 
     def record(self, late_ns: int) -> None:
         self.cycles += 1
+        self.buckets[bisect.bisect_left(LATENESS_BOUNDS_NS, late_ns)] += 1
+        self.late_sum_ns += late_ns
         if len(self.lateness_ns) >= self.max_samples:
             self.lateness_ns[self.cycles % self.max_samples] = late_ns
         else:

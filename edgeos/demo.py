@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +22,10 @@ log_level = "warning"
 
 [store]
 commit_interval = "200ms"
+
+# The local HTTP server: the read-only web console (docs/console.md), /metrics and /healthz.
+[http]
+port = @HTTP_PORT@
 
 [[devices]]
 name = "press"
@@ -90,6 +95,8 @@ def render(rt: Runtime, tty: bool) -> str:
         lines.append("\x1b[H\x1b[2J")
     lines.append(f"edgeos demo — gateway {rt.config.gateway.id} — {now:%H:%M:%S} UTC — Ctrl-C to stop")
     lines.append(f"store: {rt.config.gateway.data_dir}")
+    if rt.console_url:
+        lines.append(f"console: {rt.console_url} (open it in a browser: live values and trends)")
     for d in rt.config.devices:
         if d.protocol == "modbus":
             lines.append(f"{d.name}: a machine speaking Modbus TCP on {d.options['host']}:{d.options['port']}")
@@ -106,6 +113,20 @@ def render(rt: Runtime, tty: bool) -> str:
     return "\n".join(lines)
 
 
+def _http_port() -> int:
+    """The HTTP server's usual port (the console's), or any free one when it is taken (a
+    daemon already runs)."""
+    from edgeos.service.http import HttpSettings
+
+    port = HttpSettings().port
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return 0
+    return port
+
+
 def run_demo(data_dir: Path, duration: float = 0.0, *, temporary: bool = False) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = data_dir / "demo.toml"
@@ -115,7 +136,8 @@ def run_demo(data_dir: Path, duration: float = 0.0, *, temporary: bool = False) 
         # A machine on loopback that speaks Modbus TCP, read through the real Modbus adapter.
         machine = DemoMachine()
         port = await machine.start()
-        cfg_path.write_text(DEMO_CONFIG.replace("@FILLER_PORT@", str(port)), encoding="utf-8")
+        text = DEMO_CONFIG.replace("@FILLER_PORT@", str(port)).replace("@HTTP_PORT@", str(_http_port()))
+        cfg_path.write_text(text, encoding="utf-8")
         cfg = load_config(cfg_path)
         setup_logging(cfg.gateway.log_level)
         rt = Runtime(cfg)
@@ -128,6 +150,10 @@ def run_demo(data_dir: Path, duration: float = 0.0, *, temporary: bool = False) 
         async def show() -> None:
             await rt.running.wait()
             t0 = asyncio.get_running_loop().time()
+            for _ in range(50):  # up to 1 s: the console's URL in the first screen, once it listens
+                if rt.console_url is not None:
+                    break
+                await asyncio.sleep(0.02)
             while rt.running.is_set():
                 print(render(rt, tty), flush=True)
                 if duration and asyncio.get_running_loop().time() - t0 >= duration:

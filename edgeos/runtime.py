@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Iterable, Mapping
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgeos import filters, plugins
-from edgeos.adapter import Adapter, DeviceConfig, Sink, first_error
+from edgeos.adapter import Adapter, DeviceConfig, PollStats, Sink, first_error
 from edgeos.config.model import Config
 from edgeos.errors import DeviceError, StoreError
 from edgeos.logs import RateLimited
@@ -33,8 +35,9 @@ from edgeos.model import Batch, Quality, TagMeta
 from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
+from edgeos.service.stats import Histogram
 from edgeos.service.status import STATUS_NAME, live_path, write_status
-from edgeos.store import StoreCorrupt, StoreFull, StoreSettings, StoreWriter, default_max_size
+from edgeos.store import StoreCorrupt, StoreFsyncFailed, StoreFull, StoreSettings, StoreWriter, default_max_size
 from edgeos.sync import Sync
 
 log = logging.getLogger("edgeos.runtime")
@@ -74,6 +77,12 @@ class Channel:
         self._not_full.set()
         return items
 
+    def get_nowait(self) -> Any:
+        item = self._items.popleft()
+        if len(self._items) < self.maxsize:
+            self._not_full.set()
+        return item
+
     async def get(self) -> Any:
         while not self._items:
             self._not_empty.clear()
@@ -98,6 +107,46 @@ class DeviceState:
     last_error_code: str = ""
     last_ok_ns: int = 0
     adapter: Adapter | None = None
+    # For /metrics and /healthz (edgeos/service/metrics.py): failures by error code, when the
+    # device last stopped running (0 while it runs), and poll lateness of closed adapters.
+    errors_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
+    down_since_ns: int = field(default_factory=time.time_ns)
+    retired: PollStats = field(default_factory=PollStats)
+    _retired_adapter: Adapter | None = None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "state":
+            if value == "running":
+                object.__setattr__(self, "down_since_ns", 0)
+            elif not getattr(self, "down_since_ns", 1):
+                object.__setattr__(self, "down_since_ns", time.time_ns())
+        object.__setattr__(self, key, value)
+
+    def retire(self, adapter: Adapter) -> None:
+        """Fold a closed adapter's poll statistics into the device's running totals."""
+        if adapter is self._retired_adapter:
+            return
+        for ps in getattr(adapter, "stats", {}).values():
+            if isinstance(ps, PollStats):
+                r = self.retired
+                r.cycles += ps.cycles
+                r.overruns += ps.overruns
+                r.late_sum_ns += ps.late_sum_ns
+                r.buckets = [a + b for a, b in zip(r.buckets, ps.buckets, strict=True)]
+        self._retired_adapter = adapter
+
+    def poll_stats(self) -> PollStats:
+        """Poll cycles, overruns and the lateness histogram since the daemon started."""
+        out = PollStats(self.retired.cycles, self.retired.overruns, [], 0, list(self.retired.buckets))
+        out.late_sum_ns = self.retired.late_sum_ns
+        if self.adapter is not None and self.adapter is not self._retired_adapter:
+            for ps in list(getattr(self.adapter, "stats", {}).values()):
+                if isinstance(ps, PollStats):
+                    out.cycles += ps.cycles
+                    out.overruns += ps.overruns
+                    out.late_sum_ns += ps.late_sum_ns
+                    out.buckets = [a + b for a, b in zip(out.buckets, ps.buckets, strict=True)]
+        return out
 
 
 @dataclass
@@ -170,8 +219,18 @@ class Runtime:
         self._pending: collections.deque[tuple[Batch, int]] = collections.deque()  # the writer's, with sizes
         self._pending_bytes = 0
         self._committing: tuple[asyncio.Future, int] | None = None  # a commit in the store thread
+        self._undurable = 0  # (I3) samples committed, not yet fsynced: stored at the next flush
+        self.failed: str | None = None  # why the daemon stopped itself (a failed fsync): exit status 1
         self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
+        # /metrics and /healthz (edgeos/service/metrics.py, health.py): the server, commit
+        # latency, and the store's size figures, cached (counting walks an index).
+        self.http: Any = None  # an edgeos.service.http.HttpServer while [http] enabled
+        self.commit_latency = Histogram()
+        self.store_stats: dict[str, int] = {}
+        self._store_stats_at = 0.0
+        self._store_stats_fut: asyncio.Future | None = None
         self.sync: Sync | None = None
+        self.console_url: str | None = None  # set while the console listens
         if config.upstream.enabled and store:
             from edgeos.sync.mqtt import MqttTransport
 
@@ -226,6 +285,38 @@ class Runtime:
             return {"ok": True, "status": self.status()}
         return {"ok": False, "error": f"unknown op {op!r}; expected write or status"}
 
+    @property
+    def store_failing(self) -> bool:
+        """True while the store refuses writes (samples wait in memory_buffer)."""
+        return self._store_failing
+
+    def store_stats_age(self) -> float:
+        return time.monotonic() - self._store_stats_at if self._store_stats_at else math.inf
+
+    async def refresh_store_stats(self, max_age: float = 5.0, wait: float = 1.0) -> dict[str, int]:
+        """The store's size figures (StoreWriter.stats), asked of the store's thread when older
+        than `max_age`; waits at most `wait` seconds (0: not at all), so a hung disk leaves the last
+        figures rather than a hung caller."""
+        if self.store is None or self._executor is None or self.store_stats_age() < max_age:
+            return self.store_stats
+        if self._store_stats_fut is None or self._store_stats_fut.done():
+            store = self.store
+            try:
+                fut = asyncio.get_running_loop().run_in_executor(self._executor, store.stats)
+            except RuntimeError:  # the executor is shut down: stopping
+                return self.store_stats
+
+            def done(f: asyncio.Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.store_stats, self._store_stats_at = f.result(), time.monotonic()
+
+            fut.add_done_callback(done)
+            self._store_stats_fut = fut
+        if wait > 0:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._store_stats_fut), wait)
+        return self.store_stats
+
     def status(self) -> dict[str, Any]:
         return {
             "gateway": self.config.gateway.id,
@@ -233,6 +324,9 @@ class Runtime:
             "counters": vars(self.counters).copy(),
             "store": vars(self.store.counters).copy() if self.store else {},
             "sync": vars(self.sync.status).copy() if self.sync else None,
+            "store_stats": dict(self.store_stats),
+            "store_failing": self._store_failing,
+            "http": {"address": self.config.http.address, "port": self.http.port} if self.http is not None else None,
             "time": time.time(),
             "devices": {
                 n: {
@@ -241,6 +335,9 @@ class Runtime:
                     "failures": s.failures,
                     "samples": s.samples,
                     "last_error": s.last_error,
+                    "last_error_code": s.last_error_code,
+                    "last_ok_ns": s.last_ok_ns,
+                    "down_since_ns": s.down_since_ns,
                     "health": _health(s.adapter),
                 }
                 for n, s in self.devices.items()
@@ -281,10 +378,18 @@ class Runtime:
                 t_pipe = tg.create_task(self._pipeline(pipeline, raw, filtered), name="pipeline")
                 t_write = tg.create_task(self._writer(filtered), name="store-writer")
                 t_sync = tg.create_task(self.sync.run(), name="sync") if self.sync else None
-                t_ctl = t_status = None
+                t_ctl = t_status = t_http = None
                 if self.use_store:
                     t_ctl = tg.create_task(control.serve(cfg.gateway.data_dir, self._control), name="control")
                     t_status = tg.create_task(self._status_loop(), name="status")
+                if cfg.http.enabled:
+                    t_http = tg.create_task(self._serve_http(), name="http")
+                t_console = None
+                if self.use_store and cfg.http.enabled and cfg.console.enabled:
+                    from edgeos.console.service import serve as serve_console
+
+                    # After the http task: its first step creates self.http, where this mounts.
+                    t_console = tg.create_task(serve_console(self), name="console")
                 t_devs = [
                     tg.create_task(self._supervise(d, raw), name=f"device:{d.name}") for d in cfg.devices if d.enabled
                 ]
@@ -292,7 +397,7 @@ class Runtime:
                 try:
                     await self._stop.wait()
                 finally:
-                    for t in (t_ctl, t_status):
+                    for t in (t_ctl, t_status, t_http, t_console):
                         if t is not None:
                             t.cancel()
                     await asyncio.shield(self._shutdown(t_devs, raw, filtered, t_pipe, t_write))
@@ -317,6 +422,17 @@ class Runtime:
                     await self.sync.final_status()
                     self.sync.close()
                 await loop.run_in_executor(self._executor, self.store.close)
+                if self._undurable:
+                    # Committed after the last flush (a commit the stop's deadline overtook): the
+                    # closing checkpoint fsyncs it, unless an fsync failed (then it may be lost).
+                    if self.store.undurable:
+                        self.counters.dropped_at_stop += self._undurable
+                        log.error(
+                            "stop: %d committed samples were never fsynced (lost on a power cut)", self._undurable
+                        )
+                    else:
+                        self.counters.stored += self._undurable
+                    self._undurable = 0
                 final = {**self.status(), "stopped": True}
                 # The live file (tmpfs) and the data directory's, which outlives /run.
                 for path in dict.fromkeys((self._status_path, cfg.gateway.data_dir / STATUS_NAME)):
@@ -371,7 +487,7 @@ class Runtime:
             n = await fut
         except Exception:
             return  # it failed: its batches are still pending, and counted as lost below
-        self.counters.stored += n
+        self._committed(n)
         for _ in range(min(k, len(self._pending))):
             self._pending.popleft()
 
@@ -429,6 +545,7 @@ class Runtime:
                     st.failures += 1
                     st.last_error = str(e)
                     st.last_error_code = e.code if isinstance(e, DeviceError) else type(e).__name__
+                    st.errors_by_code[st.last_error_code] += 1
                     text = str(e) if isinstance(e, DeviceError) else f"{dev.name}: {type(e).__name__}: {e}"
                     self.errors.log(logging.WARNING, f"{dev.name}:{st.last_error_code}", "%s", text)
                     if not degraded:
@@ -458,6 +575,7 @@ class Runtime:
             log.warning("%s: close failed: %s", dev.name, e)
         finally:
             self.devices[dev.name].state = "stopped"
+            self.devices[dev.name].retire(adapter)
 
     # -- pipeline and writer ---------------------------------------------------------------
 
@@ -504,40 +622,75 @@ class Runtime:
                 await out.put(kept)
 
     async def _writer(self, inbox: Channel) -> None:
-        """Batch commits: at `commit_samples` samples or `commit_interval` after the first
-        pending one, whichever comes first. A failed commit keeps its batches and is retried;
-        while the disk refuses writes, pending batches are bounded by `memory_buffer`, counted
-        in real bytes with a running total (oldest dropped and counted). At shutdown everything
-        pending is committed before it returns."""
+        """Group commit (docs/store.md I2): commit as soon as nothing more is queued (what
+        arrives during a commit goes into the next one), at `commit_samples` samples, or, with
+        `commit_interval` set, no sooner than that after the first pending batch. A commit is
+        a write to the WAL that a kill cannot undo; every `fsync_interval` the WAL is fsynced,
+        and only then do its samples count as stored (I3). A failed commit keeps its batches
+        and is retried; while the disk refuses writes, pending batches are bounded by
+        `memory_buffer`, counted in real bytes with a running total (oldest dropped and
+        counted). At shutdown everything pending is committed and fsynced before it returns."""
         cfg = self.config.store
         loop = asyncio.get_running_loop()
         interval = cfg.commit_interval_ns / 1e9
+        fsync_every = cfg.fsync_interval_ns / 1e9
         pending = self._pending
         n_pending = 0
         deadline = 0.0
+        flush_at = 0.0  # set while commits wait for their fsync
         stopping = False
         retry_at = 0.0  # set while the store refuses writes
         next_maintenance = loop.time() + 1.0
         getter: asyncio.Future | None = None
+
+        def take(item: Any) -> None:
+            nonlocal stopping, deadline, n_pending
+            if item is _STOP:
+                stopping = True
+                return
+            if not pending:
+                deadline = loop.time() + interval
+            n_pending += len(item)
+            if retry_at:  # memory is counted only while the store refuses writes
+                size = item.memory_bytes()
+                pending.append((item, size))
+                self._pending_bytes += size
+                n_pending -= self._bound()
+            else:
+                pending.append((item, 0))
+
         try:
-            while not (stopping and not pending):
+            while not (stopping and not pending and not flush_at):
                 now = loop.time()
-                if pending and now >= retry_at and (stopping or n_pending >= cfg.commit_samples or now >= deadline):
+                if self.failed:  # an fsync failed: nothing more is written (I3); the stop counts what waits
+                    if stopping:
+                        break
+                elif (
+                    pending
+                    and now >= retry_at
+                    and (stopping or n_pending >= cfg.commit_samples or (now >= deadline and not len(inbox)))
+                ):
                     if await self._commit(loop, [b for b, _ in pending]):
                         pending.clear()
                         self._pending_bytes = 0
                         n_pending = 0
                         retry_at = 0.0
+                        if self._undurable and not flush_at:
+                            flush_at = loop.time() + fsync_every
                     else:
                         if not retry_at:  # the store just began refusing: size what waits, once
                             self._measure_pending()
                         retry_at = loop.time() + 0.5
                         n_pending -= self._bound()
                     continue
-                if stopping:  # only a failed commit left to retry
+                elif flush_at and not retry_at and (now >= flush_at or (stopping and not pending)):
+                    flush_at = 0.0
+                    await self._flush(loop)
+                    continue
+                elif stopping:  # only a failed commit left to retry
                     await asyncio.sleep(max(0.0, retry_at - now))
                     continue
-                if now >= next_maintenance and not retry_at:
+                if now >= next_maintenance and not retry_at and not self.failed:
                     next_maintenance = now + 1.0
                     if self.store is None:
                         continue
@@ -553,33 +706,25 @@ class Runtime:
                     continue
                 # Keep draining the inbox even while the store refuses writes: producers are never
                 # stalled by the disk; memory stays bounded by memory_buffer instead.
-                wakes = [max(deadline, retry_at)] if pending else []
-                if not retry_at:
-                    wakes.append(next_maintenance)
+                wakes = [next_maintenance]
+                if pending and not self.failed:
+                    wakes.append(max(deadline, retry_at))
+                if flush_at:
+                    wakes.append(flush_at)
                 # One pending get, kept across wake-ups and never cancelled by a timeout, so no
                 # batch can be popped and then dropped (asyncio.wait, unlike wait_for, does not
                 # cancel what it waits on, nor swallow a cancellation of its own).
                 if getter is None:
                     getter = asyncio.ensure_future(inbox.get())
                 if not getter.done():
-                    timeout = max(0.001, min(wakes) - now) if wakes else None
-                    await asyncio.wait({getter}, timeout=timeout)
+                    await asyncio.wait({getter}, timeout=max(0.001, min(wakes) - now))
                     if not getter.done():
                         continue
                 item, getter = getter.result(), None
-                if item is _STOP:
-                    stopping = True
-                    continue
-                if not pending:
-                    deadline = loop.time() + interval
-                n_pending += len(item)
-                if retry_at:  # memory is counted only while the store refuses writes
-                    size = item.memory_bytes()
-                    pending.append((item, size))
-                    self._pending_bytes += size
-                    n_pending -= self._bound()
-                else:
-                    pending.append((item, 0))
+                take(item)
+                # Whatever else is queued joins this commit (group commit), up to commit_samples.
+                while len(inbox) and not stopping and n_pending < cfg.commit_samples:
+                    take(inbox.get_nowait())
         finally:
             if getter is not None:
                 if not getter.done():
@@ -587,6 +732,22 @@ class Runtime:
                 elif not getter.cancelled() and getter.exception() is None and getter.result() is not _STOP:
                     batch = getter.result()  # taken from the inbox, not yet pending: count it at stop
                     pending.append((batch, 0))
+
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(I3) fsync what was committed; it counts as stored from now on. A failed fsync stops
+        the daemon (exit status 1, for systemd to restart it): the page cache can no longer be
+        trusted to hold what reaches the disk, only a fresh start that reads the disk can."""
+        assert self.store is not None
+        try:
+            await asyncio.shield(loop.run_in_executor(self._executor, self.store.flush))
+        except StoreFsyncFailed as e:
+            self.failed = str(e)
+            self.counters.store_errors += 1
+            log.critical("%s", e)
+            self.stop()
+            return
+        self.counters.stored += self._undurable
+        self._undurable = 0
 
     async def _recover(self, loop: asyncio.AbstractEventLoop, e: StoreCorrupt) -> bool:
         """The store went corrupt while running (docs/store.md, I9): quarantine the file and go on
@@ -610,12 +771,30 @@ class Runtime:
         assert self.store is not None
         self.store.maintain(sync_cursor=sync_cursor)
 
+    async def _serve_http(self) -> None:
+        """The local HTTP server ([http]): /metrics, /healthz. Imported only when enabled; a port
+        that cannot be bound is logged and the daemon runs on without it (it is not data)."""
+        from edgeos.service import health, metrics
+        from edgeos.service.http import HttpServer, HttpSettings
+
+        self.http = HttpServer(HttpSettings.from_config(self.config.http))
+        metrics.register(self.http, self)
+        health.register(self.http, self)
+        try:
+            await self.http.serve()
+        except OSError as e:
+            a = self.config.http
+            log.warning(
+                "http: cannot listen on %s:%d (%s); /metrics and /healthz are unavailable", a.address, a.port, e
+            )
+
     async def _status_loop(self) -> None:
         """The status file, once a second, whatever the store does: it must say that the daemon
         runs (and drops) exactly when the store fails. Built on the loop, written in a thread."""
         loop = asyncio.get_running_loop()
         while True:
             try:
+                await self.refresh_store_stats(max_age=10.0, wait=0)
                 await loop.run_in_executor(None, write_status, self._status_path, self.status())
             except Exception as e:  # a status is not data: never let it stop the daemon
                 self.errors.log(logging.ERROR, "status", "status not written: %s: %s", type(e).__name__, e)
@@ -652,12 +831,21 @@ class Runtime:
             )
         return dropped
 
+    def _committed(self, n: int) -> None:
+        """(I3) Committed samples are stored at once when every commit is fsynced, else at the
+        next flush."""
+        if self.store is not None and self.config.store.fsync_interval_ns > 0:
+            self._undurable += n
+        else:
+            self.counters.stored += n
+
     async def _commit(self, loop: asyncio.AbstractEventLoop, batches: list[Batch]) -> bool:
         if self.store is None:
             n = sum(len(b) for b in batches)
         else:
             # Kept while it runs: a stop that runs out of time must not count a commit that
             # finishes in the store thread afterwards as lost (see _settle_commit).
+            t0 = time.perf_counter()
             fut = loop.run_in_executor(self._executor, self.store.write, batches)
             self._committing = (fut, len(batches))
             try:
@@ -670,6 +858,15 @@ class Runtime:
                 self._store_failing = True
                 await self._recover(loop, e)
                 return False
+            except StoreFsyncFailed as e:
+                # (issue 28) An fsync SQLite did itself (a commit under synchronous=FULL, a
+                # checkpoint) failed: the same verdict as a failed flush(), never a retry.
+                self._committing = None
+                self.failed = str(e)
+                self.counters.store_errors += 1
+                log.critical("%s", e)
+                self.stop()
+                return False
             except StoreError as e:
                 self._committing = None
                 self.counters.store_errors += 1
@@ -678,12 +875,13 @@ class Runtime:
                 self.errors.log(logging.ERROR, key, "%s; keeping samples in memory and retrying", e)
                 return False
             self._committing = None
+            self.commit_latency.observe(time.perf_counter() - t0)
             if self._store_failing:
                 self._store_failing = False
                 dropped = self.counters.dropped_store_unavailable
                 log.warning("store writable again; %d samples dropped while it was not", dropped)
                 self.errors.clear("store:")
-        self.counters.stored += n
+        self._committed(n)
         if self.sync is not None:
             self.sync.wakeup.set()
         for s in self.sinks:
@@ -711,6 +909,7 @@ def store_settings(cfg: Config) -> StoreSettings:
         compact_after_ns=cfg.store.compact_after_ns,
         keep_until_synced=cfg.upstream.enabled,
         compress_units=cfg.store.unit_version == 3,
+        fsync_interval_ns=cfg.store.fsync_interval_ns,
     )
 
 

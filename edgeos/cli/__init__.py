@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from edgeos.cli import core, device, opcua, serial, store  # noqa: F401  (registers commands)
+from edgeos.cli import console, core, device, opcua, serial, store  # noqa: F401  (registers commands)
 from edgeos.cli.app import app
 from edgeos.cli.core import GATEWAY_HEADER, _sample, load_or_exit
 from edgeos.errors import PluginError

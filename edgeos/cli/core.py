@@ -73,6 +73,9 @@ def run(
     except EdgeosError as e:
         typer.echo(f"edgeos: {e}", err=True)
         raise typer.Exit(1) from None
+    if rt.failed:  # it stopped itself (a failed fsync): non-zero, so systemd restarts it
+        typer.echo(f"edgeos: {rt.failed}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -130,16 +133,17 @@ def _writes(cfg: Config) -> str:
     # Tags that share an interval are read in one poll cycle; each cycle is a commit at most.
     cycles = sum(1e9 / iv for d in devices for iv in {t.poll_interval_ns for t in d.tags})
     interval = cfg.store.commit_interval_ns
-    est = estimate_write_bytes_per_day(samples, cycles, interval / 1e9)
-    commits = min(cycles, 1e9 / interval)
+    fsync = cfg.store.fsync_interval_ns
+    est = estimate_write_bytes_per_day(samples, cycles, interval / 1e9, fsync / 1e9)
+    commits = cycles if interval <= 0 else min(cycles, 1e9 / interval)
     status = ""
     if not _on_tmpfs(live_path(cfg.gateway.data_dir, cfg.gateway.run_dir).parent):
         est += 4096 * 86_400  # one 4 KiB page a second (docs/store.md, "Writes to the disk")
         status = "; the live status goes to the data disk too (0.35 GB/day of it): set gateway.run_dir to a tmpfs"
+    when = "every commit" if fsync <= 0 else f"every {format_duration_ns(fsync)}"
     return (
-        f"about {est / 1e9:.2f} GB/day to the data disk, estimated ({commits:.1f} commits/s at "
-        f"commit_interval {format_duration_ns(interval)}; a longer one writes less and can lose more at a power cut)"
-        + status
+        f"about {est / 1e9:.2f} GB/day to the data disk, estimated ({commits:.1f} commits/s, fsynced {when}: "
+        "a longer store.fsync_interval writes less and can lose more at a power cut)" + status
     )
 
 
@@ -171,6 +175,17 @@ def _budget(cfg: Config) -> str:
         size = f"max_size {n / 2**20:.0f} MiB (default: {how})"
     keep = f"retention {format_duration_ns(st.retention_ns)}" if st.retention_ns else "no retention limit"
     return f"{size}; {keep}"
+
+
+def _age(seconds: float) -> str:
+    """A short age for the status table: 0.4s, 12s, 5m, 3h, 2d."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def _listed(items: object) -> str:
@@ -216,10 +231,12 @@ GATEWAY_HEADER = """\
   # shutdown_timeout = "10s"
 
 [store]
-  ## A sample is stored once its transaction commits: at most every commit_samples samples
-  ## or commit_interval, whichever comes first.
+  ## Samples are committed as soon as nothing more is queued (one commit per poll cycle),
+  ## at most commit_samples at a time; a kill cannot lose a commit. The commits are fsynced
+  ## every fsync_interval: a power cut can lose that much, and a longer one wears flash less.
   # commit_samples = 10000
-  # commit_interval = "100ms"
+  # commit_interval = "0s"
+  # fsync_interval = "2s"
   ## Bounds on history; the oldest data goes first. Without max_size the store keeps to a
   ## quarter of the file system it is on (at least 64 MiB); `edgeos check` shows the figure.
   # retention = "90d"
@@ -336,7 +353,8 @@ def demo(
     Starts a filling machine that speaks Modbus TCP on 127.0.0.1 (read through the real
     Modbus adapter) and three simulated machines (a press, an oven, a packer), runs the full
     runtime with filters and a store in a temporary directory (or --dir), and shows the live
-    values updating in the terminal until Ctrl-C. Nothing leaves this computer.
+    values updating in the terminal until Ctrl-C, with the URL of the web console, where the
+    same values and their trends are in a browser. Nothing leaves this computer.
     """
     from edgeos.demo import run_demo
 
@@ -352,7 +370,10 @@ def status(
     config_file: ConfigPos = None,
     config: ConfigOpt = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Read this data directory instead.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw status document (JSON only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="table (for people) or json (the status document, for scripts).")
+    ] = "table",
 ) -> None:
     """Show whether the daemon runs, its devices, store counters and upstream sync lag.
 
@@ -365,6 +386,11 @@ def status(
     import json
 
     from edgeos.service.status import daemon_pid, read_status
+
+    if fmt not in ("table", "json"):
+        typer.echo(f"--format: found {fmt!r}, expected table or json", err=True)
+        raise typer.Exit(2)
+    as_json = as_json or fmt == "json"
 
     if data_dir is not None:
         directory, run_dir = data_dir, None
@@ -412,6 +438,14 @@ def status(
         if "written_bytes" in st and up > 0:
             rate = st["written_bytes"] / up * 86_400
             typer.echo(f"writes    {st['written_bytes'] / 1e6:.1f} MB to the data disk, {rate / 1e9:.2f} GB/day")
+    ss = doc.get("store_stats") or {}
+    if ss:
+        used, budget = ss.get("used_bytes", 0), ss.get("max_size", 0)
+        share = f" of {budget / 1e6:,.0f} MB budget ({100 * used / budget:.0f}%)" if budget else ""
+        oldest = ss.get("oldest_ns", 0)
+        horizon = f", oldest sample {_age(doc['time'] - oldest / 1e9)} old" if oldest else ""
+        refusing = "; REFUSING WRITES (samples wait in memory)" if doc.get("store_failing") else ""
+        typer.echo(f"usage     {used / 1e6:,.1f} MB{share}, {ss.get('chunks', 0)} chunks{horizon}{refusing}")
     sync = doc.get("sync")
     if sync:
         last = sync["last_publish_ns"]
@@ -423,9 +457,19 @@ def status(
         )
     else:
         typer.echo("upstream  disabled")
-    typer.echo(f"{'DEVICE':<20} {'STATE':<11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR")
+    http = doc.get("http")
+    if http and running:
+        typer.echo(f"metrics   http://{http['address']}:{http['port']}/metrics  (and /healthz)")
+    typer.echo(
+        f"{'DEVICE':<20} {'STATE':<11} {'UP':<4} {'LAST VALUES':>11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR"
+    )
     for name, d in doc["devices"].items():
-        typer.echo(f"{name:<20} {d['state']:<11} {d['samples']:>10} {d['failures']:>9}  {d['last_error']}")
+        up = "up" if d["state"] == "running" else "down"
+        last = d.get("last_ok_ns")
+        values = "never" if last == 0 else "-" if last is None else _age(doc["time"] - last / 1e9) + " ago"
+        typer.echo(
+            f"{name:<20} {d['state']:<11} {up:<4} {values:>11} {d['samples']:>10} {d['failures']:>9}  {d['last_error']}"
+        )
         refused = (d.get("health") or {}).get("refused_tags")
         if refused:
             typer.echo(f"{'':<20} refused by the device (kept Bad, asked again later): {_listed(refused)}")

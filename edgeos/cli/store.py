@@ -21,6 +21,7 @@ from edgeos.config.units import parse_duration_ns, parse_time_ns
 from edgeos.errors import StoreError
 from edgeos.model import Quality
 from edgeos.store import StoreReader, aggregate
+from edgeos.store.reader import CSV_HEADER, csv_rows
 
 ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Config file; its gateway.data_dir is the store to read.")
@@ -236,24 +237,13 @@ def export(
         except KeyError as e:
             typer.echo(f"edgeos: {e.args[0]}", err=True)
             raise typer.Exit(1) from None
-        names = {t.id: t.key for t in infos}
         fh = sys.stdout if str(out) == "-" else out.open("w", newline="", encoding="utf-8")
         try:
             w = csv.writer(fh, lineterminator="\n")
-            w.writerow(["time", "tag", "value", "quality"])
-            for ids, ts, values, quality, text in store.windows(infos, lo, hi):
-                times = np.datetime_as_string(ts.astype("datetime64[ns]"), unit="ms")
-                vals = (
-                    values.astype(str)
-                    if text is None
-                    else [s if s is not None else repr(float(v)) for s, v in zip(text, values, strict=True)]
-                )
-                quals = [Quality.describe(int(q)) for q in quality]
-                w.writerows(
-                    (f"{t}Z", names[i], "" if v == "nan" else v, q)
-                    for t, i, v, q in zip(times, ids.tolist(), vals, quals, strict=True)
-                )
-                rows += len(ts)
+            w.writerow(CSV_HEADER)
+            for chunk in csv_rows(store, infos, lo, hi):
+                w.writerows(chunk)
+                rows += len(chunk)
         finally:
             if fh is not sys.stdout:
                 fh.close()

@@ -12,10 +12,11 @@ from typing import Any
 
 from edgeos import plugins
 from edgeos.adapter import DeviceConfig, FilterSpec, TagConfig
-from edgeos.config.model import Config, GatewayConfig, StoreConfig, UpstreamConfig
+from edgeos.config.model import Config, GatewayConfig, HealthConfig, HttpConfig, StoreConfig, UpstreamConfig
 from edgeos.config.schema import Field, Problems, parse_table, unknown_key_message
 from edgeos.config.secrets import check_options as check_secret_files
 from edgeos.config.tags_csv import read_tags_csv
+from edgeos.console.settings import parse_console
 from edgeos.errors import ConfigError, PluginError, Problem
 from edgeos.model import TagMeta, ValueKind
 
@@ -70,7 +71,16 @@ GATEWAY_FIELDS: dict[str, Field] = {
 
 STORE_FIELDS: dict[str, Field] = {
     "commit_samples": Field("int", 10_000, min=1, max=10_000_000),
-    "commit_interval": Field("duration", "100ms", min=1_000_000, max=1_000_000_000),
+    "commit_interval": Field(
+        "duration", "0s", min=0, max=1_000_000_000, help="0: commit as soon as nothing more is queued (group commit)"
+    ),
+    "fsync_interval": Field(
+        "duration",
+        "2s",
+        min=0,
+        max=60_000_000_000,
+        help="how often commits are fsynced (what a power cut can lose; 0: every commit)",
+    ),
     "retention": Field("duration", None, min=60_000_000_000),
     "max_size": Field("size", None, min=1024 * 1024),
     "memory_buffer": Field("size", "64MiB", min=1024 * 1024),
@@ -125,7 +135,23 @@ TAG_FIELDS: dict[str, Field] = {
     "filters": Field("any", None),
 }
 
-TOP_KEYS = {"gateway", "store", "devices", "upstream"}
+HTTP_FIELDS: dict[str, Field] = {
+    "enabled": Field("bool", True, help="the local HTTP server: /metrics, /healthz"),
+    "address": Field("str", "127.0.0.1", help="bind address; loopback unless you mean to expose it"),
+    "port": Field("int", 9180, min=0, max=65535),
+    "tls_cert": Field("str", None, help="PEM certificate chain, relative to the config file"),
+    "tls_key": Field("str", None, help="PEM private key, relative to the config file"),
+    "max_connections": Field("int", 32, min=1, max=10_000),
+    "metrics_per_tag": Field("bool", False, help="one series per tag in /metrics (off: 10,000 tags, 10,000 series)"),
+}
+
+HEALTH_FIELDS: dict[str, Field] = {
+    "device_down": Field("duration", "60s", min=1_000_000_000, help="a device down longer is unhealthy"),
+    "sync_lag": Field("duration", "5m", min=1_000_000_000, help="an upstream lag over this is unhealthy"),
+    "devices": Field("any", None, help="per-device device_down: a table of device name = duration"),
+}
+
+TOP_KEYS = {"gateway", "store", "devices", "upstream", "http", "health", "console"}
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -178,6 +204,16 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
             problems.add("upstream.password_env", f"environment variable {up['password_env']!r} is not set")
     check_secret_files(up, base, "upstream", problems)
 
+    ht = parse_table(raw.get("http", {}), HTTP_FIELDS, "http", problems)
+    console = parse_console(raw.get("console", {}), base, problems, http=ht)
+    for key in ("tls_cert", "tls_key"):
+        if ht.get(key) and not (base / ht[key]).exists():
+            problems.add(f"http.{key}", f"file {ht[key]!r} not found (relative to {base})")
+    if bool(ht.get("tls_cert")) != bool(ht.get("tls_key")):
+        problems.add("http.tls_cert", "tls_cert and tls_key must be given together")
+    he = parse_table(raw.get("health", {}), HEALTH_FIELDS, "health", problems)
+    down_by_name = _health_devices(he.get("devices"), problems)
+
     raw_devices = raw.get("devices", [])
     devices: list[DeviceConfig] = []
     if not isinstance(raw_devices, list):
@@ -202,6 +238,9 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
     if not raw_devices:
         problems.add("devices", "no devices configured: add at least one [[devices]] table")
     _check_shared_ports(placed, problems)
+    for name in down_by_name:
+        if name not in seen_devices:
+            problems.add(f"health.devices.{name}", unknown_key_message(name, seen_devices))
 
     problems.raise_if_any()
     data_dir = Path(gw["data_dir"])
@@ -220,6 +259,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         store=StoreConfig(
             commit_samples=st["commit_samples"],
             commit_interval_ns=st["commit_interval"],
+            fsync_interval_ns=st["fsync_interval"],
             retention_ns=st["retention"],
             max_size=st["max_size"],
             memory_buffer=st["memory_buffer"],
@@ -229,7 +269,35 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
         ),
         devices=tuple(devices),
         upstream=UpstreamConfig(enabled=up.get("enabled", False), options=up),
+        http=HttpConfig(
+            enabled=ht["enabled"],
+            address=ht["address"],
+            port=ht["port"],
+            tls_cert=(base / ht["tls_cert"]).resolve() if ht["tls_cert"] else None,
+            tls_key=(base / ht["tls_key"]).resolve() if ht["tls_key"] else None,
+            max_connections=ht["max_connections"],
+            metrics_per_tag=ht["metrics_per_tag"],
+        ),
+        health=HealthConfig(
+            device_down_ns=he["device_down"], device_down_by_name=down_by_name, sync_lag_ns=he["sync_lag"]
+        ),
+        console=console,
     )
+
+
+def _health_devices(raw: Any, problems: Problems) -> dict[str, int]:
+    """[health.devices]: device name = how long it may be down (checked against devices below)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.add("health.devices", "expected a table of device name = duration")
+        return {}
+    out = {}
+    for name, value in raw.items():
+        ns = Field("duration", min=1_000_000_000).parse(value, f"health.devices.{name}", problems)
+        if isinstance(ns, int):
+            out[name] = ns
+    return out
 
 
 def _serial_port(dev: DeviceConfig) -> tuple[str, str, bool] | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeos.adapter import DeviceConfig, TagConfig
+from edgeos.console.settings import ConsoleSettings
 from edgeos.model import TagMeta
 
 
@@ -23,7 +24,8 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     commit_samples: int = 10_000
-    commit_interval_ns: int = 100_000_000
+    commit_interval_ns: int = 0  # 0: group commit, as soon as the writer has nothing more queued
+    fsync_interval_ns: int = 2_000_000_000  # 0: every commit is fsynced
     retention_ns: int | None = None
     max_size: int | None = None
     memory_buffer: int = 64 * 1024 * 1024
@@ -41,12 +43,40 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The local HTTP server (/metrics, /healthz): on by default, on loopback only."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 9180
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_connections: int = 32
+    metrics_per_tag: bool = False  # 10,000 tags must not become 10,000 series by default
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Bounds past which /healthz answers 503."""
+
+    device_down_ns: int = 60_000_000_000
+    device_down_by_name: dict[str, int] = field(default_factory=dict)  # per-device overrides
+    sync_lag_ns: int = 300_000_000_000
+
+    def device_bound_ns(self, device: str) -> int:
+        return self.device_down_by_name.get(device, self.device_down_ns)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     gateway: GatewayConfig
     store: StoreConfig
     devices: tuple[DeviceConfig, ...]
     upstream: UpstreamConfig
+    http: HttpConfig = field(default_factory=HttpConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)  # docs/console.md
 
     @property
     def tags(self) -> tuple[TagMeta, ...]:

@@ -8,6 +8,7 @@ from edgeos.store.reader import History, StoreReader, TagInfo, aggregate
 from edgeos.store.writer import (
     StoreCorrupt,
     StoreCounters,
+    StoreFsyncFailed,
     StoreFull,
     StoreSettings,
     StoreWriter,
@@ -19,6 +20,7 @@ __all__ = [
     "History",
     "StoreCorrupt",
     "StoreCounters",
+    "StoreFsyncFailed",
     "StoreFull",
     "StoreReader",
     "StoreSettings",

@@ -307,3 +307,92 @@ def aggregate(h: History, every_ns: int, agg: str) -> tuple[np.ndarray, np.ndarr
     else:
         raise ValueError(f"unknown aggregate {agg!r}; expected mean, min, max, first, last, count")
     return bucket[starts], out, counts
+
+
+# -- trends and CSV for the web console (edgeos/console) -------------------------------------
+
+
+@dataclass(frozen=True)
+class Trend:
+    """One tag over a range, cut into `len(t)` equal buckets for a chart of that many pixels.
+
+    `mean`, `lo` and `hi` are NaN where a bucket holds no Good (or Uncertain) sample: the chart
+    breaks its line there. `bad` lists (start, end) ns of each Bad-quality period: from its first
+    Bad sample to the next usable one (or its last Bad sample), so a chart shades it and never
+    draws a line through it."""
+
+    tag: TagInfo
+    t: np.ndarray  # bucket starts, ns
+    step_ns: int
+    mean: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    count: np.ndarray
+    bad: list[tuple[int, int]]
+    samples: int
+    interval_ns: int  # median spacing of the samples: a chart bridges empty buckets up to a few of these
+
+
+def trend(h: History, since_ns: int, until_ns: int, buckets: int) -> Trend:
+    """Min/max/mean buckets over [since, until] (aggregate() aligns to the epoch; a chart needs
+    its own grid). Vectorised: a week at 1 Hz is 605k samples, a few ms here."""
+    buckets = max(1, min(int(buckets), 10_000))
+    span = max(1, int(until_ns) - int(since_ns) + 1)
+    step = max(1, -(-span // buckets))
+    t = int(since_ns) + step * np.arange(buckets, dtype=np.int64)
+    usable = ((h.quality >> np.uint32(30)) < 2) & np.isfinite(h.values)
+    idx = (h.ts - since_ns) // step
+    ok = usable & (idx >= 0) & (idx < buckets)
+    b, v = idx[ok], h.values[ok]
+    count = np.bincount(b, minlength=buckets)[:buckets]
+    sums = np.bincount(b, weights=v, minlength=buckets)[:buckets]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, sums / np.maximum(count, 1), np.nan)
+    lo = np.full(buckets, np.inf)
+    hi = np.full(buckets, -np.inf)
+    if len(b):
+        _reduce_sorted(lo, b, v, np.minimum)
+        _reduce_sorted(hi, b, v, np.maximum)
+    lo[count == 0] = np.nan
+    hi[count == 0] = np.nan
+    interval = int(np.median(np.diff(h.ts))) if len(h) > 1 else 0
+    return Trend(h.tag, t, step, mean, lo, hi, count, bad_periods(h.ts, usable), len(h), interval)
+
+
+def _reduce_sorted(out: np.ndarray, b: np.ndarray, v: np.ndarray, ufunc: np.ufunc) -> None:
+    """ufunc.at is slow; history is time-ordered, so each bucket's samples are contiguous."""
+    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+    out[b[starts]] = ufunc.reduceat(v, starts)
+
+
+def bad_periods(ts: np.ndarray, usable: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of unusable samples; it ends at the next usable sample."""
+    if not len(ts) or usable.all():
+        return []
+    bad = (~usable).astype(np.int8)
+    edges = np.diff(np.r_[0, bad, 0])
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # ends: first usable after
+    return [(int(ts[s]), int(ts[e] if e < len(ts) else ts[e - 1])) for s, e in zip(starts, ends, strict=True)]
+
+
+CSV_HEADER = ("time", "tag", "value", "quality")
+
+
+def csv_rows(
+    store: StoreReader, infos: Sequence[TagInfo], since_ns: int, until_ns: int
+) -> Iterator[list[tuple[str, str, str, str]]]:
+    """Raw history as CSV rows (time, tag, value, quality), one window at a time, in time order:
+    what `edgeos export` writes and the console downloads (one function, so they agree)."""
+    names = {t.id: t.key for t in infos}
+    for ids, ts, values, quality, text in store.windows(infos, since_ns, until_ns):
+        times = np.datetime_as_string(ts.astype("datetime64[ns]"), unit="ms")
+        vals = (
+            values.astype(str)
+            if text is None
+            else [s if s is not None else repr(float(v)) for s, v in zip(text, values, strict=True)]
+        )
+        quals = [Quality.describe(int(q)) for q in quality]
+        yield [
+            (f"{t}Z", names[i], "" if v == "nan" else v, q)
+            for t, i, v, q in zip(times, ids.tolist(), vals, quals, strict=True)
+        ]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeos import wire
-from edgeos.errors import EdgeosError, StoreError
+from edgeos.errors import StoreError
 from edgeos.model import Batch, TagMeta
 from edgeos.store import schema
 from edgeos.store.chunk import encode_chunk
@@ -74,41 +74,35 @@ def default_max_size(data_dir: str | os.PathLike[str]) -> tuple[int, str]:
     return size, f"a quarter of the {total / 2**30:.1f} GiB file system at {probe}, at least 64 MiB"
 
 
-def estimate_write_bytes_per_day(samples_per_s: float, cycles_per_s: float, commit_interval_s: float) -> float:
+def estimate_write_bytes_per_day(
+    samples_per_s: float, cycles_per_s: float, commit_interval_s: float, fsync_interval_s: float = 0.0
+) -> float:
     """(I19) What the store will write to the disk a day, from the load (docs/store.md, "Writes
-    to the disk"): one commit per poll cycle, at most one per `commit_interval`; a commit
-    writes its WAL frames (the unit's pages, about 3 bytes a sample for register-like values,
-    plus the page-1/freelist updates of a multi-page unit), rounded up by the kernel to 4 KiB
-    pages; compaction and checkpoints add about 4 bytes a sample. Calibrated on this
-    project's machine within about 30%; plain float noise makes units about three times larger."""
+    to the disk"): one commit per poll cycle (group commit), at most one per `commit_interval`
+    when set; a commit appends its WAL frames (the unit's pages, about 3 bytes a sample for
+    register-like values, plus page 1 / the freelist of a multi-page unit). The kernel counts
+    4 KiB pages dirtied: a page written again after an fsync counts again, so each fsync costs
+    about one page more than the frames it covers (every commit, or every `fsync_interval`).
+    Compaction and checkpoints add about 4 bytes a sample. Calibrated on this project's
+    machine within about 30%; plain float noise makes units about three times larger."""
     if samples_per_s <= 0 or cycles_per_s <= 0:
         return 0.0
-    commits = min(cycles_per_s, 1.0 / max(commit_interval_s, 1e-3))
+    commits = cycles_per_s if commit_interval_s <= 0 else min(cycles_per_s, 1.0 / commit_interval_s)
     unit = 100 + 3 * samples_per_s / commits
     frames = 1 + (math.ceil((unit - 900) / 1020) + 1 if unit > 900 else 0)
-    per_commit = 4096 * (1 + frames * (PAGE_SIZE + 24) / 4096)
-    return (commits * per_commit + 4 * samples_per_s) * 86_400
+    fsyncs = commits if fsync_interval_s <= 0 else min(commits, 1.0 / fsync_interval_s)
+    per_s = fsyncs * 4096 + commits * frames * (PAGE_SIZE + 24)
+    return (per_s + 4 * samples_per_s) * 86_400
 
 
 class StoreFull(StoreError):
     """The disk refused a write (ENOSPC / SQLITE_FULL); retry when space returns."""
 
 
-class StoreFsyncFailed(EdgeosError):
-    """(issue 28) An fsync of the store failed. After a failed fsync the kernel may have dropped
-    the dirty pages and marked them clean (PostgreSQL's "fsyncgate"): the page cache no longer
-    says what is on disk, and a later fsync that succeeds proves nothing. The writer refuses all
-    further work, and the process must exit so systemd restarts it; on restart SQLite recovers
-    from what is on disk (the WAL's checksums end the replay at the last whole commit). Every
-    commit acknowledged before the failure had its own fsync succeed, so none is lost.
-
-    Deliberately NOT a StoreError: callers retry a StoreError in the same process (a full disk
-    frees up), and retrying after a failed fsync is exactly what must not happen."""
-
-
 def fsync_failed(e: BaseException) -> bool:
-    """(issue 28) True for an fsync failure: SQLite's IOERR_FSYNC/IOERR_DIR_FSYNC, or an OSError
-    from os.fsync/os.fdatasync (pass `e` from a periodic WAL fsync of the caller's own)."""
+    """(issue 28) True for an fsync that SQLite itself did and that failed (IOERR_FSYNC,
+    IOERR_DIR_FSYNC: a commit under synchronous=FULL, a checkpoint): the same verdict as a failed
+    flush() (StoreFsyncFailed, docs/reliability.md), never a retry in this process."""
     code = getattr(e, "sqlite_errorcode", None)
     if code is not None:
         return code in (sqlite3.SQLITE_IOERR_FSYNC, sqlite3.SQLITE_IOERR_DIR_FSYNC)
@@ -135,6 +129,15 @@ class StoreSettings:
     # (I19) Version-3 units (deflated columns): a third of the bytes a commit writes, and of
     # what goes upstream. False writes version 2, for consumers whose edgeos.wire predates 3.
     compress_units: bool = True
+    # (I3) 0: SQLite fsyncs the WAL at every commit (synchronous=FULL). Otherwise commits are
+    # written without an fsync (synchronous=NORMAL: they survive a kill, not a power cut) and
+    # the owner calls flush() at most this often; only then do they count as durable.
+    fsync_interval_ns: int = 0
+
+
+class StoreFsyncFailed(StoreError):
+    """fsync of the WAL failed: what the page cache holds can no longer be trusted to reach the
+    disk (PostgreSQL's "fsyncgate"); the process must stop and start again (docs/store.md I3)."""
 
 
 @dataclass
@@ -148,6 +151,8 @@ class StoreCounters:
     quarantined_units: int = 0
     quarantined_samples: int = 0
     written_bytes: int = 0  # (I19) what the store's thread wrote to the disk (write_bytes of /proc)
+    durable_samples: int = 0  # (I3) committed and fsynced: survive a power cut
+    fsyncs: int = 0
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -222,6 +227,10 @@ class StoreWriter:
         self._cursor_saved = 0  # the one in meta.sync_cursor (at most CURSOR_SAVE_S behind)
         self._cursor_saved_at = 0  # now_ns of maintain() when it was last written
         self._seq_warned = False
+        self._undurable = 0  # (I3) samples committed since the last flush()
+        self.durable_id = 0  # the highest unit id known to survive a power cut
+        self._fsync_failed = False  # (I3) a failed fsync: refuse further work, never mark clean
+        self._power_cut = False  # set by _open: the last run stopped uncleanly and the machine rebooted
         self._io_thread = -1  # (I19) the thread whose /proc write_bytes is counted, and its last figure
         self._io_seen = 0
         if not self.dir.exists():
@@ -259,7 +268,14 @@ class StoreWriter:
                 with self._txn():
                     self._mark_units()
             self._reserved = self._read_seq() or 0
-            if self._max_id < self._reserved - SEQ_RESERVE:
+            self.durable_id = self._max_id
+            if self._power_cut and self._reserved > self._max_id:
+                # (I14) Units committed in the last fsync_interval before the machine went down
+                # may have been forwarded upstream and lost here: their ids must not be given
+                # again. Every id given was below the fsynced bound, so continue above it.
+                self._jump_to(self._reserved, "the machine went down without a clean stop (power cut?)")
+                self._power_cut = False
+            elif self._max_id < self._reserved - SEQ_RESERVE:
                 # The file is older than the bound: ids above its top may have been given by a
                 # later file (a restored backup, a file swapped by hand). Continue above every id
                 # the bound allowed, as after a quarantine: a jump, never a reuse.
@@ -353,6 +369,10 @@ class StoreWriter:
                 if found == -1:
                     why = "an SQLite database without edgeos tables"
                 elif self._needs_check(db, found):
+                    # (I14) Commits not yet fsynced die with the machine, not with the process;
+                    # a changed boot id says the machine went down too.
+                    prev_boot = db.execute("SELECT value FROM meta WHERE key='boot_id'").fetchone()
+                    self._power_cut = prev_boot is not None and prev_boot[0] != _boot_id()
                     log.warning(
                         "store %s: the last run did not stop cleanly (killed, crashed or power cut); "
                         "checking its integrity",
@@ -427,8 +447,11 @@ class StoreWriter:
         if found is None:
             db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         db.execute("PRAGMA journal_mode=WAL")
-        # (I3) FULL: the WAL is fsynced at every commit, so a commit survives a power cut too.
-        db.execute("PRAGMA synchronous=FULL")
+        # (I3) FULL: the WAL is fsynced at every commit. NORMAL: commits are written to the WAL
+        # (a kill cannot lose them) and flush() fsyncs it every fsync_interval; checkpoints
+        # still fsync the WAL before and the database after.
+        grouped = self.settings.fsync_interval_ns > 0
+        db.execute(f"PRAGMA synchronous={'NORMAL' if grouped else 'FULL'}")
         # (I19) Deleted units are not overwritten with zeros (Debian's SQLite defaults to
         # secure_delete=ON, which rewrote every compacted unit's pages once more).
         db.execute("PRAGMA secure_delete=OFF")
@@ -450,6 +473,10 @@ class StoreWriter:
             log.warning("store %s: migrating schema %d -> %d", self.path, found, schema.SCHEMA_VERSION)
             schema.migrate(db, found)
         db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '0')")
+        if grouped:  # (I14) lets the next start tell a killed process from a machine that went down
+            db.execute("INSERT OR REPLACE INTO meta VALUES('boot_id', ?)", (_boot_id(),))
+        else:
+            db.execute("DELETE FROM meta WHERE key='boot_id'")
 
     def _floor(self, old_top: int) -> int:
         """(I14) Where a new store's ids start: above every id this gateway may have given."""
@@ -520,13 +547,14 @@ class StoreWriter:
             log.error("store %s: cannot read %s (%s); using the database's own ids", self.path, self.seq_path, e)
             return None
 
-    def _jump_to(self, floor: int) -> None:
+    def _jump_to(self, floor: int, why: str = "a restored backup or a replaced file?") -> None:
         log.warning(
-            "store %s: the file's unit ids (up to %d) are behind its sequence bound %s (a restored backup "
-            "or a replaced file?); new units continue after %d, so no sequence number is reused",
+            "store %s: the file's unit ids (up to %d) are behind its sequence bound %s (%s); new units "
+            "continue after %d, so no sequence number is reused",
             self.path,
             self._max_id,
             self.seq_path.name,
+            why,
             floor,
         )
         with self._txn():
@@ -666,17 +694,56 @@ class StoreWriter:
         n = sum(r[3] for r in rows)
         self.counters.committed_samples += n
         self.counters.committed_units += len(rows)
+        if self.settings.fsync_interval_ns > 0:
+            self._undurable += n
+        else:
+            self.durable_id = top
+            self.counters.durable_samples += n
+        return n
+
+    @property
+    def undurable(self) -> int:
+        """(I3) Samples committed since the last fsync: a kill cannot lose them, a power cut can."""
+        return self._undurable
+
+    def flush(self) -> int:
+        """(I3) fsync the WAL: every commit so far now survives a power cut. Returns the samples
+        this made durable. Raises StoreFsyncFailed if the fsync fails: after that the page
+        cache cannot be trusted, only a restart that reads the disk again can (I3)."""
+        if not self._undurable and self.durable_id == self._max_id:
+            return 0
+        n, top = self._undurable, self._max_id
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            fd = -1  # no WAL: the last checkpoint (which fsyncs) put everything in the database
+        except OSError as e:
+            raise StoreFsyncFailed(f"{self.path}-wal: cannot open it to fsync: {e.strerror}") from e
+        if fd >= 0:
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                self._fsync_failed = True
+                raise StoreFsyncFailed(
+                    f"{self.path}-wal: fsync failed: {e.strerror}; commits since the last fsync may not be on the disk "
+                    "and the page cache can no longer be trusted: edgeos stops for its service manager to restart it"
+                ) from e
+            finally:
+                os.close(fd)
+        self._undurable = 0
+        self.durable_id = top
+        self.counters.durable_samples += n
+        self.counters.fsyncs += 1
+        self._count_io()
         return n
 
     def _check_usable(self) -> None:
-        if getattr(self, "_fsync_failed", False):  # (issue 28) see StoreFsyncFailed
-            raise StoreFsyncFailed(
-                f"{self.path}: an fsync failed earlier; restart the process (the page cache is not trusted)"
-            )
+        if self._fsync_failed:
+            raise StoreFsyncFailed(f"{self.path}: an fsync failed earlier; restart to read the disk again")
         if self._broken:
             raise StoreCorrupt(f"{self.path}: no usable store (a recovery failed); call recover() again")
 
-    def _error(self, what: str, e: sqlite3.Error) -> EdgeosError:
+    def _error(self, what: str, e: sqlite3.Error) -> StoreError:
         if fsync_failed(e):  # (issue 28) never retried in this process
             self._fsync_failed = True
             log.critical(
@@ -924,6 +991,30 @@ class StoreWriter:
             wal = 0
         return (pages - free) * size + wal
 
+    def stats(self) -> dict[str, int]:
+        """Read-only figures for metrics and status, in the store's thread: bytes used and the
+        budget, hot units (not yet compacted) and compacted chunks, and the oldest sample's
+        time (the retention horizon; 0 when empty). Counting walks an index, so callers cache."""
+        db = self.db
+        hot = db.execute("SELECT count(*) FROM units WHERE id>=? AND compacted=0", (self._hot_from,)).fetchone()[0]
+        copies = db.execute("SELECT count(*) FROM units WHERE compacted=1").fetchone()[0]
+        chunks = db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        oldest = [
+            db.execute("SELECT min(t_min) FROM chunks WHERE t_max=(SELECT min(t_max) FROM chunks)").fetchone()[0],
+            db.execute(
+                "SELECT t_min FROM units WHERE compacted=0 AND id>=? ORDER BY id LIMIT 1", (self._hot_from,)
+            ).fetchone(),
+        ]
+        times = [t for t in (oldest[0], oldest[1][0] if oldest[1] else None) if t]
+        return {
+            "used_bytes": self.used_bytes(),
+            "max_size": self.settings.max_size or 0,
+            "hot_units": hot,
+            "copied_units": copies,
+            "chunks": chunks,
+            "oldest_ns": min(times) if times else 0,
+        }
+
     def trim(self, now_ns: int) -> None:
         """(I6) Retention by age, then the size budget: hidden raw copies first, then the oldest
         history; whole units and chunks; each sample counted once (I12)."""
@@ -1042,11 +1133,17 @@ class StoreWriter:
         try:
             if self._corrupt:
                 log.error("store %s: closing a damaged store unmarked; the next start checks it", self.path)
-            elif not self._broken and not getattr(self, "_fsync_failed", False):
+            elif self._fsync_failed:
+                log.error("store %s: closing unmarked after a failed fsync; the next start checks it", self.path)
+            elif not self._broken:
                 if self._cursor != self._cursor_saved:
                     self.save_cursor(self._cursor)
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES('clean_shutdown', '1')")
+                # With synchronous=NORMAL this checkpoint fsyncs the WAL, then the database.
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self.counters.durable_samples += self._undurable
+                self._undurable = 0
+                self.durable_id = self._max_id
             self.db.close()
         except sqlite3.Error as e:
             log.warning("store %s: close: %s", self.path, e)
@@ -1077,6 +1174,14 @@ class HousekeepingClock:
             self._wall0, self._mono0 = wall, mono
             return wall
         return guarded
+
+
+def _boot_id() -> str:
+    """This boot of the machine (changes when it restarts); '?' where the kernel does not say."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -12,8 +12,11 @@ from edgeos import Batch, TagMeta
 from edgeos.store import StoreSettings, StoreWriter
 
 data_dir, k = sys.argv[1], int(sys.argv[2])
+fsync_ns = int(sys.argv[3]) if len(sys.argv) > 3 else 0  # > 0: synchronous=NORMAL, flush() on a timer
 tags = [TagMeta(i, "dev", f"t{i}") for i in range(10)]
-settings = StoreSettings(time_resolution_ns=1, compact_min_samples=20_000, compact_slice_samples=20_000)
+settings = StoreSettings(
+    time_resolution_ns=1, compact_min_samples=20_000, compact_slice_samples=20_000, fsync_interval_ns=fsync_ns
+)
 w = StoreWriter(data_dir, tags, settings)
 print("ready", flush=True)
 i = np.arange(1000)
@@ -26,3 +29,5 @@ while True:
     k += 1
     if k % 5 == 0:
         w.maintain(now_ns=k * 1000)  # compactions too get killed mid-way
+    if fsync_ns and k % 7 == 0:
+        w.flush()  # a kill needs no fsync to keep a commit; the flushes get killed mid-way too

@@ -126,7 +126,7 @@ async def test_broker_outage_during_ingest_loses_nothing(write_config, broker, s
         await wait_until(lambda: rt.sync is not None and rt.sync.status.published_samples > 200)
         broker.stop()  # the broker goes away while devices keep producing
         await asyncio.sleep(1.5)
-        assert rt.sync.status.state != "connected" and rt.counters.stored > 0
+        assert rt.sync.status.state != "connected" and rt.store.counters.committed_samples > 0
         broker.start()  # same port, persistent sessions restored
         await wait_until(lambda: rt.sync.status.connects >= 2)
         await wait_until(lambda: rt.sync.cursor >= max(stored_units(cfg.gateway.data_dir)) - 20)
@@ -164,7 +164,7 @@ async def test_refused_credentials_are_clear_and_data_stays_local(
     rt = Runtime(cfg)
     task = asyncio.create_task(rt.run())
     await wait_until(lambda: rt.sync is not None and rt.sync.status.failures >= 3)
-    stored_before = rt.counters.stored
+    stored_before = rt.store.counters.committed_samples  # committed; stored once fsynced (I3)
     await asyncio.sleep(0.3)
     rt.stop()
     await asyncio.wait_for(task, 20)
