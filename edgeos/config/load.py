@@ -205,6 +205,9 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
     check_secret_files(up, base, "upstream", problems)
 
     ht = parse_table(raw.get("http", {}), HTTP_FIELDS, "http", problems)
+    check_secret_files(ht, base, "http", problems)
+    if isinstance(raw.get("console"), dict):
+        check_secret_files(raw["console"], base, "console", problems)
     console = parse_console(raw.get("console", {}), base, problems, http=ht)
     for key in ("tls_cert", "tls_key"):
         if ht.get(key) and not (base / ht[key]).exists():

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from edgeos.config.schema import Problems
 
-# Keys, in [upstream] and in any device table, whose file holds a secret.
-SECRET_KEYS = ("password_file", "key_file", "private_key", "user_private_key")
+# Keys, in [upstream], [http], [console] and any device table, whose file holds a secret.
+SECRET_KEYS = ("password_file", "key_file", "private_key", "user_private_key", "tls_key")
 ALLOWED = 0o640  # owner read/write, group read
 log = logging.getLogger("edgeos.config")
 

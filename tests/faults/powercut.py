@@ -67,13 +67,21 @@ def undo_unsynced(log: Path, keep_prefix: float = 0.0, rng: random.Random | None
 
 
 def cut_once(
-    shim: Path, data_dir: Path, start: int, run_s: float, *, sync_off: bool = False, keep_prefix=0.0, rng=None
+    shim: Path,
+    data_dir: Path,
+    start: int,
+    run_s: float,
+    *,
+    sync_off: bool = False,
+    keep_prefix=0.0,
+    rng=None,
+    extra: tuple[str, ...] = (),
 ):
     """Run the writer for `run_s`, cut the power; returns (reported ks, undo counts)."""
     log = data_dir.parent / "shim.log"
     log.unlink(missing_ok=True)
     env = dict(os.environ, LD_PRELOAD=str(shim), EDGEOS_SHIM_DIR=str(data_dir) + "/", EDGEOS_SHIM_LOG=str(log))
-    cmd = [sys.executable, str(CHILD), str(data_dir), str(start)] + (["--sync-off"] if sync_off else [])
+    cmd = [sys.executable, str(CHILD), str(data_dir), str(start)] + (["--sync-off"] if sync_off else []) + list(extra)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     reported: list[int] = []
     try:
@@ -82,7 +90,9 @@ def cut_once(
         deadline = time.monotonic() + run_s
         while time.monotonic() < deadline:
             if select.select([proc.stdout], [], [], 0.01)[0]:
-                reported.append(int(proc.stdout.readline()))
+                line = proc.stdout.readline()
+                if line.strip():
+                    reported.append(int(line))
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)

@@ -70,7 +70,7 @@ def _old_history(data_dir: Path) -> tuple[int, int]:
     w.write([Batch("clk", np.zeros(100, np.int32), ts, np.arange(100.0), np.zeros(100, np.uint32))])
     w.maintain(now, compact_all=True)
     w.close()
-    return int(ts[0]) // 10**6 * 10**6, int(ts[-1])
+    return int(ts[0]) // 10**6 * 10**6 - 10**6, int(ts[-1]) // 10**6 * 10**6 + 2 * 10**6  # stored to the ms
 
 
 def test_polling_and_retention_ride_out_wall_clock_jumps(tmp_path):

@@ -34,7 +34,15 @@ def _present(data_dir: Path) -> dict[int, int]:
     return dict(zip(ks.tolist(), counts.tolist(), strict=True))
 
 
-def run_cuts(tmp_path: Path, cuts: int, *, sync_off: bool = False, keep_prefix: float = 0.0, seed: int = 28):
+def run_cuts(
+    tmp_path: Path,
+    cuts: int,
+    *,
+    sync_off: bool = False,
+    keep_prefix: float = 0.0,
+    seed: int = 28,
+    extra: tuple[str, ...] = (),
+):
     shim = build_shim(tmp_path)
     data = tmp_path / "data"
     rng = random.Random(seed)
@@ -44,7 +52,7 @@ def run_cuts(tmp_path: Path, cuts: int, *, sync_off: bool = False, keep_prefix: 
     start = 0
     for _ in range(cuts):
         got, counts = cut_once(
-            shim, data, start, rng.uniform(0.1, 0.5), sync_off=sync_off, keep_prefix=keep_prefix, rng=rng
+            shim, data, start, rng.uniform(0.1, 0.5), sync_off=sync_off, keep_prefix=keep_prefix, rng=rng, extra=extra
         )
         undone += counts["undone"]
         reported.update(got)
@@ -82,3 +90,20 @@ def test_negative_control_commits_without_fsync_are_caught(tmp_path):
     reported, lost, undone = run_cuts(tmp_path, 3, sync_off=True)
     print(f"faults.power_cut.sync_off: {len(reported)} reported, {len(lost)} lost (must be > 0)")
     assert lost, "a store that never fsyncs passed the power-cut check"
+
+
+def test_under_synchronous_normal_every_durable_commit_survives(tmp_path):
+    """The store.fsync_interval contract: a commit survives a power cut once flush() covered it."""
+    reported, lost, undone = run_cuts(tmp_path, 6, extra=("--normal",))
+    print(
+        f"faults.power_cut.normal: 6 cuts, {len(reported)} durable commits reported, "
+        f"{undone} unsynced writes dropped, lost {len(lost)}"
+    )
+    assert reported and undone > 0
+    assert not lost, f"durable commits lost: {lost[:10]}"
+
+
+def test_negative_control_normal_commits_reported_before_their_fsync_are_caught(tmp_path):
+    reported, lost, _ = run_cuts(tmp_path, 4, extra=("--normal", "--ack-on-commit"))
+    print(f"faults.power_cut.normal_ack_on_commit: {len(reported)} reported, {len(lost)} lost (must be > 0)")
+    assert lost, "commits reported before their fsync survived every cut: the check cannot see the difference"

@@ -154,6 +154,12 @@ def non_loopback(socks: list[tuple[str, str, int | str]]) -> list[tuple[str, str
 def test_with_the_default_config_the_daemon_listens_on_loopback_only(tmp_path):
     cfg = tmp_path / "edgeos.toml"
     subprocess.run([EDGEOS, "init", str(cfg), "--local"], check=True, capture_output=True)
+    # The default config, but for the HTTP server's port (9180 may be taken on a shared machine;
+    # its address stays the default).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg.write_text(cfg.read_text() + f"\n[http]\nport = {port}\n")
     proc = subprocess.Popen(
         [EDGEOS, "run", str(cfg)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -162,7 +168,7 @@ def test_with_the_default_config_the_daemon_listens_on_loopback_only(tmp_path):
         socks: list = []
         while time.monotonic() < deadline and proc.poll() is None:
             socks = listening_sockets(proc.pid)
-            if any(k == "unix" for k, _, _ in socks):
+            if any(k == "unix" for k, _, _ in socks) and any(p == port for _, _, p in socks):
                 break
             time.sleep(0.1)
         time.sleep(1.0)  # anything started after the control socket (an HTTP server) is up too
@@ -173,6 +179,7 @@ def test_with_the_default_config_the_daemon_listens_on_loopback_only(tmp_path):
         out = proc.communicate(timeout=30)[0]
     print(f"security.default_listeners: {len(socks)} ({socks})")
     assert any(k == "unix" for k, _, _ in socks), f"no control socket seen: {socks}\n{out}"
+    assert any(k.startswith("tcp") and p == port for k, _, p in socks), f"no HTTP listener seen: {socks}\n{out}"
     assert not non_loopback(socks), f"the default config listens beyond loopback: {non_loopback(socks)}"
     for kind, _, path in socks:
         if kind == "unix" and isinstance(path, str) and path.startswith("/"):
