@@ -3,7 +3,13 @@
 Side by side in one run: a bare aiomqtt publisher sending the same number of equally sized
 QoS 1 messages to the same broker, with the same MQTT version and the same number in flight,
 alternating with the drain; best of 5 rounds each (9 without --quick). The broker is started
-here (random loopback port, no persistence) and stopped at the end.
+here (random loopback port, no persistence) and stopped at the end. Messages are capped at
+`upstream.max_message` (128 KiB by default), the bare publisher's at the same size.
+
+Then (issue 25): a 1 M-sample range requested on the replay topic and received by a
+subscriber (`replay_samples_per_s`), and a 3-node nats-server cluster (tests/peers/nats.py)
+whose node the gateway is connected to is killed: the time to the first PUBACK from another
+node (`failover_s`, default backoff).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 import aiomqtt
 import numpy as np
 
+from edgeos import wire
 from edgeos.config import load_config
 from edgeos.model import Batch
 from edgeos.store import StoreWriter
@@ -74,6 +81,9 @@ async def _drain(cfg) -> tuple[float, int, int]:
     sync = Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
     head = sync._head()
     task = asyncio.create_task(sync.run())
+    # Timed from the connection, as the bare publisher is (its connect is outside its timer).
+    while sync.status.connects < 1:  # noqa: ASYNC110 - a poll of a counter, in a bench
+        await asyncio.sleep(0.001)
     t0 = time.perf_counter()
     while sync.cursor < head:
         await asyncio.sleep(0.005)
@@ -110,6 +120,84 @@ async def _bare(port: int, messages: int, size: int, inflight: int, version: str
         return time.perf_counter() - t0
 
 
+async def _replay(cfg, port: int, units: int) -> float:
+    """Seconds from a replay request for `units` units (from seq 1) to the last one received."""
+    transport = MqttTransport(cfg.gateway.id, cfg.upstream.options, cfg.source.parent)
+    sync = Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
+    head = sync._head()
+    task = asyncio.create_task(sync.run())
+    try:
+        async with aiomqtt.Client("127.0.0.1", port, identifier="replay-bench") as client:
+            while sync.cursor < head:  # noqa: ASYNC110 - a poll of a counter, in a bench
+                await asyncio.sleep(0.005)
+            await client.subscribe("edgeos/bench/+/data", qos=1)
+            got: set[int] = set()
+            t0 = time.perf_counter()
+            await client.publish("edgeos/bench/replay", wire.encode_replay_request("bench", 1, units), qos=1)
+            async with asyncio.timeout(120):
+                async for msg in client.messages:
+                    env = wire.decode_envelope(bytes(msg.payload))
+                    if env.replay:
+                        got.update(env.seqs)
+                        if len(got) >= units:
+                            break
+            return time.perf_counter() - t0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sync.close()
+
+
+def _nats_peer():
+    import importlib.util
+    import sys
+
+    name = "edgeos_test_peers_nats"
+    if name not in sys.modules:
+        path = Path(__file__).parents[1] / "tests" / "peers" / "nats.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+async def _failover(tmp: Path) -> float:
+    """Seconds from SIGKILL of the connected NATS node to the first PUBACK from another."""
+    from edgeos.runtime import Runtime
+
+    cluster = _nats_peer().NatsCluster(tmp / "nats")
+    cluster.start_all(60)
+    try:
+        servers = ", ".join(f'"{s}"' for s in cluster.mqtt_servers())
+        (tmp / "failover.toml").write_text(
+            f'[gateway]\nid = "failover"\ndata_dir = "failover-data"\n'
+            f'[[devices]]\nname = "plant"\nprotocol = "simulated"\npoll_interval = "20ms"\n'
+            f'tags = [{{ name = "a" }}]\n'
+            f'[upstream]\nenabled = true\nmqtt_version = "3.1.1"\nservers = [{servers}]\n'
+        )
+        rt = Runtime(load_config(tmp / "failover.toml"))
+        task = asyncio.create_task(rt.run())
+        try:
+            async with asyncio.timeout(60):
+                while rt.sync is None or rt.sync.status.published_messages < 50:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            dead = rt.sync.transport.port
+            cluster.kill(cluster.node_of(dead))
+            t0 = time.perf_counter()
+            acked = rt.sync.status.published_messages
+            async with asyncio.timeout(120):
+                while rt.sync.status.published_messages <= acked or rt.sync.transport.port == dead:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+            return time.perf_counter() - t0
+        finally:
+            rt.stop()
+            await asyncio.wait_for(task, 30)
+    finally:
+        cluster.stop()
+
+
 def run(quick: bool):
     with tempfile.TemporaryDirectory(prefix="edgeos-bench-sync-") as d:
         tmp = Path(d)
@@ -127,6 +215,8 @@ def run(quick: bool):
                 elapsed = min(elapsed, t)
                 b = asyncio.run(_bare(port, messages, nbytes // messages, o["max_inflight"], o["mqtt_version"]))
                 bare = min(bare, b)
+            replay = min(asyncio.run(_replay(cfg, port, 1_000_000 // UNIT)) for _ in range(3))
+            failover = asyncio.run(_failover(tmp))
         finally:
             proc.terminate()
             proc.wait(10)
@@ -136,3 +226,5 @@ def run(quick: bool):
     yield "message_bytes", nbytes / messages, "bytes"
     yield "bare_messages_per_s", messages / bare, "messages/s"
     yield "drain_vs_bare", bare / elapsed, "ratio"
+    yield "replay_samples_per_s", 1_000_000 / replay, "samples/s"
+    yield "failover_s", failover, "s"

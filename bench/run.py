@@ -30,6 +30,8 @@ def _load(path: Path):
 
 
 def _fmt(v: float) -> str:
+    if v != v:
+        return "nan"
     if isinstance(v, int) or (abs(v) >= 100 and float(v).is_integer()):
         return str(int(v))
     return f"{v:.4g}" if abs(v) < 1000 else str(round(v))

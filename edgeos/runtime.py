@@ -908,6 +908,7 @@ def store_settings(cfg: Config) -> StoreSettings:
         max_size=cfg.store.max_size or default_max_size(cfg.gateway.data_dir)[0],
         compact_after_ns=cfg.store.compact_after_ns,
         keep_until_synced=cfg.upstream.enabled,
+        replay_window_ns=cfg.upstream.options.get("replay_window") or 0 if cfg.upstream.enabled else 0,
         compress_units=cfg.store.unit_version == 3,
         fsync_interval_ns=cfg.store.fsync_interval_ns,
     )

@@ -8,7 +8,10 @@ map; it is encoded once, when committed, and forwarded as stored. docs/payload.m
 from __future__ import annotations
 
 import bisect
+import json
+import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -211,15 +214,31 @@ def _decode_v3(doc: dict, n: int) -> Unit:
 PAYLOAD_VERSION = 1
 
 
-def encode_message(gateway: str, device: str, seqs: list[int], units: list[bytes], dictionary: int) -> bytes:
+def encode_message(
+    gateway: str,
+    device: str,
+    seqs: list[int],
+    units: list[bytes],
+    dictionary: int,
+    *,
+    prev: int = 0,
+    replay: bool = False,
+    part: tuple[int, int] | None = None,
+) -> bytes:
     """One MQTT payload: consecutive stored units of one device, embedded as they are stored.
 
-    The units' bytes are copied into the envelope, never decoded or re-encoded.
+    The units' bytes are copied into the envelope, never decoded or re-encoded. `prev` is the
+    seq of the device's previous unit (0: none known), `replay` marks a unit sent again on
+    request, `part` = (index, count) when `units` holds one slice of a unit larger than the
+    message size cap (docs/payload.md, "Continuation").
     """
-    head = msgpack.packb(
-        {"v": PAYLOAD_VERSION, "gw": gateway, "dev": device, "seq": seqs, "td": dictionary, "units": []},
-        use_bin_type=True,
-    )
+    doc: dict = {"v": PAYLOAD_VERSION, "gw": gateway, "dev": device, "seq": seqs, "td": dictionary, "pv": prev}
+    if replay:
+        doc["rp"] = True
+    if part is not None:
+        doc["pt"] = list(part)
+    doc["units"] = []
+    head = msgpack.packb(doc, use_bin_type=True)
     # The same bytes msgpack would write, assembled in one allocation: the map's last entry
     # is "units", so its empty-array byte is replaced by the array header and the bin items.
     n = len(units)
@@ -231,35 +250,81 @@ def encode_message(gateway: str, device: str, seqs: list[int], units: list[bytes
     return b"".join(parts)
 
 
+def message_overhead(gateway: str, device: str, units: int, *, part: bool = False) -> int:
+    """An upper bound of an envelope's bytes beside its units' own (for the size cap)."""
+    base = 64 + len(gateway.encode()) + len(device.encode())
+    return base + 14 * units + (12 if part else 0)
+
+
 @dataclass(frozen=True)
 class Message:
-    """A decoded data message. `units[i]` has sequence number `seqs[i]`."""
+    """A decoded data message. `units[i]` has sequence number `seqs[i]`. `prev` is the seq of
+    the device's previous unit the gateway held when it sent this one (0: none known);
+    `replay` is True for units sent again on request."""
 
     gateway: str
     device: str
     seqs: list[int]
     dictionary: int
     units: list[Unit]
+    prev: int = 0
+    replay: bool = False
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A data message with its units still as bytes (`part` set for a slice of a split unit)."""
+
+    gateway: str
+    device: str
+    seqs: list[int]
+    dictionary: int
+    units: list[bytes]
+    prev: int = 0
+    replay: bool = False
+    part: tuple[int, int] | None = None
+
+
+def decode_envelope(payload: bytes) -> Envelope:
+    """A data message's envelope, units left as bytes; checks its shape."""
+    return _envelope(msgpack.unpackb(payload, raw=False))
+
+
+def _envelope(doc: object) -> Envelope:
+    if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION:
+        got = doc.get("v") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"not an edgeos data message of version {PAYLOAD_VERSION} (got {got!r})")
+    try:
+        seqs, units = list(doc["seq"]), list(doc["units"])
+        gw, dev, td = doc["gw"], doc["dev"], doc["td"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"data message lacks {e}") from e
+    if len(units) != len(seqs):
+        raise ValueError("message carries a different number of units and sequence numbers")
+    part = doc.get("pt")
+    if part is not None:
+        if len(seqs) != 1 or not (isinstance(part, list) and len(part) == 2 and 0 <= part[0] < part[1]):
+            raise ValueError("a part message carries one slice of one unit")
+        part = (int(part[0]), int(part[1]))
+    return Envelope(gw, dev, seqs, td, units, int(doc.get("pv") or 0), bool(doc.get("rp")), part)
 
 
 def decode(payload: bytes) -> Message:
-    """Decode a data message (any payload version up to PAYLOAD_VERSION).
+    """Decode a data message (any payload version up to PAYLOAD_VERSION). A slice of a unit
+    split for the size cap raises ValueError: `Consumer` reassembles those.
 
     Raises ValueError, and only ValueError, for any payload that is not a well-formed message:
     a consumer decodes whatever any broker client published (fuzzed: tests/fuzz)."""
     try:
-        doc = msgpack.unpackb(payload, raw=False)
-        if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION:
-            got = doc.get("v") if isinstance(doc, dict) else type(doc).__name__
-            raise ValueError(f"not an edgeos data message of version {PAYLOAD_VERSION} (got {got!r})")
-        units = [decode_unit(u) for u in doc["units"]]
-        if len(units) != len(doc["seq"]):
-            raise ValueError("message carries a different number of units and sequence numbers")
-        return Message(doc["gw"], doc["dev"], list(doc["seq"]), doc["td"], units)
+        e = decode_envelope(payload)
+        if e.part is not None:
+            raise ValueError("a part of a unit split for the size cap: reassemble it with wire.Consumer")
+        units = [decode_unit(u) for u in e.units]
+        return Message(e.gateway, e.device, e.seqs, e.dictionary, units, e.prev, e.replay)
     except ValueError:
         raise
-    except (LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException) as e:
-        raise ValueError(f"malformed edgeos data message: {type(e).__name__}: {e}") from e
+    except (LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException) as exc:
+        raise ValueError(f"malformed edgeos data message: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -336,3 +401,359 @@ class Deduplicator:
         units still on their way, other devices' units, or data the gateway dropped."""
         starts, ends = self._runs.get(gateway, ([], []))
         return [(e + 1, s - 1) for e, s in zip(ends, starts[1:], strict=False)]
+
+
+# -- replay on request ---------------------------------------------------------------------
+
+REPLAY_MAX_SPAN = 10_000_000
+"""The widest seq range one request may name; a wider one is malformed (ask in pieces)."""
+REPLAY_MAX_BYTES = 1024
+_SEQ_MAX = 2**62
+_DEVICE_MAX = 128
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """Send again the units with first <= seq <= last (of `device` only, when given)."""
+
+    gateway: str
+    first: int
+    last: int
+    device: str | None = None
+
+
+def encode_replay_request(
+    gateway: str, first: int, last: int, device: str | None = None, *, form: str = "msgpack"
+) -> bytes:
+    """A replay request, to publish on the gateway's replay topic; `form` "msgpack" or "json"."""
+    doc: dict = {"v": PAYLOAD_VERSION, "gw": gateway, "first": first, "last": last}
+    if device is not None:
+        doc["dev"] = device
+    if form == "json":
+        return json.dumps(doc, separators=(",", ":")).encode()
+    if form != "msgpack":
+        raise ValueError(f"form {form!r}: expected msgpack or json")
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def _int(v: object, what: str) -> int:
+    if type(v) is not int or not 1 <= v <= _SEQ_MAX:
+        raise ValueError(f"{what} must be an integer from 1 to 2**62")
+    return v
+
+
+def decode_replay_request(payload: bytes) -> ReplayRequest:
+    """A replay request in either form; ValueError for anything else (the gateway counts it)."""
+    if not isinstance(payload, (bytes, bytearray)) or not payload or len(payload) > REPLAY_MAX_BYTES:
+        raise ValueError(f"a replay request is 1 to {REPLAY_MAX_BYTES} bytes")
+    try:
+        if payload[:1] == b"{":
+            doc = json.loads(bytes(payload).decode("utf-8"))
+        else:
+            doc = msgpack.unpackb(payload, raw=False, max_str_len=256, max_bin_len=0, max_array_len=0, max_map_len=8)
+    except Exception as e:  # noqa: BLE001 - any failure to parse is a malformed request
+        raise ValueError(f"not msgpack or JSON: {type(e).__name__}") from None
+    if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION:
+        raise ValueError("not a replay request of version 1")
+    if set(doc) - {"v", "gw", "first", "last", "dev"}:
+        raise ValueError("unknown keys in the replay request")
+    gw, dev = doc.get("gw"), doc.get("dev")
+    if not isinstance(gw, str) or not gw:
+        raise ValueError("gw must name the gateway")
+    first, last = _int(doc.get("first"), "first"), _int(doc.get("last"), "last")
+    if last < first:
+        raise ValueError("last is below first")
+    if last - first >= REPLAY_MAX_SPAN:
+        raise ValueError(f"the range spans more than {REPLAY_MAX_SPAN} seqs")
+    if dev is not None and (not isinstance(dev, str) or not 0 < len(dev) <= _DEVICE_MAX):
+        raise ValueError("dev must be a device name")
+    return ReplayRequest(gw, first, last, dev)
+
+
+@dataclass(frozen=True)
+class Gone:
+    """The gateway's answer for what a replay request named and it no longer holds: `ranges`
+    are inclusive (first, last) seq runs within [first, last] (of any device)."""
+
+    gateway: str
+    first: int
+    last: int
+    device: str | None
+    ranges: list[tuple[int, int]]
+
+
+def encode_gone(gateway: str, first: int, last: int, device: str | None, ranges: list[tuple[int, int]]) -> bytes:
+    doc = {"v": PAYLOAD_VERSION, "gw": gateway, "first": first, "last": last, "dev": device}
+    doc["gone"] = [list(r) for r in ranges]
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def decode_gone(payload: bytes) -> Gone:
+    return _gone(msgpack.unpackb(payload, raw=False))
+
+
+def _gone(doc: object) -> Gone:
+    if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION or "gone" not in doc:
+        raise ValueError("not an edgeos gone message of version 1")
+    ranges = [(int(a), int(b)) for a, b in doc["gone"]]
+    return Gone(doc["gw"], int(doc["first"]), int(doc["last"]), doc.get("dev"), ranges)
+
+
+class _Runs:
+    """A set of ints as sorted, disjoint, non-touching inclusive runs."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def __contains__(self, x: int) -> bool:
+        i = bisect.bisect_right(self.starts, x) - 1
+        return i >= 0 and x <= self.ends[i]
+
+    def add(self, a: int, b: int) -> None:
+        """Add [a, b]; merges with touching or overlapping runs."""
+        starts, ends = self.starts, self.ends
+        i = bisect.bisect_left(ends, a - 1)  # the first run that may touch [a, b]
+        j = i
+        while j < len(starts) and starts[j] <= b + 1:
+            a, b = min(a, starts[j]), max(b, ends[j])
+            j += 1
+        starts[i:j] = [a]
+        ends[i:j] = [b]
+
+    def below(self, x: int) -> int | None:
+        """The highest member < x, or None."""
+        i = bisect.bisect_left(self.starts, x) - 1
+        if i < 0:
+            return None
+        return min(self.ends[i], x - 1)
+
+    def runs(self) -> list[tuple[int, int]]:
+        return list(zip(self.starts, self.ends, strict=True))
+
+    def missing(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The runs of [a, b] not in the set."""
+        out, x = [], a
+        i = max(0, bisect.bisect_right(self.starts, a) - 1)
+        while x <= b and i < len(self.starts):
+            s, e = self.starts[i], self.ends[i]
+            if e >= x:
+                if s > x:
+                    out.append((x, min(b, s - 1)))
+                x = max(x, e + 1)
+            i += 1
+        if x <= b:
+            out.append((x, b))
+        return out
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A unit seen for the first time: its gateway, device, seq, columns, and whether it came
+    as a replay."""
+
+    gateway: str
+    device: str
+    seq: int
+    unit: Unit
+    replay: bool = False
+
+
+@dataclass
+class _Gap:
+    """Units of `device` with low <= seq <= anchor are missing: `anchor` is a seq the gateway
+    named as a previous unit (`pv`) and that never arrived."""
+
+    low: int
+    anchor: int
+    noticed: float
+    requested: float = 0.0
+    attempts: int = 0
+
+
+class Consumer:
+    """Exactly-once, gap-free units from any MQTT client: feed it every payload received on the
+    data topics and on `edgeos/+/replay/gone`, publish what `requests()` returns.
+
+    Per gateway it keeps the seqs seen (sorted runs, as `Deduplicator`) and drops repeats.
+    Per device it follows the chain each message states (`pv`, the seq of the device's previous
+    unit): a `pv` never seen means that device's units up to it were lost on the way (a broker
+    that forgot what it acknowledged). After `reorder_wait` seconds (units of the backlog and
+    live lanes, and replays, arrive out of order) it asks the gateway to send that range
+    again, for that device only, and again every `retry_after` seconds until the units arrive
+    or the gateway answers that they are gone (`take_gone()`). The chain makes no difference
+    between devices a consumer subscribes to and those it does not: seqs of other devices are
+    never taken for gaps. Memory follows the number of gaps and devices, not of units.
+
+    The first message of a device sets where its chain starts: nothing before it is asked for,
+    unless `from_start` (then everything the gateway still holds of that device is wanted).
+    Units split for the size cap arrive as parts; they are joined here (at most `max_partial`
+    bytes held; the oldest incomplete unit is dropped beyond, and asked for again by its gap).
+    """
+
+    def __init__(
+        self,
+        *,
+        reorder_wait: float = 5.0,
+        retry_after: float = 30.0,
+        replay_topic: str = "edgeos/{gateway}/replay",
+        max_partial: int = 64 * 1024 * 1024,
+        from_start: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reorder_wait = reorder_wait
+        self.retry_after = retry_after
+        self.replay_topic = replay_topic
+        self.max_partial = max_partial
+        self.from_start = from_start
+        self.clock = clock
+        self._own: dict[tuple[str, str], _Runs] = {}  # (gateway, device) -> its seqs seen
+        self._start: dict[tuple[str, str], int] = {}  # the first pv seen: nothing asked below it
+        self._gone: dict[str, _Runs] = {}
+        self._gaps: dict[tuple[str, str], dict[int, _Gap]] = {}  # keyed by anchor
+        self._reported: list[Gone] = []
+        self._parts: dict[tuple[str, int], dict[int, bytes]] = {}
+        self._partial_bytes = 0
+        self.duplicates = 0
+        self.undecodable = 0
+
+    # -- input ------------------------------------------------------------------------------
+
+    def feed(self, payload: bytes, now: float | None = None) -> list[Delivered]:
+        """A data message or a gone message; returns the units seen for the first time.
+        A payload that is neither raises ValueError (and changes nothing)."""
+        now = self.clock() if now is None else now
+        try:
+            doc = msgpack.unpackb(payload, raw=False)
+        except Exception as e:  # noqa: BLE001 - msgpack raises several types
+            raise ValueError(f"not msgpack: {type(e).__name__}: {e}") from None
+        if isinstance(doc, dict) and "gone" in doc:
+            self._on_gone(_gone(doc))
+            return []
+        env = _envelope(doc)
+        if env.part is not None:
+            return self._on_part(env, now)
+        return self._on_units(env, env.seqs, env.units, now)
+
+    def _on_units(self, env: Envelope, seqs: list[int], blobs: list[bytes], now: float) -> list[Delivered]:
+        gw, dev = env.gateway, env.device
+        own = self._own.setdefault((gw, dev), _Runs())
+        key = (gw, dev)
+        if key not in self._start:
+            # A consumer starting mid-stream asks nothing before the first unit it sees, unless
+            # it wants each device's history from its first unit (`from_start`).
+            self._start[key] = 0 if self.from_start else env.prev
+        out = []
+        for seq, blob in zip(seqs, blobs, strict=True):
+            if seq in own:  # a seq is one device's: repeats are found among that device's
+                self.duplicates += 1
+                continue
+            try:
+                unit = decode_unit(blob)
+            except ValueError:
+                self.undecodable += 1
+                continue
+            own.add(seq, seq)
+            out.append(Delivered(gw, dev, seq, unit, env.replay))
+        # The chain: the message names the device's unit before its first; inside a message
+        # each unit's predecessor is the one before it. The seqs between are other devices':
+        # counted as accounted for in this device's runs, so they stay few (one per gap).
+        if seqs:
+            if env.prev and env.prev + 1 < seqs[0]:
+                own.add(env.prev + 1, seqs[0] - 1)
+            for a, b in zip(seqs, seqs[1:], strict=False):
+                if a + 1 < b:
+                    own.add(a + 1, b - 1)
+        self._check(key, env.prev, seqs[0] if seqs else 0, now)
+        self._settle(key)
+        return out
+
+    def _check(self, key: tuple[str, str], prev: int, first: int, now: float) -> None:
+        gw = key[0]
+        if prev <= self._start.get(key, 0) or prev in self._own[key] or prev in self._gone.get(gw, ()):
+            return
+        gaps = self._gaps.setdefault(key, {})
+        if prev in gaps:
+            return
+        below = self._own[key].below(prev)
+        low = max(below if below is not None else 0, self._start.get(key, 0)) + 1
+        gaps[prev] = _Gap(low, prev, now)
+
+    def _settle(self, key: tuple[str, str]) -> None:
+        """Close the gaps whose anchor arrived or is gone."""
+        gaps = self._gaps.get(key)
+        if not gaps:
+            return
+        own, gone = self._own[key], self._gone.get(key[0], _Runs())
+        for anchor in [a for a in gaps if a in own or a in gone]:
+            del gaps[anchor]
+
+    def _on_part(self, env: Envelope, now: float) -> list[Delivered]:
+        seq = env.seqs[0]
+        if seq in self._own.get((env.gateway, env.device), ()):
+            self.duplicates += 1
+            return []
+        index, count = env.part or (0, 1)
+        got = self._parts.setdefault((env.gateway, seq), {})
+        if index not in got:
+            got[index] = env.units[0]
+            self._partial_bytes += len(env.units[0])
+        while self._partial_bytes > self.max_partial and len(self._parts) > 1:
+            oldest = next(iter(self._parts))
+            if oldest == (env.gateway, seq):
+                break
+            self._partial_bytes -= sum(map(len, self._parts.pop(oldest).values()))
+        if len(got) < count:
+            return []
+        del self._parts[(env.gateway, seq)]
+        blob = b"".join(got[i] for i in range(count))
+        self._partial_bytes -= len(blob)
+        return self._on_units(env, [seq], [blob], now)
+
+    def _on_gone(self, g: Gone) -> None:
+        gone = self._gone.setdefault(g.gateway, _Runs())
+        for a, b in g.ranges:
+            gone.add(a, b)
+        self._reported.append(g)
+        for key in [k for k in self._gaps if k[0] == g.gateway]:
+            self._settle(key)
+
+    # -- output -----------------------------------------------------------------------------
+
+    def requests(self, now: float | None = None) -> list[tuple[str, bytes]]:
+        """(topic, payload) replay requests due now: gaps older than `reorder_wait` not asked
+        for in the last `retry_after` seconds. Publish each (QoS 1); call this about once a
+        second."""
+        now = self.clock() if now is None else now
+        out = []
+        for (gw, dev), gaps in self._gaps.items():
+            for gap in gaps.values():
+                if now - gap.noticed < self.reorder_wait:
+                    continue
+                if gap.attempts and now - gap.requested < self.retry_after:
+                    continue
+                gap.requested = now
+                gap.attempts += 1
+                topic = self.replay_topic.format(gateway=gw)
+                out.append((topic, encode_replay_request(gw, gap.low, gap.anchor, dev)))
+        return out
+
+    def gaps(self, gateway: str) -> list[tuple[str, int, int]]:
+        """(device, low, high): units known missing and not yet answered, per device."""
+        mine = [(dev, gaps) for (gw, dev), gaps in self._gaps.items() if gw == gateway]
+        return sorted((dev, g.low, g.anchor) for dev, gaps in mine for g in gaps.values())
+
+    def take_gone(self) -> list[Gone]:
+        """What gateways answered they no longer hold, since the last call."""
+        out, self._reported = self._reported, []
+        return out
+
+    def seen(self, gateway: str) -> list[tuple[int, int]]:
+        """The seqs of `gateway` accounted for, as inclusive runs: delivered, or known from a
+        device's chain to be another device's."""
+        union = _Runs()
+        for (gw, _dev), own in self._own.items():
+            if gw == gateway:
+                for a, b in own.runs():
+                    union.add(a, b)
+        return union.runs()

@@ -255,6 +255,21 @@ async def test_stream_is_chunked_ends_when_client_leaves_and_at_stop() -> None:
     writer.close()
 
 
+async def test_a_stream_that_ends_is_a_whole_body() -> None:
+    # A finite stream (a CSV download) ends with the chunked terminator: a client that checks
+    # for it (http.client, a browser's download) gets the whole body, not a truncated one.
+    async def rows() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield b"row %d\n" % i
+
+    server = HttpServer(HttpSettings(port=0))
+    server.route("/rows", lambda r: Response(200, b"", content_type="text/csv", stream=rows()))
+    async with serving(server) as port:
+        status, headers, body = await asyncio.to_thread(get, port, "/rows")
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert body == b"row 0\nrow 1\nrow 2\n"
+
+
 async def test_stop_is_clean_and_port_is_free_again() -> None:
     server = make_server()
     async with serving(server) as port:

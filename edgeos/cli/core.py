@@ -99,7 +99,8 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
     typer.echo(f"store     {_budget(cfg)}")
     typer.echo(f"writes    {_writes(cfg)}")
     typer.echo(f"kernels   {filters.implementation()}")
-    upstream = f"enabled: {cfg.upstream.options.get('host')}" if cfg.upstream.enabled else "disabled"
+    brokers = cfg.upstream.options.get("servers") or [cfg.upstream.options.get("host")]  # issue 25: failover list
+    upstream = f"enabled: {', '.join(map(str, brokers))}" if cfg.upstream.enabled else "disabled"
     typer.echo(f"upstream  {upstream}{'' if cfg.upstream.enabled else ' (data stays on this gateway)'}")
     typer.echo(
         "plugins   "
@@ -251,6 +252,18 @@ GATEWAY_HEADER = """\
 #   ca_file = "ca.pem"
 #   username = "gateway1"
 #   password_file = "mqtt.password"
+
+## Prometheus metrics at /metrics and a health check at /healthz (docs/metrics.md), on
+## loopback unless you change address; enabled = false turns the server off.
+# [http]
+#   enabled = true
+#   address = "127.0.0.1"
+#   port = 9180
+#   metrics_per_tag = false
+## /healthz answers 503 when a device is down longer than device_down, or upstream lags more.
+# [health]
+#   device_down = "60s"
+#   sync_lag = "5m"
 """
 
 

@@ -60,6 +60,22 @@ def _template_check(*allowed: str):
     return check
 
 
+def _servers_check(v: list[str]) -> str | None:
+    """Each broker as host, host:port or [v6]:port, port 1-65535; at least one."""
+    if not v:
+        return 'found an empty list, expected at least one "host:port"'
+    for entry in v:
+        host, port = entry, "1"
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else "1"
+        elif ":" in entry:
+            host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            return f'found "{entry}", expected "host:port" (port 1-65535)'
+    return None
+
+
 GATEWAY_FIELDS: dict[str, Field] = {
     "id": Field("str", help="this gateway's unique id, used in topics and payloads", check=_name_check("gateway")),
     "data_dir": Field("str", help="directory for the store and state, relative to the config file"),
@@ -113,6 +129,11 @@ UPSTREAM_FIELDS: dict[str, Field] = {
     "rate_limit_messages": Field("float", None, min=0.001),
     "reconnect_min": Field("duration", "1s", min=10_000_000),
     "reconnect_max": Field("duration", "60s", min=100_000_000),
+    # Issue 25: broker failover, the message size cap, replay on request.
+    "servers": Field("list", None, item="str", check=_servers_check, help='["host:port", ...], tried in turn'),
+    "max_message": Field("size", "128KiB", min=4096, max=256 * 1024 * 1024),
+    "replay_topic": Field("str", "edgeos/{gateway}/replay", check=_template_check("gateway")),
+    "replay_window": Field("duration", "24h", min=0, max=366 * 86_400_000_000_000),
 }
 
 DEVICE_FIELDS: dict[str, Field] = {

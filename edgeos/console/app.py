@@ -128,9 +128,16 @@ class Console:
         if path == "export.csv":
             lo, hi = d.range_ns(arg("since", "1h"), arg("until", "now"))
             names = [t for t in req.query.get("tag", []) if t]
-            body = await d.csv_body(names, lo, hi)
+            body = d.csv_stream(names, lo, hi)
+            first = await anext(body, b"")  # unknown tags raise here, before the answer starts
+
+            async def rest() -> AsyncIterator[bytes]:
+                yield first
+                async for piece in body:
+                    yield piece
+
             headers = {"content-disposition": 'attachment; filename="edgeos-export.csv"', "cache-control": "no-store"}
-            return Response(200, body, "text/csv; charset=utf-8", headers)
+            return Response(200, b"", "text/csv; charset=utf-8", headers, stream=rest())
         if path == "config":
             return _json(d.config())
         return _error(404, "not found")

@@ -13,7 +13,7 @@ import ctypes
 import math
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 MAX_PAGE = 500
 MAX_STREAM_IDS = 1000
 MAX_TREND_TAGS = 8
-MAX_CSV_ROWS = 2_000_000
 TRIM_AFTER = 2.0  # s without a trend or download before freed memory goes back to the system
 MASK = "********"
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "api_key", "apikey", "private")
@@ -331,26 +330,24 @@ class ConsoleData:
             yield buf.getvalue()
             buf.seek(0)
             buf.truncate()
+        if buf.tell():  # no samples in the range: the header alone, as `edgeos export` writes it
+            yield buf.getvalue()
         if buf.tell():
             yield buf.getvalue()
 
-    async def csv_body(self, names: list[str], lo: int, hi: int) -> bytes:
-        """The whole CSV in memory, at most MAX_CSV_ROWS samples (a week of one tag at 1 Hz is
-        605k). Not streamed: edgeos/service/http.py ends a streamed response by closing the
-        connection without its last chunk, which browsers report as a failed download."""
+    async def csv_stream(self, names: list[str], lo: int, hi: int) -> AsyncIterator[bytes]:
+        """The CSV sent as the store reads it, one window at a time (in the pool thread), so
+        memory stays at one window whatever the range. Unknown names raise before the first
+        byte (LookupError: a 404, not a cut download)."""
+        if names:
+            await self._in_pool(self._resolve, names)
+        pieces = self.csv(names, lo, hi)
         try:
-            return await self._in_pool(self._csv_body, names, lo, hi)
+            while (piece := await self._in_pool(next, pieces, None)) is not None:
+                yield piece.encode()
         finally:
+            await self._in_pool(pieces.close)
             self._trim_later()
-
-    def _csv_body(self, names: list[str], lo: int, hi: int) -> bytes:
-        out, rows = [], 0
-        for piece in self.csv(names, lo, hi):
-            rows += piece.count("\n")
-            if rows > MAX_CSV_ROWS + 1:
-                raise ValueError(f"more than {MAX_CSV_ROWS:,} samples in this range: narrow it, or use `edgeos export`")
-            out.append(piece.encode())
-        return b"".join(out)
 
     # -- config ---------------------------------------------------------------------------
 

@@ -284,6 +284,8 @@ class HttpServer:
                 self.port = server.sockets[0].getsockname()[1]
                 self.started.set()
                 log.info("http: listening on %s://%s:%d", "https" if tls else "http", s.address, self.port)
+                if self.auth is None and not _loopback(s.address):
+                    log.warning("http: %s is not a loopback address and no authentication is set", s.address)
                 try:
                     await asyncio.Future()  # until cancelled
                 finally:
@@ -451,9 +453,11 @@ class HttpServer:
                 await _aclose(resp.stream)
             else:
                 await self._stream(resp.stream, write, reader)
-                # A stream ends the connection: the client may have gone, and h11 is mid-message.
-                if conn.our_state is not h11.DONE:
-                    return False
+                # The stream ran to its end: terminate the body (the last chunk), so the client
+                # knows it is whole. A stream ends the connection either way.
+                if conn.our_state is h11.SEND_BODY:
+                    await write(h11.EndOfMessage())
+                return False
         elif resp.body and not head_only:
             await write(h11.Data(data=resp.body))
         if conn.our_state is h11.SEND_BODY:
@@ -517,6 +521,17 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
         if k == name:
             return v.decode("latin-1").strip()
     return None
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _safe_join(base: Path, sub: str) -> Path | None:

@@ -126,6 +126,9 @@ class StoreSettings:
     compact_slice_samples: int = 1_000_000
     compact_max_samples: int = 4_000_000  # bound on one compaction's memory and time
     keep_until_synced: bool = False
+    # (I20) Forwarded units stay replayable (kept raw, compacted=1) until their newest sample
+    # is this old; within the size budget, which drops raw copies first (I6).
+    replay_window_ns: int = 0
     # (I19) Version-3 units (deflated columns): a third of the bytes a commit writes, and of
     # what goes upstream. False writes version 2, for consumers whose edgeos.wire predates 3.
     compress_units: bool = True
@@ -804,6 +807,8 @@ class StoreWriter:
                     self._cursor_saved_at = now_ns
             if not self.settings.keep_until_synced:
                 self._drop_stale_copies()
+            elif self.settings.replay_window_ns:
+                self._expire_replayable(now_ns)
             while self.compact(now_ns, force=compact_all) and compact_all:
                 pass  # compact_all: every device, every slice (tools and tests)
             self.trim(now_ns)
@@ -944,7 +949,11 @@ class StoreWriter:
             return
         with self._txn():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(cursor),))
-            self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))
+            if self.settings.replay_window_ns:  # (I20) kept for replay until the window passes
+                cut = time.time_ns() - self.settings.replay_window_ns
+                self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=? AND t_max<?", (cursor, cut))
+            else:
+                self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))
             self._mark_units()
         self._cursor_saved = cursor
 
@@ -961,6 +970,19 @@ class StoreWriter:
         if hot != self._hot_from or _meta_int(self.db, "hot_from") is None:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES('hot_from', ?)", (str(hot),))
             self._hot_from = hot
+
+    def _expire_replayable(self, now_ns: int) -> None:
+        """(I20) Forwarded raw copies whose window passed, at most once a minute; writes only
+        when there is one (on the t_max index of raw copies)."""
+        if abs(now_ns - getattr(self, "_expired_at", 0)) < 60e9:
+            return
+        self._expired_at = now_ns
+        cut = now_ns - self.settings.replay_window_ns
+        if not self._exists("units WHERE compacted=1 AND t_max < ? AND +id <= ?", (cut, self._cursor_saved)):
+            return
+        with self._txn():
+            self.db.execute("DELETE FROM units WHERE compacted=1 AND t_max < ? AND +id <= ?", (cut, self._cursor_saved))
+            self._mark_units()
 
     def _drop_stale_copies(self) -> None:
         """(I6) Upstream is off: raw copies kept for it will never be forwarded. Delete them."""

@@ -13,6 +13,15 @@ it exactly-once with the (gateway, seq) key. Policy for outages (docs/payload.md
 - A publish the broker refuses (an MQTT 5 PUBACK reason code of 0x80 or more) is not a delivery:
   the session ends with the error, the cursor holds, and the connection is retried with backoff.
 
+- **Replay on request.** The sync subscribes to the replay topic; a well-formed request for a
+  seq range (optionally one device) is answered with the units still held, byte for byte as
+  first sent and marked as replays, through the backlog lane's rate cap, and with the exact
+  ranges no longer held on `<replay topic>/gone`. Anything else is counted and ignored.
+- **Size cap.** No message exceeds `max_message`; a unit too large for it goes as parts
+  (docs/payload.md, "Continuation"), one seq all the same.
+
+The store is read only through its outbox API (edgeos.store.outbox): no SQL here.
+
 Threads: the lanes, the cursor and `status.cursor` live on the event loop. `cursor` is a plain
 int assigned there at every acknowledgement, so another thread (the store's, saving it) reads a
 value that was true when assigned and never ahead of an unacknowledged unit. The status thread
@@ -25,9 +34,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,14 +46,14 @@ from edgeos.adapter import first_error
 from edgeos.errors import SyncError
 from edgeos.logs import RateLimited
 from edgeos.retry import backoff_delay
+from edgeos.store.outbox import Backlog, Outbox, UnitRun
 
 log = logging.getLogger("edgeos.sync")
 
-MAX_MESSAGE_BYTES = 256 * 1024
-FETCH_ROWS = 256  # per read; fewer would cut messages short when several devices interleave
-# No memory map (PRAGMA mmap_size): a media error under a mapped page is a SIGBUS, which kills the
-# daemon, where read() returns an error the sync can report and retry.
-REPLACED_CHECK_S = 1.0  # how often a connection checks that the store file is still the same
+DEFAULT_MAX_MESSAGE = 128 * 1024
+READ_BYTES = 4 << 20  # unit bytes per read of the outbox: many messages per GIL hand-off
+REPLAY_QUEUE = 16  # requests waiting; more are counted (replay_dropped) and ignored
+GONE_RANGES = 1000  # ranges per gone message (a fragmented range goes in several)
 
 
 class Session(Protocol):
@@ -52,6 +61,12 @@ class Session(Protocol):
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Return once the broker acknowledged (QoS 1 PUBACK); raise SyncError on failure."""
+
+    async def subscribe(self, topic: str) -> None:
+        """Subscribe with QoS 1; raise SyncError on failure."""
+
+    def messages(self) -> AsyncIterator[tuple[str, bytes]]:
+        """(topic, payload) of what arrives on the subscriptions, until the session ends."""
 
 
 class Transport(Protocol):
@@ -74,6 +89,12 @@ class SyncStatus:
     connects: int = 0
     failures: int = 0
     last_error: str = ""
+    server: str = ""  # the broker of the current (or last) session
+    replay_requests: int = 0  # well-formed requests taken
+    replay_malformed: int = 0  # ignored: not a request of this gateway's
+    replay_dropped: int = 0  # ignored: REPLAY_QUEUE requests were waiting
+    replay_units: int = 0  # units sent again
+    replay_gone: int = 0  # seqs answered as no longer held
 
 
 class TokenBucket:
@@ -116,74 +137,11 @@ class _Lane:
     window: asyncio.Semaphore
     bucket: TokenBucket | None = None
     inflight: dict[int, int] = field(default_factory=dict)  # message key -> lowest seq in it
+    prev: dict[str, int] = field(default_factory=dict)  # device -> its last seq framed here
 
     @property
     def done(self) -> bool:
         return self.end is not None and self.after >= self.end - 1 and not self.inflight
-
-
-class _Backlog:
-    """Units and samples above the cursor, counted per block of ids so that a refresh reads only
-    what changed: the ids committed since the last one, and the block the cursor is in.
-
-    Only the status thread uses it. Units the store deletes above the cursor (retention, the size
-    budget) drop out when they are the oldest, as those are; one deleted elsewhere stays counted
-    until the cursor passes its block.
-    """
-
-    BLOCK = 1024
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.blocks: dict[int, list[int]] = {}  # id // BLOCK -> [units, samples]
-        self.top = 0  # the highest id counted
-        self.front = -1  # the id after which the front block was last counted
-
-    def refresh(self, db: sqlite3.Connection, cursor: int) -> tuple[int, int, int, int | None]:
-        """(head, units, samples, t_min of the first unit above the cursor), one snapshot."""
-        db.execute("BEGIN")
-        try:
-            return self._refresh(db, cursor)
-        except BaseException:
-            self.reset()  # counts half updated: start over at the next refresh
-            raise
-        finally:
-            if db.in_transaction:
-                db.execute("COMMIT")
-
-    def _refresh(self, db: sqlite3.Connection, cursor: int) -> tuple[int, int, int, int | None]:
-        b = self.BLOCK
-        head = db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
-        first = db.execute("SELECT id, t_min FROM units WHERE id > ? ORDER BY id LIMIT 1", (cursor,)).fetchone()
-        if head < self.top:  # not the file counted so far
-            self.reset()
-        # Nothing is stored between the cursor and the first unit above it.
-        lo = cursor if first is None else max(cursor, first[0] - 1)
-        start = max(self.top, lo)
-        if head > start:
-            for block, units, samples in db.execute(
-                "SELECT id / ?, COUNT(*), SUM(n) FROM units WHERE id > ? AND id <= ? GROUP BY id / ?",
-                (b, start, head, b),
-            ):
-                counts = self.blocks.setdefault(block, [0, 0])
-                counts[0] += units
-                counts[1] += samples
-        self.top = max(self.top, head)
-        front = (lo + 1) // b
-        for block in [k for k in self.blocks if k < front]:
-            del self.blocks[block]
-        if lo != self.front and front in self.blocks:
-            units, samples = db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(n), 0) FROM units WHERE id > ? AND id < ? AND id <= ?",
-                (lo, (front + 1) * b, head),
-            ).fetchone()
-            self.blocks[front] = [units, samples]
-        self.front = lo
-        units = sum(c[0] for c in self.blocks.values())
-        samples = sum(c[1] for c in self.blocks.values())
-        return head, units, samples, None if first is None else first[1]
 
 
 class Sync:
@@ -199,111 +157,113 @@ class Sync:
         self._acked = asyncio.Event()
         self.errors = RateLimited(log)
         self._cursor = 0  # assigned on the event loop only (see `cursor`)
-        self._db: sqlite3.Connection | None = None
-        self._db_file: tuple[int, int] | None = None
-        self._db_checked = 0.0
+        self.outbox = Outbox(data_dir)  # the event loop's (reads are short: a run of units)
+        self._generations: dict[int, int] = {}  # per outbox: the file generation last read
+        self._readers: dict[str, tuple[concurrent.futures.ThreadPoolExecutor, Outbox]] = {}
         # Only ever used in the _io thread:
-        self._status_db: sqlite3.Connection | None = None
-        self._status_file: tuple[int, int] | None = None
-        self._status_checked = 0.0
-        self._backlog = _Backlog()
+        self._status_outbox = Outbox(data_dir)
+        self._backlog = Backlog(self._status_outbox)
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-sync")
         self._dictionary_version = -1
         self._key = 0
         self._lanes: list[_Lane] = []
         self._failing_at: int | None = None  # the cursor when the last session failed
+        self.max_message = int(options.get("max_message") or DEFAULT_MAX_MESSAGE)
+        template = options.get("replay_topic") or "edgeos/{gateway}/replay"
+        self.replay_topic = template.format(gateway=gateway)
+        self.gone_topic = self.replay_topic + "/gone"
+        # The backlog lane's rate cap; replays take from the same bucket.
+        self._cap = TokenBucket(options.get("rate_limit_bytes"), options.get("rate_limit_messages"))
+        self._replays: asyncio.Queue[wire.ReplayRequest] = asyncio.Queue(REPLAY_QUEUE)
 
-    # -- store access (read-only connections of its own) -----------------------------------
-
-    def _identity(self) -> tuple[int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_dev, st.st_ino
-
-    def _open(self) -> tuple[sqlite3.Connection, tuple[int, int] | None]:
-        """A read-only connection and the identity (device, inode) of the file it opened."""
-        while True:
-            before = self._identity()
-            db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
-            db.execute("PRAGMA busy_timeout=5000")
-            if self._identity() == before:
-                return db, before
-            db.close()  # replaced while opening: open the new one
-
-    def _replaced(self, opened: tuple[int, int] | None) -> bool:
-        """The store moved a corrupt file aside and started a new one at the same path. While
-        the path is missing (between the two) the old file is still read."""
-        now = self._identity()
-        return now is not None and now != opened
-
-    def _conn(self) -> sqlite3.Connection:
-        """The event loop's read connection. Reads are short (one batch of units at a time);
-        done in a worker thread, they cost the loop more in GIL hand-offs than they take."""
-        now = time.monotonic()
-        if self._db is not None and now - self._db_checked >= REPLACED_CHECK_S:
-            self._db_checked = now
-            if self._replaced(self._db_file):
-                log.warning(
-                    "upstream: %s was replaced (the store quarantined it?); reading the new file from "
-                    "after unit %d, which the broker has",
-                    self.path,
-                    self._cursor,
-                )
-                self._db.close()
-                self._db = None
-                self._dictionary_version = -1  # the new file's tags: republished before its units
-        if self._db is None:
-            self._db, self._db_file = self._open()
-            self._db_checked = now
-        return self._db
+    # -- store access (the store's outbox API, read-only connections of its own) -------------
 
     def _read_cursor(self) -> int:
-        row = self._conn().execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
-        return int(row[0]) if row else 0
-
-    def _fetch(self, after: int, end: int | None) -> list[tuple[int, str, int, bytes]]:
-        sql = "SELECT id, device, n, data FROM units WHERE id > ?" + (" AND id < ?" if end else "")
-        args = (after, end) if end else (after,)
-        return self._conn().execute(sql + " ORDER BY id LIMIT ?", (*args, FETCH_ROWS)).fetchall()
-
-    def _prepare(self, after: int, end: int | None) -> tuple[int, list[tuple[str, list[int], bytes, int]]]:
-        """Read the next run of units and frame them (without re-encoding).
-        Returns (last id read or 0, messages)."""
-        rows = self._fetch(after, end)
-        if not rows:
-            return 0, []
-        version = self._dictionary_version
-        messages = [
-            (device, seqs, wire.encode_message(self.gateway, device, seqs, blobs, version), samples)
-            for device, seqs, blobs, samples in _pack(rows)
-        ]
-        return rows[-1][0], messages
+        return self.outbox.cursor()
 
     def _head(self) -> int:
-        return self._conn().execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
+        return self.outbox.head()
+
+    def _fresh_file(self, outbox: Outbox) -> None:
+        """A new store file since the last dictionary: its tags go out before its units."""
+        seen = self._generations.get(id(outbox))
+        if seen != outbox.generation:
+            self._generations[id(outbox)] = outbox.generation
+            if seen is not None:
+                self._dictionary_version = -1
+
+    def _prepare(
+        self, outbox: Outbox, after: int, end: int | None, prev: dict[str, int]
+    ) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int]:
+        """Read the next run of units and frame them (without re-encoding); in a lane's reader
+        thread. Returns (last id read or 0, messages, each device's last seq framed, the
+        dictionary version they name)."""
+        run = outbox.after(after, end, READ_BYTES)
+        self._fresh_file(outbox)
+        version = self._dictionary_version
+        if not len(run):
+            return 0, [], {}, version
+        messages, last = self._frame(run, prev, replay=False, outbox=outbox, version=version)
+        return run.last, messages, last, version
+
+    def _frame(
+        self,
+        run: UnitRun,
+        prev: dict[str, int],
+        *,
+        replay: bool,
+        outbox: Outbox | None = None,
+        version: int | None = None,
+    ) -> tuple[list[tuple[str, list[int], bytes, int]], dict[str, int]]:
+        """Messages of at most max_message bytes, per device in id order; each names the
+        device's previous unit (`pv`). A unit too large for one message goes as parts."""
+        outbox = outbox or self.outbox
+        version = self._dictionary_version if version is None else version
+        out: list[tuple[str, list[int], bytes, int]] = []
+        last: dict[str, int] = {}
+        for device, seqs, blobs, samples in _pack(run, self.gateway, self.max_message):
+            pv = last.get(device) or prev.get(device)
+            if pv is None:
+                pv = outbox.device_before(device, seqs[0])
+            if len(seqs) == 1 and len(blobs[0]) + wire.message_overhead(self.gateway, device, 1) > self.max_message:
+                out.extend(self._parts(device, seqs[0], blobs[0], samples, version, pv, replay))
+            else:
+                payload = wire.encode_message(self.gateway, device, seqs, blobs, version, prev=pv, replay=replay)
+                out.append((device, seqs, payload, samples))
+            last[device] = seqs[-1]
+        return out, last
+
+    def _parts(
+        self, device: str, seq: int, blob: bytes, samples: int, version: int, pv: int, replay: bool
+    ) -> list[tuple[str, list[int], bytes, int]]:
+        """One unit as `count` part messages, each within max_message (docs/payload.md,
+        "Continuation"); the samples count with the last part, which completes the unit."""
+        room = self.max_message - wire.message_overhead(self.gateway, device, 1, part=True)
+        if room < 1024:
+            raise SyncError(f"upstream.max_message {self.max_message} leaves no room for a unit's bytes")
+        count = -(-len(blob) // room)
+        out = []
+        for i in range(count):
+            piece = blob[i * room : (i + 1) * room]
+            payload = wire.encode_message(
+                self.gateway, device, [seq], [piece], version, prev=pv, replay=replay, part=(i, count)
+            )
+            out.append((device, [seq], payload, samples if i == count - 1 else 0))
+        return out
 
     def _dictionary(self) -> list[tuple[int, str, str, str, str]]:
-        return self._conn().execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
+        return self.outbox.dictionary()
+
+    def _tag_count(self) -> int:
+        return self.outbox.tag_count()
 
     def refresh_status(self, cursor: int | None = None) -> None:
         """Backlog and lag above `cursor` (captured on the event loop), for status and metrics:
         in the worker thread, on its own connection, reading only what changed since the last
         call. Lag is the age of the oldest sample of the first unit not yet acknowledged."""
-        now = time.monotonic()
-        if self._status_db is not None and now - self._status_checked >= REPLACED_CHECK_S:
-            self._status_checked = now
-            if self._replaced(self._status_file):
-                self._status_db.close()
-                self._status_db = None
-        if self._status_db is None:
-            self._status_db, self._status_file = self._open()
-            self._status_checked = now
-            self._backlog = _Backlog()
         if cursor is None:
             cursor = self._cursor
-        head, units, samples, oldest = self._backlog.refresh(self._status_db, cursor)
+        head, units, samples, oldest = self._backlog.refresh(cursor)
         st = self.status
         st.head = head
         st.backlog_units = units
@@ -341,10 +301,8 @@ class Sync:
                 self._cursor = self.status.cursor = self._read_cursor()
                 break
             except sqlite3.Error as e:
-                if self._db is not None:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.close()
-                    self._db = None
+                with contextlib.suppress(sqlite3.Error):
+                    self.outbox.close()
                 self.errors.log(logging.ERROR, "cursor", "upstream: cannot read the sync cursor (%s); retrying", e)
                 await asyncio.sleep(
                     backoff_delay(attempt, self.options["reconnect_min"], self.options["reconnect_max"])
@@ -376,6 +334,7 @@ class Sync:
                 async with self.transport.session() as session:
                     connected_at = time.monotonic()
                     self.status.connects += 1
+                    self.status.server = str(getattr(self.transport, "where", ""))
                     self.status.state = "connected"
                     await self._pump(session)
             except Exception as exc:  # any failure of a session: reconnect, never take the daemon down
@@ -395,7 +354,10 @@ class Sync:
                 # cursor past it, whatever else is acknowledged meanwhile: it keeps backing off.
                 attempt = 0
             self.status.state = "backoff"
-            await asyncio.sleep(backoff_delay(attempt, lo, hi))
+            # With several brokers the backoff grows per round of the list, not per broker: a
+            # cluster that lost a node is tried node after node at the same short delay.
+            rounds = attempt // max(1, len(getattr(self.transport, "servers", ())))
+            await asyncio.sleep(backoff_delay(rounds, lo, hi))
             attempt += 1
 
     async def _pump(self, session: Session) -> None:
@@ -403,7 +365,7 @@ class Sync:
         cursor = self._cursor
         head = self._head()
         window = self.options["max_inflight"]
-        cap = TokenBucket(self.options["rate_limit_bytes"], self.options["rate_limit_messages"])
+        cap = self._cap
         if head - cursor > 2 * window:
             # A backlog: drain it under the cap while live units go out beside it.
             self._lanes = [
@@ -417,11 +379,30 @@ class Sync:
         async with asyncio.TaskGroup() as tg:
             for lane in self._lanes:
                 tg.create_task(self._lane(session, lane, tg), name=f"sync:{lane.name}")
+            tg.create_task(self._listen(session), name="sync:replay-requests")
+            tg.create_task(self._replay(session), name="sync:replay")
+
+    def _reader(self, name: str) -> tuple[concurrent.futures.ThreadPoolExecutor, Outbox]:
+        """A lane's reader thread and its own outbox connection: the next run of units is read
+        and framed there while the loop publishes the current one (sqlite3 releases the GIL
+        while it reads pages)."""
+        if name not in self._readers:
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"edgeos-sync-{name}")
+            self._readers[name] = (pool, Outbox(self.path.parent))
+        return self._readers[name]
 
     async def _lane(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup) -> None:
-        after = lane.after
+        loop = asyncio.get_running_loop()
+        pool, outbox = self._reader(lane.name)
+
+        def read(after: int) -> asyncio.Future:
+            fut = loop.run_in_executor(pool, self._prepare, outbox, after, lane.end, dict(lane.prev))
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if abandoned
+            return fut
+
+        pending = read(lane.after)
         while not lane.done:
-            last, messages = self._prepare(after, lane.end)  # one batch, a few ms at most
+            last, messages, framed, version = await pending
             if not messages:
                 if lane.end is not None:
                     lane.after = lane.end - 1  # the rest of the backlog is no longer stored
@@ -434,15 +415,19 @@ class Sync:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.2):
                         await self.wakeup.wait()
-                after = lane.after
+                pending = read(lane.after)
                 continue
             if lane.end is None and self._dictionary_version < self._tag_count():
                 # New tags (or a new store file) since the last dictionary: publish it before the
                 # units that use it, then read and frame them again so their `td` names it.
                 await self._publish_dictionary(session)
-                after = lane.after
+                pending = read(lane.after)
                 continue
-            after = last
+            if version != self._dictionary_version:
+                pending = read(lane.after)  # framed before the dictionary changed
+                continue
+            lane.prev.update(framed)
+            pending = read(last)  # the next run is read while this one goes out
             for device, seqs, payload, samples in messages:
                 if lane.bucket is not None:
                     await lane.bucket.take(len(payload))
@@ -453,9 +438,6 @@ class Sync:
             lane.after = last
             self._advance()
         log.info("upstream: backlog drained")
-
-    def _tag_count(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM tags").fetchone()[0]
 
     async def _send(self, session: Session, lane: _Lane, key: int, device: str, payload: bytes, samples: int) -> None:
         try:
@@ -480,7 +462,18 @@ class Sync:
     async def _publish_dictionary(self, session: Session) -> None:
         tags = self._dictionary()
         topic = self.options["status_topic"].format(gateway=self.gateway).rsplit("/", 1)[0] + "/tags"
-        await session.publish(topic, wire.encode_dictionary(self.gateway, tags), retain=True)
+        payload = wire.encode_dictionary(self.gateway, tags)
+        if len(payload) > self.max_message:
+            # One retained message, never split (consumers read it whole): the one exception.
+            self.errors.log(
+                logging.WARNING,
+                "dictionary-size",
+                "upstream: the tag dictionary (%d tags, %d bytes) exceeds max_message (%d); sent whole",
+                len(tags),
+                len(payload),
+                self.max_message,
+            )
+        await session.publish(topic, payload, retain=True)
         self._dictionary_version = len(tags)
 
     async def flush(self, within: float) -> bool:
@@ -509,37 +502,97 @@ class Sync:
         except sqlite3.Error as e:
             log.debug("sync status at stop: %s", e)
 
+    # -- replay on request ----------------------------------------------------------------
+
+    async def _listen(self, session: Session) -> None:
+        """Requests on the replay topic: well-formed ones for this gateway are queued (bounded:
+        beyond REPLAY_QUEUE waiting they are counted and ignored), anything else counted."""
+        await session.subscribe(self.replay_topic)
+        st = self.status
+        async for _topic, payload in session.messages():
+            try:
+                req = wire.decode_replay_request(payload)
+                if req.gateway != self.gateway:
+                    raise ValueError(f"names gateway {req.gateway!r}")
+            except ValueError as e:
+                st.replay_malformed += 1
+                self.errors.log(logging.WARNING, "replay:malformed", "upstream: replay request ignored: %s", e)
+                continue
+            try:
+                self._replays.put_nowait(req)
+            except asyncio.QueueFull:
+                st.replay_dropped += 1
+                continue
+            st.replay_requests += 1
+
+    async def _replay(self, session: Session) -> None:
+        """Answer requests one at a time: what is gone first, then the units still held, under
+        the backlog lane's rate cap, with a window of their own."""
+        window = asyncio.Semaphore(max(2, self.options["max_inflight"] // 2))
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                req = await self._replays.get()
+                last = min(req.last, self.outbox.top())
+                if req.first > last:
+                    continue  # nothing given there yet: nothing held, nothing gone
+                gone = self.outbox.gone(req.first, last)
+                for k in range(0, len(gone), GONE_RANGES):
+                    payload = wire.encode_gone(self.gateway, req.first, last, req.device, gone[k : k + GONE_RANGES])
+                    await self._cap.take(len(payload))
+                    await session.publish(self.gone_topic, payload)
+                self.status.replay_gone += sum(b - a + 1 for a, b in gone)
+                after, prev = req.first - 1, {}
+                while after < last:
+                    run = self.outbox.range(after + 1, last, req.device, READ_BYTES)
+                    messages, framed = self._frame(run, prev, replay=True)
+                    prev.update(framed)
+                    for device, _seqs, payload, _samples in messages:
+                        await self._cap.take(len(payload))
+                        await window.acquire()
+                        tg.create_task(self._send_replay(session, window, device, payload), name="sync:replay-publish")
+                    self.status.replay_units += len(run)
+                    after = run.last
+
+    async def _send_replay(self, session: Session, window: asyncio.Semaphore, device: str, payload: bytes) -> None:
+        try:
+            await session.publish(self.topic(device), payload)
+        finally:
+            window.release()
+
     def close(self) -> None:
-        def shut() -> None:
-            if self._status_db is not None:
-                self._status_db.close()
-                self._status_db = None
-
-        self._io.submit(shut).result()
+        self._io.submit(self._status_outbox.close).result()
         self._io.shutdown(wait=True)
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        for pool, outbox in self._readers.values():
+            pool.submit(outbox.close).result()
+            pool.shutdown(wait=True)
+        self._readers = {}
+        self.outbox.close()
 
 
-def _pack(rows: list[tuple[int, str, int, bytes]]) -> list[tuple[str, list[int], list[bytes], int]]:
-    """Group a run of units into messages: per device, in id order, up to MAX_MESSAGE_BYTES."""
-    by_device: dict[str, list[tuple[int, int, bytes]]] = {}
-    for uid, device, n, data in rows:
-        by_device.setdefault(device, []).append((uid, n, data))
+def _pack(run: UnitRun, gateway: str, cap: int) -> list[tuple[str, list[int], list[bytes], int]]:
+    """Group a run of units into messages: per device, in id order, each within `cap` bytes
+    (a unit alone larger than that is a message of its own, sent as parts)."""
+    by_device: dict[str, list[int]] = {}
+    for i, device in enumerate(run.devices):
+        by_device.setdefault(device, []).append(i)
     out = []
-    for device, units in by_device.items():
+    ids, samples_of, data = run.ids, run.samples, run.data
+    for device, rows in by_device.items():
+        per_unit = wire.message_overhead(gateway, device, 1) - wire.message_overhead(gateway, device, 0)
+        base = wire.message_overhead(gateway, device, 0)
         seqs: list[int] = []
         blobs: list[bytes] = []
-        size = samples = 0
-        for uid, n, data in units:
-            if blobs and size + len(data) > MAX_MESSAGE_BYTES:
+        size = base
+        samples = 0
+        for i in rows:
+            blob = data[i]
+            if blobs and size + per_unit + len(blob) > cap:
                 out.append((device, seqs, blobs, samples))
-                seqs, blobs, size, samples = [], [], 0, 0
-            seqs.append(uid)
-            blobs.append(data)
-            size += len(data)
-            samples += n
+                seqs, blobs, size, samples = [], [], base, 0
+            seqs.append(ids[i])
+            blobs.append(blob)
+            size += per_unit + len(blob)
+            samples += samples_of[i]
         if blobs:
             out.append((device, seqs, blobs, samples))
     # Publish in the order of each message's first unit, so per device order holds.

@@ -1,6 +1,8 @@
 """MQTT transport for the sync: the only module that imports aiomqtt; its errors end here.
 
-QoS 1 for data (the cursor moves on PUBACK), a retained status topic with a last will so the
+QoS 1 for data (the cursor moves on PUBACK), a list of brokers tried in turn (failover),
+subscriptions (the replay topic; the plant-side collector reuses this module for its own),
+a retained status topic with a last will so the
 central side sees online/offline, TLS with hostname verification on by default, and the
 password read from a file or an environment variable, never from the config itself.
 
@@ -33,6 +35,10 @@ from edgeos.errors import SyncError
 log = logging.getLogger("edgeos.sync")
 
 PUBLISH_TIMEOUT = 30.0
+# A broker that takes the TCP connection but sends no CONNACK (a cluster node electing its
+# JetStream leader) counts as refused after this long, so the next broker is tried.
+CONNECT_TIMEOUT = 3.0
+FIRST_PUBACK_TIMEOUT = 5.0  # the same for the first publish of a session (its status)
 _NO_CONNECTION = 4  # paho's MQTT_ERR_NO_CONN, raised by a publish on a lost connection
 
 
@@ -137,10 +143,32 @@ class _Session:
         self.where = where
         self.refusals = _Refusals(client)
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        try:
+            await self.client.subscribe(topic, qos=qos, timeout=PUBLISH_TIMEOUT)
+        except aiomqtt.MqttError as e:
+            raise SyncError(_explain(e, self.where, connecting=False)) from e
+
+    async def messages(self) -> AsyncIterator[tuple[str, bytes]]:
+        """(topic, payload) of each message on this session's subscriptions; raises SyncError
+        when the connection is lost."""
+        try:
+            async for msg in self.client.messages:
+                payload = msg.payload
+                if isinstance(payload, str):
+                    payload = payload.encode()
+                elif not isinstance(payload, (bytes, bytearray)):
+                    payload = b""
+                yield str(msg.topic), bytes(payload)
+        except aiomqtt.MqttError as e:
+            raise SyncError(_explain(e, self.where, connecting=False)) from e
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, ack_within: float = PUBLISH_TIMEOUT
+    ) -> None:
         _last_mid.set(None)
         try:
-            await self.client.publish(topic, payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT)
+            await self.client.publish(topic, payload, qos=1, retain=retain, timeout=ack_within)
         except aiomqtt.MqttError as e:
             raise SyncError(_explain(e, self.where, connecting=False)) from e
         refused = self.refusals.take()
@@ -151,16 +179,47 @@ class _Session:
             )
 
 
+def servers(options: dict[str, Any]) -> list[tuple[str, int]]:
+    """(host, port) of each broker to try, in order: `servers` ("host:port", "[v6]:port" or a
+    bare host with the default port), else `host`/`port`."""
+    default = options.get("port") or (8883 if options.get("tls") else 1883)
+    out = []
+    for entry in options.get("servers") or [str(options.get("host") or "127.0.0.1")]:
+        host, port = entry, default
+        if entry.startswith("["):
+            host, _, rest = entry[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else default
+        elif entry.count(":") == 1:
+            host, _, p = entry.partition(":")
+            port = int(p)
+        out.append((host, port))
+    return out
+
+
 class MqttTransport:
+    """Sessions with the first broker of `servers` that takes the connection. A session that
+    fails (refused, lost, timed out) moves on to the next broker for the following attempt,
+    which the sync paces with its jittered backoff; TLS and credentials apply to every one.
+
+    `status_topic` None (in `options`) sends no status and no last will: a plain client (the
+    collector's) for subscriptions; `clean_start` False with `session_expiry` keeps its session."""
+
     def __init__(self, gateway: str, options: dict[str, Any], base: Path) -> None:
         self.gateway = gateway
         self.options = options
         self.base = base
-        port = options.get("port") or (8883 if options.get("tls") else 1883)
-        self.where = f"broker {options['host']}:{port}"
-        self.port = port
-        self.status_topic = options["status_topic"].format(gateway=gateway)
+        self.servers = servers(options)
+        self._index = 0
+        self.host, self.port = self.servers[0]
+        self.where = f"broker {self.host}:{self.port}"
+        topic = options.get("status_topic")
+        self.status_topic = topic.format(gateway=gateway) if topic else None
         self._warned_cleartext = False
+
+    def _next_server(self) -> None:
+        if len(self.servers) > 1:
+            self._index = (self._index + 1) % len(self.servers)
+            log.info("upstream: trying the next broker, %s:%d", *self.servers[self._index])
 
     def _warn_cleartext(self) -> None:
         """Once per run: credentials without TLS cross the network readable, unless on loopback."""
@@ -168,7 +227,7 @@ class MqttTransport:
         if self._warned_cleartext or o.get("tls") or not (o.get("username") or _has_password(o)):
             return
         self._warned_cleartext = True
-        if not _is_loopback(o["host"]):
+        if not all(_is_loopback(host) for host, _ in self.servers):
             log.warning(
                 "upstream: credentials for %s are sent in cleartext (tls = false); enable tls for a "
                 "broker that is not on this machine",
@@ -193,35 +252,69 @@ class MqttTransport:
     async def session(self) -> AsyncIterator[_Session]:
         o = self.options
         self._warn_cleartext()
+        self.host, self.port = self.servers[self._index]
+        self.where = f"broker {self.host}:{self.port}"
+        v5 = o.get("mqtt_version", "5") == "5"
+        extra: dict[str, Any] = {}
+        if o.get("clean_start") is False:
+            if v5:
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = int(o.get("session_expiry") or 7 * 86400)
+                extra = {"clean_start": False, "properties": props}
+            else:
+                extra = {"clean_session": False}
+        will = None
+        if self.status_topic:
+            will = aiomqtt.Will(self.status_topic, self._status("offline"), qos=1, retain=True)
+        inflight = o.get("max_inflight", 16)
         client = aiomqtt.Client(
-            o["host"],
+            self.host,
             self.port,
             username=o.get("username"),
             password=_password(o, self.base),
             identifier=o.get("client_id") or f"edgeos-{self.gateway}",
-            protocol=aiomqtt.ProtocolVersion.V5 if o["mqtt_version"] == "5" else aiomqtt.ProtocolVersion.V311,
-            will=aiomqtt.Will(self.status_topic, self._status("offline"), qos=1, retain=True),
-            keepalive=max(1, o["keepalive"] // 1_000_000_000),
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            keepalive=max(1, o.get("keepalive", 30_000_000_000) // 1_000_000_000),
             tls_params=self._tls(),
             tls_insecure=bool(o.get("tls_insecure")) if o.get("tls") else None,
-            max_inflight_messages=o["max_inflight"] * 2,
-            timeout=PUBLISH_TIMEOUT,
+            max_inflight_messages=inflight * 2,
+            timeout=CONNECT_TIMEOUT,  # connect and disconnect; publish and subscribe pass their own
+            **extra,
         )
         # Our own window bounds what is in flight; aiomqtt would warn from 10 on.
-        client.pending_calls_threshold = 4 * o["max_inflight"]
+        client.pending_calls_threshold = 4 * inflight
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
+            self._next_server()  # refused, unreachable, or a cluster node electing a leader
+            with contextlib.suppress(Exception):
+                client._client.disconnect()  # noqa: SLF001 - a half-open connection left by a timeout
             raise SyncError(_explain(e.__cause__ or e, self.where)) from e
         session = _Session(client, self.where)
+        failed = False
         try:
-            await session.publish(self.status_topic, self._status("online"), retain=True)
+            if self.status_topic:
+                # A node that took the connection but cannot store (a cluster without its
+                # JetStream leader yet) acknowledges nothing: soon the next broker instead.
+                await session.publish(
+                    self.status_topic, self._status("online"), retain=True, ack_within=FIRST_PUBACK_TIMEOUT
+                )
             yield session
+        except Exception:
+            failed = True
+            raise
         finally:
+            if failed:
+                self._next_server()  # a lost connection: the next attempt goes to the next broker
             # A clean DISCONNECT suppresses the last will, so an orderly stop (cancellation
             # included) says "offline" itself; a crash or a lost link leaves it to the will.
-            with contextlib.suppress(Exception):
-                await client.publish(self.status_topic, self._status("offline"), qos=1, retain=True, timeout=2)
+            if self.status_topic:
+                with contextlib.suppress(Exception):
+                    await client.publish(self.status_topic, self._status("offline"), qos=1, retain=True, timeout=2)
             with contextlib.suppress(Exception):
                 # Bounded: a broker that stopped answering must not hold up the daemon's stop.
                 async with asyncio.timeout(2):

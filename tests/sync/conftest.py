@@ -32,6 +32,7 @@ class Broker:
         users: dict[str, str] | None = None,
         tls: dict[str, Path] | None = None,
         acl: str | None = None,
+        persistence: bool = True,
     ):
         """`acl`: the text of a mosquitto acl_file (lines before any `user` line apply to
         anonymous clients); it may be changed between a stop and a start."""
@@ -41,6 +42,7 @@ class Broker:
         self.users = users
         self.tls = tls
         self.acl = acl
+        self.persistence = persistence
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "mosquitto.log"
 
@@ -50,7 +52,7 @@ class Broker:
             # to the test's files; stay whoever we are.
             f"user {getpass.getuser()}",
             f"listener {self.port} 127.0.0.1",
-            "persistence true",
+            f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.dir}/",
             "max_queued_messages 0",  # never drop for a slow subscriber
             "log_type error",
@@ -87,6 +89,13 @@ class Broker:
                 return
             time.sleep(0.05)
         raise TimeoutError("mosquitto did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: whatever the broker held in memory is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
 
     def stop(self) -> None:
         """SIGTERM: mosquitto saves its persistence (queued messages of persistent sessions)."""

@@ -433,7 +433,7 @@ def test_status_refresh_reads_only_what_changed(write_config, dead_port):
             steps[0] += 1
             return 0
 
-        sync._status_db.set_progress_handler(count, 100)  # called every 100 SQLite VM instructions
+        sync._status_outbox.conn().set_progress_handler(count, 100)  # called every 100 SQLite VM instructions
         sync.refresh_status()
         assert (sync.status.head, sync.status.backlog_units, sync.status.backlog_samples) == (30_010,) * 3
         assert sync.status.lag_seconds > 0
@@ -481,8 +481,8 @@ def test_the_sync_reads_the_store_without_a_memory_map(write_config, dead_port):
     make_store(cfg.gateway.data_dir, 10)
     try:
         sync.refresh_status()
-        assert sync._conn().execute("PRAGMA mmap_size").fetchone()[0] == 0
-        assert sync._status_db.execute("PRAGMA mmap_size").fetchone()[0] == 0
+        assert sync.outbox.conn().execute("PRAGMA mmap_size").fetchone()[0] == 0
+        assert sync._status_outbox.conn().execute("PRAGMA mmap_size").fetchone()[0] == 0
     finally:
         sync.close()
 

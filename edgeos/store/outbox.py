@@ -1,0 +1,266 @@
+"""The store's outbox: what the upstream sync (and replay) may read of the store, and nothing else.
+
+The store is the only room that knows its tables. The sync asks this module for runs of units
+after its cursor, units in a seq range, the head, the tag dictionary and the saved cursor; it
+never sees SQL. Reads are read-only connections (WAL snapshots: they never block the writer,
+docs/store.md I11), without a memory map (a media error under a mapped page is a SIGBUS, which
+kills the daemon, where read() returns an error the caller can report and retry). The cursor is
+saved by the store's one writer (`StoreWriter.maintain(sync_cursor=...)` / `save_cursor`,
+I19): this module only reads it back.
+
+A run of units comes back as columns (ids, devices, sample counts, bytes) from one query
+bounded by bytes, not one Python call per unit; each unit's bytes are exactly as committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("edgeos.store")
+
+DB_NAME = "edgeos.db"
+REPLACED_CHECK_S = 1.0  # how often a connection checks that the store file is still the same
+RUN_ROWS = 4096  # bound on one run (the byte bound usually ends it first)
+
+
+@dataclass
+class UnitRun:
+    """Consecutive stored units in id order, as columns. `last` is the highest id the read
+    covered (units above it were not looked at), 0 when nothing was read."""
+
+    ids: list[int]
+    devices: list[str]
+    samples: list[int]
+    data: list[bytes] | list[memoryview]  # each unit's bytes exactly as committed
+    last: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _columns(rows: list[tuple[int, str, int, bytes]]) -> UnitRun:
+    if not rows:
+        return UnitRun([], [], [], [], 0)
+    ids, devices, samples, data = (list(c) for c in zip(*rows, strict=True))
+    return UnitRun(ids, devices, samples, data, ids[-1])
+
+
+class Outbox:
+    """Read-only access to the units a store holds for upstream. Not thread-safe: one per thread.
+
+    Follows the store when it moves a corrupt file aside and starts a new one at the same path
+    (docs/store.md I9): `generation` counts the files opened, so a caller can republish what
+    depends on the file (the tag dictionary)."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(data_dir).absolute() / DB_NAME
+        self.generation = 0
+        self._db: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None
+        self._checked = 0.0
+
+    # -- the connection ---------------------------------------------------------------------
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _open(self) -> None:
+        while True:
+            before = self._identity()
+            db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            if self._identity() == before:
+                self._db, self._file = db, before
+                self.generation += 1
+                return
+            db.close()  # replaced while opening: open the new one
+
+    def conn(self) -> sqlite3.Connection:
+        """The read connection; reopened when the file at the path is a new one. While the path
+        is missing (between a move aside and the new file) the old file is still read."""
+        now = time.monotonic()
+        if self._db is not None and now - self._checked >= REPLACED_CHECK_S:
+            self._checked = now
+            ident = self._identity()
+            if ident is not None and ident != self._file:
+                log.warning("store %s was replaced (quarantined?); reading the new file", self.path)
+                self.close()
+        if self._db is None:
+            self._open()
+            self._checked = now
+        assert self._db is not None
+        return self._db
+
+    def replaced(self) -> bool:
+        """True when the path now holds another file than the one open (checked now)."""
+        ident = self._identity()
+        return self._db is not None and ident is not None and ident != self._file
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def cursor(self) -> int:
+        """The sync cursor the writer last saved (0 if none)."""
+        row = self.conn().execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()
+        return int(row[0]) if row else 0
+
+    def head(self) -> int:
+        """The highest unit id stored now (0 when none)."""
+        return self.conn().execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
+
+    def top(self) -> int:
+        """The highest unit id this file ever gave (stored or since deleted: I14)."""
+        db = self.conn()
+        row = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key='top_id'").fetchone()
+        top = int(row[0]) if row and row[0] is not None else 0
+        return max(top, self.head())
+
+    def dictionary(self) -> list[tuple[int, str, str, str, str]]:
+        """Every tag row, retired ones included: (id, device, name, kind, unit), by id."""
+        return self.conn().execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
+
+    def tag_count(self) -> int:
+        return self.conn().execute("SELECT COUNT(*) FROM tags").fetchone()[0]
+
+    def after(self, cursor: int, end: int | None = None, max_bytes: int = 1 << 20) -> UnitRun:
+        """Units with cursor < id (< end), in id order, up to about `max_bytes` of unit bytes
+        (at least one unit). One query; the byte bound is applied by SQLite with a running sum."""
+        return self._run("id > ?" + (" AND id < ?" if end is not None else ""), (cursor, end), max_bytes)
+
+    def range(self, first: int, last: int, device: str | None = None, max_bytes: int = 1 << 20) -> UnitRun:
+        """Units with first <= id <= last (of `device` only, when given), in id order, up to
+        about `max_bytes`. `last` of the result is where the next read starts after."""
+        where = "id >= ? AND id <= ?" + (" AND device = ?" if device is not None else "")
+        run = self._run(where, (first, last, device), max_bytes)
+        if len(run) and run.last < last and len(run) < RUN_ROWS and sum(map(len, run.data)) < max_bytes:
+            run.last = last  # nothing more in the range
+        elif not len(run):
+            run.last = last
+        return run
+
+    def _run(self, where: str, args: tuple, max_bytes: int) -> UnitRun:
+        params = tuple(a for a in args if a is not None)
+        db = self.conn()
+        # Bounded by bytes: ids up to where the running sum of lengths passes max_bytes, found
+        # on the index (length() of a blob reads its row header only), then one read of those.
+        bound = db.execute(
+            f"SELECT id FROM (SELECT id, SUM(length(data)) OVER (ORDER BY id) AS total FROM units "
+            f"WHERE {where} ORDER BY id LIMIT {RUN_ROWS}) WHERE total >= ? LIMIT 1",
+            (*params, max_bytes),
+        ).fetchone()
+        limit = f" AND id <= {int(bound[0])}" if bound else ""
+        rows = db.execute(
+            f"SELECT id, device, n, data FROM units WHERE {where}{limit} ORDER BY id LIMIT {RUN_ROWS}", params
+        ).fetchall()
+        return _columns(rows)
+
+    def gone(self, first: int, last: int) -> list[tuple[int, int]]:
+        """The ids in [first, last] this store no longer holds, as inclusive runs: one pass
+        over the ids (the primary key), returning only the edges of the holes."""
+        db = self.conn()
+        db.execute("BEGIN")
+        try:
+            holes = db.execute(
+                "SELECT p + 1, id - 1 FROM (SELECT id, LAG(id, 1, ?) OVER (ORDER BY id) AS p FROM units "
+                "WHERE id >= ? AND id <= ?) WHERE id > p + 1",
+                (first - 1, first, last),
+            ).fetchall()
+            top = db.execute("SELECT MAX(id) FROM units WHERE id >= ? AND id <= ?", (first, last)).fetchone()[0]
+        finally:
+            db.execute("COMMIT")
+        if top is None:
+            return [(first, last)]
+        out = [(int(a), int(b)) for a, b in holes]
+        if top < last:
+            out.append((int(top) + 1, last))
+        return out
+
+    def device_before(self, device: str, before: int, scan: int = 100_000) -> int:
+        """The id of `device`'s last unit below `before` still stored, looking back at most
+        `scan` ids (0 when none is found there)."""
+        sql = "SELECT id FROM units WHERE id < ? AND id >= ? AND device = ? ORDER BY id DESC LIMIT 1"
+        row = self.conn().execute(sql, (before, before - scan, device)).fetchone()
+        return int(row[0]) if row else 0
+
+
+class Backlog:
+    """Units and samples above the cursor, counted per block of ids so that a refresh reads only
+    what changed: the ids committed since the last one, and the block the cursor is in.
+
+    One per thread (the sync's status thread). Units the store deletes above the cursor
+    (retention, the size budget) drop out when they are the oldest, as those are; one deleted
+    elsewhere stays counted until the cursor passes its block.
+    """
+
+    BLOCK = 1024
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.generation = -1
+        self.reset()
+
+    def reset(self) -> None:
+        self.blocks: dict[int, list[int]] = {}  # id // BLOCK -> [units, samples]
+        self.top = 0  # the highest id counted
+        self.front = -1  # the id after which the front block was last counted
+
+    def refresh(self, cursor: int) -> tuple[int, int, int, int | None]:
+        """(head, units, samples, t_min of the first unit above the cursor), one snapshot."""
+        db = self.outbox.conn()
+        if self.outbox.generation != self.generation:
+            self.generation = self.outbox.generation
+            self.reset()
+        db.execute("BEGIN")
+        try:
+            return self._refresh(db, cursor)
+        except BaseException:
+            self.reset()  # counts half updated: start over at the next refresh
+            raise
+        finally:
+            if db.in_transaction:
+                db.execute("COMMIT")
+
+    def _refresh(self, db: sqlite3.Connection, cursor: int) -> tuple[int, int, int, int | None]:
+        b = self.BLOCK
+        head = db.execute("SELECT COALESCE(MAX(id), 0) FROM units").fetchone()[0]
+        first = db.execute("SELECT id, t_min FROM units WHERE id > ? ORDER BY id LIMIT 1", (cursor,)).fetchone()
+        if head < self.top:  # not the file counted so far
+            self.reset()
+        # Nothing is stored between the cursor and the first unit above it.
+        lo = cursor if first is None else max(cursor, first[0] - 1)
+        start = max(self.top, lo)
+        if head > start:
+            for block, units, samples in db.execute(
+                "SELECT id / ?, COUNT(*), SUM(n) FROM units WHERE id > ? AND id <= ? GROUP BY id / ?",
+                (b, start, head, b),
+            ):
+                counts = self.blocks.setdefault(block, [0, 0])
+                counts[0] += units
+                counts[1] += samples
+        self.top = max(self.top, head)
+        front = (lo + 1) // b
+        for block in [k for k in self.blocks if k < front]:
+            del self.blocks[block]
+        if lo != self.front and front in self.blocks:
+            units, samples = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(n), 0) FROM units WHERE id > ? AND id < ? AND id <= ?",
+                (lo, (front + 1) * b, head),
+            ).fetchone()
+            self.blocks[front] = [units, samples]
+        self.front = lo
+        units = sum(c[0] for c in self.blocks.values())
+        samples = sum(c[1] for c in self.blocks.values())
+        return head, units, samples, None if first is None else first[1]

@@ -1,0 +1,383 @@
+"""Replay on request against real brokers (issue 25): a broker that forgets what it
+acknowledged, data really gone, malformed requests, and the message size cap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+
+import aiomqtt
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgeos import wire
+from edgeos.config import load_config
+from edgeos.runtime import Runtime
+
+DEVICES = """
+[[devices]]
+name = "press"
+protocol = "simulated"
+poll_interval = "20ms"
+tags = [{ name = "a" }, { name = "b", signal = "text" }, { name = "c", signal = "random_walk" }]
+
+[[devices]]
+name = "oven"
+protocol = "simulated"
+poll_interval = "30ms"
+tags = [{ name = "z1", signal = "sine" }, { name = "z2", signal = "sine" }]
+"""
+
+
+def config(write_config, port: int, upstream: str = "") -> Path:
+    return write_config(
+        f"""
+[gateway]
+id = "gw1"
+data_dir = "data"
+shutdown_timeout = "5s"
+[store]
+commit_interval = "50ms"
+{DEVICES}
+[upstream]
+enabled = true
+host = "127.0.0.1"
+port = {port}
+reconnect_min = "50ms"
+reconnect_max = "300ms"
+{upstream}
+"""
+    )
+
+
+def stored(data_dir: Path) -> dict[int, tuple[str, bytes]]:
+    db = sqlite3.connect(f"{(data_dir / 'edgeos.db').as_uri()}?mode=ro", uri=True)
+    try:
+        return {i: (d, b) for i, d, b in db.execute("SELECT id, device, data FROM units")}
+    finally:
+        db.close()
+
+
+async def wait_until(pred, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.05)
+
+
+class Central:
+    """A plant-side consumer built on wire.Consumer and a plain aiomqtt client: it reconnects,
+    feeds what arrives, publishes the replay requests that are due, and keeps every payload."""
+
+    def __init__(self, port: int, *, drop=None, reorder_wait: float = 1.0, after: Central | None = None) -> None:
+        self.port = port
+        self.consumer = wire.Consumer(reorder_wait=reorder_wait, retry_after=3.0)
+        self.delivered: list[wire.Delivered] = []
+        if after is not None:  # the same consumer, back online
+            self.consumer, self.delivered = after.consumer, after.delivered
+        self.payloads: list[tuple[str, bytes]] = []
+        self.gone: list[wire.Gone] = []
+        self.requests: list[bytes] = []
+        self.drop = drop or (lambda env: False)
+        self.task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with aiomqtt.Client("127.0.0.1", self.port, identifier="central", clean_session=False) as c:
+                    await c.subscribe("edgeos/+/+/data", qos=1)
+                    await c.subscribe("edgeos/+/replay/gone", qos=1)
+                    asker = asyncio.create_task(self._ask(c))
+                    try:
+                        async for msg in c.messages:
+                            payload = bytes(msg.payload)
+                            self.payloads.append((str(msg.topic), payload))
+                            if str(msg.topic).endswith("/data") and self.drop(wire.decode_envelope(payload)):
+                                continue
+                            self.delivered += self.consumer.feed(payload)
+                            self.gone += self.consumer.take_gone()
+                    finally:
+                        asker.cancel()
+                        await asyncio.gather(asker, return_exceptions=True)
+            except aiomqtt.MqttError:
+                if asyncio.current_task().cancelling():
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def _ask(self, client: aiomqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            for topic, payload in self.consumer.requests():
+                self.requests.append(payload)
+                await client.publish(topic, payload, qos=1)
+
+    def seqs(self) -> list[int]:
+        return sorted(d.seq for d in self.delivered)
+
+    async def __aenter__(self) -> Central:
+        self.task = asyncio.create_task(self._run())
+        await asyncio.sleep(0.3)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError, aiomqtt.MqttError):
+            await asyncio.wait_for(self.task, 5)
+
+
+def assert_each_once(central: Central, expect: dict[int, tuple[str, bytes]]) -> None:
+    seqs = [d.seq for d in central.delivered]
+    assert len(seqs) == len(set(seqs)), "a seq delivered twice"
+    assert sorted(seqs) == sorted(expect)
+    for d in central.delivered:
+        dev, blob = expect[d.seq]
+        ref = wire.decode_unit(blob)
+        assert d.device == dev and d.unit.ts.tobytes() == ref.ts.tobytes()
+        assert d.unit.values.tobytes() == ref.values.tobytes()
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_units_a_broker_forgot_after_acknowledging_are_replayed(write_config, make_broker, version):
+    # mosquitto without persistence; the consumer goes offline, the gateway publishes (the
+    # broker acknowledges and queues for the consumer's session), the broker is killed and
+    # restarted: the queue is gone. The consumer notices, asks, and ends with every seq once.
+    b = make_broker(persistence=False)
+    cfg = load_config(config(write_config, b.port, f'mqtt_version = "{version}"\n'))
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run())
+    try:
+        async with Central(b.port) as central:
+            await wait_until(lambda: len(central.delivered) > 30)
+        before = rt.sync.status.published_messages
+        await wait_until(lambda: rt.sync.status.published_messages > before + 40)  # acknowledged, queued
+        b.kill()
+        b.start()  # same port, nothing remembered
+        async with Central(b.port, after=central) as central2:
+            await wait_until(lambda: rt.sync.status.connects >= 2)
+            await wait_until(lambda: rt.sync.status.replay_units > 0, 30)
+            rt.stop()
+            await asyncio.wait_for(task, 20)
+            expect = stored(cfg.gateway.data_dir)
+            await wait_until(lambda: set(central2.seqs()) >= set(expect), 30)
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 20)
+    assert central2.requests, "the gap was asked for"
+    assert any(d.replay for d in central2.delivered)
+    assert_each_once(central2, expect)
+    assert central2.consumer.gaps("gw1") == []
+
+
+def make_store(data_dir: Path, units: int, *, old: int = 0, samples: int = 1) -> None:
+    """`units` units over two devices (ids from 1, d0 odd, d1 even); the first `old` two days old."""
+    from edgeos.store import schema
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(data_dir / "edgeos.db")
+    schema.create(db)
+    db.execute("PRAGMA journal_mode=WAL")
+    now = time.time_ns()
+    rng = np.random.default_rng(3)
+    rows = []
+    for k in range(units):
+        device = f"d{k % 2}"
+        t0 = now - (2 * 86_400 * 10**9 if k < old else 0) + k * 10**6
+        ts = t0 + np.arange(samples, dtype=np.int64) * 1000
+        blob = wire.encode_unit(
+            device, np.arange(samples, dtype=np.int32) % 7 + 1, ts, rng.random(samples), np.zeros(samples, np.uint32)
+        )
+        rows.append((k + 1, device, int(ts.min()), int(ts.max()), samples, blob))
+    with db:
+        db.executemany(
+            "INSERT INTO tags(id, device, name, kind) VALUES(?, 'd0', ?, 'number')", [(i, f"t{i}") for i in range(1, 8)]
+        )
+        db.executemany("INSERT INTO units(id, device, t_min, t_max, n, data) VALUES(?,?,?,?,?,?)", rows)
+    db.close()
+
+
+def make_sync(write_config, port: int, upstream: str = ""):
+    from edgeos.sync import Sync
+    from edgeos.sync.mqtt import MqttTransport
+
+    cfg = load_config(config(write_config, port, upstream))
+    transport = MqttTransport(cfg.gateway.id, cfg.upstream.options, cfg.source.parent)
+    return cfg, Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
+
+
+@contextlib.asynccontextmanager
+async def running(sync):
+    task = asyncio.create_task(sync.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sync.close()
+
+
+async def test_units_retention_dropped_before_the_replay_are_answered_gone(write_config, broker):
+    # The consumer misses 30..50 on the way; by the time it asks, retention dropped 1..40.
+    cfg, sync = make_sync(write_config, broker.port, 'max_message = "8KiB"\n')  # a unit a message
+    data = cfg.gateway.data_dir
+    make_store(data, 100, old=40, samples=700)
+    held = stored(data)
+    lost = set(range(30, 51))
+    drop = lambda env: bool(lost & set(env.seqs)) and not env.replay  # noqa: E731
+    async with Central(broker.port, drop=drop) as central, running(sync):
+        await wait_until(lambda: sync.cursor >= 100)
+        from edgeos.store import StoreSettings, StoreWriter
+
+        w = StoreWriter(data, (), StoreSettings(retention_ns=86_400 * 10**9))
+        try:
+            w.trim(time.time_ns())
+        finally:
+            w.close()
+        assert min(stored(data)) == 41
+        await wait_until(lambda: set(central.seqs()) >= set(range(41, 101)) and len(central.gone) >= 2, 30)
+        await asyncio.sleep(0.5)
+    # Each device's gap: its units from after its last one seen to the one its next unit named.
+    asked = sorted((r["dev"], r["first"], r["last"]) for r in map(msgpack.unpackb, central.requests))
+    assert asked == [("d0", 30, 49), ("d1", 29, 50)]
+    gone = sorted((g.device, g.first, g.last, tuple(g.ranges)) for g in central.gone)
+    assert gone == [("d0", 30, 49, ((30, 40),)), ("d1", 29, 50, ((29, 40),))]
+    assert sync.status.replay_gone == 23
+    assert central.seqs() == [*range(1, 30), *range(41, 101)]
+    for d in central.delivered:  # replays are the first bytes sent, same seq
+        assert d.unit.values.tobytes() == wire.decode_unit(held[d.seq][1]).values.tobytes()
+    replayed = [
+        wire.decode_envelope(p) for t, p in central.payloads if t.endswith("/data") and wire.decode_envelope(p).replay
+    ]
+    assert {s for e in replayed for s in e.seqs} == set(range(41, 51))
+    for e in replayed:
+        assert all(bytes(u) == held[s][1] for s, u in zip(e.seqs, e.units, strict=True))
+
+
+_garbage = st.one_of(
+    st.binary(max_size=64),
+    st.builds(
+        lambda d: msgpack.packb(d), st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**64 - 1), max_size=4)
+    ),
+    st.builds(
+        lambda a, span, gw: msgpack.packb({"v": 1, "gw": gw, "first": a, "last": a + span}),
+        st.integers(1, 1000),
+        st.integers(-1000, -1) | st.integers(10_000_000, 2**40),  # reversed or huge
+        st.just("gw1"),
+    ),
+    st.builds(  # another gateway's id on this gateway's topic
+        lambda a, gw, js: wire.encode_replay_request(gw, a, a + 5, form="json" if js else "msgpack"),
+        st.integers(1, 50),
+        st.text(min_size=1, max_size=8).filter(lambda g: g != "gw1"),
+        st.booleans(),
+    ),
+    st.builds(
+        lambda v: msgpack.packb({"v": 1, "gw": "gw1", "first": v, "last": 3}),
+        st.one_of(st.floats(), st.booleans(), st.text(max_size=3), st.just(0), st.just(-5), st.just(2**63 - 1)),
+    ),
+    st.builds(lambda s: s.encode(), st.text(alphabet='{}[]":,0123456789abfirstlgw', max_size=40)),
+)
+
+
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payloads=st.lists(_garbage, min_size=10, max_size=40))
+def test_malformed_replay_requests_are_counted_and_answered_with_nothing(write_config, broker, payloads):
+    # A decodable request among them would be answered: make sure none is.
+    def valid(p: bytes) -> bool:
+        try:
+            return wire.decode_replay_request(p).gateway == "gw1"
+        except ValueError:
+            return False
+
+    payloads = [p for p in payloads if not valid(p)]
+
+    async def scenario() -> None:
+        cfg, sync = make_sync(write_config, broker.port)
+        if not (cfg.gateway.data_dir / "edgeos.db").exists():
+            make_store(cfg.gateway.data_dir, 20)
+        async with Central(broker.port) as central, running(sync):
+            await wait_until(lambda: sync.cursor >= 20)
+            seen = len(central.payloads)
+            async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+                for p in payloads:
+                    await c.publish("edgeos/gw1/replay", p, qos=1)
+            await wait_until(lambda: sync.status.replay_malformed == len(payloads), 10)
+            await asyncio.sleep(0.3)
+            assert central.payloads[seen:] == []  # nothing answered: no gone, no replay
+            assert sync.status.state == "connected" and sync.status.replay_requests == 0
+            # Still serving: a good request is answered.
+            async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+                await c.publish("edgeos/gw1/replay", wire.encode_replay_request("gw1", 3, 4, form="json"), qos=1)
+            await wait_until(lambda: sync.status.replay_units == 2, 10)
+
+    asyncio.run(scenario())
+
+
+def test_replay_request_codec_refuses_what_it_must():
+    assert wire.decode_replay_request(wire.encode_replay_request("g", 1, 5, "d", form="json")) == wire.ReplayRequest(
+        "g", 1, 5, "d"
+    )
+    for bad in (
+        {"v": 1, "gw": "g", "first": 5, "last": 4},
+        {"v": 1, "gw": "g", "first": 1, "last": 10_000_001},
+        {"v": 1, "gw": "g", "first": True, "last": 4},
+        {"v": 1, "gw": "g", "first": 0, "last": 4},
+        {"v": 1, "gw": "g", "first": 1, "last": 4, "dev": 7},
+        {"v": 1, "gw": "g", "first": 1, "last": 4, "cmd": "write"},
+        {"v": 2, "gw": "g", "first": 1, "last": 4},
+    ):
+        with pytest.raises(ValueError):
+            wire.decode_replay_request(msgpack.packb(bad))
+    with pytest.raises(ValueError):
+        wire.decode_replay_request(b"x" * 2000)
+
+
+async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_config, broker):
+    cfg, sync = make_sync(write_config, broker.port, 'max_message = "16KiB"\n')
+    make_store(cfg.gateway.data_dir, 30, samples=3000)  # random floats: about 25 KB a unit
+    held = stored(cfg.gateway.data_dir)
+    assert max(len(b) for _, b in held.values()) > 16 * 1024
+    async with Central(broker.port) as central, running(sync):
+        await wait_until(lambda: sync.cursor >= 30)
+        await wait_until(lambda: set(central.seqs()) >= set(held))
+        # A replay of a split unit is split the same way.
+        async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+            await c.publish("edgeos/gw1/replay", wire.encode_replay_request("gw1", 5, 6), qos=1)
+        await wait_until(lambda: sum(1 for _, p in central.payloads if wire.decode_envelope(p).replay) >= 4)
+    sizes = [len(p) for t, p in central.payloads if t.endswith("/data")]
+    assert max(sizes) <= 16 * 1024 and len(sizes) > 60
+    assert any(wire.decode_envelope(p).part for _, p in central.payloads)
+    assert_each_once(central, held)
+    for d in central.delivered:
+        ref = wire.decode_unit(held[d.seq][1])
+        assert d.unit.tags.tolist() == ref.tags.tolist() and d.unit.quality.tobytes() == ref.quality.tobytes()
+
+
+async def test_servers_are_tried_in_turn_and_a_session_subscribes(write_config, broker, dead_port):
+    from edgeos.sync.mqtt import MqttTransport, servers
+
+    assert servers({"servers": ["a:1", "[::1]:2", "b"], "port": 9}) == [("a", 1), ("::1", 2), ("b", 9)]
+    assert servers({"host": "h", "tls": True}) == [("h", 8883)]
+    # The first broker refuses the connection: the next attempt goes to the next one.
+    cfg, sync = make_sync(
+        write_config, broker.port, f'servers = ["127.0.0.1:{dead_port}", "127.0.0.1:{broker.port}"]\n'
+    )
+    make_store(cfg.gateway.data_dir, 10)
+    async with Central(broker.port) as central, running(sync):
+        await wait_until(lambda: sync.cursor >= 10)
+        assert sync.status.failures >= 1 and sync.status.server == f"broker 127.0.0.1:{broker.port}"
+        await wait_until(lambda: set(central.seqs()) >= set(range(1, 11)))
+    # The module's subscribe capability, as the plant-side collector uses it (no status, no will).
+    plain = MqttTransport("collector", {"servers": [f"127.0.0.1:{broker.port}"], "status_topic": None}, Path("."))
+    async with plain.session() as session:
+        await session.subscribe("edgeos/+/replay")
+        async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+            await c.publish("edgeos/gwX/replay", b"hello", qos=1)
+        async with asyncio.timeout(5):
+            async for topic, payload in session.messages():
+                assert (topic, payload) == ("edgeos/gwX/replay", b"hello")
+                break
