@@ -52,6 +52,7 @@ log = logging.getLogger("edgeos.sync")
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
 READ_BYTES = 4 << 20  # unit bytes per read of the outbox: many messages per GIL hand-off
+READ_FIRST = 256 << 10  # a lane's first read: publishing starts soon; each next one doubles
 REPLAY_QUEUE = 16  # requests waiting; more are counted (replay_dropped) and ignored
 GONE_RANGES = 1000  # ranges per gone message (a fragmented range goes in several)
 
@@ -193,12 +194,12 @@ class Sync:
                 self._dictionary_version = -1
 
     def _prepare(
-        self, outbox: Outbox, after: int, end: int | None, prev: dict[str, int]
+        self, outbox: Outbox, after: int, end: int | None, prev: dict[str, int], size: int = READ_BYTES
     ) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int]:
-        """Read the next run of units and frame them (without re-encoding); in a lane's reader
-        thread. Returns (last id read or 0, messages, each device's last seq framed, the
-        dictionary version they name)."""
-        run = outbox.after(after, end, READ_BYTES)
+        """Read the next run of units (about `size` bytes) and frame them (without re-encoding);
+        in a lane's reader thread. Returns (last id read or 0, messages, each device's last seq
+        framed, the dictionary version they name)."""
+        run = outbox.after(after, end, size)
         self._fresh_file(outbox)
         version = self._dictionary_version
         if not len(run):
@@ -394,9 +395,13 @@ class Sync:
     async def _lane(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup) -> None:
         loop = asyncio.get_running_loop()
         pool, outbox = self._reader(lane.name)
+        size = READ_FIRST
 
         def read(after: int) -> asyncio.Future:
-            fut = loop.run_in_executor(pool, self._prepare, outbox, after, lane.end, dict(lane.prev))
+            # Small reads first, so the first messages go out while the next, larger run is read.
+            nonlocal size
+            fut = loop.run_in_executor(pool, self._prepare, outbox, after, lane.end, dict(lane.prev), size)
+            size = min(READ_BYTES, size * 2)
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if abandoned
             return fut
 
