@@ -51,8 +51,10 @@ from edgeos.store.outbox import Backlog, Outbox, UnitRun
 log = logging.getLogger("edgeos.sync")
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
-READ_BYTES = 4 << 20  # unit bytes per read of the outbox: many messages per GIL hand-off
-READ_FIRST = 256 << 10  # a lane's first read: publishing starts soon; each next one doubles
+# Unit bytes per read of the outbox at most: several messages per GIL hand-off, and a short
+# tail (what is left to publish once the last run is read).
+READ_BYTES = 1 << 20
+READ_FIRST = 256 << 10  # a lane's first read, so publishing starts soon; then doubling
 REPLAY_QUEUE = 16  # requests waiting; more are counted (replay_dropped) and ignored
 GONE_RANGES = 1000  # ranges per gone message (a fragmented range goes in several)
 
