@@ -23,7 +23,7 @@ __all__ = ["GATEWAY_HEADER", "_sample", "app", "load_or_exit", "main"]
 
 def _commands() -> Any:
     """Import every command module (each registers on the app) and return the typer app."""
-    from edgeos.cli import console, core, device, opcua, serial, service, store  # noqa: F401  (registers commands)
+    from edgeos.cli import collect, console, core, device, opcua, serial, service, store  # noqa: F401  (registers commands)
     from edgeos.cli.app import app
 
     return app
