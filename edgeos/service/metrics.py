@@ -287,12 +287,10 @@ class Metrics:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    """The package's own version string (importlib.metadata would cost 0.7 MB of RSS for it)."""
+    import edgeos
 
-        return version("edgeos")
-    except Exception:
-        return "unknown"
+    return edgeos.__version__
 
 
 def register(server: HttpServer, rt: Runtime) -> None:
