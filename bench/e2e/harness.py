@@ -181,6 +181,8 @@ class Subscriber:
         self.connected = threading.Event()
         self._dedup = wire.Deduplicator()
         self._held_ids = np.zeros(0, np.int64)
+        # EDGEOS_E2E_TRACE=1: (device, newest sample ns, arrival ns) per unit, for bench/e2e/stages.py.
+        self.units: list[tuple[str, int, int]] | None = [] if os.environ.get("EDGEOS_E2E_TRACE") else None
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -271,6 +273,8 @@ class Subscriber:
                 continue
             n += len(unit)
             lat = now_ms - unit.ts / 1e6
+            if self.units is not None and len(unit):
+                self.units.append((msg.device, int(unit.ts.max()), int(now * 1e9)))
             held = np.isin(unit.tags, self._held_ids)
             lats.append(lat[~held].astype(np.float32))
             helds.append(lat[held].astype(np.float32))
