@@ -396,6 +396,10 @@ class Sync:
         pool, outbox = self._reader(lane.name)
 
         def read(after: int) -> asyncio.Future:
+            if lane.end is None:
+                # Cleared before the read, not after it: a commit that lands while the read runs
+                # keeps the wake-up set, so the wait below re-reads at once (none is lost).
+                self.wakeup.clear()
             fut = loop.run_in_executor(pool, self._prepare, outbox, after, lane.end, dict(lane.prev))
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if abandoned
             return fut
@@ -409,7 +413,6 @@ class Sync:
                     self._advance()
                     if lane.done:
                         break
-                self.wakeup.clear()
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
                 # arrives as the wait ends, and the lane would outlive its stop.
                 with contextlib.suppress(TimeoutError):
