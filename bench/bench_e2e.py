@@ -318,9 +318,12 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, lo
         daemon.wait_running()
         time.sleep(t["warm"])
         s0, c0, t0 = daemon.status(), harness.cpu_s(daemon.proc.pid), time.time()
+        b0 = sub.busy_s
         o0 = harness.cpu_s(opc.proc.pid)
         time.sleep(t["window"])
         s1, c1, t1 = daemon.status(), harness.cpu_s(daemon.proc.pid), time.time()
+        if trace is not None:
+            print(f"# e2e stage subscriber: busy {100 * (sub.busy_s - b0) / (t1 - t0):.1f} % of the window", flush=True)
         opc_cpu = 100 * (harness.cpu_s(opc.proc.pid) - o0) / (t1 - t0)
         if trace is not None:  # how long the server takes to write a round (its source time is the round's start)
             with contextlib.suppress(Exception):
@@ -332,6 +335,20 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, lo
                         f"max {took[-1]:.0f} ms after their source time",
                         flush=True,
                     )
+                    # Ours: from the end of the server's round to the arrival of the unit carrying it.
+                    end = {int(r // 0.5): r for r in rounds}  # by half-second slot of its source time
+                    with sub.lock:
+                        ours = sorted(
+                            1e3 * (a / 1e9 - end[k])
+                            for d, ts, a in sub.units
+                            if d == "opc" and (k := int(ts / 1e9 // 0.5)) in end
+                        )
+                    if ours:
+                        print(
+                            f"# e2e stage opcua ours (server's round end -> arrival): {len(ours)} units, "
+                            f"p50 {ours[len(ours) // 2]:.0f} ms, p99 {ours[int(len(ours) * 0.99)]:.0f} ms",
+                            flush=True,
+                        )
         cur, peak = harness.rss_mb(daemon.proc.pid)
         with sub.lock:
             win = sub.ours.window(t0, t1)

@@ -542,6 +542,7 @@ class Runtime:
                 t_pipe = tg.create_task(self._pipeline(pipeline, raw, filtered), name="pipeline")
                 t_write = tg.create_task(self._writer(filtered), name="store-writer")
                 t_sync = tg.create_task(self.sync.run(), name="sync") if self.sync else None
+                t_trace = tg.create_task(TRACE.watch_loop(), name="trace") if TRACE is not None else None
                 t_ctl = t_status = t_http = None
                 if self.use_store:
                     t_ctl = tg.create_task(control.serve(cfg.gateway.data_dir, self._control), name="control")
@@ -568,7 +569,7 @@ class Runtime:
                     await self._stop.wait()
                 finally:
                     self.notifier.stopping()
-                    for t in (t_ctl, t_status, t_http, t_console, t_notify, t_hup):
+                    for t in (t_ctl, t_status, t_http, t_console, t_notify, t_hup, t_trace):
                         if t is not None:
                             t.cancel()
                     t_devs = list(self._device_tasks.values())  # as reloads left them

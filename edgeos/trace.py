@@ -68,6 +68,16 @@ class Trace:
         if last and len(self.reads) < ROWS:
             self.reads.append((time.time_ns(), last))
 
+    async def watch_loop(self) -> None:
+        """The event loop's stalls: a 10 ms sleep that overshoots by more than 5 ms is one."""
+        import asyncio
+
+        while True:
+            t0 = time.time_ns()
+            await asyncio.sleep(0.01)
+            if time.time_ns() - t0 > 15_000_000:
+                self.event("loop_stall", t0 + 10_000_000)
+
     def wrap_read(self, prepare: Any) -> Any:
         """The sync's read-and-frame of the next run of units (in its reader thread)."""
 

@@ -181,6 +181,7 @@ class Subscriber:
         self.connected = threading.Event()
         self._dedup = wire.Deduplicator()
         self._held_ids = np.zeros(0, np.int64)
+        self.busy_s = 0.0  # time spent handling messages (is the subscriber the bottleneck?)
         # EDGEOS_E2E_TRACE=1: (device, newest sample ns, arrival ns) per unit, for bench/e2e/stages.py.
         self.units: list[tuple[str, int, int]] | None = [] if os.environ.get("EDGEOS_E2E_TRACE") else None
         self._stop = threading.Event()
@@ -241,6 +242,12 @@ class Subscriber:
 
     def _handle(self, client, topic: str, payload: bytes) -> None:
         now = time.time()
+        try:
+            self._dispatch(client, topic, payload, now)
+        finally:
+            self.busy_s += time.time() - now
+
+    def _dispatch(self, client, topic: str, payload: bytes, now: float) -> None:
         if topic.startswith("edgeos/"):
             if topic.endswith("/data"):
                 self._ours(now, payload)

@@ -42,7 +42,7 @@ def breakdown(trace_path: Path, units: list[tuple[str, int, int]], t0: float, t1
         ok = k < len(covered)
         read_t = np.where(ok, reads[np.minimum(k, len(reads) - 1), 0], 0) if len(reads) else np.zeros(len(r))
         ts_u, arr_u = per_dev[name]
-        j = np.searchsorted(ts_u, r[:, 0] - 1000)  # units' times are rounded to the store's resolution
+        j = np.searchsorted(ts_u, r[:, 0] - 1_000_000)  # units' times are rounded to the store's resolution
         ok &= j < len(ts_u)
         arrival = np.where(j < len(ts_u), arr_u[np.minimum(j, len(ts_u) - 1)], 0)
         r, read_t, arrival = r[ok], read_t[ok], arrival[ok]
@@ -73,6 +73,7 @@ def breakdown(trace_path: Path, units: list[tuple[str, int, int]], t0: float, t1
     for kind, d in sorted(ev.items()):
         x = np.array(d)
         out.append(
-            f"# e2e stage store-thread {kind}: {len(x)} x, p50 {np.percentile(x, 50):.1f} ms, max {x.max():.1f} ms"
+            f"# e2e stage {kind}: {len(x)} x, p50 {np.percentile(x, 50):.1f} ms, max {x.max():.1f} ms, "
+            f"sum {x.sum():.0f} ms"
         )
     return out
