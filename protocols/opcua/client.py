@@ -781,18 +781,30 @@ async def browse(session: Session, start: str | None, depth: int) -> list[Variab
 _DECODER: concurrent.futures.ThreadPoolExecutor | None = None
 
 
+def _decoder() -> concurrent.futures.ThreadPoolExecutor:
+    global _DECODER
+    if _DECODER is None:
+        _DECODER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-opcua-decode")
+    return _DECODER
+
+
+async def columns_apart(
+    dvs: Sequence[Any], kinds: np.ndarray, timestamp: str, now_ns: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """`columns` in the decoding thread: 5,000 values take 4-18 ms, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(_decoder(), columns, dvs, kinds, timestamp, now_ns)
+
+
 async def _publish_decoded_apart(uaclient: Any, acks: list[Any]) -> Any:
     """asyncua's `UaClient.publish` (which its publish loop calls, one request at a time), with
     the response decoded in a thread of its own: the decoding still takes the GIL, but in
     switch-interval slices (5 ms), so the event loop keeps running beside it."""
-    global _DECODER
     request = ua.PublishRequest()
     request.Parameters.SubscriptionAcknowledgements = acks if acks else []
     data = await uaclient.protocol.send_request(request, timeout=0)
     uaclient.protocol.check_answer(data, "while waiting for publish response")
-    if _DECODER is None:
-        _DECODER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-opcua-decode")
     try:
-        return await asyncio.get_running_loop().run_in_executor(_DECODER, struct_from_binary, ua.PublishResponse, data)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_decoder(), struct_from_binary, ua.PublishResponse, data)
     except Exception as ex:
         raise UaStructParsingError from ex
