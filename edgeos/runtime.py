@@ -1093,6 +1093,15 @@ class Runtime:
                 self._store_failing = True
                 await self._recover(loop, e)
                 return False
+            except StoreFsyncFailed as e:
+                # (issue 28) An fsync SQLite did itself (a commit under synchronous=FULL, a
+                # checkpoint) failed: the same verdict as a failed flush(), never a retry.
+                self._committing = None
+                self.failed = str(e)
+                self.counters.store_errors += 1
+                log.critical("%s", e)
+                self.stop()
+                return False
             except StoreError as e:
                 self._committing = None
                 self.counters.store_errors += 1

@@ -311,11 +311,20 @@ def _envelope(doc: object) -> Envelope:
 
 def decode(payload: bytes) -> Message:
     """Decode a data message (any payload version up to PAYLOAD_VERSION). A slice of a unit
-    split for the size cap raises ValueError: `Consumer` reassembles those."""
-    e = decode_envelope(payload)
-    if e.part is not None:
-        raise ValueError("a part of a unit split for the size cap: reassemble it with wire.Consumer")
-    return Message(e.gateway, e.device, e.seqs, e.dictionary, [decode_unit(u) for u in e.units], e.prev, e.replay)
+    split for the size cap raises ValueError: `Consumer` reassembles those.
+
+    Raises ValueError, and only ValueError, for any payload that is not a well-formed message:
+    a consumer decodes whatever any broker client published (fuzzed: tests/fuzz)."""
+    try:
+        e = decode_envelope(payload)
+        if e.part is not None:
+            raise ValueError("a part of a unit split for the size cap: reassemble it with wire.Consumer")
+        units = [decode_unit(u) for u in e.units]
+        return Message(e.gateway, e.device, e.seqs, e.dictionary, units, e.prev, e.replay)
+    except ValueError:
+        raise
+    except (LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException) as exc:
+        raise ValueError(f"malformed edgeos data message: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgeos.cli import console, core, device, opcua, serial, service, store  # noqa: F401  (registers commands)
+from edgeos.cli import collect, console, core, device, opcua, serial, service, store  # noqa: F401  (registers commands)
 from edgeos.cli.app import app
 from edgeos.cli.core import GATEWAY_HEADER, _sample, load_or_exit
 from edgeos.errors import PluginError

@@ -14,6 +14,7 @@ from edgeos import plugins
 from edgeos.adapter import DeviceConfig, FilterSpec, TagConfig
 from edgeos.config.model import Config, GatewayConfig, HealthConfig, HttpConfig, StoreConfig, UpstreamConfig
 from edgeos.config.schema import Field, Problems, parse_table, unknown_key_message
+from edgeos.config.secrets import check_options as check_secret_files
 from edgeos.config.tags_csv import read_tags_csv
 from edgeos.console.settings import parse_console
 from edgeos.errors import ConfigError, PluginError, Problem
@@ -223,8 +224,12 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
             problems.add("upstream.cert_file", "cert_file and key_file must be given together")
         if up.get("password_env") and up["password_env"] not in os.environ:
             problems.add("upstream.password_env", f"environment variable {up['password_env']!r} is not set")
+    check_secret_files(up, base, "upstream", problems)
 
     ht = parse_table(raw.get("http", {}), HTTP_FIELDS, "http", problems)
+    check_secret_files(ht, base, "http", problems)
+    if isinstance(raw.get("console"), dict):
+        check_secret_files(raw["console"], base, "console", problems)
     console = parse_console(raw.get("console", {}), base, problems, http=ht)
     for key in ("tls_cert", "tls_key"):
         if ht.get(key) and not (base / ht[key]).exists():
@@ -390,6 +395,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
         if f.kind == "path" and isinstance(d.get(key), str) and d[key]:
             d[key] = str(base / d[key])
     _register_secrets(d, extra, base)
+    check_secret_files(d, base, dpath, problems)
     for key, f in DEVICE_FIELDS.items():
         if key not in d:  # present but invalid: reported; carry on with the default
             if f.required:

@@ -9,7 +9,7 @@ saved by the store's one writer (`StoreWriter.maintain(sync_cursor=...)` / `save
 I19): this module only reads it back.
 
 A run of units comes back as columns (ids, devices, sample counts, bytes) from one query
-bounded by bytes, not one Python call per unit; each unit's bytes are exactly as committed.
+stepped until a byte bound; each unit's bytes are exactly as committed.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Outbox:
 
     def after(self, cursor: int, end: int | None = None, max_bytes: int = 1 << 20) -> UnitRun:
         """Units with cursor < id (< end), in id order, up to about `max_bytes` of unit bytes
-        (at least one unit). One query; the byte bound is applied by SQLite with a running sum."""
+        (at least one unit; the unit that passes the bound is the last). One query."""
         return self._run("id > ?" + (" AND id < ?" if end is not None else ""), (cursor, end), max_bytes)
 
     def range(self, first: int, last: int, device: str | None = None, max_bytes: int = 1 << 20) -> UnitRun:
@@ -153,18 +153,22 @@ class Outbox:
 
     def _run(self, where: str, args: tuple, max_bytes: int) -> UnitRun:
         params = tuple(a for a in args if a is not None)
-        db = self.conn()
-        # Bounded by bytes: ids up to where the running sum of lengths passes max_bytes, found
-        # on the index (length() of a blob reads its row header only), then one read of those.
-        bound = db.execute(
-            f"SELECT id FROM (SELECT id, SUM(length(data)) OVER (ORDER BY id) AS total FROM units "
-            f"WHERE {where} ORDER BY id LIMIT {RUN_ROWS}) WHERE total >= ? LIMIT 1",
-            (*params, max_bytes),
-        ).fetchone()
-        limit = f" AND id <= {int(bound[0])}" if bound else ""
-        rows = db.execute(
-            f"SELECT id, device, n, data FROM units WHERE {where}{limit} ORDER BY id LIMIT {RUN_ROWS}", params
-        ).fetchall()
+        # One statement, stepped until the bytes read pass max_bytes: no unit is read twice and
+        # none past the bound (a separate bounding query cost a scan of RUN_ROWS rows per read,
+        # which made small reads as dear as large ones). Closing the cursor ends the statement.
+        cur = self.conn().execute(
+            f"SELECT id, device, n, data FROM units WHERE {where} ORDER BY id LIMIT {RUN_ROWS}", params
+        )
+        rows = []
+        total = 0
+        try:
+            for row in cur:
+                rows.append(row)
+                total += len(row[3])
+                if total >= max_bytes:
+                    break
+        finally:
+            cur.close()
         return _columns(rows)
 
     def gone(self, first: int, last: int) -> list[tuple[int, int]]:

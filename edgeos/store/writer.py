@@ -99,6 +99,16 @@ class StoreFull(StoreError):
     """The disk refused a write (ENOSPC / SQLITE_FULL); retry when space returns."""
 
 
+def fsync_failed(e: BaseException) -> bool:
+    """(issue 28) True for an fsync that SQLite itself did and that failed (IOERR_FSYNC,
+    IOERR_DIR_FSYNC: a commit under synchronous=FULL, a checkpoint): the same verdict as a failed
+    flush() (StoreFsyncFailed, docs/reliability.md), never a retry in this process."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code in (sqlite3.SQLITE_IOERR_FSYNC, sqlite3.SQLITE_IOERR_DIR_FSYNC)
+    return isinstance(e, StoreFsyncFailed)
+
+
 class StoreCorrupt(StoreError):
     """SQLite found the open database damaged (SQLITE_CORRUPT / NOTADB): call `recover()`."""
 
@@ -285,15 +295,21 @@ class StoreWriter:
     @contextlib.contextmanager
     def _txn(self) -> Iterator[None]:
         """One explicit transaction. (The connection is in autocommit mode, where `with db:`
-        would commit each statement on its own: not atomic, and one fsync per row.)"""
+        would commit each statement on its own: not atomic, and one fsync per row.)
+
+        (issue 28) A failed statement or COMMIT (an I/O error) rolls back, and the in-memory
+        marks set inside the transaction (`_mark_units`) go back with it: a `_hot_from` kept
+        past a rolled-back compaction hid every unit below it from queries (found by libfiu)."""
+        marks = (self._hot_from, self._top_saved)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+            self._hot_from, self._top_saved = marks
             raise
-        self.db.execute("COMMIT")
 
     # -- opening --------------------------------------------------------------------------
 
@@ -746,6 +762,15 @@ class StoreWriter:
             raise StoreCorrupt(f"{self.path}: no usable store (a recovery failed); call recover() again")
 
     def _error(self, what: str, e: sqlite3.Error) -> StoreError:
+        if fsync_failed(e):  # (issue 28) never retried in this process
+            self._fsync_failed = True
+            log.critical(
+                "store %s: %s failed at fsync (%s): exiting for a restart; the page cache is not trusted",
+                self.path,
+                what,
+                e,
+            )
+            return StoreFsyncFailed(f"{self.path}: {what} failed at fsync: {e}; restart the process")
         code = getattr(e, "sqlite_errorcode", 0) & 0xFF
         if code in _CORRUPT:
             self._corrupt = True
@@ -784,7 +809,8 @@ class StoreWriter:
         """One bounded round of housekeeping: the sync cursor, a compaction slice, retention,
         the size budget."""
         self._check_usable()
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        if now_ns is None:  # (issue 28) a wall-clock step must not age (and so delete) history
+            now_ns = self.__dict__.setdefault("_clock", HousekeepingClock()).now()
         try:
             if sync_cursor is not None:
                 # (I19) Counted at once (I12's dropped_unsent uses it); written every
@@ -1162,6 +1188,29 @@ class StoreWriter:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+class HousekeepingClock:
+    """(issue 28) The wall clock for retention and compaction, guarded against steps: it moves
+    with the monotonic clock, and follows the wall clock only when that is behind it.
+
+    A step forward (+1 h: an RTC set wrong, a first NTP sync) would otherwise make every sample
+    an hour older at once and let retention delete an hour of history that is not due; with
+    this clock the step is ignored for housekeeping (history is kept up to that much longer,
+    the size budget still bounds the disk). A step back is followed at once: retention then
+    deletes later, never earlier. Samples keep the real wall clock (docs/reliability.md). A new
+    process starts from the wall clock as it then is."""
+
+    def __init__(self) -> None:
+        self._wall0, self._mono0 = time.time_ns(), time.monotonic_ns()
+
+    def now(self) -> int:
+        wall, mono = time.time_ns(), time.monotonic_ns()
+        guarded = self._wall0 + (mono - self._mono0)
+        if wall <= guarded:
+            self._wall0, self._mono0 = wall, mono
+            return wall
+        return guarded
 
 
 def _boot_id() -> str:

@@ -31,6 +31,7 @@ value that was true when assigned and never ahead of an unacknowledged unit. The
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -51,7 +52,11 @@ from edgeos.store.outbox import Backlog, Outbox, UnitRun
 log = logging.getLogger("edgeos.sync")
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
-READ_BYTES = 4 << 20  # unit bytes per read of the outbox: many messages per GIL hand-off
+# Unit bytes per read of the outbox at most: several messages per GIL hand-off, and a short
+# tail (what is left to publish once the last run is read).
+READ_BYTES = 1 << 20
+READ_FIRST = 256 << 10  # a lane's first read, so publishing starts soon; then doubling
+READ_AHEAD = 2  # runs read ahead of the one being published
 REPLAY_QUEUE = 16  # requests waiting; more are counted (replay_dropped) and ignored
 GONE_RANGES = 1000  # ranges per gone message (a fragmented range goes in several)
 
@@ -144,6 +149,53 @@ class _Lane:
         return self.end is not None and self.after >= self.end - 1 and not self.inflight
 
 
+@dataclass
+class _Chain:
+    """Where a lane's reader thread reads next: each run starts where the one before it ended.
+    Touched only in the reader thread once made."""
+
+    after: int
+    prev: dict[str, int]
+    size: int = READ_FIRST  # small reads first, so the first messages go out soon; then doubling
+
+
+class _ReadAhead:
+    """A lane's next runs, read and framed in its reader thread up to READ_AHEAD ahead of the
+    loop, so that thread goes on to the next run without waiting for the loop to ask for it."""
+
+    def __init__(self, sync: Sync, pool: concurrent.futures.ThreadPoolExecutor, outbox: Outbox, lane: _Lane) -> None:
+        self.sync, self.pool, self.outbox, self.lane = sync, pool, outbox, lane
+        self.queue: collections.deque[asyncio.Future] = collections.deque()
+        self.chain = _Chain(lane.after, {})
+
+    def restart(self, after: int) -> None:
+        """Forget what was read ahead (its futures cancelled, if not started); read from `after`."""
+        self.drop()
+        self.chain = _Chain(after, dict(self.lane.prev))
+        self._submit()
+
+    def drop(self) -> None:
+        while self.queue:
+            self.queue.popleft().cancel()
+
+    def _submit(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.lane.end is None:
+            # The live lane's wake-up is cleared as a read is submitted, not once one came back
+            # empty: a commit that lands meanwhile keeps it set, and the lane re-reads at once.
+            self.sync.wakeup.clear()
+        fut = loop.run_in_executor(self.pool, self.sync._prepare_next, self.outbox, self.chain, self.lane.end)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if abandoned
+        self.queue.append(fut)
+
+    async def next(self) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int]:
+        result = await self.queue.popleft()
+        if result[1]:
+            while len(self.queue) < READ_AHEAD:
+                self._submit()
+        return result
+
+
 class Sync:
     """Runs until cancelled; reconnects with capped full-jitter backoff."""
 
@@ -193,18 +245,29 @@ class Sync:
                 self._dictionary_version = -1
 
     def _prepare(
-        self, outbox: Outbox, after: int, end: int | None, prev: dict[str, int]
+        self, outbox: Outbox, after: int, end: int | None, prev: dict[str, int], size: int = READ_BYTES
     ) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int]:
-        """Read the next run of units and frame them (without re-encoding); in a lane's reader
-        thread. Returns (last id read or 0, messages, each device's last seq framed, the
-        dictionary version they name)."""
-        run = outbox.after(after, end, READ_BYTES)
+        """Read the next run of units (about `size` bytes) and frame them (without re-encoding);
+        in a lane's reader thread. Returns (last id read or 0, messages, each device's last seq
+        framed, the dictionary version they name)."""
+        run = outbox.after(after, end, size)
         self._fresh_file(outbox)
         version = self._dictionary_version
         if not len(run):
             return 0, [], {}, version
         messages, last = self._frame(run, prev, replay=False, outbox=outbox, version=version)
         return run.last, messages, last, version
+
+    def _prepare_next(
+        self, outbox: Outbox, chain: _Chain, end: int | None
+    ) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int]:
+        """`_prepare` of the chain's next run, moving the chain past it; in the reader thread."""
+        result = self._prepare(outbox, chain.after, end, chain.prev, chain.size)
+        last, messages, framed, _ = result
+        if messages:
+            chain.after, chain.prev = last, {**chain.prev, **framed}
+            chain.size = min(READ_BYTES, chain.size * 2)
+        return result
 
     def _frame(
         self,
@@ -392,45 +455,42 @@ class Sync:
         return self._readers[name]
 
     async def _lane(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup) -> None:
-        loop = asyncio.get_running_loop()
         pool, outbox = self._reader(lane.name)
+        reads = _ReadAhead(self, pool, outbox, lane)
+        try:
+            await self._lane_loop(session, lane, tg, reads)
+        finally:
+            reads.drop()
 
-        def read(after: int) -> asyncio.Future:
-            if lane.end is None:
-                # Cleared before the read, not after it: a commit that lands while the read runs
-                # keeps the wake-up set, so the wait below re-reads at once (none is lost).
-                self.wakeup.clear()
-            fut = loop.run_in_executor(pool, self._prepare, outbox, after, lane.end, dict(lane.prev))
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if abandoned
-            return fut
-
-        pending = read(lane.after)
+    async def _lane_loop(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup, reads: _ReadAhead) -> None:
+        reads.restart(lane.after)
         while not lane.done:
-            last, messages, framed, version = await pending
+            last, messages, framed, version = await reads.next()
             if not messages:
                 if lane.end is not None:
                     lane.after = lane.end - 1  # the rest of the backlog is no longer stored
                     self._advance()
                     if lane.done:
                         break
+                if reads.queue:
+                    continue  # a read submitted later may see what this one did not
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
                 # arrives as the wait ends, and the lane would outlive its stop.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.2):
                         await self.wakeup.wait()
-                pending = read(lane.after)
+                reads.restart(lane.after)
                 continue
             if lane.end is None and self._dictionary_version < self._tag_count():
                 # New tags (or a new store file) since the last dictionary: publish it before the
                 # units that use it, then read and frame them again so their `td` names it.
                 await self._publish_dictionary(session)
-                pending = read(lane.after)
+                reads.restart(lane.after)
                 continue
             if version != self._dictionary_version:
-                pending = read(lane.after)  # framed before the dictionary changed
+                reads.restart(lane.after)  # framed before the dictionary changed
                 continue
-            lane.prev.update(framed)
-            pending = read(last)  # the next run is read while this one goes out
+            lane.prev.update(framed)  # the next runs are being read while this one goes out
             for device, seqs, payload, samples in messages:
                 if lane.bucket is not None:
                     await lane.bucket.take(len(payload))

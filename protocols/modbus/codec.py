@@ -154,6 +154,8 @@ def raw_number(spec: TagSpec, value: float | int | bool | str) -> int | float:
     if not math.isfinite(v):
         raise ValueError(f"found {value!r}, expected a finite number")
     raw = (v - spec.offset) / spec.scale
+    if not math.isfinite(raw):  # a finite value can overflow through scale and offset (fuzzed)
+        raise ValueError(f"found {value!r}, out of range for {spec.type} after scale and offset")
     if spec.type in _INT_RANGES:
         lo, hi = _INT_RANGES[spec.type]
         r = round(raw)

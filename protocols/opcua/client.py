@@ -126,10 +126,11 @@ def columns(
     values = None
     if n and kinds.max(initial=0) <= KIND_BOOL:
         try:
-            values = np.array(raw, dtype=np.float64)
-        except (TypeError, ValueError):
-            values = None
-        if values is not None and values.ndim != 1:
+            # numpy's own dtype first: np.array(["12.5"], np.float64) would parse text sent for a
+            # number and store it Good (issue 28, tests/faults/test_malformed_input.py).
+            arr = np.array(raw)
+            values = arr.astype(np.float64) if arr.ndim == 1 and arr.dtype.kind in "biuf" else None
+        except (TypeError, ValueError, OverflowError):
             values = None
     if values is None:
         values = np.full(n, np.nan)

@@ -254,6 +254,11 @@ class Parser:
         return order, b
 
     def _timestamp(self, s: str | None) -> int | None:
+        t = self._timestamp_ns(s)
+        # int64 nanoseconds hold 1677..2262: a time beyond is a bad timestamp, not a crash (fuzzed)
+        return t if t is not None and -(2**63) <= t < 2**63 else None
+
+    def _timestamp_ns(self, s: str | None) -> int | None:
         if s is None:
             return None
         fmt = self.spec.ts_format

@@ -159,6 +159,7 @@ async def test_refused_credentials_are_clear_and_data_stays_local(
 ):
     b = make_broker(users={"gw1": "right"})
     (tmp_path / "pw").write_text("wrong\n")
+    (tmp_path / "pw").chmod(0o600)  # a secret file others may read is warned about (issue 28)
     cfg = load_config(config(write_config, b.port, 'username = "gw1"\npassword_file = "pw"\n'))
     caplog.set_level("ERROR", logger="edgeos.sync")
     rt = Runtime(cfg)

@@ -1,0 +1,149 @@
+"""`edgeos collect`: the plant-side collector (broker -> PostgreSQL), and its check and query helpers.
+
+Imported by the CLI only; the collector package (and asyncpg, the `edgeos[collector]` extra) is
+loaded inside the commands, so the daemon never imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgeos.cli.app import app
+from edgeos.logs import setup as setup_logging
+
+collect_app = typer.Typer(
+    help="Plant historian: take every gateway's units off the broker into PostgreSQL, exactly once "
+    "(docs/collector.md).",
+    no_args_is_help=False,
+)
+app.add_typer(collect_app, name="collect")
+
+CollectConfig = Annotated[Path, typer.Option("--config", "-c", help="collector.toml (docs/collector.md).")]
+
+
+def _load(path: Path):
+    try:
+        from edgeos.collector import config
+    except ImportError as e:  # asyncpg missing
+        typer.echo(f"edgeos collect: {e}; install the extra: pip install 'edgeos[collector]'", err=True)
+        raise typer.Exit(2) from None
+    try:
+        return config.load(path)
+    except config.CollectorConfigError as e:
+        typer.echo(f"edgeos collect: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@collect_app.callback(invoke_without_command=True)
+def collect(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="collector.toml (docs/collector.md).")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the collector in the foreground until SIGTERM or Ctrl-C (what edgeos-collect.service starts)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        typer.echo("edgeos collect: give the config with -c collector.toml", err=True)
+        raise typer.Exit(2)
+    cfg = _load(config)
+    setup_logging(log_level)
+    from edgeos.collector.schema import SchemaError
+    from edgeos.collector.service import Collector
+
+    async def main() -> None:
+        c = Collector(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, c.stop)
+        try:
+            await c.run()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await c.db.close()
+
+    try:
+        asyncio.run(main())
+    except SchemaError as e:
+        typer.echo(f"edgeos collect: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@collect_app.command("check")
+def check(config: CollectConfig) -> None:
+    """Validate the config, then connect to PostgreSQL (schema migrated) and to a broker."""
+    cfg = _load(config)
+    from edgeos.collector import db as dbm
+    from edgeos.collector import schema
+    from edgeos.collector.mqtt import BrokerError, Subscriber
+
+    async def main() -> int:
+        bad = 0
+        d = dbm.Database(cfg.dsn)
+        try:
+            await d.connect()
+            assert d.conn is not None
+            v = await d.conn.fetchval("SELECT version FROM edgeos_collector")
+            typer.echo(f"postgresql: ok (schema version {v})")
+        except (dbm.DatabaseError, schema.SchemaError) as e:
+            typer.echo(f"postgresql: FAILED: {e}", err=True)
+            bad = 1
+        finally:
+            await d.close()
+        sub = Subscriber({**cfg.broker, "client_id": cfg.broker["client_id"] + "-check"}, cfg.base)
+        for _ in cfg.broker["servers"]:
+            try:
+                async with asyncio.timeout(10), sub.session() as s:
+                    typer.echo(f"{s.where}: ok")
+            except (BrokerError, TimeoutError) as e:
+                typer.echo(f"broker: FAILED: {e}", err=True)
+                bad = 1
+        return bad
+
+    raise typer.Exit(asyncio.run(main()))
+
+
+@collect_app.command("query")
+def query(
+    config: CollectConfig,
+    tag: Annotated[str, typer.Argument(help="gateway/device/name, e.g. line1-gw/press1/temperature.")],
+    since: Annotated[str, typer.Option(help="Start: an interval before now (1h, 2d) or an ISO time.")] = "1h",
+    until: Annotated[str | None, typer.Option(help="End: ISO time (default: now).")] = None,
+) -> None:
+    """Print one tag's samples (ts, value, quality) as CSV; plain SQL stays the main interface."""
+    cfg = _load(config)
+    import datetime as dt
+
+    import asyncpg
+
+    from edgeos.collector.config import seconds
+
+    async def main() -> None:
+        conn = await asyncpg.connect(cfg.dsn)
+        try:
+            try:
+                start_sql, start_arg = "now() - make_interval(secs => $2)", seconds(since)
+            except ValueError:
+                start_sql, start_arg = "$2::timestamptz", dt.datetime.fromisoformat(since)
+            end = dt.datetime.fromisoformat(until) if until else dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+            rows = await conn.fetch(
+                f"SELECT ts, value, quality FROM samples_between($1, {start_sql}, $3) ORDER BY ts",
+                tag,
+                start_arg,
+                end,
+            )
+        finally:
+            await conn.close()
+        out = sys.stdout
+        out.write("ts,value,quality\n")
+        for r in rows:
+            out.write(f"{r['ts'].isoformat()},{r['value']!r},{r['quality']}\n")
+
+    asyncio.run(main())

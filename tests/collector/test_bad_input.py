@@ -1,0 +1,97 @@
+"""Bad input on the data topics: counted, parked whole, nothing half-written, the collector runs on."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+
+import aiomqtt
+import asyncpg
+import msgpack
+import numpy as np
+
+from edgeos import wire
+
+_spec = importlib.util.spec_from_file_location("edgeos_test_plant", Path(__file__).with_name("plant.py"))
+plant = sys.modules.get("edgeos_test_plant") or importlib.util.module_from_spec(_spec)
+if "edgeos_test_plant" not in sys.modules:
+    sys.modules["edgeos_test_plant"] = plant
+    _spec.loader.exec_module(plant)
+free_port = sys.modules["edgeos_test_sync_peers"].free_port
+
+
+def message(seq: int, tags: list[int], *, version: int | None = None, text: list | None = None) -> bytes:
+    n = len(tags)
+    u = wire.encode_unit(
+        "press1",
+        np.array(tags, np.int32),
+        np.full(n, 1_764_000_000_000_000_000 + seq * 10**9, np.int64),
+        np.arange(n, dtype=np.float64) + seq,
+        np.zeros(n, np.uint32),
+        text,
+    )
+    if version is not None:  # a unit from a future edgeos
+        doc = msgpack.unpackb(u)
+        doc["v"] = version
+        u = msgpack.packb(doc, use_bin_type=True)
+    return wire.encode_message("gw9", "press1", [seq], [u], 2)
+
+
+async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_path, pg, mosquitto):
+    _, dsn = pg
+    port = free_port()
+    col = plant.collector(plant.collector_config(tmp_path / "c", "col", [mosquitto.port], dsn, port))
+    try:
+        col.start()
+        await plant.healthy(port)
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="fake-gw") as c:
+            d = wire.encode_dictionary("gw9", [(0, "press1", "a", "number", "bar"), (1, "press1", "b", "number", "")])
+            await c.publish("edgeos/gw9/tags", d, qos=1, retain=True)
+            await c.publish("edgeos/gw9/press1/data", message(1, [0, 1]), qos=1)
+            await c.publish("edgeos/gw9/press1/data", b"\x00not msgpack at all", qos=1)
+            await c.publish("edgeos/gw9/press1/data", message(2, [0, 1], version=99), qos=1)
+            await c.publish("edgeos/gw9/press1/data", message(3, [0, 1, 2]), qos=1)  # tag 2 unknown yet
+            await c.publish("edgeos/gw9/press1/data", message(4, [1]), qos=1)
+            # PostgreSQL refuses a NUL in text: that message alone is parked, its batch written.
+            await c.publish("edgeos/gw9/press1/data", message(5, [0, 1], text=["ok", "b\x00d"]), qos=1)
+            await c.publish("edgeos/gw9/press1/data", message(6, [0]), qos=1)
+            await asyncio.sleep(1.5)
+            conn = await asyncpg.connect(dsn)
+            try:
+                reasons = [r[0] for r in await conn.fetch("SELECT reason FROM parked ORDER BY id")]
+                # (two writer connections: the order of parking is not the order of sending)
+                kinds = sorted(
+                    "newer"
+                    if "newer than this edgeos" in r
+                    else "undecodable"
+                    if r.startswith("undecodable")
+                    else "refused"
+                    if "refused the data" in r
+                    else r
+                    for r in reasons
+                )
+                assert kinds == ["newer", "refused", "undecodable", "unknown tags"]
+                # Nothing of a parked message is half-written: units 2, 3 and 5 are not in the ledger.
+                assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 4, 6]
+                assert plant.metrics(port)["edgeos_collector_parked_total"] >= 4  # + any released early
+                # The dictionary grows: the parked unit with tag 2 is written, and leaves the park.
+                d2 = wire.encode_dictionary(
+                    "gw9",
+                    [(0, "press1", "a", "number", "bar"), (1, "press1", "b", "number", ""), (2, "press1", "c", "", "")],
+                )
+                await c.publish("edgeos/gw9/tags", d2, qos=1, retain=True)
+                for _ in range(50):
+                    await asyncio.sleep(0.1)
+                    if await conn.fetchval("SELECT count(*) FROM units") == 4:
+                        break
+                assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 3, 4, 6]
+                assert await conn.fetchval("SELECT count(*) FROM parked") == 3
+                assert await conn.fetchval("SELECT count(*) FROM samples WHERE tag = 'gw9/press1/c'") == 1
+                assert await conn.fetchval("SELECT count(*) FROM samples") == 2 + 3 + 1 + 1
+            finally:
+                await conn.close()
+        assert col.p.poll() is None  # still running
+    finally:
+        col.stop()

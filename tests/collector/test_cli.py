@@ -1,0 +1,100 @@
+"""`edgeos collect check`, `edgeos collect query`, config errors, and the daemon not importing it."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgeos import wire
+from edgeos.collector import db as dbm
+
+EDGEOS = str(Path(sys.executable).with_name("edgeos"))
+
+
+def test_config_errors_are_reported_together(tmp_path):
+    p = tmp_path / "collector.toml"
+    p.write_text(
+        '[broker]\nservers = ["h:x"]\nmqtt_version = "4"\n[database]\nretention = "soon"\n[collector]\nbatch = 3\n'
+    )
+    r = subprocess.run([EDGEOS, "collect", "check", "-c", str(p)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    for needle in ["broker.servers", "mqtt_version", "database.dsn", "database.retention", "collector.batch"]:
+        assert needle in r.stderr, (needle, r.stderr)
+
+
+def test_the_daemon_never_imports_the_collector():
+    code = (
+        "import sys, edgeos.runtime, edgeos.cli;"
+        "bad = [m for m in sys.modules if m.startswith('edgeos.collector') or m == 'asyncpg'];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, mosquitto):
+    _, dsn = pg
+    p = tmp_path / "collector.toml"
+    p.write_text(f'[broker]\nservers = ["127.0.0.1:{mosquitto.port}"]\n[database]\ndsn = "{dsn}"\n')
+    r = await asyncio.to_thread(
+        subprocess.run, [EDGEOS, "collect", "check", "-c", str(p)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert "postgresql: ok (schema version 1)" in r.stdout and f"127.0.0.1:{mosquitto.port}: ok" in r.stdout
+    d = dbm.Database(dsn)
+    await d.connect()
+    await d.save_dictionary("line1-gw", {0: wire.TagEntry(0, "press1", "temperature", "number", "degC")})
+    import time
+
+    now = time.time_ns()
+    u = wire.Unit(
+        "press1",
+        np.zeros(3, np.int32),
+        now - np.arange(3, dtype=np.int64) * 10**9,
+        np.array([1.5, 2.5, 3.5]),
+        np.zeros(3, np.uint32),
+    )
+    await d.write([dbm.Pending("line1-gw", 1, u, d.tag_map("line1-gw")[u.tags])])
+    await d.close()
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [EDGEOS, "collect", "query", "-c", str(p), "line1-gw/press1/temperature", "--since", "1h"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "ts,value,quality" and [ln.split(",")[1] for ln in lines[1:]] == ["3.5", "2.5", "1.5"]
+
+
+def test_a_gateway_filter_subscribes_to_those_gateways_only(tmp_path):
+    from edgeos.collector.config import load
+
+    p = tmp_path / "collector.toml"
+    p.write_text(
+        '[broker]\nhost = "b.plant"\ntls = true\n[database]\ndsn = "postgresql://x/y"\n'
+        '[collector]\ngateways = ["line1-gw", "line2-gw"]\nbatch_wait = "250ms"\n'
+    )
+    cfg = load(p)
+    assert cfg.broker["servers"] == [("b.plant", 8883)] and cfg.batch_wait == 0.25
+    assert cfg.topics() == [
+        f"edgeos/{g}/{t}" for g in ("line1-gw", "line2-gw") for t in ("+/data", "tags", "status", "replay/gone")
+    ]
+
+
+async def test_a_newer_schema_stops_the_collector_with_a_clear_message(tmp_path, pg):
+    _, dsn = pg
+    d = dbm.Database(dsn)
+    await d.connect()
+    await d.conn.execute("UPDATE edgeos_collector SET version = 99")
+    await d.close()
+    p = tmp_path / "collector.toml"
+    p.write_text(f'[broker]\nservers = ["127.0.0.1:1"]\n[database]\ndsn = "{dsn}"\n[http]\nlisten = ""\n')
+    r = await asyncio.to_thread(
+        subprocess.run, [EDGEOS, "collect", "-c", str(p)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1 and "schema is version 99, newer" in r.stderr and "Traceback" not in r.stderr
