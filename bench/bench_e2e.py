@@ -196,13 +196,18 @@ def _edgeos_cmd() -> list[str]:
 class Daemon:
     """`edgeos run -c CONFIG` as a process of its own, and its status file."""
 
-    def __init__(self, cfg: Path) -> None:
+    def __init__(self, cfg: Path, env: dict[str, str] | None = None) -> None:
         from edgeos.service.status import live_path
 
         self.cfg = cfg
         self.status_path = live_path(cfg.parent / "data", cfg.parent / "run")
         self.log = open(cfg.parent / "edgeos.log", "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([*_edgeos_cmd(), "run", "-c", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*_edgeos_cmd(), "run", "-c", str(cfg)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
 
     def status(self) -> dict:
         with contextlib.suppress(OSError, ValueError):
@@ -307,15 +312,43 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, lo
     d = tmp / "ours"
     d.mkdir()
     cfg = write_config(d, plant.ports, opc.endpoint, broker.port, devices)
-    daemon = Daemon(cfg)
+    trace = d / "trace.json" if sub.units is not None else None
+    daemon = Daemon(cfg, {"EDGEOS_TRACE": str(trace)} if trace else None)
     try:
         daemon.wait_running()
         time.sleep(t["warm"])
         s0, c0, t0 = daemon.status(), harness.cpu_s(daemon.proc.pid), time.time()
+        b0 = sub.busy_s
         o0 = harness.cpu_s(opc.proc.pid)
         time.sleep(t["window"])
         s1, c1, t1 = daemon.status(), harness.cpu_s(daemon.proc.pid), time.time()
+        if trace is not None:
+            print(f"# e2e stage subscriber: busy {100 * (sub.busy_s - b0) / (t1 - t0):.1f} % of the window", flush=True)
         opc_cpu = 100 * (harness.cpu_s(opc.proc.pid) - o0) / (t1 - t0)
+        if trace is not None:  # how long the server takes to write a round (its source time is the round's start)
+            with contextlib.suppress(Exception):
+                rounds = [r for r in json.loads(opc.command("stats")).get("rounds", []) if t0 <= r < t1]
+                took = sorted(1e3 * (r - r // 0.5 * 0.5) for r in rounds)
+                if took:
+                    print(
+                        f"# e2e stage opcua server: {len(took)} rounds written in p50 {took[len(took) // 2]:.0f} ms, "
+                        f"max {took[-1]:.0f} ms after their source time",
+                        flush=True,
+                    )
+                    # Ours: from the end of the server's round to the arrival of the unit carrying it.
+                    end = {int(r // 0.5): r for r in rounds}  # by half-second slot of its source time
+                    with sub.lock:
+                        ours = sorted(
+                            1e3 * (a / 1e9 - end[k])
+                            for d, ts, a in sub.units
+                            if d == "opc" and (k := int(ts / 1e9 // 0.5)) in end
+                        )
+                    if ours:
+                        print(
+                            f"# e2e stage opcua ours (server's round end -> arrival): {len(ours)} units, "
+                            f"p50 {ours[len(ours) // 2]:.0f} ms, p99 {ours[int(len(ours) * 0.99)]:.0f} ms",
+                            flush=True,
+                        )
         cur, peak = harness.rss_mb(daemon.proc.pid)
         with sub.lock:
             win = sub.ours.window(t0, t1)
@@ -336,6 +369,11 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, lo
     log(f"# e2e: outage {out['down_s']:.1f} s, drain wait {out['wait_s']:.1f} s, stop and settle {settle:.1f} s")
     with sub.lock:  # what came late counts too
         out["drain_s"] = sub.ours.drain_end(out["restart"]) - out["restart"]
+    if trace is not None and trace.exists():
+        from e2e import stages
+
+        for line in stages.breakdown(trace, sub.units, t0, t1):
+            print(line, flush=True)
     stored = stopped["counters"]["stored"]
     unsent = (stopped.get("sync") or {}).get("backlog_samples", 0)
     print(f"# e2e diag: final sync {stopped.get('sync')} stored {stored} delivered {sub.ours.samples}", flush=True)

@@ -43,6 +43,7 @@ from edgeos.service.stats import Histogram
 from edgeos.service.status import STATUS_NAME, live_path, write_status
 from edgeos.store import StoreCorrupt, StoreFsyncFailed, StoreFull, StoreSettings, StoreWriter, default_max_size
 from edgeos.sync import Sync
+from edgeos.trace import TRACE
 
 log = logging.getLogger("edgeos.runtime")
 
@@ -270,6 +271,8 @@ class Runtime:
 
             transport = MqttTransport(config.gateway.id, config.upstream.options, config.source.parent)
             self.sync = Sync(config.gateway.id, config.gateway.data_dir, config.upstream.options, transport)
+            if TRACE is not None:
+                self.sync._prepare = TRACE.wrap_read(self.sync._prepare)  # type: ignore[method-assign]
 
     # -- control ---------------------------------------------------------------------------
 
@@ -539,6 +542,7 @@ class Runtime:
                 t_pipe = tg.create_task(self._pipeline(pipeline, raw, filtered), name="pipeline")
                 t_write = tg.create_task(self._writer(filtered), name="store-writer")
                 t_sync = tg.create_task(self.sync.run(), name="sync") if self.sync else None
+                t_trace = tg.create_task(TRACE.watch_loop(), name="trace") if TRACE is not None else None
                 t_ctl = t_status = t_http = None
                 if self.use_store:
                     t_ctl = tg.create_task(control.serve(cfg.gateway.data_dir, self._control), name="control")
@@ -565,7 +569,7 @@ class Runtime:
                     await self._stop.wait()
                 finally:
                     self.notifier.stopping()
-                    for t in (t_ctl, t_status, t_http, t_console, t_notify, t_hup):
+                    for t in (t_ctl, t_status, t_http, t_console, t_notify, t_hup, t_trace):
                         if t is not None:
                             t.cancel()
                     t_devs = list(self._device_tasks.values())  # as reloads left them
@@ -608,6 +612,8 @@ class Runtime:
                     write_status(path, final)
             self._executor.shutdown(wait=True)
             self.notifier.close()
+            if TRACE is not None:
+                TRACE.dump()
             c = self.counters
             if self.store is not None or not self.use_store:  # else it never started: its error says why
                 log.info(
@@ -695,6 +701,8 @@ class Runtime:
                 self.errors.clear(dev.name + ":")
             attempt = 0
             degraded = False
+            if TRACE is not None:
+                TRACE.emitted(batch)
             await raw.put(batch)
 
         try:
@@ -779,6 +787,7 @@ class Runtime:
                     await out.put(held)
                 out.put_nowait(_STOP)
                 return
+            t_in = time.time_ns() if TRACE is not None else 0
             self.counters.read += len(batch)
             self.latest.update(batch)
             try:
@@ -796,6 +805,8 @@ class Runtime:
                     e,
                 )
             self.counters.filtered_out += len(batch) - len(kept)
+            if TRACE is not None:
+                TRACE.piped(batch, t_in, kept)
             if len(kept):
                 await out.put(kept)
 
@@ -875,12 +886,15 @@ class Runtime:
                     # The sync's cursor is read here, on the loop thread that changes it; the
                     # store thread gets a plain integer.
                     cursor = self.sync.cursor if self.sync is not None else None
+                    t_m = time.time_ns()
                     try:
                         await asyncio.shield(loop.run_in_executor(self._executor, self._maintain, cursor))
                     except StoreCorrupt as e:
                         await self._recover(loop, e)
                     except StoreError as e:
                         self.errors.log(logging.ERROR, "store:maintain", "%s", e)
+                    if TRACE is not None:
+                        TRACE.event("maintain", t_m)
                     continue
                 # Keep draining the inbox even while the store refuses writes: producers are never
                 # stalled by the disk; memory stays bounded by memory_buffer instead.
@@ -916,6 +930,7 @@ class Runtime:
         the daemon (exit status 1, for systemd to restart it): the page cache can no longer be
         trusted to hold what reaches the disk, only a fresh start that reads the disk can."""
         assert self.store is not None
+        t_f = time.time_ns()
         try:
             await asyncio.shield(loop.run_in_executor(self._executor, self.store.flush))
         except StoreFsyncFailed as e:
@@ -926,6 +941,8 @@ class Runtime:
             return
         self.counters.stored += self._undurable
         self._undurable = 0
+        if TRACE is not None:
+            TRACE.event("fsync", t_f)
 
     async def _recover(self, loop: asyncio.AbstractEventLoop, e: StoreCorrupt) -> bool:
         """The store went corrupt while running (docs/store.md, I9): quarantine the file and go on
@@ -1063,6 +1080,7 @@ class Runtime:
             # Kept while it runs: a stop that runs out of time must not count a commit that
             # finishes in the store thread afterwards as lost (see _settle_commit).
             t0 = time.perf_counter()
+            t_c = time.time_ns()
             fut = loop.run_in_executor(self._executor, self.store.write, batches)
             self._committing = (fut, len(batches))
             try:
@@ -1093,6 +1111,8 @@ class Runtime:
                 return False
             self._committing = None
             self.commit_latency.observe(time.perf_counter() - t0)
+            if TRACE is not None:
+                TRACE.committed(batches, t_c, self.store._max_id)
             if self._store_failing:
                 self._store_failing = False
                 dropped = self.counters.dropped_store_unavailable

@@ -181,6 +181,9 @@ class Subscriber:
         self.connected = threading.Event()
         self._dedup = wire.Deduplicator()
         self._held_ids = np.zeros(0, np.int64)
+        self.busy_s = 0.0  # time spent handling messages (is the subscriber the bottleneck?)
+        # EDGEOS_E2E_TRACE=1: (device, newest sample ns, arrival ns) per unit, for bench/e2e/stages.py.
+        self.units: list[tuple[str, int, int]] | None = [] if os.environ.get("EDGEOS_E2E_TRACE") else None
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -239,6 +242,12 @@ class Subscriber:
 
     def _handle(self, client, topic: str, payload: bytes) -> None:
         now = time.time()
+        try:
+            self._dispatch(client, topic, payload, now)
+        finally:
+            self.busy_s += time.time() - now
+
+    def _dispatch(self, client, topic: str, payload: bytes, now: float) -> None:
         if topic.startswith("edgeos/"):
             if topic.endswith("/data"):
                 self._ours(now, payload)
@@ -271,6 +280,8 @@ class Subscriber:
                 continue
             n += len(unit)
             lat = now_ms - unit.ts / 1e6
+            if self.units is not None and len(unit):
+                self.units.append((msg.device, int(unit.ts.max()), int(now * 1e9)))
             held = np.isin(unit.tags, self._held_ids)
             lats.append(lat[~held].astype(np.float32))
             helds.append(lat[held].astype(np.float32))

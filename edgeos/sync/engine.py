@@ -180,6 +180,10 @@ class _ReadAhead:
 
     def _submit(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.lane.end is None:
+            # The live lane's wake-up is cleared as a read is submitted, not once one came back
+            # empty: a commit that lands meanwhile keeps it set, and the lane re-reads at once.
+            self.sync.wakeup.clear()
         fut = loop.run_in_executor(self.pool, self.sync._prepare_next, self.outbox, self.chain, self.lane.end)
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if abandoned
         self.queue.append(fut)
@@ -468,7 +472,8 @@ class Sync:
                     self._advance()
                     if lane.done:
                         break
-                self.wakeup.clear()
+                if reads.queue:
+                    continue  # a read submitted later may see what this one did not
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
                 # arrives as the wait ends, and the lane would outlive its stop.
                 with contextlib.suppress(TimeoutError):

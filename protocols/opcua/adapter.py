@@ -311,7 +311,7 @@ class OpcUaAdapter(PollingAdapter):
             now = time.time_ns()
             handles = uac.handles_of(items)
             c.notifications += len(handles)
-            values, quality, ts, text = uac.columns(uac.values_of(items), self.kinds[handles], ts_mode, now)
+            values, quality, ts, text = await uac.columns_apart(uac.values_of(items), self.kinds[handles], ts_mode, now)
             await emit(Batch(self.device.name, self.ids[handles], ts, values, quality, text))
 
     async def read(self, group: PollGroup, now_ns: int) -> Batch:
