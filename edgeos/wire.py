@@ -301,12 +301,22 @@ def _envelope(doc: object) -> Envelope:
         raise ValueError(f"data message lacks {e}") from e
     if len(units) != len(seqs):
         raise ValueError("message carries a different number of units and sequence numbers")
+    # Names and numbers a consumer keys on (fuzzed: tests/cases/fuzz_consumer_*).
+    if not (isinstance(gw, str) and isinstance(dev, str) and type(td) is int):
+        raise ValueError("data message's gw, dev or td has the wrong type")
+    if not all(type(s) is int and 0 < s < 2**63 for s in seqs) or not all(isinstance(u, bytes) for u in units):
+        raise ValueError("data message's seqs must be store row ids (1 to 2**63 - 1), its units bytes")
+    pv = doc.get("pv") or 0
+    if type(pv) is not int or not 0 <= pv < 2**63:
+        raise ValueError("data message's pv must be a store row id or 0")
     part = doc.get("pt")
     if part is not None:
-        if len(seqs) != 1 or not (isinstance(part, list) and len(part) == 2 and 0 <= part[0] < part[1]):
+        if len(seqs) != 1 or not (
+            isinstance(part, list) and len(part) == 2 and all(type(x) is int for x in part) and 0 <= part[0] < part[1]
+        ):
             raise ValueError("a part message carries one slice of one unit")
         part = (int(part[0]), int(part[1]))
-    return Envelope(gw, dev, seqs, td, units, int(doc.get("pv") or 0), bool(doc.get("rp")), part)
+    return Envelope(gw, dev, seqs, td, units, pv, bool(doc.get("rp")), part)
 
 
 def decode(payload: bytes) -> Message:
@@ -495,8 +505,14 @@ def decode_gone(payload: bytes) -> Gone:
 def _gone(doc: object) -> Gone:
     if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION or "gone" not in doc:
         raise ValueError("not an edgeos gone message of version 1")
-    ranges = [(int(a), int(b)) for a, b in doc["gone"]]
-    return Gone(doc["gw"], int(doc["first"]), int(doc["last"]), doc.get("dev"), ranges)
+    try:
+        ranges = [(int(a), int(b)) for a, b in doc["gone"]]
+        gone = Gone(doc["gw"], int(doc["first"]), int(doc["last"]), doc.get("dev"), ranges)
+    except (LookupError, TypeError, ValueError, ArithmeticError) as e:
+        raise ValueError(f"malformed gone message: {type(e).__name__}") from None
+    if not isinstance(gone.gateway, str):
+        raise ValueError("gone message's gw is not a name")
+    return gone
 
 
 class _Runs:
@@ -650,8 +666,8 @@ class Consumer:
                 continue
             try:
                 unit = decode_unit(blob)
-            except ValueError:
-                self.undecodable += 1
+            except (ValueError, LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException):
+                self.undecodable += 1  # decode_unit trusts a unit's shape (the store wrote it); a broker's may lie
                 continue
             own.add(seq, seq)
             out.append(Delivered(gw, dev, seq, unit, env.replay))

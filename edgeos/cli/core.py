@@ -77,12 +77,17 @@ def run(
 
 
 @app.command()
-def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
+def check(
+    config_file: ConfigPos = None,
+    config: ConfigOpt = None,
+    security: bool = typer.Option(False, "--security", help="also report TLS/OPC UA modes, certificates, listeners"),
+) -> None:
     """Validate a config without running it, and summarise what it would do.
 
     Prints the devices, their tags and the tag reads per second the poll intervals ask for,
     the request plan where the protocol has one, the kernels in use and the loaded plugins.
-    Exit code 2 and one line per problem when the config is invalid.
+    Exit code 2 and one line per problem when the config is invalid. `--security` adds, per
+    connection and listener, the TLS / OPC UA security, certificate expiry and the unit's exposure.
     """
     config = pick_config(config_file, config)
     cfg = load_or_exit(config)
@@ -119,6 +124,11 @@ def check(config_file: ConfigPos = None, config: ConfigOpt = None) -> None:
             for line in describe(d):
                 typer.echo(f"    {redact(line)}")
     typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
+    if security:  # issue 28: per connection and listener, and the unit's exposure
+        from edgeos.service.security import report
+
+        for line in report(cfg):
+            typer.echo(redact(line))
 
 
 def _writes(cfg: Config) -> str:

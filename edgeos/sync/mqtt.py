@@ -74,20 +74,46 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: where it resolves can change, so it is not assumed local
 
 
-def _explain(e: BaseException, where: str, *, connecting: bool = True) -> str:
-    """One clear sentence for the log, from whatever paho/aiomqtt/ssl raised."""
+_VERIFY_CAUSES = (
+    ("expired", ": it has expired"),
+    ("not yet valid", ": it is not valid yet (or this clock is behind)"),
+    ("mismatch", ": it is not issued for this host name or address"),
+    ("self-signed", ": it is not signed by the CA of ca_file"),
+    ("local issuer", ": it is not signed by the CA of ca_file"),
+)
+
+
+def _explain(e: BaseException, where: str, *, connecting: bool = True, socket_error: str | None = None) -> str:
+    """One clear sentence for the log, from whatever paho/aiomqtt/ssl raised.
+
+    A CONNACK's refusal comes as a paho ReasonCode (4/5 in MQTT 3.1.1, 134/135 in MQTT 5); a
+    plain int is paho's own error code (4 is MQTT_ERR_NO_CONN, "not currently connected"), never
+    a verdict on the credentials. `socket_error` is what paho logged while the connection was
+    being set up: a broker that rejects our client certificate (TLS 1.3) says so only there.
+    """
     text = str(e)
     rc = getattr(e, "rc", None)
     code = getattr(rc, "value", rc)
-    if not connecting:
+    connack = rc is not None and not isinstance(rc, int)
+    if not connecting or (not connack and code == _NO_CONNECTION) or "disconnected" in text.lower():
         # Codes of a publish are paho's own (4: no connection), not CONNACK's (4: bad password).
-        if code == _NO_CONNECTION or "not currently connected" in text:
+        if code == _NO_CONNECTION or "not currently connected" in text or "disconnected" in text.lower():
             return f"lost the connection to {where} ({text})"
         return f"{where}: {type(e).__name__}: {text}"
-    if code in (4, 5, 134, 135) or "not authori" in text.lower() or "bad user name" in text.lower():
+    if (connack and code in (4, 5, 134, 135)) or "not authori" in text.lower() or "bad user name" in text.lower():
         return f"{where} refused the credentials ({text})"
     if isinstance(e, ssl.SSLCertVerificationError) or "certificate verify failed" in text:
-        return f"TLS: the certificate of {where} failed verification ({getattr(e, 'verify_message', '') or text})"
+        detail = getattr(e, "verify_message", "") or text
+        low = detail.lower()
+        cause = next((c for k, c in _VERIFY_CAUSES if k in low), "")
+        return f"TLS: the certificate of {where} failed verification{cause} ({detail})"
+    low = (socket_error or "").lower()
+    if "certificate required" in low:
+        return f"TLS: {where} requires a client certificate (set cert_file and key_file) ({socket_error})"
+    if "alert" in low and ("unknown ca" in low or "certificate" in low):
+        return f"TLS: {where} rejected this gateway's client certificate ({socket_error})"
+    if socket_error:
+        return f"{where} closed the connection before accepting it ({socket_error}; a TLS port reached without tls?)"
     if isinstance(e, ssl.SSLError):
         return f"TLS with {where} failed ({text})"
     if isinstance(e, ConnectionRefusedError) or "refused" in text.lower():
@@ -287,13 +313,17 @@ class MqttTransport:
         )
         # Our own window bounds what is in flight; aiomqtt would warn from 10 on.
         client.pending_calls_threshold = 4 * inflight
+        socket_errors: list[str] = []  # paho's own log of the setup, for _explain
+        client._client.on_log = lambda _c, _u, level, buf: level == 8 and socket_errors.append(buf)  # noqa: SLF001
         try:
             await client.__aenter__()
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
             self._next_server()  # refused, unreachable, or a cluster node electing a leader
             with contextlib.suppress(Exception):
                 client._client.disconnect()  # noqa: SLF001 - a half-open connection left by a timeout
-            raise SyncError(_explain(e.__cause__ or e, self.where)) from e
+            last = socket_errors[-1] if socket_errors else None
+            raise SyncError(_explain(e.__cause__ or e, self.where, socket_error=last)) from e
+        client._client.on_log = None  # noqa: SLF001
         session = _Session(client, self.where)
         failed = False
         try:

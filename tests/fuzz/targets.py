@@ -500,6 +500,171 @@ def fuzz_modbus(inp: tuple[list[Any], bytes, bytes, list[Any]], raw_number: Call
             pass  # the documented refusal of a value that does not fit
 
 
+# -- replay requests (wire.decode_replay_request; the gateway's sync calls only it) ------------
+
+
+_REPLAY_VALUES = st.one_of(
+    _INTERESTING_INTS,
+    st.integers(),
+    st.sampled_from([0, 1, 2**62, 2**62 + 1, 2**64, -(2**64), 10_000_000, 9_999_999, True, False, 1.0, 1e300]),
+    st.text(max_size=8),
+    st.none(),
+    st.binary(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@st.composite
+def replay_input(draw) -> bytes:
+    """A request document with fields replaced, removed or added, in either form; or mutated
+    bytes of a valid request; or raw bytes."""
+    how = draw(st.sampled_from(["doc", "doc", "bytes", "raw"]))
+    form = draw(st.sampled_from(["msgpack", "json"]))
+    valid = wire.encode_replay_request("gw", 5, 9, draw(st.sampled_from([None, "dev"])), form=form)
+    if how == "raw":
+        return draw(st.binary(max_size=draw(st.sampled_from([16, 64, 2048]))))
+    if how == "bytes":
+        return mutate(valid, draw(EDITS))
+    doc: dict[Any, Any] = {"v": 1, "gw": "gw", "first": 5, "last": 9}
+    for key in draw(st.lists(st.sampled_from(["v", "gw", "first", "last", "dev", "x", 1]), max_size=4)):
+        if draw(st.integers(0, 3)) == 0:
+            doc.pop(key, None)
+        else:
+            doc[key] = draw(_REPLAY_VALUES)
+    if form == "json":
+        try:
+            return json.dumps({str(k): v for k, v in doc.items()}, default=repr).encode()
+        except (ValueError, TypeError):
+            return b"{"
+    try:
+        return msgpack.packb(doc, use_bin_type=True)
+    except (OverflowError, ValueError):  # an int msgpack cannot carry: no client can send it
+        return b"\xc1"
+
+
+def fuzz_replay(payload: bytes, decode: Callable[[bytes], Any] | None = None) -> None:
+    req = (decode or wire.decode_replay_request)(payload)
+    # What the gateway acts on is in range, and it round-trips through both forms.
+    assert isinstance(req.gateway, str) and req.gateway
+    assert type(req.first) is int and type(req.last) is int and 1 <= req.first <= req.last <= 2**62
+    assert req.last - req.first < wire.REPLAY_MAX_SPAN
+    assert req.device is None or (isinstance(req.device, str) and req.device)
+    for form in ("msgpack", "json"):
+        again = wire.encode_replay_request(req.gateway, req.first, req.last, req.device, form=form)
+        if len(again) <= wire.REPLAY_MAX_BYTES:
+            assert wire.decode_replay_request(again) == req
+
+
+# -- wire.Consumer: garbled, duplicated, reordered, split streams ---------------------------------
+
+
+def _stream_units(n: int) -> list[tuple[str, int, bytes]]:
+    """(device, seq, unit bytes) of a gateway with two devices; seqs interleave."""
+    out = []
+    for seq in range(1, n + 1):
+        dev = "a" if seq % 3 else "b"
+        k = np.arange(2, dtype=np.int32)
+        out.append(
+            (
+                dev,
+                seq,
+                wire.encode_unit(
+                    dev, k, 1_765_000_000_000_000_000 + seq + k.astype(np.int64), k + float(seq), np.zeros(2, np.uint32)
+                ),
+            )
+        )
+    return out
+
+
+@st.composite
+def consumer_input(draw) -> tuple[bool, list[bytes], set[int]]:
+    """(clean, payloads in arrival order, the seqs those payloads carry when clean).
+
+    The gateway's messages (one or more consecutive units of a device, `pv` chaining each
+    device's units, some units split into parts, some gone answers) are duplicated, dropped and
+    reordered; unless `clean`, some are garbled (byte edits, or a field replaced)."""
+    units = _stream_units(draw(st.integers(1, 14)))
+    msgs: list[tuple[bytes, set[int]]] = []
+    prev: dict[str, int] = {}
+    i = 0
+    while i < len(units):
+        dev = units[i][0]
+        run = [units[i]]
+        while i + len(run) < len(units) and units[i + len(run)][0] == dev and len(run) < draw(st.integers(1, 3)):
+            run.append(units[i + len(run)])
+        seqs = [s for _, s, _ in run]
+        pv = prev.get(dev, 0)
+        replay = draw(st.booleans()) and draw(st.booleans())
+        if len(run) == 1 and draw(st.integers(0, 3)) == 0:
+            blob = run[0][2]
+            count = draw(st.integers(2, 4))
+            size = -(-len(blob) // count)
+            pieces = [blob[j * size : (j + 1) * size] for j in range(count)]
+            for j, piece in enumerate(pieces):
+                msgs.append(
+                    (wire.encode_message("gw", dev, seqs, [piece], 1, prev=pv, replay=replay, part=(j, count)), set())
+                )
+            msgs[-1] = (msgs[-1][0], set(seqs))  # the unit arrives with its last part (when all arrive)
+        else:
+            msgs.append(
+                (wire.encode_message("gw", dev, seqs, [b for _, _, b in run], 1, prev=pv, replay=replay), set(seqs))
+            )
+        prev[dev] = seqs[-1]
+        i += len(run)
+    if draw(st.booleans()):
+        a = draw(st.integers(1, len(units)))
+        msgs.append((wire.encode_gone("gw", a, a + 3, None, [(a, a + draw(st.integers(0, 3)))]), set()))
+    # Drop whole unsplit messages, then duplicate and reorder.
+    kept = [m for m in msgs if not (m[1] and draw(st.integers(0, 7)) == 0)]
+    kept += [kept[j % len(kept)] for j in draw(st.lists(st.integers(0, 50), max_size=6))] if kept else []
+    order = draw(st.permutations(range(len(kept))))
+    payloads = [kept[j] for j in order]
+    clean = draw(st.booleans())
+    out = [p for p, _ in payloads]
+    if not clean:
+        for j in draw(st.lists(st.integers(0, max(0, len(out) - 1)), max_size=4)):
+            if not out:
+                break
+            if draw(st.booleans()):
+                out[j] = mutate(out[j], draw(EDITS))
+            else:
+                try:
+                    doc = msgpack.unpackb(out[j], raw=False)
+                except ValueError:  # garbled by an earlier edit already
+                    continue
+                path = draw(st.lists(st.one_of(st.integers(0, 9), st.text(max_size=3)), min_size=1, max_size=2))
+                out[j] = msgpack.packb(
+                    _tweak_doc(doc, path, draw(_MSGPACK_VALUES), draw(st.booleans())), use_bin_type=True
+                )
+        out += draw(st.lists(st.binary(max_size=24), max_size=2))
+    # Split units complete only when all their parts were kept (a part set is all-or-nothing above).
+    expected = set().union(*[s for _, s in payloads]) if clean else set()
+    return clean, out, expected
+
+
+def fuzz_consumer(inp: tuple[bool, list[bytes], set[int]], consumer_cls: Any = None) -> None:
+    clean, payloads, expected = inp
+    c = (consumer_cls or wire.Consumer)(reorder_wait=0.0, retry_after=0.0, max_partial=4096, clock=lambda: 0.0)
+    delivered: list[int] = []
+    for k, payload in enumerate(payloads):
+        try:
+            got = c.feed(payload, now=float(k))
+        except ValueError:
+            assert not clean, "a well-formed payload was refused"
+            continue
+        delivered += [d.seq for d in got]
+        for topic, request in c.requests(now=float(k) + 100.0):
+            assert isinstance(topic, str)
+            if clean:
+                wire.decode_replay_request(request)  # what a consumer asks for, the gateway takes
+        c.gaps("gw")
+        c.seen("gw")
+        c.take_gone()
+    assert len(delivered) == len(set(delivered)), f"delivered twice: {sorted(delivered)}"
+    if clean:
+        assert set(delivered) == expected, (sorted(delivered), sorted(expected))
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 
@@ -515,6 +680,8 @@ TARGETS: dict[str, Target] = {
     "serial": Target(serial_input(), fuzz_serial, ()),
     "wire": Target(wire_input(), fuzz_wire, (ValueError,)),
     "modbus": Target(modbus_input(), fuzz_modbus, ()),
+    "replay": Target(replay_input(), fuzz_replay, (ValueError,)),
+    "consumer": Target(consumer_input(), fuzz_consumer, ()),
 }
 
 
@@ -589,11 +756,30 @@ def _broken_config(inp: tuple[str, str | None]) -> None:
         L.tomllib = original
 
 
+def _broken_replay(payload: bytes) -> Any:
+    """decode_replay_request as a first draft would write it: trusts the document's types."""
+    doc = msgpack.unpackb(payload, raw=False) if payload[:1] != b"{" else json.loads(payload)
+    if doc.get("v") != 1 or not 0 < doc["first"] <= doc["last"]:
+        raise ValueError("bad request")
+    return wire.ReplayRequest(doc["gw"], doc["first"], doc["last"], doc.get("dev"))
+
+
+class _ForgetfulConsumer(wire.Consumer):
+    """A consumer that forgets a device's seqs when a replay arrives: repeats go out again."""
+
+    def _on_units(self, env: Any, seqs: list[int], blobs: list[bytes], now: float) -> list[Any]:
+        if env.replay:
+            self._own.pop((env.gateway, env.device), None)
+        return super()._on_units(env, seqs, blobs, now)
+
+
 BROKEN: dict[str, Target] = {
     "config": Target(config_input(), _broken_config, (ConfigError,)),
     "serial": Target(serial_input(), lambda inp: fuzz_serial(inp, _broken_framer), ()),
     "wire": Target(wire_input(), lambda p: fuzz_wire(p, _broken_decode), (ValueError,)),
     "modbus": Target(modbus_input(), lambda inp: fuzz_modbus(inp, _broken_raw_number), (ValueError,)),
+    "replay": Target(replay_input(), lambda p: fuzz_replay(p, _broken_replay), (ValueError,)),
+    "consumer": Target(consumer_input(), lambda inp: fuzz_consumer(inp, _ForgetfulConsumer), ()),
 }
 
 os.environ.setdefault("EDGEOS_FUZZ", "1")

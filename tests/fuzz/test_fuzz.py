@@ -37,6 +37,11 @@ def _replay(case: dict) -> None:
             codec.raw_number(s, v)
     elif case["target"] == "serial":
         targets.fuzz_serial((case["toml"], [bytes.fromhex(r) for r in case["reads_hex"]]))
+    elif case["target"] == "consumer":
+        # ValueError for a malformed payload is documented; anything else is the finding.
+        targets.fuzz_consumer((False, [bytes.fromhex(p) for p in case["payloads_hex"]], set()))
+    elif case["target"] == "replay":
+        targets.fuzz_replay(bytes.fromhex(case["payload_hex"]))
     else:
         raise AssertionError(f"unknown target {case['target']!r}")
 
