@@ -304,6 +304,8 @@ def _envelope(doc: object) -> Envelope:
     # Names and numbers a consumer keys on (fuzzed: tests/cases/fuzz_consumer_*).
     if not (isinstance(gw, str) and isinstance(dev, str) and type(td) is int):
         raise ValueError("data message's gw, dev or td has the wrong type")
+    if not gw or not dev:
+        raise ValueError("data message's gw and dev must name a gateway and a device")
     if not all(type(s) is int and 0 < s < 2**63 for s in seqs) or not all(isinstance(u, bytes) for u in units):
         raise ValueError("data message's seqs must be store row ids (1 to 2**63 - 1), its units bytes")
     pv = doc.get("pv") or 0

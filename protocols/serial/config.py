@@ -308,6 +308,12 @@ def build_spec(
         problems.add(f"{p}frame_length", f'applies to framing = "fixed", not "{o["framing"]}"')
     if o["framing"] == "fixed" and o.get("frame_length") and o["frame_length"] > o["max_frame"]:
         problems.add(f"{p}frame_length", f"found {o['frame_length']}, more than max_frame = {o['max_frame']}")
+    if o["framing"] == "fixed" and o.get("frame_length") and start and o["frame_length"] <= len(start):
+        # The start bytes count in the length: a frame must hold them and at least one byte more.
+        problems.add(
+            f"{p}frame_length",
+            f"found {o['frame_length']}, not more than the {len(start)} start bytes it includes",
+        )
     if o.get("trailer") and o["framing"] != "start_end":
         problems.add(f"{p}trailer", f'applies to framing = "start_end", not "{o["framing"]}"')
     if o["framing"] == "start_end" and start == end:

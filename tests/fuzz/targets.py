@@ -645,14 +645,14 @@ def consumer_input(draw) -> tuple[bool, list[bytes], set[int]]:
 def fuzz_consumer(inp: tuple[bool, list[bytes], set[int]], consumer_cls: Any = None) -> None:
     clean, payloads, expected = inp
     c = (consumer_cls or wire.Consumer)(reorder_wait=0.0, retry_after=0.0, max_partial=4096, clock=lambda: 0.0)
-    delivered: list[int] = []
+    delivered: list[tuple[str, int]] = []  # a seq is unique per gateway (docs/payload.md)
     for k, payload in enumerate(payloads):
         try:
             got = c.feed(payload, now=float(k))
         except ValueError:
             assert not clean, "a well-formed payload was refused"
             continue
-        delivered += [d.seq for d in got]
+        delivered += [(d.gateway, d.seq) for d in got]
         for topic, request in c.requests(now=float(k) + 100.0):
             assert isinstance(topic, str)
             if clean:
@@ -662,7 +662,7 @@ def fuzz_consumer(inp: tuple[bool, list[bytes], set[int]], consumer_cls: Any = N
         c.take_gone()
     assert len(delivered) == len(set(delivered)), f"delivered twice: {sorted(delivered)}"
     if clean:
-        assert set(delivered) == expected, (sorted(delivered), sorted(expected))
+        assert {seq for _, seq in delivered} == expected, (sorted(delivered), sorted(expected))
 
 
 # -- the table ---------------------------------------------------------------------------------
