@@ -14,6 +14,9 @@ packages += ["edgeos.protocols"] + [f"edgeos.protocols.{p}" for p in find_packag
 package_dir = {"edgeos": "edgeos", "edgeos.protocols": "protocols"}
 # The systemd unit and sysusers file, shipped inside the package for `edgeos service install`.
 packages += ["edgeos.service.systemd"]
+# The console's pages, script and style (files, not modules), declared so setuptools ships them
+# as data of a package of their own instead of warning about an undeclared one.
+packages += ["edgeos.console.static"]
 package_dir["edgeos.service.systemd"] = "systemd"
 
 HINT = """

@@ -1,8 +1,10 @@
 """Run one fuzz target for a time budget; print one JSON line: examples run, crashes found.
 
-    python tests/fuzz/run.py TARGET SECONDS [--broken] [--stop-at-first]
+    python tests/fuzz/run.py TARGET SECONDS [--broken] [--stop-at-first] [--fixed-seeds]
 
-Hypothesis drives the target in rounds of fresh random seeds until the time is up. A crash is
+Hypothesis drives the target in rounds of fresh random seeds until the time is up. With
+--fixed-seeds (the suite's smoke run) round k uses seed k, so CI replays the same inputs on every
+run and a red CI always reproduces; new inputs are explored by bench/bench_fuzz.py. A crash is
 an exception outside the target's documented error types (or a broken invariant); hypothesis
 shrinks it, and the smallest failing input is printed (repr) for tests/cases/.
 """
@@ -16,7 +18,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis.errors import HypothesisException
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,6 +29,7 @@ def main() -> None:
     name, seconds = sys.argv[1], float(sys.argv[2])
     broken = "--broken" in sys.argv
     stop_first = "--stop-at-first" in sys.argv
+    fixed = "--fixed-seeds" in sys.argv
     target = (targets.BROKEN if broken else targets.TARGETS)[name]
     examples = 0
     crashes: list[dict] = []
@@ -57,9 +60,11 @@ def main() -> None:
 
     deadline = time.monotonic() + seconds
     warnings.simplefilter("ignore")
+    rounds = 0
     while time.monotonic() < deadline:
+        rounds += 1
         try:
-            one()
+            (seed(rounds)(one) if fixed else one)()
         except HypothesisException:
             raise
         except Exception as e:  # noqa: BLE001 - every other exception is a finding

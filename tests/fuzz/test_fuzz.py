@@ -1,4 +1,5 @@
-"""Fuzzing smoke: every target for ~30 s (all at once, in subprocesses), no undocumented exception;
+"""Fuzzing smoke: every target for ~30 s (all at once, in subprocesses, fixed seeds so that CI is
+reproducible), no undocumented exception;
 each deliberately broken variant must be caught; every crash found so far is replayed from
 tests/cases/fuzz_*/fuzz.json. Longer runs: bench/bench_fuzz.py."""
 
@@ -68,10 +69,13 @@ def test_fuzz_smoke_all_targets_and_negative_controls() -> None:
     procs = {}
     for name in targets.TARGETS:
         procs[name] = subprocess.Popen(
-            [sys.executable, str(run), name, str(SECONDS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, str(run), name, str(SECONDS), "--fixed-seeds"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         procs[f"{name}[broken]"] = subprocess.Popen(
-            [sys.executable, str(run), name, str(SECONDS), "--broken", "--stop-at-first"],
+            [sys.executable, str(run), name, str(SECONDS), "--broken", "--stop-at-first", "--fixed-seeds"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
