@@ -151,9 +151,9 @@ def test_the_daemon_rides_out_failing_writes_and_exits_on_a_failing_fsync(tmp_pa
     assert rc is None, out[-2000:]
     # Random faults: a 4 s run may see none hit a commit (group commit and 1 KiB pages make few
     # pwrites), so runs repeat until one both kept running and rode out a failed commit.
-    spec = f"enable_random name={PWRITE},probability=0.1,failinfo={errno.EIO}"
+    spec = f"enable_random name={PWRITE},probability=0.05,failinfo={errno.EIO}"
     restarts = runs = 0
-    while runs < 30:
+    while runs < 40:
         runs += 1
         rc, out = _daemon(tmp_path, spec, 4.0)
         if rc is None and "keeping samples in memory and retrying" in out:
