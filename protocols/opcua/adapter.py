@@ -42,6 +42,9 @@ from edgeos.model import Batch
 
 log = logging.getLogger("edgeos.protocols.opcua")
 
+WATCH_EVERY_S = 0.5
+"""How often asyncua's own tasks (channel renewal, server watchdog) are checked for failure."""
+
 QUEUE_PUBLISHES = 64
 """Publish responses waiting to be turned into batches. When full, asyncua's publish loop waits,
 so the server keeps the notifications in its own queues (nothing is dropped here)."""
@@ -86,12 +89,29 @@ def read_password(o: Mapping[str, Any]) -> str | None:
     return None
 
 
-def silence_bound_s(o: Mapping[str, Any], publishing_ns: int) -> float:
-    """How long a subscription may stay without any publish answer: the server owes a keep-alive
-    every publishing_interval x keepalive_count; allow half as much again plus one request timeout."""
+def keepalive_s(o: Mapping[str, Any], publishing_ns: int) -> float:
+    """The keep-alive interval the config asks for: publishing_interval x keepalive_count."""
+    return publishing_ns / 1e9 * o["keepalive_count"]
+
+
+def requested_keepalive_count(o: Mapping[str, Any]) -> int:
+    """The keep-alive count asked of the server: half the configured one, so that a healthy
+    idle subscription answers at least twice per configured keep-alive interval and a silence
+    of 1.5 intervals is three missed keep-alives, not jitter. (asyncua's server sends its
+    keep-alives two publishing intervals late: every (count + 2) intervals.)"""
+    return max(1, o["keepalive_count"] // 2)
+
+
+def silence_bound_s(o: Mapping[str, Any], publishing_ns: int, revised: tuple[float, int] | None = None) -> float:
+    """How long a subscription may stay without any publish answer (data or keep-alive), from
+    the arrival of the last one: 1.5 configured keep-alive intervals, or 1.5 times the
+    keep-alive interval the server revised the request to when that is longer."""
     if o.get("silence_timeout"):
         return o["silence_timeout"] / 1e9
-    return publishing_ns / 1e9 * o["keepalive_count"] * 1.5 + o["timeout"] / 1e9
+    ka = keepalive_s(o, publishing_ns)
+    if revised is not None:
+        ka = max(ka, revised[0] * revised[1])
+    return 1.5 * ka
 
 
 class OpcUaAdapter(PollingAdapter):
@@ -112,9 +132,10 @@ class OpcUaAdapter(PollingAdapter):
         self.enums: list[dict[int, str] | None] = [None] * n  # an enumeration node's values
         self.held: dict[int, int] = {}  # tag position -> the Bad status it is held with
         self.publishing_ns = self.o.get("publishing_interval") or device.poll_interval_ns
-        self._last_publish = 0.0
+        self._since = 0.0  # monotonic: the subscription's items were created (silence counts from then on)
         self._publishes: asyncio.Queue[Any] | None = None
         self._sub_id: int | None = None
+        self._revised: tuple[float, int] | None = None  # the server's publishing interval (s), keep-alive count
 
     # -- connect
 
@@ -209,13 +230,17 @@ class OpcUaAdapter(PollingAdapter):
                 sub = [i for i, m in enumerate(self.modes) if m == "subscribe"]
                 if sub:
                     self._publishes = asyncio.Queue(QUEUE_PUBLISHES)
-                    self._last_publish = time.monotonic()
-                    self._sub_id = await self._call(
-                        self.session.subscribe(self.publishing_ns, self.o["keepalive_count"], self._on_publish)
+                    self._sub_id, interval_s, count = await self._call(
+                        self.session.subscribe(self.publishing_ns, requested_keepalive_count(self.o))
                     )
+                    self._revised = (interval_s, count)
                     await self._monitor(emit, [i for i in sub if self.nodes[i] is not None])
-                    self._last_publish = time.monotonic()  # creating many items may take a while
-                    tg.create_task(self._drain(emit), name=f"opcua:{self.device.name}:publish")
+                    self._since = time.monotonic()  # creating many items may take a while
+                    tg.create_task(
+                        self._call(self.session.publish_loop(self._sub_id, self._on_publish)),
+                        name=f"opcua:{self.device.name}:publish",
+                    )
+                    tg.create_task(self._drain(emit), name=f"opcua:{self.device.name}:drain")
                 for k, g in enumerate(self.poll_groups()):
                     self.stats[k] = PollStats()
                     tg.create_task(self._poll_loop(g, self.stats[k], emit), name=f"poll:{self.device.name}:{k}")
@@ -281,37 +306,48 @@ class OpcUaAdapter(PollingAdapter):
             )
             await emit(self._held_batch(refused))
 
-    async def _on_publish(self, result: Any) -> None:
-        """asyncua's publish loop calls this for every publish response, keep-alives included."""
-        self._last_publish = time.monotonic()
+    async def _on_publish(self, pub: uac.Publish) -> None:
+        """The session's publish loop hands over every answer, keep-alives included."""
         q = self._publishes
         if q is not None:
-            await q.put(result)
+            await q.put(pub)
 
     async def _drain(self, emit: Emit) -> None:
         q = self._publishes
         assert q is not None
         c = self.counters
         ts_mode = self.o["timestamp"]
+        n_tags = len(self.ids)
         while True:
-            result = await q.get()
+            pub = await q.get()
             c.publishes += 1
-            status = uac.status_change(result)
-            if status is not None and status & 0x80000000:
+            if pub.status is not None and pub.status & 0x80000000:
                 raise DeviceError(
                     self.device.name,
-                    f"the server ended the subscription (status 0x{status:08X})",
+                    f"the server ended the subscription (status 0x{pub.status:08X})",
                     code="subscription",
                     stage="run",
                 )
-            items = uac.publish_items(result)
-            if not items:
+            handles = pub.handles
+            if not len(handles):
                 c.keepalives += 1
                 continue
             now = time.time_ns()
-            handles = uac.handles_of(items)
+            known = handles < n_tags  # ClientHandles are tag positions (unsigned)
+            if not known.all():  # a handle edgeos never gave: not a sample of any tag
+                self.state.errors.log(
+                    logging.WARNING, "handle", "%s: the server sent data for unknown handles", self.device.name
+                )
+                pub = pub.select(known)
+                handles = pub.handles
+                if not len(handles):
+                    continue
             c.notifications += len(handles)
-            values, quality, ts, text = await uac.columns_apart(uac.values_of(items), self.kinds[handles], ts_mode, now)
+            kinds = self.kinds[handles]
+            if pub.values is not None:
+                values, quality, ts, text = uac.publish_columns(pub, kinds, ts_mode, now)
+            else:
+                values, quality, ts, text = await uac.columns_apart(pub.dvs, kinds, ts_mode, now)
             await emit(Batch(self.device.name, self.ids[handles], ts, values, quality, text))
 
     async def read(self, group: PollGroup, now_ns: int) -> Batch:
@@ -350,11 +386,15 @@ class OpcUaAdapter(PollingAdapter):
         return Batch(self.device.name, self.ids[p], ts, np.full(n, np.nan), q, text)
 
     async def _watch(self, subscribed: bool) -> None:
-        """Raise when asyncua's tasks failed, or the subscription went silent (no data nor keep-alive)."""
-        bound = silence_bound_s(self.o, self.publishing_ns)
-        step = min(0.5, bound / 4)
+        """Raise when asyncua's tasks failed, or the subscription went silent: no publish answer
+        (data or keep-alive) for `silence_bound_s` since the last one arrived. The check wakes
+        at that deadline, not on a coarse tick, so a stall is seen when the bound runs out."""
+        bound = silence_bound_s(self.o, self.publishing_ns, self._revised)
         while True:
-            await asyncio.sleep(step)
+            wait = WATCH_EVERY_S
+            if subscribed:
+                wait = min(wait, self._last_answer() + bound - time.monotonic())
+            await asyncio.sleep(max(wait, 0.001))
             s = self.session
             if s is None:
                 raise DeviceError(self.device.name, "not connected", code="not_connected", stage="run")
@@ -362,15 +402,20 @@ class OpcUaAdapter(PollingAdapter):
                 s.check()
             except uac.OpcUaError as e:
                 raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
-            silent = time.monotonic() - self._last_publish
-            if subscribed and silent > bound:
+            silent = time.monotonic() - self._last_answer()
+            if subscribed and silent >= bound:
                 self.counters.silent_rebuilds += 1
                 raise DeviceError(
                     self.device.name,
-                    f"subscription silent for {silent:.1f}s (no data nor keep-alive; bound {bound:.1f}s): rebuilding",
+                    f"subscription silent for {silent:.2f}s (no data nor keep-alive; bound {bound:.2f}s): rebuilding",
                     code="silent",
                     stage="run",
                 )
+
+    def _last_answer(self) -> float:
+        """When the last publish answer arrived (or the subscription began, if none yet)."""
+        s = self.session
+        return max(self._since, s.last_publish if s is not None else 0.0)
 
     async def _retry_held(self, emit: Emit) -> None:
         """Nodes held Bad (unknown, refused) are tried again every retry_unknown."""
