@@ -38,9 +38,12 @@ from edgeos.adapter import (
 )
 from edgeos.errors import DeviceError
 from edgeos.logs import RateLimited
-from edgeos.model import Batch
+from edgeos.model import Batch, Quality
 
 log = logging.getLogger("edgeos.protocols.opcua")
+
+BAD_STALLED = Quality.BAD_COMM_FAILURE
+"""The quality of the samples that mark a stalled subscription (as the runtime's own mark)."""
 
 WATCH_EVERY_S = 0.5
 """How often asyncua's own tasks (channel renewal, server watchdog) are checked for failure."""
@@ -59,6 +62,7 @@ class Counters:
     reads: int = 0
     writes: int = 0
     silent_rebuilds: int = 0
+    stalls: int = 0
     unknown_nodes: int = 0
 
 
@@ -102,16 +106,26 @@ def requested_keepalive_count(o: Mapping[str, Any]) -> int:
     return max(1, o["keepalive_count"] // 2)
 
 
-def silence_bound_s(o: Mapping[str, Any], publishing_ns: int, revised: tuple[float, int] | None = None) -> float:
+def stall_bound_s(o: Mapping[str, Any], publishing_ns: int, revised: tuple[float, int] | None = None) -> float:
     """How long a subscription may stay without any publish answer (data or keep-alive), from
-    the arrival of the last one: 1.5 configured keep-alive intervals, or 1.5 times the
-    keep-alive interval the server revised the request to when that is longer."""
+    the arrival of the last one, before its tags are marked Bad: 1.5 configured keep-alive
+    intervals (or 1.5 times the interval the server revised the request to, when longer), and
+    never more than `rebuild_bound_s`."""
+    ka = keepalive_s(o, publishing_ns)
+    if revised is not None:
+        ka = max(ka, revised[0] * revised[1])
+    return min(1.5 * ka, rebuild_bound_s(o, publishing_ns, revised))
+
+
+def rebuild_bound_s(o: Mapping[str, Any], publishing_ns: int, revised: tuple[float, int] | None = None) -> float:
+    """Silence after which the subscription is given up and the session rebuilt: `silence_timeout`,
+    by default 1.5 keep-alive intervals plus one request timeout."""
     if o.get("silence_timeout"):
         return o["silence_timeout"] / 1e9
     ka = keepalive_s(o, publishing_ns)
     if revised is not None:
         ka = max(ka, revised[0] * revised[1])
-    return 1.5 * ka
+    return 1.5 * ka + o["timeout"] / 1e9
 
 
 class OpcUaAdapter(PollingAdapter):
@@ -136,6 +150,7 @@ class OpcUaAdapter(PollingAdapter):
         self._publishes: asyncio.Queue[Any] | None = None
         self._sub_id: int | None = None
         self._revised: tuple[float, int] | None = None  # the server's publishing interval (s), keep-alive count
+        self._stalled = False  # subscribed tags marked Bad for silence; answers coming back end it
 
     # -- connect
 
@@ -244,7 +259,7 @@ class OpcUaAdapter(PollingAdapter):
                 for k, g in enumerate(self.poll_groups()):
                     self.stats[k] = PollStats()
                     tg.create_task(self._poll_loop(g, self.stats[k], emit), name=f"poll:{self.device.name}:{k}")
-                tg.create_task(self._watch(bool(sub)), name=f"opcua:{self.device.name}:watch")
+                tg.create_task(self._watch(emit, bool(sub)), name=f"opcua:{self.device.name}:watch")
                 tg.create_task(self._retry_held(emit), name=f"opcua:{self.device.name}:retry")
         except BaseExceptionGroup as eg:
             # One failed task means the session is gone: report that error, not a group.
@@ -315,12 +330,9 @@ class OpcUaAdapter(PollingAdapter):
     async def _drain(self, emit: Emit) -> None:
         q = self._publishes
         assert q is not None
-        c = self.counters
-        ts_mode = self.o["timestamp"]
-        n_tags = len(self.ids)
         while True:
             pub = await q.get()
-            c.publishes += 1
+            self.counters.publishes += 1
             if pub.status is not None and pub.status & 0x80000000:
                 raise DeviceError(
                     self.device.name,
@@ -328,27 +340,32 @@ class OpcUaAdapter(PollingAdapter):
                     code="subscription",
                     stage="run",
                 )
+            await self._changes(emit, pub)
+            if self._stalled:
+                await self._resume(emit)
+
+    async def _changes(self, emit: Emit, pub: uac.Publish) -> None:
+        c = self.counters
+        handles = pub.handles
+        if not len(handles):
+            c.keepalives += 1
+            return
+        now = time.time_ns()
+        known = handles < len(self.ids)  # ClientHandles are tag positions (unsigned)
+        if not known.all():  # a handle edgeos never gave: not a sample of any tag
+            self.state.errors.log(logging.WARNING, "handle", "%s: data for unknown handles", self.device.name)
+            pub = pub.select(known)
             handles = pub.handles
             if not len(handles):
-                c.keepalives += 1
-                continue
-            now = time.time_ns()
-            known = handles < n_tags  # ClientHandles are tag positions (unsigned)
-            if not known.all():  # a handle edgeos never gave: not a sample of any tag
-                self.state.errors.log(
-                    logging.WARNING, "handle", "%s: the server sent data for unknown handles", self.device.name
-                )
-                pub = pub.select(known)
-                handles = pub.handles
-                if not len(handles):
-                    continue
-            c.notifications += len(handles)
-            kinds = self.kinds[handles]
-            if pub.values is not None:
-                values, quality, ts, text = uac.publish_columns(pub, kinds, ts_mode, now)
-            else:
-                values, quality, ts, text = await uac.columns_apart(pub.dvs, kinds, ts_mode, now)
-            await emit(Batch(self.device.name, self.ids[handles], ts, values, quality, text))
+                return
+        c.notifications += len(handles)
+        kinds = self.kinds[handles]
+        ts_mode = self.o["timestamp"]
+        if pub.values is not None:
+            values, quality, ts, text = uac.publish_columns(pub, kinds, ts_mode, now)
+        else:
+            values, quality, ts, text = await uac.columns_apart(pub.dvs, kinds, ts_mode, now)
+        await emit(Batch(self.device.name, self.ids[handles], ts, values, quality, text))
 
     async def read(self, group: PollGroup, now_ns: int) -> Batch:
         pos = np.array([self.pos[t.id] for t in group.tags], np.intp)
@@ -385,15 +402,21 @@ class OpcUaAdapter(PollingAdapter):
         ts = np.full(n, now_ns or time.time_ns(), np.int64)
         return Batch(self.device.name, self.ids[p], ts, np.full(n, np.nan), q, text)
 
-    async def _watch(self, subscribed: bool) -> None:
-        """Raise when asyncua's tasks failed, or the subscription went silent: no publish answer
-        (data or keep-alive) for `silence_bound_s` since the last one arrived. The check wakes
-        at that deadline, not on a coarse tick, so a stall is seen when the bound runs out."""
-        bound = silence_bound_s(self.o, self.publishing_ns, self._revised)
+    async def _watch(self, emit: Emit, subscribed: bool) -> None:
+        """Raise when asyncua's tasks failed. A subscription with no publish answer (data or
+        keep-alive) for `stall_bound_s` since the last one arrived has its tags marked Bad
+        (BadCommunicationError) and goes on; after `rebuild_bound_s`, it raises to rebuild the
+        session. The check wakes at those deadlines, not on a coarse tick.
+
+        Two steps, because a busy server (a large round of changes on a loaded machine) can be
+        late by more than half a keep-alive: marking Bad is cheap and undone by the next answer,
+        a rebuild re-creates every monitored item."""
+        stall = stall_bound_s(self.o, self.publishing_ns, self._revised)
+        rebuild = rebuild_bound_s(self.o, self.publishing_ns, self._revised)
         while True:
             wait = WATCH_EVERY_S
             if subscribed:
-                wait = min(wait, self._last_answer() + bound - time.monotonic())
+                wait = min(wait, self._last_answer() + (rebuild if self._stalled else stall) - time.monotonic())
             await asyncio.sleep(max(wait, 0.001))
             s = self.session
             if s is None:
@@ -402,15 +425,47 @@ class OpcUaAdapter(PollingAdapter):
                 s.check()
             except uac.OpcUaError as e:
                 raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
+            if not subscribed:
+                continue
             silent = time.monotonic() - self._last_answer()
-            if subscribed and silent >= bound:
+            if silent >= rebuild:
                 self.counters.silent_rebuilds += 1
                 raise DeviceError(
                     self.device.name,
-                    f"subscription silent for {silent:.2f}s (no data nor keep-alive; bound {bound:.2f}s): rebuilding",
+                    f"subscription silent for {silent:.2f}s (no data nor keep-alive; bound {rebuild:.2f}s): rebuilding",
                     code="silent",
                     stage="run",
                 )
+            if silent >= stall and not self._stalled:
+                self._stalled = True
+                self.counters.stalls += 1
+                self.state.errors.log(
+                    logging.WARNING,
+                    "stall",
+                    "%s: no publish answer for %.2fs (bound %.2fs): subscribed tags Bad until one comes",
+                    self.device.name,
+                    silent,
+                    stall,
+                )
+                live = [i for i, m in enumerate(self.modes) if m == "subscribe" and self.nodes[i] is not None]
+                if live:
+                    await emit(Batch.filled(self.device.name, self.ids[live], time.time_ns(), np.nan, BAD_STALLED))
+
+    async def _resume(self, emit: Emit) -> None:
+        """Answers again after a stall: read the subscribed tags, whose values the server will not
+        send again unless they change, so each is Good again (or the error is raised)."""
+        self._stalled = False
+        log.info("%s: publish answers again", self.device.name)
+        live = [i for i, m in enumerate(self.modes) if m == "subscribe" and self.nodes[i] is not None]
+        if not live or self.session is None:
+            return
+        try:
+            dvs = await self.session.read([self.nodes[i] for i in live])
+        except uac.OpcUaError as e:
+            raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
+        p = np.array(live, np.intp)
+        values, quality, ts, text = await uac.columns_apart(dvs, self.kinds[p], self.o["timestamp"], time.time_ns())
+        await emit(Batch(self.device.name, self.ids[p], ts, values, quality, text))
 
     def _last_answer(self) -> float:
         """When the last publish answer arrived (or the subscription began, if none yet)."""
@@ -482,6 +537,7 @@ class OpcUaAdapter(PollingAdapter):
             "reads": c.reads,
             "writes": c.writes,
             "silent_rebuilds": c.silent_rebuilds,
+            "stalls": c.stalls,
             "operation_limits": dict(self.state.limits),
             "held_tags": {self.device.tags[i].name: f"0x{q:08X}" for i, q in list(self.held.items())[:64]},
         }
