@@ -17,7 +17,7 @@ changing every 500 ms, the runtime subscribed as bench_e2e configures it (publis
 100 ms, store on); latency = the sample's arrival at a sink after its commit - its source
 timestamp (the start of the server's round of writes). `latency_after_round_end` leaves out the
 server's own time to write a round (its stats give each round's end). `EDGEOS_BENCH_OPCUA=latency`
-runs only this part.
+runs only this part; `EDGEOS_BENCH_OPCUA_PUBLISHING=50ms` tries another publishing interval.
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def _edgeos(endpoint: str, mode: str, seconds: float, out: mp.Queue) -> None:
 
 
 LAT_N, LAT_PERIOD = 5000, 0.5
+LAT_PUBLISHING = os.environ.get("EDGEOS_BENCH_OPCUA_PUBLISHING", "100ms")  # bench_e2e's
 
 
 def _latency(endpoint: str, mode: str, seconds: float, out: mp.Queue) -> None:
@@ -202,7 +203,8 @@ def _latency(endpoint: str, mode: str, seconds: float, out: mp.Queue) -> None:
         (d / "edgeos.toml").write_text(
             '[gateway]\nid = "bench"\ndata_dir = "data"\n'
             f'[[devices]]\nname = "opc"\nprotocol = "opcua"\nendpoint = "{endpoint}"\nsecurity_mode = "None"\n'
-            'mode = "subscribe"\npublishing_interval = "100ms"\nsampling_interval = "0ms"\ntimeout = "30s"\n'
+            f'mode = "subscribe"\npublishing_interval = "{LAT_PUBLISHING}"\nsampling_interval = "0ms"\n'
+            'timeout = "30s"\n'
             'tags_csv = "tags.csv"\n'
         )
         cfg = load_config(d / "edgeos.toml")
