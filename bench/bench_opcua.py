@@ -204,7 +204,7 @@ def _latency(endpoint: str, mode: str, seconds: float, out: mp.Queue) -> None:
             '[gateway]\nid = "bench"\ndata_dir = "data"\n'
             f'[[devices]]\nname = "opc"\nprotocol = "opcua"\nendpoint = "{endpoint}"\nsecurity_mode = "None"\n'
             f'mode = "subscribe"\npublishing_interval = "{LAT_PUBLISHING}"\nsampling_interval = "0ms"\n'
-            'timeout = "30s"\n'
+            'timeout = "30s"\nkeepalive_count = 30\n'  # as bench_e2e
             'tags_csv = "tags.csv"\n'
         )
         cfg = load_config(d / "edgeos.toml")
