@@ -4,10 +4,11 @@ on the shared scheduler, one session per device.
 Every (re)connect resolves `nsu=` node ids through the server's NamespaceArray and reads each
 node's DataType and ValueRank. A node the server does not know (or that is an array, or of a
 type the tag cannot carry) is Bad on its own and re-tried every `retry_unknown`; the other tags
-keep flowing. The session's health is watched: asyncua's own tasks failing, or a subscription
-with no publish answer (data or keep-alive) for longer than its bound, raises DeviceError, and
-the runtime marks the tags Bad once and reconnects with backoff. Counters live in a state per
-configured device and survive the reconnects.
+keep flowing. The session's health is watched: asyncua's own tasks failing raises DeviceError,
+and the runtime marks the tags Bad once and reconnects with backoff. A subscription with no
+publish answer (data or keep-alive) for 1.5 keep-alive intervals has its tags marked Bad by the
+adapter (read again when answers return); one silent for one request timeout more is rebuilt.
+Counters live in a state per configured device and survive the reconnects.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ WATCH_EVERY_S = 0.5
 """How often asyncua's own tasks (channel renewal, server watchdog) are checked for failure."""
 
 QUEUE_PUBLISHES = 64
-"""Publish responses waiting to be turned into batches. When full, asyncua's publish loop waits,
-so the server keeps the notifications in its own queues (nothing is dropped here)."""
+"""Publish responses waiting to be turned into batches. When full, the session's publish loop
+waits, so the server keeps the notifications in its own queues (nothing is dropped here)."""
 
 
 @dataclass

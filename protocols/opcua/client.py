@@ -2,9 +2,11 @@
 OperationLimits, notifications turned into numpy columns, certificates. asyncua's exceptions
 are wrapped here into `OpcUaError`, so the rest of edgeos never sees them.
 
-Requests go through asyncua's low-level `UaClient` (read, create_subscription,
-create_monitored_items): the high-level `Subscription` builds a Node and a DataChangeNotif per
-sample and calls a handler per sample, which edgeos does not need.
+Requests go through asyncua's low-level `UaClient` (read, create_monitored_items): the high-level
+`Subscription` builds a Node and a DataChangeNotif per sample and calls a handler per sample,
+which edgeos does not need. CreateSubscription and Publish requests edgeos sends itself on
+asyncua's secure channel (`Session.publish_loop`), and it reads PublishResponses of scalar
+numbers straight into numpy columns (`decode_publish`).
 """
 
 from __future__ import annotations
