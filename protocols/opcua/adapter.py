@@ -376,13 +376,14 @@ class OpcUaAdapter(PollingAdapter):
             raise DeviceError(self.device.name, "not connected", code="not_connected")
         parts = []
         if live:
+            lp = np.array(live, np.intp)
             try:
-                dvs = await s.read([self.nodes[p] for p in live])
+                values, quality, ts, text = await s.read_columns(
+                    [self.nodes[p] for p in live], self.kinds[lp], self.o["timestamp"], now_ns
+                )
             except uac.OpcUaError as e:
                 raise DeviceError(self.device.name, str(e), code=e.code) from None
             self.counters.reads += 1
-            lp = np.array(live, np.intp)
-            values, quality, ts, text = uac.columns(dvs, self.kinds[lp], self.o["timestamp"], now_ns)
             unknown = [p for p, q in zip(live, quality.tolist(), strict=True) if q == uac.BAD_NODE_ID_UNKNOWN]
             for p in unknown:  # deleted since connect: held and re-tried like any unknown node
                 self.held[p] = uac.BAD_NODE_ID_UNKNOWN
@@ -460,12 +461,13 @@ class OpcUaAdapter(PollingAdapter):
         live = [i for i, m in enumerate(self.modes) if m == "subscribe" and self.nodes[i] is not None]
         if not live or self.session is None:
             return
+        p = np.array(live, np.intp)
         try:
-            dvs = await self.session.read([self.nodes[i] for i in live])
+            values, quality, ts, text = await self.session.read_columns(
+                [self.nodes[i] for i in live], self.kinds[p], self.o["timestamp"], time.time_ns()
+            )
         except uac.OpcUaError as e:
             raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
-        p = np.array(live, np.intp)
-        values, quality, ts, text = await uac.columns_apart(dvs, self.kinds[p], self.o["timestamp"], time.time_ns())
         await emit(Batch(self.device.name, self.ids[p], ts, values, quality, text))
 
     def _last_answer(self) -> float:

@@ -474,6 +474,61 @@ class Session:
         except Exception as e:
             raise _wrap(e, "read") from None
 
+    async def read_columns(
+        self, nodes: Sequence[ua.NodeId], kinds: np.ndarray, timestamp: str, now_ns: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The Values of `nodes` as `columns` gives them, in Read calls of at most MaxNodesPerRead
+        nodes each; answers of scalar numbers are read by numpy (`decode_read`), not asyncua."""
+        c = self.client
+        if c is None:
+            raise OpcUaError("not connected", "not_connected")
+        if not len(nodes):
+            return np.zeros(0), np.zeros(0, np.uint32), np.zeros(0, np.int64), None
+        size = self.limits.chunk("max_nodes_per_read")
+        parts = []
+        try:
+            for lo in range(0, len(nodes), size):
+                part, k = nodes[lo : lo + size], kinds[lo : lo + size]
+                request = ua.ReadRequest()
+                request.Parameters.TimestampsToReturn = ua.TimestampsToReturn.Both
+                request.Parameters.NodesToRead = [
+                    ua.ReadValueId(NodeId_=n, AttributeId=ua.AttributeIds.Value) for n in part
+                ]
+                data = await asyncio.wait_for(c.uaclient.protocol.send_request(request), self.timeout_s * 2)
+                cols = decode_read(data)
+                if cols is not None and len(cols["values"]) == len(part):
+                    parts.append(
+                        numeric_columns(
+                            cols["values"],
+                            cols["quality"],
+                            cols.get("source"),
+                            cols.get("server"),
+                            k,
+                            timestamp,
+                            now_ns,
+                        )
+                    )
+                    continue
+                response = struct_from_binary(ua.ReadResponse, data)
+                response.ResponseHeader.ServiceResult.check()
+                parts.append(columns(response.Results, k, timestamp, now_ns))
+        except Exception as e:
+            raise _wrap(e, "read") from None
+        if len(parts) == 1:
+            return parts[0]
+        texts = [p[3] for p in parts]
+        text = None
+        if any(t is not None for t in texts):
+            text = np.concatenate(
+                [t if t is not None else np.full(len(p[0]), None, object) for t, p in zip(texts, parts, strict=True)]
+            )
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]),
+            text,
+        )
+
     async def node_info(self, nodes: Sequence[ua.NodeId]) -> list[tuple[int, ua.NodeId | None, int, str]]:
         """(status, DataType, ValueRank, BuiltIn type name) per node: what writes and checks need."""
         types = await self.read(nodes, ua.AttributeIds.DataType)
@@ -691,6 +746,7 @@ server always has one when data or a keep-alive is due); fewer if it answers
 BadTooManyPublishRequests."""
 
 _PUBLISH_RESPONSE = ua.FourByteNodeId(ua.ObjectIds.PublishResponse_Encoding_DefaultBinary)
+_READ_RESPONSE = ua.FourByteNodeId(ua.ObjectIds.ReadResponse_Encoding_DefaultBinary)
 _DATA_CHANGE = ua.ObjectIds.DataChangeNotification_Encoding_DefaultBinary
 _STATUS_CHANGE = ua.ObjectIds.StatusChangeNotification_Encoding_DefaultBinary
 # Scalar numeric Variants (Part 6, 5.1.2 built-in type ids) and how numpy reads them.
@@ -744,19 +800,24 @@ def _i32(b: Any, at: int) -> int:
     return int.from_bytes(b[at : at + 4], "little", signed=True)
 
 
-def _data_change_columns(body: Any) -> dict[str, np.ndarray] | None:
-    """A DataChangeNotification's MonitoredItems as columns, or None unless every item is
-    encoded alike (same DataValue mask, same scalar numeric Variant type, no picoseconds)."""
+def _value_columns(body: Any, handles: bool) -> dict[str, np.ndarray] | None:
+    """An array of DataValues (with a ClientHandle before each when `handles`: MonitoredItems)
+    followed by DiagnosticInfos, as columns; None unless every item is encoded alike (same
+    DataValue mask, same scalar numeric Variant type, no picoseconds) and no diagnostics follow."""
     n = _i32(body, 0)
-    empty = {"handles": np.zeros(0, np.int64), "values": np.zeros(0), "quality": np.zeros(0, np.uint32)}
+    first = {"handles": np.zeros(0, np.int64)} if handles else {}
     if n <= 0:
-        return empty if len(body) == 8 and _i32(body, 4) <= 0 else None
-    if len(body) < 10:
+        if len(body) == 8 and _i32(body, 4) <= 0:
+            return first | {"values": np.zeros(0), "quality": np.zeros(0, np.uint32)}
         return None
-    mask, vtype = body[8], body[9]
+    at = 8 if handles else 4  # the first DataValue's mask
+    if len(body) < at + 2:
+        return None
+    mask, vtype = body[at], body[at + 1]
     if mask & ~0x0F or not mask & 0x01 or vtype not in _NUMERIC:
         return None  # no value, picoseconds, an array, a non-numeric type: asyncua's decoder
-    fields = [("h", "<u4"), ("m", "u1"), ("t", "u1"), ("v", _NUMERIC[vtype])]
+    fields = [("h", "<u4")] if handles else []
+    fields += [("m", "u1"), ("t", "u1"), ("v", _NUMERIC[vtype])]
     if mask & 0x02:
         fields.append(("s", "<u4"))
     if mask & 0x04:
@@ -771,15 +832,26 @@ def _data_change_columns(body: Any) -> dict[str, np.ndarray] | None:
         return None
     v = rec["v"]
     out = {
-        "handles": rec["h"].astype(np.int64),
         "values": (v != 0).astype(np.float64) if vtype == 1 else v.astype(np.float64),
         "quality": rec["s"].astype(np.uint32) if mask & 0x02 else np.zeros(n, np.uint32),
     }
+    if handles:
+        out["handles"] = rec["h"].astype(np.int64)
     if mask & 0x04:
         out["source"] = rec["src"].astype(np.int64)
     if mask & 0x08:
         out["server"] = rec["srv"].astype(np.int64)
     return out
+
+
+def decode_read(data: Any) -> dict[str, np.ndarray] | None:
+    """A ReadResponse's DataValues as columns when all are scalar numbers of one encoding (the
+    usual poll), else None (then asyncua's decoder)."""
+    buf = data.copy()
+    if nodeid_from_binary(buf) != _READ_RESPONSE:
+        return None
+    struct_from_binary(ua.ResponseHeader, buf).ServiceResult.check()
+    return _value_columns(buf.read(len(buf)), handles=False)
 
 
 def decode_publish(data: Any) -> Publish | None:
@@ -806,7 +878,7 @@ def decode_publish(data: Any) -> Publish | None:
             return None
         body = buf.read(Primitives.Int32.unpack(buf))
         if typeid.Identifier == _DATA_CHANGE:
-            cols = _data_change_columns(body)
+            cols = _value_columns(body, handles=True)
             if cols is None:
                 return None
             parts.append(cols)
@@ -853,11 +925,25 @@ def decode_publish_slow(data: Any) -> Publish:
 def publish_columns(
     pub: Publish, kinds: np.ndarray, timestamp: str, now_ns: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """`columns` for a Publish read by numpy: the same values, qualities and times, vectorized.
-    A number sent for a string or datetime tag is NaN with BadTypeMismatch, as in `columns`."""
+    """`columns` for a Publish read by numpy."""
     assert pub.values is not None and pub.quality is not None
-    n = len(pub.handles)
-    values, quality = pub.values.copy(), pub.quality.copy()
+    return numeric_columns(pub.values, pub.quality, pub.source, pub.server, kinds, timestamp, now_ns)
+
+
+def numeric_columns(
+    values: np.ndarray,
+    quality: np.ndarray,
+    source: np.ndarray | None,
+    server: np.ndarray | None,
+    kinds: np.ndarray,
+    timestamp: str,
+    now_ns: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """`columns` for numbers read by numpy (FILETIME ticks for times): the same values,
+    qualities and times, vectorized. A number sent for a string or datetime tag is NaN with
+    BadTypeMismatch, as in `columns`."""
+    n = len(values)
+    values, quality = values.copy(), quality.copy()
     text = None
     odd = kinds > KIND_BOOL
     if odd.any():
@@ -868,7 +954,7 @@ def publish_columns(
             text[kinds == KIND_STRING] = ""
     if timestamp == "gateway":
         return values, quality, np.full(n, now_ns, np.int64), text
-    first, second = (pub.source, pub.server) if timestamp == "source" else (pub.server, None)
+    first, second = (source, server) if timestamp == "source" else (server, None)
     ticks = first if first is not None else second
     if ticks is None:
         return values, quality, np.full(n, now_ns, np.int64), text

@@ -1,7 +1,8 @@
-"""The numpy reading of PublishResponses (client.decode_publish) against asyncua's own decoder.
+"""The numpy reading of PublishResponses and ReadResponses (client.decode_publish,
+client.decode_read) against asyncua's own decoder.
 
-Each case encodes a PublishResponse with asyncua, then checks that the fast path either declines
-it (None: asyncua's decoder takes it) or gives exactly the columns `columns` makes from asyncua's
+Each case encodes a response with asyncua, then checks that the fast path either declines it
+(None: asyncua's decoder takes it) or gives exactly the columns `columns` makes from asyncua's
 DataValues: values (NaN where NaN), qualities, timestamps in every timestamp mode, text.
 """
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from asyncua import ua
 from asyncua.common.utils import Buffer
-from asyncua.ua.ua_binary import struct_to_binary
+from asyncua.ua.ua_binary import struct_from_binary, struct_to_binary
 from edgeos.protocols.opcua import client as uac
 
 T0 = dt.datetime(2026, 12, 4, 10, 0, 0, 123456, tzinfo=dt.UTC)
@@ -112,6 +113,30 @@ def test_numpy_reading_equals_asyncua_decoding(name, kind) -> None:
     for mode in ("source", "server", "gateway"):
         got = uac.publish_columns(pub, kinds, mode, now)
         want = uac.columns(slow.dvs, kinds, mode, now)
+        for part, g, w in zip(("values", "quality", "ts", "text"), got, want, strict=True):
+            assert same(g, w), (name, kind, mode, part, g, w)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_numpy_reading_of_reads_equals_asyncua_decoding(name, kind) -> None:
+    dvs, fast = CASES[name]
+    r = ua.ReadResponse()
+    r.Results = dvs
+    buf = Buffer(struct_to_binary(r))
+    cols = uac.decode_read(buf)
+    if fast is not None:
+        assert (cols is not None) == fast, name
+    if cols is None:
+        return
+    slow = struct_from_binary(ua.ReadResponse, buf.copy()).Results
+    kinds = np.full(len(dvs), KINDS[kind], np.int8)
+    now = 1_800_000_000_000_000_000
+    for mode in ("source", "server", "gateway"):
+        got = uac.numeric_columns(
+            cols["values"], cols["quality"], cols.get("source"), cols.get("server"), kinds, mode, now
+        )
+        want = uac.columns(slow, kinds, mode, now)
         for part, g, w in zip(("values", "quality", "ts", "text"), got, want, strict=True):
             assert same(g, w), (name, kind, mode, part, g, w)
 
