@@ -173,7 +173,9 @@ def write_config(
         text += (
             f'[[devices]]\nname = "opc"\nprotocol = "opcua"\nendpoint = "{opc_endpoint}"\nsecurity_mode = "None"\n'
             'mode = "subscribe"\npublishing_interval = "100ms"\nsampling_interval = "0ms"\ntimeout = "30s"\n'
-            'tags_csv = "opcua.csv"\n'
+            # A 3 s keep-alive: its tags are marked Bad after 1.5 keep-alives without an answer,
+            # and this loaded server is sometimes late by more than 1.5 s (docs/reliability.md).
+            'keepalive_count = 30\ntags_csv = "opcua.csv"\n'
         )
     for k, port in enumerate(ports.get("serial", [])):
         text += SERIAL.format(k=k, port=port)

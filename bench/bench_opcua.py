@@ -11,6 +11,13 @@ client figures). Each client runs in a process of its own, so its CPU and RSS ar
 Figures: values/s delivered into the store, CPU % of one core, RSS, and the ratios
 `*_vs_bare` = (bare CPU s per value) / (edgeos CPU s per value): 1.0 is as cheap as bare
 asyncua, above 1 cheaper.
+
+Latency (the OPC UA part of the e2e bench, issue 27): a second server with 5,000 Double nodes
+changing every 500 ms, the runtime subscribed as bench_e2e configures it (publishing interval
+100 ms, store on); latency = the sample's arrival at a sink after its commit - its source
+timestamp (the start of the server's round of writes). `latency_after_round_end` leaves out the
+server's own time to write a round (its stats give each round's end). `EDGEOS_BENCH_OPCUA=latency`
+runs only this part; `EDGEOS_BENCH_OPCUA_PUBLISHING=50ms` tries another publishing interval.
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ import collections
 import importlib.util
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -178,6 +187,105 @@ def _edgeos(endpoint: str, mode: str, seconds: float, out: mp.Queue) -> None:
         out.put(asyncio.run(main()))
 
 
+LAT_N, LAT_PERIOD = 5000, 0.5
+LAT_PUBLISHING = os.environ.get("EDGEOS_BENCH_OPCUA_PUBLISHING", "100ms")  # bench_e2e's
+
+
+def _latency(endpoint: str, mode: str, seconds: float, out: mp.Queue) -> None:
+    """The e2e bench's OPC UA device alone: per-sample latency at a sink after the commit."""
+    from edgeos.config import load_config
+    from edgeos.runtime import Runtime
+
+    with tempfile.TemporaryDirectory(prefix="edgeos-bench-opcua-lat-") as tmp:
+        d = Path(tmp)
+        rows = ["name,node"] + [f"v{k},nsu={NS};i={100000 + k}" for k in range(LAT_N)]
+        (d / "tags.csv").write_text("\n".join(rows) + "\n")
+        (d / "edgeos.toml").write_text(
+            '[gateway]\nid = "bench"\ndata_dir = "data"\n'
+            f'[[devices]]\nname = "opc"\nprotocol = "opcua"\nendpoint = "{endpoint}"\nsecurity_mode = "None"\n'
+            f'mode = "subscribe"\npublishing_interval = "{LAT_PUBLISHING}"\nsampling_interval = "0ms"\n'
+            'timeout = "30s"\nkeepalive_count = 30\n'  # as bench_e2e
+            'tags_csv = "tags.csv"\n'
+        )
+        cfg = load_config(d / "edgeos.toml")
+        lat: list[np.ndarray] = []  # ms, per sample
+        arrivals: list[tuple[float, float, int]] = []  # (round, arrival s, samples)
+        counting = False
+
+        class Sink:
+            async def put(self, batch) -> None:
+                if not counting:
+                    return
+                now = time.time_ns()
+                lat.append((now - batch.ts) / 1e6)
+                ks, ns = np.unique(batch.values, return_counts=True)
+                arrivals.extend((k, now / 1e9, n) for k, n in zip(ks.tolist(), ns.tolist(), strict=True))
+
+            async def flush(self) -> None:
+                return None
+
+        rt = Runtime(cfg, sinks=[Sink()])
+
+        async def main() -> dict[str, Any]:
+            nonlocal counting
+            task = asyncio.create_task(rt.run())
+            try:
+                await rt.running.wait()
+                for _ in range(600):
+                    if rt.counters.stored >= LAT_N:
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(2.0)
+                counting = True
+                c0, t0 = _cpu(), time.perf_counter()
+                await asyncio.sleep(seconds)
+                c1, t1 = _cpu(), time.perf_counter()
+                counting = False
+                values = np.concatenate(lat) if lat else np.zeros(0)
+                return {
+                    "lat": values.tolist(),
+                    "arrivals": arrivals,
+                    "cpu_s": c1 - c0,
+                    "wall_s": t1 - t0,
+                }
+            finally:
+                rt.stop()
+                await task
+
+        out.put(asyncio.run(main()))
+
+
+def _latency_figures(quick: bool):
+    seconds = 10.0 if quick else 60.0
+    peers = _peer_module()
+    peer = peers.OpcUaPeer({"namespaces": [NS], "bulk": LAT_N, "period": LAT_PERIOD}).start(timeout=120)
+    try:
+        c0, t0 = _proc_cpu_s(peer.proc.pid), time.perf_counter()
+        r = _child(_latency, peer.endpoint, "subscribe", seconds)
+        server_cpu = 100 * (_proc_cpu_s(peer.proc.pid) - c0) / (time.perf_counter() - t0)
+        stats = json.loads(peer.command("stats"))
+    finally:
+        peer.stop()
+    lat = np.array(r["lat"])
+    ends = stats["rounds"]  # the end of round k (its nodes hold k) is ends[k - 1]
+    known = [(k, a, n) for k, a, n in r["arrivals"] if 0 < k <= len(ends)]
+    after = np.repeat([1e3 * (a - ends[int(k) - 1]) for k, a, _ in known], [n for _, _, n in known])
+    took = np.array([1e3 * (e % LAT_PERIOD) for e in ends[2:]])  # round end - its start (the source time)
+
+    def pct(x: np.ndarray, q: float) -> float:
+        return float(np.percentile(x, q)) if len(x) else float("nan")
+
+    yield "latency_samples", len(lat), f"samples in {r['wall_s']:.0f} s (offered {LAT_N / LAT_PERIOD:.0f}/s)"
+    yield "p50_latency_ms", pct(lat, 50), "ms (source time -> after the commit)"
+    yield "p99_latency_ms", pct(lat, 99), "ms (issue 27 target for the whole e2e: < 100)"
+    yield "server_round_write_p50_ms", pct(took, 50), "ms (the server's round end - its source time)"
+    yield "server_round_write_max_ms", pct(took, 100), "ms"
+    yield "p50_after_round_end_ms", pct(after, 50), "ms (the server's round end -> after the commit)"
+    yield "p99_after_round_end_ms", pct(after, 99), "ms"
+    yield "latency_cpu_pct", 100 * r["cpu_s"] / r["wall_s"], "% of one core (the runtime, 10,000 values/s)"
+    yield "latency_server_cpu_pct", server_cpu, "% of one core (the server)"
+
+
 def _child(target, endpoint: str, mode: str, seconds: float) -> dict[str, float]:
     ctx = mp.get_context("fork")  # the bench module is loaded by path: not importable by a spawned child
     q = ctx.Queue()
@@ -193,6 +301,9 @@ def _child(target, endpoint: str, mode: str, seconds: float) -> dict[str, float]
 
 
 def run(quick: bool):
+    if os.environ.get("EDGEOS_BENCH_OPCUA") == "latency":
+        yield from _latency_figures(quick)
+        return
     seconds = 5.0 if quick else 20.0
     peers = _peer_module()
     peer = peers.OpcUaPeer({"namespaces": [NS], "bulk": N, "period": 1.0}).start(timeout=120)
@@ -240,3 +351,4 @@ def run(quick: bool):
     yield "poll_cpu_pct", 100 * ours_poll["cpu_s"] / ours_poll["wall_s"], "% of one core"
     yield "poll_vs_bare", per_value(bare_poll) / per_value(ours_poll), "ratio (target >= 0.8)"
     yield "rss_mb", max(ours_sub["rss_mb"], ours_poll["rss_mb"]), "MB (target <= 100)"
+    yield from _latency_figures(quick)

@@ -4,10 +4,11 @@ on the shared scheduler, one session per device.
 Every (re)connect resolves `nsu=` node ids through the server's NamespaceArray and reads each
 node's DataType and ValueRank. A node the server does not know (or that is an array, or of a
 type the tag cannot carry) is Bad on its own and re-tried every `retry_unknown`; the other tags
-keep flowing. The session's health is watched: asyncua's own tasks failing, or a subscription
-with no publish answer (data or keep-alive) for longer than its bound, raises DeviceError, and
-the runtime marks the tags Bad once and reconnects with backoff. Counters live in a state per
-configured device and survive the reconnects.
+keep flowing. The session's health is watched: asyncua's own tasks failing raises DeviceError,
+and the runtime marks the tags Bad once and reconnects with backoff. A subscription with no
+publish answer (data or keep-alive) for 1.5 keep-alive intervals has its tags marked Bad by the
+adapter (read again when answers return); one silent for one request timeout more is rebuilt.
+Counters live in a state per configured device and survive the reconnects.
 """
 
 from __future__ import annotations
@@ -38,13 +39,19 @@ from edgeos.adapter import (
 )
 from edgeos.errors import DeviceError
 from edgeos.logs import RateLimited
-from edgeos.model import Batch
+from edgeos.model import Batch, Quality
 
 log = logging.getLogger("edgeos.protocols.opcua")
 
+BAD_STALLED = Quality.BAD_COMM_FAILURE
+"""The quality of the samples that mark a stalled subscription (as the runtime's own mark)."""
+
+WATCH_EVERY_S = 0.5
+"""How often asyncua's own tasks (channel renewal, server watchdog) are checked for failure."""
+
 QUEUE_PUBLISHES = 64
-"""Publish responses waiting to be turned into batches. When full, asyncua's publish loop waits,
-so the server keeps the notifications in its own queues (nothing is dropped here)."""
+"""Publish responses waiting to be turned into batches. When full, the session's publish loop
+waits, so the server keeps the notifications in its own queues (nothing is dropped here)."""
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Counters:
     reads: int = 0
     writes: int = 0
     silent_rebuilds: int = 0
+    stalls: int = 0
     unknown_nodes: int = 0
 
 
@@ -86,12 +94,39 @@ def read_password(o: Mapping[str, Any]) -> str | None:
     return None
 
 
-def silence_bound_s(o: Mapping[str, Any], publishing_ns: int) -> float:
-    """How long a subscription may stay without any publish answer: the server owes a keep-alive
-    every publishing_interval x keepalive_count; allow half as much again plus one request timeout."""
+def keepalive_s(o: Mapping[str, Any], publishing_ns: int) -> float:
+    """The keep-alive interval the config asks for: publishing_interval x keepalive_count."""
+    return publishing_ns / 1e9 * o["keepalive_count"]
+
+
+def requested_keepalive_count(o: Mapping[str, Any]) -> int:
+    """The keep-alive count asked of the server: half the configured one, so that a healthy
+    idle subscription answers at least twice per configured keep-alive interval and a silence
+    of 1.5 intervals is three missed keep-alives, not jitter. (asyncua's server sends its
+    keep-alives two publishing intervals late: every (count + 2) intervals.)"""
+    return max(1, o["keepalive_count"] // 2)
+
+
+def stall_bound_s(o: Mapping[str, Any], publishing_ns: int, revised: tuple[float, int] | None = None) -> float:
+    """How long a subscription may stay without any publish answer (data or keep-alive), from
+    the arrival of the last one, before its tags are marked Bad: 1.5 configured keep-alive
+    intervals (or 1.5 times the interval the server revised the request to, when longer), and
+    never more than `rebuild_bound_s`."""
+    ka = keepalive_s(o, publishing_ns)
+    if revised is not None:
+        ka = max(ka, revised[0] * revised[1])
+    return min(1.5 * ka, rebuild_bound_s(o, publishing_ns, revised))
+
+
+def rebuild_bound_s(o: Mapping[str, Any], publishing_ns: int, revised: tuple[float, int] | None = None) -> float:
+    """Silence after which the subscription is given up and the session rebuilt: `silence_timeout`,
+    by default 1.5 keep-alive intervals plus one request timeout."""
     if o.get("silence_timeout"):
         return o["silence_timeout"] / 1e9
-    return publishing_ns / 1e9 * o["keepalive_count"] * 1.5 + o["timeout"] / 1e9
+    ka = keepalive_s(o, publishing_ns)
+    if revised is not None:
+        ka = max(ka, revised[0] * revised[1])
+    return 1.5 * ka + o["timeout"] / 1e9
 
 
 class OpcUaAdapter(PollingAdapter):
@@ -112,9 +147,11 @@ class OpcUaAdapter(PollingAdapter):
         self.enums: list[dict[int, str] | None] = [None] * n  # an enumeration node's values
         self.held: dict[int, int] = {}  # tag position -> the Bad status it is held with
         self.publishing_ns = self.o.get("publishing_interval") or device.poll_interval_ns
-        self._last_publish = 0.0
+        self._since = 0.0  # monotonic: the subscription's items were created (silence counts from then on)
         self._publishes: asyncio.Queue[Any] | None = None
         self._sub_id: int | None = None
+        self._revised: tuple[float, int] | None = None  # the server's publishing interval (s), keep-alive count
+        self._stalled = False  # subscribed tags marked Bad for silence; answers coming back end it
 
     # -- connect
 
@@ -209,17 +246,21 @@ class OpcUaAdapter(PollingAdapter):
                 sub = [i for i, m in enumerate(self.modes) if m == "subscribe"]
                 if sub:
                     self._publishes = asyncio.Queue(QUEUE_PUBLISHES)
-                    self._last_publish = time.monotonic()
-                    self._sub_id = await self._call(
-                        self.session.subscribe(self.publishing_ns, self.o["keepalive_count"], self._on_publish)
+                    self._sub_id, interval_s, count = await self._call(
+                        self.session.subscribe(self.publishing_ns, requested_keepalive_count(self.o))
                     )
+                    self._revised = (interval_s, count)
                     await self._monitor(emit, [i for i in sub if self.nodes[i] is not None])
-                    self._last_publish = time.monotonic()  # creating many items may take a while
-                    tg.create_task(self._drain(emit), name=f"opcua:{self.device.name}:publish")
+                    self._since = time.monotonic()  # creating many items may take a while
+                    tg.create_task(
+                        self._call(self.session.publish_loop(self._sub_id, self._on_publish)),
+                        name=f"opcua:{self.device.name}:publish",
+                    )
+                    tg.create_task(self._drain(emit), name=f"opcua:{self.device.name}:drain")
                 for k, g in enumerate(self.poll_groups()):
                     self.stats[k] = PollStats()
                     tg.create_task(self._poll_loop(g, self.stats[k], emit), name=f"poll:{self.device.name}:{k}")
-                tg.create_task(self._watch(bool(sub)), name=f"opcua:{self.device.name}:watch")
+                tg.create_task(self._watch(emit, bool(sub)), name=f"opcua:{self.device.name}:watch")
                 tg.create_task(self._retry_held(emit), name=f"opcua:{self.device.name}:retry")
         except BaseExceptionGroup as eg:
             # One failed task means the session is gone: report that error, not a group.
@@ -281,38 +322,51 @@ class OpcUaAdapter(PollingAdapter):
             )
             await emit(self._held_batch(refused))
 
-    async def _on_publish(self, result: Any) -> None:
-        """asyncua's publish loop calls this for every publish response, keep-alives included."""
-        self._last_publish = time.monotonic()
+    async def _on_publish(self, pub: uac.Publish) -> None:
+        """The session's publish loop hands over every answer, keep-alives included."""
         q = self._publishes
         if q is not None:
-            await q.put(result)
+            await q.put(pub)
 
     async def _drain(self, emit: Emit) -> None:
         q = self._publishes
         assert q is not None
-        c = self.counters
-        ts_mode = self.o["timestamp"]
         while True:
-            result = await q.get()
-            c.publishes += 1
-            status = uac.status_change(result)
-            if status is not None and status & 0x80000000:
+            pub = await q.get()
+            self.counters.publishes += 1
+            if pub.status is not None and pub.status & 0x80000000:
                 raise DeviceError(
                     self.device.name,
-                    f"the server ended the subscription (status 0x{status:08X})",
+                    f"the server ended the subscription (status 0x{pub.status:08X})",
                     code="subscription",
                     stage="run",
                 )
-            items = uac.publish_items(result)
-            if not items:
-                c.keepalives += 1
-                continue
-            now = time.time_ns()
-            handles = uac.handles_of(items)
-            c.notifications += len(handles)
-            values, quality, ts, text = await uac.columns_apart(uac.values_of(items), self.kinds[handles], ts_mode, now)
-            await emit(Batch(self.device.name, self.ids[handles], ts, values, quality, text))
+            await self._changes(emit, pub)
+            if self._stalled:
+                await self._resume(emit)
+
+    async def _changes(self, emit: Emit, pub: uac.Publish) -> None:
+        c = self.counters
+        handles = pub.handles
+        if not len(handles):
+            c.keepalives += 1
+            return
+        now = time.time_ns()
+        known = handles < len(self.ids)  # ClientHandles are tag positions (unsigned)
+        if not known.all():  # a handle edgeos never gave: not a sample of any tag
+            self.state.errors.log(logging.WARNING, "handle", "%s: data for unknown handles", self.device.name)
+            pub = pub.select(known)
+            handles = pub.handles
+            if not len(handles):
+                return
+        c.notifications += len(handles)
+        kinds = self.kinds[handles]
+        ts_mode = self.o["timestamp"]
+        if pub.values is not None:
+            values, quality, ts, text = uac.publish_columns(pub, kinds, ts_mode, now)
+        else:
+            values, quality, ts, text = await uac.columns_apart(pub.dvs, kinds, ts_mode, now)
+        await emit(Batch(self.device.name, self.ids[handles], ts, values, quality, text))
 
     async def read(self, group: PollGroup, now_ns: int) -> Batch:
         pos = np.array([self.pos[t.id] for t in group.tags], np.intp)
@@ -322,13 +376,14 @@ class OpcUaAdapter(PollingAdapter):
             raise DeviceError(self.device.name, "not connected", code="not_connected")
         parts = []
         if live:
+            lp = np.array(live, np.intp)
             try:
-                dvs = await s.read([self.nodes[p] for p in live])
+                values, quality, ts, text = await s.read_columns(
+                    [self.nodes[p] for p in live], self.kinds[lp], self.o["timestamp"], now_ns
+                )
             except uac.OpcUaError as e:
                 raise DeviceError(self.device.name, str(e), code=e.code) from None
             self.counters.reads += 1
-            lp = np.array(live, np.intp)
-            values, quality, ts, text = uac.columns(dvs, self.kinds[lp], self.o["timestamp"], now_ns)
             unknown = [p for p, q in zip(live, quality.tolist(), strict=True) if q == uac.BAD_NODE_ID_UNKNOWN]
             for p in unknown:  # deleted since connect: held and re-tried like any unknown node
                 self.held[p] = uac.BAD_NODE_ID_UNKNOWN
@@ -349,12 +404,22 @@ class OpcUaAdapter(PollingAdapter):
         ts = np.full(n, now_ns or time.time_ns(), np.int64)
         return Batch(self.device.name, self.ids[p], ts, np.full(n, np.nan), q, text)
 
-    async def _watch(self, subscribed: bool) -> None:
-        """Raise when asyncua's tasks failed, or the subscription went silent (no data nor keep-alive)."""
-        bound = silence_bound_s(self.o, self.publishing_ns)
-        step = min(0.5, bound / 4)
+    async def _watch(self, emit: Emit, subscribed: bool) -> None:
+        """Raise when asyncua's tasks failed. A subscription with no publish answer (data or
+        keep-alive) for `stall_bound_s` since the last one arrived has its tags marked Bad
+        (BadCommunicationError) and goes on; after `rebuild_bound_s`, it raises to rebuild the
+        session. The check wakes at those deadlines, not on a coarse tick.
+
+        Two steps, because a busy server (a large round of changes on a loaded machine) can be
+        late by more than half a keep-alive: marking Bad is cheap and undone by the next answer,
+        a rebuild re-creates every monitored item."""
+        stall = stall_bound_s(self.o, self.publishing_ns, self._revised)
+        rebuild = rebuild_bound_s(self.o, self.publishing_ns, self._revised)
         while True:
-            await asyncio.sleep(step)
+            wait = WATCH_EVERY_S
+            if subscribed:
+                wait = min(wait, self._last_answer() + (rebuild if self._stalled else stall) - time.monotonic())
+            await asyncio.sleep(max(wait, 0.001))
             s = self.session
             if s is None:
                 raise DeviceError(self.device.name, "not connected", code="not_connected", stage="run")
@@ -362,15 +427,53 @@ class OpcUaAdapter(PollingAdapter):
                 s.check()
             except uac.OpcUaError as e:
                 raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
-            silent = time.monotonic() - self._last_publish
-            if subscribed and silent > bound:
+            if not subscribed:
+                continue
+            silent = time.monotonic() - self._last_answer()
+            if silent >= rebuild:
                 self.counters.silent_rebuilds += 1
                 raise DeviceError(
                     self.device.name,
-                    f"subscription silent for {silent:.1f}s (no data nor keep-alive; bound {bound:.1f}s): rebuilding",
+                    f"subscription silent for {silent:.2f}s (no data nor keep-alive; bound {rebuild:.2f}s): rebuilding",
                     code="silent",
                     stage="run",
                 )
+            if silent >= stall and not self._stalled:
+                self._stalled = True
+                self.counters.stalls += 1
+                self.state.errors.log(
+                    logging.WARNING,
+                    "stall",
+                    "%s: no publish answer for %.2fs (bound %.2fs): subscribed tags Bad until one comes",
+                    self.device.name,
+                    silent,
+                    stall,
+                )
+                live = [i for i, m in enumerate(self.modes) if m == "subscribe" and self.nodes[i] is not None]
+                if live:
+                    await emit(Batch.filled(self.device.name, self.ids[live], time.time_ns(), np.nan, BAD_STALLED))
+
+    async def _resume(self, emit: Emit) -> None:
+        """Answers again after a stall: read the subscribed tags, whose values the server will not
+        send again unless they change, so each is Good again (or the error is raised)."""
+        self._stalled = False
+        log.info("%s: publish answers again", self.device.name)
+        live = [i for i, m in enumerate(self.modes) if m == "subscribe" and self.nodes[i] is not None]
+        if not live or self.session is None:
+            return
+        p = np.array(live, np.intp)
+        try:
+            values, quality, ts, text = await self.session.read_columns(
+                [self.nodes[i] for i in live], self.kinds[p], self.o["timestamp"], time.time_ns()
+            )
+        except uac.OpcUaError as e:
+            raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
+        await emit(Batch(self.device.name, self.ids[p], ts, values, quality, text))
+
+    def _last_answer(self) -> float:
+        """When the last publish answer arrived (or the subscription began, if none yet)."""
+        s = self.session
+        return max(self._since, s.last_publish if s is not None else 0.0)
 
     async def _retry_held(self, emit: Emit) -> None:
         """Nodes held Bad (unknown, refused) are tried again every retry_unknown."""
@@ -437,6 +540,7 @@ class OpcUaAdapter(PollingAdapter):
             "reads": c.reads,
             "writes": c.writes,
             "silent_rebuilds": c.silent_rebuilds,
+            "stalls": c.stalls,
             "operation_limits": dict(self.state.limits),
             "held_tags": {self.device.tags[i].name: f"0x{q:08X}" for i, q in list(self.held.items())[:64]},
         }

@@ -127,7 +127,9 @@ DEVICE_FIELDS: dict[str, Field] = {
     "sampling_interval": Field(
         "duration", None, min=0, max=_H, help="of monitored items (default: the tag's poll_interval)"
     ),
-    "keepalive_count": Field("int", 10, min=1, max=65535, help="publishing intervals without data before a keep-alive"),
+    "keepalive_count": Field(
+        "int", 10, min=1, max=65535, help="keep-alive interval in publishing intervals: silent 1.5 of them, tags Bad"
+    ),
     "queue_size": Field("int", 1, min=1, max=65535, help="samples the server queues per monitored item"),
     "discard_oldest": Field("bool", True),
     "trigger": Field("choice", "status_value", choices=TRIGGERS, help="what counts as a data change"),

@@ -108,7 +108,9 @@ async def test_an_enumeration_node_reads_as_its_integer_in_both_modes_and_writes
     opcua_peer, write_config
 ) -> None:
     peer = opcua_peer(spec_enum())
-    extra = 'publishing_interval = "50ms"'
+    # A 2 s keep-alive: the node does not change while the test waits, and the all-Good check
+    # below is about enumerations, not about a loaded machine's 0.75 s stall bound.
+    extra = 'publishing_interval = "50ms"\nkeepalive_count = 40'
     cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, ENUM_TAGS, extra)))
     await adapter.connect()
     try:
