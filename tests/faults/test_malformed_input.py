@@ -106,6 +106,7 @@ security_mode = "None"
 mode = "{mode}"
 poll_interval = "100ms"
 publishing_interval = "50ms"
+keepalive_count = 40
 tags = [
   {{ name = "x", node = "ns=2;s=x" }},
   {{ name = "s", node = "ns=2;s=s", type = "string" }},

@@ -19,6 +19,12 @@ GATEWAY = '[gateway]\nid = "gw"\ndata_dir = "data"\n'
 NS = "urn:edgeos:test:line1"
 
 
+# A 2 s keep-alive at the tests' 50 ms publishing interval: the adapter marks a subscription's
+# tags Bad after 1.5 keep-alives of silence (docs/reliability.md), and a test server on a loaded
+# machine can pause longer than the default's 0.75 s. Tests of that mark set their own.
+_KEEPALIVE = "keepalive_count = 40"
+
+
 def device(endpoint: str, tags: str, extra: str = "") -> str:
     return f"""
 [[devices]]
@@ -28,6 +34,7 @@ endpoint = "{endpoint}"
 security_mode = "None"
 poll_interval = "100ms"
 {extra}
+{_KEEPALIVE if "keepalive_count" not in extra else ""}
 tags = [
 {tags}
 ]
