@@ -167,6 +167,9 @@ class _Session:
             paho.manual_ack_set(True)
         self._handle_packet = paho._packet_handle  # noqa: SLF001
         paho._packet_handle = self._noting_packet  # noqa: SLF001 - an instance attribute, seen by paho
+        # Keep-alive is the watchdog's alone: paho's own check (once a second, from aiomqtt's
+        # misc loop) would race it with looser deadlines, and close a link whose PINGRESP is due.
+        paho._check_keepalive = lambda: None  # noqa: SLF001
         self._aiomqtt_on_disconnect = paho.on_disconnect
         paho.on_publish = self._on_ack
         paho.on_subscribe = self._on_ack
@@ -207,7 +210,8 @@ class _Session:
         """Drop the connection when nothing arrived for STALL_AFTER keep-alives.
 
         paho pings only after a whole keep-alive without traffic, checks once a second and gives
-        up a keep-alive after its ping: a stall took 2 keep-alives + 1 s to notice. Here a PINGREQ
+        up a keep-alive after its ping: a stall took up to 2 keep-alives + 1 s to notice. Its own
+        check is switched off (`__init__`); here a PINGREQ
         goes out after PING_AFTER keep-alives of silence in either direction, so a healthy idle
         link always has its PINGRESP well before STALL_AFTER, and the watchdog wakes exactly when
         a deadline is due (docs/reliability.md, "Network faults")."""
@@ -230,6 +234,7 @@ class _Session:
             if now - quiet >= ping and now - pinged >= ping:
                 with contextlib.suppress(Exception):
                     paho._send_pingreq()  # noqa: SLF001
+                paho._ping_t = 0  # noqa: SLF001 - answered or not, the watchdog decides (not loop_misc)
                 pinged = now
             due = min(self.last_in + stall, max(quiet, pinged) + ping)
             await asyncio.sleep(max(0.01, due - time.monotonic()))
