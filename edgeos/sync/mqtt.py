@@ -8,7 +8,7 @@ and the password read from a file or an environment variable, never from the con
 
 A lost connection fails every wait at once (a publish in flight is not acknowledged: sent
 again after the reconnect), and a stall watchdog of its own drops a connection on which
-nothing arrived for 1.5 keep-alives (`_Session.watch`).
+nothing arrived for 1.5 keep-alives (`MqttSession.watch`).
 
 A PUBACK is a delivery only when its MQTT 5 reason code is below 0x80: a refusal (ACL denied,
 quota, payload invalid...) raises PublishRefused, so the cursor holds and the session is retried.
@@ -144,7 +144,7 @@ class Incoming:
     qos: int
 
 
-class _Session:
+class MqttSession:
     """One connection. Every wait it offers (PUBACK, SUBACK, the next message) ends at once,
     with the reason, when the connection is lost: a publish in flight fails then instead of
     waiting out its timeout, so the sync reconnects and sends it again (the cursor held).
@@ -430,12 +430,12 @@ class MqttTransport:
         )
 
     @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[_Session]:
+    async def session(self) -> AsyncIterator[MqttSession]:
         self._warn_cleartext()
         self.host, self.port = self.servers[self._index]
         self.where = f"broker {self.host}:{self.port}"
         client = self._client()
-        session = _Session(client, self.where, manual_ack=bool(self.options.get("manual_ack")))
+        session = MqttSession(client, self.where, manual_ack=bool(self.options.get("manual_ack")))
         socket_errors: list[str] = []  # paho's own log of the setup, for _explain
         client._client.on_log = lambda _c, _u, level, buf: level == 8 and socket_errors.append(buf)  # noqa: SLF001
         try:
