@@ -210,11 +210,11 @@ class MqttSession:
         """Drop the connection when nothing arrived for STALL_AFTER keep-alives.
 
         paho pings only after a whole keep-alive without traffic, checks once a second and gives
-        up a keep-alive after its ping: a stall took up to 2 keep-alives + 1 s to notice. Its own
-        check is switched off (`__init__`); here a PINGREQ
-        goes out after PING_AFTER keep-alives of silence in either direction, so a healthy idle
-        link always has its PINGRESP well before STALL_AFTER, and the watchdog wakes exactly when
-        a deadline is due (docs/reliability.md, "Network faults")."""
+        up a keep-alive after its ping: a stall took up to 2 keep-alives + 1 s to notice. Its
+        check is off (`__init__`). Here a PINGREQ goes out after PING_AFTER keep-alives of
+        silence in either direction, so a healthy idle link has its PINGRESP a whole keep-alive
+        before STALL_AFTER, and the watchdog wakes when a deadline is due, not once a second
+        (docs/reliability.md, "Network faults")."""
         paho = self._paho
         keepalive = float(paho._keepalive)  # noqa: SLF001 - after CONNACK: an MQTT 5 server keep-alive applies
         ping, stall = PING_AFTER * keepalive, STALL_AFTER * keepalive
@@ -263,16 +263,17 @@ class MqttSession:
             raise outcome
         return outcome
 
-    def _check(self, rc: int, what: str) -> None:
+    def _check(self, what: str, rc: int = MQTTErrorCode.MQTT_ERR_SUCCESS) -> None:
+        """Raise the connection's failure, or what paho's return code `rc` says."""
         if self.failure is not None:
             raise self.failure
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise SyncError(_explain(aiomqtt.MqttCodeError(rc, f"Could not {what}"), self.where, connecting=False))
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
-        self._check(MQTTErrorCode.MQTT_ERR_SUCCESS, "subscribe")
+        self._check("subscribe")
         rc, mid = self._paho.subscribe(topic, qos)
-        self._check(rc, "subscribe")
+        self._check("subscribe", rc)
         reasons = await self._wait(mid, PUBLISH_TIMEOUT, f"the subscription to {topic}")
         refused = [r for r in reasons if getattr(r, "is_failure", False)]
         if refused:
@@ -307,9 +308,9 @@ class MqttSession:
     ) -> None:
         """QoS 1: returns on a PUBACK that is a delivery; raises PublishRefused on a refusal and
         SyncError at once when the connection is lost (or no PUBACK within `ack_within` s)."""
-        self._check(MQTTErrorCode.MQTT_ERR_SUCCESS, "publish")
+        self._check("publish")
         info = self._paho.publish(topic, payload, qos=1, retain=retain)
-        self._check(info.rc, "publish message")
+        self._check("publish message", info.rc)
         reason = await self._wait(info.mid, ack_within, f"a publish to {topic}")
         if getattr(reason, "is_failure", False):
             raise PublishRefused(

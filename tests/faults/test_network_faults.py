@@ -12,6 +12,11 @@ timeout and no retries, beside a simulated device polled every 100 ms. Promises 
 - the other device's polling goes on at its rate.
 Negative control: the proxy flips a byte (corruption TCP does not catch); the value check
 must notice it.
+
+MQTT (the transport alone, and the gateway's upstream), keep-alive 1 s: an idle link is kept,
+a stalled one dropped by the watchdog 1.5 keep-alives after its last packet; a reset while a
+publish waits for its PUBACK fails it at once, and every stored unit arrives, decoded equal.
+Negative control: without its early pings the idle link must be dropped.
 """
 
 from __future__ import annotations
@@ -242,49 +247,68 @@ async def _until(pred, what: str, within: float) -> float:
     return time.monotonic() - t0
 
 
-async def test_mqtt_idle_link_is_kept_and_a_stalled_one_dropped_by_the_watchdog(tmp_path):
-    """The transport alone, keep-alive 1 s: idle for 6 keep-alives through a healthy proxy it
-    stays connected (its early PINGREQs are answered); stalled, the watchdog drops it."""
+async def _idle_then_stall(tmp_path: Path, idle: float) -> tuple[float, float, int, float | None, object]:
+    """The transport alone through the proxy, subscribed to a topic nobody publishes to: idle
+    for `idle` s, then stalled. Returns (longest silence while idle, when the idle link was
+    dropped or None, bytes that crossed while idle, time from the stall to the drop, failure)."""
     from herd import Mosquitto
 
     from edgeos.sync.mqtt import MqttTransport
 
-    keepalive = 1.0
     broker = Mosquitto(tmp_path / "broker")
     broker.start()
     proxy = await FaultProxy("127.0.0.1", broker.port).start()
     options = {"host": "127.0.0.1", "port": proxy.port, "keepalive": 1_000_000_000, "status_topic": None}
     transport = MqttTransport("gw1", options, tmp_path)
+    detect = None
     try:
         async with asyncio.timeout(60), transport.session() as session:
-            await session.subscribe("edgeos/gw1/replay")  # nothing is ever published there
-            bytes0, worst = proxy.bytes, 0.0
+            await session.subscribe("edgeos/gw1/replay")
+            bytes0, worst, dropped = proxy.bytes, 0.0, None
             t_idle = time.monotonic()
-            while time.monotonic() - t_idle < 6 * keepalive:
+            while time.monotonic() - t_idle < idle:
                 worst = max(worst, time.monotonic() - session.last_in)
+                if session.failure is not None:
+                    dropped = time.monotonic() - t_idle
+                    break
                 await asyncio.sleep(0.02)
-            idle_ok = session.failure is None
             idle_bytes = proxy.bytes - bytes0
-            t_stall = time.monotonic()
-            proxy.set("stall")
-            await session.lost.wait()
-            detect = time.monotonic() - t_stall
-            silence = time.monotonic() - session.last_in
+            if dropped is None:
+                t_stall = time.monotonic()
+                proxy.set("stall")
+                await session.lost.wait()
+                detect = time.monotonic() - t_stall
+                print(
+                    f"faults.net.mqtt.stall_detect_s: {detect:.3f} idle (keep-alive 1 s; dropped "
+                    f"{time.monotonic() - session.last_in:.3f} s after the last packet received: {session.failure})"
+                )
     finally:
         await proxy.stop()
         broker.stop()
+    return worst, dropped, idle_bytes, detect, session.failure
+
+
+async def test_mqtt_idle_link_is_kept_and_a_stalled_one_dropped_by_the_watchdog(tmp_path):
+    """Keep-alive 1 s: idle for 6 keep-alives through a healthy proxy the transport stays
+    connected (its early PINGREQs are answered); stalled, the watchdog drops it."""
+    worst, dropped, idle_bytes, detect, failure = await _idle_then_stall(tmp_path, 6.0)
     print(
-        f"faults.net.mqtt.idle_max_silence_s: {worst:.3f} (6 idle keep-alives of {keepalive:g} s, "
-        f"{idle_bytes} bytes of pings; the watchdog drops at {1.5 * keepalive:g} s)"
+        f"faults.net.mqtt.idle_max_silence_s: {worst:.3f} (6 idle keep-alives of 1 s, {idle_bytes} bytes of "
+        f"pings; the watchdog drops at 1.5 s)"
     )
-    print(
-        f"faults.net.mqtt.stall_detect_s: {detect:.3f} idle (keep-alive {keepalive:g} s; dropped {silence:.3f} s "
-        f"after the last packet received: {session.failure})"
-    )
-    assert idle_ok, f"a healthy idle link was dropped: {session.failure}"
+    assert dropped is None, f"a healthy idle link was dropped after {dropped:.2f} s: {failure}"
     assert idle_bytes > 0, "no ping crossed the idle link"
-    assert "stalled" in str(session.failure), session.failure  # the watchdog's, not paho's own check
-    assert detect <= 10.0, detect
+    assert "stalled" in str(failure), failure  # the watchdog's, not another check
+    assert detect is not None and detect <= 10.0, detect
+
+
+async def test_negative_control_without_early_pings_an_idle_link_is_dropped(tmp_path, monkeypatch):
+    from edgeos.sync import mqtt
+
+    monkeypatch.setattr(mqtt, "PING_AFTER", 100.0)  # the watchdog alone, no pings of its own
+    _, dropped, _, _, failure = await _idle_then_stall(tmp_path, 6.0)
+    assert dropped is not None, "the idle check did not notice a link left without pings"
+    assert "stalled" in str(failure), failure
 
 
 async def test_mqtt_upstream_through_stall_and_reset_mid_publish(tmp_path):
@@ -363,7 +387,7 @@ async def test_mqtt_upstream_through_stall_and_reset_mid_publish(tmp_path):
         f"change; {stall_error})"
     )
     print(
-        f"faults.net.mqtt.reset_catch_up_s: {caught_up:.2f} ({inflight} publishes in flight at the reset failed "
+        f"faults.net.mqtt.reset_catch_up_s: {caught_up:.2f} ({inflight} publish(es) in flight at the reset failed "
         f"after {failed:.3f} s, reconnected after {reconnected:.2f} s; {len(stored)} units stored, "
         f"{deliveries} deliveries)"
     )
