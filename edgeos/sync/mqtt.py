@@ -46,6 +46,9 @@ PUBLISH_TIMEOUT = 30.0
 # JetStream leader) counts as refused after this long, so the next broker is tried.
 CONNECT_TIMEOUT = 3.0
 FIRST_PUBACK_TIMEOUT = 5.0  # the same for the first publish of a session (its status)
+# A refused subscription is asked again for this long (a cluster node electing its JetStream
+# leader refuses them for a few seconds) before the session fails and the next broker is tried.
+SUBSCRIBE_PATIENCE = 60.0
 # The stall watchdog, in keep-alive intervals: a PINGREQ after PING_AFTER of silence (either
 # direction), the connection dropped after STALL_AFTER with no packet received (issue 28).
 PING_AFTER = 0.5
@@ -188,7 +191,10 @@ class MqttSession:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._aiomqtt_on_disconnect(client, userdata, flags, reason, properties)
-        error = SyncError(f"lost the connection to {self.where} ({reason})")
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            error = SyncError(f"lost the connection to {self.where} (the broker sent DISCONNECT: {reason})")
+        else:  # paho's reason here is always "Unspecified error"
+            error = SyncError(f"lost the connection to {self.where} (closed or reset)")
         if threading.get_ident() == self._thread:
             self._fail(error)
         else:  # paho's connect runs in an executor thread
@@ -271,13 +277,25 @@ class MqttSession:
             raise SyncError(_explain(aiomqtt.MqttCodeError(rc, f"Could not {what}"), self.where, connecting=False))
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
-        self._check("subscribe")
-        rc, mid = self._paho.subscribe(topic, qos)
-        self._check("subscribe", rc)
-        reasons = await self._wait(mid, PUBLISH_TIMEOUT, f"the subscription to {topic}")
-        refused = [r for r in reasons if getattr(r, "is_failure", False)]
-        if refused:
-            raise SyncError(f"{self.where} refused the subscription to {topic}: {refused[0]}")
+        """Subscribe; a refusal (SUBACK 0x80 or more) is asked again, backing off, while the
+        connection lasts and for SUBSCRIBE_PATIENCE s at most, then raises SyncError."""
+        delay, give_up = 0.5, time.monotonic() + SUBSCRIBE_PATIENCE
+        while True:
+            self._check("subscribe")
+            rc, mid = self._paho.subscribe(topic, qos)
+            self._check("subscribe", rc)
+            reasons = await self._wait(mid, PUBLISH_TIMEOUT, f"the subscription to {topic}")
+            refused = next((r for r in reasons if getattr(r, "is_failure", False)), None)
+            if refused is None:
+                return
+            what = f"{self.where} refused the subscription to {topic} ({refused})"
+            if time.monotonic() + delay > give_up:
+                raise SyncError(f"{what} for {SUBSCRIBE_PATIENCE:g} s")
+            log.warning("mqtt: %s; asking again in %.1f s", what, delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.lost.wait()
+            delay = min(2 * delay, 5.0)
 
     async def incoming(self) -> AsyncIterator[Incoming]:
         """Each message on this session's subscriptions; raises SyncError when the connection
