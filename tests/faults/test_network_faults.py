@@ -357,9 +357,20 @@ async def test_mqtt_upstream_through_stall_and_reset_mid_publish(tmp_path):
             stall_error = sync.status.last_error
             proxy.set("pass")
             await _until(lambda: sync.status.state == "connected", "reconnected after the stall", 30)
-            # A reset while publishes wait for their PUBACK: hold the link until one does.
-            proxy.set("stall")
-            await _until(lambda: any(lane.inflight for lane in sync._lanes), "a publish in flight", 30)
+            # A reset while publishes wait for their PUBACK: hold the link until one does (on a
+            # machine so loaded that none went out before the watchdog dropped the link, again).
+            for _ in range(5):
+                proxy.set("stall")
+                await _until(
+                    lambda: any(lane.inflight for lane in sync._lanes) or sync.status.state != "connected",
+                    "a publish in flight",
+                    30,
+                )
+                if sync.status.state == "connected":
+                    break
+                proxy.set("pass")
+                await _until(lambda: sync.status.state == "connected", "reconnected", 30)
+            assert any(lane.inflight for lane in sync._lanes), "no publish in flight in 5 tries"
             inflight = sum(len(lane.inflight) for lane in sync._lanes)
             connects = sync.status.connects
             t_reset = time.monotonic()
