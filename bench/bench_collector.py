@@ -116,7 +116,7 @@ async def _collector(dsn: str, gateway: str, tags: int, pack_min: int = 16):
 
 
 def _messages(gateway: str, tags: int, seconds: int, start_s: int, per_message: int = 1, seq0: int = 0):
-    from edgeos.collector.mqtt import Incoming
+    from edgeos.sync.mqtt import Incoming
 
     out, seqs, units = [], [], []
     for s, u in _plant_units(gateway, tags, seconds, start_s, seed=start_s):

@@ -82,7 +82,9 @@ def check(config: CollectConfig) -> None:
     cfg = _load(config)
     from edgeos.collector import db as dbm
     from edgeos.collector import schema
-    from edgeos.collector.mqtt import BrokerError, Subscriber
+    from edgeos.collector.service import transport_options
+    from edgeos.errors import SyncError
+    from edgeos.sync.mqtt import MqttTransport
 
     async def main() -> int:
         bad = 0
@@ -97,12 +99,15 @@ def check(config: CollectConfig) -> None:
             bad = 1
         finally:
             await d.close()
-        sub = Subscriber({**cfg.broker, "client_id": cfg.broker["client_id"] + "-check"}, cfg.base)
-        for _ in cfg.broker["servers"]:
+        # A clean session of its own: a check leaves no persistent session behind on the broker.
+        options = {**transport_options(cfg.broker), "client_id": cfg.broker["client_id"] + "-check"}
+        options["clean_start"] = True
+        for server in cfg.broker["servers"]:
             try:
-                async with asyncio.timeout(10), sub.session() as s:
+                transport = MqttTransport("collector", {**options, "servers": [server]}, cfg.base)
+                async with asyncio.timeout(10), transport.session() as s:
                     typer.echo(f"{s.where}: ok")
-            except (BrokerError, TimeoutError) as e:
+            except (SyncError, TimeoutError) as e:
                 typer.echo(f"broker: FAILED: {e}", err=True)
                 bad = 1
         return bad

@@ -22,7 +22,8 @@ import numpy as np
 from edgeos import wire
 from edgeos.collector import db as dbm
 from edgeos.collector.config import CollectorConfig
-from edgeos.collector.mqtt import BrokerError, Incoming, Session, Subscriber
+from edgeos.errors import SyncError
+from edgeos.sync.mqtt import Incoming, MqttSession, MqttTransport
 
 log = logging.getLogger("edgeos.collector")
 
@@ -81,6 +82,21 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def transport_options(broker: dict) -> dict:
+    """The [broker] section as edgeos.sync.mqtt takes it: a plain subscriber (no status, no
+    will) on a persistent session that never expires, acknowledging a message only once its
+    units are committed (`MqttSession.ack`), with `receive_maximum` unacknowledged at most."""
+    return {
+        **broker,
+        "keepalive": int(broker["keepalive"] * 1_000_000_000),
+        "status_topic": None,
+        "manual_ack": True,
+        "clean_start": False,
+        "session_expiry": 0xFFFFFFFF,
+        "connect_timeout": 10.0,
+    }
+
+
 class Collector:
     def __init__(self, cfg: CollectorConfig) -> None:
         self.cfg = cfg
@@ -95,7 +111,7 @@ class Collector:
             for _ in range(cfg.writers)
         ]
         self._control_lock = asyncio.Lock()
-        self.subscriber = Subscriber(cfg.broker, cfg.base)
+        self.transport = MqttTransport("collector", transport_options(cfg.broker), cfg.base)
         self.metrics = Metrics()
         # Joins the parts of units split for the size cap (one per session: what a lost session
         # held half-joined is delivered again, whole, by the broker).
@@ -139,10 +155,11 @@ class Collector:
         while True:
             await self._connect_db()
             try:
-                async with self.subscriber.session() as session:
+                async with self.transport.session() as session:
                     delay = 0.2
                     self._joiner = wire.Consumer()
-                    await session.subscribe(self.cfg.topics())
+                    for topic in self.cfg.topics():
+                        await session.subscribe(topic)
                     self.metrics.broker_connected = True
                     log.info("collector: subscribed on %s", session.where)
                     async with asyncio.TaskGroup() as tg:
@@ -150,7 +167,7 @@ class Collector:
                         for i, w in enumerate(self.writers):
                             tg.create_task(self._write(session, w), name=f"collector-write-{i}")
                         tg.create_task(self._replays(session), name="collector-replays")
-            except* BrokerError as eg:
+            except* SyncError as eg:
                 self.metrics.broker_connected = False
                 self.metrics.broker_errors += 1
                 log.warning("collector: %s; next broker in %.1fs", eg.exceptions[0], delay)
@@ -165,12 +182,12 @@ class Collector:
         while not self._queue.empty():
             self._queue.get_nowait()
 
-    async def _read(self, session: Session) -> None:
-        async for msg in session.messages():
+    async def _read(self, session: MqttSession) -> None:
+        async for msg in session.incoming():
             await self._queue.put(msg)  # blocks while the writer is behind: backpressure
-        raise BrokerError(f"{session.where} closed the session")
+        raise SyncError(f"{session.where} closed the session")
 
-    async def _write(self, session: Session, db: dbm.Database) -> None:
+    async def _write(self, session: MqttSession, db: dbm.Database) -> None:
         while True:
             first = await self._queue.get()
             msgs = [first]
@@ -190,7 +207,7 @@ class Collector:
                 units += 1
             await self._handle(session, msgs, db)
 
-    async def _handle(self, session: Session, msgs: list[Incoming], db: dbm.Database | None = None) -> None:
+    async def _handle(self, session: MqttSession, msgs: list[Incoming], db: dbm.Database | None = None) -> None:
         db = db or self.db
         pending: list[dbm.Pending] = []
         data: list[tuple[Incoming, wire.Message]] = []
@@ -319,7 +336,7 @@ class Collector:
             prev = int(seq)  # within a message, each unit follows the one before
         return out
 
-    async def _control(self, session: Session, m: Incoming) -> None:
+    async def _control(self, session: MqttSession, m: Incoming) -> None:
         gw = self._topic_gateway(m.topic)
         if m.topic.endswith("/tags"):
             try:
@@ -377,7 +394,7 @@ class Collector:
         log.warning("collector: %s no longer holds seqs %s: recorded as gone", gw, g.ranges)
         await self._guard(self.db.record_gone(gw, g.device, g.ranges))
 
-    async def _replays(self, session: Session) -> None:
+    async def _replays(self, session: MqttSession) -> None:
         """Gaps from the shared ledger (a unit's stated predecessor missing), asked for again
         after the reorder wait and every `replay_retry` until filled or reported gone."""
         while True:
@@ -386,7 +403,7 @@ class Collector:
                 due = await self._retrying(lambda: self._guard(self._gaps_due()))
             for gw, device, first, last in due:
                 topic = self.cfg.replay_topic.format(prefix=self.cfg.topic_prefix, gateway=gw)
-                await session.publish(topic, wire.encode_replay_request(gw, first, last, device))
+                await session.publish(topic, wire.encode_replay_request(gw, first, last, device), ack_within=10)
                 self.metrics.replay_requests += 1
                 log.info("collector: asked %s to replay seqs %d..%d of %s", gw, first, last, device)
 

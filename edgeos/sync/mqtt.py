@@ -1,34 +1,41 @@
-"""MQTT transport for the sync: the only module that imports aiomqtt; its errors end here.
+"""MQTT transport, for the gateway's sync and the plant-side collector alike: the only module
+that imports aiomqtt (and paho under it); their errors end here.
 
-QoS 1 for data (the cursor moves on PUBACK), a list of brokers tried in turn (failover),
-subscriptions (the replay topic; the plant-side collector reuses this module for its own),
-a retained status topic with a last will so the
-central side sees online/offline, TLS with hostname verification on by default, and the
-password read from a file or an environment variable, never from the config itself.
+QoS 1 (the sync's cursor moves on PUBACK; the collector acknowledges what it committed), a
+list of brokers tried in turn (failover), subscriptions, a retained status topic with a last
+will so the central side sees online/offline, TLS with hostname verification on by default,
+and the password read from a file or an environment variable, never from the config itself.
+
+A lost connection fails every wait at once (a publish in flight is not acknowledged: sent
+again after the reconnect), and a stall watchdog of its own drops a connection on which
+nothing arrived for 1.5 keep-alives (`MqttSession.watch`).
 
 A PUBACK is a delivery only when its MQTT 5 reason code is below 0x80: a refusal (ACL denied,
 quota, payload invalid...) raises PublishRefused, so the cursor holds and the session is retried.
 MQTT 3.1.1 has no reason code: a broker that denies a publish there acknowledges it all the same
-(mosquitto does), which no client can tell from a delivery (docs/payload.md).
-"""
+(mosquitto does), which no client can tell from a delivery (docs/payload.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import ipaddress
 import json
 import logging
 import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.client import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edgeos.errors import SyncError
 
@@ -39,6 +46,13 @@ PUBLISH_TIMEOUT = 30.0
 # JetStream leader) counts as refused after this long, so the next broker is tried.
 CONNECT_TIMEOUT = 3.0
 FIRST_PUBACK_TIMEOUT = 5.0  # the same for the first publish of a session (its status)
+# A refused subscription is asked again for this long (a cluster node electing its JetStream
+# leader refuses them for a few seconds) before the session fails and the next broker is tried.
+SUBSCRIBE_PATIENCE = 60.0
+# The stall watchdog, in keep-alive intervals: a PINGREQ after PING_AFTER of silence (either
+# direction), the connection dropped after STALL_AFTER with no packet received (issue 28).
+PING_AFTER = 0.5
+STALL_AFTER = 1.5
 _NO_CONNECTION = 4  # paho's MQTT_ERR_NO_CONN, raised by a publish on a lost connection
 
 
@@ -123,61 +137,169 @@ def _explain(e: BaseException, where: str, *, connecting: bool = True, socket_er
     return f"{where}: {type(e).__name__}: {text}"
 
 
-_last_mid: contextvars.ContextVar[int | None] = contextvars.ContextVar("edgeos_last_mid", default=None)
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A message on a subscription; `mid`/`qos` are what `Session.ack` needs."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
 
 
-class _Refusals:
-    """Keeps the PUBACK reason codes that aiomqtt 2.x drops.
+class MqttSession:
+    """One connection. Every wait it offers (PUBACK, SUBACK, the next message) ends at once,
+    with the reason, when the connection is lost: a publish in flight fails then instead of
+    waiting out its timeout, so the sync reconnects and sends it again (the cursor held).
 
-    aiomqtt's publish waits for paho's on_publish, which (callback API VERSION2) receives the
-    reason code and the message id, and then only sets an event. This wraps both ends on the
-    paho client underneath: `publish` notes the message id in the calling task's context (the
-    aiomqtt coroutine runs in it), `on_publish` keeps failures by message id, and the caller
-    looks its own id up once aiomqtt's publish returns.
-    """
+    aiomqtt 2.x neither fails its waits on a disconnect nor passes PUBACK reason codes on, so
+    publish and subscribe go to the paho client underneath and wait on futures of their own,
+    settled by paho's callbacks (all on the event loop, where aiomqtt drives paho)."""
 
-    def __init__(self, client: aiomqtt.Client) -> None:
-        paho = client._client  # noqa: SLF001 - aiomqtt 2.x keeps the paho client private
-        self._publish = paho.publish
-        self._on_publish = paho.on_publish
-        self.refused: dict[int, Any] = {}
-        paho.publish = self._noting_publish  # an instance attribute, seen by aiomqtt's calls
-        paho.on_publish = self._noting_on_publish
-
-    def _noting_publish(self, *args: Any, **kwargs: Any) -> Any:
-        info = self._publish(*args, **kwargs)
-        # A PUBACK is read by the event loop, never inside publish(): an entry under this id is
-        # an older message's, whose caller is gone.
-        self.refused.pop(info.mid, None)
-        _last_mid.set(info.mid)
-        return info
-
-    def _noting_on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        if getattr(reason_code, "is_failure", False):
-            self.refused[mid] = reason_code
-        self._on_publish(client, userdata, mid, reason_code, properties)
-
-    def take(self) -> Any | None:
-        """The refusal of the publish this task just awaited, if the broker refused it."""
-        mid = _last_mid.get()
-        return None if mid is None else self.refused.pop(mid, None)
-
-
-class _Session:
-    def __init__(self, client: aiomqtt.Client, where: str) -> None:
+    def __init__(self, client: aiomqtt.Client, where: str, *, manual_ack: bool = False) -> None:
         self.client = client
         self.where = where
-        self.refusals = _Refusals(client)
+        self.failure: SyncError | None = None  # why the connection ended, once it has
+        self.lost = asyncio.Event()
+        self.last_in = time.monotonic()  # the last packet received (any kind)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._waits: dict[int, asyncio.Future[Any]] = {}  # message id -> PUBACK/SUBACK outcome
+        paho = self._paho = client._client  # noqa: SLF001 - aiomqtt 2.x keeps the paho client private
+        if manual_ack:
+            paho.manual_ack_set(True)
+        self._handle_packet = paho._packet_handle  # noqa: SLF001
+        paho._packet_handle = self._noting_packet  # noqa: SLF001 - an instance attribute, seen by paho
+        # Keep-alive is the watchdog's alone: paho's own check (once a second, from aiomqtt's
+        # misc loop) would race it with looser deadlines, and close a link whose PINGRESP is due.
+        paho._check_keepalive = lambda: None  # noqa: SLF001
+        self._aiomqtt_on_disconnect = paho.on_disconnect
+        paho.on_publish = self._on_ack
+        paho.on_subscribe = self._on_ack
+        paho.on_disconnect = self._on_disconnect
+
+    # -- paho's side (event loop) --------------------------------------------------------------
+
+    def _noting_packet(self) -> Any:
+        self.last_in = time.monotonic()
+        return self._handle_packet()
+
+    def _on_ack(self, _client: Any, _userdata: Any, mid: int, reason: Any, _properties: Any) -> None:
+        fut = self._waits.get(mid)
+        if fut is not None and not fut.done():
+            fut.set_result(reason)
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._aiomqtt_on_disconnect(client, userdata, flags, reason, properties)
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            error = SyncError(f"lost the connection to {self.where} (the broker sent DISCONNECT: {reason})")
+        else:  # paho's reason here is always "Unspecified error"
+            error = SyncError(f"lost the connection to {self.where} (closed or reset)")
+        if threading.get_ident() == self._thread:
+            self._fail(error)
+        else:  # paho's connect runs in an executor thread
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._fail, error)
+
+    def _fail(self, error: SyncError) -> None:
+        """The connection is gone: every wait ends now, with the first reason."""
+        if self.failure is None:
+            self.failure = error
+        for fut in self._waits.values():
+            if not fut.done():
+                fut.set_result(self.failure)  # a result, not an exception: never "not retrieved"
+        self.lost.set()
+
+    # -- the stall watchdog --------------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """Drop the connection when nothing arrived for STALL_AFTER keep-alives.
+
+        paho pings only after a whole keep-alive without traffic, checks once a second and gives
+        up a keep-alive after its ping: a stall took up to 2 keep-alives + 1 s to notice. Its
+        check is off (`__init__`). Here a PINGREQ goes out after PING_AFTER keep-alives of
+        silence in either direction, so a healthy idle link has its PINGRESP a whole keep-alive
+        before STALL_AFTER, and the watchdog wakes when a deadline is due, not once a second
+        (docs/reliability.md, "Network faults")."""
+        paho = self._paho
+        keepalive = float(paho._keepalive)  # noqa: SLF001 - after CONNACK: an MQTT 5 server keep-alive applies
+        ping, stall = PING_AFTER * keepalive, STALL_AFTER * keepalive
+        pinged = 0.0
+        while self.failure is None:
+            now = time.monotonic()
+            silent = now - self.last_in
+            if silent >= stall:
+                self._drop(
+                    SyncError(
+                        f"{self.where} sent nothing for {silent:.1f} s ({STALL_AFTER:g} keep-alives of "
+                        f"{keepalive:g} s): the link is stalled; dropped the connection"
+                    )
+                )
+                return
+            quiet = min(self.last_in, paho._last_msg_out)  # noqa: SLF001 - paho's own, on the same clock
+            if now - quiet >= ping and now - pinged >= ping:
+                with contextlib.suppress(Exception):
+                    paho._send_pingreq()  # noqa: SLF001
+                paho._ping_t = 0  # noqa: SLF001 - answered or not, the watchdog decides (not loop_misc)
+                pinged = now
+            due = min(self.last_in + stall, max(quiet, pinged) + ping)
+            await asyncio.sleep(max(0.01, due - time.monotonic()))
+
+    def _drop(self, error: SyncError) -> None:
+        """Close the socket as paho does when its own keep-alive check fails."""
+        self._fail(error)
+        with contextlib.suppress(Exception):
+            self._paho._loop_rc_handle(MQTTErrorCode.MQTT_ERR_KEEPALIVE)  # noqa: SLF001
+
+    # -- the caller's side ---------------------------------------------------------------------
+
+    async def _wait(self, mid: int, within: float, what: str) -> Any:
+        """The PUBACK/SUBACK reason for `mid`; SyncError when lost or not within `within` s."""
+        fut = self._loop.create_future()
+        self._waits[mid] = fut
+        try:
+            async with asyncio.timeout(within):
+                outcome = await fut
+        except TimeoutError:
+            raise SyncError(f"{self.where}: no acknowledgement of {what} within {within:g} s") from None
+        finally:
+            if self._waits.get(mid) is fut:
+                del self._waits[mid]
+        if isinstance(outcome, SyncError):
+            raise outcome
+        return outcome
+
+    def _check(self, what: str, rc: int = MQTTErrorCode.MQTT_ERR_SUCCESS) -> None:
+        """Raise the connection's failure, or what paho's return code `rc` says."""
+        if self.failure is not None:
+            raise self.failure
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise SyncError(_explain(aiomqtt.MqttCodeError(rc, f"Could not {what}"), self.where, connecting=False))
 
     async def subscribe(self, topic: str, qos: int = 1) -> None:
-        try:
-            await self.client.subscribe(topic, qos=qos, timeout=PUBLISH_TIMEOUT)
-        except aiomqtt.MqttError as e:
-            raise SyncError(_explain(e, self.where, connecting=False)) from e
+        """Subscribe; a refusal (SUBACK 0x80 or more) is asked again, backing off, while the
+        connection lasts and for SUBSCRIBE_PATIENCE s at most, then raises SyncError."""
+        delay, give_up = 0.5, time.monotonic() + SUBSCRIBE_PATIENCE
+        while True:
+            self._check("subscribe")
+            rc, mid = self._paho.subscribe(topic, qos)
+            self._check("subscribe", rc)
+            reasons = await self._wait(mid, PUBLISH_TIMEOUT, f"the subscription to {topic}")
+            refused = next((r for r in reasons if getattr(r, "is_failure", False)), None)
+            if refused is None:
+                return
+            what = f"{self.where} refused the subscription to {topic} ({refused})"
+            if time.monotonic() + delay > give_up:
+                raise SyncError(f"{what} for {SUBSCRIBE_PATIENCE:g} s")
+            log.warning("mqtt: %s; asking again in %.1f s", what, delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.lost.wait()
+            delay = min(2 * delay, 5.0)
 
-    async def messages(self) -> AsyncIterator[tuple[str, bytes]]:
-        """(topic, payload) of each message on this session's subscriptions; raises SyncError
-        when the connection is lost."""
+    async def incoming(self) -> AsyncIterator[Incoming]:
+        """Each message on this session's subscriptions; raises SyncError when the connection
+        is lost. With `manual_ack`, a QoS 1 message is acknowledged only by `ack`."""
         try:
             async for msg in self.client.messages:
                 payload = msg.payload
@@ -185,32 +307,45 @@ class _Session:
                     payload = payload.encode()
                 elif not isinstance(payload, (bytes, bytearray)):
                     payload = b""
-                yield str(msg.topic), bytes(payload)
+                yield Incoming(str(msg.topic), bytes(payload), msg.mid, msg.qos)
         except aiomqtt.MqttError as e:
-            raise SyncError(_explain(e, self.where, connecting=False)) from e
+            raise self.failure or SyncError(_explain(e, self.where, connecting=False)) from e
+
+    async def messages(self) -> AsyncIterator[tuple[str, bytes]]:
+        """(topic, payload) of each message (acknowledged on receipt unless `manual_ack`)."""
+        async for msg in self.incoming():
+            yield msg.topic, msg.payload
+
+    def ack(self, msg: Incoming) -> None:
+        """PUBACK now (`manual_ack`); on a lost connection nothing: the broker sends it again."""
+        if msg.qos > 0 and self.failure is None:
+            self._paho.ack(msg.mid, msg.qos)
 
     async def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, ack_within: float = PUBLISH_TIMEOUT
     ) -> None:
-        _last_mid.set(None)
-        try:
-            await self.client.publish(topic, payload, qos=1, retain=retain, timeout=ack_within)
-        except aiomqtt.MqttError as e:
-            raise SyncError(_explain(e, self.where, connecting=False)) from e
-        refused = self.refusals.take()
-        if refused is not None:
+        """QoS 1: returns on a PUBACK that is a delivery; raises PublishRefused on a refusal and
+        SyncError at once when the connection is lost (or no PUBACK within `ack_within` s)."""
+        self._check("publish")
+        info = self._paho.publish(topic, payload, qos=1, retain=retain)
+        self._check("publish message", info.rc)
+        reason = await self._wait(info.mid, ack_within, f"a publish to {topic}")
+        if getattr(reason, "is_failure", False):
             raise PublishRefused(
-                f"{self.where} refused the publish to {topic}: {refused} "
-                f"(reason code {refused.value:#04x} = {refused.value}); kept, retrying"
+                f"{self.where} refused the publish to {topic}: {reason} "
+                f"(reason code {reason.value:#04x} = {reason.value}); kept, retrying"
             )
 
 
 def servers(options: dict[str, Any]) -> list[tuple[str, int]]:
-    """(host, port) of each broker to try, in order: `servers` ("host:port", "[v6]:port" or a
-    bare host with the default port), else `host`/`port`."""
+    """(host, port) of each broker to try, in order: `servers` ("host:port", "[v6]:port", a
+    bare host with the default port, or a (host, port) pair), else `host`/`port`."""
     default = options.get("port") or (8883 if options.get("tls") else 1883)
     out = []
     for entry in options.get("servers") or [str(options.get("host") or "127.0.0.1")]:
+        if isinstance(entry, (tuple, list)):
+            out.append((str(entry[0]), int(entry[1])))
+            continue
         host, port = entry, default
         if entry.startswith("["):
             host, _, rest = entry[1:].partition("]")
@@ -224,11 +359,16 @@ def servers(options: dict[str, Any]) -> list[tuple[str, int]]:
 
 class MqttTransport:
     """Sessions with the first broker of `servers` that takes the connection. A session that
-    fails (refused, lost, timed out) moves on to the next broker for the following attempt,
-    which the sync paces with its jittered backoff; TLS and credentials apply to every one.
+    fails (refused, lost, stalled, timed out) moves on to the next broker for the following
+    attempt, which the caller paces with its jittered backoff; TLS and credentials apply to
+    every one.
 
-    `status_topic` None (in `options`) sends no status and no last will: a plain client (the
-    collector's) for subscriptions; `clean_start` False with `session_expiry` keeps its session."""
+    The gateway's sync uses it with a status topic and a last will. The plant-side collector
+    uses it as a plain subscriber (`status_topic` None: no status, no will) with
+    `manual_ack` True (a PUBACK only once its units are committed: `Session.ack`),
+    `clean_start` False with `session_expiry` (a persistent session; clean_session False in
+    MQTT 3.1.1) and `receive_maximum` (MQTT 5: how many unacknowledged messages the broker
+    may send this client; 3.1.1 brokers apply their own per-client limit)."""
 
     def __init__(self, gateway: str, options: dict[str, Any], base: Path) -> None:
         self.gateway = gateway
@@ -274,29 +414,25 @@ class MqttTransport:
             cert_reqs=ssl.CERT_REQUIRED,
         )
 
-    @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[_Session]:
+    def _client(self) -> aiomqtt.Client:
         o = self.options
-        self._warn_cleartext()
-        self.host, self.port = self.servers[self._index]
-        self.where = f"broker {self.host}:{self.port}"
-        v5 = o.get("mqtt_version", "5") == "5"
+        v5 = str(o.get("mqtt_version", "5")) == "5"
         extra: dict[str, Any] = {}
+        props = Properties(PacketTypes.CONNECT) if v5 else None
         if o.get("clean_start") is False:
             if v5:
-                from paho.mqtt.packettypes import PacketTypes
-                from paho.mqtt.properties import Properties
-
-                props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = int(o.get("session_expiry") or 7 * 86400)
-                extra = {"clean_start": False, "properties": props}
+                extra["clean_start"] = False
             else:
-                extra = {"clean_session": False}
+                extra["clean_session"] = False
+        if v5 and o.get("receive_maximum"):
+            props.ReceiveMaximum = int(o["receive_maximum"])
+        if props is not None and props.json():
+            extra["properties"] = props
         will = None
         if self.status_topic:
             will = aiomqtt.Will(self.status_topic, self._status("offline"), qos=1, retain=True)
-        inflight = o.get("max_inflight", 16)
-        client = aiomqtt.Client(
+        return aiomqtt.Client(
             self.host,
             self.port,
             username=o.get("username"),
@@ -307,12 +443,18 @@ class MqttTransport:
             keepalive=max(1, o.get("keepalive", 30_000_000_000) // 1_000_000_000),
             tls_params=self._tls(),
             tls_insecure=bool(o.get("tls_insecure")) if o.get("tls") else None,
-            max_inflight_messages=inflight * 2,
-            timeout=CONNECT_TIMEOUT,  # connect and disconnect; publish and subscribe pass their own
+            max_inflight_messages=o.get("max_inflight", 16) * 2,  # the caller's window bounds it
+            timeout=o.get("connect_timeout") or CONNECT_TIMEOUT,  # connect and disconnect only
             **extra,
         )
-        # Our own window bounds what is in flight; aiomqtt would warn from 10 on.
-        client.pending_calls_threshold = 4 * inflight
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[MqttSession]:
+        self._warn_cleartext()
+        self.host, self.port = self.servers[self._index]
+        self.where = f"broker {self.host}:{self.port}"
+        client = self._client()
+        session = MqttSession(client, self.where, manual_ack=bool(self.options.get("manual_ack")))
         socket_errors: list[str] = []  # paho's own log of the setup, for _explain
         client._client.on_log = lambda _c, _u, level, buf: level == 8 and socket_errors.append(buf)  # noqa: SLF001
         try:
@@ -324,7 +466,8 @@ class MqttTransport:
             last = socket_errors[-1] if socket_errors else None
             raise SyncError(_explain(e.__cause__ or e, self.where, socket_error=last)) from e
         client._client.on_log = None  # noqa: SLF001
-        session = _Session(client, self.where)
+        session.last_in = time.monotonic()
+        watchdog = asyncio.get_running_loop().create_task(session.watch(), name="mqtt:watchdog")
         failed = False
         try:
             if self.status_topic:
@@ -338,14 +481,19 @@ class MqttTransport:
             failed = True
             raise
         finally:
-            if failed:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            if failed or session.failure is not None:
                 self._next_server()  # a lost connection: the next attempt goes to the next broker
             # A clean DISCONNECT suppresses the last will, so an orderly stop (cancellation
             # included) says "offline" itself; a crash or a lost link leaves it to the will.
-            if self.status_topic:
+            if self.status_topic and session.failure is None:
                 with contextlib.suppress(Exception):
-                    await client.publish(self.status_topic, self._status("offline"), qos=1, retain=True, timeout=2)
+                    await session.publish(self.status_topic, self._status("offline"), retain=True, ack_within=2)
             with contextlib.suppress(Exception):
                 # Bounded: a broker that stopped answering must not hold up the daemon's stop.
                 async with asyncio.timeout(2):
                     await client.__aexit__(None, None, None)
+            if client._disconnected.done() and not client._disconnected.cancelled():  # noqa: SLF001
+                client._disconnected.exception()  # noqa: SLF001 - retrieved: asyncio logs it otherwise

@@ -1,4 +1,5 @@
-"""`edgeos collect check`, `edgeos collect query`, config errors, and the daemon not importing it."""
+"""`edgeos collect check`, `edgeos collect query`, config errors, and the import doors: the daemon
+not importing the collector, the collector taking only the MQTT transport from the daemon."""
 
 from __future__ import annotations
 
@@ -33,6 +34,37 @@ def test_the_daemon_never_imports_the_collector():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_collector_takes_only_the_mqtt_transport_from_the_daemon(tmp_path):
+    rooms = ("edgeos.store", "edgeos.sync.engine", "edgeos.runtime", "edgeos.pipeline", "edgeos.protocols")
+    code = (
+        "import sys, edgeos.collector.service, edgeos.cli.collect;"
+        f"bad = [m for m in sys.modules if m.startswith({rooms!r})];"
+        "assert not bad, bad;"
+        "assert 'edgeos.sync.mqtt' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=tmp_path)
+
+
+def test_one_module_imports_the_mqtt_library():
+    import ast
+
+    import edgeos
+
+    root = Path(edgeos.__file__).parent
+    importers = set()
+    for f in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] in ("aiomqtt", "paho") for n in names):
+                importers.add(f.relative_to(root).as_posix())
+    assert importers == {"sync/mqtt.py"}, importers
 
 
 async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, mosquitto):

@@ -570,3 +570,60 @@ async def test_credentials_without_tls_are_warned_about_once(write_config, make_
                 pass
     warnings = [r.getMessage() for r in caplog.records if "cleartext" in r.getMessage()]
     assert len(warnings) == 1 and "192.0.2.1" in warnings[0], warnings
+
+
+@contextlib.contextmanager
+def _refusing_broker(directory: Path):
+    """mosquitto with its dynamic-security plugin at its defaults: an anonymous client may
+    connect but subscribe to nothing (SUBACK 0x87 in MQTT 5, 0x80 in 3.1.1)."""
+    import getpass
+    import socket
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dynsec = directory / "dynsec.json"
+    init = ["mosquitto_ctrl", "dynsec", "init", str(dynsec), "admin", "adminpw"]
+    subprocess.run(init, check=True, capture_output=True, timeout=20)
+    conf = directory / "mosquitto.conf"
+    conf.write_text(
+        f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+        "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so\n"
+        f"plugin_opt_config_file {dynsec}\n"
+    )
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, "mosquitto did not start"
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_a_refused_subscription_is_asked_again_then_fails_the_session(monkeypatch, tmp_path, caplog, version):
+    """A refused subscription (a cluster node electing its leader refuses them for a while) is
+    asked again on the same connection; one refused for SUBSCRIBE_PATIENCE fails the session."""
+    from edgeos.errors import SyncError
+    from edgeos.sync import mqtt
+
+    monkeypatch.setattr(mqtt, "SUBSCRIBE_PATIENCE", 3.0)
+    caplog.set_level("WARNING", logger="edgeos.sync")
+    with _refusing_broker(tmp_path / "broker") as port:
+        options = {"host": "127.0.0.1", "port": port, "status_topic": None, "mqtt_version": version}
+        async with mqtt.MqttTransport("gw1", options, tmp_path).session() as session:
+            t0 = time.monotonic()
+            with pytest.raises(SyncError, match="refused the subscription to edgeos/gw1/replay"):
+                async with asyncio.timeout(30):
+                    await session.subscribe("edgeos/gw1/replay")
+            waited = time.monotonic() - t0
+            assert session.failure is None, session.failure  # the connection itself stayed up
+    again = [r for r in caplog.records if "asking again" in r.getMessage()]
+    assert len(again) >= 2, [r.getMessage() for r in caplog.records]
+    assert waited >= 1.0, waited  # it did wait before giving up (0.5 + 1 s of backoff at least)
