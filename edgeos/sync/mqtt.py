@@ -50,9 +50,11 @@ FIRST_PUBACK_TIMEOUT = 5.0  # the same for the first publish of a session (its s
 # leader refuses them for a few seconds) before the session fails and the next broker is tried.
 SUBSCRIBE_PATIENCE = 60.0
 # The stall watchdog, in keep-alive intervals: a PINGREQ after PING_AFTER of silence (either
-# direction), the connection dropped after STALL_AFTER with no packet received (issue 28).
+# direction), the connection dropped after STALL_AFTER with no packet received: below the
+# promised 1.5 (issue 28) by what the timer's wake-up and the drop take on a loaded machine
+# (measured 1-18 ms at a 1 s keep-alive).
 PING_AFTER = 0.5
-STALL_AFTER = 1.5
+STALL_AFTER = 1.4
 _NO_CONNECTION = 4  # paho's MQTT_ERR_NO_CONN, raised by a publish on a lost connection
 
 
