@@ -28,6 +28,7 @@ PostgreSQL's, not mosquitto's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -248,7 +249,8 @@ def run(quick: bool):
 
     logging.disable(logging.WARNING)  # the gateways' reconnect warnings when the node dies
     try:
-        with tempfile.TemporaryDirectory(prefix="edgeos-fleet-") as tmp:
+        keep = os.environ.get("EDGEOS_BENCH_KEEP")  # a directory: both sides are kept there
+        with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="edgeos-fleet-") as tmp:
             lost, dup, n = asyncio.run(_fleet(quick, gateways, tags, seconds, Path(tmp)))
     finally:
         logging.disable(logging.NOTSET)
@@ -320,8 +322,11 @@ async def _fleet(quick: bool, gateways: int, tags: int, seconds: float, tmp: Pat
 
     from edgeos.config import load_config
     from edgeos.runtime import Runtime
-    from edgeos.store.reader import StoreReader
 
+    # Names of this run only: a broker of another run on a port this run's dead node freed can
+    # never pass its gateways off as this run's.
+    run = os.urandom(3).hex()
+    names = [f"f{run}-gw{g:03d}" for g in range(gateways)]
     pgmod = _postgres()
     nats = _nats().NatsCluster(tmp / "nats")
     nats.start_all()
@@ -357,10 +362,10 @@ listen = "127.0.0.1:{http}"
             [str(Path(sys.executable).with_name("edgeos")), "collect", "-c", str(cfg)], stdout=log, stderr=log
         )
         await asyncio.sleep(3.0)
-        for g in range(gateways):
+        for g, gw in enumerate(names):
             # Gateways on n1 and n2 (and n0 last); the collector starts on n0, which dies.
             order = [ports[1 + g % 2], ports[2 - g % 2], ports[0]]
-            c = load_config(_fleet_gateway(tmp / f"gw{g}", f"gw{g:03d}", order, tags))
+            c = load_config(_fleet_gateway(tmp / f"gw{g}", gw, order, tags))
             rt = Runtime(c)
             runtimes.append(rt)
             tasks.append(asyncio.create_task(rt.run(), name=f"gw{g}"))
@@ -370,25 +375,24 @@ listen = "127.0.0.1:{http}"
         for rt in runtimes:
             rt.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
-        stored = {}
-        for g in range(gateways):
-            with StoreReader(tmp / f"gw{g}" / "data") as r:
-                stored[f"gw{g:03d}"] = r.count()
-        want = sum(stored.values())
+        stored = {gw: _store_side(tmp / f"gw{g}" / "data") for g, gw in enumerate(names)}
+        want = sum(n for n, _units in stored.values())
         conn = await asyncpg.connect(dsn)
         try:
             deadline = time.monotonic() + 120
-            got = {}
             while time.monotonic() < deadline:
                 got = dict(await conn.fetch("SELECT gateway, sum(samples)::bigint FROM units GROUP BY gateway"))
-                if sum(got.values()) >= want:
+                if all(got.get(gw, 0) >= n for gw, (n, _u) in stored.items()):
                     break
                 await asyncio.sleep(1.0)
-            in_view = await conn.fetchval("SELECT count(*) FROM samples_recent")
+            await asyncio.sleep(3.0)  # what was on its way after that (there should be nothing)
+            ledger, in_view = await _pg_side(conn)
         finally:
             await conn.close()
-        lost = sum(max(0, n - got.get(g, 0)) for g, n in stored.items())
-        dup = sum(max(0, got.get(g, 0) - n) for g, n in stored.items()) + max(0, in_view - sum(got.values()))
+        lost, dup, report = _compare(stored, ledger, in_view)
+        (tmp / "fleet-compare.json").write_text(json.dumps(report, indent=1))
+        if lost or dup:
+            print(f"# fleet: unit by unit: {json.dumps(report)[:4000]}", file=sys.stderr)
         return lost, dup, want
     finally:
         for t in tasks:
@@ -398,3 +402,73 @@ listen = "127.0.0.1:{http}"
             col.wait(20)
         nats.stop()
         pg.close()
+
+
+def _store_side(data_dir: Path) -> tuple[int, dict[int, int]]:
+    """(samples the store holds, {unit id: samples} of the units it still holds: hot ones and the
+    raw copies kept for replay, which after a run of minutes is every unit it gave)."""
+    from edgeos.store.outbox import Outbox
+    from edgeos.store.reader import StoreReader
+
+    with StoreReader(data_dir) as r:
+        count = r.count()
+    box = Outbox(data_dir)
+    units: dict[int, int] = {}
+    try:
+        top, after = box.top(), 0
+        while after < top:
+            run = box.range(after + 1, top, None, 1 << 30)
+            units.update(zip(run.ids, run.samples, strict=True))
+            after = run.last
+    finally:
+        box.close()
+    return count, units
+
+
+async def _pg_side(conn) -> tuple[dict[str, dict[int, int]], dict[str, int]]:
+    """The ledger ({gateway: {seq: samples}}) and the samples each gateway has in the tables,
+    in one snapshot."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        ledger: dict[str, dict[int, int]] = {}
+        for r in await conn.fetch("SELECT gateway, seq, samples FROM units"):
+            ledger.setdefault(r["gateway"], {})[r["seq"]] = r["samples"]
+        in_view = dict(await conn.fetch("SELECT gateway, count(*) FROM samples GROUP BY gateway"))
+    return ledger, in_view
+
+
+def _compare(stored, ledger, in_view) -> tuple[int, int, dict]:
+    """Lost and duplicated samples, unit by unit: a unit the store gave and the ledger lacks is
+    lost; a ledger unit the store never gave (or with another sample count) is extra; samples
+    in the tables beyond the ledger's are duplicated. Per gateway details for what differs."""
+    lost = dup = 0
+    report = {}
+    for gw, (count, units) in stored.items():
+        mine = ledger.get(gw, {})
+        held = sum(units.values())
+        missing = sorted(s for s in units if s not in mine)
+        extra = sorted(s for s in mine if s not in units)
+        differ = sorted(s for s in mine if s in units and mine[s] != units[s])
+        lost_g = sum(units[s] for s in missing)
+        dup_g = sum(mine[s] for s in extra) + sum(max(0, mine[s] - units[s]) for s in differ)
+        table = in_view.get(gw, 0)
+        dup_g += max(0, table - sum(mine.values()))
+        if held != count:
+            # Units the store no longer holds whole (dropped raw copies): compare counts only.
+            lost_g = max(0, count - sum(mine.values()))
+            dup_g = max(0, sum(mine.values()) - count) + max(0, table - sum(mine.values()))
+        lost += lost_g
+        dup += dup_g
+        if lost_g or dup_g or held != count:
+            report[gw] = {
+                "store_count": count,
+                "store_units": len(units),
+                "store_units_samples": held,
+                "store_ids": [min(units, default=0), max(units, default=0)],
+                "ledger_units": len(mine),
+                "ledger_samples": sum(mine.values()),
+                "in_tables": table,
+                "missing": missing[:50],
+                "extra": [(s, mine[s]) for s in extra[:50]],
+                "differ": [(s, mine[s], units[s]) for s in differ[:50]],
+            }
+    return lost, dup, report
