@@ -157,6 +157,49 @@ async def _throughput(pg, quick: bool, pack_min: int):
     return n / wall, 100 * cpu / wall, 100 * pgcpu / wall
 
 
+async def _live(pg, quick: bool, pack_min: int):
+    """Live traffic: each batch holds one unit (one poll, one sample a tag) of each of `gateways`
+    gateways, as the writer finds them queued at 1 Hz; the collector's two writers at once. With
+    pack_min > 0 the samples land as live rows, then maintenance moves them into packed pieces,
+    timed separately (its PostgreSQL CPU is the price of not writing a row per sample)."""
+    from edgeos.collector import db as dbm
+
+    dsn = pg.create_database(f"live{pack_min}")
+    gateways, tags, seconds = 50, 1000, 20 if quick else 60
+    now_s = int(time.time()) - seconds
+    names = [f"gw-l{g}" for g in range(gateways)]
+    per_gw = [_messages(gw, tags, seconds, now_s) for gw in names]
+    c = await _collector(dsn, names[0], tags, pack_min)
+    for gw in names[1:]:
+        await c.db.save_dictionary(gw, {i: wire.TagEntry(i, "plc", f"t{i}", "number", "") for i in range(tags)})
+    session = _Session()
+    pids = _children(pg.proc.pid)
+    batches = iter([[m[s] for m in per_gw] for s in range(seconds)])
+    cpu0, pg0, t0 = time.process_time(), _cpu_of(pids), time.perf_counter()
+
+    async def writer(db) -> None:
+        for b in batches:
+            await c._handle(session, b, db)  # noqa: SLF001 - the collector's own batch path
+
+    await asyncio.gather(*(writer(w) for w in c.writers))
+    wall = time.perf_counter() - t0
+    cpu, pgcpu = time.process_time() - cpu0, _cpu_of(pids) - pg0
+    out = [c.metrics.samples_written / wall, 100 * cpu / wall, 100 * pgcpu / wall]
+    assert c.metrics.samples_written == gateways * tags * seconds
+    if pack_min:
+        maint = dbm.Database(dsn)
+        await maint.connect()
+        cpu0, pg0, t0 = time.process_time(), _cpu_of(pids), time.perf_counter()
+        moved = await maint.pack_live()
+        wall = time.perf_counter() - t0
+        assert moved == gateways * tags * seconds, moved
+        out += [moved / wall, 100 * (time.process_time() - cpu0) / wall, 100 * (_cpu_of(pids) - pg0) / wall]
+        await maint.close()
+    for d in [c.db, *c.writers]:
+        await d.close()
+    return out
+
+
 async def _size_and_query(pg, quick: bool):
     import asyncpg
 
@@ -237,6 +280,19 @@ def run(quick: bool):
         yield "samples_per_s_rows", rate, "samples/s (the same, every sample a row: pack_min = 0)"
         yield "collector_cpu_rows", cpu, "%"
         yield "postgres_cpu_rows", pgcpu, "%"
+        rate, cpu, pgcpu = asyncio.run(_live(pg, quick, 0))
+        yield "samples_per_s_live_rows", rate, "samples/s (live: a batch holds one unit of each of 50 gateways; rows)"
+        yield "collector_cpu_live_rows", cpu, "%"
+        yield "postgres_cpu_live_rows", pgcpu, "%"
+        rate, cpu, pgcpu, pack, pack_cpu, pack_pgcpu = asyncio.run(_live(pg, quick, 16))
+        yield "samples_per_s_live", rate, "samples/s (the same into live rows: a row of arrays per device and batch)"
+        yield "collector_cpu_live", cpu, "%"
+        yield "postgres_cpu_live", pgcpu, "%"
+        yield "live_pack_samples_per_s", pack, "samples/s (maintenance: live rows into packed pieces)"
+        yield "collector_cpu_live_pack", pack_cpu, "%"
+        yield "postgres_cpu_live_pack", pack_pgcpu, "%"
+        total = 1 / (1 / rate + 1 / pack)
+        yield "samples_per_s_live_total", total, "samples/s (written, then packed: both costs, one after the other)"
         per_sample, q_ms, fetch_ms, fn_ms, n = asyncio.run(_size_and_query(pg, quick))
         yield "bytes_per_sample_pg", per_sample, f"B/sample (rolled up, {n} samples; gateway store ~1.2)"
         yield "query_24h_ms", q_ms, "ms (server: executed, 86,400 rows)"

@@ -5,7 +5,9 @@ Layout (docs/collector.md draws it):
 - `samples_packed`: one row per tag and hour, arrays of time offsets and values (lz4 TOAST),
   partitioned by day of the window start; the rollup moves closed hours from the first to the
   second and drops the hour's partition in one transaction, so a sample is in exactly one;
-- `samples`: a view over both with the tag key joined;
+- `samples_live`: live samples (a few per tag in a batch) as one row of arrays per gateway, device
+  and batch, moved into packed pieces by maintenance (`Database.pack_live`);
+- `samples`: a view over the three with the tag key joined;
 - `tags` (from the dictionaries), `units` (the exactly-once ledger), `gaps`, `parked`.
 
 Plain PostgreSQL only (no extension), so a TimescaleDB install keeps working unchanged.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
@@ -136,6 +138,69 @@ CREATE TABLE packed_dirty (day timestamptz PRIMARY KEY);
 
 CREATE TABLE edgeos_collector (version integer NOT NULL);
 INSERT INTO edgeos_collector VALUES (0);
+""",
+    2: """
+-- Live samples (a few per tag in a batch): one row per gateway, device and batch, holding arrays,
+-- so a sample costs no row and no index entry of its own; maintenance moves them into packed
+-- pieces (which the rollup merges per tag and hour), deleting them in the same transaction.
+CREATE TABLE samples_live (
+    gateway text NOT NULL,
+    device text NOT NULL,
+    t_min timestamptz NOT NULL,
+    t_max timestamptz NOT NULL,
+    tag integer[] NOT NULL,
+    ts timestamptz[] NOT NULL,
+    val double precision[] NOT NULL,
+    q integer[]
+);
+ALTER TABLE samples_live ALTER COLUMN tag SET COMPRESSION lz4;
+ALTER TABLE samples_live ALTER COLUMN ts SET COMPRESSION lz4;
+ALTER TABLE samples_live ALTER COLUMN val SET COMPRESSION lz4;
+ALTER TABLE samples_live ALTER COLUMN q SET COMPRESSION lz4;
+CREATE INDEX samples_live_gateway ON samples_live (gateway, t_min);
+
+-- One tag's live samples are found through its gateway's rows (the join on the gateway lets the
+-- planner go from tags_key to samples_live_gateway), then unnested. Not by device: a unit's tags
+-- are its device's in a gateway's store, but the gateway is the one thing the ids are sure of.
+CREATE OR REPLACE VIEW samples AS
+    SELECT t.key AS tag, r.ts, r.value, r.quality::bigint & 4294967295 AS quality, r.text,
+           t.gateway, t.device, t.name, t.unit
+    FROM samples_recent r JOIN tags t ON t.id = r.tag
+    UNION ALL
+    SELECT t.key, p.t0 + u.off * interval '1 millisecond' + coalesce(u.us, 0) * interval '1 microsecond',
+           u.val, coalesce(u.q, 0)::bigint & 4294967295, u.txt,
+           t.gateway, t.device, t.name, t.unit
+    FROM samples_packed p JOIN tags t ON t.id = p.tag
+    CROSS JOIN LATERAL unnest(p.off, p.off_us, p.val, p.q, p.txt) AS u(off, us, val, q, txt)
+    UNION ALL
+    SELECT t.key, u.ts, u.val, coalesce(u.q, 0)::bigint & 4294967295, NULL::text,
+           t.gateway, t.device, t.name, t.unit
+    FROM tags t JOIN samples_live l ON l.gateway = t.gateway
+    CROSS JOIN LATERAL unnest(l.tag, l.ts, l.val, l.q) AS u(tag, ts, val, q)
+    WHERE u.tag = t.id;
+
+CREATE OR REPLACE FUNCTION samples_between(p_tag text, p_from timestamptz, p_to timestamptz)
+RETURNS TABLE (ts timestamptz, value double precision, quality bigint, text text)
+LANGUAGE sql STABLE AS $fn$
+    SELECT r.ts, r.value, r.quality::bigint & 4294967295, r.text
+    FROM samples_recent r JOIN tags t ON t.id = r.tag
+    WHERE t.key = p_tag AND r.ts >= p_from AND r.ts < p_to
+    UNION ALL
+    SELECT x.ts, x.val, x.q, x.txt FROM (
+        SELECT p.t0 + u.off * interval '1 millisecond' + coalesce(u.us, 0) * interval '1 microsecond' AS ts,
+               u.val, coalesce(u.q, 0)::bigint & 4294967295 AS q, u.txt
+        FROM samples_packed p JOIN tags t ON t.id = p.tag
+        CROSS JOIN LATERAL unnest(p.off, p.off_us, p.val, p.q, p.txt) AS u(off, us, val, q, txt)
+        WHERE t.key = p_tag AND p.t0 > p_from - interval '1 hour' AND p.t0 < p_to AND p.t1 > p_from
+    ) x
+    WHERE x.ts >= p_from AND x.ts < p_to
+    UNION ALL
+    SELECT u.ts, u.val, coalesce(u.q, 0)::bigint & 4294967295, NULL::text
+    FROM tags t JOIN samples_live l ON l.gateway = t.gateway
+    CROSS JOIN LATERAL unnest(l.tag, l.ts, l.val, l.q) AS u(tag, ts, val, q)
+    WHERE t.key = p_tag AND l.t_max >= p_from AND l.t_min < p_to
+      AND u.tag = t.id AND u.ts >= p_from AND u.ts < p_to
+$fn$;
 """,
 }
 
@@ -286,5 +351,6 @@ async def drop_older(conn, before: dt.datetime) -> int:
         if day + DAY <= before:
             await conn.execute(f"DROP TABLE IF EXISTS {r['relname']}")
             dropped += 1
+    await conn.execute("DELETE FROM samples_live WHERE t_max < $1", before)
     await conn.execute("DELETE FROM units WHERE received < $1", before)
     return dropped
