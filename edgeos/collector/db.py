@@ -266,46 +266,57 @@ class Database:
                 )
         return Written(units=len(keep), duplicates=len(batch) - len(keep), samples=sum(len(p.unit) for p in keep))
 
-    async def pack_live(self, rows_per_txn: int = 500, rounds: int = 1000) -> int:
-        """Move live rows into packed pieces (one per tag and hour of what was moved; the rollup
-        merges them into the hour's row). Each slice is deleted and its pieces written in one
-        transaction, so a sample is in one place; a concurrent deleter gets other rows. Returns
-        the samples moved."""
+    async def pack_live(self, rows_per_txn: int = 500, rounds: int = 10_000) -> int:
+        """Move live rows into packed pieces, a gateway at a time (so each tag's samples of the
+        rows moved make one piece per hour; the rollup merges the hour's pieces into its row).
+        Each slice is deleted and its pieces written in one transaction, so a sample is always in
+        one place; a concurrent deleter gets other rows. Returns the samples moved."""
         conn = self.conn
         assert conn is not None
         moved = 0
-        for _ in range(rounds):
-            async with conn.transaction():
-                rows = await conn.fetch(
-                    "DELETE FROM samples_live WHERE ctid = ANY(ARRAY(SELECT ctid FROM samples_live LIMIT $1)) "
-                    "RETURNING cardinality(tag) AS n, array_send(tag) AS tag, array_send(ts) AS ts, "
-                    "array_send(val) AS val, array_send(q) AS q",
-                    rows_per_txn,
-                )
-                if not rows:
+        gateways = [r[0] for r in await conn.fetch("SELECT DISTINCT gateway FROM samples_live")]
+        for gateway in gateways:
+            for _ in range(rounds):
+                n = await self._pack_live_slice(gateway, rows_per_txn)
+                moved += n
+                if not n:
                     break
-                tags = np.concatenate([copy.array_values(r["tag"], ">i4", r["n"]) for r in rows])
-                us = np.concatenate([copy.array_values(r["ts"], ">i8", r["n"]) for r in rows]) + copy.PG_EPOCH_US
-                vals = np.concatenate([copy.array_values(r["val"], ">f8", r["n"]) for r in rows])
-                q = np.concatenate([copy.array_values(r["q"], ">i4", r["n"]) for r in rows]).view(np.uint32)
-                for d in sorted({int(x) for x in np.unique(us // 86_400_000_000)}):
-                    day = dt.datetime.fromtimestamp(d * 86400, dt.UTC)
-                    if day not in self._days:
-                        try:
-                            async with conn.transaction():  # a savepoint: another may create it first
-                                await schema.ensure_packed(conn, day)
-                        except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
-                            pass
-                        self._days.add(day)
-                body, _rest, _ = copy.split_packed(tags, us * 1000, vals, q, 1)
-                await conn.copy_to_table(
-                    "samples_packed",
-                    source=io.BytesIO(copy.HEADER + body + copy.TRAILER),
-                    format="binary",
-                    columns=list(copy.PACKED_COLUMNS),
-                )
-            moved += len(tags)
         return moved
+
+    async def _pack_live_slice(self, gateway: str, rows_per_txn: int) -> int:
+        conn = self.conn
+        assert conn is not None
+        async with conn.transaction():
+            rows = await conn.fetch(
+                "DELETE FROM samples_live WHERE ctid = ANY(ARRAY(SELECT ctid FROM samples_live WHERE gateway = $1 "
+                "ORDER BY t_min LIMIT $2)) RETURNING cardinality(tag) AS n, array_send(tag) AS tag, "
+                "array_send(ts) AS ts, array_send(val) AS val, array_send(q) AS q",
+                gateway,
+                rows_per_txn,
+            )
+            if not rows:
+                return 0
+            tags = np.concatenate([copy.array_values(r["tag"], ">i4", r["n"]) for r in rows])
+            us = np.concatenate([copy.array_values(r["ts"], ">i8", r["n"]) for r in rows]) + copy.PG_EPOCH_US
+            vals = np.concatenate([copy.array_values(r["val"], ">f8", r["n"]) for r in rows])
+            q = np.concatenate([copy.array_values(r["q"], ">i4", r["n"]) for r in rows]).view(np.uint32)
+            for d in sorted({int(x) for x in np.unique(us // 86_400_000_000)}):
+                day = dt.datetime.fromtimestamp(d * 86400, dt.UTC)
+                if day not in self._days:
+                    try:
+                        async with conn.transaction():  # a savepoint: another may create it first
+                            await schema.ensure_packed(conn, day)
+                    except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+                        pass
+                    self._days.add(day)
+            body, _rest, _ = copy.split_packed(tags, us * 1000, vals, q, 1)
+            await conn.copy_to_table(
+                "samples_packed",
+                source=io.BytesIO(copy.HEADER + body + copy.TRAILER),
+                format="binary",
+                columns=list(copy.PACKED_COLUMNS),
+            )
+        return len(tags)
 
     # -- parked input, gaps, maintenance -------------------------------------------------------
 
