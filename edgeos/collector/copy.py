@@ -98,8 +98,8 @@ def split_packed(
     the packed rows' days as Unix day numbers)."""
     n = len(tags)
     rest = np.ones(n, bool)
-    if n < min_run:
-        return b"", rest, set()
+    if n < min_run or np.bincount(tags - tags.min()).max() < min_run:
+        return b"", rest, set()  # live traffic: no tag has that many samples in the batch at all
     ts_us = np.floor_divide(ts_ns, 1000)
     hour = np.floor_divide(ts_us, _HOUR_US)
     order = np.lexsort((ts_us, hour, tags))
@@ -124,7 +124,10 @@ def split_packed(
     qa["l"], qa["v"] = 4, q_s
     parts: list[bytes] = []
     days: set[int] = set()
-    for s, e in zip(starts[big].tolist(), ends[big].tolist(), strict=True):
+    # Per run: any sub-millisecond part, any quality bit (one numpy call each, not one a run).
+    has_us = np.logical_or.reduceat(sub != 0, starts)[big].tolist()
+    has_q = np.logical_or.reduceat(q_s != 0, starts)[big].tolist()
+    for s, e, with_us, with_q in zip(starts[big].tolist(), ends[big].tolist(), has_us, has_q, strict=True):
         k = e - s
         t0_us = int(h_s[s]) * _HOUR_US
         days.add(t0_us // (24 * _HOUR_US))
@@ -144,14 +147,14 @@ def split_packed(
         )
         parts.append(_array_head(_INT4, k, 8))
         parts.append(off[s:e].tobytes())
-        if sub[s:e].any():
+        if with_us:
             parts.append(_array_head(_INT2, k, 6))
             parts.append(off_us[s:e].tobytes())
         else:
             parts.append(b"\xff\xff\xff\xff")
         parts.append(_array_head(_FLOAT8, k, 12))
         parts.append(val[s:e].tobytes())
-        if q_s[s:e].any():
+        if with_q:
             parts.append(_array_head(_INT4, k, 8))
             parts.append(qa[s:e].tobytes())
         else:
