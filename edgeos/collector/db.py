@@ -75,6 +75,7 @@ class Database:
         self.conn: asyncpg.Connection | None = None
         self._hours: set[dt.datetime] = set()
         self._days: set[dt.datetime] = set()
+        self._piece_hours: set[dt.datetime] = set()
         self.pack_min = pack_min
         # gateway -> local tag id -> global id (-1: unknown); shared by a collector's connections
         self.tag_maps: dict[str, np.ndarray] = {} if tag_maps is None else tag_maps
@@ -267,7 +268,7 @@ class Database:
         return Written(units=len(keep), duplicates=len(batch) - len(keep), samples=sum(len(p.unit) for p in keep))
 
     async def pack_live(self, rows_per_txn: int = 500, rounds: int = 10_000) -> int:
-        """Move live rows into packed pieces, a gateway at a time (so each tag's samples of the
+        """Move live rows into `samples_pieces`, a gateway at a time (so each tag's samples of the
         rows moved make one piece per hour; the rollup merges the hour's pieces into its row).
         Each slice is deleted and its pieces written in one transaction, so a sample is always in
         one place; a concurrent deleter gets other rows. Returns the samples moved."""
@@ -300,18 +301,18 @@ class Database:
             us = np.concatenate([copy.array_values(r["ts"], ">i8", r["n"]) for r in rows]) + copy.PG_EPOCH_US
             vals = np.concatenate([copy.array_values(r["val"], ">f8", r["n"]) for r in rows])
             q = np.concatenate([copy.array_values(r["q"], ">i4", r["n"]) for r in rows]).view(np.uint32)
-            for d in sorted({int(x) for x in np.unique(us // 86_400_000_000)}):
-                day = dt.datetime.fromtimestamp(d * 86400, dt.UTC)
-                if day not in self._days:
+            for h in sorted({int(x) for x in np.unique(us // 3_600_000_000)}):
+                hour = dt.datetime.fromtimestamp(h * 3600, dt.UTC)
+                if hour not in self._piece_hours:
                     try:
                         async with conn.transaction():  # a savepoint: another may create it first
-                            await schema.ensure_packed(conn, day)
+                            await schema.ensure_pieces(conn, hour)
                     except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
                         pass
-                    self._days.add(day)
+                    self._piece_hours.add(hour)
             body, _rest, _ = copy.split_packed(tags, us * 1000, vals, q, 1)
             await conn.copy_to_table(
-                "samples_packed",
+                "samples_pieces",
                 source=io.BytesIO(copy.HEADER + body + copy.TRAILER),
                 format="binary",
                 columns=list(copy.PACKED_COLUMNS),
@@ -425,6 +426,7 @@ class Database:
             dropped = await schema.drop_older(self.conn, now - dt.timedelta(seconds=retention)) if retention else 0
             self._hours.clear()
             self._days.clear()
+            self._piece_hours.clear()
         finally:
             await self.conn.execute("SELECT pg_advisory_unlock(7302520)")
         return packed, dropped

@@ -62,7 +62,7 @@ async def test_three_gateways_two_collectors_one_killed_mid_batch(tmp_path, pg, 
                     break
                 await asyncio.sleep(0.25)
             assert await conn.fetchval("SELECT count(*) FROM samples_live") == 0
-            assert await conn.fetchval("SELECT count(*) FROM samples_packed") > 0
+            assert await conn.fetchval("SELECT count(*) FROM samples_pieces") > 0
             await plant.assert_exactly_once(dsn, truths)
         finally:
             await conn.close()
