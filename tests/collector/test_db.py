@@ -82,6 +82,32 @@ async def test_a_newer_schema_is_refused(pg):
     await conn.close()
 
 
+async def test_a_version_1_database_is_migrated_and_keeps_its_samples(pg):
+    """A database a schema-1 collector wrote (rows only) is brought to the current version at
+    connect: its samples read the same through the view, and live rows join them."""
+    _, dsn = pg
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(schema._MIGRATIONS[1])  # noqa: SLF001 - the old schema, as it was
+    await conn.execute("UPDATE edgeos_collector SET version = 1")
+    await conn.close()
+    old = dbm.Database(dsn, pack_min=0)
+    old.conn = await asyncpg.connect(dsn)  # as a schema-1 collector: no migration
+    await old.conn.execute(
+        "CREATE TEMP TABLE incoming (gateway text, seq bigint, device text, samples integer, prev bigint) "
+        "ON COMMIT DELETE ROWS"
+    )
+    await old.save_dictionary("gw1", {i: wire.TagEntry(i, "press1", f"t{i}", "number", "bar") for i in range(5)})
+    await old.write(pending(old, "gw1", range(0, 3)))
+    await old.close()
+    d = await fresh(dsn, pack_min=16)  # connects: migrates
+    assert await d.conn.fetchval("SELECT version FROM edgeos_collector") == schema.SCHEMA_VERSION
+    await d.write(pending(d, "gw1", range(3, 5)))
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_live") == 1
+    rows = await d.conn.fetch("SELECT ts, value FROM samples WHERE tag = 'gw1/press1/t1' ORDER BY ts")
+    assert [r["value"] for r in rows] == [float(unit(s).values[1]) for s in range(5)]
+    await d.close()
+
+
 async def test_rollup_packs_hours_exactly_and_the_view_reads_both(pg):
     _, dsn = pg
     a = await fresh(dsn)
