@@ -98,8 +98,8 @@ def split_packed(
     the packed rows' days as Unix day numbers)."""
     n = len(tags)
     rest = np.ones(n, bool)
-    if n < min_run:
-        return b"", rest, set()
+    if n < min_run or np.bincount(tags - tags.min()).max() < min_run:
+        return b"", rest, set()  # live traffic: no tag has that many samples in the batch at all
     ts_us = np.floor_divide(ts_ns, 1000)
     hour = np.floor_divide(ts_us, _HOUR_US)
     order = np.lexsort((ts_us, hour, tags))
@@ -124,7 +124,10 @@ def split_packed(
     qa["l"], qa["v"] = 4, q_s
     parts: list[bytes] = []
     days: set[int] = set()
-    for s, e in zip(starts[big].tolist(), ends[big].tolist(), strict=True):
+    # Per run: any sub-millisecond part, any quality bit (one numpy call each, not one a run).
+    has_us = np.logical_or.reduceat(sub != 0, starts)[big].tolist()
+    has_q = np.logical_or.reduceat(q_s != 0, starts)[big].tolist()
+    for s, e, with_us, with_q in zip(starts[big].tolist(), ends[big].tolist(), has_us, has_q, strict=True):
         k = e - s
         t0_us = int(h_s[s]) * _HOUR_US
         days.add(t0_us // (24 * _HOUR_US))
@@ -144,17 +147,65 @@ def split_packed(
         )
         parts.append(_array_head(_INT4, k, 8))
         parts.append(off[s:e].tobytes())
-        if sub[s:e].any():
+        if with_us:
             parts.append(_array_head(_INT2, k, 6))
             parts.append(off_us[s:e].tobytes())
         else:
             parts.append(b"\xff\xff\xff\xff")
         parts.append(_array_head(_FLOAT8, k, 12))
         parts.append(val[s:e].tobytes())
-        if q_s[s:e].any():
+        if with_q:
             parts.append(_array_head(_INT4, k, 8))
             parts.append(qa[s:e].tobytes())
         else:
             parts.append(b"\xff\xff\xff\xff")
         rest[order[s:e]] = False
     return b"".join(parts), rest, days
+
+
+# -- live rows (one per gateway, device and batch) -----------------------------------------
+
+_TS = np.dtype([("l", ">i4"), ("v", ">i8")])
+_TIMESTAMPTZ = 1184
+LIVE_COLUMNS = ("gateway", "device", "t_min", "t_max", "tag", "ts", "val", "q")
+
+
+def live_row(gateway: str, device: str, tags: np.ndarray, ts_ns: np.ndarray, values: np.ndarray, quality) -> bytes:
+    """Binary COPY row of `samples_live`: a device's samples of one batch as arrays (one row and
+    a few TOAST chunks for them all, instead of a row and an index entry each)."""
+    n = len(tags)
+    us = np.floor_divide(ts_ns, 1000) - PG_EPOCH_US
+    g, d = gateway.encode(), device.encode()
+    parts = [
+        struct.pack(f"!hi{len(g)}si{len(d)}siqiq", 8, len(g), g, len(d), d, 8, int(us.min()), 8, int(us.max())),
+        _array_head(_INT4, n, 8),
+    ]
+    a = np.empty(n, _OFF)
+    a["l"], a["v"] = 4, tags
+    parts.append(a.tobytes())
+    t = np.empty(n, _TS)
+    t["l"], t["v"] = 8, us
+    parts += [_array_head(_TIMESTAMPTZ, n, 12), t.tobytes()]
+    v = np.empty(n, _VAL)
+    v["l"], v["v"] = 8, values
+    parts += [_array_head(_FLOAT8, n, 12), v.tobytes()]
+    q = np.asarray(quality, np.uint32).view(np.int32)
+    if q.any():
+        qa = np.empty(n, _OFF)
+        qa["l"], qa["v"] = 4, q
+        parts += [_array_head(_INT4, n, 8), qa.tobytes()]
+    else:
+        parts.append(b"\xff\xff\xff\xff")
+    return b"".join(parts)
+
+
+def array_values(raw: bytes | None, dtype: str, n: int) -> np.ndarray:
+    """The elements of a 1-dimensional array without NULLs from `array_send()` (its binary
+    form: a 20-byte header, then each element's length and bytes); zeros when `raw` is NULL."""
+    if raw is None or n == 0:
+        return np.zeros(n, dtype.replace(">", "<"))
+    size = np.dtype(dtype).itemsize
+    got = np.frombuffer(raw, np.dtype([("l", ">i4"), ("v", dtype)]), offset=20) if len(raw) > 12 else None
+    if got is None or len(got) != n or (got["l"] != size).any():
+        raise ValueError("not a 1-dimensional array without NULLs of the expected length")
+    return got["v"].astype(dtype.replace(">", "<"))

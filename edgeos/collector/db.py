@@ -75,6 +75,7 @@ class Database:
         self.conn: asyncpg.Connection | None = None
         self._hours: set[dt.datetime] = set()
         self._days: set[dt.datetime] = set()
+        self._piece_hours: set[dt.datetime] = set()
         self.pack_min = pack_min
         # gateway -> local tag id -> global id (-1: unknown); shared by a collector's connections
         self.tag_maps: dict[str, np.ndarray] = {} if tag_maps is None else tag_maps
@@ -243,7 +244,14 @@ class Database:
                         columns=list(copy.PACKED_COLUMNS),
                     )
                 if rest.any():
-                    parts.append(copy.sample_rows(tags[rest], ts[rest], vals[rest], q[rest]))
+                    # Live traffic (a few samples a tag): a row of arrays per device, not per sample.
+                    live = _live_rows(plain, tags, ts, vals, q, rest)
+                    await conn.copy_to_table(
+                        "samples_live",
+                        source=io.BytesIO(copy.HEADER + live + copy.TRAILER),
+                        format="binary",
+                        columns=list(copy.LIVE_COLUMNS),
+                    )
             else:
                 plain = []
             for p in keep:
@@ -258,6 +266,58 @@ class Database:
                     columns=list(copy.COLUMNS),
                 )
         return Written(units=len(keep), duplicates=len(batch) - len(keep), samples=sum(len(p.unit) for p in keep))
+
+    async def pack_live(self, rows_per_txn: int = 500, rounds: int = 10_000) -> int:
+        """Move live rows into `samples_pieces`, a gateway at a time (so each tag's samples of the
+        rows moved make one piece per hour; the rollup merges the hour's pieces into its row).
+        Each slice is deleted and its pieces written in one transaction, so a sample is always in
+        one place; a concurrent deleter gets other rows. Returns the samples moved."""
+        conn = self.conn
+        assert conn is not None
+        moved = 0
+        gateways = [r[0] for r in await conn.fetch("SELECT DISTINCT gateway FROM samples_live")]
+        for gateway in gateways:
+            for _ in range(rounds):
+                n = await self._pack_live_slice(gateway, rows_per_txn)
+                moved += n
+                if not n:
+                    break
+        return moved
+
+    async def _pack_live_slice(self, gateway: str, rows_per_txn: int) -> int:
+        conn = self.conn
+        assert conn is not None
+        async with conn.transaction():
+            rows = await conn.fetch(
+                "DELETE FROM samples_live WHERE ctid = ANY(ARRAY(SELECT ctid FROM samples_live WHERE gateway = $1 "
+                "ORDER BY t_min LIMIT $2)) RETURNING cardinality(tag) AS n, array_send(tag) AS tag, "
+                "array_send(ts) AS ts, array_send(val) AS val, array_send(q) AS q",
+                gateway,
+                rows_per_txn,
+            )
+            if not rows:
+                return 0
+            tags = np.concatenate([copy.array_values(r["tag"], ">i4", r["n"]) for r in rows])
+            us = np.concatenate([copy.array_values(r["ts"], ">i8", r["n"]) for r in rows]) + copy.PG_EPOCH_US
+            vals = np.concatenate([copy.array_values(r["val"], ">f8", r["n"]) for r in rows])
+            q = np.concatenate([copy.array_values(r["q"], ">i4", r["n"]) for r in rows]).view(np.uint32)
+            for h in sorted({int(x) for x in np.unique(us // 3_600_000_000)}):
+                hour = dt.datetime.fromtimestamp(h * 3600, dt.UTC)
+                if hour not in self._piece_hours:
+                    try:
+                        async with conn.transaction():  # a savepoint: another may create it first
+                            await schema.ensure_pieces(conn, hour)
+                    except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+                        pass
+                    self._piece_hours.add(hour)
+            body, _rest, _ = copy.split_packed(tags, us * 1000, vals, q, 1)
+            await conn.copy_to_table(
+                "samples_pieces",
+                source=io.BytesIO(copy.HEADER + body + copy.TRAILER),
+                format="binary",
+                columns=list(copy.PACKED_COLUMNS),
+            )
+        return len(tags)
 
     # -- parked input, gaps, maintenance -------------------------------------------------------
 
@@ -360,11 +420,32 @@ class Database:
             await schema.ensure_recent(self.conn, ahead)
             await schema.ensure_packed(self.conn, now)
             await schema.ensure_packed(self.conn, now + schema.DAY)
+            await self.pack_live()
             packed = await schema.rollup(self.conn, now - dt.timedelta(seconds=rollup_after))
             await schema.rewrite_closed_days(self.conn, now - dt.timedelta(seconds=rollup_after))
             dropped = await schema.drop_older(self.conn, now - dt.timedelta(seconds=retention)) if retention else 0
             self._hours.clear()
             self._days.clear()
+            self._piece_hours.clear()
         finally:
             await self.conn.execute("SELECT pg_advisory_unlock(7302520)")
         return packed, dropped
+
+
+def _live_rows(
+    plain: list[Pending], tags: np.ndarray, ts: np.ndarray, vals: np.ndarray, q: np.ndarray, rest: np.ndarray
+) -> bytes:
+    """COPY rows of `samples_live` for the samples of `plain` (concatenated in `tags` ...) left
+    by `rest`: one per gateway and device."""
+    lens = np.fromiter((len(p.unit) for p in plain), np.int64, len(plain))
+    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, p in enumerate(plain):
+        groups.setdefault((p.gateway, p.unit.device), []).append(i)
+    out = []
+    for (gateway, device), idx in groups.items():
+        sel = np.concatenate([np.arange(starts[i], starts[i] + lens[i]) for i in idx])
+        sel = sel[rest[sel]]
+        if len(sel):
+            out.append(copy.live_row(gateway, device, tags[sel], ts[sel], vals[sel], q[sel]))
+    return b"".join(out)

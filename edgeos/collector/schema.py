@@ -5,7 +5,10 @@ Layout (docs/collector.md draws it):
 - `samples_packed`: one row per tag and hour, arrays of time offsets and values (lz4 TOAST),
   partitioned by day of the window start; the rollup moves closed hours from the first to the
   second and drops the hour's partition in one transaction, so a sample is in exactly one;
-- `samples`: a view over both with the tag key joined;
+- `samples_live`: live samples (a few per tag in a batch) as one row of arrays per gateway, device
+  and batch, moved by maintenance (`Database.pack_live`) into `samples_pieces` (as packed rows, in
+  hourly partitions), which the rollup merges into `samples_packed` and drops;
+- `samples`: a view over the four with the tag key joined;
 - `tags` (from the dictionaries), `units` (the exactly-once ledger), `gaps`, `parked`.
 
 Plain PostgreSQL only (no extension), so a TimescaleDB install keeps working unchanged.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
@@ -137,6 +140,100 @@ CREATE TABLE packed_dirty (day timestamptz PRIMARY KEY);
 CREATE TABLE edgeos_collector (version integer NOT NULL);
 INSERT INTO edgeos_collector VALUES (0);
 """,
+    2: """
+-- Live samples (a few per tag in a batch): one row per gateway, device and batch, holding arrays,
+-- so a sample costs no row and no index entry of its own; maintenance moves them into packed
+-- pieces (which the rollup merges per tag and hour), deleting them in the same transaction.
+CREATE TABLE samples_live (
+    gateway text NOT NULL,
+    device text NOT NULL,
+    t_min timestamptz NOT NULL,
+    t_max timestamptz NOT NULL,
+    tag integer[] NOT NULL,
+    ts timestamptz[] NOT NULL,
+    val double precision[] NOT NULL,
+    q integer[]
+);
+ALTER TABLE samples_live ALTER COLUMN tag SET COMPRESSION lz4;
+ALTER TABLE samples_live ALTER COLUMN ts SET COMPRESSION lz4;
+ALTER TABLE samples_live ALTER COLUMN val SET COMPRESSION lz4;
+ALTER TABLE samples_live ALTER COLUMN q SET COMPRESSION lz4;
+CREATE INDEX samples_live_gateway ON samples_live (gateway, t_min);
+
+-- What maintenance moves out of samples_live: pieces per tag and hour as in samples_packed, in
+-- hourly partitions which the rollup merges into samples_packed and then drops, so live traffic
+-- leaves no dead space in a day's packed partition (and no day to rewrite).
+CREATE TABLE samples_pieces (
+    tag integer NOT NULL,
+    t0 timestamptz NOT NULL,
+    t1 timestamptz NOT NULL,
+    n integer NOT NULL,
+    off integer[] NOT NULL,
+    off_us smallint[],
+    val double precision[] NOT NULL,
+    q integer[],
+    txt text[]
+) PARTITION BY RANGE (t0);
+CREATE INDEX samples_pieces_tag_t0 ON samples_pieces (tag, t0);
+
+-- One tag's live samples are found through its gateway's rows (the join on the gateway lets the
+-- planner go from tags_key to samples_live_gateway), then unnested. Not by device: a unit's tags
+-- are its device's in a gateway's store, but the gateway is the one thing the ids are sure of.
+CREATE OR REPLACE VIEW samples AS
+    SELECT t.key AS tag, r.ts, r.value, r.quality::bigint & 4294967295 AS quality, r.text,
+           t.gateway, t.device, t.name, t.unit
+    FROM samples_recent r JOIN tags t ON t.id = r.tag
+    UNION ALL
+    SELECT t.key, p.t0 + u.off * interval '1 millisecond' + coalesce(u.us, 0) * interval '1 microsecond',
+           u.val, coalesce(u.q, 0)::bigint & 4294967295, u.txt,
+           t.gateway, t.device, t.name, t.unit
+    FROM samples_packed p JOIN tags t ON t.id = p.tag
+    CROSS JOIN LATERAL unnest(p.off, p.off_us, p.val, p.q, p.txt) AS u(off, us, val, q, txt)
+    UNION ALL
+    SELECT t.key, p.t0 + u.off * interval '1 millisecond' + coalesce(u.us, 0) * interval '1 microsecond',
+           u.val, coalesce(u.q, 0)::bigint & 4294967295, u.txt,
+           t.gateway, t.device, t.name, t.unit
+    FROM samples_pieces p JOIN tags t ON t.id = p.tag
+    CROSS JOIN LATERAL unnest(p.off, p.off_us, p.val, p.q, p.txt) AS u(off, us, val, q, txt)
+    UNION ALL
+    SELECT t.key, u.ts, u.val, coalesce(u.q, 0)::bigint & 4294967295, NULL::text,
+           t.gateway, t.device, t.name, t.unit
+    FROM tags t JOIN samples_live l ON l.gateway = t.gateway
+    CROSS JOIN LATERAL unnest(l.tag, l.ts, l.val, l.q) AS u(tag, ts, val, q)
+    WHERE u.tag = t.id;
+
+CREATE OR REPLACE FUNCTION samples_between(p_tag text, p_from timestamptz, p_to timestamptz)
+RETURNS TABLE (ts timestamptz, value double precision, quality bigint, text text)
+LANGUAGE sql STABLE AS $fn$
+    SELECT r.ts, r.value, r.quality::bigint & 4294967295, r.text
+    FROM samples_recent r JOIN tags t ON t.id = r.tag
+    WHERE t.key = p_tag AND r.ts >= p_from AND r.ts < p_to
+    UNION ALL
+    SELECT x.ts, x.val, x.q, x.txt FROM (
+        SELECT p.t0 + u.off * interval '1 millisecond' + coalesce(u.us, 0) * interval '1 microsecond' AS ts,
+               u.val, coalesce(u.q, 0)::bigint & 4294967295 AS q, u.txt
+        FROM samples_packed p JOIN tags t ON t.id = p.tag
+        CROSS JOIN LATERAL unnest(p.off, p.off_us, p.val, p.q, p.txt) AS u(off, us, val, q, txt)
+        WHERE t.key = p_tag AND p.t0 > p_from - interval '1 hour' AND p.t0 < p_to AND p.t1 > p_from
+    ) x
+    WHERE x.ts >= p_from AND x.ts < p_to
+    UNION ALL
+    SELECT x.ts, x.val, x.q, x.txt FROM (
+        SELECT p.t0 + u.off * interval '1 millisecond' + coalesce(u.us, 0) * interval '1 microsecond' AS ts,
+               u.val, coalesce(u.q, 0)::bigint & 4294967295 AS q, u.txt
+        FROM samples_pieces p JOIN tags t ON t.id = p.tag
+        CROSS JOIN LATERAL unnest(p.off, p.off_us, p.val, p.q, p.txt) AS u(off, us, val, q, txt)
+        WHERE t.key = p_tag AND p.t0 > p_from - interval '1 hour' AND p.t0 < p_to AND p.t1 > p_from
+    ) x
+    WHERE x.ts >= p_from AND x.ts < p_to
+    UNION ALL
+    SELECT u.ts, u.val, coalesce(u.q, 0)::bigint & 4294967295, NULL::text
+    FROM tags t JOIN samples_live l ON l.gateway = t.gateway
+    CROSS JOIN LATERAL unnest(l.tag, l.ts, l.val, l.q) AS u(tag, ts, val, q)
+    WHERE t.key = p_tag AND l.t_max >= p_from AND l.t_min < p_to
+      AND u.tag = t.id AND u.ts >= p_from AND u.ts < p_to
+$fn$;
+""",
 }
 
 
@@ -174,6 +271,10 @@ def _packed_name(start: dt.datetime) -> str:
     return f"samples_packed_{start:%Y%m%d}"
 
 
+def _pieces_name(start: dt.datetime) -> str:
+    return f"samples_pieces_{start:%Y%m%d%H}"
+
+
 async def ensure_recent(conn, hours: set[dt.datetime]) -> None:
     """Create the hourly partitions of `samples_recent` for these hour starts (idempotent)."""
     for h in sorted(hours):
@@ -191,10 +292,20 @@ async def ensure_packed(conn, day: dt.datetime) -> None:
     )
 
 
-async def recent_partitions(conn) -> list[tuple[str, dt.datetime]]:
+async def ensure_pieces(conn, hour: dt.datetime) -> None:
+    h = hour_floor(hour)
+    await conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {_pieces_name(h)} PARTITION OF samples_pieces "
+        f"FOR VALUES FROM ('{h.isoformat()}') TO ('{(h + HOUR).isoformat()}')"
+    )
+
+
+async def recent_partitions(conn, parent: str = "samples_recent") -> list[tuple[str, dt.datetime]]:
+    """The hourly partitions of `samples_recent` (or of `samples_pieces`) and their hours."""
     rows = await conn.fetch(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = 'samples_recent'::regclass ORDER BY 1"
+        "WHERE i.inhparent = $1::regclass ORDER BY 1",
+        parent,
     )
     out = []
     for r in rows:
@@ -210,6 +321,9 @@ async def rollup(conn, older_than: dt.datetime, lookback: dt.timedelta = dt.time
     transaction, so a sample is never in both, nor in neither. Hours with several packed rows
     for a tag are looked for `lookback` back. Returns the hours rolled up."""
     recent = {start: name for name, start in await recent_partitions(conn) if start + HOUR <= older_than}
+    pieces = {
+        start: name for name, start in await recent_partitions(conn, "samples_pieces") if start + HOUR <= older_than
+    }
     rows = await conn.fetch(
         "SELECT DISTINCT t0 FROM (SELECT t0 FROM samples_packed WHERE t0 >= $1 AND t0 <= $2 "
         "GROUP BY tag, t0 HAVING count(*) > 1) x",
@@ -217,17 +331,24 @@ async def rollup(conn, older_than: dt.datetime, lookback: dt.timedelta = dt.time
         older_than - HOUR,
     )
     done = 0
-    for start in sorted(set(recent) | {r["t0"] for r in rows}):
-        name = recent.get(start)
+    for start in sorted(set(recent) | set(pieces) | {r["t0"] for r in rows}):
+        name, pname = recent.get(start), pieces.get(start)
         from_rows = (
             f"UNION ALL SELECT tag, (extract(epoch FROM ts - $1) * 1000000)::bigint, value, quality, text FROM {name}"
             if name
             else ""
         )
+        if pname:
+            from_rows += (
+                f" UNION ALL SELECT pc.tag, u.off::bigint * 1000 + coalesce(u.us, 0), u.val, coalesce(u.q, 0), u.txt "
+                f"FROM {pname} pc CROSS JOIN LATERAL unnest(pc.off, pc.off_us, pc.val, pc.q, pc.txt) "
+                "AS u(off, us, val, q, txt)"
+            )
         async with conn.transaction():
-            if name:
-                # The lock waits for writers still copying into the hour, and keeps new ones out.
-                await conn.execute(f"LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE")
+            for part in (name, pname):
+                if part:
+                    # The lock waits for writers still copying into the hour, and keeps new ones out.
+                    await conn.execute(f"LOCK TABLE {part} IN ACCESS EXCLUSIVE MODE")
             await ensure_packed(conn, start)
             merged = await conn.fetchval("SELECT count(*) FROM samples_packed WHERE t0 = $1", start)
             if merged:
@@ -253,8 +374,9 @@ async def rollup(conn, older_than: dt.datetime, lookback: dt.timedelta = dt.time
                 start,
                 start + HOUR,
             )
-            if name:
-                await conn.execute(f"DROP TABLE {name}")
+            for part in (name, pname):
+                if part:
+                    await conn.execute(f"DROP TABLE {part}")
         done += 1
     return done
 
@@ -273,7 +395,7 @@ async def rewrite_closed_days(conn, older_than: dt.datetime) -> int:
 async def drop_older(conn, before: dt.datetime) -> int:
     """Retention: drop whole partitions (packed days, recent hours) that end at or before `before`."""
     dropped = 0
-    for name, start in await recent_partitions(conn):
+    for name, start in await recent_partitions(conn) + await recent_partitions(conn, "samples_pieces"):
         if start + HOUR <= before:
             await conn.execute(f"DROP TABLE IF EXISTS {name}")
             dropped += 1
@@ -286,5 +408,6 @@ async def drop_older(conn, before: dt.datetime) -> int:
         if day + DAY <= before:
             await conn.execute(f"DROP TABLE IF EXISTS {r['relname']}")
             dropped += 1
+    await conn.execute("DELETE FROM samples_live WHERE t_max < $1", before)
     await conn.execute("DELETE FROM units WHERE received < $1", before)
     return dropped

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -217,7 +218,7 @@ class Collector:
                 if m.topic.endswith("/data"):
                     decoded = await self._decode(m)
                     if decoded is not None:
-                        data.append((m, decoded))
+                        data.append(decoded)
                 else:
                     others.append(m)
             # Dictionaries first: units of this batch may use tags they add.
@@ -299,18 +300,26 @@ class Collector:
         parts = topic.split("/")
         return parts[1] if len(parts) > 2 else None
 
-    async def _decode(self, m: Incoming) -> wire.Message | None:
+    async def _decode(self, m: Incoming) -> tuple[Incoming, wire.Message] | None:
+        """The message decoded, with what to park if it must be: the message itself, or for a
+        unit that came in parts the whole unit as one message (a part alone cannot be retried)."""
         self.metrics.messages += 1
         try:
             env = wire.decode_envelope(m.payload)
             if env.part is None:
                 units = [wire.decode_unit(u) for u in env.units]
-                return wire.Message(env.gateway, env.device, env.seqs, env.dictionary, units, env.prev, env.replay)
+                return m, wire.Message(env.gateway, env.device, env.seqs, env.dictionary, units, env.prev, env.replay)
             whole = self._joiner.feed(m.payload)
             if not whole:
                 return None  # more parts to come (acknowledged: a part lost in a crash is replayed)
             d = whole[0]
-            return wire.Message(d.gateway, d.device, [d.seq], env.dictionary, [d.unit], env.prev, env.replay)
+            u = d.unit
+            blob = wire.encode_unit(u.device, u.tags, u.ts, u.values, u.quality, u.text)
+            payload = wire.encode_message(
+                d.gateway, d.device, [d.seq], [blob], env.dictionary, prev=env.prev, replay=env.replay
+            )
+            message = wire.Message(d.gateway, d.device, [d.seq], env.dictionary, [u], env.prev, env.replay)
+            return dataclasses.replace(m, payload=payload), message
         except Exception as e:  # noqa: BLE001 - anything a broker client could publish
             await self._park(m, f"undecodable: {type(e).__name__}: {e}"[:500], self._topic_gateway(m.topic))
             return None
@@ -362,7 +371,11 @@ class Collector:
         tag_map = self.db.tag_map(gateway)
         done = []
         for pid, _topic, payload in parked:
-            message = wire.decode(payload)
+            try:
+                message = wire.decode(payload)
+            except ValueError as e:  # e.g. a part parked alone by an older collector: stays parked
+                log.warning("collector: parked message %d cannot be retried: %s", pid, e)
+                continue
             pending = []
             for seq, unit in zip(message.seqs, message.units, strict=True):
                 if len(unit.tags) and (int(unit.tags.max()) >= len(tag_map) or (tag_map[unit.tags] < 0).any()):

@@ -55,7 +55,14 @@ reconnect_max = "300ms"
 
 
 def collector_config(
-    directory: Path, name: str, ports: list[int], dsn: str, http_port: int, extra: str = "", broker: str = ""
+    directory: Path,
+    name: str,
+    ports: list[int],
+    dsn: str,
+    http_port: int,
+    extra: str = "",
+    broker: str = "",
+    maintain_every: str = "1h",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
@@ -73,7 +80,7 @@ dsn = "{dsn}"
 batch_wait = "50ms"
 reorder_wait = "1s"
 replay_retry = "2s"
-maintain_every = "1h"
+maintain_every = "{maintain_every}"
 {extra}
 [http]
 listen = "127.0.0.1:{http_port}"

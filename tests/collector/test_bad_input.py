@@ -39,6 +39,16 @@ def message(seq: int, tags: list[int], *, version: int | None = None, text: list
     return wire.encode_message("gw9", "press1", [seq], [u], 2)
 
 
+def parts(seq: int, tags: list[int]) -> list[bytes]:
+    """One unit as two part messages (a unit split for the size cap)."""
+    blob = wire.decode_envelope(message(seq, tags)).units[0]
+    half = len(blob) // 2
+    return [
+        wire.encode_message("gw9", "press1", [seq], [piece], 2, part=(i, 2))
+        for i, piece in enumerate([blob[:half], blob[half:]])
+    ]
+
+
 async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_path, pg, mosquitto):
     _, dsn = pg
     port = free_port()
@@ -57,6 +67,8 @@ async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_p
             # PostgreSQL refuses a NUL in text: that message alone is parked, its batch written.
             await c.publish("edgeos/gw9/press1/data", message(5, [0, 1], text=["ok", "b\x00d"]), qos=1)
             await c.publish("edgeos/gw9/press1/data", message(6, [0]), qos=1)
+            for part in parts(7, [0, 2]):  # a unit in parts, tag 2 unknown yet: parked whole
+                await c.publish("edgeos/gw9/press1/data", part, qos=1)
             await asyncio.sleep(1.5)
             conn = await asyncpg.connect(dsn)
             try:
@@ -72,10 +84,10 @@ async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_p
                     else r
                     for r in reasons
                 )
-                assert kinds == ["newer", "refused", "undecodable", "unknown tags"]
+                assert kinds == ["newer", "refused", "undecodable", "unknown tags", "unknown tags"]
                 # Nothing of a parked message is half-written: units 2, 3 and 5 are not in the ledger.
                 assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 4, 6]
-                assert plant.metrics(port)["edgeos_collector_parked_total"] >= 4  # + any released early
+                assert plant.metrics(port)["edgeos_collector_parked_total"] >= 5  # + any released early
                 # The dictionary grows: the parked unit with tag 2 is written, and leaves the park.
                 d2 = wire.encode_dictionary(
                     "gw9",
@@ -84,12 +96,12 @@ async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_p
                 await c.publish("edgeos/gw9/tags", d2, qos=1, retain=True)
                 for _ in range(50):
                     await asyncio.sleep(0.1)
-                    if await conn.fetchval("SELECT count(*) FROM units") == 4:
+                    if await conn.fetchval("SELECT count(*) FROM units") == 5:
                         break
-                assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 3, 4, 6]
+                assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 3, 4, 6, 7]
                 assert await conn.fetchval("SELECT count(*) FROM parked") == 3
-                assert await conn.fetchval("SELECT count(*) FROM samples WHERE tag = 'gw9/press1/c'") == 1
-                assert await conn.fetchval("SELECT count(*) FROM samples") == 2 + 3 + 1 + 1
+                assert await conn.fetchval("SELECT count(*) FROM samples WHERE tag = 'gw9/press1/c'") == 2
+                assert await conn.fetchval("SELECT count(*) FROM samples") == 2 + 3 + 1 + 1 + 2
             finally:
                 await conn.close()
         assert col.p.poll() is None  # still running

@@ -12,6 +12,7 @@ import numpy as np
 
 from edgeos import wire
 from edgeos.collector import db as dbm
+from edgeos.collector import schema
 
 EDGEOS = str(Path(sys.executable).with_name("edgeos"))
 
@@ -75,7 +76,8 @@ async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, 
         subprocess.run, [EDGEOS, "collect", "check", "-c", str(p)], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stderr
-    assert "postgresql: ok (schema version 1)" in r.stdout and f"127.0.0.1:{mosquitto.port}: ok" in r.stdout
+    assert f"postgresql: ok (schema version {schema.SCHEMA_VERSION})" in r.stdout
+    assert f"127.0.0.1:{mosquitto.port}: ok" in r.stdout
     d = dbm.Database(dsn)
     await d.connect()
     await d.save_dictionary("line1-gw", {0: wire.TagEntry(0, "press1", "temperature", "number", "degC")})

@@ -82,6 +82,32 @@ async def test_a_newer_schema_is_refused(pg):
     await conn.close()
 
 
+async def test_a_version_1_database_is_migrated_and_keeps_its_samples(pg):
+    """A database a schema-1 collector wrote (rows only) is brought to the current version at
+    connect: its samples read the same through the view, and live rows join them."""
+    _, dsn = pg
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(schema._MIGRATIONS[1])  # noqa: SLF001 - the old schema, as it was
+    await conn.execute("UPDATE edgeos_collector SET version = 1")
+    await conn.close()
+    old = dbm.Database(dsn, pack_min=0)
+    old.conn = await asyncpg.connect(dsn)  # as a schema-1 collector: no migration
+    await old.conn.execute(
+        "CREATE TEMP TABLE incoming (gateway text, seq bigint, device text, samples integer, prev bigint) "
+        "ON COMMIT DELETE ROWS"
+    )
+    await old.save_dictionary("gw1", {i: wire.TagEntry(i, "press1", f"t{i}", "number", "bar") for i in range(5)})
+    await old.write(pending(old, "gw1", range(0, 3)))
+    await old.close()
+    d = await fresh(dsn, pack_min=16)  # connects: migrates
+    assert await d.conn.fetchval("SELECT version FROM edgeos_collector") == schema.SCHEMA_VERSION
+    await d.write(pending(d, "gw1", range(3, 5)))
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_live") == 1
+    rows = await d.conn.fetch("SELECT ts, value FROM samples WHERE tag = 'gw1/press1/t1' ORDER BY ts")
+    assert [r["value"] for r in rows] == [float(unit(s).values[1]) for s in range(5)]
+    await d.close()
+
+
 async def test_rollup_packs_hours_exactly_and_the_view_reads_both(pg):
     _, dsn = pg
     a = await fresh(dsn)
@@ -174,12 +200,19 @@ async def test_rollup_merges_packed_pieces_and_rows_of_an_hour_into_one_row_per_
     d = await fresh(dsn, pack_min=16)
     for first in (0, 40, 80):  # three backlog batches: three packed pieces per tag
         await d.write(pending(d, "gw1", range(first, first + 40)))
-    await d.write(pending(d, "gw1", [120]))  # and a row
+    await d.write(pending(d, "gw1", [120]))  # and a live row, moved into a fourth piece
     before = await d.conn.fetch("SELECT tag, ts, value, quality FROM samples ORDER BY tag, ts")
     assert await d.conn.fetchval("SELECT count(*) FROM samples_packed") == 15
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_live") == 1
+    assert await d.pack_live() == 5
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_pieces") == 5
+    assert [tuple(r) for r in await d.conn.fetch("SELECT tag, ts, value, quality FROM samples ORDER BY tag, ts")] == [
+        tuple(r) for r in before
+    ]
     assert await schema.rollup(d.conn, dt.datetime.fromtimestamp(T0 / 1e9 + 3600, dt.UTC)) == 1
     assert await d.conn.fetchval("SELECT count(*) FROM samples_packed") == 5
     assert await d.conn.fetchval("SELECT count(*) FROM samples_recent") == 0
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_pieces") == 0
     after = await d.conn.fetch("SELECT tag, ts, value, quality FROM samples ORDER BY tag, ts")
     assert [tuple(r) for r in after] == [tuple(r) for r in before] and len(after) == 121 * 5
     # The merged pieces' dead space goes once the day is over.
@@ -189,3 +222,62 @@ async def test_rollup_merges_packed_pieces_and_rows_of_an_hour_into_one_row_per_
     again = await d.conn.fetch("SELECT tag, ts, value, quality FROM samples ORDER BY tag, ts")
     assert [tuple(r) for r in again] == [tuple(r) for r in before]
     await d.close()
+
+
+async def test_live_units_are_one_row_a_device_then_packed_pieces_then_rolled_up(pg_cluster):
+    """Live traffic (one sample a tag in a batch) into two databases, as rows (pack_min=0) and
+    as live rows of arrays: the view and samples_between show the same samples, bit for bit,
+    before and after maintenance moves the live rows into packed pieces and the rollup merges
+    those; a redelivery writes nothing."""
+    rng = np.random.default_rng(11)
+    batches = []
+    for s in range(40):
+        n = 5
+        ts = np.full(n, T0 + 3_580_000_000_000 + s * 1_000_000_000, np.int64)  # crosses an hour
+        ts += rng.integers(0, 3, n) * 1234  # sub-millisecond parts in some
+        q = np.where(rng.random(n) < 0.2, 0x80000000, 0).astype(np.uint32)
+        u = wire.Unit("press1", np.arange(n, dtype=np.int32), ts, rng.normal(size=n), q)
+        v = wire.Unit("press2", np.arange(n, 2 * n, dtype=np.int32), ts + 5, rng.normal(size=n), np.zeros(n, np.uint32))
+        batches.append([(2 * s + 1, u), (2 * s + 2, v)])
+    q_all = "SELECT tag, ts, value, quality, text FROM samples ORDER BY tag, ts, value"
+    q_fn = "SELECT ts, value, quality FROM samples_between('gw1/press2/t7', $1, $2) ORDER BY ts"
+    lo, hi = dt.datetime.fromtimestamp(T0 / 1e9, dt.UTC), dt.datetime.fromtimestamp(T0 / 1e9 + 7200, dt.UTC)
+    seen = []
+    for name, pack_min in [("live_rows_db", 0), ("live_db", 16)]:
+        d = dbm.Database(pg_cluster.create_database(name), pack_min=pack_min)
+        await d.connect()
+        entries = {i: wire.TagEntry(i, "press1" if i < 5 else "press2", f"t{i}", "number", "") for i in range(10)}
+        await d.save_dictionary("gw1", entries)
+        for b in batches:
+            w = await d.write([dbm.Pending("gw1", seq, u, d.tag_map("gw1")[u.tags]) for seq, u in b])
+            assert (w.units, w.samples) == (2, 10)
+        again = await d.write([dbm.Pending("gw1", seq, u, d.tag_map("gw1")[u.tags]) for seq, u in batches[3]])
+        assert (again.units, again.duplicates) == (0, 2)
+        states = [await d.conn.fetch(q_all)]
+        fn = [await d.conn.fetch(q_fn, lo, hi)]
+        live = await d.conn.fetchval("SELECT count(*) FROM samples_live")
+        recent = await d.conn.fetchval("SELECT count(*) FROM samples_recent")
+        assert (live, recent) == ((0, 400) if pack_min == 0 else (80, 0))  # a row a device and batch
+        if pack_min:
+            assert await d.pack_live(rows_per_txn=7) == 400  # in slices of 7 rows
+            assert await d.conn.fetchval("SELECT count(*) FROM samples_live") == 0
+            # a piece per tag and hour of each slice: more than the 10 tags x 2 hours rolled up
+            assert await d.conn.fetchval("SELECT count(*) FROM samples_pieces") > 20
+            assert await d.conn.fetchval("SELECT count(*) FROM samples_packed") == 0
+            states.append(await d.conn.fetch(q_all))
+            fn.append(await d.conn.fetch(q_fn, lo, hi))
+        await schema.rollup(d.conn, dt.datetime.fromtimestamp(T0 / 1e9 + 3 * 3600, dt.UTC))
+        assert await d.conn.fetchval("SELECT count(*) FROM samples_packed") == 20
+        assert await d.conn.fetchval("SELECT count(*) FROM samples_pieces") == 0
+        # Live traffic leaves no dead space in the day's packed partition: no day to rewrite.
+        assert await d.conn.fetchval("SELECT count(*) FROM packed_dirty") == 0
+        states.append(await d.conn.fetch(q_all))
+        fn.append(await d.conn.fetch(q_fn, lo, hi))
+        seen.append(([[tuple(r) for r in x] for x in states], [[tuple(r) for r in x] for x in fn]))
+        await d.close()
+    (rows_states, rows_fn), (live_states, live_fn) = seen
+    assert len(rows_states[0]) == 400 and len(rows_fn[0]) == 40
+    for state in rows_states[1:] + live_states:
+        assert state == rows_states[0]
+    for got in rows_fn[1:] + live_fn:
+        assert got == rows_fn[0]

@@ -21,8 +21,11 @@ free_port = sys.modules["edgeos_test_sync_peers"].free_port
 async def test_three_gateways_two_collectors_one_killed_mid_batch(tmp_path, pg, mosquitto):
     _, dsn = pg
     ports = [free_port(), free_port()]
+    # Maintenance every second: live rows move into packed pieces while batches are written.
     cols = [
-        plant.collector(plant.collector_config(tmp_path / "c", f"col{i}", [mosquitto.port], dsn, ports[i]))
+        plant.collector(
+            plant.collector_config(tmp_path / "c", f"col{i}", [mosquitto.port], dsn, ports[i], maintain_every="1s")
+        )
         for i in range(2)
     ]
     gws = [plant.gateway(plant.gateway_config(tmp_path / f"gw{i}", f"line{i}-gw", mosquitto.port)) for i in range(3)]
@@ -52,6 +55,15 @@ async def test_three_gateways_two_collectors_one_killed_mid_batch(tmp_path, pg, 
         try:
             assert await conn.fetchval("SELECT count(*) FROM parked") == 0
             assert await conn.fetchval("SELECT count(DISTINCT gateway) FROM tags") == 3
+            # Maintenance moves the live rows into packed pieces (bounded wait: it runs every
+            # second), and every sample is still there once.
+            for _ in range(120):
+                if not await conn.fetchval("SELECT count(*) FROM samples_live"):
+                    break
+                await asyncio.sleep(0.25)
+            assert await conn.fetchval("SELECT count(*) FROM samples_live") == 0
+            assert await conn.fetchval("SELECT count(*) FROM samples_pieces") > 0
+            await plant.assert_exactly_once(dsn, truths)
         finally:
             await conn.close()
     finally:

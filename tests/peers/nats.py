@@ -13,6 +13,7 @@ Load it by path (tests have no package), as tests/sync/test_nats.py does, and im
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -46,6 +47,10 @@ class NatsCluster:
         self.route = ports[nodes : 2 * nodes]
         self.mqtt = ports[2 * nodes :]
         self.procs: list[subprocess.Popen | None] = [None] * nodes
+        # A name of this cluster's own: a node of another cluster (another test, bench or helper
+        # on this host) that later listens on a route port a killed node freed must not be let
+        # in by the survivors, which keep dialling that port (one name for all merged clusters).
+        self.name = f"edgeos-{os.urandom(4).hex()}"
 
     def _config(self, i: int) -> Path:
         d = self.dir / f"n{i}"
@@ -57,7 +62,7 @@ class NatsCluster:
 server_name: n{i}
 listen: 127.0.0.1:{self.client[i]}
 jetstream {{ store_dir: "{d / "js"}", max_memory_store: 64MB, max_file_store: 1GB }}
-cluster {{ name: edgeos, listen: 127.0.0.1:{self.route[i]}, routes: [{routes}] }}
+cluster {{ name: {self.name}, listen: 127.0.0.1:{self.route[i]}, routes: [{routes}] }}
 mqtt {{ listen: 127.0.0.1:{self.mqtt[i]}, stream_replicas: {self.n}, ack_wait: "5s" }}
 """
         )
