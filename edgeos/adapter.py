@@ -26,7 +26,8 @@ Emit = Callable[[Batch], Awaitable[None]]
 """Hands a batch to the runtime; awaits while the pipeline queue is full (backpressure)."""
 
 
-@dataclass(frozen=True)
+# slots: a 10,000-tag gateway keeps 10,000 TagConfigs and up to as many FilterSpecs for its life.
+@dataclass(frozen=True, slots=True)
 class FilterSpec:
     """One step of a tag's filter chain as configured: the filter's name and its checked params."""
 
@@ -34,7 +35,7 @@ class FilterSpec:
     params: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TagConfig:
     """A configured tag: its metadata, poll interval, filter chain and the adapter's own options."""
 

@@ -61,6 +61,15 @@ def limits_of(options: Mapping[str, Any]) -> Limits:
 
 
 def specs_of(device: DeviceConfig) -> dict[int, TagSpec]:
+    """The device's tag layouts by tag id, built once per configured device (its state keeps
+    them: the adapters of each reconnect, the plans and writes all share one set)."""
+    st = state_of(device)
+    if st.specs is None:
+        st.specs = _build_specs(device)
+    return st.specs
+
+
+def _build_specs(device: DeviceConfig) -> dict[int, TagSpec]:
     out = {}
     for t in device.tags:
         spec, problems = tag_spec(dict(t.options), device.options["address_base"])
@@ -116,6 +125,7 @@ class DeviceState:
         self.barriers: dict[str, set[tuple[int, int]]] = {}
         self.refused: dict[int, Refusal] = {}  # tag id ->
         self.version = 0  # bumped at every learned change: plans are rebuilt
+        self.specs: dict[int, TagSpec] | None = None  # specs_of(); the config does not change under it
         self.errors = RateLimited(log)
 
 
