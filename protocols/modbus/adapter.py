@@ -515,7 +515,9 @@ class ModbusAdapter(PollingAdapter):
         c, st = self.counters, self.state
         groups = self._groups or []
         per_s = sum((len(g.plan.current.requests) - len(g.plan.current.held)) * 1e9 / g.interval_ns for g in groups)
-        names = {t.id: t.name for t in self.device.tags}
+        # Names only of refused tags: the status asks once a second, a device has 1,000s of tags.
+        refused = dict(list(st.refused.items())[:64])
+        names = {t.id: t.name for t in self.device.tags if t.id in refused} if refused else {}
         return {
             **super().health(),
             "endpoint": str(self.endpoint),
@@ -539,7 +541,7 @@ class ModbusAdapter(PollingAdapter):
                 for t, lim in st.limits.items()
                 if lim.refused is not None
             },
-            "refused_tags": {names[tid]: ref.reason for tid, ref in list(st.refused.items())[:64]},
+            "refused_tags": {names[tid]: ref.reason for tid, ref in refused.items()},
         }
 
 
