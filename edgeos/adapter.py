@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -198,24 +197,11 @@ def group_by_interval(tags: Sequence[TagConfig]) -> list[PollGroup]:
     return [PollGroup(iv, tuple(ts)) for iv, ts in sorted(by.items())]
 
 
-def poll_phase(device: str, interval_s: float) -> float:
-    """Where in its interval a device's poll grid sits, in seconds: spread by its name's hash
-    over min(interval, 1 s), the same at every start. With one grid for all, 20 devices polled
-    every second sent their requests in the same millisecond and queued behind each other
-    (and the pipeline and the store took all their samples at once): docs/benchmarks.md."""
-    h = zlib.crc32(device.encode()) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF  # splitmix64's finaliser:
-    h = (h ^ h >> 30) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF  # crc32 alone leaves names such as
-    h = (h ^ h >> 27) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF  # m0..m19 in a few clusters
-    return (h ^ h >> 31) / 2**64 * min(interval_s, 1.0)
-
-
 class PollingAdapter:
     """Base for polled devices: the runtime's scheduler calls `read(group)` at each tick.
 
     Ticks are on an absolute grid (start + k * interval), so the rate does not drift with read
     time; a read that overruns skips the missed ticks and counts them rather than bursting.
-    The grid sits at a per-device phase within the interval (`poll_phase`), so that devices
-    polled at the same interval do not all wake at the same instant.
     Groups share one connection; `self.io_lock` serialises requests where the transport needs it.
     """
 
@@ -245,10 +231,9 @@ class PollingAdapter:
     async def _poll_loop(self, group: PollGroup, stats: PollStats, emit: Emit) -> None:
         loop = asyncio.get_running_loop()
         interval = group.interval_ns / 1e9
-        # The grid: wall-clock multiples of the interval, shifted by the device's phase.
-        phase = poll_phase(self.device.name, interval)
+        # Align the grid to wall-clock multiples of the interval so sample times are tidy.
         wall = time.time()
-        first_wall = ((wall - phase) // interval + 1) * interval + phase
+        first_wall = (wall // interval + 1) * interval
         start = loop.time() + (first_wall - wall)
         k = 0
         while True:

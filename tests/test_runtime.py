@@ -451,16 +451,3 @@ async def test_a_commit_still_running_at_the_stop_deadline_counts_as_stored(writ
     with StoreReader(cfg.gateway.data_dir) as r:
         assert r.count() == c.stored
     assert c.read == c.stored + c.filtered_out + c.dropped_store_unavailable + c.dropped_at_stop
-
-
-def test_devices_polled_at_one_interval_are_spread_over_it_the_same_way_at_every_start():
-    from edgeos.adapter import poll_phase
-
-    phases = [poll_phase(f"m{k}", 1.0) for k in range(20)]
-    assert all(0.0 <= p < 1.0 for p in phases)
-    assert len({round(p, 3) for p in phases}) == 20  # not one instant for all
-    assert max(phases) - min(phases) > 0.5
-    assert phases == [poll_phase(f"m{k}", 1.0) for k in range(20)]
-    # Within the interval when shorter than a second; at most a second when longer.
-    assert all(0.0 <= poll_phase(f"m{k}", 0.1) < 0.1 for k in range(20))
-    assert all(0.0 <= poll_phase(f"m{k}", 3600.0) < 1.0 for k in range(20))
