@@ -126,7 +126,8 @@ class FilterPlugin(Protocol):
     fields: Mapping[str, Field]
 
     def create(self, n_tags: int, params: Mapping[int, Mapping[str, Any]]) -> Filter:
-        """A filter holding state for tag ids 0..n_tags-1, configured for the tags in `params`."""
+        """A filter holding state for tag ids 0..n_tags-1, configured for the tags in `params`
+        (the pipeline numbers the tags of one chain so, and maps them back)."""
 
 
 @runtime_checkable

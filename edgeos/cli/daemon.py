@@ -72,7 +72,7 @@ def run_daemon(config: Path, log_level: str | None = None, log_format: str = "au
     # Young collections every 20,000 new container objects, not 700: most of what a poll or a
     # publish response allocates is freed by its reference count before a collection sees it,
     # and fewer of them survive into the older generations. Measured on the e2e load: the
-    # collector's time 639 -> 125 ms in 15 s with the freeze after start-up below
+    # collector's time 639 -> 270-305 ms in 15 s with the freeze after start-up below
     # (docs/benchmarks.md); only cyclic garbage waits longer.
     gc.set_threshold(20_000, 10, 10)
     try:
