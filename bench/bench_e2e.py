@@ -25,7 +25,8 @@ Then the same Modbus load, same broker, same outage, through ThingsBoard IoT Gat
 cores. Its loss: successful Modbus reads the plant served it (one request per tag, its way)
 - data points delivered. Latency there excludes nothing (it has no filters).
 
-Footprint: RSS of a one-tag daemon (idle), and of a 10 x 1,000-tag Modbus gateway (1 s polls).
+Footprint: RSS of a one-tag daemon (idle), and of a 10 x 1,000-tag Modbus gateway (1 s polls);
+`EDGEOS_E2E_ONLY=footprint` measures these alone (a few seconds).
 """
 
 from __future__ import annotations
