@@ -25,7 +25,8 @@ Then the same Modbus load, same broker, same outage, through ThingsBoard IoT Gat
 cores. Its loss: successful Modbus reads the plant served it (one request per tag, its way)
 - data points delivered. Latency there excludes nothing (it has no filters).
 
-Footprint: RSS of a one-tag daemon (idle), and of a 10 x 1,000-tag Modbus gateway (1 s polls).
+Footprint: RSS of a one-tag daemon (idle), and of a 10 x 1,000-tag Modbus gateway (1 s polls);
+`EDGEOS_E2E_ONLY=footprint` measures these alone (a few seconds).
 """
 
 from __future__ import annotations
@@ -520,6 +521,28 @@ def _rss_anon_mb(pid: int) -> float:
     return float("nan")
 
 
+def _footprint_figures(foot: dict):
+    yield "rss_mb_idle", foot["idle"][0], "MB (one simulated tag; target <= 45)"
+    yield "rss_mb_10k_tags", foot["tenk"][0], "MB (10 x 1,000 Modbus tags at 1 s; target <= 60)"
+    yield "rss_mb_10k_tags_peak", foot["tenk"][1], "MB"
+    yield "rss_anon_mb_idle", foot["idle_anon"], "MB (RssAnon of rss_mb_idle: without mapped library pages)"
+    yield "rss_anon_mb_10k_tags", foot["tenk_anon"], "MB (RssAnon of rss_mb_10k_tags)"
+
+
+def _footprint_only(quick: bool, log):
+    """`EDGEOS_E2E_ONLY=footprint`: the footprint figures alone, with the quick or full settle
+    times (a few seconds and 10 plant devices instead of the whole load: for iterating)."""
+    with tempfile.TemporaryDirectory(prefix="edgeos-bench-e2e-") as tdir:
+        # The 10k gateway reads plant devices 21..30: the same ports layout, only those serve.
+        plant = Plant({"modbus": [20] * 21 + [1000] * 10, "serial": 0})
+        try:
+            foot = _footprint(Path(tdir), plant, 1.0 if quick else 10.0)
+        finally:
+            plant.stop()
+    log(f"# e2e: footprint only, {foot['tenk_stored']} samples stored by the 10k gateway")
+    yield from _footprint_figures(foot)
+
+
 def run(quick: bool):
     t = (
         {"warm": 2.0, "window": 10.0, "outage": 5.0, "drain_timeout": 12.0, "quiet": 3.0, "peer_start": 20.0}
@@ -533,6 +556,9 @@ def run(quick: bool):
         print(msg, file=sys.stderr, flush=True)
 
     began = time.monotonic()
+    if os.environ.get("EDGEOS_E2E_ONLY") == "footprint":
+        yield from _footprint_only(quick, log)
+        return
     with tempfile.TemporaryDirectory(prefix="edgeos-bench-e2e-") as tdir:
         tmp = Path(tdir)
         plant = Plant({"modbus": [500] * 20 + [1000] + [1000] * 10, "serial": 2, "lines_per_s": 20})
@@ -572,11 +598,7 @@ def run(quick: bool):
     yield "duplicates", ours["duplicates"], "samples delivered twice (at least once)"
     yield "drain_s", ours["drain_s"], "s from the broker's restart to the last older sample"
     yield "outage_cpu_s", ours["outage_cpu_s"], "CPU s over the outage and the drain"
-    yield "rss_mb_idle", foot["idle"][0], "MB (one simulated tag; target <= 45)"
-    yield "rss_mb_10k_tags", foot["tenk"][0], "MB (10 x 1,000 Modbus tags at 1 s; target <= 60)"
-    yield "rss_mb_10k_tags_peak", foot["tenk"][1], "MB"
-    yield "rss_anon_mb_idle", foot["idle_anon"], "MB (RssAnon of rss_mb_idle: without mapped library pages)"
-    yield "rss_anon_mb_10k_tags", foot["tenk_anon"], "MB (RssAnon of rss_mb_10k_tags)"
+    yield from _footprint_figures(foot)
     if not peer:
         return
     if "error" in peer:

@@ -26,7 +26,8 @@ Emit = Callable[[Batch], Awaitable[None]]
 """Hands a batch to the runtime; awaits while the pipeline queue is full (backpressure)."""
 
 
-@dataclass(frozen=True)
+# slots: a 10,000-tag gateway keeps 10,000 TagConfigs and up to as many FilterSpecs for its life.
+@dataclass(frozen=True, slots=True)
 class FilterSpec:
     """One step of a tag's filter chain as configured: the filter's name and its checked params."""
 
@@ -34,7 +35,7 @@ class FilterSpec:
     params: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TagConfig:
     """A configured tag: its metadata, poll interval, filter chain and the adapter's own options."""
 
@@ -125,7 +126,8 @@ class FilterPlugin(Protocol):
     fields: Mapping[str, Field]
 
     def create(self, n_tags: int, params: Mapping[int, Mapping[str, Any]]) -> Filter:
-        """A filter holding state for tag ids 0..n_tags-1, configured for the tags in `params`."""
+        """A filter holding state for tag ids 0..n_tags-1, configured for the tags in `params`
+        (the pipeline numbers the tags of one chain so, and maps them back)."""
 
 
 @runtime_checkable

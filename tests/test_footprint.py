@@ -104,3 +104,30 @@ def test_tags_share_equal_config_values(tmp_path):
     assert dict(o) == {**o} and o == dict(o) and len(o) == len(dict(o))
     with pytest.raises(KeyError):
         o["nope"]
+
+
+def test_filter_state_is_sized_by_its_chain_and_shared_params_are_completed_once():
+    # 10 tags, 4 of them with a swinging door, 6 with a deadband (two ways of configuring it):
+    # each filter holds state for its own group's tags, numbered 0..k-1, and tags configured
+    # with one params object share one completed copy.
+    import numpy as np
+
+    from edgeos.adapter import FilterSpec, TagConfig
+    from edgeos.model import Batch, TagMeta
+    from edgeos.pipeline import Pipeline
+
+    door = (FilterSpec("swinging_door", {"deviation": 1.0}),)
+    band = (FilterSpec("deadband", {"abs": 1.0}),)
+    band_pct = (FilterSpec("deadband", {"abs": 1.0}),)  # equal, not the same object
+    chains = [door, band, band, band_pct, band, band, door, band, door, door]
+    p = Pipeline([TagConfig(TagMeta(i, "d", f"t{i}"), 10**9, c) for i, c in enumerate(chains)])
+    (sd,), (db,) = p.chains[1:]
+    assert (sd.n_tags, len(sd.state), db.n_tags, len(db.state)) == (4, 4, 6, 6)
+    assert db.params[0] is db.params[1] is not db.params[2] and db.params[0] == db.params[2]
+    # Out of the pipeline, gateway-wide ids again.
+    ids = np.arange(10, dtype=np.int32)
+    for t, expected in ((0, list(range(10))), (1, [1, 2, 3, 4, 5, 7])):  # then the doors hold theirs
+        out = p.apply(Batch("d", ids, np.full(10, t, np.int64), np.full(10, 5.0 * t), np.zeros(10, np.uint32)))
+        assert sorted(out.tags.tolist()) == expected
+    held = p.flush()
+    assert [b.tags.tolist() for b in held] == [[0, 6, 8, 9]]

@@ -50,7 +50,15 @@ class _Filter:
     def __init__(self, n_tags: int, params: Params, impl: str = "auto") -> None:
         self._k = kernels(impl)
         self.n_tags = n_tags
-        self.params = {int(t): _complete(self.plugin.fields, p) for t, p in params.items()}
+        # Tags configured alike share one params object (config/load.py): they share its
+        # completed copy too (7,500 dicts at 10,000 tags otherwise).
+        done: dict[int, dict[str, Any]] = {}
+        self.params: dict[int, dict[str, Any]] = {}
+        for t, p in params.items():
+            c = done.get(id(p))
+            if c is None:
+                c = done[id(p)] = _complete(self.plugin.fields, p)
+            self.params[int(t)] = c
         self.enabled = np.zeros(n_tags, np.uint8)
         for t in self.params:
             self.enabled[t] = 1

@@ -61,6 +61,15 @@ def limits_of(options: Mapping[str, Any]) -> Limits:
 
 
 def specs_of(device: DeviceConfig) -> dict[int, TagSpec]:
+    """The device's tag layouts by tag id, built once per configured device (its state keeps
+    them: the adapters of each reconnect, the plans and writes all share one set)."""
+    st = state_of(device)
+    if st.specs is None:
+        st.specs = _build_specs(device)
+    return st.specs
+
+
+def _build_specs(device: DeviceConfig) -> dict[int, TagSpec]:
     out = {}
     for t in device.tags:
         spec, problems = tag_spec(dict(t.options), device.options["address_base"])
@@ -116,6 +125,7 @@ class DeviceState:
         self.barriers: dict[str, set[tuple[int, int]]] = {}
         self.refused: dict[int, Refusal] = {}  # tag id ->
         self.version = 0  # bumped at every learned change: plans are rebuilt
+        self.specs: dict[int, TagSpec] | None = None  # specs_of(); the config does not change under it
         self.errors = RateLimited(log)
 
 
@@ -505,7 +515,9 @@ class ModbusAdapter(PollingAdapter):
         c, st = self.counters, self.state
         groups = self._groups or []
         per_s = sum((len(g.plan.current.requests) - len(g.plan.current.held)) * 1e9 / g.interval_ns for g in groups)
-        names = {t.id: t.name for t in self.device.tags}
+        # Names only of refused tags: the status asks once a second, a device has 1,000s of tags.
+        refused = dict(list(st.refused.items())[:64])
+        names = {t.id: t.name for t in self.device.tags if t.id in refused} if refused else {}
         return {
             **super().health(),
             "endpoint": str(self.endpoint),
@@ -529,7 +541,7 @@ class ModbusAdapter(PollingAdapter):
                 for t, lim in st.limits.items()
                 if lim.refused is not None
             },
-            "refused_tags": {names[tid]: ref.reason for tid, ref in list(st.refused.items())[:64]},
+            "refused_tags": {names[tid]: ref.reason for tid, ref in refused.items()},
         }
 
 

@@ -38,6 +38,7 @@ NUMERIC = {
 BYTE_TYPES = ("int8", "uint8")
 TYPES = ("bool", *BYTE_TYPES, *NUMERIC, "string")
 BYTE_ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
+_ORDER = {o: o for o in BYTE_ORDERS}  # one string per order, not one per tag (`upper()` copies)
 MAX_REGISTERS = 125  # per read request, Modbus application protocol spec 6.3
 MAX_BITS = 2000  # per read request, spec 6.1
 MAX_STRING = 2 * MAX_REGISTERS
@@ -258,7 +259,7 @@ def tag_spec(options: dict, address_base: int) -> tuple[TagSpec | None, list[tup
             start=start,
             count=count,
             type=typ,
-            byte_order=options.get("byte_order", "ABCD").upper(),
+            byte_order=_ORDER[options.get("byte_order", "ABCD").upper()],
             bit=a.bit,
             byte=options.get("byte", "low"),
             length=options.get("length") or 0,
