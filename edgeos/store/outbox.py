@@ -63,6 +63,8 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None
         self._checked = 0.0
+        self._tags_key: tuple[int, int | None] | None = None
+        self._tags = 0
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -133,7 +135,15 @@ class Outbox:
         return self.conn().execute("SELECT id, device, name, kind, unit FROM tags ORDER BY id").fetchall()
 
     def tag_count(self) -> int:
-        return self.conn().execute("SELECT COUNT(*) FROM tags").fetchone()[0]
+        """How many tag rows the store holds (retired ones included). Asked by the sync at every
+        live read: a COUNT over 16,000 tags was 14 % of the event loop's busy time at 10,000
+        tags, so it is counted again only when the highest id moved (tag rows are never deleted,
+        so an unchanged highest id in the same file means an unchanged count)."""
+        db = self.conn()
+        key = (self.generation, db.execute("SELECT MAX(id) FROM tags").fetchone()[0])
+        if key != self._tags_key:
+            self._tags_key, self._tags = key, db.execute("SELECT COUNT(*) FROM tags").fetchone()[0]
+        return self._tags
 
     def after(self, cursor: int, end: int | None = None, max_bytes: int = 1 << 20) -> UnitRun:
         """Units with cursor < id (< end), in id order, up to about `max_bytes` of unit bytes
