@@ -30,11 +30,12 @@ def _peer():
 
 
 _replay = _load("edgeos_test_sync_replay", Path(__file__).with_name("test_replay.py"))
-Central, assert_each_once, stored, wait_until = (
+Central, assert_each_once, stored, wait_until, answering_replays = (
     _replay.Central,
     _replay.assert_each_once,
     _replay.stored,
     _replay.wait_until,
+    _replay.answering_replays,
 )
 
 
@@ -90,13 +91,7 @@ reconnect_max = "2s"
             rt.stop()
             await asyncio.wait_for(task, 20)
             expect = stored(cfg.gateway.data_dir)
-            # What died with the node can only come back by replay, which needs the gateway: it
-            # runs again with its devices off, so it answers replay requests and adds no unit.
-            quiet = path.with_name("replay-only.toml")
-            off = 'protocol = "simulated"\nenabled = false'
-            quiet.write_text(path.read_text().replace('protocol = "simulated"', off))
-            rt = Runtime(load_config(quiet))
-            task = asyncio.create_task(rt.run())
+            rt, task = answering_replays(path)  # what died with the node comes back by replay
             await wait_until(lambda: set(central.seqs()) >= set(expect), 40)
     finally:
         rt.stop()

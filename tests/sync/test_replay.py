@@ -64,6 +64,17 @@ def stored(data_dir: Path) -> dict[int, tuple[str, bytes]]:
         db.close()
 
 
+def answering_replays(path: Path) -> tuple[Runtime, asyncio.Task]:
+    """The gateway of config `path` again, its devices off: it adds no unit, and it answers the
+    replay requests a consumer still needs after the producing run stopped (what a broker lost
+    can only come back by replay)."""
+    quiet = path.with_name("replay-only.toml")
+    off = 'protocol = "simulated"\nenabled = false'
+    quiet.write_text(path.read_text().replace('protocol = "simulated"', off))
+    rt = Runtime(load_config(quiet))
+    return rt, asyncio.create_task(rt.run())
+
+
 async def wait_until(pred, timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not pred():
@@ -148,7 +159,8 @@ async def test_units_a_broker_forgot_after_acknowledging_are_replayed(write_conf
     # broker acknowledges and queues for the consumer's session), the broker is killed and
     # restarted: the queue is gone. The consumer notices, asks, and ends with every seq once.
     b = make_broker(persistence=False)
-    cfg = load_config(config(write_config, b.port, f'mqtt_version = "{version}"\n'))
+    path = config(write_config, b.port, f'mqtt_version = "{version}"\n')
+    cfg = load_config(path)
     rt = Runtime(cfg)
     task = asyncio.create_task(rt.run())
     try:
@@ -164,6 +176,7 @@ async def test_units_a_broker_forgot_after_acknowledging_are_replayed(write_conf
             rt.stop()
             await asyncio.wait_for(task, 20)
             expect = stored(cfg.gateway.data_dir)
+            rt, task = answering_replays(path)  # a replay still under way goes on
             await wait_until(lambda: set(central2.seqs()) >= set(expect), 30)
     finally:
         rt.stop()
