@@ -218,6 +218,21 @@ class LatestValues:
         ]
 
 
+async def _cancel_bounded(task: asyncio.Task, what: str, rounds: int = 10) -> None:
+    """Cancel `task` and wait for it, a second at a time, cancelling again each second: on
+    Python 3.11 `asyncio.wait_for` (which aiomqtt uses) can swallow a cancellation that arrives
+    as its inner future completes, and one swallowed cancellation must not hold the stop."""
+    task.cancel()
+    for _ in range(rounds):
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        if done:
+            if not task.cancelled():
+                task.exception()  # retrieved: its failure was logged where it happened
+            return
+        task.cancel()
+    log.warning("stop: the %s did not end within %d s of its cancellation; left behind", what, rounds)
+
+
 class Runtime:
     """Runs a config until `stop()` (or cancellation, or SIGTERM/SIGINT with handle_signals)."""
 
@@ -578,8 +593,7 @@ class Runtime:
                         # Everything is committed; forward the last of it if that is quick,
                         # else the next start resumes from the cursor.
                         await self.sync.flush(min(2.0, cfg.gateway.shutdown_timeout_ns / 4e9))
-                        t_sync.cancel()
-                        await asyncio.gather(t_sync, return_exceptions=True)
+                        await _cancel_bounded(t_sync, "upstream sync")
         finally:
             self.running.clear()
             if handle_signals:

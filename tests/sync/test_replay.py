@@ -96,9 +96,10 @@ class Central:
         self.requests: list[bytes] = []
         self.drop = drop or (lambda env: False)
         self.task: asyncio.Task | None = None
+        self.closing = False
 
     async def _run(self) -> None:
-        while True:
+        while not self.closing:
             try:
                 async with aiomqtt.Client("127.0.0.1", self.port, identifier="central", clean_session=False) as c:
                     await c.subscribe("edgeos/+/+/data", qos=1)
@@ -116,7 +117,7 @@ class Central:
                         asker.cancel()
                         await asyncio.gather(asker, return_exceptions=True)
             except aiomqtt.MqttError:
-                if asyncio.current_task().cancelling():
+                if asyncio.current_task().cancelling() or self.closing:
                     raise
                 await asyncio.sleep(0.1)
 
@@ -136,10 +137,19 @@ class Central:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        # Cancelled again each second, and told to end by a flag too: on Python 3.11 aiomqtt's
+        # wait_for can swallow a cancellation, and the reconnect loop would then run on.
         assert self.task is not None
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError, aiomqtt.MqttError):
-            await asyncio.wait_for(self.task, 5)
+        self.closing = True
+        for _ in range(10):
+            self.task.cancel()
+            done, _ = await asyncio.wait({self.task}, timeout=1.0)
+            if done:
+                break
+        assert self.task.done(), "the test consumer did not stop"
+        if not self.task.cancelled():
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                self.task.result()
 
 
 def assert_each_once(central: Central, expect: dict[int, tuple[str, bytes]]) -> None:
