@@ -310,7 +310,9 @@ class Database:
                     except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
                         pass
                     self._piece_hours.add(hour)
-            body, _rest, _ = copy.split_packed(tags, us * 1000, vals, q, 1)
+            body, rest, _ = copy.split_packed(tags, us * 1000, vals, q, 1)
+            if rest.any():  # min_run 1 packs every sample; anything else would be deleted unwritten
+                raise RuntimeError(f"live rows of {gateway}: {int(rest.sum())} samples not packed; nothing moved")
             await conn.copy_to_table(
                 "samples_pieces",
                 source=io.BytesIO(copy.HEADER + body + copy.TRAILER),

@@ -223,8 +223,18 @@ class MqttSession:
         silence in either direction, so a healthy idle link has its PINGRESP a whole keep-alive
         before STALL_AFTER, and the watchdog wakes when a deadline is due, not once a second
         (docs/reliability.md, "Network faults")."""
+        try:
+            await self._watch()
+        except Exception as e:  # noqa: BLE001 - a watchdog that fails must not leave the link unwatched
+            log.error("mqtt: the stall watchdog failed (%s: %s); dropping the connection", type(e).__name__, e)
+            self._drop(SyncError(f"{self.where}: the stall watchdog failed ({type(e).__name__}: {e})"))
+
+    async def _watch(self) -> None:
         paho = self._paho
         keepalive = float(paho._keepalive)  # noqa: SLF001 - after CONNACK: an MQTT 5 server keep-alive applies
+        if keepalive <= 0:  # keep-alive off (0, or a server's Server Keep Alive of 0): nothing to watch
+            await self.lost.wait()
+            return
         ping, stall = PING_AFTER * keepalive, STALL_AFTER * keepalive
         pinged = 0.0
         while self.failure is None:
@@ -484,8 +494,7 @@ class MqttTransport:
             raise
         finally:
             watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+            await asyncio.wait([watchdog])  # not awaited itself: a cancellation of ours is not swallowed
             if failed or session.failure is not None:
                 self._next_server()  # a lost connection: the next attempt goes to the next broker
             # A clean DISCONNECT suppresses the last will, so an orderly stop (cancellation
