@@ -30,6 +30,7 @@ import numpy as np
 
 from edgeos import filters, plugins
 from edgeos.adapter import Adapter, DeviceConfig, PollStats, Sink, first_error
+from edgeos.aio import cancel_and_wait
 from edgeos.config.model import Config
 from edgeos.errors import DeviceError, StoreError
 from edgeos.logs import RateLimited, redact
@@ -216,21 +217,6 @@ class LatestValues:
             (m, int(self.ts[m.id]), self.text.get(m.id, float(self.values[m.id])), int(self.quality[m.id]))
             for m in self.meta
         ]
-
-
-async def _cancel_bounded(task: asyncio.Task, what: str, rounds: int = 10) -> None:
-    """Cancel `task` and wait for it, a second at a time, cancelling again each second: on
-    Python 3.11 `asyncio.wait_for` (which aiomqtt uses) can swallow a cancellation that arrives
-    as its inner future completes, and one swallowed cancellation must not hold the stop."""
-    task.cancel()
-    for _ in range(rounds):
-        done, _ = await asyncio.wait({task}, timeout=1.0)
-        if done:
-            if not task.cancelled():
-                task.exception()  # retrieved: its failure was logged where it happened
-            return
-        task.cancel()
-    log.warning("stop: the %s did not end within %d s of its cancellation; left behind", what, rounds)
 
 
 class Runtime:
@@ -477,9 +463,8 @@ class Runtime:
             return {"ok": False, "config": str(source), "errors": errors}
         stopping = [n for n in plan.removed] + [d.name for d in plan.changed]
         tasks = [self._device_tasks.pop(n) for n in stopping if n in self._device_tasks]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # bounded: _close has a bound
+        # Cancelled again only after their closes' bound (5 s at most) would have ended them.
+        await cancel_and_wait(tasks, "the reloaded devices", log, rounds=3, every_s=6.0)
         if self._stop.is_set():
             return {"ok": False, "errors": ["the daemon began stopping during the reload"]}
         # From here to the end, no await: a stop cannot begin half-way through.
@@ -593,7 +578,7 @@ class Runtime:
                         # Everything is committed; forward the last of it if that is quick,
                         # else the next start resumes from the cursor.
                         await self.sync.flush(min(2.0, cfg.gateway.shutdown_timeout_ns / 4e9))
-                        await _cancel_bounded(t_sync, "upstream sync")
+                        await cancel_and_wait([t_sync], "the upstream sync", log)
         finally:
             self.running.clear()
             if handle_signals:
@@ -660,9 +645,7 @@ class Runtime:
                 log.error("shutdown took longer than %.1fs; samples not yet committed are lost", timeout)
             else:
                 log.warning("shutdown: device connections did not close within %.1fs", timeout)
-            for t in (*devices, *core):
-                t.cancel()
-            await asyncio.gather(*devices, *core, return_exceptions=True)
+            await cancel_and_wait([*devices, *core], "the devices and the store writer", log)
         await self._settle_commit()
         self._count_lost(raw, filtered)
 

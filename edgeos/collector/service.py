@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeos import wire
+from edgeos.aio import within
 from edgeos.collector import db as dbm
 from edgeos.collector.config import CollectorConfig
 from edgeos.errors import SyncError
@@ -202,7 +203,7 @@ class Collector:
                     if left <= 0:
                         break
                     try:
-                        msgs.append(await asyncio.wait_for(self._queue.get(), left))
+                        msgs.append(await within(self._queue.get(), left))
                     except TimeoutError:
                         break
                 units += 1

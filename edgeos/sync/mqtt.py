@@ -37,6 +37,7 @@ from paho.mqtt.client import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgeos.aio import within
 from edgeos.errors import SyncError
 
 log = logging.getLogger("edgeos.sync")
@@ -470,7 +471,7 @@ class MqttTransport:
         socket_errors: list[str] = []  # paho's own log of the setup, for _explain
         client._client.on_log = lambda _c, _u, level, buf: level == 8 and socket_errors.append(buf)  # noqa: SLF001
         try:
-            await client.__aenter__()
+            await within(client.__aenter__(), None)  # aiomqtt's wait_for may drop a cancellation
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
             self._next_server()  # refused, unreachable, or a cluster node electing a leader
             with contextlib.suppress(Exception):

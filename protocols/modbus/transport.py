@@ -44,6 +44,7 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
+from edgeos.aio import within
 from edgeos.errors import DeviceError
 
 log = logging.getLogger("edgeos.protocols.modbus")
@@ -244,11 +245,8 @@ class Link:
         self._stale = self._reset = False
         self._close_client()
         self.client = self._new_client()
-        cancels = _cancelling()
         try:
-            async with asyncio.timeout(max(timeout_s, MIN_CONNECT_TIMEOUT_S)):
-                ok = await self.client.connect()
-            _reraise_swallowed_cancel(cancels)
+            ok = await within(self.client.connect(), max(timeout_s, MIN_CONNECT_TIMEOUT_S))
         except (TimeoutError, OSError, ModbusException) as e:
             ok = False
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -327,11 +325,8 @@ class Link:
                     await asyncio.sleep(wait)
             self.requests += 1
             answered = False
-            cancels = _cancelling()
             try:
-                async with asyncio.timeout(timeout_s):
-                    resp = await call(client)
-                _reraise_swallowed_cancel(cancels)
+                resp = await within(call(client), timeout_s)
                 answered = True
                 if self._tcp:
                     sent, got = self._sent_tid, resp.transaction_id
@@ -492,19 +487,6 @@ class Link:
 
     def close(self) -> None:
         self._close_client()
-
-
-def _cancelling() -> int:
-    task = asyncio.current_task()
-    return task.cancelling() if task is not None else 0
-
-
-def _reraise_swallowed_cancel(before: int) -> None:
-    """pymodbus awaits with `asyncio.wait_for`, which on Python 3.11 returns the result and drops
-    a cancellation that arrives in the same loop iteration as the answer (fixed in 3.12). A poll
-    task cancelled at shutdown would then poll on forever: re-raise the cancellation here."""
-    if _cancelling() > before:
-        raise asyncio.CancelledError
 
 
 def _held_by_another(path: str) -> bool:

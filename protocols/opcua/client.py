@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgeos.protocols.opcua.config import NodeRef
 
+from edgeos.aio import within
+
 BAD_NODE_ID_UNKNOWN = 0x80340000
 BAD_TYPE_MISMATCH = 0x80740000
 BAD_NOT_SUPPORTED = 0x803D0000
@@ -362,7 +364,7 @@ class Session:
             if o.get("user_certificate"):
                 await client.load_client_certificate(o["user_certificate"])
                 await client.load_private_key(Path(o["user_private_key"]))
-            await asyncio.wait_for(client.connect(), self.timeout_s * 3)
+            await within(client.connect(), self.timeout_s * 3)
             self.namespaces = await self._read_value(ua.ObjectIds.Server_NamespaceArray)
             await self._read_limits()
         except BaseException as e:
@@ -376,7 +378,7 @@ class Session:
         policy = POLICY_CLASSES[o["security_policy"]]
         probe = Client(self.endpoint, timeout=self.timeout_s)
         try:
-            endpoints = await asyncio.wait_for(probe.connect_and_get_server_endpoints(), self.timeout_s * 2)
+            endpoints = await within(probe.connect_and_get_server_endpoints(), self.timeout_s * 2)
         except Exception as e:
             raise _wrap(e, f"get endpoints of {self.endpoint}") from None
         wanted = [e for e in endpoints if e.SecurityPolicyUri == policy.URI and e.SecurityMode == MODES[mode]]
@@ -423,21 +425,23 @@ class Session:
         c, self.client = self.client, None
         if c is None:
             return
-        with contextlib.suppress(Exception, asyncio.TimeoutError):
-            await asyncio.wait_for(c.disconnect(), min(2.0, self.timeout_s))
-        # A frozen server never answers CloseSession: end what asyncua left running ourselves.
-        c._closing = True
-        c.uaclient._closing = True
-        tasks = [c._renew_channel_task, c._monitor_server_task, c.uaclient._publish_task]
-        for t in tasks:
-            if t is not None and not t.done():
+        try:
+            with contextlib.suppress(Exception):
+                await within(c.disconnect(), min(2.0, self.timeout_s))
+        finally:  # a cancellation of this close too: asyncua's tasks and socket must not outlive it
+            # A frozen server never answers CloseSession: end what asyncua left running ourselves.
+            c._closing = True
+            c.uaclient._closing = True
+            tasks = [t for t in (c._renew_channel_task, c._monitor_server_task, c.uaclient._publish_task) if t]
+            for t in tasks:
                 t.cancel()
-        for t in tasks:
-            if t is not None:
-                with contextlib.suppress(BaseException):
-                    await t
-        with contextlib.suppress(Exception):
-            c.disconnect_socket()
+            if tasks:  # asyncio.wait: their own cancellation is not raised here as ours
+                await asyncio.wait(tasks, timeout=2.0)
+                for t in tasks:
+                    if t.done() and not t.cancelled():
+                        t.exception()  # retrieved: the session is being dropped anyway
+            with contextlib.suppress(Exception):
+                c.disconnect_socket()
 
     # -- namespaces and nodes
 
@@ -464,7 +468,7 @@ class Session:
             params = ua.ReadParameters()
             params.TimestampsToReturn = ua.TimestampsToReturn.Both
             params.NodesToRead = [ua.ReadValueId(NodeId_=n, AttributeId=attr) for n in part]
-            out += await asyncio.wait_for(c.uaclient.read(params), self.timeout_s * 2)
+            out += await within(c.uaclient.read(params), self.timeout_s * 2)
         return out
 
     async def read(self, nodes: Sequence[ua.NodeId], attr: int = ua.AttributeIds.Value) -> list[Any]:
@@ -494,7 +498,7 @@ class Session:
                 request.Parameters.NodesToRead = [
                     ua.ReadValueId(NodeId_=n, AttributeId=ua.AttributeIds.Value) for n in part
                 ]
-                data = await asyncio.wait_for(c.uaclient.protocol.send_request(request), self.timeout_s * 2)
+                data = await within(c.uaclient.protocol.send_request(request), self.timeout_s * 2)
                 cols = decode_read(data)
                 if cols is not None and len(cols["values"]) == len(part):
                     parts.append(
@@ -563,8 +567,11 @@ class Session:
                 self._enum_types.add(start)
                 return "Int32"
             try:
-                parents = await c.get_node(dtype).get_references(
-                    ua.ObjectIds.HasSubtype, ua.BrowseDirection.Inverse, includesubtypes=False
+                parents = await within(
+                    c.get_node(dtype).get_references(
+                        ua.ObjectIds.HasSubtype, ua.BrowseDirection.Inverse, includesubtypes=False
+                    ),
+                    self.timeout_s * 2,
                 )
             except Exception:
                 return ""
@@ -582,14 +589,18 @@ class Session:
             self._enums[dtype] = await self._enum_values(dtype)
         return self._enums[dtype]
 
+    @staticmethod
+    async def _child_value(node: Any, path: str) -> Any:
+        return await (await node.get_child(path)).read_value()
+
     async def _enum_values(self, dtype: ua.NodeId) -> dict[int, str] | None:
         node = self.client.get_node(dtype)
         with contextlib.suppress(Exception):
-            values = await (await node.get_child("0:EnumValues")).read_value()
+            values = await within(self._child_value(node, "0:EnumValues"), self.timeout_s * 4)
             if values:
                 return {int(v.Value): v.DisplayName.Text or "" for v in values}
         with contextlib.suppress(Exception):
-            strings = await (await node.get_child("0:EnumStrings")).read_value()
+            strings = await within(self._child_value(node, "0:EnumStrings"), self.timeout_s * 4)
             if strings:
                 return {k: t.Text or "" for k, t in enumerate(strings)}
         with contextlib.suppress(Exception):
@@ -621,7 +632,7 @@ class Session:
         request = ua.CreateSubscriptionRequest()
         request.Parameters = params
         try:
-            data = await asyncio.wait_for(c.uaclient.protocol.send_request(request), self.timeout_s * 2)
+            data = await within(c.uaclient.protocol.send_request(request), self.timeout_s * 2)
             response = struct_from_binary(ua.CreateSubscriptionResponse, data)
             response.ResponseHeader.ServiceResult.check()
         except Exception as e:
@@ -718,7 +729,7 @@ class Session:
                 params.SubscriptionId = subscription
                 params.TimestampsToReturn = ua.TimestampsToReturn.Both
                 params.ItemsToCreate = list(part)
-                results = await asyncio.wait_for(c.uaclient.create_monitored_items(params), self.timeout_s * 2)
+                results = await within(c.uaclient.create_monitored_items(params), self.timeout_s * 2)
                 out += [r.StatusCode.value for r in results]
         except Exception as e:
             raise _wrap(e, "create monitored items") from None
@@ -734,7 +745,7 @@ class Session:
         params = ua.WriteParameters()
         params.NodesToWrite = [ua.WriteValue(NodeId_=node, AttributeId=ua.AttributeIds.Value, Value=dv)]
         try:
-            results = await asyncio.wait_for(c.uaclient.write(params), self.timeout_s * 2)
+            results = await within(c.uaclient.write(params), self.timeout_s * 2)
             results[0].check()
         except Exception as e:
             raise _wrap(e, "write") from None
