@@ -35,6 +35,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -157,6 +158,19 @@ class _Chain:
     after: int
     prev: dict[str, int]
     size: int = READ_FIRST  # small reads first, so the first messages go out soon; then doubling
+
+
+def _next_try_delay(attempt: int, servers: int, lo_ns: int, hi_ns: int) -> float:
+    """Seconds before connection attempt `attempt` + 1 of an outage. With several brokers the
+    backoff grows per round of the list, not per broker. Only a round's first try waits the
+    jittered backoff (a fleet that lost its broker spreads out there); the next broker of the
+    same round is tried after at most a quarter of `lo_ns`: the list is a cluster whose nodes
+    electing a leader may each hold a connection for CONNECT_TIMEOUT, and waiting between them
+    only adds to the failover (issue 25: `sync.failover_s`)."""
+    rounds, nth = divmod(attempt, max(1, servers))
+    if nth:
+        return random.uniform(0, lo_ns / 4e9)
+    return backoff_delay(rounds, lo_ns, hi_ns)
 
 
 class _ReadAhead:
@@ -417,10 +431,7 @@ class Sync:
                 # cursor past it, whatever else is acknowledged meanwhile: it keeps backing off.
                 attempt = 0
             self.status.state = "backoff"
-            # With several brokers the backoff grows per round of the list, not per broker: a
-            # cluster that lost a node is tried node after node at the same short delay.
-            rounds = attempt // max(1, len(getattr(self.transport, "servers", ())))
-            await asyncio.sleep(backoff_delay(rounds, lo, hi))
+            await asyncio.sleep(_next_try_delay(attempt, len(getattr(self.transport, "servers", ())), lo, hi))
             attempt += 1
 
     async def _pump(self, session: Session) -> None:

@@ -100,3 +100,21 @@ reconnect_max = "2s"
     with sqlite3.connect(cfg.gateway.data_dir / "edgeos.db") as db:
         cursor = int(db.execute("SELECT value FROM meta WHERE key='sync_cursor'").fetchone()[0])
     assert cursor == max(expect)
+
+
+def test_the_next_node_of_a_round_is_tried_soon_and_each_round_backs_off():
+    """Three servers, reconnect_min 1 s, reconnect_max 60 s: the first try of each round waits
+    the jittered backoff (growing per round); the other nodes of a round follow within 0.25 s."""
+    from edgeos.sync.engine import _next_try_delay
+
+    lo, hi = 1_000_000_000, 60_000_000_000
+    for _ in range(200):
+        d = [_next_try_delay(a, 3, lo, hi) for a in range(9)]
+        assert all(0 <= d[a] <= 0.25 for a in (1, 2, 4, 5, 7, 8)), d
+        assert 0.5 <= d[0] <= 2 and 0.5 <= d[3] <= 4 and 0.5 <= d[6] <= 8, d
+        # One server: every try is a round's first (the herd test's policy).
+        assert all(0.5 <= _next_try_delay(a, 1, lo, hi) <= 2 ** (a + 1) for a in range(4))
+    # The rounds do grow: over many draws, the third round's mean is well above the first's.
+    first = sum(_next_try_delay(0, 3, lo, hi) for _ in range(2000)) / 2000
+    third = sum(_next_try_delay(6, 3, lo, hi) for _ in range(2000)) / 2000
+    assert third > first + 2, (first, third)
