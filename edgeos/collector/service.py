@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -25,11 +24,15 @@ from edgeos.aio import within
 from edgeos.collector import db as dbm
 from edgeos.collector.config import CollectorConfig
 from edgeos.errors import SyncError
+from edgeos.retry import backoff_delay
 from edgeos.sync.mqtt import Incoming, MqttSession, MqttTransport
 
 log = logging.getLogger("edgeos.collector")
 
 UNKNOWN_TAGS = "unknown tags"
+# Retries of the database and the broker: the plant's own servers, a short way off, so soon and
+# never more than 2 s apart.
+_RETRY_MIN_NS, _RETRY_MAX_NS = 200_000_000, 2_000_000_000
 
 
 @dataclass
@@ -140,25 +143,15 @@ class Collector:
             raise asyncio.CancelledError  # leave the group: every task is cancelled
 
     async def _connect_db(self) -> None:
-        delay = 0.2
-        while self.db.conn is None:
-            try:
-                await self.db.connect()
-                self.metrics.db_connected = True
-            except dbm.DatabaseError as e:
-                self.metrics.db_connected = False
-                self.metrics.db_errors += 1
-                log.warning("collector: %s; retrying in %.1fs", e, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 2.0)
+        await self._retrying(None)
 
     async def _sessions(self) -> None:
-        delay = 0.2
+        attempt = 0
         while True:
             await self._connect_db()
             try:
                 async with self.transport.session() as session:
-                    delay = 0.2
+                    attempt = 0
                     self._joiner = wire.Consumer()
                     for topic in self.cfg.topics():
                         await session.subscribe(topic)
@@ -172,12 +165,12 @@ class Collector:
             except* SyncError as eg:
                 self.metrics.broker_connected = False
                 self.metrics.broker_errors += 1
-                log.warning("collector: %s; next broker in %.1fs", eg.exceptions[0], delay)
+                log.warning("collector: %s; trying again", eg.exceptions[0])
             self._drain_queue()
             for d in [self.db, *self.writers]:
                 d.drop()  # a batch cancelled mid-transaction leaves nothing behind (rolled back)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(backoff_delay(attempt, _RETRY_MIN_NS, _RETRY_MAX_NS))
+            attempt += 1
 
     def _drain_queue(self) -> None:
         """Messages of a lost session are never acknowledged: the broker sends them again."""
@@ -263,14 +256,15 @@ class Collector:
         return total
 
     async def _retrying(self, op, db: dbm.Database | None = None):
-        """Run a database operation until it succeeds: backpressure, never loss."""
+        """Connect if need be and run a database operation (None: only connect) until it
+        succeeds: backpressure, never loss."""
         db = db or self.db
-        delay = 0.2
+        attempt = 0
         while True:
             try:
                 if db.conn is None:
                     await db.connect()
-                result = await op()
+                result = None if op is None else await op()
                 self.metrics.db_connected = True
                 return result
             except dbm.BadData:
@@ -278,9 +272,10 @@ class Collector:
             except dbm.DatabaseError as e:
                 self.metrics.db_connected = False
                 self.metrics.db_errors += 1
-                log.warning("collector: %s; batch kept, retrying in %.1fs", e, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 2.0)
+                delay = backoff_delay(attempt, _RETRY_MIN_NS, _RETRY_MAX_NS)
+                log.warning("collector: %s; %s, retrying in %.1fs", e, "batch kept" if op else "waiting", delay)
+                await asyncio.sleep(delay)
+                attempt += 1
 
     async def _park(self, m: Incoming, reason: str, gateway: str | None) -> None:
         self.metrics.parked += 1
