@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from edgeos_fixture import MisbehavingAdapter
 
 from edgeos import Quality
 from edgeos.config import load_config
@@ -141,6 +142,34 @@ tags = [{{ name = "b" }}]
         assert rt.counters.stored == rt.counters.read
     else:
         assert rt.devices["bad"].failures >= 1
+
+
+async def test_a_driver_that_drops_its_cancellations_cannot_hang_the_stop(write_config, run_runtime):
+    """A driver (or a library's wait_for, on Python 3.11) that loses four cancellations in a row:
+    the stop cancels again after its deadline, until the device task ends."""
+    cfg = load_config(
+        write_config(
+            GATEWAY.replace('shutdown_timeout = "5s"', 'shutdown_timeout = "1s"')
+            + """
+[[devices]]
+name = "bad"
+protocol = "misbehaving"
+mode = "swallows_cancel"
+raise_every = 4
+tags = [{ name = "a" }]
+
+[[devices]]
+name = "good"
+protocol = "simulated"
+poll_interval = "20ms"
+tags = [{ name = "b" }]
+"""
+        )
+    )
+    rt = await run_runtime(cfg, seconds=0.6, timeout=20)
+    bad = next(a for a in MisbehavingAdapter.instances if a.device.name == "bad" and a.swallowed)
+    assert bad.swallowed == 4  # all dropped, and the fifth cancellation ended it
+    assert rt.devices["good"].samples >= 10 and rt.counters.stored > 0
 
 
 async def test_shutdown_flushes_every_sample_read(write_config, run_runtime):
