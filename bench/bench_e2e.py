@@ -468,14 +468,17 @@ def _peer_log_summary(path: Path, log) -> None:
     import re
 
     kinds: collections.Counter[str] = collections.Counter()
+    first: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in path.read_text(errors="replace").splitlines():
             m = re.match(r"\S+ \S+ (WARNING|ERROR|CRITICAL) (\S+) (.*)", line)
             if m:
                 head = re.split(r"[0-9<\[{(]", m[3], maxsplit=1)[0][:80]
-                kinds[f"{m[1]} {m[2]} {head}"] += 1
+                kind = f"{m[1]} {m[2]} {head}"
+                kinds[kind] += 1
+                first.setdefault(kind, m[3][:300])
     for kind, n in kinds.most_common(6):
-        log(f"# e2e: peer log: {n} x {kind}")
+        log(f"# e2e: peer log: {n} x {kind} (first: {first[kind]})")
 
 
 def _footprint(tmp: Path, plant: Plant, settle: float) -> dict:
