@@ -168,7 +168,10 @@ def columns(
         first = "SourceTimestamp" if timestamp == "source" else "ServerTimestamp"
         second = "ServerTimestamp" if timestamp == "source" else "SourceTimestamp"
         secs = np.fromiter(
-            (_epoch(getattr(d, first) or (getattr(d, second) if timestamp == "source" else None)) for d in dvs),
+            (
+                _epoch(_stamp(getattr(d, first)) or (_stamp(getattr(d, second)) if timestamp == "source" else None))
+                for d in dvs
+            ),
             np.float64,
             n,
         )
@@ -176,6 +179,18 @@ def columns(
         ts = np.round(np.where(missing, 0.0, secs) * 1e6).astype(np.int64) * 1000
         ts[missing] = now_ns
     return values, quality, ts, text
+
+
+_NULL_TIME = dt.datetime(1601, 1, 1, tzinfo=dt.UTC)
+
+
+def _stamp(t: dt.datetime | None) -> dt.datetime | None:
+    """None for a DateTime encoded as 0 or less: Part 6 (5.2.2.5) makes that the null value,
+    which some servers send for a SourceTimestamp their device does not give. A sample stamped
+    1601 would be dropped by retention at once; the next timestamp in line is used instead."""
+    if t is None:
+        return None
+    return None if (t if t.tzinfo else t.replace(tzinfo=dt.UTC)) <= _NULL_TIME else t
 
 
 def _epoch(t: dt.datetime | None) -> float:
@@ -969,7 +984,10 @@ def numeric_columns(
     ticks = first if first is not None else second
     if ticks is None:
         return values, quality, np.full(n, now_ns, np.int64), text
+    if second is not None and first is not None:
+        ticks = np.where(ticks > 0, ticks, second)  # a null (0) SourceTimestamp: the server's
     ts = (np.clip(ticks, 0, _MAX_FILETIME) // 10 - _FILETIME_1970_US) * 1000
+    ts[ticks <= 0] = now_ns  # null (0) as well: the gateway's time, as when none was sent
     return values, quality, ts, text
 
 

@@ -53,6 +53,13 @@ def changes(dvs, first_handle=0):
     return n
 
 
+NULL = dt.datetime(1601, 1, 1, tzinfo=dt.UTC)  # encoded as FILETIME 0: Part 6's null DateTime
+
+
+def _null_source(d):
+    return ua.DataValue(d.Value, SourceTimestamp=NULL, ServerTimestamp=d.ServerTimestamp)
+
+
 # name -> (DataValues, does the numpy path take them)
 CASES = {
     "doubles": ([dv(1.5 * i, V.Double, k=i) for i in range(50)], True),
@@ -70,6 +77,8 @@ CASES = {
     "bad_status": ([dv(1.0, V.Double, status=0x808C0000), dv(2.0, V.Double, status=0x40000000)], True),
     "no_source_time": ([dv(1.0, V.Double, source=False)], True),
     "no_times": ([dv(1.0, V.Double, source=False, server=False)], True),
+    "null_source_time": ([_null_source(dv(1.0, V.Double)), _null_source(dv(2.0, V.Double, k=1))], True),
+    "null_times": ([ua.DataValue(ua.Variant(1.0, V.Double), SourceTimestamp=NULL, ServerTimestamp=NULL)], True),
     "mixed_types": ([dv(1.0, V.Double), dv(2, V.Int32)], False),
     "mixed_status": ([dv(1.0, V.Double, status=0x80000000), dv(2.0, V.Double, status=None)], None),
     "mixed_times": ([dv(1.0, V.Double), dv(2.0, V.Double, source=False)], False),
@@ -167,3 +176,22 @@ def test_negative_control_a_misread_layout_is_caught() -> None:
     kinds = np.zeros(2, np.int8)
     got = uac.publish_columns(pub, kinds, "source", 0)[0]
     assert not same(got, uac.columns(uac.decode_publish_slow(buf).dvs, kinds, "source", 0)[0])
+
+
+@pytest.mark.parametrize("name", ["null_source_time", "null_times"])
+def test_a_null_timestamp_is_not_1601(name) -> None:
+    """A DateTime of 0 is null (Part 6, 5.2.2.5): the source mode takes the server's timestamp
+    instead, and with none of either, the gateway's time; never a sample stamped 1601."""
+    dvs, _ = CASES[name]
+    buf = response(changes(dvs))
+    now = 1_800_000_000_000_000_000
+    kinds = np.full(len(dvs), uac.KIND_NUMBER, np.int8)
+    for got in (
+        uac.publish_columns(uac.decode_publish(buf), kinds, "source", now)[2],
+        uac.columns(uac.decode_publish_slow(buf).dvs, kinds, "source", now)[2],
+    ):
+        if name == "null_times":
+            assert got.tolist() == [now]
+        else:
+            server = [int((d.ServerTimestamp.timestamp()) * 1e6) * 1000 for d in dvs]
+            assert got.tolist() == server
