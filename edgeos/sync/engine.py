@@ -53,6 +53,9 @@ from edgeos.store.outbox import Backlog, Outbox, UnitRun
 log = logging.getLogger("edgeos.sync")
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
+# A PUBLISH packet's bytes beside its payload: fixed header (5 at most), topic (2 + its length),
+# packet id (2), property length (1: none sent). 1 KiB leaves room for topics up to ~1,000 bytes.
+PUBLISH_ROOM = 1024
 # Unit bytes per read of the outbox at most: several messages per GIL hand-off, and a short
 # tail (what is left to publish once the last run is read).
 READ_BYTES = 1 << 20
@@ -101,6 +104,9 @@ class SyncStatus:
     replay_dropped: int = 0  # ignored: REPLAY_QUEUE requests were waiting
     replay_units: int = 0  # units sent again
     replay_gone: int = 0  # seqs answered as no longer held
+    broker_receive_maximum: int = 0  # MQTT 5 CONNACK limits of the current session (0: none set)
+    broker_max_packet: int = 0
+    max_message: int = 0  # the cap this session frames messages within
 
 
 class TokenBucket:
@@ -234,7 +240,7 @@ class Sync:
         self._key = 0
         self._lanes: list[_Lane] = []
         self._failing_at: int | None = None  # the cursor when the last session failed
-        self.max_message = int(options.get("max_message") or DEFAULT_MAX_MESSAGE)
+        self._max_message = self.max_message = int(options.get("max_message") or DEFAULT_MAX_MESSAGE)
         template = options.get("replay_topic") or "edgeos/{gateway}/replay"
         self.replay_topic = template.format(gateway=gateway)
         self.gone_topic = self.replay_topic + "/gone"
@@ -434,7 +440,30 @@ class Sync:
             await asyncio.sleep(_next_try_delay(attempt, len(getattr(self.transport, "servers", ())), lo, hi))
             attempt += 1
 
+    def _session_cap(self, session: Session) -> None:
+        """`max_message` for this session: the configured cap, lowered to what the broker said
+        in its CONNACK it accepts (MQTT 5 Maximum Packet Size, less PUBLISH_ROOM for the
+        PUBLISH packet's own header, topic and properties). Sending more gets the connection
+        dropped, and the same message sent again after the reconnect: a loop, never delivered."""
+        st = self.status
+        st.broker_receive_maximum = getattr(session, "receive_maximum", None) or 0
+        st.broker_max_packet = limit = getattr(session, "max_packet", None) or 0
+        cap = self._max_message
+        if limit and limit - PUBLISH_ROOM < cap:
+            cap = max(limit - PUBLISH_ROOM, 1)
+        if cap != self.max_message:
+            log.info(
+                "upstream: %s accepts packets of at most %s bytes: messages are capped at %d bytes "
+                "(upstream.max_message %d)",
+                getattr(self.transport, "where", "the broker"),
+                limit or "any number of",
+                cap,
+                self._max_message,
+            )
+        self.max_message = st.max_message = cap
+
     async def _pump(self, session: Session) -> None:
+        self._session_cap(session)
         await self._publish_dictionary(session)
         cursor = self._cursor
         head = self._head()

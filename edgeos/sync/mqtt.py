@@ -177,11 +177,31 @@ class MqttSession:
         # misc loop) would race it with looser deadlines, and close a link whose PINGRESP is due.
         paho._check_keepalive = lambda: None  # noqa: SLF001
         self._aiomqtt_on_disconnect = paho.on_disconnect
+        self._aiomqtt_on_connect = paho.on_connect
         paho.on_publish = self._on_ack
         paho.on_subscribe = self._on_ack
         paho.on_disconnect = self._on_disconnect
+        paho.on_connect = self._on_connect
+        # What an MQTT 5 broker said of itself in its CONNACK (None: it set no limit; 3.1.1 has none).
+        self.receive_maximum: int | None = None
+        self.max_packet: int | None = None
 
     # -- paho's side (event loop) --------------------------------------------------------------
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+        """The CONNACK's limits, taken before aiomqtt lets the session publish. paho 2.x obeys
+        neither: a client "MUST NOT send more than Receive Maximum" unacknowledged QoS 1
+        PUBLISHes, nor a packet over Maximum Packet Size (MQTT 5.0, 3.3.4 and 3.1.2.11.4); a
+        broker may drop the connection for either (mosquitto does for the size). The window
+        goes to paho, which holds the rest until acknowledgements come; the size goes to the
+        sync, which frames this session's messages within it (`Sync._pump`)."""
+        if properties is not None:
+            self.receive_maximum = getattr(properties, "ReceiveMaximum", None)
+            self.max_packet = getattr(properties, "MaximumPacketSize", None)
+            paho = self._paho
+            if self.receive_maximum and self.receive_maximum < paho._max_inflight_messages:  # noqa: SLF001
+                paho._max_inflight_messages = self.receive_maximum  # noqa: SLF001 - the setter refuses once connected
+        self._aiomqtt_on_connect(client, userdata, flags, reason, properties)
 
     def _noting_packet(self) -> Any:
         self.last_in = time.monotonic()

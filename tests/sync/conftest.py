@@ -33,6 +33,7 @@ class Broker:
         tls: dict[str, Path] | None = None,
         acl: str | None = None,
         persistence: bool = True,
+        extra: list[str] | None = None,
     ):
         """`acl`: the text of a mosquitto acl_file (lines before any `user` line apply to
         anonymous clients); it may be changed between a stop and a start."""
@@ -43,6 +44,7 @@ class Broker:
         self.tls = tls
         self.acl = acl
         self.persistence = persistence
+        self.extra = extra or []  # more mosquitto.conf lines
         self.proc: subprocess.Popen | None = None
         self.log = self.dir / "mosquitto.log"
 
@@ -76,6 +78,7 @@ class Broker:
             lines += ["max_queued_messages 1000000", f"acl_file {acl}"]
         if self.tls:
             lines += [f"cafile {self.tls['ca']}", f"certfile {self.tls['cert']}", f"keyfile {self.tls['key']}"]
+        lines += self.extra
         conf = self.dir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf

@@ -380,6 +380,42 @@ async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_con
         assert d.unit.tags.tolist() == ref.tags.tolist() and d.unit.quality.tobytes() == ref.quality.tobytes()
 
 
+async def test_the_brokers_connack_limits_are_obeyed(write_config, make_broker):
+    """A broker that announces (MQTT 5 CONNACK) a Maximum Packet Size of 20,000 bytes and a
+    Receive Maximum of 5, as mosquitto's max_packet_size and max_inflight_messages do. With the
+    default 128 KiB cap, 25 KB units would go whole: mosquitto drops the connection at the first
+    ("disconnected due to oversize packet"), and again at every resend after a reconnect.
+    Obeyed, every unit arrives once, in parts, on one connection."""
+    broker = make_broker(extra=["max_packet_size 20000", "max_inflight_messages 5"])
+    cfg, sync = make_sync(write_config, broker.port)  # MQTT 5, the default
+    make_store(cfg.gateway.data_dir, 30, samples=3000)  # random floats: about 25 KB a unit
+    held = stored(cfg.gateway.data_dir)
+    assert max(len(b) for _, b in held.values()) > 20_000
+    async with Central(broker.port) as central, running(sync):
+        await wait_until(lambda: sync.cursor >= 30)
+        await wait_until(lambda: set(central.seqs()) >= set(held))
+    st = sync.status
+    assert st.connects == 1 and st.failures == 0, st.last_error
+    assert (st.broker_max_packet, st.broker_receive_maximum) == (20_000, 5)
+    sizes = [len(p) for t, p in central.payloads if t.endswith("/data")]
+    assert st.max_message == 20_000 - 1024 and max(sizes) <= st.max_message
+    assert any(wire.decode_envelope(p).part for _, p in central.payloads)
+    assert_each_once(central, held)
+
+
+async def test_an_oversize_message_is_what_the_broker_drops(write_config, make_broker):
+    """The control: MQTT 3.1.1 has no such announcement, so the same broker and store over
+    3.1.1 (the 128 KiB cap kept) lose the connection at the first large message, again and
+    again; there `upstream.max_message` is the user's to set (docs/payload.md)."""
+    broker = make_broker(extra=["max_packet_size 20000"])
+    cfg, sync = make_sync(write_config, broker.port, 'mqtt_version = "3.1.1"\n')
+    make_store(cfg.gateway.data_dir, 30, samples=3000)
+    async with running(sync):
+        await wait_until(lambda: sync.status.failures >= 2)
+    assert sync.cursor < 30 and sync.status.max_message == 128 * 1024
+    assert "lost the connection" in sync.status.last_error
+
+
 async def test_servers_are_tried_in_turn_and_a_session_subscribes(write_config, broker, dead_port):
     from edgeos.sync.mqtt import MqttTransport, servers
 
