@@ -57,6 +57,15 @@ SUBSCRIBE_PATIENCE = 60.0
 PING_AFTER = 0.5
 STALL_AFTER = 1.4
 _NO_CONNECTION = 4  # paho's MQTT_ERR_NO_CONN, raised by a publish on a lost connection
+RETAIN_NOT_SUPPORTED = 0x9A  # MQTT 5 reason code: a CONNACK refusing a retained will
+QOS_NOT_SUPPORTED = 0x9B  # MQTT 5 reason code: a CONNACK refusing a will of QoS 1
+
+
+def _qos0_only(where: str) -> str:
+    return (
+        f"{where} accepts QoS 0 only (MQTT 5 Maximum QoS 0): edgeos publishes with QoS 1, "
+        "acknowledged, so that no sample is lost; allow QoS 1 on this broker (or its listener)"
+    )
 
 
 class PublishRefused(SyncError):
@@ -185,6 +194,8 @@ class MqttSession:
         # What an MQTT 5 broker said of itself in its CONNACK (None: it set no limit; 3.1.1 has none).
         self.receive_maximum: int | None = None
         self.max_packet: int | None = None
+        self.maximum_qos: int | None = None
+        self.retain_available: bool | None = None
 
     # -- paho's side (event loop) --------------------------------------------------------------
 
@@ -198,6 +209,9 @@ class MqttSession:
         if properties is not None:
             self.receive_maximum = getattr(properties, "ReceiveMaximum", None)
             self.max_packet = getattr(properties, "MaximumPacketSize", None)
+            self.maximum_qos = getattr(properties, "MaximumQoS", None)
+            retain = getattr(properties, "RetainAvailable", None)
+            self.retain_available = None if retain is None else bool(retain)
             paho = self._paho
             if self.receive_maximum and self.receive_maximum < paho._max_inflight_messages:  # noqa: SLF001
                 paho._max_inflight_messages = self.receive_maximum  # noqa: SLF001 - the setter refuses once connected
@@ -360,6 +374,8 @@ class MqttSession:
         """QoS 1: returns on a PUBACK that is a delivery; raises PublishRefused on a refusal and
         SyncError at once when the connection is lost (or no PUBACK within `ack_within` s)."""
         self._check("publish")
+        # A broker without retained messages drops the connection at a retained PUBLISH.
+        retain = retain and self.retain_available is not False
         info = self._paho.publish(topic, payload, qos=1, retain=retain)
         self._check("publish message", info.rc)
         reason = await self._wait(info.mid, ack_within, f"a publish to {topic}")
@@ -414,6 +430,7 @@ class MqttTransport:
         topic = options.get("status_topic")
         self.status_topic = topic.format(gateway=gateway) if topic else None
         self._warned_cleartext = False
+        self._will_retain = True  # False once a broker refused a retained will (MQTT 5: 0x9A)
 
     def _next_server(self) -> None:
         if len(self.servers) > 1:
@@ -464,7 +481,7 @@ class MqttTransport:
             extra["properties"] = props
         will = None
         if self.status_topic:
-            will = aiomqtt.Will(self.status_topic, self._status("offline"), qos=1, retain=True)
+            will = aiomqtt.Will(self.status_topic, self._status("offline"), qos=1, retain=self._will_retain)
         return aiomqtt.Client(
             self.host,
             self.port,
@@ -493,16 +510,32 @@ class MqttTransport:
         try:
             await within(client.__aenter__(), None)  # aiomqtt's wait_for may drop a cancellation
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
+            if getattr(getattr(e, "rc", None), "value", None) == RETAIN_NOT_SUPPORTED and self._will_retain:
+                # The will is what it refused: the next attempt (any broker) sends it unretained.
+                self._will_retain = False
+                log.warning(
+                    "upstream: %s does not support retained messages: the status and the tag dictionary "
+                    "are published without retain from now on (a consumer that connects later gets the "
+                    "dictionary when it is next published)",
+                    self.where,
+                )
             self._next_server()  # refused, unreachable, or a cluster node electing a leader
             with contextlib.suppress(Exception):
                 client._client.disconnect()  # noqa: SLF001 - a half-open connection left by a timeout
+            if getattr(getattr(e, "rc", None), "value", None) == QOS_NOT_SUPPORTED:  # the will's QoS 1
+                raise SyncError(_qos0_only(self.where)) from e
             last = socket_errors[-1] if socket_errors else None
             raise SyncError(_explain(e.__cause__ or e, self.where, socket_error=last)) from e
         client._client.on_log = None  # noqa: SLF001
+        if session.retain_available is False:
+            self._will_retain = False
         session.last_in = time.monotonic()
         watchdog = asyncio.get_running_loop().create_task(session.watch(), name="mqtt:watchdog")
         failed = False
         try:
+            if session.maximum_qos == 0:
+                session.failure = SyncError(_qos0_only(self.where))  # set: no "offline" status either
+                raise session.failure
             if self.status_topic:
                 # A node that took the connection but cannot store (a cluster without its
                 # JetStream leader yet) acknowledges nothing: soon the next broker instead.

@@ -416,6 +416,44 @@ async def test_an_oversize_message_is_what_the_broker_drops(write_config, make_b
     assert "lost the connection" in sync.status.last_error
 
 
+async def test_a_broker_without_retained_messages(write_config, make_broker):
+    """mosquitto with retain_available false refuses (MQTT 5 CONNACK 0x9A) a CONNECT whose will
+    is retained, and drops a client at a retained PUBLISH. The sync then sends its will, status
+    and tag dictionary unretained, and everything arrives once."""
+    broker = make_broker(extra=["retain_available false"])
+    cfg, sync = make_sync(write_config, broker.port)
+    make_store(cfg.gateway.data_dir, 10)
+    held = stored(cfg.gateway.data_dir)
+    async with Central(broker.port) as central, running(sync):
+        await wait_until(lambda: sync.cursor >= 10)
+        await wait_until(lambda: set(central.seqs()) >= set(held))
+    st = sync.status
+    assert st.connects == 1 and st.failures == 1, st.last_error  # the refused retained will
+    assert "Retain not supported" in st.last_error
+    assert_each_once(central, held)
+
+
+async def test_a_broker_of_qos_0_only_is_named(write_config, make_broker):
+    """mosquitto with max_qos 0 drops a client at its first QoS 1 PUBLISH ("QoS not
+    supported"). The sync names what is wrong instead of publishing: nothing is acknowledged,
+    so nothing would be safe."""
+    broker = make_broker(extra=["max_qos 0"])
+    cfg, sync = make_sync(write_config, broker.port)
+    make_store(cfg.gateway.data_dir, 3)
+    async with running(sync):
+        await wait_until(lambda: sync.status.failures >= 2)
+    assert sync.cursor == 0 and sync.status.published_messages == 0
+    assert "accepts QoS 0 only" in sync.status.last_error  # the will's QoS 1, refused at CONNACK
+    # Without a will (the collector's sessions), the CONNACK's Maximum QoS 0 says it.
+    from edgeos.errors import SyncError
+    from edgeos.sync.mqtt import MqttTransport
+
+    plain = MqttTransport("collector", {"servers": [f"127.0.0.1:{broker.port}"], "status_topic": None}, Path("."))
+    with pytest.raises(SyncError, match="accepts QoS 0 only"):
+        async with plain.session():
+            pass
+
+
 async def test_servers_are_tried_in_turn_and_a_session_subscribes(write_config, broker, dead_port):
     from edgeos.sync.mqtt import MqttTransport, servers
 
