@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
+import logging
 import math
 import os
 import time
@@ -35,7 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgeos.protocols.opcua.config import NodeRef
 
-from edgeos.aio import within
+from edgeos.aio import cancel_and_wait, within
+
+log = logging.getLogger("edgeos.protocols.opcua")
 
 BAD_NODE_ID_UNKNOWN = 0x80340000
 BAD_TYPE_MISMATCH = 0x80740000
@@ -448,13 +451,8 @@ class Session:
             c._closing = True
             c.uaclient._closing = True
             tasks = [t for t in (c._renew_channel_task, c._monitor_server_task, c.uaclient._publish_task) if t]
-            for t in tasks:
-                t.cancel()
-            if tasks:  # asyncio.wait: their own cancellation is not raised here as ours
-                await asyncio.wait(tasks, timeout=2.0)
-                for t in tasks:
-                    if t.done() and not t.cancelled():
-                        t.exception()  # retrieved: the session is being dropped anyway
+            # Cancelled again while they run: their reads await asyncua's wait_for (edgeos.aio).
+            await cancel_and_wait(tasks, "asyncua's session tasks", log, rounds=4, every_s=0.5)
             with contextlib.suppress(Exception):
                 c.disconnect_socket()
 
