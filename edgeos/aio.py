@@ -29,8 +29,18 @@ async def within(aw: Awaitable[T], timeout_s: float | None) -> T:
     """`await aw`, raising TimeoutError after `timeout_s` (None: no bound) and CancelledError
     if this task was cancelled while a library's `wait_for` dropped that cancellation."""
     before = cancelling()
-    async with asyncio.timeout(timeout_s):
-        result = await aw
+    try:
+        async with asyncio.timeout(timeout_s):
+            result = await aw
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:
+        # wait_for drops the cancellation as well when the answer is an error (its
+        # `return fut.result()` raises it): the cancellation, not the error, is what counts.
+        # Our own timeout has taken its cancellation back by now (asyncio.timeout uncancels).
+        if cancelling() > before:
+            raise asyncio.CancelledError from e
+        raise
     if cancelling() > before:
         raise asyncio.CancelledError
     return result
@@ -38,9 +48,14 @@ async def within(aw: Awaitable[T], timeout_s: float | None) -> T:
 
 async def cancel_and_wait(
     tasks: Iterable[asyncio.Task], what: str, log: logging.Logger, *, rounds: int = 10, every_s: float = 1.0
-) -> None:
+) -> set[asyncio.Task]:
     """Cancel `tasks` and wait until they end, cancelling those still running again every
-    `every_s`, for at most `rounds` rounds; then log what was left behind and return."""
+    `every_s`, for at most `rounds` rounds; then log and return what was left behind.
+
+    A cancellation reaches the task itself: a TaskGroup inside it cancels its children only
+    once (Python 3.11), so a child that dropped that one runs on whatever is cancelled again.
+    That is why every await into the libraries goes through `within`; this is the bound."""
+    tasks = list(tasks)
     left = {t for t in tasks if not t.done()}
     for t in left:
         t.cancel()
@@ -56,3 +71,4 @@ async def cancel_and_wait(
     for t in tasks:
         if t.done() and not t.cancelled():
             t.exception()  # retrieved: a failure was logged where it happened
+    return left
