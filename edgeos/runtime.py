@@ -464,7 +464,9 @@ class Runtime:
         stopping = [n for n in plan.removed] + [d.name for d in plan.changed]
         tasks = [self._device_tasks.pop(n) for n in stopping if n in self._device_tasks]
         # Cancelled again only after their closes' bound (5 s at most) would have ended them.
-        await cancel_and_wait(tasks, "the reloaded devices", log, rounds=3, every_s=6.0)
+        stuck = await cancel_and_wait(tasks, "the reloaded devices", log, rounds=3, every_s=6.0)
+        for t in stuck:  # still polling: no second poller beside it (two masters on one line)
+            self._device_tasks[t.get_name().removeprefix("device:")] = t
         if self._stop.is_set():
             return {"ok": False, "errors": ["the daemon began stopping during the reload"]}
         # From here to the end, no await: a stop cannot begin half-way through.
@@ -473,10 +475,14 @@ class Runtime:
         self._raw.put_nowait(_Swap(pipeline, new.tags))
         self.config = dataclasses.replace(self.config, devices=new.devices)
         for name in plan.removed:
+            if name in self._device_tasks:  # stuck above: tracked until it ends
+                continue
             self.devices.pop(name, None)
             self._connected.pop(name, None)
             self._producing.pop(f"device:{name}", None)
         for d in (*plan.added, *plan.changed):
+            if d.name in self._device_tasks:  # stuck above: it keeps its old config until a restart
+                continue
             st = self.devices.setdefault(d.name, DeviceState(d.name))
             st.state = "starting" if d.enabled else "disabled"
             st.adapter = None
@@ -489,6 +495,15 @@ class Runtime:
             else:
                 self._connected.pop(d.name, None)
         summary = {"ok": True, "config": str(source), **plan.summary(), "tags_added": len(new_tags)}
+        if stuck:
+            names = sorted(t.get_name().removeprefix("device:") for t in stuck)
+            summary["ok"] = False
+            summary["errors"] = [
+                f"device {n} did not stop within 18 s of its cancellation: it keeps polling with its old "
+                "config, and the new one applies at the next restart"
+                for n in names
+            ]
+            log.error("config reload: %s", "; ".join(summary["errors"]), extra={"code": "reload_stuck"})
         log.info(
             "config reloaded: %d devices added, %d removed, %d changed, %d unchanged, %d new tag ids%s",
             len(plan.added),

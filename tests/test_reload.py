@@ -159,3 +159,42 @@ async def test_reload_adds_removes_and_changes_devices_without_gap_or_loss(write
         hi = int(np.searchsorted(steady.ts, t1)) + 1
         gaps_ms = np.diff(steady.ts[lo:hi]) / 1e6
         assert hi - lo >= 2 and gaps_ms.max() < 200, (gaps_ms.max(), (t1 - t0) / 1e6)
+
+
+STUCK = """
+[[devices]]
+name = "stuck"
+protocol = "misbehaving"
+mode = "swallows_cancel"
+raise_every = 4
+period = "20ms"
+tags = [{ name = "s" }]
+"""
+
+
+async def test_a_device_that_does_not_stop_gets_no_second_poller(write_config):
+    """A device whose task drops four cancellations in a row (what Python 3.11's wait_for can do
+    to one, and edgeos.aio guards against) outlives the reload's bound of 18 s. Its change is
+    not applied: a second poller beside it would be two masters on one line. The reload says
+    so, the device keeps polling with its old config, and the stop (a fifth cancellation)
+    still ends it."""
+    from edgeos_fixture import MisbehavingAdapter
+
+    path = write_config(HEAD + STUCK)
+    rt = Runtime(load_config(path))
+    task = asyncio.create_task(rt.run())
+    try:
+        await rt.running.wait()
+        await _until(lambda: rt.devices["stuck"].samples > 5)
+        path.write_text(HEAD + STUCK.replace('period = "20ms"', 'period = "30ms"'))
+        result = await asyncio.wait_for(rt.reload(), 40)
+        assert result["ok"] is False and "stuck did not stop" in result["errors"][0], result
+        stuck = [a for a in MisbehavingAdapter.instances if a.device.name == "stuck"]
+        assert len(stuck) == 1 and stuck[0].swallowed == 4  # no second adapter was made
+        before = rt.devices["stuck"].samples
+        await _until(lambda: rt.devices["stuck"].samples > before + 5)  # it polls on
+        assert rt.devices["steady"].state == "running"
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 30)
+    assert task.done() and task.exception() is None
