@@ -589,6 +589,12 @@ class _Gap:
     attempts: int = 0
 
 
+def _one_split(count: int, pieces: dict[int, bytes]) -> bool:
+    """Whether `pieces` can all come from one split of a unit into `count` parts: every piece
+    but the last of one size (the split's; the last may differ)."""
+    return len({len(p) for i, p in pieces.items() if i < count - 1}) <= 1
+
+
 class Consumer:
     """Exactly-once, gap-free units from any MQTT client: feed it every payload received on the
     data topics and on `edgeos/+/replay/gone`, publish what `requests()` returns.
@@ -630,7 +636,8 @@ class Consumer:
         self._gone: dict[str, _Runs] = {}
         self._gaps: dict[tuple[str, str], dict[int, _Gap]] = {}  # keyed by anchor
         self._reported: list[Gone] = []
-        self._parts: dict[tuple[str, int], dict[int, bytes]] = {}
+        # (gateway, seq) -> the parts of one split of a unit: (count, {index: piece})
+        self._parts: dict[tuple[str, int], tuple[int, dict[int, bytes]]] = {}
         self._partial_bytes = 0
         self.duplicates = 0
         self.undecodable = 0
@@ -672,6 +679,10 @@ class Consumer:
                 self.undecodable += 1  # decode_unit trusts a unit's shape (the store wrote it); a broker's may lie
                 continue
             own.add(seq, seq)
+            if self._parts:  # parts of a split of this unit, now whole (sent under a larger cap)
+                stale = self._parts.pop((gw, seq), None)
+                if stale is not None:
+                    self._partial_bytes -= sum(map(len, stale[1].values()))
             out.append(Delivered(gw, dev, seq, unit, env.replay))
         # The chain: the message names the device's unit before its first; inside a message
         # each unit's predecessor is the one before it. The seqs between are other devices':
@@ -712,18 +723,28 @@ class Consumer:
             self.duplicates += 1
             return []
         index, count = env.part or (0, 1)
-        got = self._parts.setdefault((env.gateway, seq), {})
+        piece = env.units[0]
+        key = (env.gateway, seq)
+        held = self._parts.get(key)
+        # A unit sent again under another size cap (the gateway's session with another broker)
+        # is split otherwise: the parts of the other split are dropped, never joined with these.
+        if held is not None and (held[0] != count or not _one_split(count, {**held[1], index: piece})):
+            self._partial_bytes -= sum(map(len, held[1].values()))
+            held = None
+        if held is None:
+            held = self._parts[key] = (count, {})
+        got = held[1]
         if index not in got:
-            got[index] = env.units[0]
-            self._partial_bytes += len(env.units[0])
+            got[index] = piece
+            self._partial_bytes += len(piece)
         while self._partial_bytes > self.max_partial and len(self._parts) > 1:
             oldest = next(iter(self._parts))
-            if oldest == (env.gateway, seq):
+            if oldest == key:
                 break
-            self._partial_bytes -= sum(map(len, self._parts.pop(oldest).values()))
+            self._partial_bytes -= sum(map(len, self._parts.pop(oldest)[1].values()))
         if len(got) < count:
             return []
-        del self._parts[(env.gateway, seq)]
+        del self._parts[key]
         blob = b"".join(got[i] for i in range(count))
         self._partial_bytes -= len(blob)
         return self._on_units(env, [seq], [blob], now)

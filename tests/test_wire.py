@@ -196,6 +196,64 @@ def test_consumer_joins_parts_of_a_unit_split_for_the_size_cap():
     assert c.feed(msgs[0]) == [] and c.duplicates == 1
 
 
+def test_parts_of_two_splits_of_a_unit_are_never_joined():
+    """A unit sent again under another size cap (the gateway's session with a broker of
+    another Maximum Packet Size) is split otherwise; parts of the two splits interleave at a
+    consumer with a persistent session. The gateway splits at power-of-two slice sizes, so two
+    splits differ in their count of parts, and the consumer keeps to one count: every order
+    ends with the unit whole, never joined from both splits (that came out undecodable)."""
+    import numpy as np
+
+    from edgeos.sync.engine import piece_size
+
+    blob = wire.encode_unit(
+        "d",
+        np.arange(9000, dtype=np.int32),
+        np.arange(9000),
+        np.random.default_rng(2).random(9000),
+        np.zeros(9000, np.uint32),
+    )
+
+    def split(room: int) -> list[bytes]:
+        size = piece_size(room)
+        pieces = [blob[i : i + size] for i in range(0, len(blob), size)]
+        n = len(pieces)
+        return [wire.encode_message("gw", "d", [7], [p], 1, prev=0, part=(i, n)) for i, p in enumerate(pieces)]
+
+    small, large = split(20_000), split(60_000)  # slices of 16 KiB and 32 KiB
+    assert len(small) > len(large) > 1
+    whole = wire.encode_message("gw", "d", [7], [blob], 1, prev=0)  # a cap it fits under
+    cases = {
+        "one large, then every small": [large[0], *small],
+        "all small but one, then every large": [*small[:-1], *large],
+        "alternating": [m for pair in zip(small, large, strict=False) for m in pair] + small,
+        "parts, then the unit whole": [*small[:2], large[0], whole],
+    }
+    want = wire.decode_unit(blob).values.tobytes()
+    for name, order in cases.items():
+        c = wire.Consumer()
+        out = []
+        for m in order:
+            out += c.feed(m)
+        assert c.undecodable == 0, name
+        assert [d.seq for d in out] == [7], name
+        assert out[0].unit.values.tobytes() == want, name
+        assert c._partial_bytes == 0 and not c._parts, name  # nothing of the other split kept
+
+
+def test_two_caps_never_split_a_unit_into_the_same_count():
+    """The rule the consumer relies on, over every pair of caps from 2 KiB to 256 KiB and
+    unit lengths up to 512 KiB: equal counts of parts only from equal slice sizes."""
+    import itertools
+
+    from edgeos.sync.engine import piece_size
+
+    sizes = sorted({piece_size(r) for r in range(1024, 256 * 1024, 997)})
+    for a, b in itertools.combinations(sizes, 2):
+        for n in range(b + 1, 512 * 1024, 4093):  # split under both (longer than either slice)
+            assert -(-n // a) != -(-n // b), (a, b, n)
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.sampled_from("abc"), min_size=1, max_size=60),

@@ -172,7 +172,8 @@ def _next_try_delay(attempt: int, servers: int, lo_ns: int, hi_ns: int) -> float
     jittered backoff (a fleet that lost its broker spreads out there); the next broker of the
     same round is tried after at most a quarter of `lo_ns`: the list is a cluster whose nodes
     electing a leader may each hold a connection for CONNECT_TIMEOUT, and waiting between them
-    only adds to the failover (issue 25: `sync.failover_s`)."""
+    only adds to the failover (issue 25: `sync.failover_s`). Rounds are counted in attempts
+    since the last reset (a session that moved the cursor), not by the transport's index."""
     rounds, nth = divmod(attempt, max(1, servers))
     if nth:
         return random.uniform(0, lo_ns / 4e9)
@@ -323,7 +324,8 @@ class Sync:
         "Continuation"); the samples count with the last part, which completes the unit."""
         room = self.max_message - wire.message_overhead(self.gateway, device, 1, part=True)
         if room < 1024:
-            raise SyncError(f"upstream.max_message {self.max_message} leaves no room for a unit's bytes")
+            raise SyncError(f"{self._cap_source()} of {self.max_message} bytes leaves no room for a unit's bytes")
+        room = piece_size(room)
         count = -(-len(blob) // room)
         out = []
         for i in range(count):
@@ -439,6 +441,11 @@ class Sync:
             self.status.state = "backoff"
             await asyncio.sleep(_next_try_delay(attempt, len(getattr(self.transport, "servers", ())), lo, hi))
             attempt += 1
+
+    def _cap_source(self) -> str:
+        if self.max_message < self._max_message:
+            return f"the broker's Maximum Packet Size ({self.status.broker_max_packet} bytes) leaves a message cap"
+        return "upstream.max_message"
 
     def _session_cap(self, session: Session) -> None:
         """`max_message` for this session: the configured cap, lowered to what the broker said
@@ -566,6 +573,14 @@ class Sync:
         tags = self._dictionary()
         topic = self.options["status_topic"].format(gateway=self.gateway).rsplit("/", 1)[0] + "/tags"
         payload = wire.encode_dictionary(self.gateway, tags)
+        limit = self.status.broker_max_packet
+        if limit and len(payload) + PUBLISH_ROOM > limit:
+            # It would get the connection dropped at every session start: nothing would flow.
+            raise SyncError(
+                f"the tag dictionary ({len(tags)} tags, {len(payload)} bytes) does not fit the broker's "
+                f"Maximum Packet Size ({limit} bytes), and it is sent whole; raise the broker's limit "
+                "(mosquitto: max_packet_size)"
+            )
         if len(payload) > self.max_message:
             # One retained message, never split (consumers read it whole): the one exception.
             self.errors.log(
@@ -670,6 +685,16 @@ class Sync:
             pool.shutdown(wait=True)
         self._readers = {}
         self.outbox.close()
+
+
+def piece_size(room: int) -> int:
+    """The slice size of a unit sent as parts with `room` bytes for its slice: the largest
+    power of two that fits. A unit sent again under another cap (a session with a broker of
+    another Maximum Packet Size, or a changed `max_message`) is then split into another count
+    of parts, or alike: sizes at least twice apart never give one unit the same count (for
+    x > 1, ceil(x/2) < ceil(x)). A consumer that still holds parts of the first split tells
+    the two apart by their count (docs/payload.md, "Continuation")."""
+    return 1 << (room.bit_length() - 1)
 
 
 def _pack(run: UnitRun, gateway: str, cap: int) -> list[tuple[str, list[int], list[bytes], int]]:

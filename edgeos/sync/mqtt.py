@@ -507,8 +507,13 @@ class MqttTransport:
         session = MqttSession(client, self.where, manual_ack=bool(self.options.get("manual_ack")))
         socket_errors: list[str] = []  # paho's own log of the setup, for _explain
         client._client.on_log = lambda _c, _u, level, buf: level == 8 and socket_errors.append(buf)  # noqa: SLF001
+        will_retained = self._will_retain  # the will this connection carries
         try:
             await within(client.__aenter__(), None)  # aiomqtt's wait_for may drop a cancellation
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                client._client.disconnect()  # noqa: SLF001 - connected or half-way: not left open
+            raise
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
             if getattr(getattr(e, "rc", None), "value", None) == RETAIN_NOT_SUPPORTED and self._will_retain:
                 # The will is what it refused: the next attempt (any broker) sends it unretained.
@@ -539,8 +544,9 @@ class MqttTransport:
             if self.status_topic:
                 # A node that took the connection but cannot store (a cluster without its
                 # JetStream leader yet) acknowledges nothing: soon the next broker instead.
+                # Retained as the will is, or a retained "online" would outlive a crash.
                 await session.publish(
-                    self.status_topic, self._status("online"), retain=True, ack_within=FIRST_PUBACK_TIMEOUT
+                    self.status_topic, self._status("online"), retain=will_retained, ack_within=FIRST_PUBACK_TIMEOUT
                 )
             yield session
         except Exception:
@@ -555,7 +561,9 @@ class MqttTransport:
             # included) says "offline" itself; a crash or a lost link leaves it to the will.
             if self.status_topic and session.failure is None:
                 with contextlib.suppress(Exception):
-                    await session.publish(self.status_topic, self._status("offline"), retain=True, ack_within=2)
+                    await session.publish(
+                        self.status_topic, self._status("offline"), retain=will_retained, ack_within=2
+                    )
             with contextlib.suppress(Exception):
                 # Bounded: a broker that stopped answering must not hold up the daemon's stop.
                 async with asyncio.timeout(2):

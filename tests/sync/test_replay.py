@@ -403,6 +403,26 @@ async def test_the_brokers_connack_limits_are_obeyed(write_config, make_broker):
     assert_each_once(central, held)
 
 
+async def test_a_dictionary_over_the_brokers_packet_size_is_named(write_config, make_broker):
+    """The tag dictionary is one retained message, never split: over the broker's announced
+    Maximum Packet Size, the broker would drop the connection at every session start and
+    nothing would flow, unexplained. The sync says what does not fit, and where to raise it."""
+    broker = make_broker(extra=["max_packet_size 4000"])
+    cfg, sync = make_sync(write_config, broker.port)
+    make_store(cfg.gateway.data_dir, 3)
+    db = sqlite3.connect(cfg.gateway.data_dir / "edgeos.db")
+    with db:
+        db.executemany(
+            "INSERT INTO tags(id, device, name, kind) VALUES(?, 'd0', ?, 'number')",
+            [(i, f"line{i:03d}/a_rather_long_tag_name_{i}") for i in range(8, 300)],
+        )
+    db.close()
+    async with running(sync):
+        await wait_until(lambda: sync.status.failures >= 2)
+    assert sync.cursor == 0
+    assert "does not fit the broker's Maximum Packet Size (4000 bytes)" in sync.status.last_error
+
+
 async def test_an_oversize_message_is_what_the_broker_drops(write_config, make_broker):
     """The control: MQTT 3.1.1 has no such announcement, so the same broker and store over
     3.1.1 (the 128 KiB cap kept) lose the connection at the first large message, again and
