@@ -451,10 +451,12 @@ class Session:
             c._closing = True
             c.uaclient._closing = True
             tasks = [t for t in (c._renew_channel_task, c._monitor_server_task, c.uaclient._publish_task) if t]
-            # Cancelled again while they run: their reads await asyncua's wait_for (edgeos.aio).
-            await cancel_and_wait(tasks, "asyncua's session tasks", log, rounds=4, every_s=0.5)
-            with contextlib.suppress(Exception):
-                c.disconnect_socket()
+            try:
+                # Cancelled again while they run: their reads await asyncua's wait_for (edgeos.aio).
+                await cancel_and_wait(tasks, "asyncua's session tasks", log, rounds=4, every_s=0.5)
+            finally:  # this close cancelled too: the socket still goes
+                with contextlib.suppress(Exception):
+                    c.disconnect_socket()
 
     # -- namespaces and nodes
 
@@ -983,9 +985,9 @@ def numeric_columns(
     if ticks is None:
         return values, quality, np.full(n, now_ns, np.int64), text
     if second is not None and first is not None:
-        ticks = np.where(ticks > 0, ticks, second)  # a null (0) SourceTimestamp: the server's
+        ticks = np.where(ticks >= 10, ticks, second)  # a null (0) SourceTimestamp: the server's
     ts = (np.clip(ticks, 0, _MAX_FILETIME) // 10 - _FILETIME_1970_US) * 1000
-    ts[ticks <= 0] = now_ns  # null (0) as well: the gateway's time, as when none was sent
+    ts[ticks < 10] = now_ns  # null (0; 1-9 is under a microsecond past it): the gateway's time
     return values, quality, ts, text
 
 
