@@ -680,9 +680,7 @@ class Consumer:
                 continue
             own.add(seq, seq)
             if self._parts:  # parts of a split of this unit, now whole (sent under a larger cap)
-                stale = self._parts.pop((gw, seq), None)
-                if stale is not None:
-                    self._partial_bytes -= sum(map(len, stale[1].values()))
+                self._drop_parts((gw, seq))
             out.append(Delivered(gw, dev, seq, unit, env.replay))
         # The chain: the message names the device's unit before its first; inside a message
         # each unit's predecessor is the one before it. The seqs between are other devices':
@@ -729,7 +727,7 @@ class Consumer:
         # A unit sent again under another size cap (the gateway's session with another broker)
         # is split otherwise: the parts of the other split are dropped, never joined with these.
         if held is not None and (held[0] != count or not _one_split(count, {**held[1], index: piece})):
-            self._partial_bytes -= sum(map(len, held[1].values()))
+            self._drop_parts(key)
             held = None
         if held is None:
             held = self._parts[key] = (count, {})
@@ -741,13 +739,18 @@ class Consumer:
             oldest = next(iter(self._parts))
             if oldest == key:
                 break
-            self._partial_bytes -= sum(map(len, self._parts.pop(oldest)[1].values()))
+            self._drop_parts(oldest)
         if len(got) < count:
             return []
         del self._parts[key]
         blob = b"".join(got[i] for i in range(count))
         self._partial_bytes -= len(blob)
         return self._on_units(env, [seq], [blob], now)
+
+    def _drop_parts(self, key: tuple[str, int]) -> None:
+        held = self._parts.pop(key, None)
+        if held is not None:
+            self._partial_bytes -= sum(map(len, held[1].values()))
 
     def _on_gone(self, g: Gone) -> None:
         gone = self._gone.setdefault(g.gateway, _Runs())
