@@ -300,15 +300,15 @@ class MqttSession:
 
     # -- the caller's side ---------------------------------------------------------------------
 
-    async def _wait(self, mid: int, within: float, what: str) -> Any:
-        """The PUBACK/SUBACK reason for `mid`; SyncError when lost or not within `within` s."""
+    async def _wait(self, mid: int, timeout_s: float, what: str) -> Any:
+        """The PUBACK/SUBACK reason for `mid`; SyncError when lost or not within `timeout_s`."""
         fut = self._loop.create_future()
         self._waits[mid] = fut
         try:
-            async with asyncio.timeout(within):
+            async with asyncio.timeout(timeout_s):
                 outcome = await fut
         except TimeoutError:
-            raise SyncError(f"{self.where}: no acknowledgement of {what} within {within:g} s") from None
+            raise SyncError(f"{self.where}: no acknowledgement of {what} within {timeout_s:g} s") from None
         finally:
             if self._waits.get(mid) is fut:
                 del self._waits[mid]
@@ -510,12 +510,13 @@ class MqttTransport:
         will_retained = self._will_retain  # the will this connection carries
         try:
             await within(client.__aenter__(), None)  # aiomqtt's wait_for may drop a cancellation
-        except asyncio.CancelledError:
+        except BaseException as e:
             with contextlib.suppress(Exception):
                 client._client.disconnect()  # noqa: SLF001 - connected or half-way: not left open
-            raise
-        except (aiomqtt.MqttError, OSError, ssl.SSLError) as e:
-            if getattr(getattr(e, "rc", None), "value", None) == RETAIN_NOT_SUPPORTED and self._will_retain:
+            if not isinstance(e, (aiomqtt.MqttError, OSError, ssl.SSLError)):
+                raise  # a cancellation, or a bug
+            refused = getattr(getattr(e, "rc", None), "value", None)  # an MQTT 5 CONNACK reason code
+            if refused == RETAIN_NOT_SUPPORTED and self._will_retain:
                 # The will is what it refused: the next attempt (any broker) sends it unretained.
                 self._will_retain = False
                 log.warning(
@@ -525,9 +526,7 @@ class MqttTransport:
                     self.where,
                 )
             self._next_server()  # refused, unreachable, or a cluster node electing a leader
-            with contextlib.suppress(Exception):
-                client._client.disconnect()  # noqa: SLF001 - a half-open connection left by a timeout
-            if getattr(getattr(e, "rc", None), "value", None) == QOS_NOT_SUPPORTED:  # the will's QoS 1
+            if refused == QOS_NOT_SUPPORTED:  # the will's QoS 1
                 raise SyncError(_qos0_only(self.where)) from e
             last = socket_errors[-1] if socket_errors else None
             raise SyncError(_explain(e.__cause__ or e, self.where, socket_error=last)) from e
