@@ -219,6 +219,11 @@ class LatestValues:
         ]
 
 
+# A reload's stopping devices are cancelled again every 6 s (after their closes' own bound),
+# 3 times: past that, one that still runs is left running (Runtime.reload).
+_RELOAD_ROUNDS, _RELOAD_EVERY_S = 3, 6.0
+
+
 class Runtime:
     """Runs a config until `stop()` (or cancellation, or SIGTERM/SIGINT with handle_signals)."""
 
@@ -464,9 +469,9 @@ class Runtime:
         stopping = [n for n in plan.removed] + [d.name for d in plan.changed]
         tasks = [self._device_tasks.pop(n) for n in stopping if n in self._device_tasks]
         # Cancelled again only after their closes' bound (5 s at most) would have ended them.
-        stuck = await cancel_and_wait(tasks, "the reloaded devices", log, rounds=3, every_s=6.0)
-        for t in stuck:  # still polling: no second poller beside it (two masters on one line)
-            self._device_tasks[t.get_name().removeprefix("device:")] = t
+        left = await cancel_and_wait(tasks, "the reloaded devices", log, rounds=_RELOAD_ROUNDS, every_s=_RELOAD_EVERY_S)
+        stuck = {t.get_name().removeprefix("device:"): t for t in left}
+        self._device_tasks.update(stuck)  # still polling: no second poller beside one (two masters on a line)
         if self._stop.is_set():
             return {"ok": False, "errors": ["the daemon began stopping during the reload"]}
         # From here to the end, no await: a stop cannot begin half-way through.
@@ -496,12 +501,11 @@ class Runtime:
                 self._connected.pop(d.name, None)
         summary = {"ok": True, "config": str(source), **plan.summary(), "tags_added": len(new_tags)}
         if stuck:
-            names = sorted(t.get_name().removeprefix("device:") for t in stuck)
             summary["ok"] = False
             summary["errors"] = [
-                f"device {n} did not stop within 18 s of its cancellation: it keeps polling with its old "
-                "config, and the new one applies at the next restart"
-                for n in names
+                f"device {n} did not stop within {_RELOAD_ROUNDS * _RELOAD_EVERY_S:g} s of its cancellation: "
+                "it keeps polling with its old config, and the new one applies at the next restart"
+                for n in sorted(stuck)
             ]
             log.error("config reload: %s", "; ".join(summary["errors"]), extra={"code": "reload_stuck"})
         log.info(
