@@ -171,16 +171,17 @@ def test_consumer_starting_mid_stream_asks_nothing_before_it():
     assert c.requests(now=10) == []
 
 
-def test_consumer_joins_parts_of_a_unit_split_for_the_size_cap():
+def _random_unit(n: int, seed: int) -> bytes:
+    """A unit of device "d" with `n` random values: large, and all but incompressible."""
     import numpy as np
 
-    blob = wire.encode_unit(
-        "d",
-        np.arange(5000, dtype=np.int32),
-        np.arange(5000),
-        np.random.default_rng(1).random(5000),
-        np.zeros(5000, np.uint32),
+    return wire.encode_unit(
+        "d", np.arange(n, dtype=np.int32), np.arange(n), np.random.default_rng(seed).random(n), np.zeros(n, np.uint32)
     )
+
+
+def test_consumer_joins_parts_of_a_unit_split_for_the_size_cap():
+    blob = _random_unit(5000, 1)
     pieces = [blob[i : i + 4000] for i in range(0, len(blob), 4000)]
     msgs = [wire.encode_message("gw", "d", [7], [p], 1, prev=0, part=(i, len(pieces))) for i, p in enumerate(pieces)]
     import pytest
@@ -202,17 +203,9 @@ def test_parts_of_two_splits_of_a_unit_are_never_joined():
     consumer with a persistent session. The gateway splits at power-of-two slice sizes, so two
     splits differ in their count of parts, and the consumer keeps to one count: every order
     ends with the unit whole, never joined from both splits (that came out undecodable)."""
-    import numpy as np
-
     from edgeos.sync.engine import piece_size
 
-    blob = wire.encode_unit(
-        "d",
-        np.arange(9000, dtype=np.int32),
-        np.arange(9000),
-        np.random.default_rng(2).random(9000),
-        np.zeros(9000, np.uint32),
-    )
+    blob = _random_unit(9000, 2)
 
     def split(room: int) -> list[bytes]:
         size = piece_size(room)
