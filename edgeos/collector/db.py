@@ -75,7 +75,6 @@ class Database:
         self.conn: asyncpg.Connection | None = None
         self._hours: set[dt.datetime] = set()
         self._days: set[dt.datetime] = set()
-        self._piece_hours: set[dt.datetime] = set()
         self.pack_min = pack_min
         # gateway -> local tag id -> global id (-1: unknown); shared by a collector's connections
         self.tag_maps: dict[str, np.ndarray] = {} if tag_maps is None else tag_maps
@@ -275,16 +274,17 @@ class Database:
         conn = self.conn
         assert conn is not None
         moved = 0
+        made: set[dt.datetime] = set()  # the pieces' hourly partitions made by this pass
         gateways = [r[0] for r in await conn.fetch("SELECT DISTINCT gateway FROM samples_live")]
         for gateway in gateways:
             for _ in range(rounds):
-                n = await self._pack_live_slice(gateway, rows_per_txn)
+                n = await self._pack_live_slice(gateway, rows_per_txn, made)
                 moved += n
                 if not n:
                     break
         return moved
 
-    async def _pack_live_slice(self, gateway: str, rows_per_txn: int) -> int:
+    async def _pack_live_slice(self, gateway: str, rows_per_txn: int, made: set[dt.datetime]) -> int:
         conn = self.conn
         assert conn is not None
         async with conn.transaction():
@@ -301,15 +301,15 @@ class Database:
             us = np.concatenate([copy.array_values(r["ts"], ">i8", r["n"]) for r in rows]) + copy.PG_EPOCH_US
             vals = np.concatenate([copy.array_values(r["val"], ">f8", r["n"]) for r in rows])
             q = np.concatenate([copy.array_values(r["q"], ">i4", r["n"]) for r in rows]).view(np.uint32)
-            for h in sorted({int(x) for x in np.unique(us // 3_600_000_000)}):
+            for h in np.unique(us // 3_600_000_000).tolist():
                 hour = dt.datetime.fromtimestamp(h * 3600, dt.UTC)
-                if hour not in self._piece_hours:
+                if hour not in made:
                     try:
                         async with conn.transaction():  # a savepoint: another may create it first
-                            await schema.ensure_pieces(conn, hour)
+                            await schema.ensure_recent(conn, {hour}, "samples_pieces")
                     except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
                         pass
-                    self._piece_hours.add(hour)
+                    made.add(hour)
             body, rest, _ = copy.split_packed(tags, us * 1000, vals, q, 1)
             if rest.any():  # min_run 1 packs every sample; anything else would be deleted unwritten
                 raise RuntimeError(f"live rows of {gateway}: {int(rest.sum())} samples not packed; nothing moved")
@@ -428,7 +428,6 @@ class Database:
             dropped = await schema.drop_older(self.conn, now - dt.timedelta(seconds=retention)) if retention else 0
             self._hours.clear()
             self._days.clear()
-            self._piece_hours.clear()
         finally:
             await self.conn.execute("SELECT pg_advisory_unlock(7302520)")
         return packed, dropped

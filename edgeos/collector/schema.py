@@ -263,23 +263,20 @@ def hour_floor(t: dt.datetime) -> dt.datetime:
     return t.replace(minute=0, second=0, microsecond=0)
 
 
-def _recent_name(start: dt.datetime) -> str:
-    return f"samples_recent_{start:%Y%m%d%H}"
+def _hour_name(parent: str, start: dt.datetime) -> str:
+    return f"{parent}_{start:%Y%m%d%H}"
 
 
 def _packed_name(start: dt.datetime) -> str:
     return f"samples_packed_{start:%Y%m%d}"
 
 
-def _pieces_name(start: dt.datetime) -> str:
-    return f"samples_pieces_{start:%Y%m%d%H}"
-
-
-async def ensure_recent(conn, hours: set[dt.datetime]) -> None:
-    """Create the hourly partitions of `samples_recent` for these hour starts (idempotent)."""
-    for h in sorted(hours):
+async def ensure_recent(conn, hours: set[dt.datetime], parent: str = "samples_recent") -> None:
+    """Create the hourly partitions of `samples_recent` (or of `samples_pieces`) for these hours
+    (idempotent)."""
+    for h in sorted(hour_floor(h) for h in hours):
         await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {_recent_name(h)} PARTITION OF samples_recent "
+            f"CREATE TABLE IF NOT EXISTS {_hour_name(parent, h)} PARTITION OF {parent} "
             f"FOR VALUES FROM ('{h.isoformat()}') TO ('{(h + HOUR).isoformat()}')"
         )
 
@@ -289,14 +286,6 @@ async def ensure_packed(conn, day: dt.datetime) -> None:
     await conn.execute(
         f"CREATE TABLE IF NOT EXISTS {_packed_name(d)} PARTITION OF samples_packed "
         f"FOR VALUES FROM ('{d.isoformat()}') TO ('{(d + DAY).isoformat()}')"
-    )
-
-
-async def ensure_pieces(conn, hour: dt.datetime) -> None:
-    h = hour_floor(hour)
-    await conn.execute(
-        f"CREATE TABLE IF NOT EXISTS {_pieces_name(h)} PARTITION OF samples_pieces "
-        f"FOR VALUES FROM ('{h.isoformat()}') TO ('{(h + HOUR).isoformat()}')"
     )
 
 
