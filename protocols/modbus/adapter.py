@@ -235,7 +235,6 @@ class ModbusAdapter(PollingAdapter):
         self._silent_polls: dict[int, int] = {}
         self._silent_since = 0.0  # monotonic time the first unanswered poll of the streak began
         self._groups: list[PollGroup] | None = None
-        self._specs: dict[int, TagSpec] | None = None
         self._limits = limits_of(o)
 
     def poll_groups(self) -> list[PollGroup]:
@@ -244,7 +243,6 @@ class ModbusAdapter(PollingAdapter):
         return self._groups
 
     async def connect(self) -> None:
-        self._specs = specs_of(self.device)
         if self.link is None:
             self.link = transport.acquire(self.device.name, self.endpoint, zero_transaction_id=self.zero_tid)
         await self.link.connect(self.device.name, self.timeout_s)
@@ -478,7 +476,7 @@ class ModbusAdapter(PollingAdapter):
         """Write one tag with type conversion and range checks (only `writable` tags reach here);
         returns the value as the device now holds it (rounded to the register's steps)."""
         name = self.device.name
-        specs = self._specs or specs_of(self.device)
+        specs = specs_of(self.device)
         spec = specs.get(tag.id)
         if spec is None:
             raise DeviceError(name, f"tag {tag.name!r} is not a tag of this device", code="config", stage="write")
