@@ -528,9 +528,9 @@ class Session:
                         )
                     )
                     continue
-                response = struct_from_binary(ua.ReadResponse, data)
-                response.ResponseHeader.ServiceResult.check()
-                parts.append(columns(response.Results, k, timestamp, now_ns))
+                # Anything else (strings, arrays, odd types): asyncua's decoder, off the event loop.
+                loop = asyncio.get_running_loop()
+                parts.append(await loop.run_in_executor(_decoder(), _read_columns_slow, data, k, timestamp, now_ns))
         except Exception as e:
             raise _wrap(e, "read") from None
         if len(parts) == 1:
@@ -1133,6 +1133,15 @@ def _decoder() -> concurrent.futures.ThreadPoolExecutor:
     if _DECODER is None:
         _DECODER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgeos-opcua-decode")
     return _DECODER
+
+
+def _read_columns_slow(
+    data: Any, kinds: np.ndarray, timestamp: str, now_ns: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """A ReadResponse through asyncua's decoder, then `columns`: in the decoding thread."""
+    response = struct_from_binary(ua.ReadResponse, data)
+    response.ResponseHeader.ServiceResult.check()
+    return columns(response.Results, kinds, timestamp, now_ns)
 
 
 async def columns_apart(
