@@ -63,13 +63,10 @@ class Pipeline:
 
     def _run(self, gid: int, batch: Batch, rows: np.ndarray | None) -> Batch:
         """The rows of `batch` in group `gid` (all when None) through its chain."""
+        b = batch if rows is None else batch.take(rows)
         if gid == 0:
-            return batch if rows is None else batch.take(rows)
-        tags, ts, values, quality, text = batch.tags, batch.ts, batch.values, batch.quality, batch.text
-        if rows is not None:
-            tags, ts, values, quality = tags[rows], ts[rows], values[rows], quality[rows]
-            text = None if text is None else text[rows]
-        b = Batch(batch.device, self.local_of_tag[tags], ts, values, quality, text)
+            return b
+        b = Batch(b.device, self.local_of_tag[b.tags], b.ts, b.values, b.quality, b.text)
         for f in self.chains[gid]:
             b = f.apply(b)
             if not len(b):
