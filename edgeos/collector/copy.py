@@ -173,30 +173,25 @@ LIVE_COLUMNS = ("gateway", "device", "t_min", "t_max", "tag", "ts", "val", "q")
 def live_row(gateway: str, device: str, tags: np.ndarray, ts_ns: np.ndarray, values: np.ndarray, quality) -> bytes:
     """Binary COPY row of `samples_live`: a device's samples of one batch as arrays (one row and
     a few TOAST chunks for them all, instead of a row and an index entry each)."""
-    n = len(tags)
     us = np.floor_divide(ts_ns, 1000) - PG_EPOCH_US
     g, d = gateway.encode(), device.encode()
     parts = [
         struct.pack(f"!hi{len(g)}si{len(d)}siqiq", 8, len(g), g, len(d), d, 8, int(us.min()), 8, int(us.max())),
-        _array_head(_INT4, n, 8),
+        _array(_INT4, _OFF, tags),
+        _array(_TIMESTAMPTZ, _TS, us),
+        _array(_FLOAT8, _VAL, values),
     ]
-    a = np.empty(n, _OFF)
-    a["l"], a["v"] = 4, tags
-    parts.append(a.tobytes())
-    t = np.empty(n, _TS)
-    t["l"], t["v"] = 8, us
-    parts += [_array_head(_TIMESTAMPTZ, n, 12), t.tobytes()]
-    v = np.empty(n, _VAL)
-    v["l"], v["v"] = 8, values
-    parts += [_array_head(_FLOAT8, n, 12), v.tobytes()]
     q = np.asarray(quality, np.uint32).view(np.int32)
-    if q.any():
-        qa = np.empty(n, _OFF)
-        qa["l"], qa["v"] = 4, q
-        parts += [_array_head(_INT4, n, 8), qa.tobytes()]
-    else:
-        parts.append(b"\xff\xff\xff\xff")
+    parts.append(_array(_INT4, _OFF, q) if q.any() else b"\xff\xff\xff\xff")  # NULL: all Good
     return b"".join(parts)
+
+
+def _array(oid: int, rec: np.dtype, values: np.ndarray) -> bytes:
+    """A binary COPY field holding `values` as a 1-dimensional array of `oid` without NULLs:
+    each element's length (from `rec`, a ("l", "v") record) and bytes."""
+    a = np.empty(len(values), rec)
+    a["l"], a["v"] = rec["v"].itemsize, values
+    return _array_head(oid, len(values), rec.itemsize) + a.tobytes()
 
 
 def array_values(raw: bytes | None, dtype: str, n: int) -> np.ndarray:
