@@ -104,13 +104,13 @@ class _Session:
         pass
 
 
-async def _collector(dsn: str, gateway: str, tags: int, pack_min: int = 16):
+async def _collector(dsn: str, gateway: str | list[str], tags: int, pack_min: int = 16):
     from edgeos.collector.config import CollectorConfig
     from edgeos.collector.service import Collector
 
     cfg = CollectorConfig(
         path=Path("bench.toml"),
-        broker={"servers": [("127.0.0.1", 1)], "receive_maximum": 64},
+        broker={"servers": [("127.0.0.1", 1)], "receive_maximum": 64, "keepalive": 30},
         dsn=dsn,
         pack_min=pack_min,
     )
@@ -118,8 +118,34 @@ async def _collector(dsn: str, gateway: str, tags: int, pack_min: int = 16):
     await c.db.connect()
     for w in c.writers:
         await w.connect()
-    await c.db.save_dictionary(gateway, {i: wire.TagEntry(i, "plc", f"t{i}", "number", "") for i in range(tags)})
+    for gw in [gateway] if isinstance(gateway, str) else gateway:
+        await c.db.save_dictionary(gw, {i: wire.TagEntry(i, "plc", f"t{i}", "number", "") for i in range(tags)})
     return c
+
+
+async def _timed(pg, aw):
+    """(what `aw` returns, wall s, this process's CPU %, PostgreSQL's CPU %) while it runs."""
+    pids = _children(pg.proc.pid)
+    cpu0, pg0, t0 = time.process_time(), _cpu_of(pids), time.perf_counter()
+    result = await aw
+    wall = time.perf_counter() - t0
+    return result, wall, 100 * (time.process_time() - cpu0) / wall, 100 * (_cpu_of(pids) - pg0) / wall
+
+
+async def _drive(c, batches: list) -> None:
+    """The batches through the collector's own batch path, its writers at once (as queued)."""
+    session, left = _Session(), iter(batches)
+
+    async def writer(db) -> None:
+        for b in left:
+            await c._handle(session, b, db)  # noqa: SLF001
+
+    await asyncio.gather(*(writer(w) for w in c.writers))
+
+
+async def _close(c) -> None:
+    for d in [c.db, *c.writers]:
+        await d.close()
 
 
 def _messages(gateway: str, tags: int, seconds: int, start_s: int, per_message: int = 1, seq0: int = 0):
@@ -143,24 +169,12 @@ async def _throughput(pg, quick: bool, pack_min: int):
     now_s = int(time.time()) - seconds
     msgs = _messages("gw-t", tags, seconds, now_s, per_message=10)
     c = await _collector(dsn, "gw-t", tags, pack_min)
-    session = _Session()
     batch = 20  # messages (200 units, 200,000 samples) per transaction
-    pids = _children(pg.proc.pid)
-    cpu0, pg0, t0 = time.process_time(), _cpu_of(pids), time.perf_counter()
-    batches = iter([msgs[i : i + batch] for i in range(0, len(msgs), batch)])
-
-    async def writer(db) -> None:
-        for b in batches:
-            await c._handle(session, b, db)  # noqa: SLF001 - the collector's own batch path
-
-    await asyncio.gather(*(writer(w) for w in c.writers))
-    wall = time.perf_counter() - t0
-    cpu, pgcpu = time.process_time() - cpu0, _cpu_of(pids) - pg0
+    _, wall, cpu, pgcpu = await _timed(pg, _drive(c, [msgs[i : i + batch] for i in range(0, len(msgs), batch)]))
     n = c.metrics.samples_written
     assert n == tags * seconds, (n, tags * seconds)
-    for d in [c.db, *c.writers]:
-        await d.close()
-    return n / wall, 100 * cpu / wall, 100 * pgcpu / wall
+    await _close(c)
+    return n / wall, cpu, pgcpu
 
 
 async def _live(pg, quick: bool, pack_min: int):
@@ -175,35 +189,18 @@ async def _live(pg, quick: bool, pack_min: int):
     now_s = int(time.time()) - seconds
     names = [f"gw-l{g}" for g in range(gateways)]
     per_gw = [_messages(gw, tags, seconds, now_s) for gw in names]
-    c = await _collector(dsn, names[0], tags, pack_min)
-    for gw in names[1:]:
-        await c.db.save_dictionary(gw, {i: wire.TagEntry(i, "plc", f"t{i}", "number", "") for i in range(tags)})
-    session = _Session()
-    pids = _children(pg.proc.pid)
-    batches = iter([[m[s] for m in per_gw] for s in range(seconds)])
-    cpu0, pg0, t0 = time.process_time(), _cpu_of(pids), time.perf_counter()
-
-    async def writer(db) -> None:
-        for b in batches:
-            await c._handle(session, b, db)  # noqa: SLF001 - the collector's own batch path
-
-    await asyncio.gather(*(writer(w) for w in c.writers))
-    wall = time.perf_counter() - t0
-    cpu, pgcpu = time.process_time() - cpu0, _cpu_of(pids) - pg0
-    out = [c.metrics.samples_written / wall, 100 * cpu / wall, 100 * pgcpu / wall]
+    c = await _collector(dsn, names, tags, pack_min)
+    _, wall, cpu, pgcpu = await _timed(pg, _drive(c, [[m[s] for m in per_gw] for s in range(seconds)]))
+    out = [c.metrics.samples_written / wall, cpu, pgcpu]
     assert c.metrics.samples_written == gateways * tags * seconds
     if pack_min:
         maint = dbm.Database(dsn)
-        await maint.connect()
-        pids = _children(pg.proc.pid)  # with the new connection's server process
-        cpu0, pg0, t0 = time.process_time(), _cpu_of(pids), time.perf_counter()
-        moved = await maint.pack_live()
-        wall = time.perf_counter() - t0
+        await maint.connect()  # before timing: its server process is among the ones measured
+        moved, wall, cpu, pgcpu = await _timed(pg, maint.pack_live())
         assert moved == gateways * tags * seconds, moved
-        out += [moved / wall, 100 * (time.process_time() - cpu0) / wall, 100 * (_cpu_of(pids) - pg0) / wall]
+        out += [moved / wall, cpu, pgcpu]
         await maint.close()
-    for d in [c.db, *c.writers]:
-        await d.close()
+    await _close(c)
     return out
 
 
