@@ -44,7 +44,14 @@ def _broker(tmp: Path) -> tuple[subprocess.Popen, int]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     conf = tmp / "mosquitto.conf"
-    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    # set_tcp_nodelay: with mosquitto's default (Nagle on), the PUBACK of a burst's last message
+    # waits for the client's delayed ACK, ~40 ms on Linux. Both publishers paid it once per round,
+    # a constant that was as long as the bare publisher's whole 20 ms round, and so lifted the
+    # ratio (0.55-0.6 with it, about 0.3 without; docs/benchmarks.md).
+    conf.write_text(
+        f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "set_tcp_nodelay true\n"
+    )
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
     for _ in range(200):
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
