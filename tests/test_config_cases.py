@@ -120,3 +120,38 @@ def test_problems_under_a_tag_name_it_and_keep_the_index() -> None:
         "devices[0](press1).tags[3].amplitud",
         "devices[0](press1).tags[2](mode).states",  # the protocol's check, at the config's index
     ]
+
+
+def test_a_choice_written_bare_or_as_text_is_the_same_choice() -> None:
+    cfg = load_config(CASES / "valid_bare_choices" / "edgeos.toml")
+    assert cfg.upstream.options["mqtt_version"] == "5"  # written 5
+    assert cfg.store.unit_version == 3  # written "3"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("unit_version = 3.0", "store.unit_version: found 3.0, expected one of 2, 3"),
+        ("unit_version = true", "store.unit_version: found True, expected one of 2, 3"),
+        ('unit_version = "three"', 'store.unit_version: found "three", expected one of 2, 3'),
+    ],
+)
+def test_a_choice_is_never_a_float_or_a_bool(tmp_path: Path, line: str, message: str) -> None:
+    p = tmp_path / "edgeos.toml"
+    text = (CASES / "valid_bare_choices" / "edgeos.toml").read_text()
+    p.write_text(text.replace('unit_version = "3"', line))
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert message in str(info.value)
+
+
+def test_servers_beside_host_uses_servers_and_says_host_is_not_used(tmp_path: Path, caplog) -> None:
+    from edgeos.sync.mqtt import servers
+
+    p = tmp_path / "edgeos.toml"
+    text = (CASES / "valid_bare_choices" / "edgeos.toml").read_text()
+    p.write_text(text.replace('host = "127.0.0.1"', 'host = "10.0.0.9"\nservers = ["127.0.0.1:1884", "b"]'))
+    with caplog.at_level("WARNING", logger="edgeos.config"):
+        cfg = load_config(p)
+    assert servers(cfg.upstream.options) == [("127.0.0.1", 1884), ("b", 1883)]
+    assert "upstream.host '10.0.0.9' is not used: upstream.servers lists the brokers" in caplog.text

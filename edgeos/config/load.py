@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import string
@@ -216,6 +217,12 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
     _register_secrets(up, UPSTREAM_FIELDS, base)
     if up.get("enabled") and not up.get("host"):
         problems.add("upstream.host", "missing: required when upstream.enabled = true")
+    raw_up = raw.get("upstream")
+    if isinstance(raw_up, dict) and "host" in raw_up and up.get("servers"):
+        # Not refused: a config that gained `servers` beside its old `host` kept working.
+        logging.getLogger("edgeos.config").warning(
+            "%s: upstream.host %r is not used: upstream.servers lists the brokers", problems.file, raw_up["host"]
+        )
     if up.get("enabled"):
         for key in ("ca_file", "cert_file", "key_file", "password_file"):
             if up.get(key) and not (base / up[key]).exists():

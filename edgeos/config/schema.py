@@ -102,9 +102,15 @@ class Field:
     def _convert(self, kind: str, value: Any) -> Any:
         if kind == "any":
             return value
-        if kind in ("str", "path", "choice"):
-            if kind == "choice" and not isinstance(value, str) and value in self.choices:
-                return value
+        if kind == "choice":
+            # A choice as written or as its text: `mqtt_version = 5` is "5", `unit_version = "3"`
+            # is 3 (the docs show both bare). Anything else names the choices, never a type.
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                for c in self.choices:
+                    if value == c or str(value) == str(c):
+                        return c
+            raise ValueError(f"found {_show(value)}, expected one of {', '.join(str(c) for c in self.choices)}")
+        if kind in ("str", "path"):
             if not isinstance(value, str):
                 raise ValueError(f"found {_show(value)}, expected a string")
             return value
@@ -138,6 +144,10 @@ def _fmt_bound(f: Field, bound: float) -> str:
         from edgeos.config.units import format_duration_ns
 
         return format_duration_ns(int(bound))
+    if f.kind == "size":
+        from edgeos.config.units import format_size
+
+        return format_size(int(bound))
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 

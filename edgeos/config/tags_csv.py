@@ -95,11 +95,19 @@ def read_tags_csv(path: Path, fields: Mapping[str, Field], problems: Problems) -
             problems.add("", "empty CSV file, expected a header row naming the tag keys", file=str(path), line=1)
             return rows
         header = [h.strip() for h in header]
-        bad = [h for h in header if h not in fields and h != "filters"]
-        for h in bad:
-            problems.add(f"column {h!r}", unknown_key_message(h, fields), file=str(path), line=1)
-        if bad:
+        bad = {h for h in header if h not in fields and h != "filters"}
+        for h in header:
+            if h in bad:
+                problems.add(f"column {h!r}", unknown_key_message(h, fields), file=str(path), line=1)
+        # A required column missing (often the misspelled one) is said once, not on every row.
+        missing = [k for k, f in fields.items() if f.required and k not in header]
+        for k in missing:
+            what = f" ({fields[k].help})" if fields[k].help else ""
+            problems.add(f"column {k!r}", f"missing: every row needs it{what}", file=str(path), line=1)
+        if missing:
             return rows
+        # Otherwise the rows are still read, without the unknown columns: every other problem in
+        # this one pass.
         for rec in reader:
             if not any(c.strip() for c in rec) or rec[0].lstrip().startswith("#"):
                 continue
@@ -114,7 +122,7 @@ def read_tags_csv(path: Path, fields: Mapping[str, Field], problems: Problems) -
                 continue
             raw: dict[str, Any] = {}
             for key, cell in zip(header, rec, strict=False):
-                if not cell.strip():
+                if not cell.strip() or key in bad:
                     continue
                 if key == "filters":
                     try:

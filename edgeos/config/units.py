@@ -61,6 +61,14 @@ def format_duration_ns(ns: int) -> str:
     return f"{ns}ns"
 
 
+def format_size(n: int) -> str:
+    """A size limit as written in configs: the largest binary unit it is a whole number of."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if n and n % _SIZE_BYTES[unit] == 0:
+            return f"{n // _SIZE_BYTES[unit]}{unit}"
+    return f"{n}B"
+
+
 _RELATIVE = re.compile(r"^\s*-?\s*(\d+(?:\.\d+)?\s*(?:ns|us|µs|ms|s|m|h|d))\s*(?:ago)?\s*$")
 
 

@@ -225,7 +225,8 @@ def unit_exposure(
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return Item("unit", "systemd unit", "edgeos.service", f"not measured: systemd-analyze said {tail[0]!r}")
     score = float(m.group(1))
-    item = Item("unit", "systemd unit", "edgeos.service (as installed)", f"exposure {score:.1f} {m.group(2)}")
+    where = "edgeos.service (as `service install` writes it)"
+    item = Item("unit", "systemd unit", where, f"exposure {score:.1f} {m.group(2)}")
     if score > MAX_EXPOSURE:
         item.warnings.append(f"systemd unit exposure {score:.1f} is above {MAX_EXPOSURE}")
     return item
