@@ -122,7 +122,7 @@ def query(
     since: Annotated[str, typer.Option(help="Start: an interval before now (1h, 2d) or an ISO time.")] = "1h",
     until: Annotated[str | None, typer.Option(help="End: ISO time (default: now).")] = None,
 ) -> None:
-    """Print one tag's samples (ts, value, quality) as CSV; plain SQL stays the main interface."""
+    """Print one tag's samples (ts, value, quality, text) as CSV; plain SQL stays the main interface."""
     cfg = _load(config)
     import datetime as dt
 
@@ -139,16 +139,18 @@ def query(
                 start_sql, start_arg = "$2::timestamptz", dt.datetime.fromisoformat(since)
             end = dt.datetime.fromisoformat(until) if until else dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
             rows = await conn.fetch(
-                f"SELECT ts, value, quality FROM samples_between($1, {start_sql}, $3) ORDER BY ts",
+                f"SELECT ts, value, quality, text FROM samples_between($1, {start_sql}, $3) ORDER BY ts",
                 tag,
                 start_arg,
                 end,
             )
         finally:
             await conn.close()
-        out = sys.stdout
-        out.write("ts,value,quality\n")
+        import csv
+
+        out = csv.writer(sys.stdout, lineterminator="\n")  # a string value may hold commas, quotes
+        out.writerow(("ts", "value", "quality", "text"))
         for r in rows:
-            out.write(f"{r['ts'].isoformat()},{r['value']!r},{r['quality']}\n")
+            out.writerow((r["ts"].isoformat(), repr(r["value"]), r["quality"], r["text"] or ""))
 
     asyncio.run(main())

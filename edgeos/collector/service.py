@@ -33,6 +33,7 @@ UNKNOWN_TAGS = "unknown tags"
 # Retries of the database and the broker: the plant's own servers, a short way off, so soon and
 # never more than 2 s apart.
 _RETRY_MIN_NS, _RETRY_MAX_NS = 200_000_000, 2_000_000_000
+FIRST_MAINTENANCE_S = 30.0  # the first maintenance pass after start (then every maintain_every)
 
 
 @dataclass
@@ -425,8 +426,13 @@ class Collector:
         return due
 
     async def _maintenance(self) -> None:
+        # The first pass soon after start, not a whole `maintain_every` later: a collector
+        # restarted more often than that would otherwise never pack, roll up or create
+        # partitions ahead.
+        wait = min(self.cfg.maintain_every, FIRST_MAINTENANCE_S)
         while True:
-            await asyncio.sleep(self.cfg.maintain_every)
+            await asyncio.sleep(wait)
+            wait = self.cfg.maintain_every
             maint = dbm.Database(self.cfg.dsn, password=self.db.password)
             try:
                 await maint.connect()

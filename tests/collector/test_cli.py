@@ -4,6 +4,8 @@ not importing the collector, the collector taking only the MQTT transport from t
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +82,13 @@ async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, 
     assert f"127.0.0.1:{mosquitto.port}: ok" in r.stdout
     d = dbm.Database(dsn)
     await d.connect()
-    await d.save_dictionary("line1-gw", {0: wire.TagEntry(0, "press1", "temperature", "number", "degC")})
+    await d.save_dictionary(
+        "line1-gw",
+        {
+            0: wire.TagEntry(0, "press1", "temperature", "number", "degC"),
+            1: wire.TagEntry(1, "press1", "state", "string", ""),
+        },
+    )
     import time
 
     now = time.time_ns()
@@ -91,7 +99,16 @@ async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, 
         np.array([1.5, 2.5, 3.5]),
         np.zeros(3, np.uint32),
     )
+    t = wire.Unit(
+        "press1",
+        np.ones(2, np.int32),
+        now - np.arange(2, dtype=np.int64) * 10**9,
+        np.full(2, np.nan),
+        np.zeros(2, np.uint32),
+        ["RUN, fast", 'say "hi"'],
+    )
     await d.write([dbm.Pending("line1-gw", 1, u, d.tag_map("line1-gw")[u.tags])])
+    await d.write([dbm.Pending("line1-gw", 2, t, d.tag_map("line1-gw")[t.tags])])
     await d.close()
     r = await asyncio.to_thread(
         subprocess.run,
@@ -102,7 +119,18 @@ async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, 
     )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "ts,value,quality" and [ln.split(",")[1] for ln in lines[1:]] == ["3.5", "2.5", "1.5"]
+    assert lines[0] == "ts,value,quality,text" and [ln.split(",")[1] for ln in lines[1:]] == ["3.5", "2.5", "1.5"]
+    assert all(ln.endswith(",0,") for ln in lines[1:])  # Good, no text
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [EDGEOS, "collect", "query", "-c", str(p), "line1-gw/press1/state", "--since", "1h"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert [(row[1], row[3]) for row in rows[1:]] == [("nan", 'say "hi"'), ("nan", "RUN, fast")]
 
 
 def test_a_gateway_filter_subscribes_to_those_gateways_only(tmp_path):

@@ -281,3 +281,36 @@ async def test_live_units_are_one_row_a_device_then_packed_pieces_then_rolled_up
         assert state == rows_states[0]
     for got in rows_fn[1:] + live_fn:
         assert got == rows_fn[0]
+
+
+async def test_the_first_maintenance_comes_soon_after_start_not_a_whole_period_later(pg, monkeypatch):
+    """A collector restarted more often than `maintain_every` still maintains: its first pass
+    comes FIRST_MAINTENANCE_S after start (shortened here), though maintain_every is an hour."""
+    import types
+    from pathlib import Path
+
+    from edgeos.collector import service
+    from edgeos.collector.config import CollectorConfig
+
+    _, dsn = pg
+    d = await fresh(dsn, pack_min=16)
+    await d.write(pending(d, "gw1", range(1, 4)))
+    assert await d.conn.fetchval("SELECT count(*) FROM samples_live") == 1  # a row a device and batch
+    monkeypatch.setattr(service, "FIRST_MAINTENANCE_S", 0.2)
+    cfg = CollectorConfig(path=Path("collector.toml"), broker={}, dsn=dsn)
+    cfg.maintain_every = 3600.0
+    owner = types.SimpleNamespace(cfg=cfg, db=types.SimpleNamespace(password=None))
+    task = asyncio.create_task(service.Collector._maintenance(owner))
+    try:
+        for _ in range(100):  # 10 s at most
+            if await d.conn.fetchval("SELECT count(*) FROM samples_live") == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await d.conn.fetchval("SELECT count(*) FROM samples_live") == 0
+        assert await d.conn.fetchval("SELECT sum(samples) FROM units") == 15
+        assert await d.conn.fetchval("SELECT count(*) FROM samples") == 15  # moved, not lost
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await d.close()
