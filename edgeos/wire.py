@@ -12,7 +12,7 @@ import json
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgpack
 import numpy as np
@@ -100,6 +100,12 @@ def decode_unit(data: bytes) -> Unit:
 def _check(unit: Unit, n: int) -> Unit:
     if not (len(unit.tags) == len(unit.ts) == len(unit.values) == len(unit.quality) == n):
         raise ValueError("unit columns disagree in length")
+    if unit.text is not None and "" in unit.text:
+        # edgeos before 2026-12-04 wrote "" as the text of the numbers of a serial device that
+        # also has string tags. A string sample's value is NaN, so an empty text beside any other
+        # value is a number (docs/payload.md).
+        text = [None if t == "" and v == v else t for t, v in zip(unit.text, unit.values.tolist(), strict=False)]
+        unit = replace(unit, text=text)
     return unit
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -285,3 +286,19 @@ def test_consumer_ends_with_every_seq_exactly_once_after_replay(owners, lost, rn
                     delivered += [d.seq for d in c.feed(by_seq[s], now=float(t))]
     assert sorted(delivered) == list(range(1, top + 1))
     assert c.gaps("gw") == []
+
+
+def test_an_empty_text_beside_a_number_is_read_as_a_number() -> None:
+    """Units written before the serial fix carry "" as the text of a device's numbers when it
+    also has string tags; a real empty string has the value NaN and stays a string."""
+    for compress in (True, False):
+        data = wire.encode_unit(
+            "scale",
+            np.array([0, 1, 2], np.int32),
+            np.array([1, 1, 1], np.int64),
+            np.array([1.5, np.nan, np.nan]),
+            np.zeros(3, np.uint32),
+            ["", "kg", ""],
+            compress=compress,
+        )
+        assert wire.decode_unit(data).text == [None, "kg", ""]

@@ -172,7 +172,7 @@ class Parser:
             order = np.repeat(np.array(bad_rows, np.int64), k)
             b = Batch.filled(self.device, np.tile(bad_ids, len(bad_rows)), now_ns, math.nan, BAD)
             if self.any_text:
-                b = Batch(self.device, b.tags, b.ts, b.values, b.quality, np.full(len(b), "", object))
+                b = Batch(self.device, b.tags, b.ts, b.values, b.quality, np.full(len(b), None, object))
             parts.append((order, b))
         if not parts:
             return res
@@ -183,7 +183,7 @@ class Parser:
         batch = Batch.concat(self.device, [b for _, b in parts])
         if self.any_text and batch.text is None:
             batch = Batch(
-                self.device, batch.tags, batch.ts, batch.values, batch.quality, np.full(len(batch), "", object)
+                self.device, batch.tags, batch.ts, batch.values, batch.quality, np.full(len(batch), None, object)
             )
         res.batch = batch.take(np.argsort(order, kind="stable"))
         return res
@@ -199,7 +199,7 @@ class Parser:
         values = np.empty((m, k), np.float64)
         quality = np.zeros((m, k), QUALITY_DTYPE)
         present = np.ones((m, k), bool)
-        text = np.full((m, k), "", object) if self.any_text else None
+        text = np.full((m, k), None, object) if self.any_text else None  # None: not a string sample
         for c, s in enumerate(slots):
             col = [g[s.group - 1] for g in groups]
             if None in col:  # an optional group that did not take part: no sample for the tag

@@ -39,6 +39,9 @@ async def test_listen_lines_split_and_glued(line, serial_config, run_adapter):
     assert [r[2] for r in run.of("weight")] == [12.34, -0.5, 1.0, 2.0]
     assert [r[2] for r in run.of("stable")] == [1.0, 0.0, 1.0, 1.0]
     assert [r[4] for r in run.of("unit")] == ["kg", "kg", "g", "kg"]
+    # Numbers and booleans beside a string tag are not string samples: no text (an empty text
+    # made every reader show them as the string "", the number unseen).
+    assert all(r[4] is None for r in run.of("weight") + run.of("stable"))
     assert all(r[3] == GOOD for r in run.rows)
     h = run.adapter.health()
     assert h["frames"] == 4 and h["bad_frames"] == 0
@@ -52,8 +55,10 @@ async def test_garbage_non_utf8_and_overlong_become_bad_samples(line, serial_con
     weight = run.of("weight")
     assert [r[3] for r in weight] == [BAD, BAD, BAD, GOOD] and weight[-1][2] == 1.5
     assert all(math.isnan(r[2]) for r in weight[:3])
-    # Every tag of the pattern gets the Bad sample (a string tag with empty text).
+    # Every tag of the pattern gets the Bad sample (no text, the string tag's too: NaN, Bad).
     assert [r[3] for r in run.of("unit")] == [BAD, BAD, BAD, GOOD]
+    assert [r[4] for r in run.of("unit")] == [None, None, None, "kg"]
+    assert all(r[4] is None for r in weight)
     h = run.adapter.health()
     assert (h["bad_no_match"], h["bad_decode"], h["bad_overlong"], h["bad_frames"]) == (1, 1, 1, 3)
     assert h["frames"] == 4
