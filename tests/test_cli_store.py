@@ -211,3 +211,14 @@ def test_query_says_when_nothing_matched_and_refuses_a_reversed_range(store_dir)
     assert code == 0 and "no samples of oven/temp" in out
     code, out = run("query", "oven/temp", "--since", "@2000", "--until", "@1000", "--data-dir", str(store_dir))
     assert code == 2 and "is before --since" in out
+
+
+def test_values_are_shown_without_binary_noise_and_whole_numbers_exact() -> None:
+    from edgeos.cli.store import clean_float
+
+    assert clean_float(123.45600128173828) == 123.456  # a float32 register's value
+    assert clean_float(62.480000000000004) == 62.48  # float64 arithmetic noise, 15 digits
+    # Whole numbers exact, though 2**53 is exactly a float32 too (its short form 9.007199e+15
+    # would be another number) and the other is longer than 15 digits.
+    assert clean_float(2.0**53) == 9007199254740992.0
+    assert clean_float(7.262385979038285e16) == 7.262385979038285e16

@@ -72,9 +72,10 @@ def _when(text: str, what: str, now: int) -> int:
 
 def _value(v: float | str, kind: str = "number") -> str | float | bool | None:
     """A stored value as people read it: text as is, booleans as true/false, and numbers without
-    binary noise: a value that is exactly a float32 (a float32 register, say) in float32's
-    shortest form (123.456, not 123.45600128173828), any other at 15 significant digits, which
-    a float64 holds exactly (62.48, not 62.480000000000004)."""
+    binary noise: a whole number exact; a value that is exactly a float32 (a float32 register,
+    say) in float32's shortest form (123.456, not 123.45600128173828); any other at 15
+    significant digits, which a float64 holds exactly (62.48, not 62.480000000000004).
+    `edgeos export` writes every value exact."""
     if isinstance(v, str):
         return v
     if math.isnan(v):
@@ -85,7 +86,9 @@ def _value(v: float | str, kind: str = "number") -> str | float | bool | None:
 
 
 def clean_float(v: float) -> float:
-    if math.isinf(v) or len(repr(v)) <= 12:  # already short: nothing to clean
+    # A whole number is shown exact: a 64-bit register's 2**53 is 9007199254740992, not the
+    # float32 form 9.007199e+15 of the same bits, nor 15 digits of a larger one.
+    if math.isinf(v) or len(repr(v)) <= 12 or v.is_integer():  # already short, or whole
         return v
     f32 = np.float32(v)
     if float(f32) == v:

@@ -82,7 +82,7 @@ class ModbusProtocol:
         groups = build_groups(device, learned=False)
         total = sum(len(g.plan.current.requests) * 1e9 / g.interval_ns for g in groups)
         mode = "coalesced" if o["coalesce"] else "one request per tag"
-        lines = [f"modbus {endpoint_of(dict(o))} unit {o['unit']}: {total:.1f} requests/s ({mode})"]
+        lines = [f"modbus {endpoint_of(dict(o))} unit {unit_id(o)}: {total:.1f} requests/s ({mode})"]
         for g in groups:
             gp = g.plan.current
             reqs = gp.requests

@@ -343,7 +343,7 @@ class ModbusAdapter(PollingAdapter):
             log.warning(
                 "%s: %s refused alone (%s): Bad until asked again in %gs",
                 name,
-                ", ".join(gp.names[m] for m in newly_refused),
+                ", ".join(f"{gp.names[m]} ({gp.specs[m].table} {gp.specs[m].start})" for m in newly_refused),
                 ", ".join(sorted({st.refused[gp.tags[m].id].reason for m in newly_refused})),
                 self.retry_refused_s,
             )

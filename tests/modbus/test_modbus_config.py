@@ -127,6 +127,12 @@ def test_check_prints_the_request_plan(write_config) -> None:
     assert "modbus tcp 127.0.0.1:502 unit 1: 20.0 requests/s (coalesced)" in out.output
     assert "every 100ms: 200 tags in 2 requests, 200 registers read" in out.output
     assert "hr 0..124 (125 registers, 125 tags)" in out.output
+    # The plan names the unit id the reads use, under either of its names.
+    for key in ("unit_id", "unit"):
+        cfg.write_text(cfg.read_text().replace('host = "127.0.0.1"\n', f'host = "127.0.0.1"\n{key} = 2\n', 1))
+        out = CliRunner().invoke(app, ["check", str(cfg)])
+        assert "modbus tcp 127.0.0.1:502 unit 2: 20.0 requests/s (coalesced)" in out.output, out.output
+        cfg.write_text(cfg.read_text().replace(f"{key} = 2\n", ""))
 
 
 async def test_edgeos_write_converts_checks_and_refuses(tcp_peer, write_config, peer_module) -> None:
