@@ -39,7 +39,7 @@ def evaluate(rt: Runtime, now_ns: int | None = None) -> dict[str, Any]:
                     "check": "device_down",
                     "device": dev.name,
                     "state": st.state,
-                    "down_seconds": round(down_s, 1),
+                    "down_seconds": round(down_s, 3),
                     "bound_seconds": bound_s,
                     "last_error_code": st.last_error_code,
                 }
@@ -53,7 +53,7 @@ def evaluate(rt: Runtime, now_ns: int | None = None) -> dict[str, Any]:
             problems.append(
                 {
                     "check": "sync_lag",
-                    "lag_seconds": round(lag, 1),
+                    "lag_seconds": round(lag, 3),
                     "bound_seconds": bounds.sync_lag_ns / 1e9,
                     "state": rt.sync.status.state,
                 }
