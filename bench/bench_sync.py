@@ -39,18 +39,19 @@ SAMPLES = 10_000_000
 UNIT = 1_000  # samples per stored unit: one poll of a 1,000-tag device
 
 
-def _broker(tmp: Path) -> tuple[subprocess.Popen, int]:
+def _broker(tmp: Path, nodelay: bool = True) -> tuple[subprocess.Popen, int]:
+    """mosquitto on a random loopback port. set_tcp_nodelay: with mosquitto's default (Nagle
+    on), the PUBACK of a burst's last message waits for the client's delayed ACK, ~40 ms on
+    Linux. Both publishers paid it once per round, a constant as long as the bare publisher's
+    whole 20 ms round, which lifted the ratio (0.55-0.6 with it, about 0.3 without;
+    docs/benchmarks.md). bench/broker_nodelay.py starts both kinds."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    conf = tmp / "mosquitto.conf"
-    # set_tcp_nodelay: with mosquitto's default (Nagle on), the PUBACK of a burst's last message
-    # waits for the client's delayed ACK, ~40 ms on Linux. Both publishers paid it once per round,
-    # a constant that was as long as the bare publisher's whole 20 ms round, and so lifted the
-    # ratio (0.55-0.6 with it, about 0.3 without; docs/benchmarks.md).
+    conf = tmp / f"mosquitto-{port}.conf"
     conf.write_text(
         f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "set_tcp_nodelay true\n"
+        + ("set_tcp_nodelay true\n" if nodelay else "")
     )
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
     for _ in range(200):

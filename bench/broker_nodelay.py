@@ -10,10 +10,8 @@ and per setting of TCP_NODELAY on the publisher's socket: p50, p99 and max laten
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import getpass
+import importlib.util
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,22 +22,14 @@ import aiomqtt
 MESSAGES = 400
 
 
-def _broker(tmp: Path, nodelay: bool) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = tmp / f"mosquitto-{int(nodelay)}.conf"
-    conf.write_text(
-        f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        + ("set_tcp_nodelay true\n" if nodelay else "")
-    )
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
-    for _ in range(200):
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
-            return proc, port
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("mosquitto did not start")
+def _broker(tmp: Path, nodelay: bool):
+    """bench_sync's broker (one definition of how the benches start mosquitto)."""
+    path = Path(__file__).with_name("bench_sync.py")
+    spec = importlib.util.spec_from_file_location("edgeos_bench_sync", path)
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod._broker(tmp, nodelay)
 
 
 async def _round(port: int, client_nodelay: bool) -> tuple[float, float, float]:

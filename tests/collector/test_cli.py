@@ -110,26 +110,22 @@ async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, 
     await d.write([dbm.Pending("line1-gw", 1, u, d.tag_map("line1-gw")[u.tags])])
     await d.write([dbm.Pending("line1-gw", 2, t, d.tag_map("line1-gw")[t.tags])])
     await d.close()
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [EDGEOS, "collect", "query", "-c", str(p), "line1-gw/press1/temperature", "--since", "1h"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
+
+    async def query(tag: str) -> str:
+        r = await asyncio.to_thread(
+            subprocess.run,
+            [EDGEOS, "collect", "query", "-c", str(p), tag, "--since", "1h"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    lines = (await query("line1-gw/press1/temperature")).splitlines()
     assert lines[0] == "ts,value,quality,text" and [ln.split(",")[1] for ln in lines[1:]] == ["3.5", "2.5", "1.5"]
     assert all(ln.endswith(",0,") for ln in lines[1:])  # Good, no text
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [EDGEOS, "collect", "query", "-c", str(p), "line1-gw/press1/state", "--since", "1h"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 0, r.stderr
-    rows = list(csv.reader(io.StringIO(r.stdout)))
+    rows = list(csv.reader(io.StringIO(await query("line1-gw/press1/state"))))
     assert [(row[1], row[3]) for row in rows[1:]] == [("nan", 'say "hi"'), ("nan", "RUN, fast")]
 
 
