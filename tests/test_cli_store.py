@@ -147,6 +147,10 @@ def test_time_forms():
     assert parse_time_ns("@1767225600.5", now) == T0 + SEC // 2
     with pytest.raises(ValueError, match="expected a time"):
         parse_time_ns("tuesday", now)
+    # Outside int64 nanoseconds: a clear error, not a crash where the store is asked.
+    for far in ("1600-12-31T23:00Z", "3000-01-01", "@1e300", "@inf", "1000000d"):
+        with pytest.raises(ValueError, match="expected a time between 1678 and 2262"):
+            parse_time_ns(far, now)
 
 
 def test_second_daemon_on_the_same_data_dir_is_refused(write_config):

@@ -73,6 +73,17 @@ _RELATIVE = re.compile(r"^\s*-?\s*(\d+(?:\.\d+)?\s*(?:ns|us|µs|ms|s|m|h|d))\s*(
 
 
 def parse_time_ns(text: str, now_ns: int) -> int:
+    """`_time_ns`, within what a store holds: int64 nanoseconds, 1677-09-21 to 2262-04-11."""
+    try:
+        ns = _time_ns(text, now_ns)
+    except OverflowError:
+        ns = None
+    if ns is None or not -(2**63) <= ns < 2**63:
+        raise ValueError(f"found {_q(text)}, expected a time between 1678 and 2262 (the store's range)")
+    return ns
+
+
+def _time_ns(text: str, now_ns: int) -> int:
     """A point in time as users write it, -> UTC ns.
 
     "now"; relative to now: "1h", "-1h", "90m ago", "7d"; ISO 8601: "2026-11-22T10:00:00Z",

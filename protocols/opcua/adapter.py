@@ -158,6 +158,12 @@ class OpcUaAdapter(PollingAdapter):
         self._sub_id: int | None = None
         self._revised: tuple[float, int] | None = None  # the server's publishing interval (s), keep-alive count
         self._stalled = False  # subscribed tags marked Bad for silence; answers coming back end it
+        # Per tag, the last sample a poll read (time, value bits, quality, text): a value read
+        # again unchanged, with the same source time, is the same sample, stored once.
+        self._last_ts = np.full(n, np.iinfo(np.int64).min, np.int64)
+        self._last_bits = np.zeros(n, np.int64)
+        self._last_q = np.zeros(n, np.uint32)
+        self._last_text: dict[int, str | None] = {}
 
     # -- connect
 
@@ -225,7 +231,11 @@ class OpcUaAdapter(PollingAdapter):
                 self.held.pop(i, None)
                 self.builtin[i] = builtin
                 self.enums[i] = await s.enum_values(dtype) if builtin == "Int32" else None
-        unknown = [self.device.tags[i].name for i in positions if self.held.get(i) == uac.BAD_NODE_ID_UNKNOWN]
+        unknown = [
+            f"{self.device.tags[i].name} ({self.device.tags[i].options['node']})"
+            for i in positions
+            if self.held.get(i) == uac.BAD_NODE_ID_UNKNOWN
+        ]
         if unknown:
             self.counters.unknown_nodes += len(unknown)
             self.state.errors.log(
@@ -394,11 +404,30 @@ class OpcUaAdapter(PollingAdapter):
             for p in unknown:  # deleted since connect: held and re-tried like any unknown node
                 self.held[p] = uac.BAD_NODE_ID_UNKNOWN
                 self.nodes[p] = None
+            new = ~self._repeats(lp, ts, values, quality, text)
+            if not new.all():
+                lp, ts, values, quality = lp[new], ts[new], values[new], quality[new]
+                text = None if text is None else text[new]
             parts.append(Batch(self.device.name, self.ids[lp], ts, values, quality, text))
-        dead = [p for p in pos.tolist() if self.nodes[p] is None]
-        if dead:
-            parts.append(self._held_batch(dead, now_ns))
+        # Tags held Bad (unknown node, refused type) are not read: their one Bad sample went out
+        # when they were held (at the run's start, or in the read that found them gone), and
+        # `_retry_held` brings them back; a Bad sample on every poll would only repeat it.
         return Batch.concat(self.device.name, parts)
+
+    def _repeats(
+        self, lp: np.ndarray, ts: np.ndarray, values: np.ndarray, quality: np.ndarray, text: np.ndarray | None
+    ) -> np.ndarray:
+        """Which of these polled samples repeat their tag's last one exactly (time, value bits,
+        quality, text): with source timestamps an unchanged value is read again with its old
+        time, and stored twice it would be two rows for one instant. Remembers these as last."""
+        bits = np.ascontiguousarray(values, np.float64).view(np.int64)
+        same = (self._last_ts[lp] == ts) & (self._last_bits[lp] == bits) & (self._last_q[lp] == quality)
+        if text is not None:
+            for i in np.flatnonzero(same).tolist():
+                same[i] = self._last_text.get(int(lp[i])) == text[i]
+            self._last_text.update(zip(lp.tolist(), text.tolist(), strict=True))
+        self._last_ts[lp], self._last_bits[lp], self._last_q[lp] = ts, bits, quality
+        return same
 
     def _held_batch(self, positions: list[int], now_ns: int | None = None) -> Batch:
         p = np.array(positions, np.intp)

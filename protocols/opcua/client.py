@@ -312,7 +312,9 @@ def check_server_certificate(der: bytes, trust_dir: Path, endpoint: str) -> None
         saved.write_bytes(der)
         raise OpcUaError(
             f"the server certificate of {endpoint} (thumbprint {thumb}) is not trusted; it was saved as {saved}. "
-            f"If it is the right server, trust it with: edgeos opcua trust {saved} --trust-dir {trust_dir}",
+            # Absolute paths: the command is run from wherever the operator is, not the config's directory.
+            f"If it is the right server, trust it with: edgeos opcua trust {saved.absolute()} "
+            f"--trust-dir {trust_dir.absolute()}",
             "untrusted",
         )
     now = dt.datetime.now(dt.UTC)

@@ -215,12 +215,14 @@ async def test_poll_reads_every_tag_in_chunks_of_max_nodes_per_read(opcua_peer, 
     cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, tags, 'mode = "poll"')))
     await adapter.connect()
     try:
-        got = await collect(adapter, lambda g: len(g) >= 3)
+        # Polls at 100 ms of values changed every 500 ms: a poll between changes reads the same
+        # samples again (same source time), which are not stored twice; every tag is read.
+        got = await collect(adapter, lambda g: adapter.counters.reads >= 8 and sum(map(len, g)) >= 240)
     finally:
         await adapter.close()
     assert adapter.state.limits["max_nodes_per_read"] == 50
-    for b in got:
-        assert len(b) == 120 and (b.quality == 0).all()
+    assert set(np.concatenate([b.tags for b in got]).tolist()) == set(range(120))
+    assert all((b.quality == 0).all() for b in got)
     stats = __import__("json").loads(peer.command("stats"))
     assert 0 < stats["max_read"] <= 50
 
@@ -481,3 +483,23 @@ async def test_datetime_bool_and_string_nodes_read_and_write(opcua_peer, write_c
     assert rows(got, 1)[0][1:] == (1.0, 0)
     assert b.text[b.tags == 2][0] == "b;c"
     assert rows(got, 3)[0][2] == 0x80740000  # a String node for a number tag: BadTypeMismatch, not a guess
+
+
+async def test_polled_an_unknown_node_is_bad_once_and_an_unchanged_value_stored_once(opcua_peer, write_config) -> None:
+    """Poll mode, source timestamps: a node the server does not know gives one Bad sample, not
+    one per poll; a value that did not change is read again with its old source time, and is
+    the same sample (stored once, not a row per poll at one instant)."""
+    peer = opcua_peer(spec_basic())
+    tags = TAGS + f'  {{ name = "missing", node = "nsu={NS};s=Missing" }},\n'
+    extra = 'mode = "poll"\nretry_unknown = "60s"'
+    cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, tags, extra)))
+    await adapter.connect()
+    try:
+        got = await collect(adapter, lambda g: adapter.counters.reads >= 10)
+    finally:
+        await adapter.close()
+    missing = rows(got, 5)
+    assert [q for _, _, q in missing] == [0x80340000]  # BadNodeIdUnknown, once
+    other = rows(got, 4)  # a value the test server never changes
+    assert len(other) == 1 and other[0][1:] == (7.5, 0)
+    assert len({ts for ts, _, _ in rows(got, 0)}) == len(rows(got, 0))  # no instant twice
