@@ -111,6 +111,16 @@ def test_query_errors_are_clear(store_dir):
     assert code == 2 and "--since" in out and "expected a time" in out
     code, out = run("tags", "--data-dir", str(store_dir / "nowhere"))
     assert code == 1 and "no edgeos store" in out
+    # An aggregate without buckets, or buckets of 0, is said, not answered with raw rows.
+    code, out = run("query", "oven/temp", "--agg", "max", "--data-dir", str(store_dir))
+    assert code == 2 and "--agg max needs --every" in out
+    code, out = run("query", "oven/temp", "--every", "0s", "--data-dir", str(store_dir))
+    assert code == 2 and "--every" in out and "longer than 0" in out
+    # A file that cannot be written: one line, not a traceback.
+    code, out = run(
+        "export", "--since", "1h", "--out", str(store_dir / "no" / "such" / "x.csv"), "--data-dir", str(store_dir)
+    )
+    assert code == 1 and out.startswith("edgeos: --out ") and "Traceback" not in out
 
 
 def test_export_streams_every_sample_sorted_by_time(store_dir, tmp_path):

@@ -181,7 +181,14 @@ def query(
     except ValueError as e:
         typer.echo(f"edgeos: --every: {e}", err=True)
         raise typer.Exit(2) from None
+    if every and not step:
+        typer.echo(f"edgeos: --every: found {every!r}, expected a bucket longer than 0", err=True)
+        raise typer.Exit(2)
+    if agg != "mean" and not step:  # asked for an aggregate: say it needs buckets, not print raw rows
+        typer.echo(f"edgeos: --agg {agg} needs --every (the bucket length, e.g. 1m)", err=True)
+        raise typer.Exit(2)
     rows: list[dict] = []
+    bad_only = 0  # samples left out of the aggregates (Bad), when nothing else was there
     with _open(config, data_dir) as store:
         for name in tag:
             try:
@@ -191,6 +198,8 @@ def query(
                 raise typer.Exit(1) from None
             if step:
                 starts, vals, counts = aggregate(h, step, agg)
+                if not len(starts):
+                    bad_only += len(h)
                 rows += [
                     {"time": _iso(int(t)), "tag": h.tag.key, agg: _value(float(v)), "samples": int(c)}
                     for t, v, c in zip(starts, vals, counts, strict=True)
@@ -207,7 +216,8 @@ def query(
                     for t, v, q, s in zip(h.ts, h.values, h.quality, text, strict=True)
                 ]
     if not rows:
-        typer.echo(f"edgeos: no samples of {', '.join(tag)} between {_iso(lo)} and {_iso(hi)}", err=True)
+        what = f" to aggregate ({bad_only} left out: Bad, or not a number)" if bad_only else ""
+        typer.echo(f"edgeos: no samples of {', '.join(tag)}{what} between {_iso(lo)} and {_iso(hi)}", err=True)
     _emit(rows, fmt)
 
 
@@ -240,7 +250,11 @@ def export(
         except KeyError as e:
             typer.echo(f"edgeos: {e.args[0]}", err=True)
             raise typer.Exit(1) from None
-        fh = sys.stdout if str(out) == "-" else out.open("w", newline="", encoding="utf-8")
+        try:
+            fh = sys.stdout if str(out) == "-" else out.open("w", newline="", encoding="utf-8")
+        except OSError as e:
+            typer.echo(f"edgeos: --out {out}: {e.strerror or e}", err=True)
+            raise typer.Exit(1) from None
         try:
             w = csv.writer(fh, lineterminator="\n")
             w.writerow(CSV_HEADER)
