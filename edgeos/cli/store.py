@@ -188,7 +188,7 @@ def query(
         typer.echo(f"edgeos: --agg {agg} needs --every (the bucket length, e.g. 1m)", err=True)
         raise typer.Exit(2)
     rows: list[dict] = []
-    bad_only = 0  # samples left out of the aggregates (Bad), when nothing else was there
+    left_out = 0  # samples of tags with no bucket: all Bad, or not numbers (text, NaN)
     with _open(config, data_dir) as store:
         for name in tag:
             try:
@@ -199,7 +199,7 @@ def query(
             if step:
                 starts, vals, counts = aggregate(h, step, agg)
                 if not len(starts):
-                    bad_only += len(h)
+                    left_out += len(h)
                 rows += [
                     {"time": _iso(int(t)), "tag": h.tag.key, agg: _value(float(v)), "samples": int(c)}
                     for t, v, c in zip(starts, vals, counts, strict=True)
@@ -216,7 +216,7 @@ def query(
                     for t, v, q, s in zip(h.ts, h.values, h.quality, text, strict=True)
                 ]
     if not rows:
-        what = f" to aggregate ({bad_only} left out: Bad, or not a number)" if bad_only else ""
+        what = f" to aggregate ({left_out} left out: Bad, or not a number)" if left_out else ""
         typer.echo(f"edgeos: no samples of {', '.join(tag)}{what} between {_iso(lo)} and {_iso(hi)}", err=True)
     _emit(rows, fmt)
 
