@@ -7,7 +7,8 @@ obeys one command per line on stdin (``status NAME CODE``, ``set NAME VALUE``, `
 Spec keys: port, namespaces (URIs in registration order: another order renumbers them), vars
 (list of {ns, id, name, type, value | ramp (seconds per step), writable, unit, folder, status,
 array, enum (field names: the node's DataType becomes a new enumeration of them, valued 0..,
-with type Int32)}), bulk (N Double nodes "ns=<first>;i=100000+k" changing once a second), period,
+with type Int32)}), bulk (N Double nodes "ns=<first>;i=100000+k" changing once a period), period,
+spread (the bulk changes in that many slices across the period, each stamped when written),
 max_nodes_per_read, max_monitored_items_per_call, security ({policies, cert, key}), users.
 """
 
@@ -286,19 +287,36 @@ async def _serve(spec: dict[str, Any]) -> None:
 
     period = float(spec.get("period", 1.0))
 
+    spread = max(1, int(spec.get("spread", 1)))
+
     async def bulk_loop() -> None:
+        """Every period, each bulk node changes once. With spread = 1, all of them at the
+        period's start, stamped with that start (a burst: the server then needs hundreds of ms
+        to write 5,000, so the late ones become visible long after their stamp). With spread =
+        S, in S slices evenly across the period, each stamped when it is written, as a PLC's
+        values change at different moments of its cycle."""
         dvs_ids = [n.nodeid for n in bulk]
+        step = -(-len(dvs_ids) // spread)
         k = 0
         stats["bulk_changes"], stats["bulk_t"] = 0, time.time()
         rounds: list[float] = []
         stats["rounds"] = rounds  # end time of each round of changes (for the bench's windows)
+        writes: list[float] = []
+        stats["slice_write_s"] = writes  # how long each slice took to write (its visibility delay)
         while True:
             await asyncio.sleep(period - (time.time() % period))
             k += 1
-            now = _utc(time.time())
-            dv = ua.DataValue(ua.Variant(float(k), ua.VariantType.Double), SourceTimestamp=now, ServerTimestamp=now)
-            for nid in dvs_ids:
-                await server.iserver.aspace.write_attribute_value(nid, ua.AttributeIds.Value, dv)
+            start = time.time() // period * period
+            for j in range(spread):
+                if j:
+                    await asyncio.sleep(max(0.0, start + j * period / spread - time.time()))
+                t0 = time.time()
+                now = _utc(t0)
+                dv = ua.DataValue(ua.Variant(float(k), ua.VariantType.Double), SourceTimestamp=now, ServerTimestamp=now)
+                for nid in dvs_ids[j * step : (j + 1) * step]:
+                    await server.iserver.aspace.write_attribute_value(nid, ua.AttributeIds.Value, dv)
+                writes.append(time.time() - t0)
+                del writes[:-1000]
             stats["bulk_changes"] = stats.get("bulk_changes", 0) + len(dvs_ids)
             stats["bulk_t"] = time.time()  # when the last round of changes was made
             rounds.append(stats["bulk_t"])
