@@ -209,7 +209,7 @@ class _ReadAhead:
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved if abandoned
         self.queue.append(fut)
 
-    async def next(self) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int]:
+    async def next(self) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int, int]:
         result = await self.queue.popleft()
         if result[1]:
             while len(self.queue) < READ_AHEAD:
@@ -281,14 +281,18 @@ class Sync:
 
     def _prepare_next(
         self, outbox: Outbox, chain: _Chain, end: int | None
-    ) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int]:
-        """`_prepare` of the chain's next run, moving the chain past it; in the reader thread."""
-        result = self._prepare(outbox, chain.after, end, chain.prev, chain.size)
-        last, messages, framed, _ = result
+    ) -> tuple[int, list[tuple[str, list[int], bytes, int]], dict[str, int], int, int]:
+        """`_prepare` of the chain's next run, moving the chain past it, and for the live lane
+        the store's tag count read after it (-1 otherwise); in the reader thread, so the loop
+        runs no query of its own per run."""
+        last, messages, framed, version = self._prepare(outbox, chain.after, end, chain.prev, chain.size)
+        tags = -1
         if messages:
             chain.after, chain.prev = last, {**chain.prev, **framed}
             chain.size = min(READ_BYTES, chain.size * 2)
-        return result
+            if end is None:
+                tags = outbox.tag_count()
+        return last, messages, framed, version, tags
 
     def _frame(
         self,
@@ -338,9 +342,6 @@ class Sync:
 
     def _dictionary(self) -> list[tuple[int, str, str, str, str]]:
         return self.outbox.dictionary()
-
-    def _tag_count(self) -> int:
-        return self.outbox.tag_count()
 
     def refresh_status(self, cursor: int | None = None) -> None:
         """Backlog and lag above `cursor` (captured on the event loop), for status and metrics:
@@ -512,7 +513,7 @@ class Sync:
     async def _lane_loop(self, session: Session, lane: _Lane, tg: asyncio.TaskGroup, reads: _ReadAhead) -> None:
         reads.restart(lane.after)
         while not lane.done:
-            last, messages, framed, version = await reads.next()
+            last, messages, framed, version, tags = await reads.next()
             if not messages:
                 if lane.end is not None:
                     lane.after = lane.end - 1  # the rest of the backlog is no longer stored
@@ -528,7 +529,7 @@ class Sync:
                         await self.wakeup.wait()
                 reads.restart(lane.after)
                 continue
-            if lane.end is None and self._dictionary_version < self._tag_count():
+            if lane.end is None and self._dictionary_version < tags:
                 # New tags (or a new store file) since the last dictionary: publish it before the
                 # units that use it, then read and frame them again so their `td` names it.
                 await self._publish_dictionary(session)

@@ -531,6 +531,30 @@ async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, br
     assert {m.dictionary for m in got.messages if m.seqs[0] >= 1000} == {2}
 
 
+async def test_tags_added_while_live_go_out_before_the_units_that_name_them(write_config, broker, subscribe):
+    # A reload adds tags while the sync is connected: the live lane notices the store's tag
+    # count grew (read in its reader thread with each run), publishes the new dictionary, and
+    # frames the units again so that they name it.
+    cfg, sync = make_sync(write_config, broker.port)
+    data = cfg.gateway.data_dir
+    make_store(data, 20, devices=2, tags=1)
+    async with subscribe(broker) as got:
+        task = asyncio.create_task(sync.run())
+        try:
+            await wait_until(lambda: sync.cursor >= 20)
+            await wait_until(lambda: len(got.dictionary) == 1)
+            make_store(data, 10, devices=2, first_id=21, tags=3)
+            await wait_until(lambda: sync.cursor >= 30)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sync.close()
+        await wait_until(lambda: {s for s, _, _ in got.units()} >= set(range(1, 31)))
+        await wait_until(lambda: len(got.dictionary) == 3)
+    assert {m.dictionary for m in got.messages if m.seqs[0] <= 20} == {1}
+    assert {m.dictionary for m in got.messages if m.seqs[0] >= 21} == {3}
+
+
 async def test_a_store_not_readable_at_the_sync_start_is_waited_for(write_config, broker, subscribe, caplog):
     # The sync starts before the store can be read (absent, or busy): it retries, logs once,
     # and never ends the daemon's task group with an sqlite3 error.
