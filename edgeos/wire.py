@@ -471,7 +471,8 @@ def decode_replay_request(payload: bytes) -> ReplayRequest:
             doc = msgpack.unpackb(payload, raw=False, max_str_len=256, max_bin_len=0, max_array_len=0, max_map_len=8)
     except Exception as e:  # noqa: BLE001 - any failure to parse is a malformed request
         raise ValueError(f"not msgpack or JSON: {type(e).__name__}") from None
-    if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION:
+    # type() and not ==: True == 1 and 1.0 == 1 in Python, and neither is the integer 1.
+    if not isinstance(doc, dict) or type(doc.get("v")) is not int or doc["v"] != PAYLOAD_VERSION:
         raise ValueError("not a replay request of version 1")
     if set(doc) - {"v", "gw", "first", "last", "dev"}:
         raise ValueError("unknown keys in the replay request")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -298,6 +299,15 @@ _garbage = st.one_of(
         st.text(min_size=1, max_size=8).filter(lambda g: g != "gw1"),
         st.booleans(),
     ),
+    st.builds(  # a version that compares equal to 1 but is not the integer 1
+        lambda v, js: (
+            json.dumps({"v": v, "gw": "gw1", "first": 1, "last": 3}).encode()
+            if js
+            else msgpack.packb({"v": v, "gw": "gw1", "first": 1, "last": 3})
+        ),
+        st.sampled_from([True, 1.0]),
+        st.booleans(),
+    ),
     st.builds(
         lambda v: msgpack.packb({"v": 1, "gw": "gw1", "first": v, "last": 3}),
         st.one_of(st.floats(), st.booleans(), st.text(max_size=3), st.just(0), st.just(-5), st.just(2**63 - 1)),
@@ -352,11 +362,15 @@ def test_replay_request_codec_refuses_what_it_must():
         {"v": 1, "gw": "g", "first": 1, "last": 4, "dev": 7},
         {"v": 1, "gw": "g", "first": 1, "last": 4, "cmd": "write"},
         {"v": 2, "gw": "g", "first": 1, "last": 4},
+        {"v": True, "gw": "g", "first": 1, "last": 4},  # True == 1 in Python: not the version
+        {"v": 1.0, "gw": "g", "first": 1, "last": 4},
     ):
         with pytest.raises(ValueError):
             wire.decode_replay_request(msgpack.packb(bad))
     with pytest.raises(ValueError):
         wire.decode_replay_request(b"x" * 2000)
+    with pytest.raises(ValueError):
+        wire.decode_replay_request(b'{"v":true,"gw":"g","first":1,"last":3}')
 
 
 async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_config, broker):
