@@ -139,6 +139,29 @@ def test_export_streams_every_sample_sorted_by_time(store_dir, tmp_path):
     assert len(bad) == 1 and bad[0]["tag"] == "oven/temp"
 
 
+def test_export_from_1970_reads_only_the_stored_span(store_dir, tmp_path, monkeypatch):
+    # An independent tester's export of 140 rows with --since @0 took 15.8 s: it read every
+    # hour since 1970, one query per tag and hour. Windows now cover the stored span only.
+    from edgeos.store.reader import StoreReader
+
+    calls = []
+    real = StoreReader.history
+
+    def counted(self, tag, since_ns=None, until_ns=None):
+        calls.append((since_ns, until_ns))
+        return real(self, tag, since_ns, until_ns)
+
+    monkeypatch.setattr(StoreReader, "history", counted)
+    target = tmp_path / "out.csv"
+    code, out = run("export", "--since", "@0", "--until", "now", "--out", str(target), "--data-dir", str(store_dir))
+    assert code == 0, out
+    rows = list(csv.DictReader(target.open()))
+    assert len(rows) == 181 + 180 + 180  # every sample, as from the narrow range
+    assert [r["time"] for r in rows] == sorted(r["time"] for r in rows)
+    assert len(calls) <= 3 * 2  # 3 tags, the 3 minutes stored within at most 2 hourly windows
+    assert min(lo for lo, _ in calls) >= T0
+
+
 def test_query_reads_the_data_dir_from_the_config(store_dir, tmp_path):
     cfg = tmp_path / "edgeos.toml"
     cfg.write_text(

@@ -254,10 +254,15 @@ class ConsoleData:
 
     # -- history --------------------------------------------------------------------------
 
-    def _resolve(self, names: list[str]) -> list[TagInfo]:
+    def _resolve(self, names: list[str], limit: int | None = None) -> list[TagInfo]:
+        """The named tags, each once, in the order given. More than `limit` is an error (a
+        silently shorter chart would look like data that is not there)."""
+        names = list(dict.fromkeys(names))
+        if limit is not None and len(names) > limit:
+            raise ValueError(f"{len(names)} tags named: at most {limit} at once")
         out = []
         r = self._store()
-        for name in names[:MAX_TREND_TAGS]:
+        for name in names:
             try:
                 out.append(r.resolve(name))
             except KeyError:
@@ -293,7 +298,7 @@ class ConsoleData:
         self._trim = loop.call_later(TRIM_AFTER, lambda: self._pool.submit(release_memory) if self._open else None)
 
     def _trend(self, names: list[str], lo: int, hi: int, width: int) -> dict[str, Any]:
-        infos = self._resolve(names)
+        infos = self._resolve(names, MAX_TREND_TAGS)
         r = self._store()  # reopened if a name was new
         series = []
         for info in infos:
@@ -331,8 +336,6 @@ class ConsoleData:
             buf.seek(0)
             buf.truncate()
         if buf.tell():  # no samples in the range: the header alone, as `edgeos export` writes it
-            yield buf.getvalue()
-        if buf.tell():
             yield buf.getvalue()
 
     async def csv_stream(self, names: list[str], lo: int, hi: int) -> AsyncIterator[bytes]:

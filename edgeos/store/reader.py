@@ -208,8 +208,14 @@ class StoreReader:
         self, tags: Sequence[TagInfo], since_ns: int, until_ns: int, step_ns: int = 3_600_000_000_000
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
         """(tag ids, ts, values, quality, text) per time window, sorted by time: for streaming
-        exports that never hold more than one window of history in memory."""
-        t = since_ns
+        exports that never hold more than one window of history in memory. The windows cover
+        only the stored time span within the range: a range from 1970 would otherwise read
+        half a million empty hours."""
+        span = self.time_range()
+        if span is None:
+            return
+        t = max(since_ns, span[0])
+        until_ns = min(until_ns, span[1])
         while t <= until_ns:
             end = min(until_ns, t + step_ns - 1)
             cols: list[tuple] = []

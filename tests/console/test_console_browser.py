@@ -135,3 +135,39 @@ def test_config_page_masks_secrets(daemon, browser):
     assert 'username = "line-7"' in text
     assert "canary-pw-7f3a91" not in text and "canary-pw-7f3a91" not in browser.page_source
     assert 'password_file = "********"' in text
+
+
+def _api(url: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_trend_of_more_than_8_tags_is_refused_and_a_repeated_tag_drawn_once(daemon):
+    import json
+
+    nine = "&".join(f"tag=press/t{k}" for k in range(8)) + "&tag=press/temperature"
+    code, body = _api(f"{daemon.url}api/trend?since=1h&width=100&{nine}")
+    assert code == 400 and b"at most 8" in body  # not a chart silently cut to 8
+    twice = "tag=press/temperature&tag=oven/zone1&tag=press/temperature"
+    code, body = _api(f"{daemon.url}api/trend?since=1h&width=100&{twice}")
+    assert code == 200
+    assert [s["tag"] for s in json.loads(body)["series"]] == ["press/temperature", "oven/zone1"]
+
+
+def test_csv_from_1970_is_the_stored_history(daemon):
+    # The windows cover the stored span only (an export from @0 read every hour since 1970,
+    # holding the console's store thread, and the overview with it, for the whole download).
+    code, body = _api(f"{daemon.url}api/export.csv?tag=press/temperature&since=@0&until=now")
+    assert code == 200 and body.startswith(b"time,tag,value,quality\n")
+    assert body.count(b"\n") > 1000, body[:300]  # the day of prefilled history and the live samples
+    code, body = _api(f"{daemon.url}api/overview")
+    assert code == 200 and b"console-test" in body
+    # A range with nothing stored is the header alone, once (it came twice), as `edgeos export` writes.
+    code, body = _api(f"{daemon.url}api/export.csv?tag=oven/zone1&since=@0&until=@86400")
+    assert code == 200 and body == b"time,tag,value,quality\n"
