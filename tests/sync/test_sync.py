@@ -376,6 +376,18 @@ def make_sync(write_config, port: int, upstream: str = ""):
     return cfg, Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
 
 
+@contextlib.asynccontextmanager
+async def running(sync):
+    """The sync's run task for the block; cancelled and the sync closed after it."""
+    task = asyncio.create_task(sync.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sync.close()
+
+
 async def test_the_cursor_read_from_other_threads_is_never_ahead(write_config, broker):
     # The store thread and the status thread read the cursor while the event loop acknowledges
     # units; with a tiny switch interval a read lands inside every update.
@@ -511,8 +523,7 @@ async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, br
     data = cfg.gateway.data_dir
     make_store(data, 50, devices=2)
     async with subscribe(broker) as got:
-        task = asyncio.create_task(sync.run())
-        try:
+        async with running(sync):
             await wait_until(lambda: sync.cursor >= 50)
             for suffix in ("", "-wal", "-shm"):
                 if (data / f"edgeos.db{suffix}").exists():
@@ -520,10 +531,6 @@ async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, br
             make_store(data, 30, devices=2, first_id=1000, tags=2)  # its own tag dictionary
             await wait_until(lambda: sync.cursor >= 1029)
             await wait_until(lambda: sync.status.head == 1029 and sync.status.backlog_units == 0)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            sync.close()
         await wait_until(lambda: {s for s, _, _ in got.units()} >= set(range(1000, 1030)))
     assert [s for s, _, _ in got.units()] == [*range(1, 51), *range(1000, 1030)]
     # The new file's dictionary went out before its units, which name it.
@@ -539,16 +546,11 @@ async def test_tags_added_while_live_go_out_before_the_units_that_name_them(writ
     data = cfg.gateway.data_dir
     make_store(data, 20, devices=2, tags=1)
     async with subscribe(broker) as got:
-        task = asyncio.create_task(sync.run())
-        try:
+        async with running(sync):
             await wait_until(lambda: sync.cursor >= 20)
             await wait_until(lambda: len(got.dictionary) == 1)
             make_store(data, 10, devices=2, first_id=21, tags=3)
             await wait_until(lambda: sync.cursor >= 30)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            sync.close()
         await wait_until(lambda: {s for s, _, _ in got.units()} >= set(range(1, 31)))
         await wait_until(lambda: len(got.dictionary) == 3)
     assert {m.dictionary for m in got.messages if m.seqs[0] <= 20} == {1}
@@ -561,16 +563,11 @@ async def test_a_store_not_readable_at_the_sync_start_is_waited_for(write_config
     cfg, sync = make_sync(write_config, broker.port)
     data = cfg.gateway.data_dir
     async with subscribe(broker) as got:
-        task = asyncio.create_task(sync.run())
-        try:
+        async with running(sync) as task:
             await asyncio.sleep(0.5)
             assert not task.done() and "cannot read the sync cursor" in caplog.text
             make_store(data, 10)
             await wait_until(lambda: sync.cursor >= 10)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            sync.close()
         await wait_until(lambda: {s for s, _, _ in got.units()} >= set(range(1, 11)))
 
 
