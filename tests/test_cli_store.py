@@ -162,6 +162,27 @@ def test_export_from_1970_reads_only_the_stored_span(store_dir, tmp_path, monkey
     assert min(lo for lo, _ in calls) >= T0
 
 
+def test_reading_commands_need_no_secret_from_the_environment(store_dir, tmp_path, monkeypatch):
+    # The upstream password comes from the service's environment, not the engineer's shell:
+    # status, tags and query read the store without it (an independent tester's finding);
+    # check and run still refuse the config without it.
+    monkeypatch.delenv("EDGEOS_TEST_UNSET_PW", raising=False)
+    cfg = tmp_path / "edgeos.toml"
+    cfg.write_text(
+        f'[gateway]\nid="g"\ndata_dir="{store_dir}"\n[[devices]]\nname="x"\nprotocol="simulated"\n'
+        'tags=[{name="t"}]\n[upstream]\nenabled=true\nhost="127.0.0.1"\nusername="u"\n'
+        'password_env="EDGEOS_TEST_UNSET_PW"\n'
+    )
+    code, out = run("tags", "-c", str(cfg))
+    assert code == 0 and "press/temp" in out, out
+    code, out = run("query", "press/temp", "--since", "@1767225779", "--until", "@1767225781", "-c", str(cfg))
+    assert code == 0 and "179.0" in out, out
+    code, out = run("status", "-c", str(cfg))
+    assert "password_env" not in out and "invalid config" not in out  # not running here: says so
+    code, out = run("check", str(cfg))
+    assert code != 0 and "EDGEOS_TEST_UNSET_PW" in out and "is not set" in out
+
+
 def test_query_reads_the_data_dir_from_the_config(store_dir, tmp_path):
     cfg = tmp_path / "edgeos.toml"
     cfg.write_text(

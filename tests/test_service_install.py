@@ -32,6 +32,8 @@ def test_install_into_root_then_uninstall_keeps_data_and_config(tmp_path):
     assert "u gwd - " in (root / "etc/sysusers.d/edgeos.conf").read_text()
     assert (root / "var/lib/edgeos").is_dir()
     assert "systemd-sysusers" in out and "systemctl" in out  # left for the target: files only here
+    # The config is 0640 and no user exists here to own it: the target's step is listed.
+    assert oct(config.stat().st_mode & 0o777) == "0o640" and "chgrp gwd /etc/edgeos/edgeos.toml" in out
     # The starting config is `edgeos init`'s for the unit: it checks, and its data is /var/lib/edgeos.
     cfg = load_config(config)
     assert cfg.gateway.data_dir == Path("/var/lib/edgeos") and cfg.devices

@@ -39,10 +39,12 @@ def pick_config(positional: Path | None, option: Path | None) -> Path:
     return positional or option or DEFAULT_CONFIG
 
 
-def load_or_exit(path: Path) -> Config:
-    """Load a config or print every problem and exit 2: the shared entry of commands taking -c."""
+def load_or_exit(path: Path, *, reading: bool = False) -> Config:
+    """Load a config or print every problem and exit 2: the shared entry of commands taking -c.
+    `reading`: for commands that only read the store, which need no secret from the
+    environment (load_config's check_environment)."""
     try:
-        return load_config(path)
+        return load_config(path, check_environment=not reading)
     except ConfigError as e:
         n = len(e.problems)
         typer.echo(f"{path}: invalid config ({n} problem{'s' if n != 1 else ''}):", err=True)
@@ -422,7 +424,7 @@ def status(
     if data_dir is not None:
         directory, run_dir = data_dir, None
     else:
-        cfg = load_or_exit(pick_config(config_file, config))
+        cfg = load_or_exit(pick_config(config_file, config), reading=True)
         directory, run_dir = cfg.gateway.data_dir, cfg.gateway.run_dir
     try:
         pid = daemon_pid(directory)

@@ -33,7 +33,7 @@ FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, csv or js
 
 
 def _open(config: Path, data_dir: Path | None) -> StoreReader:
-    directory = (data_dir if data_dir is not None else load_or_exit(config).gateway.data_dir).absolute()
+    directory = (data_dir if data_dir is not None else load_or_exit(config, reading=True).gateway.data_dir).absolute()
     try:
         return StoreReader(directory)
     except PermissionError as e:

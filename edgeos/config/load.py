@@ -176,8 +176,12 @@ HEALTH_FIELDS: dict[str, Field] = {
 TOP_KEYS = {"gateway", "store", "devices", "upstream", "http", "health", "console"}
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Parse and check `path`; raise ConfigError listing every problem found."""
+def load_config(path: str | os.PathLike[str], *, check_environment: bool = True) -> Config:
+    """Parse and check `path`; raise ConfigError listing every problem found.
+
+    `check_environment=False` is for commands that only read the store (`status`, `tags`,
+    `query`, `export`): a secret's environment variable is set in the service's environment,
+    not in the shell of the engineer who reads the store, and none of them needs it."""
     path = Path(path)
     problems = Problems(str(path))
     try:
@@ -194,7 +198,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         line = _toml_error_line(str(e))
         problems.add("", f"invalid TOML: {e}", line=line)
         raise ConfigError(problems.items) from None
-    return parse_config(raw, path, problems)
+    return parse_config(raw, path, problems, check_environment=check_environment)
 
 
 def _toml_error_line(msg: str) -> int | None:
@@ -202,7 +206,9 @@ def _toml_error_line(msg: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None = None) -> Config:
+def parse_config(
+    raw: Mapping[str, Any], path: Path, problems: Problems | None = None, *, check_environment: bool = True
+) -> Config:
     """Check an already-parsed TOML document (for OEMs who build configs in code)."""
     problems = problems or Problems(str(path))
     base = path.parent
@@ -229,7 +235,7 @@ def parse_config(raw: Mapping[str, Any], path: Path, problems: Problems | None =
                 problems.add(f"upstream.{key}", f"file {up[key]!r} not found (relative to {base})")
         if bool(up.get("cert_file")) != bool(up.get("key_file")):
             problems.add("upstream.cert_file", "cert_file and key_file must be given together")
-        if up.get("password_env") and up["password_env"] not in os.environ:
+        if check_environment and up.get("password_env") and up["password_env"] not in os.environ:
             problems.add("upstream.password_env", f"environment variable {up['password_env']!r} is not set")
     check_secret_files(up, base, "upstream", problems)
 

@@ -126,6 +126,8 @@ def install(config_text: str, root: Path = Path("/"), user: str = DEFAULT_USER, 
     if not live:
         report.todo += [
             f"on the target: systemd-sysusers /{SYSUSERS}   (creates user {user})",
+            # No user here to give it to: the live install chowns it (root:<group>, 0640).
+            f"on the target: chgrp {user} /{CONFIG}   (the config is 0640: {user} reads it through its group)",
             "on the target: systemctl daemon-reload && systemctl enable --now edgeos",
         ]
         return report
