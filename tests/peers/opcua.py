@@ -168,7 +168,7 @@ async def _serve(spec: dict[str, Any]) -> None:
     folders: dict[str, Any] = {}
     nodes: dict[str, Any] = {}
     types: dict[str, Any] = {}
-    ramps: list[tuple[Any, float, Any]] = []
+    ramps: list[tuple[Any, float, Any, str]] = []
     for v in spec.get("vars", []):
         ns = idx[v.get("ns") or next(iter(idx))]
         parent = objects
@@ -219,7 +219,7 @@ async def _serve(spec: dict[str, Any]) -> None:
         nodes[v["name"]] = node
         types[v["name"]] = vt
         if v.get("ramp"):
-            ramps.append((node, float(v["ramp"]), vt))
+            ramps.append((node, float(v["ramp"]), vt, v["name"]))
     bulk = []
     folder = objects
     for k in range(spec.get("bulk", 0)):
@@ -264,10 +264,20 @@ async def _serve(spec: dict[str, Any]) -> None:
             ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall, 0)
         ).write_value(ua.Variant(mi, ua.VariantType.UInt32))
 
-    async def ramp(node: Any, period: float, vt: Any) -> None:
+    async def ramp(node: Any, period: float, vt: Any, name: str) -> None:
+        """One step per period. A loop late by more than a period (a loaded machine) skips
+        steps: they are listed in stats["ramp_skipped"][name], so a test can tell a step the
+        server never wrote from one a client lost."""
+        skipped: list[int] = []
+        stats.setdefault("ramp_skipped", {})[name] = skipped
+        last = None
         while True:
             now = time.time()
             step = int(now / period)
+            if last is not None and step > last + 1:
+                skipped.extend(range(last + 1, min(step, last + 1001)))
+                del skipped[:-1000]
+            last = step
             await node.write_value(ua.DataValue(ua.Variant(_as(step, vt), vt), SourceTimestamp=_utc(now)))
             await asyncio.sleep(period - (time.time() % period) + 0.001)
 
@@ -371,8 +381,8 @@ async def _serve(spec: dict[str, Any]) -> None:
             print(answer, flush=True)
 
     async with server, asyncio.TaskGroup() as tg:
-        for node, period_s, vt in ramps:
-            tg.create_task(ramp(node, period_s, vt))
+        for node, period_s, vt, name in ramps:
+            tg.create_task(ramp(node, period_s, vt, name))
         if bulk:
             tg.create_task(bulk_loop())
         tg.create_task(commands())
