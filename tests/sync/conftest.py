@@ -237,6 +237,24 @@ async def subscriber(broker: Broker, **kw):
             await asyncio.wait_for(task, 5)
 
 
+@contextlib.asynccontextmanager
+async def sync_running(sync):
+    """The sync's run task for the block; cancelled and the sync closed after it."""
+    task = asyncio.create_task(sync.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sync.close()
+
+
+@pytest.fixture
+def running():
+    """Factory: async with running(sync) as task."""
+    return sync_running
+
+
 @pytest.fixture
 def certs():
     """Factory: make_certs(directory, san)."""

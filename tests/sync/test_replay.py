@@ -234,18 +234,7 @@ def make_sync(write_config, port: int, upstream: str = ""):
     return cfg, Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
 
 
-@contextlib.asynccontextmanager
-async def running(sync):
-    task = asyncio.create_task(sync.run())
-    try:
-        yield task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        sync.close()
-
-
-async def test_units_retention_dropped_before_the_replay_are_answered_gone(write_config, broker):
+async def test_units_retention_dropped_before_the_replay_are_answered_gone(write_config, broker, running):
     # The consumer misses 30..50 on the way; by the time it asks, retention dropped 1..40.
     cfg, sync = make_sync(write_config, broker.port, 'max_message = "8KiB"\n')  # a unit a message
     data = cfg.gateway.data_dir
@@ -318,7 +307,7 @@ _garbage = st.one_of(
 
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payloads=st.lists(_garbage, min_size=10, max_size=40))
-def test_malformed_replay_requests_are_counted_and_answered_with_nothing(write_config, broker, payloads):
+def test_malformed_replay_requests_are_counted_and_answered_with_nothing(write_config, broker, payloads, running):
     # A decodable request among them would be answered: make sure none is.
     def valid(p: bytes) -> bool:
         try:
@@ -373,7 +362,7 @@ def test_replay_request_codec_refuses_what_it_must():
         wire.decode_replay_request(b'{"v":true,"gw":"g","first":1,"last":3}')
 
 
-async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_config, broker):
+async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_config, broker, running):
     cfg, sync = make_sync(write_config, broker.port, 'max_message = "16KiB"\n')
     make_store(cfg.gateway.data_dir, 30, samples=3000)  # random floats: about 25 KB a unit
     held = stored(cfg.gateway.data_dir)
@@ -394,7 +383,7 @@ async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_con
         assert d.unit.tags.tolist() == ref.tags.tolist() and d.unit.quality.tobytes() == ref.quality.tobytes()
 
 
-async def test_the_brokers_connack_limits_are_obeyed(write_config, make_broker):
+async def test_the_brokers_connack_limits_are_obeyed(write_config, make_broker, running):
     """A broker that announces (MQTT 5 CONNACK) a Maximum Packet Size of 20,000 bytes and a
     Receive Maximum of 5, as mosquitto's max_packet_size and max_inflight_messages do. With the
     default 128 KiB cap, 25 KB units would go whole: mosquitto drops the connection at the first
@@ -417,7 +406,7 @@ async def test_the_brokers_connack_limits_are_obeyed(write_config, make_broker):
     assert_each_once(central, held)
 
 
-async def test_a_dictionary_over_the_brokers_packet_size_is_named(write_config, make_broker):
+async def test_a_dictionary_over_the_brokers_packet_size_is_named(write_config, make_broker, running):
     """The tag dictionary is one retained message, never split: over the broker's announced
     Maximum Packet Size, the broker would drop the connection at every session start and
     nothing would flow, unexplained. The sync says what does not fit, and where to raise it."""
@@ -437,7 +426,7 @@ async def test_a_dictionary_over_the_brokers_packet_size_is_named(write_config, 
     assert "does not fit the broker's Maximum Packet Size (4000 bytes)" in sync.status.last_error
 
 
-async def test_an_oversize_message_is_what_the_broker_drops(write_config, make_broker):
+async def test_an_oversize_message_is_what_the_broker_drops(write_config, make_broker, running):
     """The control: MQTT 3.1.1 has no such announcement, so the same broker and store over
     3.1.1 (the 128 KiB cap kept) lose the connection at the first large message, again and
     again; there `upstream.max_message` is the user's to set (docs/payload.md)."""
@@ -450,7 +439,7 @@ async def test_an_oversize_message_is_what_the_broker_drops(write_config, make_b
     assert "lost the connection" in sync.status.last_error
 
 
-async def test_a_broker_without_retained_messages(write_config, make_broker):
+async def test_a_broker_without_retained_messages(write_config, make_broker, running):
     """mosquitto with retain_available false refuses (MQTT 5 CONNACK 0x9A) a CONNECT whose will
     is retained, and drops a client at a retained PUBLISH. The sync then sends its will, status
     and tag dictionary unretained, and everything arrives once."""
@@ -467,7 +456,7 @@ async def test_a_broker_without_retained_messages(write_config, make_broker):
     assert_each_once(central, held)
 
 
-async def test_a_broker_of_qos_0_only_is_named(write_config, make_broker):
+async def test_a_broker_of_qos_0_only_is_named(write_config, make_broker, running):
     """mosquitto with max_qos 0 drops a client at its first QoS 1 PUBLISH ("QoS not
     supported"). The sync names what is wrong instead of publishing: nothing is acknowledged,
     so nothing would be safe."""
@@ -488,7 +477,7 @@ async def test_a_broker_of_qos_0_only_is_named(write_config, make_broker):
             pass
 
 
-async def test_servers_are_tried_in_turn_and_a_session_subscribes(write_config, broker, dead_port):
+async def test_servers_are_tried_in_turn_and_a_session_subscribes(write_config, broker, dead_port, running):
     from edgeos.sync.mqtt import MqttTransport, servers
 
     assert servers({"servers": ["a:1", "[::1]:2", "b"], "port": 9}) == [("a", 1), ("::1", 2), ("b", 9)]

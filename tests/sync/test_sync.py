@@ -376,18 +376,6 @@ def make_sync(write_config, port: int, upstream: str = ""):
     return cfg, Sync(cfg.gateway.id, cfg.gateway.data_dir, cfg.upstream.options, transport)
 
 
-@contextlib.asynccontextmanager
-async def running(sync):
-    """The sync's run task for the block; cancelled and the sync closed after it."""
-    task = asyncio.create_task(sync.run())
-    try:
-        yield task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        sync.close()
-
-
 async def test_the_cursor_read_from_other_threads_is_never_ahead(write_config, broker):
     # The store thread and the status thread read the cursor while the event loop acknowledges
     # units; with a tiny switch interval a read lands inside every update.
@@ -521,7 +509,7 @@ async def test_live_data_is_not_held_by_the_backlog_rate_cap(write_config, broke
     assert_exactly_once_in_order(got, cfg.gateway.data_dir)
 
 
-async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, broker, subscribe):
+async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, broker, subscribe, running):
     # The store quarantines a corrupt file: it moves it aside and starts a new one whose ids
     # continue above the old ones. The sync must read the new file, from its cursor on.
     cfg, sync = make_sync(write_config, broker.port)
@@ -543,7 +531,7 @@ async def test_a_store_file_replaced_under_the_sync_is_followed(write_config, br
     assert {m.dictionary for m in got.messages if m.seqs[0] >= 1000} == {2}
 
 
-async def test_tags_added_while_live_go_out_before_the_units_that_name_them(write_config, broker, subscribe):
+async def test_tags_added_while_live_go_out_before_the_units_that_name_them(write_config, broker, subscribe, running):
     # A reload adds tags while the sync is connected: the live lane notices the store's tag
     # count grew (read in its reader thread with each run), publishes the new dictionary, and
     # frames the units again so that they name it.
@@ -562,7 +550,7 @@ async def test_tags_added_while_live_go_out_before_the_units_that_name_them(writ
     assert {m.dictionary for m in got.messages if m.seqs[0] >= 21} == {3}
 
 
-async def test_a_store_not_readable_at_the_sync_start_is_waited_for(write_config, broker, subscribe, caplog):
+async def test_a_store_not_readable_at_the_sync_start_is_waited_for(write_config, broker, subscribe, caplog, running):
     # The sync starts before the store can be read (absent, or busy): it retries, logs once,
     # and never ends the daemon's task group with an sqlite3 error.
     cfg, sync = make_sync(write_config, broker.port)
