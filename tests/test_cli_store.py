@@ -183,6 +183,32 @@ def test_reading_commands_need_no_secret_from_the_environment(store_dir, tmp_pat
     assert code != 0 and "EDGEOS_TEST_UNSET_PW" in out and "is not set" in out
 
 
+def test_reading_commands_read_the_store_of_a_config_invalid_elsewhere(store_dir, tmp_path):
+    # A config mid-edit (or refused by a reload while the daemon runs on the one it loaded):
+    # status, tags and query still read the data directory its [gateway] table names, and say
+    # that the config is invalid; check refuses it. A [gateway] table of its own problems
+    # leaves nothing to read: every problem is listed, as before.
+    cfg = tmp_path / "edgeos.toml"
+    cfg.write_text(
+        f'[gateway]\nid="g"\ndata_dir="{store_dir}"\n[[devices]]\nname="x"\nprotocol="simulated"\n'
+        'tags=[{name="t"}]\npoll_intervall="1s"\n'
+    )
+    warning = f"invalid config (1 problem; `edgeos check` lists them): reading {store_dir}"
+    code, out = run("tags", "-c", str(cfg))
+    assert code == 0 and "press/temp" in out and warning in out, out
+    code, out = run("query", "press/temp", "--since", "@1767225779", "--until", "@1767225781", "-c", str(cfg))
+    assert code == 0 and "179.0" in out and warning in out, out
+    code, out = run("status", "-c", str(cfg))
+    assert code == 1 and warning in out and f"no status in {store_dir}" in out, out
+    code, out = run("check", str(cfg))
+    assert code == 2 and "poll_intervall" in out, out
+
+    cfg.write_text('[gateway]\nid="g"\n[[devices]]\nname="x"\nprotocol="nope"\n')
+    for args in (("tags",), ("status",)):
+        code, out = run(*args, "-c", str(cfg))
+        assert code == 2 and "data_dir" in out and "nope" in out and "[gateway] table names" not in out, out
+
+
 def test_query_reads_the_data_dir_from_the_config(store_dir, tmp_path):
     cfg = tmp_path / "edgeos.toml"
     cfg.write_text(

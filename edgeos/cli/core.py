@@ -9,13 +9,14 @@ import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from edgeos import filters, plugins
 from edgeos.cli.app import app
-from edgeos.config import Config, load_config
+from edgeos.config import Config, GatewayConfig, load_config
+from edgeos.config.load import load_gateway
 from edgeos.errors import ConfigError
 from edgeos.logs import redact
 
@@ -39,18 +40,41 @@ def pick_config(positional: Path | None, option: Path | None) -> Path:
     return positional or option or DEFAULT_CONFIG
 
 
-def load_or_exit(path: Path, *, reading: bool = False) -> Config:
-    """Load a config or print every problem and exit 2: the shared entry of commands taking -c.
-    `reading`: for commands that only read the store, which need no secret from the
-    environment (load_config's check_environment)."""
+def load_or_exit(path: Path) -> Config:
+    """Load a config or print every problem and exit 2: the shared entry of commands taking -c."""
     try:
-        return load_config(path, check_environment=not reading)
+        return load_config(path)
     except ConfigError as e:
+        _refuse(path, e)
+
+
+def _refuse(path: Path, e: ConfigError) -> NoReturn:
+    n = len(e.problems)
+    typer.echo(f"{path}: invalid config ({n} problem{'s' if n != 1 else ''}):", err=True)
+    for p in e.problems:
+        typer.echo(f"  {redact(str(p))}", err=True)
+    raise typer.Exit(2)
+
+
+def gateway_or_exit(path: Path) -> GatewayConfig:
+    """The [gateway] table for commands that only read the store (status, tags, query,
+    export). They need no secret from the environment (set in the service's, not in the
+    engineer's shell), and they still read the store while the rest of the config is invalid
+    (mid-edit, or refused by a reload while the daemon runs on the one it loaded), saying so."""
+    try:
+        return load_config(path, check_environment=False).gateway
+    except ConfigError as e:
+        try:
+            gateway = load_gateway(path)
+        except ConfigError:
+            _refuse(path, e)
         n = len(e.problems)
-        typer.echo(f"{path}: invalid config ({n} problem{'s' if n != 1 else ''}):", err=True)
-        for p in e.problems:
-            typer.echo(f"  {redact(str(p))}", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(
+            f"{path}: invalid config ({n} problem{'s' if n != 1 else ''}; `edgeos check` lists them): "
+            f"reading {gateway.data_dir}, the data directory its [gateway] table names",
+            err=True,
+        )
+        return gateway
 
 
 @app.command()
@@ -424,8 +448,8 @@ def status(
     if data_dir is not None:
         directory, run_dir = data_dir, None
     else:
-        cfg = load_or_exit(pick_config(config_file, config), reading=True)
-        directory, run_dir = cfg.gateway.data_dir, cfg.gateway.run_dir
+        gateway = gateway_or_exit(pick_config(config_file, config))
+        directory, run_dir = gateway.data_dir, gateway.run_dir
     try:
         pid = daemon_pid(directory)
         doc, age = read_status(directory, run_dir)

@@ -16,7 +16,7 @@ import numpy as np
 import typer
 
 from edgeos.cli.app import app
-from edgeos.cli.core import load_or_exit
+from edgeos.cli.core import gateway_or_exit
 from edgeos.config.units import parse_duration_ns, parse_time_ns
 from edgeos.errors import StoreError
 from edgeos.model import Quality
@@ -33,7 +33,7 @@ FormatOpt = Annotated[str, typer.Option("--format", "-f", help="table, csv or js
 
 
 def _open(config: Path, data_dir: Path | None) -> StoreReader:
-    directory = (data_dir if data_dir is not None else load_or_exit(config, reading=True).gateway.data_dir).absolute()
+    directory = (data_dir if data_dir is not None else gateway_or_exit(config).data_dir).absolute()
     try:
         return StoreReader(directory)
     except PermissionError as e:

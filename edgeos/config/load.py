@@ -184,21 +184,48 @@ def load_config(path: str | os.PathLike[str], *, check_environment: bool = True)
     not in the shell of the engineer who reads the store, and none of them needs it."""
     path = Path(path)
     problems = Problems(str(path))
+    return parse_config(_read_toml(path, problems), path, problems, check_environment=check_environment)
+
+
+def _read_toml(path: Path, problems: Problems) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         problems.add("", "file not found")
-        raise ConfigError(problems.items) from None
     except (OSError, UnicodeDecodeError) as e:
         problems.add("", f"cannot read: {e}")
-        raise ConfigError(problems.items) from None
-    try:
-        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        line = _toml_error_line(str(e))
-        problems.add("", f"invalid TOML: {e}", line=line)
-        raise ConfigError(problems.items) from None
-    return parse_config(raw, path, problems, check_environment=check_environment)
+        problems.add("", f"invalid TOML: {e}", line=_toml_error_line(str(e)))
+    raise ConfigError(problems.items)
+
+
+def load_gateway(path: str | os.PathLike[str]) -> GatewayConfig:
+    """The [gateway] table of `path` alone, checked; raise ConfigError for its problems only.
+
+    For commands that read a store while the rest of the config may be mid-edit: the daemon
+    runs on the config it loaded, and `edgeos status` must still find its data directory."""
+    path = Path(path)
+    problems = Problems(str(path))
+    raw = _read_toml(path, problems)
+    if "gateway" not in raw:
+        problems.add("gateway", "missing required table [gateway] (id, data_dir)")
+    gw = parse_table(raw.get("gateway", {}), GATEWAY_FIELDS, "gateway", problems)
+    problems.raise_if_any()
+    return _gateway(gw, path.parent)
+
+
+def _gateway(gw: Mapping[str, Any], base: Path) -> GatewayConfig:
+    data_dir = Path(gw["data_dir"])
+    if not data_dir.is_absolute():
+        data_dir = (base / data_dir).resolve()
+    return GatewayConfig(
+        id=gw["id"],
+        data_dir=data_dir,
+        run_dir=None if gw["run_dir"] is None else (base / gw["run_dir"]).resolve(),
+        log_level=gw["log_level"],
+        shutdown_timeout_ns=gw["shutdown_timeout"],
+        queue_batches=gw["queue_batches"],
+    )
 
 
 def _toml_error_line(msg: str) -> int | None:
@@ -281,19 +308,9 @@ def parse_config(
             problems.add(f"health.devices.{name}", unknown_key_message(name, seen_devices))
 
     problems.raise_if_any()
-    data_dir = Path(gw["data_dir"])
-    if not data_dir.is_absolute():
-        data_dir = (base / data_dir).resolve()
     return Config(
         source=path,
-        gateway=GatewayConfig(
-            id=gw["id"],
-            data_dir=data_dir,
-            run_dir=None if gw["run_dir"] is None else (base / gw["run_dir"]).resolve(),
-            log_level=gw["log_level"],
-            shutdown_timeout_ns=gw["shutdown_timeout"],
-            queue_batches=gw["queue_batches"],
-        ),
+        gateway=_gateway(gw, base),
         store=StoreConfig(
             commit_samples=st["commit_samples"],
             commit_interval_ns=st["commit_interval"],
