@@ -23,7 +23,7 @@ from edgeos import filters
 from edgeos.config.units import parse_time_ns
 from edgeos.errors import StoreError
 from edgeos.model import Quality, ValueKind
-from edgeos.store.reader import CSV_HEADER, StoreReader, TagInfo, csv_rows, trend
+from edgeos.store.reader import CSV_HEADER, StoreReader, TagInfo, UnknownTag, csv_rows, trend
 
 if TYPE_CHECKING:
     from edgeos.runtime import Runtime
@@ -270,7 +270,9 @@ class ConsoleData:
                 self._generation = -1
                 try:
                     out.append(self._store().resolve(name))
-                except KeyError as e:
+                except UnknownTag as e:
+                    raise LookupError(f"no tag {e.name!r} is stored on this gateway") from None
+                except KeyError as e:  # ambiguous: the message lists the candidates
                     raise LookupError(e.args[0]) from None
         return out
 

@@ -41,6 +41,15 @@ class History:
         return len(self.ts)
 
 
+class UnknownTag(KeyError):
+    """No stored tag has this name. `name` for callers that word it themselves (the console
+    shows a browser no path of the gateway's)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 class StoreReader:
     """Read-only access to a data directory's store; safe beside a running daemon."""
 
@@ -90,7 +99,7 @@ class StoreReader:
         if len(found) == 1:
             return found[0]
         if not found:
-            raise KeyError(f"no tag {name!r} in {self.path}")
+            raise UnknownTag(name, f"no tag {name!r} in {self.path}")
         raise KeyError(f"tag name {name!r} is ambiguous: {', '.join(t.key for t in found)}; write device/tag")
 
     # -- history --------------------------------------------------------------------------

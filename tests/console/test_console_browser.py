@@ -158,6 +158,11 @@ def test_trend_of_more_than_8_tags_is_refused_and_a_repeated_tag_drawn_once(daem
     code, body = _api(f"{daemon.url}api/trend?since=1h&width=100&{twice}")
     assert code == 200
     assert [s["tag"] for s in json.loads(body)["series"]] == ["press/temperature", "oven/zone1"]
+    # An unknown tag is a 400 naming it, and no path on the gateway (the CLI names the file).
+    for api in ("trend?since=1h&", "export.csv?"):
+        code, body = _api(f"{daemon.url}api/{api}tag=press/nope")
+        assert code == 400 and b"no tag 'press/nope' is stored on this gateway" in body, body
+        assert b"edgeos.db" not in body and b"/" + b"tmp" not in body, body
 
 
 def test_csv_from_1970_is_the_stored_history(daemon):
