@@ -180,6 +180,10 @@ def parse_table(
         parsed = f.parse(value, kpath, problems)
         if parsed is not _MISSING:
             out[key] = parsed
+        elif not f.required:
+            # Refused, and listed: the default stands in, so that the checks of the rest of the
+            # table go on (a KeyError there was a traceback hiding every problem of the file).
+            out[key] = f.default if f.default is None else f._convert(f.kind, f.default)
     for key, f in allowed.items():
         if key in raw:
             continue

@@ -9,6 +9,7 @@ terminator, start and end also the names CR, LF, CRLF, STX, ETX, EOT, ENQ, ACK, 
 from __future__ import annotations
 
 import codecs
+import datetime as dt
 import re
 import zoneinfo
 from collections.abc import Mapping, Sequence
@@ -95,6 +96,30 @@ def _timezone_check(v: str) -> str | None:
     return None
 
 
+def strptime_fill(fmt: str) -> str:
+    """What a strptime format leaves to the gateway's clock: "" (a full date), "year" (a month
+    and day without a year) or "date" (a time of day only, as NMEA's GGA carries). strptime
+    fills either with 1900, which would store a Good sample a century back."""
+    directives = set(re.findall(r"%(.)", fmt.replace("%%", "")))
+    if directives & set("YyGcx"):
+        return ""
+    return "year" if directives & set("mdbBjUW") else "date"
+
+
+def _strptime_check(fmt: str) -> str | None:
+    """A format strptime refuses (an unknown directive such as %Q) would refuse every frame."""
+    if fmt in TIME_FORMATS:
+        return None
+    if "%" not in fmt:
+        return f'found "{fmt}", expected a strptime format ("%Y-%m-%d %H:%M:%S") or one of ' + ", ".join(TIME_FORMATS)
+    try:
+        dt.datetime.strptime("", fmt)
+    except ValueError as e:
+        if "does not match" not in str(e) and "unconverted data" not in str(e):
+            return f'found "{fmt}": {e}'
+    return None
+
+
 def _stopbits_check(v: float) -> str | None:
     return None if v in (1.0, 1.5, 2.0) else f"found {v:g}, expected 1, 1.5 or 2"
 
@@ -121,7 +146,9 @@ DEVICE_FIELDS = {
     "pattern": Field("any", None, help="regular expression(s) whose named groups are the tags"),
     "requests": Field("any", None, help="poll mode: [{send, pattern, interval, timeout}]"),
     "timestamp_group": Field("str", None, help="named group holding the device's own timestamp"),
-    "timestamp_format": Field("str", "iso8601", help="strptime format, or unix, unix_ms, unix_us, unix_ns, iso8601"),
+    "timestamp_format": Field(
+        "str", "iso8601", check=_strptime_check, help="strptime format, or unix, unix_ms, unix_us, unix_ns, iso8601"
+    ),
     "timezone": Field("str", "UTC", check=_timezone_check, help="zone of timestamps that carry none"),
     "checksum": Field("choice", "none", choices=("none", *KINDS)),
     "checksum_format": Field("choice", "hex", choices=("hex", "binary"), help="hex characters or raw bytes"),
@@ -240,6 +267,7 @@ class Spec:
     checksum: Checksum | None = None
     ts_format: str = "iso8601"
     timezone: str = "UTC"
+    ts_fill: str = ""  # strptime_fill of ts_format
     options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -431,11 +459,6 @@ def build_spec(
         if ts_group in tag_by_group:
             problems.add(f"{p}timestamp_group", f'"{ts_group}" is also a tag\'s group')
     fmt = o["timestamp_format"]
-    if fmt not in TIME_FORMATS and "%" not in fmt:
-        problems.add(
-            f"{p}timestamp_format",
-            f'found "{fmt}", expected a strptime format ("%Y-%m-%d %H:%M:%S") or one of ' + ", ".join(TIME_FORMATS),
-        )
 
     cs = None
     if o["checksum"] != "none":
@@ -480,6 +503,7 @@ def build_spec(
         checksum=cs,
         ts_format=fmt,
         timezone=o["timezone"],
+        ts_fill="" if fmt in TIME_FORMATS else strptime_fill(fmt),
         options=o,
     )
 

@@ -271,11 +271,35 @@ class Parser:
                 v = float(s)
                 return int(round(v * mult)) if math.isfinite(v) else None
             d = dt.datetime.fromisoformat(s.strip()) if fmt == "iso8601" else dt.datetime.strptime(s, fmt)
+            if d.tzinfo is None:
+                d = d.replace(tzinfo=self.tz)
+            if self.spec.ts_fill:
+                d = _nearest(d, self.spec.ts_fill, dt.datetime.now(d.tzinfo))
         except (ValueError, OverflowError):
             return None
-        if d.tzinfo is None:
-            d = d.replace(tzinfo=self.tz)
         return ((d - _EPOCH) // _US) * 1000
+
+
+def _nearest(d: dt.datetime, fill: str, now: dt.datetime) -> dt.datetime:
+    """A time of day (fill "date") or a day of the year ("year") on the date nearest `now`:
+    a frame stamped 23:59:59 that arrives after midnight is from yesterday."""
+    if fill == "date":
+        d = dt.datetime.combine(now.date(), d.timetz())
+        step, half = dt.timedelta(days=1), dt.timedelta(hours=12)
+        if d - now > half:
+            return d - step
+        return d + step if now - d > half else d
+    best = None
+    for year in (now.year - 1, now.year, now.year + 1):
+        try:
+            c = d.replace(year=year)
+        except ValueError:  # 29 February of a year without one
+            continue
+        if best is None or abs(c - now) < abs(best - now):
+            best = c
+    if best is None:
+        raise ValueError(f"no year near {now.year} has {d:%d %B}")
+    return best
 
 
 def _numbers(col: list[str], integer: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -124,3 +124,46 @@ def test_device_timestamps_in_every_format(serial_config):
         assert res.batch.ts.tolist()[0] == want, (fmt, text)
         assert res.batch.quality.tolist() == [0, BAD], fmt
         assert [f.reason for f in res.failures] == ["timestamp"]
+
+
+def test_a_format_without_a_date_takes_the_date_nearest_the_arrival(serial_config):
+    # NMEA's GGA carries a time of day only: strptime's 1900 stored Good samples a century
+    # back, out of every query of recent data (an independent tester's finding).
+    import datetime as dt
+
+    from edgeos.protocols.serial.config import strptime_fill
+    from edgeos.protocols.serial.parse import _nearest
+
+    assert [strptime_fill(f) for f in ("%H%M%S.%f", "%m-%d %H:%M", "%d.%m.%Y %H:%M", "%c", "%%Y %H")] == [
+        "date",
+        "year",
+        "",
+        "",
+        "date",
+    ]
+    utc = dt.UTC
+    now = dt.datetime(2026, 12, 4, 0, 0, 30, tzinfo=utc)
+    t = dt.datetime(1900, 1, 1, 23, 59, 58, tzinfo=utc)  # stamped before midnight, arrived after
+    assert _nearest(t, "date", now) == dt.datetime(2026, 12, 3, 23, 59, 58, tzinfo=utc)
+    now = dt.datetime(2026, 12, 3, 23, 59, 59, tzinfo=utc)
+    t = dt.datetime(1900, 1, 1, 0, 0, 1, tzinfo=utc)  # the device's clock a little ahead
+    assert _nearest(t, "date", now) == dt.datetime(2026, 12, 4, 0, 0, 1, tzinfo=utc)
+    now = dt.datetime(2027, 1, 1, 0, 5, tzinfo=utc)
+    t = dt.datetime(1900, 12, 31, 23, 59, tzinfo=utc)
+    assert _nearest(t, "year", now) == dt.datetime(2026, 12, 31, 23, 59, tzinfo=utc)
+
+    dev = serial_config(TIMED.format(fmt="%H%M%S.%f", tz="UTC")).devices[0]
+    now = dt.datetime.now(utc)
+    res = parse(dev, f"{now:%H%M%S.%f};1.5\n".encode())
+    got = dt.datetime.fromtimestamp(res.batch.ts.tolist()[0] / 1e9, utc)
+    assert res.batch.quality.tolist() == [0]
+    assert abs(got - now) < dt.timedelta(seconds=5), got  # today (or the nearest day), at that time
+
+
+def test_a_format_strptime_refuses_is_a_config_problem(serial_config):
+    from edgeos.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"timestamp_format: found \"%H%Q\": 'Q' is a bad directive"):
+        serial_config(TIMED.format(fmt="%H%Q", tz="UTC"))
+    with pytest.raises(ConfigError, match=r"timestamp_format: found \"HHMMSS\", expected a strptime format"):
+        serial_config(TIMED.format(fmt="HHMMSS", tz="UTC"))
