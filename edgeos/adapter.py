@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from edgeos.logs import RateLimited
 from edgeos.model import Batch, TagMeta, ValueKind
 
 if TYPE_CHECKING:
@@ -191,6 +193,11 @@ def first_error(e: BaseException) -> BaseException:
     return e
 
 
+# Skipped polls are counted (poll_overruns) and said in the log, at most once a minute per
+# device and interval: a query shows no sample for them, the log says why.
+_overruns = RateLimited(logging.getLogger("edgeos.adapter"))
+
+
 def group_by_interval(tags: Sequence[TagConfig]) -> list[PollGroup]:
     by: dict[int, list[TagConfig]] = {}
     for t in tags:
@@ -244,12 +251,26 @@ class PollingAdapter:
                 await asyncio.sleep(delay)
             late = loop.time() - due
             stats.record(int(late * 1e9))
+            began = loop.time()
             batch = await self.read(group, time.time_ns())
             await emit(batch)
             # Next tick strictly in the future: skip (and count) ticks lost to a slow read.
             k_next = int((loop.time() - start) / interval) + 1
             if k_next > k + 1:
                 stats.overruns += k_next - k - 1
+                name = self.device.name
+                _overruns.log(
+                    logging.WARNING,
+                    f"{name}:{group.interval_ns}",
+                    "%s: a read of its %gs polls took %.2fs: %d poll(s) skipped (a slow device, its "
+                    "timeouts, or those of a neighbour on a shared line; counted in poll_overruns)",
+                    name,
+                    interval,
+                    loop.time() - began,
+                    k_next - k - 1,
+                    device=name,
+                    code="poll_overrun",
+                )
             k = max(k + 1, k_next)
 
     async def connect(self) -> None:

@@ -480,3 +480,39 @@ async def test_a_commit_still_running_at_the_stop_deadline_counts_as_stored(writ
     with StoreReader(cfg.gateway.data_dir) as r:
         assert r.count() == c.stored
     assert c.read == c.stored + c.filtered_out + c.dropped_store_unavailable + c.dropped_at_stop
+
+
+async def test_polls_a_slow_read_skips_are_counted_and_said_in_the_log(write_config, caplog):
+    # A read longer than the interval skips ticks rather than bursting: they are counted
+    # (poll_overruns) and said in the log once (rate-limited), naming the device.
+    import logging
+
+    from edgeos.adapter import PollingAdapter
+
+    cfg = load_config(
+        write_config(
+            GATEWAY + '[[devices]]\nname = "slow"\nprotocol = "simulated"\npoll_interval = "50ms"\n'
+            'tags = [{ name = "a" }]\n'
+        )
+    )
+
+    class Slow(PollingAdapter):
+        async def read(self, group, now_ns):
+            await asyncio.sleep(0.12)  # two ticks of 50 ms, and a part of a third
+
+    emitted = []
+
+    async def emit(batch):
+        emitted.append(batch)
+
+    adapter = Slow(cfg.devices[0])
+    with caplog.at_level(logging.WARNING, logger="edgeos.adapter"):
+        task = asyncio.create_task(adapter.run(emit))
+        await asyncio.sleep(0.9)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    health = adapter.health()
+    assert health["poll_cycles"] >= 4 and health["poll_overruns"] >= 2 * (health["poll_cycles"] - 1), health
+    said = [r for r in caplog.records if getattr(r, "code", None) == "poll_overrun"]
+    assert len(said) == 1 and "slow: a read of its 0.05s polls took 0.1" in said[0].getMessage(), said
+    assert "poll(s) skipped" in said[0].getMessage()
