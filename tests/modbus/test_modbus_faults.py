@@ -68,6 +68,35 @@ async def test_a_late_answer_is_never_taken_for_the_next_request(kind, raw_peer,
         transport.release(link)
 
 
+@pytest.mark.parametrize("kind", ["tcp", "rtu_over_tcp", "rtu"])
+async def test_a_garbled_answer_or_another_units_never_becomes_values(kind, raw_peer, pty_pair):
+    # An answer from another unit, and on RTU framing a frame with a bad CRC, is discarded
+    # while the answer is awaited, as the serial-line specification has a master do (pymodbus
+    # does so on Modbus TCP too): no valid answer in time is a timeout, never values.
+    if kind == "rtu":
+        peer = await raw_peer("rtu", pty=pty_pair.a)
+        ep = transport.Endpoint("rtu", pty_pair.b, 0, (115200, "N", 8, 1), 0.00175)
+    else:
+        peer = await raw_peer("rtu" if kind == "rtu_over_tcp" else "socket")
+        ep = transport.Endpoint(kind, "127.0.0.1", peer.port)
+    if kind != "tcp":
+        peer.garble.add(1)
+    peer.as_unit[2] = 7
+    link = transport.acquire("d", ep)
+    try:
+        await link.connect("d", 0.2)
+        outcomes = []
+        for address in (0, 100, 200):
+            try:
+                outcomes.append(await link.read("d", 1, "hr", address, 2, 0.2, 0))
+            except (transport.ResponseTimeout, transport.BadResponse) as e:
+                outcomes.append(type(e).__name__)
+        first = [1000, 1001] if kind == "tcp" else "ResponseTimeout"  # Modbus TCP has no CRC
+        assert outcomes == [first, "ResponseTimeout", [1200, 1201]]
+    finally:
+        transport.release(link)
+
+
 # -- 2. each device's own timeout on a shared connection -----------------------------------
 
 

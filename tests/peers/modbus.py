@@ -322,6 +322,8 @@ class RawModbusPeer:
     - `tid_zero`: True to answer every request with transaction id 0 (as some devices and
       gateways do), or the request numbers answered so; other answers echo the request's id.
       `tids` records the transaction id of every request received.
+    - `garble`: request numbers answered with a wrong CRC (RTU framing);
+    - `as_unit`: request number -> the unit id its answer carries instead of the request's.
     """
 
     def __init__(self, framing: str = "socket") -> None:
@@ -330,6 +332,8 @@ class RawModbusPeer:
         self.late: dict[int, float] = {}
         self.hang_after: dict[int, int] = {}
         self.tid_zero: bool | set[int] = False
+        self.garble: set[int] = set()
+        self.as_unit: dict[int, int] = {}
         self.tids: list[int] = []
         self.requests: list[tuple[int, int, int, int, int]] = []  # (connection, unit, fc, address, count)
         self.connections = 0
@@ -408,9 +412,10 @@ class RawModbusPeer:
                 if conn in self.hang_after and answered >= self.hang_after[conn]:
                     continue
                 reply = self._reply(pdu)
+                unit = self.as_unit.get(number, unit)
                 if self.rtu:
                     frame = bytes([unit]) + reply
-                    send(frame + struct.pack("<H", crc16(frame)))
+                    send(frame + struct.pack("<H", crc16(frame) ^ (0xFF00 if number in self.garble else 0)))
                 else:
                     send(struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply)
                 answered += 1
