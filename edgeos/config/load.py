@@ -365,35 +365,48 @@ def _health_devices(raw: Any, problems: Problems) -> dict[str, int]:
     return out
 
 
-def _serial_port(dev: DeviceConfig) -> tuple[str, str, bool] | None:
-    """(key, port, may share) of a device that opens a serial port: Modbus RTU devices share
-    their line (one master polls each unit in turn); any other reader owns its port alone."""
+LINE_SETTINGS = ("baudrate", "parity", "bytesize", "stopbits")
+
+
+def _serial_port(dev: DeviceConfig) -> tuple[str, str, tuple | None] | None:
+    """(key, port, line settings) of a device that opens a serial port: Modbus RTU devices share
+    their line (one master polls each unit in turn) and give its settings; any other reader
+    owns its port alone (None)."""
     o = dev.options
     if dev.protocol == "modbus" and o.get("transport") == "rtu" and o.get("serial_port"):
-        return "serial_port", o["serial_port"], True
+        return "serial_port", o["serial_port"], tuple(o.get(k) for k in LINE_SETTINGS)
     if dev.protocol == "serial" and o.get("port"):
-        return "port", o["port"], False
+        return "port", o["port"], None
     return None
 
 
 def _check_shared_ports(devices: list[tuple[int, DeviceConfig]], problems: Problems) -> None:
     """Two devices on one port would each read half of the other's bytes: refused at load,
-    except Modbus RTU devices among themselves. Symlinks (/dev/serial/by-id/...) are resolved."""
-    owner: dict[str, tuple[int, DeviceConfig, bool]] = {}
+    except Modbus RTU devices among themselves, with the same line settings (the line has one
+    baud rate). Symlinks (/dev/serial/by-id/...) are resolved."""
+    owner: dict[str, tuple[int, DeviceConfig, tuple | None]] = {}
     for i, dev in devices:
         found = _serial_port(dev)
         if found is None or not dev.enabled:
             continue
-        key, port, shared = found
+        key, port, line = found
         real = port if "://" in port else os.path.realpath(port)
         first = owner.get(real)
         if first is None:
-            owner[real] = (i, dev, shared)
-        elif not (shared and first[2]):
+            owner[real] = (i, dev, line)
+        elif line is None or first[2] is None:
             problems.add(
                 f"devices[{i}].{key}",
                 f'"{port}" is also the port of device "{first[1].name}" (devices[{first[0]}]): two devices may '
                 "not share one port (only Modbus RTU devices share a line among themselves)",
+            )
+        elif line != first[2]:
+            theirs = ", ".join(f"{k} {v}" for k, v in zip(LINE_SETTINGS, first[2], strict=True))
+            ours = ", ".join(f"{k} {v}" for k, v in zip(LINE_SETTINGS, line, strict=True))
+            problems.add(
+                f"devices[{i}].{key}",
+                f'"{port}" is also the line of device "{first[1].name}" (devices[{first[0]}], {theirs}): '
+                f"devices on one serial line must use the same line settings (found {ours})",
             )
 
 

@@ -35,6 +35,10 @@ class ModbusProtocol:
         o = {k: f.default for k, f in DEVICE_FIELDS.items() if not f.required} | dict(device.options)
         if o["transport"] in ("tcp", "rtu_over_tcp") and not o.get("host"):
             problems.add(f"{path}.host", f'missing: required with transport = "{o["transport"]}"')
+        if o["transport"] == "rtu" and o.get("host"):
+            problems.add(f"{path}.host", 'applies to transport = "tcp" or "rtu_over_tcp", not "rtu" (give serial_port)')
+        if o["transport"] != "rtu" and o.get("serial_port"):
+            problems.add(f"{path}.serial_port", f'applies to transport = "rtu", not "{o["transport"]}" (give host)')
         if o["transport"] == "rtu":
             if not o.get("serial_port"):
                 problems.add(f"{path}.serial_port", 'missing: required with transport = "rtu" (e.g. "/dev/ttyUSB0")')

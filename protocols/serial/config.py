@@ -39,6 +39,7 @@ MAX_FRAME_LIMIT = 1 << 20
 TYPES = ("number", "integer", "string", "bool")
 PARITY = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}
 TIME_FORMATS = ("unix", "unix_ms", "unix_us", "unix_ns", "iso8601")
+TRUE_VALUES = ["1", "true", "on", "yes"]  # the text of a true bool, by default (any case)
 
 
 def parse_bytes(text: str, encoding: str = "latin-1", *, names: bool = False) -> bytes:
@@ -167,7 +168,7 @@ REQUEST_FIELDS = {
 TAG_FIELDS = {
     "group": Field("str", None, help="the pattern's named group (default: the tag's name)"),
     "type": Field("choice", "number", choices=TYPES),
-    "true_values": Field("list", ["1", "true", "on", "yes"], item="str", help="text of a true bool (any case)"),
+    "true_values": Field("list", TRUE_VALUES, item="str", help="text of a true bool (any case)"),
     "scale": Field("float", 1.0),
     "offset": Field("float", 0.0),
 }
@@ -328,8 +329,12 @@ def build_spec(
         scheme = o["port"].split("://", 1)[0]
         if scheme not in ("socket", "rfc2217", "loop", "spy"):
             problems.add(f"{p}port", f'found "{o["port"]}", expected a device path or socket://, rfc2217:// URL')
-        elif scheme in ("socket", "rfc2217") and not re.match(r"^[a-z0-9]+://[^:/]+:\d+", o["port"]):
-            problems.add(f"{p}port", f'found "{o["port"]}", expected {scheme}://HOST:PORT')
+        elif scheme in ("socket", "rfc2217"):
+            m = re.match(r"^[a-z0-9]+://[^:/]+:(\d+)", o["port"])
+            if not m:
+                problems.add(f"{p}port", f'found "{o["port"]}", expected {scheme}://HOST:PORT')
+            elif not 1 <= int(m.group(1)) <= 65535:
+                problems.add(f"{p}port", f'found "{o["port"]}", a TCP port is 1..65535')
     if o["framing"] == "fixed" and not o.get("frame_length"):
         problems.add(f"{p}frame_length", 'missing: required with framing = "fixed"')
     if o["framing"] != "fixed" and o.get("frame_length"):
@@ -367,6 +372,10 @@ def build_spec(
             t.options.get("scale", 1.0) != 1.0 or t.options.get("offset", 0.0) != 0.0
         ):
             problems.add(f"{p}tags[{i}].scale", f"scale and offset apply to numbers, not to a {t.options['type']} tag")
+        if t.options.get("type", "number") != "bool" and t.options.get("true_values", TRUE_VALUES) != TRUE_VALUES:
+            problems.add(
+                f"{p}tags[{i}].true_values", f'applies to type = "bool", not to a {t.options.get("type", "number")} tag'
+            )
     used: set[str] = set()
     ts_group = o.get("timestamp_group")
 
@@ -394,7 +403,7 @@ def build_spec(
                     to.get("type", "number"),
                     to.get("scale", 1.0),
                     to.get("offset", 0.0),
-                    frozenset(v.lower() for v in to.get("true_values", ["1", "true", "on", "yes"])),
+                    frozenset(v.lower() for v in to.get("true_values", TRUE_VALUES)),
                 )
             )
         tsi = None

@@ -107,6 +107,16 @@ def test_two_devices_may_not_share_a_port_except_modbus_rtu(serial_config):
     # Modbus RTU devices among themselves share a line; a serial device alone on its port is fine.
     cfg = serial_config(SHARED.format(a="/dev/ttyUSB0", b="/dev/ttyUSB1", c="/dev/ttyUSB1"))
     assert [d.name for d in cfg.devices] == ["scale1", "plc", "plc2"]
+    # ...with the line's one set of settings: a second baud rate is refused at load, naming
+    # both (it was refused only when the second device connected).
+    other_baud = SHARED.format(a="/dev/ttyUSB0", b="/dev/ttyUSB1", c="/dev/ttyUSB1") + "baudrate = 9600\n"
+    with pytest.raises(ConfigError) as info:
+        serial_config(other_baud)
+    assert (
+        'devices[2].serial_port: "/dev/ttyUSB1" is also the line of device "plc" (devices[1], baudrate 19200, '
+        "parity none, bytesize 8, stopbits 1): devices on one serial line must use the same line settings "
+        "(found baudrate 9600, parity none, bytesize 8, stopbits 1)"
+    ) in str(info.value)
 
 
 CHECKED = """
