@@ -27,6 +27,16 @@ app.add_typer(collect_app, name="collect")
 CollectConfig = Annotated[Path, typer.Option("--config", "-c", help="collector.toml (docs/collector.md).")]
 
 
+def _password(cfg) -> str | None:
+    from edgeos.collector.config import CollectorConfigError
+
+    try:
+        return cfg.password()
+    except CollectorConfigError as e:
+        typer.echo(f"edgeos collect: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _load(path: Path):
     try:
         from edgeos.collector import config
@@ -57,6 +67,8 @@ def collect(
     from edgeos.collector.schema import SchemaError
     from edgeos.collector.service import Collector
 
+    _password(cfg)  # a file that cannot be read is said before anything starts
+
     async def main() -> None:
         c = Collector(cfg)
         loop = asyncio.get_running_loop()
@@ -80,6 +92,7 @@ def collect(
 def check(config: CollectConfig) -> None:
     """Validate the config, then connect to PostgreSQL (schema migrated) and to a broker."""
     cfg = _load(config)
+    password = _password(cfg)
     from edgeos.collector import db as dbm
     from edgeos.collector import schema
     from edgeos.collector.service import transport_options
@@ -88,7 +101,7 @@ def check(config: CollectConfig) -> None:
 
     async def main() -> int:
         bad = 0
-        d = dbm.Database(cfg.dsn)
+        d = dbm.Database(cfg.dsn, password=password)
         try:
             await d.connect()
             assert d.conn is not None
@@ -119,38 +132,52 @@ def check(config: CollectConfig) -> None:
 def query(
     config: CollectConfig,
     tag: Annotated[str, typer.Argument(help="gateway/device/name, e.g. line1-gw/press1/temperature.")],
-    since: Annotated[str, typer.Option(help="Start: an interval before now (1h, 2d) or an ISO time.")] = "1h",
-    until: Annotated[str | None, typer.Option(help="End: ISO time (default: now).")] = None,
+    since: Annotated[
+        str, typer.Option(help="Start, as `edgeos query` takes it: 1h (before now), an ISO time, @unix.")
+    ] = "1h",
+    until: Annotated[str | None, typer.Option(help="End, in the same forms (default: now).")] = None,
 ) -> None:
     """Print one tag's samples (ts, value, quality, text) as CSV; plain SQL stays the main interface."""
     cfg = _load(config)
+    password = _password(cfg)
     import datetime as dt
+    import time
 
     import asyncpg
 
-    from edgeos.collector.config import seconds
+    from edgeos.config.units import parse_time_ns
 
-    async def main() -> None:
-        conn = await asyncpg.connect(cfg.dsn)
+    def moment(text: str, option: str, now_ns: int) -> dt.datetime:
         try:
-            try:
-                start_sql, start_arg = "now() - make_interval(secs => $2)", seconds(since)
-            except ValueError:
-                start_sql, start_arg = "$2::timestamptz", dt.datetime.fromisoformat(since)
-            end = dt.datetime.fromisoformat(until) if until else dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
-            rows = await conn.fetch(
-                f"SELECT ts, value, quality, text FROM samples_between($1, {start_sql}, $3) ORDER BY ts",
-                tag,
-                start_arg,
-                end,
-            )
+            ns = parse_time_ns(text, now_ns)
+        except ValueError as e:
+            typer.echo(f"edgeos collect query: {option}: {e}", err=True)
+            raise typer.Exit(2) from None
+        return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=ns // 1000)
+
+    now_ns = time.time_ns()
+    start = moment(since, "--since", now_ns)
+    end = moment(until, "--until", now_ns) if until else moment("now", "", now_ns + 10**9)
+
+    async def main() -> list:
+        conn = await asyncpg.connect(cfg.dsn, password=password, timeout=10)
+        try:
+            if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM tags WHERE key = $1)", tag):
+                typer.echo(f"edgeos collect query: no tag {tag!r} in the historian (gateway/device/name)", err=True)
+                raise typer.Exit(1)
+            sql = "SELECT ts, value, quality, text FROM samples_between($1, $2, $3) ORDER BY ts"
+            return await conn.fetch(sql, tag, start, end)
         finally:
             await conn.close()
-        import csv
 
-        out = csv.writer(sys.stdout, lineterminator="\n")  # a string value may hold commas, quotes
-        out.writerow(("ts", "value", "quality", "text"))
-        for r in rows:
-            out.writerow((r["ts"].isoformat(), repr(r["value"]), r["quality"], r["text"] or ""))
+    try:
+        rows = asyncio.run(main())
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+        typer.echo(f"edgeos collect query: PostgreSQL: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from None
+    import csv
 
-    asyncio.run(main())
+    out = csv.writer(sys.stdout, lineterminator="\n")  # a string value may hold commas, quotes
+    out.writerow(("ts", "value", "quality", "text"))
+    for r in rows:
+        out.writerow((r["ts"].isoformat(), repr(r["value"]), r["quality"], r["text"] or ""))

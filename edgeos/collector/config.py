@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -51,6 +52,17 @@ class CollectorConfig:
     def base(self) -> Path:
         return self.path.parent
 
+    def password(self) -> str | None:
+        """The database password from `password_file` (None: the DSN's, PGPASSWORD or
+        ~/.pgpass, as libpq's clients take them). Raises CollectorConfigError naming the file."""
+        if not self.password_file:
+            return None
+        path = self.base / self.password_file
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CollectorConfigError(f"{self.path.name}: database.password_file: cannot read {path}: {e}") from e
+
     def topics(self) -> list[str]:
         p = self.topic_prefix
         gws = self.gateways or ["+"]
@@ -77,6 +89,59 @@ _BROKER_KEYS = {
     "keepalive",
     "receive_maximum",
 }
+_COLLECTOR_KEYS = {
+    "writers",
+    "pack_min",
+    "gateways",
+    "topic_prefix",
+    "replay_topic",
+    "batch_units",
+    "batch_wait",
+    "reorder_wait",
+    "replay_retry",
+    "maintain_every",
+}
+_DATABASE_KEYS = {"dsn", "password_file", "retention", "rollup_after"}
+_HTTP_KEYS = {"listen"}
+# As a gateway's id (docs/config.md): what the topics and the ledger's keys are made of.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+# (key, attribute, smallest, largest): counts, then durations in seconds.
+_COUNTS = [("batch_units", 1, 1_000_000), ("writers", 1, 64), ("pack_min", 0, 1_000_000)]
+_DURATIONS = [
+    ("batch_wait", 0.0, 3600.0),
+    ("reorder_wait", 0.0, 86400.0),
+    ("replay_retry", 0.1, 86400.0),
+    ("maintain_every", 1.0, 86400.0),
+]
+
+
+def _unknown(name: str, where: str, key: str, allowed: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{name}: {where}{key}: unknown key{hint}; allowed: {', '.join(sorted(allowed))}"
+
+
+def _count(value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"found {value!r}, expected a whole number")
+    if not lo <= value <= hi:
+        raise ValueError(f"found {value}, expected {lo}..{hi}")
+    return value
+
+
+def _duration(value: Any, lo: float, hi: float) -> float:
+    v = seconds(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"found {value!r}, expected {lo:g}s..{hi:g}s")
+    return v
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """ "HOST:PORT" (IPv6 in brackets) of the HTTP endpoint."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f'found {value!r}, expected "HOST:PORT" (e.g. "127.0.0.1:9108"), or "" for none')
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def load(path: Path | str) -> CollectorConfig:
@@ -87,15 +152,19 @@ def load(path: Path | str) -> CollectorConfig:
         raise CollectorConfigError(f"{path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise CollectorConfigError(f"{path}: {e}") from e
+    name = path.name
     errors: list[str] = []
     known = {"broker", "database", "collector", "http"}
-    errors += [
-        f"{path.name}: unknown section or key {k!r} (expected one of {', '.join(sorted(known))})"
-        for k in doc
-        if k not in known
-    ]
-    b = dict(doc.get("broker", {}))
-    errors += [f"{path.name}: broker.{k}: unknown key" for k in b if k not in _BROKER_KEYS]
+    errors += [_unknown(name, "", k, known) for k in doc if k not in known]
+    tables = {}
+    for sect in known:
+        t = doc.get(sect, {})
+        if not isinstance(t, dict):
+            errors.append(f"{name}: {sect}: found {t!r}, expected a table [{sect}]")
+            t = {}
+        tables[sect] = t
+    b = dict(tables["broker"])
+    errors += [_unknown(name, "broker.", k, _BROKER_KEYS) for k in b if k not in _BROKER_KEYS]
     servers: list[tuple[str, int]] = []
     tls = bool(b.get("tls", False))
     default_port = 8883 if tls else 1883
@@ -103,78 +172,76 @@ def load(path: Path | str) -> CollectorConfig:
         host, _, port = str(s).rpartition(":")
         if not host:
             host, port = str(s), str(default_port)
-        if not port.isdigit():
-            errors.append(f"{path.name}: broker.servers: {s!r} is not host:port")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            errors.append(f"{name}: broker.servers: {s!r} is not host:port")
             continue
         servers.append((host.strip("[]"), int(port)))
     if not servers:
-        errors.append(f"{path.name}: broker.servers: at least one broker is needed (or broker.host)")
+        errors.append(f"{name}: broker.servers: at least one broker is needed (or broker.host)")
     b["servers"] = servers
     b["mqtt_version"] = str(b.get("mqtt_version", "5"))
     if b["mqtt_version"] not in ("5", "3.1.1"):
-        errors.append(f"{path.name}: broker.mqtt_version: found {b['mqtt_version']!r}, expected 5 or 3.1.1")
+        errors.append(f"{name}: broker.mqtt_version: found {b['mqtt_version']!r}, expected 5 or 3.1.1")
     b.setdefault("client_id", "edgeos-collector")
-    b.setdefault("receive_maximum", 64)
     try:
-        b["keepalive"] = max(1, int(seconds(b.get("keepalive", "30s"))))
+        b["receive_maximum"] = _count(b.get("receive_maximum", 64), 1, 65535)
     except ValueError as e:
-        errors.append(f"{path.name}: broker.keepalive: {e}")
-    d = doc.get("database", {})
-    c = doc.get("collector", {})
-    h = doc.get("http", {})
+        errors.append(f"{name}: broker.receive_maximum: {e}")
+        b["receive_maximum"] = 64
+    try:
+        b["keepalive"] = max(1, int(_duration(b.get("keepalive", "30s"), 1.0, 65535.0)))
+    except ValueError as e:
+        errors.append(f"{name}: broker.keepalive: {e}")
+    d, c, h = tables["database"], tables["collector"], tables["http"]
     if not d.get("dsn"):
-        errors.append(f"{path.name}: database.dsn: missing (e.g. postgresql://edgeos@db.plant/historian)")
+        errors.append(f"{name}: database.dsn: missing (e.g. postgresql://edgeos@db.plant/historian)")
     cfg = CollectorConfig(path=path, broker=b, dsn=d.get("dsn", ""), password_file=d.get("password_file"))
-    for key, attr, conv in [
-        ("gateways", "gateways", list),
-        ("topic_prefix", "topic_prefix", str),
-        ("replay_topic", "replay_topic", str),
-        ("batch_units", "batch_units", int),
-        ("writers", "writers", int),
-        ("pack_min", "pack_min", int),
-        ("batch_wait", "batch_wait", seconds),
-        ("reorder_wait", "reorder_wait", seconds),
-        ("replay_retry", "replay_retry", seconds),
-        ("maintain_every", "maintain_every", seconds),
-    ]:
+    if cfg.password_file and not (cfg.base / cfg.password_file).is_file():
+        errors.append(f"{name}: database.password_file: file {cfg.password_file!r} not found (relative to {cfg.base})")
+    limits = [(key, _count, lo, hi) for key, lo, hi in _COUNTS] + [(k, _duration, lo, hi) for k, lo, hi in _DURATIONS]
+    for key, parse, lo, hi in limits:
         if key in c:
             try:
-                setattr(cfg, attr, conv(c[key]))
-            except (TypeError, ValueError) as e:
-                errors.append(f"{path.name}: collector.{key}: {e}")
+                setattr(cfg, key, parse(c[key], lo, hi))
+            except ValueError as e:
+                errors.append(f"{name}: collector.{key}: {e}")
+    if "gateways" in c:
+        gws = c["gateways"]
+        if not isinstance(gws, list) or not all(isinstance(g, str) for g in gws):
+            errors.append(f'{name}: collector.gateways: found {gws!r}, expected a list of gateway ids ["line1-gw"]')
+        else:
+            bad = [g for g in gws if not _NAME.match(g)]
+            if bad:
+                errors.append(
+                    f"{name}: collector.gateways: found {bad[0]!r}, expected gateway ids of letters, digits, "
+                    "'_', '.', '-' (starting with a letter or digit), as on the gateways"
+                )
+            cfg.gateways = list(gws)
+    for key in ("topic_prefix", "replay_topic"):
+        if key in c:
+            if not isinstance(c[key], str) or not c[key]:
+                errors.append(f"{name}: collector.{key}: found {c[key]!r}, expected a topic")
+            else:
+                setattr(cfg, key, c[key])
     for key in ("retention", "rollup_after"):
         if key in d:
             try:
-                setattr(cfg, key, seconds(d[key]))
+                setattr(cfg, key, _duration(d[key], 60.0, 100 * 365 * 86400.0))
             except ValueError as e:
-                errors.append(f"{path.name}: database.{key}: {e}")
+                errors.append(f"{name}: database.{key}: {e}")
     for sect, allowed, got in [
-        (
-            "collector",
-            {
-                "writers",
-                "pack_min",
-                "gateways",
-                "topic_prefix",
-                "replay_topic",
-                "batch_units",
-                "batch_wait",
-                "reorder_wait",
-                "replay_retry",
-                "maintain_every",
-            },
-            c,
-        ),
-        ("database", {"dsn", "password_file", "retention", "rollup_after"}, d),
-        ("http", {"listen"}, h),
+        ("collector", _COLLECTOR_KEYS, c),
+        ("database", _DATABASE_KEYS, d),
+        ("http", _HTTP_KEYS, h),
     ]:
-        errors += [
-            f"{path.name}: {sect}.{k}: unknown key (expected one of {', '.join(sorted(allowed))})"
-            for k in got
-            if k not in allowed
-        ]
+        errors += [_unknown(name, f"{sect}.", k, allowed) for k in got if k not in allowed]
     if "listen" in h:
         cfg.http_listen = h["listen"] or None
+        if cfg.http_listen:
+            try:
+                parse_listen(str(cfg.http_listen))
+            except ValueError as e:
+                errors.append(f"{name}: http.listen: {e}")
     if errors:
         raise CollectorConfigError("\n".join(errors))
     return cfg

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +24,9 @@ from edgeos import wire
 from edgeos.aio import within
 from edgeos.collector import db as dbm
 from edgeos.collector.config import CollectorConfig
+from edgeos.collector.schema import SchemaError
 from edgeos.errors import SyncError
+from edgeos.logs import RateLimited
 from edgeos.retry import backoff_delay
 from edgeos.sync.mqtt import Incoming, MqttSession, MqttTransport
 
@@ -53,7 +56,7 @@ class Metrics:
     db_latency_s: float = 0.0
     db_connected: bool = False
     broker_connected: bool = False
-    lag_s: dict[str, float] = field(default_factory=dict)
+    newest_s: dict[str, float] = field(default_factory=dict)  # per gateway: the newest sample committed
     gateway_status: dict[str, str] = field(default_factory=dict)
 
     def prometheus(self) -> str:
@@ -82,9 +85,12 @@ class Metrics:
             f'edgeos_collector_up{{peer="postgresql"}} {int(self.db_connected)}',
             f'edgeos_collector_up{{peer="broker"}} {int(self.broker_connected)}',
         ]
+        # Now minus the newest sample committed, at the scrape: it grows while nothing is
+        # committed (the database, the broker or the gateway down), so it can be alerted on.
         lines.append("# TYPE edgeos_collector_lag_seconds gauge")
-        for gw, lag in sorted(self.lag_s.items()):
-            lines.append(f'edgeos_collector_lag_seconds{{gateway="{gw}"}} {lag:.3f}')
+        now = time.time()
+        for gw, newest in sorted(self.newest_s.items()):
+            lines.append(f'edgeos_collector_lag_seconds{{gateway="{gw}"}} {max(0.0, now - newest):.3f}')
         return "\n".join(lines) + "\n"
 
 
@@ -106,9 +112,7 @@ def transport_options(broker: dict) -> dict:
 class Collector:
     def __init__(self, cfg: CollectorConfig) -> None:
         self.cfg = cfg
-        password = None
-        if cfg.password_file:
-            password = (cfg.base / cfg.password_file).read_text(encoding="utf-8").strip()
+        password = cfg.password()
         # One connection for dictionaries, parking and gaps (under a lock), and `writers` more
         # for data batches in parallel (PostgreSQL uses a core per connection).
         self.db = dbm.Database(cfg.dsn, password=password)
@@ -124,6 +128,7 @@ class Collector:
         self._joiner = wire.Consumer()
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=max(16, cfg.broker["receive_maximum"]))
         self._stop = asyncio.Event()
+        self._errors = RateLimited(log)  # a retry every 0.2-2 s: one line a minute says it
 
     def stop(self) -> None:
         self._stop.set()
@@ -131,17 +136,25 @@ class Collector:
     # -- the main loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        # First the database: a schema newer than this collector's stops it here, plainly.
-        await self._connect_db()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._sessions(), name="collector-sessions")
-            tg.create_task(self._maintenance(), name="collector-maintenance")
-            if self.cfg.http_listen:
-                from edgeos.collector.http import serve
+        """Until `stop()`. /healthz answers from the start (503 while PostgreSQL is not reached),
+        and a stop ends the wait for the database too. A schema newer than this collector's
+        stops it at the first connection, plainly (SchemaError)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.cfg.http_listen:
+                    from edgeos.collector.http import serve
 
-                tg.create_task(serve(self, self.cfg.http_listen, self._stop), name="collector-http")
-            await self._stop.wait()
-            raise asyncio.CancelledError  # leave the group: every task is cancelled
+                    tg.create_task(serve(self, self.cfg.http_listen, self._stop), name="collector-http")
+                tg.create_task(self._start(tg), name="collector-start")
+                await self._stop.wait()
+                raise asyncio.CancelledError  # leave the group: every task is cancelled
+        except* SchemaError as eg:
+            raise eg.exceptions[0] from None
+
+    async def _start(self, tg: asyncio.TaskGroup) -> None:
+        await self._connect_db()  # first the database
+        tg.create_task(self._sessions(), name="collector-sessions")
+        tg.create_task(self._maintenance(), name="collector-maintenance")
 
     async def _connect_db(self) -> None:
         await self._retrying(None)
@@ -157,6 +170,7 @@ class Collector:
                     for topic in self.cfg.topics():
                         await session.subscribe(topic)
                     self.metrics.broker_connected = True
+                    self._errors.clear("broker")
                     log.info("collector: subscribed on %s", session.where)
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._read(session), name="collector-read")
@@ -166,7 +180,9 @@ class Collector:
             except* SyncError as eg:
                 self.metrics.broker_connected = False
                 self.metrics.broker_errors += 1
-                log.warning("collector: %s; trying again", eg.exceptions[0])
+                self._errors.log(
+                    logging.WARNING, "broker", "collector: %s; trying again", eg.exceptions[0], code="collector_broker"
+                )
             self._drain_queue()
             for d in [self.db, *self.writers]:
                 d.drop()  # a batch cancelled mid-transaction leaves nothing behind (rolled back)
@@ -234,10 +250,12 @@ class Collector:
             self.metrics.samples_written += written.samples
             self.metrics.duplicates_skipped += written.duplicates
             self.metrics.db_latency_s = db.latency_s
-            now = time.time()
+            newest = self.metrics.newest_s
             for p in pending:
                 if len(p.unit):
-                    self.metrics.lag_s[p.gateway] = max(0.0, now - int(p.unit.ts.max()) / 1e9)
+                    t = int(p.unit.ts.max()) / 1e9
+                    if t > newest.get(p.gateway, -math.inf):
+                        newest[p.gateway] = t
         for m in msgs:
             session.ack(m)
 
@@ -266,6 +284,8 @@ class Collector:
                 if db.conn is None:
                     await db.connect()
                 result = None if op is None else await op()
+                if not self.metrics.db_connected:
+                    self._errors.clear("database")  # the next outage is logged at once
                 self.metrics.db_connected = True
                 return result
             except dbm.BadData:
@@ -274,7 +294,14 @@ class Collector:
                 self.metrics.db_connected = False
                 self.metrics.db_errors += 1
                 delay = backoff_delay(attempt, _RETRY_MIN_NS, _RETRY_MAX_NS)
-                log.warning("collector: %s; %s, retrying in %.1fs", e, "batch kept" if op else "waiting", delay)
+                self._errors.log(
+                    logging.WARNING,
+                    "database",
+                    "collector: %s; %s, retrying (every 2 s at most)",
+                    e,
+                    "batch kept" if op else "waiting",
+                    code="collector_database",
+                )
                 await asyncio.sleep(delay)
                 attempt += 1
 
