@@ -1,14 +1,14 @@
 """Read coalescing: the fewest, cheapest requests that cover a poll group's tags.
 
-Tags of one table (coils, discrete inputs, holding or input registers) are first merged into
-*atoms* where they overlap (a float and a bit of the same register). The atoms, sorted by
-address, are then cut into requests by dynamic programming over every cut position, minimising
+Tags of one table (coils, discrete inputs, holding or input registers), sorted by address (a
+float and a bit of the same register overlap), are cut into requests by dynamic programming
+over every cut position, minimising
 
     cost = requests * request_cost + registers read
 
 under the hard limits: a request spans at most `max_registers` registers (`max_bits` bits) and
 bridges no run of unused addresses longer than `max_gap`. Because every partition of the
-sorted atoms into contiguous requests is considered, the plan is optimal for this cost; each
+sorted tags into contiguous requests is considered, the plan is optimal for this cost; each
 of Telegraf's strategies (none, shrink, rearrange, aggressive, max_insert) produces one such
 partition, so none of them is cheaper under the same limits. `request_cost` (in registers)
 comes from the transport: on Modbus TCP a round trip costs more than any payload, so the plan
@@ -83,14 +83,13 @@ class _Atom:
     members: tuple[int, ...]
 
 
-def _atoms(specs: Sequence[TagSpec], positions: Sequence[int], size: int | None = None) -> list[_Atom]:
-    """Overlapping tags merge into one atom, unless the union would pass the request limit:
-    then the overlapping tag starts an atom of its own (and registers are read twice)."""
+def _atoms(specs: Sequence[TagSpec], positions: Sequence[int]) -> list[_Atom]:
+    """Overlapping tags merged into one atom: `split` never parts them."""
     order = sorted(positions, key=lambda i: (specs[i].start, specs[i].start + specs[i].count))
     out: list[_Atom] = []
     for i in order:
         s, e = specs[i].start, specs[i].start + specs[i].count
-        if out and s < out[-1].end and (size is None or max(out[-1].end, e) - out[-1].start <= size):
+        if out and s < out[-1].end:
             last = out[-1]
             out[-1] = _Atom(last.start, max(last.end, e), (*last.members, i))
         else:
@@ -98,42 +97,39 @@ def _atoms(specs: Sequence[TagSpec], positions: Sequence[int], size: int | None 
     return out
 
 
-def _blocked(atoms: list[_Atom], barriers: Sequence[tuple[int, int]]) -> list[bool]:
-    """Per pair of neighbouring atoms: whether a barrier forbids one request to hold both. A
-    barrier (start, end) blocks a span [s, e) when s < end and start < e: an address range, or
-    with start == end the cut between addresses start - 1 and start."""
-    out = []
-    for a, b in zip(atoms, atoms[1:], strict=False):
-        s, e = a.start, max(a.end, b.end)
-        out.append(any(s < be and bs < e for bs, be in barriers))
-    return out
-
-
 def _cut(
-    atoms: list[_Atom], size: int, max_gap: int | None, request_cost: float, blocked: Sequence[bool] = ()
+    spans: Sequence[tuple[int, int]],
+    size: int,
+    max_gap: int | None,
+    request_cost: float,
+    barriers: Sequence[tuple[int, int]] = (),
 ) -> list[tuple[int, int]]:
-    """Optimal contiguous cut of atoms into requests: [(first atom, last atom)], by DP."""
-    n = len(atoms)
+    """Optimal cut of tags sorted by (start, end) into contiguous runs, one request each:
+    [(first, last)], by DP. A run's request spans its first start to its furthest end, bridges
+    no uncovered run longer than `max_gap`, and reaches into no barrier (start, end): an address
+    range, or with start == end the cut between addresses start - 1 and start (a tag alone is
+    always read). Overlapping tags may go to different requests: merged first into one span,
+    two overlapping tags near the size limit cost a request more than reading the shared
+    register twice (a property test found it)."""
+    n = len(spans)
     inf = float("inf")
-    best = [0.0] + [inf] * n  # best[j]: cost of covering atoms[:j]
-    nreq = [0] + [0] * n
+    best = [0.0] + [inf] * n  # best[j]: cost of covering spans[:j]
+    nreq = [0] * (n + 1)
     back = [0] * (n + 1)
-    for j in range(1, n + 1):
-        end = atoms[j - 1].end
-        # Extend the last request leftwards from atom j-1 while it fits the limits.
-        i = j - 1
-        while i >= 0:
-            span = end - atoms[i].start
-            if span > size:
-                break
-            if i < j - 1 and (
-                (max_gap is not None and atoms[i + 1].start - atoms[i].end > max_gap) or (blocked and blocked[i])
-            ):
-                break
-            c = best[i] + request_cost + span
-            if c < best[j] - 1e-9 or (abs(c - best[j]) <= 1e-9 and nreq[i] + 1 < nreq[j]):
-                best[j], nreq[j], back[j] = c, nreq[i] + 1, i
-            i -= 1
+    for i in range(n):
+        lo, reach = spans[i]
+        for j in range(i, n):  # one request for spans[i..j]
+            if j > i:
+                s, e = spans[j]
+                if max_gap is not None and s - reach > max_gap:
+                    break
+                reach = max(reach, e)
+                if reach - lo > size or any(lo < be and bs < reach for bs, be in barriers):
+                    break  # a longer run only spans more
+            c = best[i] + request_cost + (reach - lo)
+            # On a tie the later cut wins (i grows): full requests first, the short one last.
+            if c < best[j + 1] - 1e-9 or (abs(c - best[j + 1]) <= 1e-9 and nreq[i] + 1 <= nreq[j + 1]):
+                best[j + 1], nreq[j + 1], back[j + 1] = c, nreq[i] + 1, i
     cuts = []
     j = n
     while j > 0:
@@ -172,14 +168,13 @@ def plan(
         if sizes and table in sizes:
             # A learned size below a tag's own: that tag is still read, alone.
             size = max(min(size, sizes[table]), max(specs[i].count for i in positions))
-        atoms = _atoms(specs, positions, size)
-        blocked = _blocked(atoms, barriers[table]) if barriers and barriers.get(table) else ()
+        order = sorted(positions, key=lambda i: (specs[i].start, specs[i].start + specs[i].count))
+        spans = [(specs[i].start, specs[i].start + specs[i].count) for i in order]
         # Bits cost 1/16 of a register on the wire: scale the fixed cost so gaps compare fairly.
         cost = limits.request_cost * (16 if bits else 1)
-        for a, b in _cut(atoms, size, limits.max_gap, cost, blocked):
-            start, end = atoms[a].start, max(x.end for x in atoms[a : b + 1])
-            members = tuple(m for x in atoms[a : b + 1] for m in x.members)
-            out.append(Request(table, start, end - start, members))
+        for a, b in _cut(spans, size, limits.max_gap, cost, (barriers or {}).get(table) or ()):
+            start, end = spans[a][0], max(e for _, e in spans[a : b + 1])
+            out.append(Request(table, start, end - start, tuple(order[a : b + 1])))
     return out
 
 

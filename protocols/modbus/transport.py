@@ -251,10 +251,12 @@ class Link:
             ok = False
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         else:
-            why = "connection refused or port unavailable"
+            why = "connection refused" if self.endpoint.kind != "rtu" else "port unavailable"
         if not ok:
             self._close_client()
-            if self.endpoint.kind == "rtu" and _held_by_another(self.endpoint.target):
+            if self.endpoint.kind == "rtu" and _missing(self.endpoint.target):
+                why = f"{self.endpoint.target}: no such device (unplugged?)"
+            elif self.endpoint.kind == "rtu" and _held_by_another(self.endpoint.target):
                 why = (
                     f"{self.endpoint.target} is in use (by the running daemon?): another process holds it open, "
                     "and a second master on one serial line would garble both"
@@ -487,6 +489,11 @@ class Link:
 
     def close(self) -> None:
         self._close_client()
+
+
+def _missing(path: str) -> bool:
+    """A serial port that is not there (a USB adapter unplugged, a pty gone): a stat, no open."""
+    return not os.path.exists(path)
 
 
 def _held_by_another(path: str) -> bool:

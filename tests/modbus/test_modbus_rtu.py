@@ -108,3 +108,23 @@ async def test_serial_settings_must_agree_on_one_port(pty_pair, peer_module, mod
             await first.close()
     finally:
         await peer.stop()
+
+
+async def test_a_serial_port_that_is_not_there_is_named_unplugged(tmp_path, modbus_config):
+    # As the serial adapter says it (an independent tester's finding: a vanished pty read
+    # "connection refused or port unavailable").
+    from edgeos import DeviceError, plugins
+
+    gone = tmp_path / "ttyUSB9"
+    adapter = plugins.load(plugins.PROTOCOLS, "modbus").create(
+        modbus_config(rtu_device(str(gone), "plc", 1, '{ name = "x", address = "hr0" }')).devices[0]
+    )
+    try:
+        try:
+            await adapter.connect()
+        except DeviceError as e:
+            assert f"{gone}: no such device (unplugged?)" in str(e), e
+        else:
+            raise AssertionError("a missing serial port connected")
+    finally:
+        await adapter.close()
