@@ -109,7 +109,15 @@ _VERIFY_CAUSES = (
 )
 
 
-def _explain(e: BaseException, where: str, *, connecting: bool = True, socket_error: str | None = None) -> str:
+def _explain(
+    e: BaseException,
+    where: str,
+    *,
+    connecting: bool = True,
+    socket_error: str | None = None,
+    tls: bool = False,
+    client_cert: bool = False,
+) -> str:
     """One clear sentence for the log, from whatever paho/aiomqtt/ssl raised.
 
     A CONNACK's refusal comes as a paho ReasonCode (4/5 in MQTT 3.1.1, 134/135 in MQTT 5); a
@@ -138,6 +146,15 @@ def _explain(e: BaseException, where: str, *, connecting: bool = True, socket_er
         return f"TLS: {where} requires a client certificate (set cert_file and key_file) ({socket_error})"
     if "alert" in low and ("unknown ca" in low or "certificate" in low):
         return f"TLS: {where} rejected this gateway's client certificate ({socket_error})"
+    if socket_error and tls:
+        # TLS 1.3 verifies the client's certificate after the handshake: the broker's alert
+        # can be lost in its close, leaving an EOF (seen on a loaded machine).
+        why = (
+            "it may have rejected this gateway's client certificate"
+            if client_cert
+            else "it may be that it requires a client certificate (set cert_file and key_file)"
+        )
+        return f"TLS: {where} closed the connection during the handshake ({socket_error}): {why}; its log says"
     if socket_error:
         return f"{where} closed the connection before accepting it ({socket_error}; a TLS port reached without tls?)"
     if isinstance(e, ssl.SSLError):
@@ -529,7 +546,8 @@ class MqttTransport:
             if refused == QOS_NOT_SUPPORTED:  # the will's QoS 1
                 raise SyncError(_qos0_only(self.where)) from e
             last = socket_errors[-1] if socket_errors else None
-            raise SyncError(_explain(e.__cause__ or e, self.where, socket_error=last)) from e
+            tls, cert = bool(self.options.get("tls")), bool(self.options.get("cert_file"))
+            raise SyncError(_explain(e.__cause__ or e, self.where, socket_error=last, tls=tls, client_cert=cert)) from e
         client._client.on_log = None  # noqa: SLF001
         if session.retain_available is False:
             self._will_retain = False

@@ -223,6 +223,20 @@ def test_paho_no_connection_code_is_not_read_as_bad_credentials():
         assert "refused the credentials" in mqtt._explain(refused, "broker b")
 
 
+def test_an_eof_during_the_tls_handshake_names_the_client_certificate():
+    """TLS 1.3 verifies the client's certificate after the handshake, and the broker's alert
+    can be lost in its close (a suite run on a loaded machine saw a bare EOF where the alert
+    usually is): with TLS on, an EOF says so, not 'a TLS port reached without tls?'."""
+    eof = "failed to receive on socket: EOF occurred in violation of protocol (_ssl.c:2427)"
+    e = aiomqtt.MqttError("Operation timed out")
+    with_cert = mqtt._explain(e, "broker b", socket_error=eof, tls=True, client_cert=True)
+    assert "may have rejected this gateway's client certificate" in with_cert and "without tls" not in with_cert
+    without = mqtt._explain(e, "broker b", socket_error=eof, tls=True, client_cert=False)
+    assert "requires a client certificate (set cert_file and key_file)" in without, without
+    plain = mqtt._explain(e, "broker b", socket_error=eof)
+    assert "a TLS port reached without tls?" in plain, plain
+
+
 async def test_broker_going_away_at_stop_is_not_a_credentials_error(tmp_path, pki, tls_broker, caplog):
     b = tls_broker("server")
     cfg = load_config(write(tmp_path, b.port, 'ca_file = "ca.pem"', pki))
