@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from edgeos import filters
+
+# The suite's property tests draw the same examples in every run (seeded by each test's name):
+# a run is reproducible, and a red CI names a change, not a lucky draw. Exploring new random
+# examples is the fuzz targets' job (tests/fuzz, `python bench/run.py fuzz`), and
+# HYPOTHESIS_PROFILE=explore runs the suite's own properties on fresh draws.
+settings.register_profile("suite", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 @pytest.fixture(params=["compiled", "reference"])
