@@ -34,17 +34,22 @@ def rows(batch) -> list[tuple[int, float, int]]:
     return list(zip(batch.tags.tolist(), batch.values.tolist(), batch.quality.tolist(), strict=True))
 
 
+async def raw_endpoint(kind: str, raw_peer, pty_pair):
+    """A hand-written peer of framing `kind` (tcp, rtu_over_tcp, or rtu on a pty) and the
+    transport endpoint that reaches it."""
+    if kind == "rtu":
+        peer = await raw_peer("rtu", pty=pty_pair.a)
+        return peer, transport.Endpoint("rtu", pty_pair.b, 0, (115200, "N", 8, 1), 0.00175)
+    peer = await raw_peer("rtu" if kind == "rtu_over_tcp" else "socket")
+    return peer, transport.Endpoint(kind, "127.0.0.1", peer.port)
+
+
 # -- 1. RTU: a late answer is never taken for the next request's ---------------------------
 
 
 @pytest.mark.parametrize("kind", ["tcp", "rtu_over_tcp", "rtu"])
 async def test_a_late_answer_is_never_taken_for_the_next_request(kind, raw_peer, pty_pair):
-    if kind == "rtu":
-        peer = await raw_peer("rtu", pty=pty_pair.a)
-        ep = transport.Endpoint("rtu", pty_pair.b, 0, (115200, "N", 8, 1), 0.00175)
-    else:
-        peer = await raw_peer("rtu" if kind == "rtu_over_tcp" else "socket")
-        ep = transport.Endpoint(kind, "127.0.0.1", peer.port)
+    peer, ep = await raw_endpoint(kind, raw_peer, pty_pair)
     # The first answer comes 0.3 s after its request: after the client gave up (0.2 s), while
     # the next request, same unit, function and count, is due. RTU frames carry nothing else
     # that tells the two answers apart.
@@ -73,12 +78,7 @@ async def test_a_garbled_answer_or_another_units_never_becomes_values(kind, raw_
     # An answer from another unit, and on RTU framing a frame with a bad CRC, is discarded
     # while the answer is awaited, as the serial-line specification has a master do (pymodbus
     # does so on Modbus TCP too): no valid answer in time is a timeout, never values.
-    if kind == "rtu":
-        peer = await raw_peer("rtu", pty=pty_pair.a)
-        ep = transport.Endpoint("rtu", pty_pair.b, 0, (115200, "N", 8, 1), 0.00175)
-    else:
-        peer = await raw_peer("rtu" if kind == "rtu_over_tcp" else "socket")
-        ep = transport.Endpoint(kind, "127.0.0.1", peer.port)
+    peer, ep = await raw_endpoint(kind, raw_peer, pty_pair)
     if kind != "tcp":
         peer.garble.add(1)
     peer.as_unit[2] = 7
