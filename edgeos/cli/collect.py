@@ -64,10 +64,9 @@ def collect(
         raise typer.Exit(2)
     cfg = _load(config)
     setup_logging(log_level)
+    from edgeos.collector.config import CollectorConfigError
     from edgeos.collector.schema import SchemaError
     from edgeos.collector.service import Collector
-
-    _password(cfg)  # a file that cannot be read is said before anything starts
 
     async def main() -> None:
         c = Collector(cfg)
@@ -83,6 +82,9 @@ def collect(
 
     try:
         asyncio.run(main())
+    except CollectorConfigError as e:  # the password file, read as the collector starts
+        typer.echo(f"edgeos collect: {e}", err=True)
+        raise typer.Exit(2) from None
     except SchemaError as e:
         typer.echo(f"edgeos collect: {e}", err=True)
         raise typer.Exit(1) from None

@@ -48,9 +48,13 @@ def load_or_exit(path: Path) -> Config:
         _refuse(path, e)
 
 
-def _refuse(path: Path, e: ConfigError) -> NoReturn:
+def _problems(e: ConfigError) -> str:
     n = len(e.problems)
-    typer.echo(f"{path}: invalid config ({n} problem{'s' if n != 1 else ''}):", err=True)
+    return f"{n} problem{'s' if n != 1 else ''}"
+
+
+def _refuse(path: Path, e: ConfigError) -> NoReturn:
+    typer.echo(f"{path}: invalid config ({_problems(e)}):", err=True)
     for p in e.problems:
         typer.echo(f"  {redact(str(p))}", err=True)
     raise typer.Exit(2)
@@ -68,9 +72,8 @@ def gateway_or_exit(path: Path) -> GatewayConfig:
             gateway = load_gateway(path)
         except ConfigError:
             _refuse(path, e)
-        n = len(e.problems)
         typer.echo(
-            f"{path}: invalid config ({n} problem{'s' if n != 1 else ''}; `edgeos check` lists them): "
+            f"{path}: invalid config ({_problems(e)}; `edgeos check` lists them): "
             f"reading {gateway.data_dir}, the data directory its [gateway] table names",
             err=True,
         )

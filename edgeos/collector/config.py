@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgeos.config.schema import unknown_key_message
 
 
 class CollectorConfigError(Exception):
@@ -116,9 +117,7 @@ _DURATIONS = [
 
 
 def _unknown(name: str, where: str, key: str, allowed: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(allowed), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{name}: {where}{key}: unknown key{hint}; allowed: {', '.join(sorted(allowed))}"
+    return f"{name}: {where}{key}: {unknown_key_message(key, dict.fromkeys(sorted(allowed)))}"
 
 
 def _count(value: Any, lo: int, hi: int) -> int:

@@ -206,12 +206,15 @@ def load_gateway(path: str | os.PathLike[str]) -> GatewayConfig:
     runs on the config it loaded, and `edgeos status` must still find its data directory."""
     path = Path(path)
     problems = Problems(str(path))
-    raw = _read_toml(path, problems)
-    if "gateway" not in raw:
-        problems.add("gateway", "missing required table [gateway] (id, data_dir)")
-    gw = parse_table(raw.get("gateway", {}), GATEWAY_FIELDS, "gateway", problems)
+    gw = _gateway_table(_read_toml(path, problems), problems)
     problems.raise_if_any()
     return _gateway(gw, path.parent)
+
+
+def _gateway_table(raw: Mapping[str, Any], problems: Problems) -> dict[str, Any]:
+    if "gateway" not in raw:
+        problems.add("gateway", "missing required table [gateway] (id, data_dir)")
+    return parse_table(raw.get("gateway", {}), GATEWAY_FIELDS, "gateway", problems)
 
 
 def _gateway(gw: Mapping[str, Any], base: Path) -> GatewayConfig:
@@ -242,9 +245,7 @@ def parse_config(
     for key in raw:
         if key not in TOP_KEYS:
             problems.add(key, unknown_key_message(key, dict.fromkeys(TOP_KEYS)))
-    if "gateway" not in raw:
-        problems.add("gateway", "missing required table [gateway] (id, data_dir)")
-    gw = parse_table(raw.get("gateway", {}), GATEWAY_FIELDS, "gateway", problems)
+    gw = _gateway_table(raw, problems)
     st = parse_table(raw.get("store", {}), STORE_FIELDS, "store", problems)
     up = parse_table(raw.get("upstream", {}), UPSTREAM_FIELDS, "upstream", problems)
     _register_secrets(up, UPSTREAM_FIELDS, base)

@@ -71,6 +71,10 @@ class Field:
     def required(self) -> bool:
         return self.default is _MISSING
 
+    def default_value(self) -> Any:
+        """The default as a parsed value would be (None stays None)."""
+        return self.default if self.default is None else self._convert(self.kind, self.default)
+
     def parse(self, value: Any, path: str, problems: Problems) -> Any:
         if self.secret == "value" and isinstance(value, str):
             from edgeos.logs import register_secret
@@ -183,14 +187,14 @@ def parse_table(
         elif not f.required:
             # Refused, and listed: the default stands in, so that the checks of the rest of the
             # table go on (a KeyError there was a traceback hiding every problem of the file).
-            out[key] = f.default if f.default is None else f._convert(f.kind, f.default)
+            out[key] = f.default_value()
     for key, f in allowed.items():
         if key in raw:
             continue
         if f.required:
             problems.add(f"{path}.{key}" if path else key, f"missing required key ({f.help or f.kind})")
         else:
-            out[key] = f.default if f.default is None else f._convert(f.kind, f.default)
+            out[key] = f.default_value()
     return out
 
 

@@ -31,8 +31,7 @@ class ModbusProtocol:
         return tag_kind(tag_type(dict(options)))
 
     def validate(self, device: DeviceConfig, path: str, problems: Problems) -> None:
-        # Options that failed their own check are absent (already reported): use defaults.
-        o = {k: f.default for k, f in DEVICE_FIELDS.items() if not f.required} | dict(device.options)
+        o = device.options  # every optional key is there: a refused value stands as its default
         if o["transport"] in ("tcp", "rtu_over_tcp") and not o.get("host"):
             problems.add(f"{path}.host", f'missing: required with transport = "{o["transport"]}"')
         if o["transport"] == "rtu" and o.get("host"):

@@ -83,11 +83,14 @@ class _Atom:
     members: tuple[int, ...]
 
 
+def _by_address(specs: Sequence[TagSpec], positions: Sequence[int]) -> list[int]:
+    return sorted(positions, key=lambda i: (specs[i].start, specs[i].start + specs[i].count))
+
+
 def _atoms(specs: Sequence[TagSpec], positions: Sequence[int]) -> list[_Atom]:
     """Overlapping tags merged into one atom: `split` never parts them."""
-    order = sorted(positions, key=lambda i: (specs[i].start, specs[i].start + specs[i].count))
     out: list[_Atom] = []
-    for i in order:
+    for i in _by_address(specs, positions):
         s, e = specs[i].start, specs[i].start + specs[i].count
         if out and s < out[-1].end:
             last = out[-1]
@@ -168,7 +171,7 @@ def plan(
         if sizes and table in sizes:
             # A learned size below a tag's own: that tag is still read, alone.
             size = max(min(size, sizes[table]), max(specs[i].count for i in positions))
-        order = sorted(positions, key=lambda i: (specs[i].start, specs[i].start + specs[i].count))
+        order = _by_address(specs, positions)
         spans = [(specs[i].start, specs[i].start + specs[i].count) for i in order]
         # Bits cost 1/16 of a register on the wire: scale the fixed cost so gaps compare fairly.
         cost = limits.request_cost * (16 if bits else 1)

@@ -101,6 +101,8 @@ def strptime_fill(fmt: str) -> str:
     """What a strptime format leaves to the gateway's clock: "" (a full date), "year" (a month
     and day without a year) or "date" (a time of day only, as NMEA's GGA carries). strptime
     fills either with 1900, which would store a Good sample a century back."""
+    if fmt in TIME_FORMATS:
+        return ""
     directives = set(re.findall(r"%(.)", fmt.replace("%%", "")))
     if directives & set("YyGcx"):
         return ""
@@ -512,7 +514,7 @@ def build_spec(
         checksum=cs,
         ts_format=fmt,
         timezone=o["timezone"],
-        ts_fill="" if fmt in TIME_FORMATS else strptime_fill(fmt),
+        ts_fill=strptime_fill(fmt),
         options=o,
     )
 

@@ -40,7 +40,7 @@ def test_config_errors_are_reported_together(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     for needle in [
         "broker.receive_maximum: found 0, expected 1..65535",
-        "broker.clientid: unknown key (did you mean 'client_id'?)",
+        "broker.clientid: unknown key 'clientid' (did you mean 'client_id'?)",
         "database.password_file: file 'nowhere.secret' not found",
         "collector.writers: found 0, expected 1..64",
         "collector.batch_units: found -5",
