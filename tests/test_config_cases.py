@@ -155,3 +155,14 @@ def test_servers_beside_host_uses_servers_and_says_host_is_not_used(tmp_path: Pa
         cfg = load_config(p)
     assert servers(cfg.upstream.options) == [("127.0.0.1", 1884), ("b", 1883)]
     assert "upstream.host '10.0.0.9' is not used: upstream.servers lists the brokers" in caplog.text
+
+
+def test_a_refused_value_is_not_also_said_missing() -> None:
+    """security_mode = "none" is refused (the choices are case-sensitive); the key is there, so
+    no "missing" follows it, here or for a Modbus host of the wrong type."""
+    with pytest.raises(ConfigError) as info:
+        load_config(CASES / "opcua_refused_values" / "edgeos.toml")
+    paths = [p.path for p in info.value.problems]
+    assert paths.count("devices[0].security_mode") == 1 and paths.count("devices[1].host") == 1, paths
+    assert "missing" not in str(info.value)
+    assert len(paths) == 6, str(info.value)

@@ -26,7 +26,12 @@ class Problems:
     items: list[Problem] = field(default_factory=list)
 
     def add(self, path: str, message: str, *, line: int | None = None, file: str | None = None):
-        self.items.append(Problem(file or self.file, path, message, line))
+        """A "missing" problem for a key already refused is left out: the key is there, its value
+        was refused, and the checks after that one see it as absent (security_mode = "none")."""
+        file = file or self.file
+        if message.startswith("missing") and any(p.path == path and p.file == file for p in self.items):
+            return
+        self.items.append(Problem(file, path, message, line))
 
     def raise_if_any(self) -> None:
         if self.items:

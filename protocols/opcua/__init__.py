@@ -36,6 +36,11 @@ def asyncua_installed() -> bool:
         return False
 
 
+# Part 4: a percent deadband is a share of the node's EURange.
+PERCENT_MAX = 100.0
+PERCENT_RANGE = "a percent deadband is 0..100 (of the node's EURange)"
+
+
 class OpcUaProtocol:
     name = "opcua"
     device_fields = DEVICE_FIELDS
@@ -90,12 +95,24 @@ class OpcUaProtocol:
             problems.add(f"{path}.user_certificate", "user_certificate and user_private_key must be given together")
         if o.get("username") and o.get("user_certificate"):
             problems.add(f"{path}.user_certificate", "one user identity: username or user_certificate, not both")
+        if o["deadband"] == "percent" and o["deadband_value"] > PERCENT_MAX:
+            problems.add(f"{path}.deadband_value", f"found {o['deadband_value']:g}, {PERCENT_RANGE}")
         for i, t in enumerate(device.tags):
             topt = t.options
             where = f' (tag "{t.name}")'
             db = topt.get("deadband")
             if db and db != "none" and topt.get("type", "number") != "number":
                 problems.add(f"{path}.tags[{i}].deadband", f'found "{db}", a deadband applies to number tags{where}')
+            value = topt.get("deadband_value")
+            if (db or o["deadband"]) == "percent" and value is not None and value > PERCENT_MAX:
+                problems.add(f"{path}.tags[{i}].deadband_value", f"found {value:g}, {PERCENT_RANGE}")
+            if tag_mode(o, topt) == "poll":
+                for key in ("sampling_interval", "queue_size", "deadband", "deadband_value"):
+                    if topt.get(key) is not None:
+                        problems.add(
+                            f"{path}.tags[{i}].{key}",
+                            'applies to subscribed tags; this one is read with mode = "poll"',
+                        )
 
     def create(self, device: DeviceConfig) -> Adapter:
         from edgeos.protocols.opcua.adapter import OpcUaAdapter

@@ -65,6 +65,14 @@ _LIMIT_IDS = {
 }
 
 
+_IDENTITY_REFUSED = {
+    ua.StatusCodes.BadUserAccessDenied,
+    ua.StatusCodes.BadIdentityTokenInvalid,
+    ua.StatusCodes.BadIdentityTokenRejected,
+}
+_CERT_REFUSED = {ua.StatusCodes.BadCertificateUntrusted, ua.StatusCodes.BadSecurityChecksFailed}
+
+
 class OpcUaError(Exception):
     """A failed request or connection; `code` is low-cardinality (connect, timeout, status, security...)."""
 
@@ -79,7 +87,11 @@ def _wrap(e: BaseException, what: str) -> OpcUaError:
         return e
     if isinstance(e, ua.UaStatusCodeError):
         return OpcUaError(f"{what}: {e}", "status", int(e.code))
-    if isinstance(e, TimeoutError | asyncio.TimeoutError):
+    if isinstance(e, TimeoutError | asyncio.TimeoutError) or (
+        # asyncua raises UaError("Failed to send request ...") from the TimeoutError of a
+        # request whose answer did not come in time: the request was sent, the answer is late.
+        isinstance(e, ua.UaError) and isinstance(e.__cause__, TimeoutError | asyncio.TimeoutError)
+    ):
         return OpcUaError(f"{what}: no answer in time", "timeout")
     if isinstance(e, ConnectionError | OSError):
         return OpcUaError(f"{what}: {e or type(e).__name__}", "connect")
@@ -391,7 +403,26 @@ class Session:
             await self.close()
             if isinstance(e, asyncio.CancelledError):
                 raise
-            raise _wrap(e, f"connect to {self.endpoint}") from None
+            err = _wrap(e, f"connect to {self.endpoint}")
+            raise OpcUaError(f"{err}{self._refused_hint(err.status)}", err.code, err.status) from None
+
+    def _refused_hint(self, status: int) -> str:
+        """What to check when the server refused who we are: the status alone names neither the
+        user nor the certificate."""
+        o = self.o
+        if status in _IDENTITY_REFUSED and o.get("username"):
+            source = f"password_file {o['password_file']}" if o.get("password_file") else f"${o.get('password_env')}"
+            return f" (user {o['username']!r}: check the password in {source})"
+        if status in _IDENTITY_REFUSED and o.get("user_certificate"):
+            return f" (user certificate {o['user_certificate']}: the server must accept it as a user)"
+        if status in _IDENTITY_REFUSED:
+            return " (anonymous: the server may require a username or a user certificate)"
+        if status in _CERT_REFUSED and o.get("certificate"):
+            return (
+                f" (the server does not trust the gateway's certificate {o['certificate']}: add it to "
+                "the server's trusted certificates)"
+            )
+        return ""
 
     async def _secure(self, client: Client, mode: str) -> None:
         o = self.o
@@ -1008,6 +1039,17 @@ _INT_RANGES = {
 }
 
 
+def _whole(value: float | int | bool | str) -> int | None:
+    """An int or integer text as it is, exact: through a float, 2**64 - 1 became 2**64 (out
+    of range) and 2**53 + 1 was written as 2**53."""
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value.strip())
+    return None
+
+
 def convert(value: float | int | bool | str, builtin: str) -> Any:
     """`value` as the node's built-in type; ValueError naming the range when it does not fit."""
     if builtin == "Boolean":
@@ -1025,15 +1067,18 @@ def convert(value: float | int | bool | str, builtin: str) -> Any:
         return str(value)
     if builtin in _INT_RANGES:
         lo, hi = _INT_RANGES[builtin]
-        try:
-            f = float(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a number") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ValueError(f"{value!r} is not a whole number ({builtin})")
-        if not lo <= int(f) <= hi:
+        whole = _whole(value)
+        if whole is None:
+            try:
+                f = float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
+            if not math.isfinite(f) or f != int(f):
+                raise ValueError(f"{value!r} is not a whole number ({builtin})")
+            whole = int(f)
+        if not lo <= whole <= hi:
             raise ValueError(f"{value!r} is out of range for {builtin} ({lo}..{hi})")
-        return int(f)
+        return whole
     if builtin in ("Float", "Double"):
         try:
             f = float(value)

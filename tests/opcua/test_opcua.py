@@ -516,3 +516,66 @@ async def test_polled_an_unknown_node_is_bad_once_and_an_unchanged_value_stored_
     other = rows(got, 4)  # a value the test server never changes
     assert len(other) == 1 and other[0][1:] == (7.5, 0)
     assert len({ts for ts, _, _ in rows(got, 0)}) == len(rows(got, 0))  # no instant twice
+
+
+async def test_a_request_whose_answer_is_late_is_a_timeout(opcua_peer, write_config) -> None:
+    """asyncua reports a late answer as "Failed to send request" (UaError from the TimeoutError):
+    the request was sent and the answer is late, so the error is said as a timeout."""
+    from edgeos.errors import DeviceError
+
+    peer = opcua_peer(spec_basic())
+    extra = 'mode = "poll"\ntimeout = "1s"'
+    cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, TAGS, extra)))
+    await adapter.connect()
+    frozen = False
+
+    def until(g):
+        nonlocal frozen
+        if not frozen and adapter.counters.reads >= 2:
+            peer.freeze()
+            frozen = True
+        return False
+
+    try:
+        with pytest.raises(DeviceError) as info:
+            await collect(adapter, until, timeout=10)
+    finally:
+        await adapter.close()
+        peer.thaw()
+    assert frozen
+    assert info.value.code == "timeout" and "no answer in time" in str(info.value), info.value
+    assert "Failed to send request" not in str(info.value)
+
+
+async def test_64_bit_integer_writes_are_exact(opcua_peer, write_config) -> None:
+    """Whole numbers go to Int64/UInt64 nodes as they are: through a float, 2**64 - 1 was refused
+    as out of range (it rounds to 2**64) and 2**53 + 1 was written as 2**53."""
+    from edgeos.errors import DeviceError
+
+    spec = {
+        "namespaces": [NS],
+        "vars": [
+            {"ns": NS, "id": "s=Big", "name": "Big", "type": "UInt64", "value": 0, "writable": True},
+            {"ns": NS, "id": "s=Wide", "name": "Wide", "type": "Int64", "value": 0, "writable": True},
+        ],
+    }
+    peer = opcua_peer(spec)
+    tags = f"""
+  {{ name = "big", node = "nsu={NS};s=Big", writable = true }},
+  {{ name = "wide", node = "nsu={NS};s=Wide", writable = true }},
+"""
+    cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, tags, 'mode = "poll"')))
+    await adapter.connect()
+    try:
+        assert await adapter.write(dev.tags[0], 2**64 - 1) == 2**64 - 1
+        assert peer.command("get Big") == str(2**64 - 1)
+        assert await adapter.write(dev.tags[1], str(-(2**53) - 1)) == -(2**53) - 1
+        assert peer.command("get Wide") == str(-(2**53) - 1)
+        with pytest.raises(DeviceError, match=r"out of range for UInt64"):
+            await adapter.write(dev.tags[0], 2**64)
+        with pytest.raises(DeviceError, match=r"out of range for Int64"):
+            await adapter.write(dev.tags[1], str(2**63))
+        assert await adapter.write(dev.tags[1], 12.0) == 12  # a whole float still goes
+        assert peer.command("get Wide") == "12"
+    finally:
+        await adapter.close()

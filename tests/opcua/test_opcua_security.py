@@ -148,6 +148,9 @@ async def test_a_right_password_connects_and_a_wrong_one_is_refused(
     with pytest.raises(DeviceError) as info:
         await read_once(dev)
     assert "connect" in str(info.value)
+    # The status alone names neither the user nor where its password comes from.
+    assert "(user 'operator': check the password in $PLC_PW)" in str(info.value), info.value
+    assert "wrong" not in str(info.value)
 
 
 async def test_an_x509_user_identity_is_accepted_and_another_refused(opcua_peer, pki, tmp_path, write_config) -> None:
@@ -169,8 +172,9 @@ async def test_an_x509_user_identity_is_accepted_and_another_refused(opcua_peer,
         if ok:
             assert await read_once(dev) == 12.5
         else:
-            with pytest.raises(DeviceError, match="BadUserAccessDenied|Bad"):
+            with pytest.raises(DeviceError, match="BadUserAccessDenied|Bad") as info:
                 await read_once(dev)
+            assert f"(user certificate {pki / 'server.der'}: the server must accept it" in str(info.value)
 
 
 def test_none_is_refused_unless_said_and_deprecated_policies_unless_allowed(write_config, pki) -> None:
@@ -203,3 +207,27 @@ def test_browse_writes_a_tags_csv_that_check_accepts(opcua_peer, write_config, t
     assert r.exit_code == 0, r.output
     assert f"opcua {peer.endpoint}: no security, anonymous" in r.output
     assert "subscribe: 4 monitored items" in r.output
+
+
+async def test_a_server_that_does_not_trust_the_gateway_says_which_certificate(
+    opcua_peer, pki, tmp_path, write_config
+) -> None:
+    """The server's BadCertificateUntrusted names no certificate: the error names the gateway's."""
+    from edgeos.protocols.opcua.client import trust_certificate
+
+    (tmp_path / "clients").mkdir()
+    sec = {
+        "policies": ["Basic256Sha256_SignAndEncrypt"],
+        "cert": str(pki / "server.der"),
+        "key": str(pki / "server.pem"),
+        "trusted_clients": str(tmp_path / "clients"),
+    }
+    peer = opcua_peer({"namespaces": [NS], "vars": VARS, "security": sec})
+    trust = tmp_path / "trust"
+    trust_certificate(pki / "server.der", trust)
+    body = secure_device(peer.endpoint, pki, trust, "SignAndEncrypt", "Basic256Sha256")
+    dev = load_config(write_config(GATEWAY + body)).devices[0]
+    with pytest.raises(DeviceError) as info:
+        await read_once(dev)
+    mine = pki / "gw" / "cert.der"
+    assert f"the server does not trust the gateway's certificate {mine}" in str(info.value), info.value

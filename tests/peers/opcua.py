@@ -156,6 +156,15 @@ async def _serve(spec: dict[str, Any]) -> None:
         await server.load_private_key(sec["key"])
         if sec.get("application_uri"):
             await server.set_application_uri(sec["application_uri"])
+        if "trusted_clients" in sec:
+            # Only client certificates in this directory are accepted (none: every one refused).
+            from asyncua.crypto.truststore import TrustStore
+            from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+            store = TrustStore([Path(sec["trusted_clients"])], [])
+            await store.load()
+            options = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+            server.set_certificate_validator(CertificateValidator(options, store))
     if users:
         server.set_identity_tokens([ua.UserNameIdentityToken])
     if user_cert is not None:
