@@ -60,7 +60,8 @@ def _named(device: str, tag: str, error: str) -> str:
     return error if error.startswith(f"{device}:") else f"{device}/{tag}: {error}"
 
 
-@app.command()
+# A negative value ("-5") is not an option: unknown options are taken as arguments.
+@app.command(context_settings={"ignore_unknown_options": True})
 def write(
     device: Annotated[str, typer.Argument(help="Device name, as in the config.")],
     tag: Annotated[str, typer.Argument(help="Tag name within the device.")],
@@ -76,7 +77,7 @@ def write(
     connection; otherwise, or with --direct, this connects to the device itself. Directly, a
     serial port (Modbus RTU) is opened exclusively and refused while another process holds it,
     since a second master on one line would garble both.
-    Negative numbers follow "--": edgeos write -c F -- DEV TAG -5
+    Negative numbers need no "--": edgeos write -c F DEV TAG -5
     """
     cfg = load_or_exit(config)
     try:

@@ -163,7 +163,7 @@ tags = [
         # The CLI runs its own event loop: call it from a thread so this test's loop serves the peer.
         import asyncio
 
-        return asyncio.to_thread(runner.invoke, app, ["write", "-c", str(cfg), "--", *args])  # -- allows "-12.3"
+        return asyncio.to_thread(runner.invoke, app, ["write", "-c", str(cfg), *args])  # "-12.3" as it is
 
     out = await write("plc", "setpoint", "-12.3")
     assert out.exit_code == 0, out.output
