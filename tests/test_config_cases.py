@@ -166,3 +166,22 @@ def test_a_refused_value_is_not_also_said_missing() -> None:
     assert paths.count("devices[0].security_mode") == 1 and paths.count("devices[1].host") == 1, paths
     assert "missing" not in str(info.value)
     assert len(paths) == 6, str(info.value)
+
+
+def test_a_node_id_cell_with_the_delimiter_says_to_quote_it_once_for_every_device(tmp_path: Path) -> None:
+    """A ';' CSV whose node ids hold ';' unquoted: the problem says to quote the cell, and is said
+    once per row, not once per device reading the file (440 problems for 2 devices of 220 rows)."""
+    (tmp_path / "tags.csv").write_text('name;node\nspeed;ns=2;s=Speed\ntemp;"ns=2;s=Temp"\n')
+    devices = "".join(
+        f'[[devices]]\nname = "plc{k}"\nprotocol = "opcua"\nendpoint = "opc.tcp://127.0.0.1:4840"\n'
+        'security_mode = "None"\ntags_csv = "tags.csv"\n'
+        for k in range(2)
+    )
+    cfg = tmp_path / "edgeos.toml"
+    cfg.write_text('[gateway]\nid = "gw"\ndata_dir = "data"\n' + devices)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    (problem,) = info.value.problems
+    assert problem.line == 2 and 'a cell that holds ";", such as an OPC UA node id, goes in double quotes' in str(
+        problem
+    )

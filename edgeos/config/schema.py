@@ -24,6 +24,7 @@ class Problems:
 
     file: str
     items: list[Problem] = field(default_factory=list)
+    _seen: set[Problem] = field(default_factory=set, repr=False)
 
     def add(self, path: str, message: str, *, line: int | None = None, file: str | None = None):
         """A "missing" problem for a key already refused is left out: the key is there, its value
@@ -31,7 +32,11 @@ class Problems:
         file = file or self.file
         if message.startswith("missing") and any(p.path == path and p.file == file for p in self.items):
             return
-        self.items.append(Problem(file, path, message, line))
+        problem = Problem(file, path, message, line)
+        if problem in self._seen:
+            return  # the same problem again: one tags CSV read for several devices
+        self._seen.add(problem)
+        self.items.append(problem)
 
     def raise_if_any(self) -> None:
         if self.items:

@@ -115,7 +115,8 @@ def read_tags_csv(path: Path, fields: Mapping[str, Field], problems: Problems) -
             if len(rec) > len(header):
                 problems.add(
                     "",
-                    f"found {len(rec)} cells, expected at most {len(header)} (the header's columns)",
+                    f"found {len(rec)} cells, expected at most {len(header)} (the header's columns; a cell "
+                    f'that holds "{delimiter}", such as an OPC UA node id, goes in double quotes)',
                     file=str(path),
                     line=line,
                 )
