@@ -225,6 +225,12 @@ def test_time_forms():
     assert parse_time_ns("2026-01-01T00:00:00Z", now) == T0
     assert parse_time_ns("2026-01-01T08:00:00+08:00", now) == T0
     assert parse_time_ns("@1767225600.5", now) == T0 + SEC // 2
+    # Exact to the nanosecond, not through a float (which put .501 64 ns early, so a bound at a
+    # sample's millisecond left the sample out).
+    assert parse_time_ns("@1796431280.501", now) == 1796431280_501_000_000
+    assert parse_time_ns("@1796431280.000000001", now) == 1796431280_000_000_001
+    assert parse_time_ns("2026-12-05T00:41:20.501Z", now) == 1796431280_501_000_000
+    assert parse_time_ns("2026-12-05T08:41:20.501+08:00", now) == 1796431280_501_000_000
     with pytest.raises(ValueError, match="expected a time"):
         parse_time_ns("tuesday", now)
     # Outside int64 nanoseconds: a clear error, not a crash where the store is asked.
@@ -306,3 +312,18 @@ def test_values_are_shown_without_binary_noise_and_whole_numbers_exact() -> None
     # would be another number) and the other is longer than 15 digits.
     assert clean_float(2.0**53) == 9007199254740992.0
     assert clean_float(7.262385979038285e16) == 7.262385979038285e16
+
+
+def test_a_range_ending_at_a_sample_s_millisecond_includes_it(tmp_path):
+    """Both ends are included: a sub-second bound is exact (through a float, --until at .501
+    was 64 ns early and left the sample stamped .501 out)."""
+    t = 1796431280_501_000_000
+    w = StoreWriter(tmp_path, TAGS)
+    w.write([Batch("press", np.array([0, 0], np.int32), [t - 500 * 10**6, t], [1.0, 2.0], np.zeros(2, np.uint32))])
+    w.close()
+    for since, until in (("@1796431280.001", "@1796431280.501"), ("2026-12-05T00:41:20.501Z",) * 2):
+        code, out = run(
+            "query", "press/temp", "--since", since, "--until", until, "--format", "csv", "--data-dir", str(tmp_path)
+        )
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert code == 0 and rows[-1]["time"] == "2026-12-05T00:41:20.501Z" and float(rows[-1]["value"]) == 2, out

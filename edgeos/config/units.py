@@ -96,9 +96,13 @@ def _time_ns(text: str, now_ns: int) -> int:
     if t == "now":
         return now_ns
     if t.startswith("@"):
+        # Exact (decimal), not through a float: @1796431280.501 as a float is 64 ns early, and a
+        # bound meant to include the sample stamped at that millisecond left it out.
+        import decimal
+
         try:
-            return round(float(t[1:]) * 1e9)
-        except ValueError:
+            return int((decimal.Decimal(t[1:]) * 10**9).to_integral_value(decimal.ROUND_HALF_EVEN))
+        except (decimal.InvalidOperation, ValueError):  # OverflowError (@inf): out of range
             pass
     m = _RELATIVE.match(t)
     if m:
@@ -111,4 +115,5 @@ def _time_ns(text: str, now_ns: int) -> int:
         ) from None
     if when.tzinfo is None:
         when = when.astimezone()  # naive: the gateway's local time
-    return round(when.timestamp() * 1e9)
+    # Whole microseconds since the epoch, exactly (timestamp() is a float: ~64 ns off today).
+    return (when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1) * 1000
