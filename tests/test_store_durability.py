@@ -186,3 +186,32 @@ def test_flush_writes_nothing_when_nothing_changed(tmp_path, interval):
         assert w.undurable == 0 and w.durable_id == w.db.execute("SELECT max(id) FROM units").fetchone()[0]
     finally:
         w.close()
+
+
+def test_a_wal_damaged_in_its_middle_is_said_kept_and_its_ids_never_given_again(tmp_path, caplog):
+    """SQLite stops replaying a WAL at its first bad frame, silently: a stray write in the middle
+    hid the committed transactions after it (and a fresh writer gave their ids again). A valid
+    commit frame after a bad one is not a crash's torn end: the store says what is lost, keeps
+    the WAL's bytes and continues above the fsynced bound (I9, I14)."""
+    from edgeos.store.wal import check
+
+    last = _kill_child(tmp_path, 2_000_000_000)
+    wal = tmp_path / "edgeos.db-wal"
+    assert check(wal) is None  # a killed process leaves no damage: nothing is said
+    frames = (wal.stat().st_size - 32) // (24 + 1024)
+    assert frames > 20, frames
+    data = bytearray(wal.read_bytes())
+    at = 32 + (frames // 3) * (24 + 1024) + 24 + 100  # inside one frame's page
+    data[at : at + 200] = bytes(b ^ 0xFF for b in data[at : at + 200])  # every bit flipped
+    wal.write_bytes(data)
+    damage = check(wal)
+    assert damage is not None and damage.hidden > 0 and damage.bad == frames // 3
+    bound = int((tmp_path / SEQ_NAME).read_text())
+    with caplog.at_level("CRITICAL", logger="edgeos.store"):
+        before, new = _next_id(tmp_path)
+    assert before < last  # what the damage hid is gone from the store ...
+    assert new == bound + 1  # ... and its ids are never given again
+    said = [r.getMessage() for r in caplog.records if r.levelname == "CRITICAL"]
+    assert len(said) == 1 and f"damaged at frame {frames // 3} of {frames}" in said[0], said
+    (kept,) = tmp_path.glob("edgeos.db-wal.bad-*")
+    assert kept.read_bytes() == bytes(data)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -29,6 +30,7 @@ from edgeos.errors import StoreError
 from edgeos.model import Batch, TagMeta
 from edgeos.store import schema
 from edgeos.store.chunk import encode_chunk
+from edgeos.store.wal import check as check_wal
 
 log = logging.getLogger("edgeos.store")
 
@@ -234,6 +236,7 @@ class StoreWriter:
         self.durable_id = 0  # the highest unit id known to survive a power cut
         self._fsync_failed = False  # (I3) a failed fsync: refuse further work, never mark clean
         self._power_cut = False  # set by _open: the last run stopped uncleanly and the machine rebooted
+        self._wal_damaged = False  # set by _open: committed transactions a damaged WAL hid (store/wal.py)
         self._io_thread = -1  # (I19) the thread whose /proc write_bytes is counted, and its last figure
         self._io_seen = 0
         if not self.dir.exists():
@@ -272,12 +275,14 @@ class StoreWriter:
                     self._mark_units()
             self._reserved = self._read_seq() or 0
             self.durable_id = self._max_id
-            if self._power_cut and self._reserved > self._max_id:
+            if (self._power_cut or self._wal_damaged) and self._reserved > self._max_id:
                 # (I14) Units committed in the last fsync_interval before the machine went down
-                # may have been forwarded upstream and lost here: their ids must not be given
-                # again. Every id given was below the fsynced bound, so continue above it.
-                self._jump_to(self._reserved, "the machine went down without a clean stop (power cut?)")
-                self._power_cut = False
+                # (or hidden by a damaged WAL) may have been forwarded upstream and lost here:
+                # their ids must not be given again. Every id given was below the fsynced
+                # bound, so continue above it.
+                why = "its WAL was damaged" if self._wal_damaged else "the machine went down without a clean stop"
+                self._jump_to(self._reserved, why if self._wal_damaged else why + " (power cut?)")
+                self._power_cut = self._wal_damaged = False
             elif self._max_id < self._reserved - SEQ_RESERVE:
                 # The file is older than the bound: ids above its top may have been given by a
                 # later file (a restored backup, a file swapped by hand). Continue above every id
@@ -381,6 +386,8 @@ class StoreWriter:
                         "checking its integrity",
                         self.path,
                     )
+                    step = "check its WAL"
+                    self._check_wal()
                     step = "check its integrity (PRAGMA quick_check)"
                     if (res := db.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
                         why = f"integrity check failed after an unclean shutdown: {res}"
@@ -412,6 +419,34 @@ class StoreWriter:
             ) from e
         log.error("store %s is %s; moved it to %s (kept, never deleted) and started a new store", self.path, why, moved)
         return self._create_fresh(old_top, old_tags)
+
+    def _check_wal(self) -> None:
+        """(I9, I14) Committed transactions SQLite will not replay from a WAL damaged in its
+        middle (store/wal.py): said, the WAL's bytes kept beside it before SQLite overwrites
+        them, and their unit ids never given again. Run before the first write."""
+        wal = Path(str(self.path) + "-wal")
+        damage = check_wal(wal)
+        if damage is None:
+            return
+        self._wal_damaged = True
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        copy = wal.with_name(f"{wal.name}.bad-{stamp}")
+        try:
+            shutil.copyfile(wal, copy)
+            kept = f"its bytes are kept in {copy}"
+        except OSError as e:
+            copy.unlink(missing_ok=True)
+            kept = f"a copy could not be kept ({e.strerror})"
+        log.critical(
+            "store %s: its WAL is damaged at frame %d of %d (a bad sector or a stray write, not a crash): "
+            "%d committed transactions after it cannot be read and are lost here; %s. Unit ids continue "
+            "above the sequence bound, so none is given again",
+            self.path,
+            damage.bad,
+            damage.frames,
+            damage.hidden,
+            kept,
+        )
 
     def _failure(self, step: str, e: sqlite3.Error) -> str:
         """A clear start-up error: the path, the step, SQLite's words and the OS's."""
