@@ -299,6 +299,16 @@ def test_values_print_without_binary_noise_and_bools_as_words(tmp_path):
 def test_query_says_when_nothing_matched_and_refuses_a_reversed_range(store_dir):
     code, out = run("query", "oven/temp", "--since", "@1000", "--until", "@2000", "--data-dir", str(store_dir))
     assert code == 0 and "no samples of oven/temp" in out
+    # Before the oldest sample: said, so the empty answer is not read as a silent machine.
+    assert "(the store's oldest sample is from 2026-01-01T00:00:00.000Z;" in out
+    code, out = run(
+        "query", "oven/temp", "--since", "@1767225600", "--until", "@1767225601.5", "--data-dir", str(store_dir)
+    )
+    assert code == 0 and "oldest" not in out
+    code, out = run(
+        "query", "oven/state", "--since", "@1767225900", "--until", "@1767226000", "--data-dir", str(store_dir)
+    )
+    assert code == 0 and "no samples of oven/state" in out and "oldest" not in out  # after it: nothing to say
     code, out = run("query", "oven/temp", "--since", "@2000", "--until", "@1000", "--data-dir", str(store_dir))
     assert code == 2 and "is before --since" in out
 

@@ -215,9 +215,16 @@ def query(
                     }
                     for t, v, q, s in zip(h.ts, h.values, h.quality, text, strict=True)
                 ]
+        span = None if rows else store.time_range()
     if not rows:
         what = f" to aggregate ({left_out} left out: Bad, or not a number)" if left_out else ""
-        typer.echo(f"edgeos: no samples of {', '.join(tag)}{what} between {_iso(lo)} and {_iso(hi)}", err=True)
+        held = ""
+        if span is not None and hi < span[0]:
+            # Said, so an empty answer is not read as "the machine sent nothing then".
+            held = (
+                f" (the store's oldest sample is from {_iso(span[0])}; retention and the size budget drop the oldest)"
+            )
+        typer.echo(f"edgeos: no samples of {', '.join(tag)}{what} between {_iso(lo)} and {_iso(hi)}{held}", err=True)
     _emit(rows, fmt)
 
 
