@@ -14,6 +14,7 @@ from `importlib.metadata`.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
@@ -22,6 +23,8 @@ from functools import cache
 from typing import Any
 
 from edgeos.errors import PluginError
+
+log = logging.getLogger("edgeos.plugins")
 
 PROTOCOLS = "edgeos.protocols"
 FILTERS = "edgeos.filters"
@@ -110,12 +113,30 @@ def _entry_points(group: str, *, metadata: bool = False) -> dict[str, Any]:
 
         eps = list(entry_points(group=group))
     found: dict[str, Any] = {}
-    for ep in sorted(eps, key=lambda e: (e.name, e.value)):
+    # A built-in is never replaced by another package's plugin of the same name (an installed
+    # package could otherwise swap the deadband filter or the Modbus adapter, without a word);
+    # between two third-party ones the order is (name, value). The others are said at load.
+    for ep in sorted(eps, key=lambda e: (e.name, not _builtin(e), e.value)):
         found.setdefault(ep.name, ep)
     return found
 
 
-def _dist(group: str, name: str) -> str:
+def _builtin(ep: Any) -> bool:
+    return ep.value.startswith("edgeos.")
+
+
+def shadowed(group: str, name: str) -> list[str]:
+    """The entry points (`module:attr`) registering `name` in `group` beside the one used."""
+    eps = _scan(group)
+    if eps is None:
+        from importlib.metadata import entry_points
+
+        eps = list(entry_points(group=group))
+    used = _entry_points(group).get(name)
+    return sorted({ep.value for ep in eps if ep.name == name} - ({used.value} if used is not None else set()))
+
+
+def package(group: str, name: str) -> str:
     """`dist version` of a plugin, for messages."""
     ep = _entry_points(group, metadata=True).get(name)
     if ep is None or ep.dist is None:
@@ -140,11 +161,19 @@ def load(group: str, name: str) -> Any:
     try:
         obj = ep.load()
     except Exception as e:  # any import-time failure of third-party code
-        raise PluginError(group, name, _dist(group, name), f"{type(e).__name__}: {e}") from e
+        raise PluginError(group, name, package(group, name), f"{type(e).__name__}: {e}") from e
     required = ("device_fields", "tag_fields", "create") if group == PROTOCOLS else ("fields", "create")
     missing = [a for a in required if not hasattr(obj, a)]
     if missing:
-        raise PluginError(group, name, _dist(group, name), f"object {ep.value} lacks {', '.join(missing)}")
+        raise PluginError(group, name, package(group, name), f"object {ep.value} lacks {', '.join(missing)}")
+    if others := shadowed(group, name):
+        log.warning(
+            "plugin %r (%s): also registered by %s, not used; %s",
+            name,
+            ep.value,
+            ", ".join(others),
+            "a built-in is never replaced" if _builtin(ep) else "uninstall one of them",
+        )
     return obj
 
 

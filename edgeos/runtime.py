@@ -257,6 +257,7 @@ class Runtime:
         self.failed: str | None = None  # why the daemon stopped itself (a failed fsync): exit status 1
         self._status_path = live_path(config.gateway.data_dir, config.gateway.run_dir)
         self._tag_ids = reloading.TagIds.of(config)  # stable across reloads (service/reload.py)
+        self._ran = False  # run() is called once
         self._reload_lock = asyncio.Lock()
         self._reload_asked = asyncio.Event()  # SIGHUP
         self._device_tasks: dict[str, asyncio.Task] = {}
@@ -529,6 +530,11 @@ class Runtime:
     # -- main ------------------------------------------------------------------------------
 
     async def run(self, *, handle_signals: bool = False) -> None:
+        """Run until stop(). Once: a Runtime is not started again (its stop, store and counters
+        are spent); make a new one."""
+        if self._ran:
+            raise RuntimeError("this Runtime has already run; make a new Runtime to run again")
+        self._ran = True
         cfg = self.config
         loop = asyncio.get_running_loop()
         if not filters.COMPILED:
@@ -706,9 +712,32 @@ class Runtime:
         producing = self._producing[f"device:{dev.name}"]
         attempt = 0
         degraded = False  # Bad samples already recorded for this outage
+        # (docs/adapters.md, Batches) What a plugin emits is checked before anything reads it:
+        # a batch of another device, or of tag ids not its own, was stored under the wrong device
+        # or crashed the pipeline (and with it every device).
+        allowed = np.zeros(int(tag_ids.max()) + 1 if len(tag_ids) else 0, bool)
+        allowed[tag_ids] = True
+
+        def breach(batch: object) -> str | None:
+            if not isinstance(batch, Batch):
+                return f"emitted a {type(batch).__name__}, not a Batch"
+            if batch.device != dev.name:
+                return f"emitted a batch of device {batch.device!r}"
+            t = batch.tags
+            if len(t) and (t.min() < 0 or t.max() >= len(allowed) or not allowed[t].all()):
+                return "emitted tag ids that are not this device's"
+            return None
 
         async def emit(batch: Batch) -> None:
             nonlocal attempt, degraded
+            if (why := breach(batch)) is not None:
+                n = len(batch) if isinstance(batch, Batch) else 0
+                raise DeviceError(
+                    dev.name,
+                    f"the {dev.protocol} adapter {why} (docs/adapters.md, Batches); its {n} samples are dropped",
+                    code="contract",
+                    stage="run",
+                )
             st.batches += 1
             st.samples += len(batch)
             st.last_ok_ns = time.time_ns()
@@ -723,9 +752,11 @@ class Runtime:
 
         try:
             while True:
-                adapter = plugin.create(dev)
-                st.adapter = adapter
+                adapter: Adapter | None = None
                 try:
+                    # A plugin's create() that raises is this device's failure, not the daemon's.
+                    adapter = plugin.create(dev)
+                    st.adapter = adapter
                     st.state = "connecting"
                     await adapter.connect()
                     st.connects += 1
@@ -752,7 +783,8 @@ class Runtime:
                 finally:
                     if self._stop is not None and self._stop.is_set():
                         producing.set()  # nothing more can be emitted: let the flush begin
-                    await self._close(dev, adapter)
+                    if adapter is not None:
+                        await self._close(dev, adapter)
                 st.state = "backoff"
                 await asyncio.sleep(backoff_delay(attempt, dev.reconnect_min_ns, dev.reconnect_max_ns))
                 attempt += 1
@@ -933,6 +965,11 @@ class Runtime:
                 # Whatever else is queued joins this commit (group commit), up to commit_samples.
                 while len(inbox) and not stopping and n_pending < cfg.commit_samples:
                     take(inbox.get_nowait())
+            for sink in self.sinks:  # at a clean stop, once every committed batch was put
+                try:
+                    await sink.flush()
+                except Exception as e:
+                    log.warning("sink %s: flush at stop failed: %s: %s", type(sink).__name__, type(e).__name__, e)
         finally:
             if getter is not None:
                 if not getter.done():

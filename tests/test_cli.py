@@ -429,3 +429,30 @@ def test_the_store_is_bounded_by_default_and_check_says_how(write_config):
     assert store_settings(cfg).max_size == expected  # the daemon runs with a budget
     result = CliRunner().invoke(app, ["check", str(cfg_path)])
     assert result.exit_code == 0 and f"max_size {expected / 2**20:.0f} MiB (default: a quarter" in result.output
+
+
+def test_a_plugin_of_a_built_in_s_name_never_replaces_it(tmp_path, monkeypatch, caplog):
+    """Any installed package registering `deadband` or `simulated` replaced the built-in,
+    without a word (sorted by entry-point value); the built-in is kept and the other is said."""
+    from edgeos import plugins
+
+    info = tmp_path / "aaa_dup-9.9.9.dist-info"
+    info.mkdir()
+    (info / "entry_points.txt").write_text(
+        "[edgeos.filters]\ndeadband = aaa_dup:impostor\n[edgeos.protocols]\nsimulated = aaa_dup:impostor\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="edgeos.plugins"):
+            proto = plugins.load(plugins.PROTOCOLS, "simulated")
+            flt = plugins.load(plugins.FILTERS, "deadband")
+        assert type(proto).__module__.startswith("edgeos.") and type(flt).__module__.startswith("edgeos."), (
+            proto,
+            flt,
+        )
+        said = [r.getMessage() for r in caplog.records]
+        assert any("'simulated'" in m and "also registered by aaa_dup:impostor" in m for m in said), said
+        assert any("'deadband'" in m and "a built-in is never replaced" in m for m in said), said
+    finally:
+        plugins.load.cache_clear()

@@ -185,3 +185,34 @@ def test_a_node_id_cell_with_the_delimiter_says_to_quote_it_once_for_every_devic
     assert problem.line == 2 and 'a cell that holds ";", such as an OPC UA node id, goes in double quotes' in str(
         problem
     )
+
+
+def test_a_plugin_hook_that_raises_is_a_problem_naming_the_plugin(tmp_path: Path) -> None:
+    """A third-party validate() or tag_kind() that raises was a traceback from `edgeos check`,
+    hiding every other problem; it is one problem naming the plugin and its package."""
+    cfg = tmp_path / "edgeos.toml"
+    cfg.write_text(
+        '[gateway]\nid = "gw"\ndata_dir = "data"\n'
+        '[[devices]]\nname = "a"\nprotocol = "misbehaving"\nmode = "validate_raises"\ntags = [{ name = "x" }]\n'
+        '[[devices]]\nname = "b"\nprotocol = "misbehaving"\ntags = [{ name = "y", kind_raises = true }]\n'
+        '[[devices]]\nname = "c"\nprotocol = "simulated"\npoll_interval = "0s"\ntags = [{ name = "z" }]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    text = str(info.value)
+    assert "devices[0].protocol: plugin 'misbehaving' (from edgeos-fixture-plugin" in text, text
+    assert "its validate() failed: KeyError: 'plugin bug in validate'" in text
+    assert "its tag_kind() failed: ZeroDivisionError: plugin bug in tag_kind" in text
+    assert "devices[2].poll_interval" in text  # the other problems, in the same pass
+    assert len(info.value.problems) == 3, text
+
+
+def test_a_plugin_s_default_is_parsed_or_said() -> None:
+    from edgeos.config.schema import Field, Problems, parse_table
+
+    assert Field("duration", 1_000_000_000).default_value() == 10**9  # already in ns
+    assert Field("size", "1KiB").default_value() == 1024
+    problems = Problems("f")
+    assert parse_table({}, {"every": Field("duration", "soon")}, "devices[0]", problems) == {"every": None}
+    (p,) = problems.items
+    assert p.path == "devices[0].every" and "the plugin's default for this key is wrong" in p.message

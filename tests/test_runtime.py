@@ -144,6 +144,45 @@ tags = [{{ name = "b" }}]
         assert rt.devices["bad"].failures >= 1
 
 
+@pytest.mark.parametrize("mode", ["not_a_batch", "other_device", "foreign_ids", "create_raises"])
+async def test_a_plugin_breaking_the_batch_contract_fails_alone(write_config, run_runtime, mode):
+    """docs/adapters.md: a batch carries only its device's name and tag ids, and create() may
+    raise. Any of these crashed the pipeline (every device) or stored samples under a device the
+    config does not have; now each is that device's failure: said, backed off, counted."""
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + f"""
+[[devices]]
+name = "bad"
+protocol = "misbehaving"
+mode = "{mode}"
+reconnect_min = "10ms"
+reconnect_max = "20ms"
+tags = [{{ name = "a" }}]
+
+[[devices]]
+name = "good"
+protocol = "simulated"
+poll_interval = "20ms"
+tags = [{{ name = "b" }}]
+"""
+        )
+    )
+    rt = await run_runtime(cfg, seconds=0.6, timeout=20)
+    bad = rt.devices["bad"]
+    assert rt.devices["good"].samples >= 10 and bad.failures >= 2
+    if mode == "create_raises":
+        assert bad.last_error_code == "RuntimeError" and "driver bug in create" in bad.last_error
+    else:
+        assert bad.last_error_code == "contract" and "docs/adapters.md, Batches" in bad.last_error, bad.last_error
+    # Nothing but its Bad samples was stored for it, and nothing under another name.
+    assert rt.counters.stored == rt.counters.read
+    with StoreReader(cfg.gateway.data_dir) as r:
+        assert {t.device for t in r.tags()} == {"bad", "good"}
+        assert (r.history("bad/a").quality != Quality.GOOD).all()
+
+
 async def test_a_driver_that_drops_its_cancellations_cannot_hang_the_stop(write_config, run_runtime):
     """A driver (or a library's wait_for, on Python 3.11) that loses four cancellations in a row:
     the stop cancels again after its deadline, until the device task ends."""
@@ -516,3 +555,33 @@ async def test_polls_a_slow_read_skips_are_counted_and_said_in_the_log(write_con
     said = [r for r in caplog.records if getattr(r, "code", None) == "poll_overrun"]
     assert len(said) == 1 and "slow: a read of its 0.05s polls took 0.1" in said[0].getMessage(), said
     assert "poll(s) skipped" in said[0].getMessage()
+
+
+async def test_a_runtime_runs_once_and_its_sinks_are_flushed_at_the_stop(write_config, run_runtime):
+    """README, Embedding: sinks get every committed batch, then one flush at a clean stop; a
+    second run() of the same Runtime raises (it silently did nothing)."""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.samples = 0
+
+        async def put(self, batch) -> None:
+            self.calls.append("put")
+            self.samples += len(batch)
+
+        async def flush(self) -> None:
+            self.calls.append("flush")
+
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + '[[devices]]\nname = "d"\nprotocol = "simulated"\npoll_interval = "20ms"\ntags = [{ name = "a" }]\n'
+        )
+    )
+    sink = Sink()
+    rt = await run_runtime(cfg, seconds=0.3, sinks=[sink])
+    assert sink.calls.count("flush") == 1 and sink.calls[-1] == "flush" and "put" in sink.calls
+    assert sink.samples == rt.counters.stored
+    with pytest.raises(RuntimeError, match="make a new Runtime"):
+        await rt.run()

@@ -550,7 +550,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
         t = parse_table(rt, tag_fields, lpath, sub, extra=None)
         opts = {k: v for k, v in t.items() if k not in TAG_FIELDS}
         # tag_kind is promised checked options; if the tag's own keys are wrong its kind is unknown.
-        kind = None if sub else (plugin.tag_kind(opts) if plugin else ValueKind.NUMBER)
+        kind = None if sub else (_tag_kind(plugin, d["protocol"], opts, lpath, sub) if plugin else ValueKind.NUMBER)
         fpath = f"{lpath}.filters" if lpath else "filters"
         filters = _parse_filters(t.get("filters"), fpath, sub, tag=t.get("name"), kind=kind)
         for p in sub.items:
@@ -600,9 +600,27 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
     )
     if plugin is not None and tags:
         before = len(problems.items)
-        plugin.validate(dev, dpath, problems)
+        try:
+            plugin.validate(dev, dpath, problems)
+        except Exception as e:  # third-party code: its bug is this device's problem, said once
+            problems.add(f"{dpath}.protocol", _plugin_bug(d["protocol"], "validate", e))
         _relocate(problems, before, dpath, places)
     return dev
+
+
+def _plugin_bug(protocol: str, hook: str, e: Exception) -> str:
+    return (
+        f"plugin {protocol!r} (from {plugins.package(plugins.PROTOCOLS, protocol)}): its {hook}() failed: "
+        f"{type(e).__name__}: {e} (a bug in the plugin: {hook} reports problems, it does not raise)"
+    )
+
+
+def _tag_kind(plugin: Any, protocol: str, opts: dict[str, Any], path: str, problems: Problems) -> ValueKind | None:
+    try:
+        return plugin.tag_kind(opts)
+    except Exception as e:
+        problems.add(path, _plugin_bug(protocol, "tag_kind", e))
+        return None
 
 
 def _relocate(problems: Problems, start: int, dpath: str, places: list[tuple[str, str, int | None]]) -> None:

@@ -82,8 +82,13 @@ class Field:
         return self.default is _MISSING
 
     def default_value(self) -> Any:
-        """The default as a parsed value would be (None stays None)."""
-        return self.default if self.default is None else self._convert(self.kind, self.default)
+        """The default as a parsed value would be (None stays None). A duration's or a size's
+        default may be written as the config writes it ("5s") or already parsed (ns, bytes)."""
+        if self.default is None:
+            return None
+        if self.kind in ("duration", "size") and type(self.default) is int and self.default >= 0:
+            return self.default
+        return self._convert(self.kind, self.default)
 
     def parse(self, value: Any, path: str, problems: Problems) -> Any:
         if self.secret == "value" and isinstance(value, str):
@@ -197,15 +202,25 @@ def parse_table(
         elif not f.required:
             # Refused, and listed: the default stands in, so that the checks of the rest of the
             # table go on (a KeyError there was a traceback hiding every problem of the file).
-            out[key] = f.default_value()
+            out[key] = _default(f, kpath, problems)
     for key, f in allowed.items():
         if key in raw:
             continue
         if f.required:
             problems.add(f"{path}.{key}" if path else key, f"missing required key ({f.help or f.kind})")
         else:
-            out[key] = f.default_value()
+            out[key] = _default(f, f"{path}.{key}" if path else key, problems)
     return out
+
+
+def _default(f: Field, path: str, problems: Problems) -> Any:
+    """A field's default; one a plugin declared wrongly is a problem named by its key, not a
+    traceback from `edgeos check`."""
+    try:
+        return f.default_value()
+    except ValueError as e:
+        problems.add(path, f"the plugin's default for this key is wrong ({e}): a bug in the plugin; set the key")
+        return None
 
 
 def unknown_key_message(key: str, allowed: Mapping[str, Any]) -> str:

@@ -78,6 +78,20 @@ async def collect(adapter, until, timeout: float = 10.0) -> list[Batch]:
     return got
 
 
+def freeze_once(peer, ready):
+    """An `until` for `collect` that freezes the peer (SIGSTOP) once `ready(batches)`, and never
+    ends the wait itself; and the list that holds True once it froze it."""
+    frozen: list[bool] = []
+
+    def until(g) -> bool:
+        if not frozen and ready(g):
+            peer.freeze()
+            frozen.append(True)
+        return False
+
+    return until, frozen
+
+
 def rows(batches: list[Batch], tag_id: int) -> list[tuple[int, float, int]]:
     out = []
     for b in batches:
@@ -317,15 +331,7 @@ async def test_a_frozen_server_is_detected_and_the_subscription_rebuilt(opcua_pe
     extra = 'publishing_interval = "100ms"\nkeepalive_count = 3\ntimeout = "5s"\nsilence_timeout = "1s"'
     cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, TAGS, extra)))
     await adapter.connect()
-    frozen = False
-
-    def until(g):
-        nonlocal frozen
-        if not frozen and len(rows(g, 0)) >= 3:
-            peer.freeze()
-            frozen = True
-        return False
-
+    until, _ = freeze_once(peer, lambda g: len(rows(g, 0)) >= 3)
     try:
         with pytest.raises(DeviceError) as info:
             await collect(adapter, until, timeout=10)
@@ -527,15 +533,7 @@ async def test_a_request_whose_answer_is_late_is_a_timeout(opcua_peer, write_con
     extra = 'mode = "poll"\ntimeout = "1s"'
     cfg, dev, adapter = make(write_config(GATEWAY + device(peer.endpoint, TAGS, extra)))
     await adapter.connect()
-    frozen = False
-
-    def until(g):
-        nonlocal frozen
-        if not frozen and adapter.counters.reads >= 2:
-            peer.freeze()
-            frozen = True
-        return False
-
+    until, frozen = freeze_once(peer, lambda g: adapter.counters.reads >= 2)
     try:
         with pytest.raises(DeviceError) as info:
             await collect(adapter, until, timeout=10)

@@ -41,15 +41,15 @@ class MisbehavingAdapter:
                 # What Python 3.11's wait_for does to a cancellation that meets an answer: drops it.
                 self.swallowed += 1
             n = len(ids)
-            await emit(
-                Batch(
-                    self.device.name,
-                    ids,
-                    np.full(n, time.time_ns()),
-                    np.full(n, float(self.emitted)),
-                    np.zeros(n, np.uint32),
-                )
+            mode = self.opts["mode"]
+            batch = Batch(
+                "someone_else" if mode == "other_device" else self.device.name,
+                ids + 1000 if mode == "foreign_ids" else ids,
+                np.full(n, time.time_ns()),
+                np.full(n, float(self.emitted)),
+                np.zeros(n, np.uint32),
             )
+            await emit("not a batch" if mode == "not_a_batch" else batch)  # type: ignore[arg-type]
             self.emitted += 1
             if self.opts["mode"] == "run_raises" and self.emitted % self.opts["raise_every"] == 0:
                 raise ValueError("driver bug in run")
@@ -87,20 +87,30 @@ class MisbehavingProtocol:
                 "close_raises",
                 "health_raises",
                 "swallows_cancel",
+                "not_a_batch",
+                "other_device",
+                "foreign_ids",
+                "create_raises",
+                "validate_raises",
             ),
         ),
         "period": Field("duration", "20ms"),
         "raise_every": Field("int", 5, min=1),
     }
-    tag_fields: dict[str, Field] = {}
+    tag_fields: dict[str, Field] = {"kind_raises": Field("bool", False)}
 
     def tag_kind(self, options: Mapping[str, Any]) -> ValueKind:
+        if options.get("kind_raises"):
+            raise ZeroDivisionError("plugin bug in tag_kind")
         return ValueKind.NUMBER
 
     def validate(self, device: DeviceConfig, path: str, problems: Problems) -> None:
-        return None
+        if device.options["mode"] == "validate_raises":
+            raise KeyError("plugin bug in validate")
 
     def create(self, device: DeviceConfig) -> MisbehavingAdapter:
+        if device.options["mode"] == "create_raises":
+            raise RuntimeError("driver bug in create")
         return MisbehavingAdapter(device)
 
 
