@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from edgeos.errors import DeviceError
 from edgeos.logs import RateLimited
 from edgeos.model import Batch, TagMeta, ValueKind
 
@@ -205,6 +206,11 @@ def group_by_interval(tags: Sequence[TagConfig]) -> list[PollGroup]:
     return [PollGroup(iv, tuple(ts)) for iv, ts in sorted(by.items())]
 
 
+# A polled read that has not returned after this many intervals, and at least this long, hangs.
+HUNG_READ_INTERVALS = 10
+HUNG_READ_MIN_S = 30.0
+
+
 class PollingAdapter:
     """Base for polled devices: the runtime's scheduler calls `read(group)` at each tick.
 
@@ -252,7 +258,22 @@ class PollingAdapter:
             late = loop.time() - due
             stats.record(int(late * 1e9))
             began = loop.time()
-            batch = await self.read(group, time.time_ns())
+            # A read that never returns (a driver blocked on a lost answer) would leave the
+            # device "running" and silent for good: bounded, it is a failure, and the device is
+            # restarted like after a lost connection.
+            bound = max(HUNG_READ_MIN_S, HUNG_READ_INTERVALS * interval)
+            try:
+                async with asyncio.timeout(bound) as cm:
+                    batch = await self.read(group, time.time_ns())
+            except TimeoutError:
+                if not cm.expired():
+                    raise  # the read's own timeout
+                raise DeviceError(
+                    self.device.name,
+                    f"a read of its {interval:g}s polls has not returned in {bound:g}s (the driver hangs); restarting",
+                    code="hung",
+                    stage="run",
+                ) from None
             await emit(batch)
             # Next tick strictly in the future: skip (and count) ticks lost to a slow read.
             k_next = int((loop.time() - start) / interval) + 1

@@ -557,6 +557,40 @@ async def test_polls_a_slow_read_skips_are_counted_and_said_in_the_log(write_con
     assert "poll(s) skipped" in said[0].getMessage()
 
 
+async def test_a_polled_read_that_never_returns_is_a_failure_not_silence(write_config, monkeypatch):
+    """A driver blocked for good left its device "running", up in the metrics and silent,
+    with nothing logged; bounded (10 intervals, at least 30 s; shortened here), it is a
+    DeviceError the supervisor restarts the device on. A read's own timeout stays its own."""
+    from edgeos import adapter as adapter_module
+    from edgeos.adapter import PollingAdapter
+    from edgeos.errors import DeviceError
+
+    monkeypatch.setattr(adapter_module, "HUNG_READ_MIN_S", 0.3)
+    cfg = load_config(
+        write_config(
+            GATEWAY + '[[devices]]\nname = "stuck"\nprotocol = "simulated"\npoll_interval = "20ms"\n'
+            'tags = [{ name = "a" }]\n'
+        )
+    )
+
+    class Hangs(PollingAdapter):
+        async def read(self, group, now_ns):
+            await asyncio.sleep(3600)
+
+    class OwnTimeout(PollingAdapter):
+        async def read(self, group, now_ns):
+            raise TimeoutError("the device's own timeout")
+
+    async def emit(batch):
+        raise AssertionError("nothing is read")
+
+    with pytest.raises(DeviceError) as info:
+        await asyncio.wait_for(Hangs(cfg.devices[0]).run(emit), 5)
+    assert info.value.code == "hung" and "has not returned in 0.3s" in str(info.value)
+    with pytest.raises(TimeoutError, match="the device's own timeout"):
+        await asyncio.wait_for(OwnTimeout(cfg.devices[0]).run(emit), 5)
+
+
 async def test_a_runtime_runs_once_and_its_sinks_are_flushed_at_the_stop(write_config, run_runtime):
     """README, Embedding: sinks get every committed batch, then one flush at a clean stop; a
     second run() of the same Runtime raises (it silently did nothing)."""
