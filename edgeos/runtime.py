@@ -799,7 +799,9 @@ class Runtime:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.warning("%s: close failed: %s", dev.name, e, extra={"device": dev.name, "code": "close_failed"})
+            # A TimeoutError's text is empty: say what happened.
+            why = f"did not return in {bound:g}s" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+            log.warning("%s: close failed: %s", dev.name, why, extra={"device": dev.name, "code": "close_failed"})
         finally:
             self.devices[dev.name].state = "stopped"
             self.devices[dev.name].retire(adapter)

@@ -113,7 +113,7 @@ tags = [{ name = "c" }]
 
 
 @pytest.mark.parametrize("mode", ["close_hangs", "close_raises", "connect_raises", "run_returns"])
-async def test_misbehaving_driver_cannot_stall_the_gateway(write_config, run_runtime, mode):
+async def test_misbehaving_driver_cannot_stall_the_gateway(write_config, run_runtime, mode, caplog):
     cfg = load_config(
         write_config(
             GATEWAY
@@ -140,6 +140,9 @@ tags = [{{ name = "b" }}]
     if mode.startswith("close"):
         # Only closed at shutdown: the stop still completed, and everything read was stored.
         assert rt.counters.stored == rt.counters.read
+        said = [r.getMessage() for r in caplog.records if getattr(r, "code", None) == "close_failed"]
+        why = "did not return in 2.5s" if mode == "close_hangs" else "OSError: close failed"
+        assert said == [f"bad: close failed: {why}"], said
     else:
         assert rt.devices["bad"].failures >= 1
 
