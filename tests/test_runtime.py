@@ -112,9 +112,10 @@ tags = [{ name = "c" }]
     assert rt.devices["up"].samples > 0
 
 
-@pytest.mark.parametrize("mode", ["close_hangs", "close_raises", "connect_raises", "run_returns"])
-async def test_misbehaving_driver_cannot_stall_the_gateway(write_config, run_runtime, mode, caplog):
-    cfg = load_config(
+def _bad_beside_good(write_config, mode: str):
+    """A misbehaving plugin device in `mode` (failing every 2nd batch where it counts) beside a
+    healthy simulated one polled every 20 ms."""
+    return load_config(
         write_config(
             GATEWAY
             + f"""
@@ -135,6 +136,11 @@ tags = [{{ name = "b" }}]
 """
         )
     )
+
+
+@pytest.mark.parametrize("mode", ["close_hangs", "close_raises", "connect_raises", "run_returns"])
+async def test_misbehaving_driver_cannot_stall_the_gateway(write_config, run_runtime, mode, caplog):
+    cfg = _bad_beside_good(write_config, mode)
     rt = await run_runtime(cfg, seconds=0.6, timeout=20)
     assert rt.devices["good"].samples >= 10
     if mode.startswith("close"):
@@ -152,26 +158,7 @@ async def test_a_plugin_breaking_the_batch_contract_fails_alone(write_config, ru
     """docs/adapters.md: a batch carries only its device's name and tag ids, and create() may
     raise. Any of these crashed the pipeline (every device) or stored samples under a device the
     config does not have; now each is that device's failure: said, backed off, counted."""
-    cfg = load_config(
-        write_config(
-            GATEWAY
-            + f"""
-[[devices]]
-name = "bad"
-protocol = "misbehaving"
-mode = "{mode}"
-reconnect_min = "10ms"
-reconnect_max = "20ms"
-tags = [{{ name = "a" }}]
-
-[[devices]]
-name = "good"
-protocol = "simulated"
-poll_interval = "20ms"
-tags = [{{ name = "b" }}]
-"""
-        )
-    )
+    cfg = _bad_beside_good(write_config, mode)
     rt = await run_runtime(cfg, seconds=0.6, timeout=20)
     bad = rt.devices["bad"]
     assert rt.devices["good"].samples >= 10 and bad.failures >= 2
