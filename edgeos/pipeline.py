@@ -18,6 +18,9 @@ from edgeos import plugins
 from edgeos.adapter import Filter, TagConfig
 from edgeos.model import Batch
 
+OnError = Callable[[str, Exception], None]
+"""Told which filter (by its configured name) raised, and what."""
+
 
 class Pipeline:
     def __init__(self, tags: Sequence[TagConfig], impl: str = "auto") -> None:
@@ -34,6 +37,7 @@ class Pipeline:
                 signatures.setdefault(tuple(f.name for f in t.filters), []).append(t)
         self.local_of_tag = np.zeros(n, np.int32)  # a tag's number in its group's filters
         self.chains: list[list[Filter]] = [[]]
+        self.names: list[tuple[str, ...]] = [()]  # per group: its filters' names, in order
         self.members: list[np.ndarray] = [np.zeros(0, np.int32)]  # per group: local number -> tag id
         for sig, members in signatures.items():
             gid = len(self.chains)
@@ -49,26 +53,36 @@ class Pipeline:
                 self.group_of_tag[t.id] = gid
                 self.local_of_tag[t.id] = k
             self.chains.append(chain)
+            self.names.append(sig)
             self.members.append(np.array([t.id for t in members], np.int32))
 
-    def apply(self, batch: Batch) -> Batch:
+    def apply(self, batch: Batch, on_error: OnError | None = None) -> Batch:
+        """`batch` through each of its tags' chains. A filter that raises: with `on_error`, its
+        group's rows go on unfiltered (a broken filter costs neither data nor the other groups'
+        filtering) and `on_error(filter name, exception)` is told; without, it raises."""
         if len(self.chains) == 1 or not len(batch):
             return batch
         groups = self.group_of_tag[batch.tags]
         first = groups[0]
         if (groups == first).all():
-            return self._run(int(first), batch, None)
-        parts = [self._run(int(g), batch, groups == g) for g in _present(groups, len(self.chains))]
+            return self._run(int(first), batch, None, on_error)
+        parts = [self._run(int(g), batch, groups == g, on_error) for g in _present(groups, len(self.chains))]
         return Batch.concat(batch.device, parts)
 
-    def _run(self, gid: int, batch: Batch, rows: np.ndarray | None) -> Batch:
+    def _run(self, gid: int, batch: Batch, rows: np.ndarray | None, on_error: OnError | None) -> Batch:
         """The rows of `batch` in group `gid` (all when None) through its chain."""
-        b = batch if rows is None else batch.take(rows)
+        given = b = batch if rows is None else batch.take(rows)
         if gid == 0:
             return b
         b = Batch(b.device, self.local_of_tag[b.tags], b.ts, b.values, b.quality, b.text)
-        for f in self.chains[gid]:
-            b = f.apply(b)
+        for step, f in enumerate(self.chains[gid]):
+            try:
+                b = f.apply(b)
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(self.names[gid][step], e)
+                return given
             if not len(b):
                 return b
         return self._global(gid, b)
@@ -77,16 +91,19 @@ class Pipeline:
         """A batch out of group `gid`'s filters, with gateway-wide tag ids."""
         return Batch(b.device, self.members[gid][b.tags], b.ts, b.values, b.quality, b.text)
 
-    def flush(self, on_error: Callable[[Exception], None] | None = None) -> list[Batch]:
+    def flush(self, on_error: OnError | None = None) -> list[Batch]:
         """What the filters hold back (a held swinging-door point, an open window), as one batch
         per device, for a stop: without it a restart loses them. A step's held samples go
         through the steps after it, which may then hold back some of them in turn. A chain
-        whose flush fails loses its held samples only (reported to `on_error`, else raised)."""
+        whose flush fails loses its held samples only (reported to `on_error` with the failing
+        filter's name, else raised)."""
         parts = []
         for gid, chain in enumerate(self.chains[1:], 1):
             carry = Batch.empty("")
+            step = -1  # the step running when one raises
             try:
                 for f in chain:
+                    step += 1
                     if len(carry):
                         carry = f.apply(carry)
                     flush = getattr(f, "flush", None)
@@ -96,7 +113,7 @@ class Pipeline:
             except Exception as e:
                 if on_error is None:
                     raise
-                on_error(e)
+                on_error(self.names[gid][step], e)
                 continue
             parts.append(self._global(gid, carry))
         held = Batch.concat("", parts)

@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import signal
@@ -811,15 +812,34 @@ class Runtime:
     def _flush_filters(self, pipeline: Pipeline) -> list[Batch]:
         """At a stop, what the filters hold back: held points, open windows."""
 
-        def failed(e: Exception) -> None:
+        def failed(name: str, e: Exception) -> None:
             self.counters.filter_errors += 1
-            log.error("filter flush failed, that chain's held samples are lost: %s: %s", type(e).__name__, e)
+            log.error(
+                "filter %r failed at the stop's flush, that chain's held samples are lost: %s: %s",
+                name,
+                type(e).__name__,
+                e,
+            )
 
         try:
             return pipeline.flush(on_error=failed)
         except Exception as e:  # splitting by device failed: nothing to store
-            failed(e)
+            failed("(pipeline)", e)
             return []
+
+    def _filter_failed(self, device: str, name: str, e: Exception) -> None:
+        """A broken filter must not cost data or the daemon: its chain's samples of the batch
+        are stored unfiltered; the batch's other chains filter as usual."""
+        self.counters.filter_errors += 1
+        self.errors.log(
+            logging.ERROR,
+            f"filter:{device}:{name}:{type(e).__name__}",
+            "%s: filter %r failed, its tags' samples stored unfiltered: %s: %s",
+            device,
+            name,
+            type(e).__name__,
+            e,
+        )
 
     async def _pipeline(self, pipeline: Pipeline, raw: Channel, out: Channel) -> None:
         while True:
@@ -840,20 +860,12 @@ class Runtime:
             t_in = time.time_ns() if TRACE is not None else 0
             self.counters.read += len(batch)
             self.latest.update(batch)
+            failed = functools.partial(self._filter_failed, batch.device)
             try:
-                kept = pipeline.apply(batch)
-            except Exception as e:
-                # A broken filter must not cost data or the daemon: store the batch unfiltered.
+                kept = pipeline.apply(batch, on_error=failed)
+            except Exception as e:  # outside any one filter (splitting the batch by chain)
                 kept = batch
-                self.counters.filter_errors += 1
-                self.errors.log(
-                    logging.ERROR,
-                    f"filter:{type(e).__name__}",
-                    "%s: filter failed, stored unfiltered: %s: %s",
-                    batch.device,
-                    type(e).__name__,
-                    e,
-                )
+                failed("(pipeline)", e)
             self.counters.filtered_out += len(batch) - len(kept)
             if TRACE is not None:
                 TRACE.piped(batch, t_in, kept)

@@ -200,7 +200,7 @@ def test_pipeline_flush_failing_in_one_chain_keeps_the_others(kernel_impl):
         raise RuntimeError("plugin bug")
 
     p.chains[1][0].flush = broken  # x's chain
-    errors: list[Exception] = []
-    (held,) = p.flush(on_error=errors.append)
-    assert [str(e) for e in errors] == ["plugin bug"]
+    errors: list[tuple[str, Exception]] = []
+    (held,) = p.flush(on_error=lambda name, e: errors.append((name, e)))
+    assert [(name, str(e)) for name, e in errors] == [("swinging_door", "plugin bug")]
     assert (held.device, held.tags.tolist(), held.ts.tolist()) == ("a", [1], [S])  # y's held point

@@ -274,7 +274,9 @@ def test_backoff_is_capped_full_jitter():
     assert np.std(late) > 0.2 and min(late) >= base / 2e9
 
 
-async def test_a_failing_filter_costs_neither_data_nor_the_daemon(write_config, run_runtime):
+async def test_a_failing_filter_costs_neither_data_nor_the_daemon(write_config, run_runtime, caplog):
+    """A filter that raises: its tags' samples of that batch are stored unfiltered, the log names
+    the filter and the device, and the other chains of the same batch keep filtering."""
     cfg = load_config(
         write_config(
             GATEWAY
@@ -283,23 +285,24 @@ async def test_a_failing_filter_costs_neither_data_nor_the_daemon(write_config, 
 name = "m"
 protocol = "simulated"
 poll_interval = "10ms"
-tags = [{ name = "a", filters = [{ type = "scale", factor = 2.0 }] }]
+tags = [
+  { name = "a", filters = [{ type = "scale", factor = 2.0, fail_every = 2 }] },
+  { name = "b", filters = [{ type = "deadband", abs = 1e12 }] },
+]
 """
         )
     )
-    from edgeos.pipeline import Pipeline
-
-    original = Pipeline.apply
-
-    def broken(self, batch):
-        raise ZeroDivisionError("bug in a third-party filter")
-
-    Pipeline.apply = broken
-    try:
-        rt = await run_runtime(cfg, until=lambda rt: rt.counters.filter_errors >= 5)
-    finally:
-        Pipeline.apply = original
-    assert rt.counters.stored == rt.counters.read >= 5
+    caplog.set_level("ERROR", logger="edgeos")
+    rt = await run_runtime(cfg, until=lambda rt: rt.counters.filter_errors >= 5)
+    a, _, _ = _stored(cfg, "m/a")
+    b, _, _ = _stored(cfg, "m/b")
+    assert len(b) == 1  # the deadband kept filtering b in the batches whose a-chain failed
+    # every sample of a stored, failed or not (a and b: one each a poll)
+    assert 2 * len(a) == rt.devices["m"].samples >= 20
+    assert rt.counters.stored == rt.counters.read - rt.counters.filtered_out
+    said = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert said and said[0].startswith("m: filter 'scale' failed, its tags' samples stored unfiltered")
+    assert "ZeroDivisionError: bug in a third-party filter" in said[0]
 
 
 async def test_stop_stores_what_the_filters_hold_back(write_config, run_runtime):

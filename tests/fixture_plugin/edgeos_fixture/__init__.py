@@ -117,10 +117,15 @@ class MisbehavingProtocol:
 class ScaleFilter:
     def __init__(self, n_tags: int, params: Mapping[int, Mapping[str, Any]]) -> None:
         self.factor = np.ones(n_tags)
+        self.fail_every = max((p.get("fail_every", 0) for p in params.values()), default=0)
+        self.calls = 0
         for tag, p in params.items():
             self.factor[tag] = p["factor"]
 
     def apply(self, batch: Batch) -> Batch:
+        self.calls += 1
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise ZeroDivisionError("bug in a third-party filter")
         return Batch(
             batch.device, batch.tags, batch.ts, batch.values * self.factor[batch.tags], batch.quality, batch.text
         )
@@ -128,7 +133,7 @@ class ScaleFilter:
 
 class ScalePlugin:
     name = "scale"
-    fields = {"factor": Field("float", 1.0)}
+    fields = {"factor": Field("float", 1.0), "fail_every": Field("int", 0)}  # fail_every: raise at every Nth batch
 
     def create(self, n_tags: int, params: Mapping[int, Mapping[str, Any]]) -> ScaleFilter:
         return ScaleFilter(n_tags, params)
