@@ -49,6 +49,10 @@ from edgeos.trace import TRACE
 
 log = logging.getLogger("edgeos.runtime")
 
+# A sample stamped further ahead of the gateway's clock than this is said (once a minute per
+# device): a device or server clock that is wrong, not the jitter between two synced clocks.
+CLOCK_AHEAD_NS = 60 * 10**9
+
 _STOP: Any = object()
 
 
@@ -741,7 +745,19 @@ class Runtime:
                 )
             st.batches += 1
             st.samples += len(batch)
-            st.last_ok_ns = time.time_ns()
+            st.last_ok_ns = now = time.time_ns()
+            if len(batch) and (ahead := int(batch.ts.max()) - now) > CLOCK_AHEAD_NS:
+                self.errors.log(
+                    logging.WARNING,
+                    f"{dev.name}:clock-ahead",
+                    "%s: samples stamped up to %.0f s ahead of this gateway's clock are stored as "
+                    "stamped: the device's (or its server's) clock is wrong, or this gateway's; "
+                    "queries of recent data and retention go by these stamps",
+                    dev.name,
+                    ahead / 1e9,
+                    device=dev.name,
+                    code="clock_ahead",
+                )
             if degraded:
                 log.info("%s: device is producing again", dev.name, extra={"device": dev.name, "code": "recovered"})
                 self.errors.clear(dev.name + ":")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -303,6 +304,36 @@ tags = [
     said = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert said and said[0].startswith("m: filter 'scale' failed, its tags' samples stored unfiltered")
     assert "ZeroDivisionError: bug in a third-party filter" in said[0]
+
+
+async def test_a_device_clock_ahead_of_the_gateway_is_said_and_its_samples_kept(write_config, run_runtime, caplog):
+    """A device (or OPC UA server) whose clock runs an hour ahead: its samples are stored as
+    stamped, and the log says so once, naming the device; a clock a few seconds off is not said."""
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "ahead"
+protocol = "misbehaving"
+clock_ahead = "1h"
+tags = [{ name = "a" }]
+
+[[devices]]
+name = "close"
+protocol = "misbehaving"
+clock_ahead = "5s"
+tags = [{ name = "b" }]
+"""
+        )
+    )
+    caplog.set_level("WARNING", logger="edgeos")
+    t0 = time.time_ns()
+    rt = await run_runtime(cfg, until=lambda rt: all(d.samples >= 5 for d in rt.devices.values()))
+    ts, _, _ = _stored(cfg, "ahead/a")
+    assert len(ts) == rt.devices["ahead"].samples and ts.min() >= t0 + 3590 * 10**9
+    said = [r.getMessage() for r in caplog.records if "ahead of this gateway's clock" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("ahead: samples stamped up to 3600 s ahead")
 
 
 async def test_stop_stores_what_the_filters_hold_back(write_config, run_runtime):

@@ -45,7 +45,7 @@ class MisbehavingAdapter:
             batch = Batch(
                 "someone_else" if mode == "other_device" else self.device.name,
                 ids + 1000 if mode == "foreign_ids" else ids,
-                np.full(n, time.time_ns()),
+                np.full(n, time.time_ns() + self.opts["clock_ahead"]),
                 np.full(n, float(self.emitted)),
                 np.zeros(n, np.uint32),
             )
@@ -96,6 +96,7 @@ class MisbehavingProtocol:
         ),
         "period": Field("duration", "20ms"),
         "raise_every": Field("int", 5, min=1),
+        "clock_ahead": Field("duration", "0s"),  # a device clock this far ahead of the gateway's
     }
     tag_fields: dict[str, Field] = {"kind_raises": Field("bool", False)}
 
