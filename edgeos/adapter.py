@@ -16,14 +16,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from edgeos.errors import DeviceError
 from edgeos.logs import RateLimited
 from edgeos.model import Batch, TagMeta, ValueKind
-
-if TYPE_CHECKING:
-    from edgeos.config.schema import Field, Problems
 
 Emit = Callable[[Batch], Awaitable[None]]
 """Hands a batch to the runtime; awaits while the pipeline queue is full (backpressure)."""
@@ -307,3 +304,9 @@ class PollingAdapter:
         cycles = sum(s.cycles for s in self.stats.values())
         overruns = sum(s.overruns for s in self.stats.values())
         return {"poll_cycles": cycles, "poll_overruns": overruns}
+
+
+# Last, not at the top: edgeos.config imports this module, which is complete by now whichever
+# of the two is imported first. Imported at all (not only for type checkers) so that
+# typing.get_type_hints() resolves the plugin Protocols' annotations for OEM tooling.
+from edgeos.config.schema import Field, Problems  # noqa: E402

@@ -256,3 +256,27 @@ def test_scripts_setup_removes_fixtures_an_older_test_run_left_in_the_users_venv
     # With --test the fixtures stay; only their former name goes.
     lines = scripts("scripts/setup", "--test", installed="edgeos-example-plugin edgeos-fixture-plugin")
     assert ".venv/bin/python -m pip uninstall -q -y edgeos-example-plugin" in lines
+
+
+@pytest.mark.parametrize("first", ["edgeos", "edgeos.adapter", "edgeos.config"])
+def test_the_public_api_annotations_resolve_for_oem_tooling(first):
+    """typing.get_type_hints() on every public class and its methods (what IDEs, docs tools and
+    plugin checkers call): a name imported only for type checkers made it raise NameError. In a
+    fresh interpreter, whichever module is imported first."""
+    code = f"""
+import typing, {first}
+import edgeos
+for name in edgeos.__all__:
+    obj = getattr(edgeos, name)
+    if isinstance(obj, type) or callable(obj):
+        typing.get_type_hints(obj)
+        for m in dir(obj):
+            if not m.startswith("_") and callable(getattr(obj, m, None)):
+                typing.get_type_hints(getattr(obj, m))
+print("ok", len(edgeos.__all__))
+"""
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok ")
