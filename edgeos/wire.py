@@ -649,6 +649,22 @@ class Consumer:
         self.duplicates = 0
         self.undecodable = 0
 
+    def resume(self, gateway: str, device: str, seq: int) -> None:
+        """Continue where a previous run of this consumer stopped: `seq` is the last unit of
+        `device` it kept (from its own database). What the device sent after it and the broker
+        lost meanwhile (a restart without persistence, an expired session) is then a gap,
+        found when the device's next unit arrives, and asked for again; without it a fresh
+        Consumer takes the first unit it sees as the device's start. Call before feeding
+        anything of that device; units at or below `seq` sent again are delivered again (a
+        database keyed on (gateway, seq) drops them)."""
+        if type(seq) is not int or not 1 <= seq <= _SEQ_MAX:
+            raise ValueError("seq must be an integer from 1 to 2**62")
+        key = (gateway, device)
+        if key in self._start:
+            raise ValueError(f"{gateway}/{device}: units were fed before resume()")
+        self._start[key] = seq
+        self._own.setdefault(key, _Runs()).add(seq, seq)
+
     # -- input ------------------------------------------------------------------------------
 
     def feed(self, payload: bytes, now: float | None = None) -> list[Delivered]:

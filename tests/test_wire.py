@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -170,6 +171,29 @@ def test_consumer_starting_mid_stream_asks_nothing_before_it():
     c.feed(_msg("a", 500, 490), now=0)
     c.feed(_msg("a", 510, 500), now=0)
     assert c.requests(now=10) == []
+
+
+def test_consumer_resumed_from_its_database_asks_for_what_the_broker_lost_while_it_was_down():
+    """A collector restarted: its database holds a's units up to 40 and b's up to 41. The broker
+    forgot what came meanwhile; the next units name 60 (a) and 55 (b) as their predecessors."""
+    fresh = wire.Consumer(reorder_wait=0)
+    c = wire.Consumer(reorder_wait=0)
+    c.resume("gw", "a", 40)
+    c.resume("gw", "b", 41)
+    for consumer in (fresh, c):
+        consumer.feed(_msg("a", 61, 60), now=0)
+        consumer.feed(_msg("b", 62, 55), now=0)
+    assert fresh.requests(now=1) == []  # without resume: the first unit seen is the start
+    assert c.gaps("gw") == [("a", 41, 60), ("b", 42, 55)]
+    assert len(c.requests(now=1)) == 2
+    # A chain that goes on from where the database stopped is no gap.
+    d = wire.Consumer(reorder_wait=0)
+    d.resume("gw", "a", 40)
+    assert [x.seq for x in d.feed(_msg("a", 43, 40), now=0)] == [43] and d.gaps("gw") == []
+    with pytest.raises(ValueError, match="fed before"):
+        d.resume("gw", "a", 43)
+    with pytest.raises(ValueError, match="seq must be"):
+        d.resume("gw", "c", 0)
 
 
 def _random_unit(n: int, seed: int) -> bytes:
