@@ -465,7 +465,8 @@ def decode_replay_request(payload: bytes) -> ReplayRequest:
     if not isinstance(payload, (bytes, bytearray)) or not payload or len(payload) > REPLAY_MAX_BYTES:
         raise ValueError(f"a replay request is 1 to {REPLAY_MAX_BYTES} bytes")
     try:
-        if payload[:1] == b"{":
+        # JSON may start with blanks (a hand-typed `mosquitto_pub -m`); a msgpack map never does.
+        if payload.lstrip(b" \t\r\n")[:1] == b"{":
             doc = json.loads(bytes(payload).decode("utf-8"))
         else:
             doc = msgpack.unpackb(payload, raw=False, max_str_len=256, max_bin_len=0, max_array_len=0, max_map_len=8)

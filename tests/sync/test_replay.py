@@ -360,6 +360,9 @@ def test_replay_request_codec_refuses_what_it_must():
         wire.decode_replay_request(b"x" * 2000)
     with pytest.raises(ValueError):
         wire.decode_replay_request(b'{"v":true,"gw":"g","first":1,"last":3}')
+    # JSON as typed by hand or pretty-printed: blanks before the object are JSON's own.
+    typed = b'\n  {"v": 1, "gw": "g",\n   "first": 1, "last": 3}\n'
+    assert wire.decode_replay_request(typed) == wire.ReplayRequest("g", 1, 3)
 
 
 async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_config, broker, running):
