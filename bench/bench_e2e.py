@@ -234,6 +234,24 @@ class Daemon:
             time.sleep(0.1)
         raise TimeoutError("edgeos did not write its status")
 
+    def wait_flowing(self, opc_samples: int, timeout: float = 60.0) -> None:
+        """Until every device runs and has delivered, and the OPC UA device more than its
+        subscription's first answer (`opc_samples`: the current value of every item, stamped
+        whenever the server last changed it, up to a round old). The window opens `warm`
+        seconds after: before this, a quick run's 2 s warm-up could end while the subscription
+        was still being made, and its first answer then set the window's OPC UA p99 (a start-up
+        figure, not a delivery latency)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            devices = (self.status() or {}).get("devices") or {}
+            if devices and all(
+                d.get("state") == "running" and d.get("samples", 0) > (opc_samples if name == "opc" else 0)
+                for name, d in devices.items()
+            ):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"not every device delivered within {timeout:.0f} s")
+
     def stop(self) -> dict:
         harness.stop_process(self.proc, 30)
         self.log.close()
@@ -326,6 +344,7 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, lo
     daemon = Daemon(cfg, {"EDGEOS_TRACE": str(trace)} if trace else None)
     try:
         daemon.wait_running()
+        daemon.wait_flowing(opc_samples=OPC_BULK)
         time.sleep(t["warm"])
         s0, c0, t0 = daemon.status(), harness.cpu_s(daemon.proc.pid), time.time()
         b0 = sub.busy_s
@@ -341,6 +360,11 @@ def _ours(tmp: Path, plant: Plant, opc, broker: harness.Broker, sub, t: dict, lo
                 rounds = [r for r in stats.get("rounds", []) if t0 <= r < t1]
                 took = sorted(1e3 * (r - r // 0.5 * 0.5) for r in rounds)
                 writes = sorted(1e3 * w for w in stats.get("slice_write_s", []))
+                starved = [x for x in stats.get("publish_starved", []) if t0 <= x < t1]
+                print(
+                    f"# e2e stage opcua server: {len(starved)} times data waited for a publish request",
+                    flush=True,
+                )
                 if writes and OPC_SPREAD > 1:
                     print(
                         f"# e2e stage opcua server: {len(writes)} slices of {OPC_BULK // OPC_SPREAD} values written "

@@ -251,6 +251,22 @@ async def _serve(spec: dict[str, Any]) -> None:
         return plain_read(params)
 
     service.read = read
+    # When the server had data for a subscription and no publish request in hand (it holds the
+    # data until one comes): what the bench's latency trace reads (`stats`).
+    from asyncua.server import uaprocessor
+
+    starved: list[float] = []
+    stats["publish_starved"] = starved
+    plain_get = uaprocessor.UaProcessor.get_publish_request
+
+    def get_publish_request(self: Any, subscription_id: Any) -> Any:
+        got = plain_get(self, subscription_id)
+        if got is None:
+            starved.append(time.time())
+            del starved[:-1000]
+        return got
+
+    uaprocessor.UaProcessor.get_publish_request = get_publish_request
     if limit:
         await server.get_node(
             ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead, 0)
