@@ -149,7 +149,7 @@ async def _replay(cfg, port: int, units: int) -> float:
     task = asyncio.create_task(sync.run())
     try:
         async with aiomqtt.Client("127.0.0.1", port, identifier="replay-bench") as client:
-            while sync.cursor < head:  # noqa: ASYNC110 - a poll of a counter, in a bench
+            while sync.cursor < head or not sync.status.replay_listening:  # noqa: ASYNC110 - a poll, in a bench
                 await asyncio.sleep(0.005)
             await client.subscribe("edgeos/bench/+/data", qos=1)
             got: set[int] = set()

@@ -63,6 +63,8 @@ READ_FIRST = 256 << 10  # a lane's first read, so publishing starts soon; then d
 READ_AHEAD = 2  # runs read ahead of the one being published
 REPLAY_QUEUE = 16  # requests waiting; more are counted (replay_dropped) and ignored
 GONE_RANGES = 1000  # ranges per gone message (a fragmented range goes in several)
+# The replay subscription waits for the session's first acknowledged unit, this long at most.
+REPLAY_SUBSCRIBE_AFTER = 1.0
 
 
 class Session(Protocol):
@@ -99,6 +101,7 @@ class SyncStatus:
     failures: int = 0
     last_error: str = ""
     server: str = ""  # the broker of the current (or last) session
+    replay_listening: bool = False  # this session's subscription to the replay topic is in place
     replay_requests: int = 0  # well-formed requests taken
     replay_malformed: int = 0  # ignored: not a request of this gateway's
     replay_dropped: int = 0  # ignored: REPLAY_QUEUE requests were waiting
@@ -248,6 +251,7 @@ class Sync:
         # The backlog lane's rate cap; replays take from the same bucket.
         self._cap = TokenBucket(options.get("rate_limit_bytes"), options.get("rate_limit_messages"))
         self._replays: asyncio.Queue[wire.ReplayRequest] = asyncio.Queue(REPLAY_QUEUE)
+        self._session_acked = asyncio.Event()  # set by the first acknowledgement of a session
 
     # -- store access (the store's outbox API, read-only connections of its own) -------------
 
@@ -433,6 +437,7 @@ class Sync:
                 self.status.failures += 1
                 self.status.last_error = str(e)
                 self.errors.log(logging.ERROR, str(e)[:80], "upstream: %s; data keeps accumulating locally", e)
+            self.status.replay_listening = False
             lasted = 0.0 if connected_at is None else time.monotonic() - connected_at
             if self._cursor > start or lasted * 1e9 > hi:
                 # The session moved the cursor (or stood) before it failed: a new outage, so
@@ -471,6 +476,8 @@ class Sync:
         self.max_message = st.max_message = cap
 
     async def _pump(self, session: Session) -> None:
+        self._session_acked = asyncio.Event()
+        self.status.replay_listening = False
         self._session_cap(session)
         await self._publish_dictionary(session)
         cursor = self._cursor
@@ -558,6 +565,7 @@ class Sync:
         del lane.inflight[key]
         self._advance()
         self._acked.set()
+        self._session_acked.set()
         if self._failing_at is not None and self._cursor > self._failing_at:
             # Delivering again means the cursor moved past where the failure held it; acks of
             # later units beside a unit still refused do not count (nor reset the log's limit).
@@ -625,9 +633,19 @@ class Sync:
 
     async def _listen(self, session: Session) -> None:
         """Requests on the replay topic: well-formed ones for this gateway are queued (bounded:
-        beyond REPLAY_QUEUE waiting they are counted and ignored), anything else counted."""
+        beyond REPLAY_QUEUE waiting they are counted and ignored), anything else counted.
+
+        Data first: the subscription goes after the session's first acknowledged unit (or
+        REPLAY_SUBSCRIBE_AFTER s without one). A cluster node that has just taken over (NATS
+        server, its JetStream electing a leader) held a SUBSCRIBE 4 s and every packet of the
+        connection behind it, so units waited behind a request nobody had made yet: 4 s of the
+        measured failover (issue 25, `sync.failover_s`)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REPLAY_SUBSCRIBE_AFTER):
+                await self._session_acked.wait()
         await session.subscribe(self.replay_topic)
         st = self.status
+        st.replay_listening = True
         async for _topic, payload in session.messages():
             try:
                 req = wire.decode_replay_request(payload)

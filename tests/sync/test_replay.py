@@ -322,7 +322,7 @@ def test_malformed_replay_requests_are_counted_and_answered_with_nothing(write_c
         if not (cfg.gateway.data_dir / "edgeos.db").exists():
             make_store(cfg.gateway.data_dir, 20)
         async with Central(broker.port) as central, running(sync):
-            await wait_until(lambda: sync.cursor >= 20)
+            await wait_until(lambda: sync.cursor >= 20 and sync.status.replay_listening)
             seen = len(central.payloads)
             async with aiomqtt.Client("127.0.0.1", broker.port) as c:
                 for p in payloads:
@@ -371,7 +371,7 @@ async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_con
     held = stored(cfg.gateway.data_dir)
     assert max(len(b) for _, b in held.values()) > 16 * 1024
     async with Central(broker.port) as central, running(sync):
-        await wait_until(lambda: sync.cursor >= 30)
+        await wait_until(lambda: sync.cursor >= 30 and sync.status.replay_listening)
         await wait_until(lambda: set(central.seqs()) >= set(held))
         # A replay of a split unit is split the same way.
         async with aiomqtt.Client("127.0.0.1", broker.port) as c:
