@@ -515,14 +515,21 @@ def decode_gone(payload: bytes) -> Gone:
 def _gone(doc: object) -> Gone:
     if not isinstance(doc, dict) or doc.get("v") != PAYLOAD_VERSION or "gone" not in doc:
         raise ValueError("not an edgeos gone message of version 1")
+    # As strict as a request: a broker may carry anything, and a reversed or foreign run would
+    # break the sorted runs a consumer keeps.
     try:
-        ranges = [(int(a), int(b)) for a, b in doc["gone"]]
-        gone = Gone(doc["gw"], int(doc["first"]), int(doc["last"]), doc.get("dev"), ranges)
-    except (LookupError, TypeError, ValueError, ArithmeticError) as e:
-        raise ValueError(f"malformed gone message: {type(e).__name__}") from None
-    if not isinstance(gone.gateway, str):
+        first, last = _int(doc.get("first"), "first"), _int(doc.get("last"), "last")
+        ranges = [(_int(a, "a gone run's first"), _int(b, "a gone run's last")) for a, b in doc["gone"]]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"malformed gone message: {e}") from None
+    gw, dev = doc.get("gw"), doc.get("dev")
+    if not isinstance(gw, str) or not gw:
         raise ValueError("gone message's gw is not a name")
-    return gone
+    if dev is not None and not isinstance(dev, str):
+        raise ValueError("gone message's dev is not a name")
+    if last < first or any(not first <= a <= b <= last for a, b in ranges):
+        raise ValueError("gone message's runs are not within first..last, first <= last")
+    return Gone(gw, first, last, dev, ranges)
 
 
 class _Runs:
@@ -801,7 +808,14 @@ class Consumer:
                 gap.requested = now
                 gap.attempts += 1
                 topic = self.replay_topic.format(gateway=gw)
-                out.append((topic, encode_replay_request(gw, gap.low, gap.anchor, dev)))
+                # A gateway takes at most REPLAY_MAX_SPAN seqs a request: a wider gap (a
+                # consumer `from_start` on a gateway past 10 M seqs, a long outage) is asked
+                # for in several, newest first (the anchor's answer moves the chain on).
+                high = gap.anchor
+                while high >= gap.low:
+                    low = max(gap.low, high - REPLAY_MAX_SPAN + 1)
+                    out.append((topic, encode_replay_request(gw, low, high, dev)))
+                    high = low - 1
         return out
 
     def gaps(self, gateway: str) -> list[tuple[str, int, int]]:

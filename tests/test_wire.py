@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -194,6 +195,32 @@ def test_consumer_resumed_from_its_database_asks_for_what_the_broker_lost_while_
         d.resume("gw", "a", 43)
     with pytest.raises(ValueError, match="seq must be"):
         d.resume("gw", "c", 0)
+
+
+def test_consumer_asks_for_a_gap_wider_than_a_request_may_be_in_several():
+    """From the start on a gateway past 10 M seqs: every request is one the gateway takes."""
+    c = wire.Consumer(reorder_wait=0, from_start=True)
+    c.feed(_msg("d", 20_000_001, 20_000_000), now=0)
+    asked = [wire.decode_replay_request(p) for _, p in c.requests(now=1)]
+    assert [(r.first, r.last, r.device) for r in asked] == [(10_000_001, 20_000_000, "d"), (1, 10_000_000, "d")]
+
+
+def test_consumer_refuses_a_malformed_gone_answer():
+    c = wire.Consumer(reorder_wait=0)
+    good = {"v": 1, "gw": "gw", "first": 10, "last": 60, "dev": None, "gone": [[20, 50]]}
+    for bad in (
+        {**good, "gone": [[50, 20]]},  # reversed
+        {**good, "gone": [[5, 20]]},  # outside first..last
+        {**good, "gone": [[20.0, 50]]},
+        {**good, "gone": [[True, 50]]},
+        {**good, "first": "10"},
+        {**good, "gw": 7},
+        {**good, "dev": 7},
+    ):
+        with pytest.raises(ValueError):
+            c.feed(msgpack.packb(bad))
+    c.feed(msgpack.packb(good))
+    assert [g.ranges for g in c.take_gone()] == [[(20, 50)]]
 
 
 def _random_unit(n: int, seed: int) -> bytes:

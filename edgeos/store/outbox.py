@@ -65,6 +65,11 @@ class Outbox:
         self._checked = 0.0
         self._tags_key: tuple[int, int | None] | None = None
         self._tags = 0
+        # device_before's summary: each device's last id below _summary_bound, of file generation
+        # _summary_file (units deleted since may still be named: a consumer then hears "gone").
+        self._summary: dict[str, int] = {}
+        self._summary_bound = 1
+        self._summary_file = -1
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -203,11 +208,41 @@ class Outbox:
         return out
 
     def device_before(self, device: str, before: int, scan: int = 100_000) -> int:
-        """The id of `device`'s last unit below `before` still stored, looking back at most
-        `scan` ids (0 when none is found there)."""
+        """The id of `device`'s last unit below `before` still stored (0 when it has none).
+
+        The last `scan` ids are looked at first (a device polled among others is there).
+        Below them, a summary answers: every device's last id below a bound, built with one
+        pass over the ids the first time it is needed on this file and brought forward as
+        `before` moves on, so a device polled every 15 minutes beside busy ones costs one
+        pass per file, not one per session. (Without it, a sparse device's first unit of a
+        session named no predecessor, `pv` 0, and a consumer could not see that units before
+        it were lost: an independent tester's finding.)"""
         sql = "SELECT id FROM units WHERE id < ? AND id >= ? AND device = ? ORDER BY id DESC LIMIT 1"
-        row = self.conn().execute(sql, (before, before - scan, device)).fetchone()
-        return int(row[0]) if row else 0
+        db = self.conn()
+        row = db.execute(sql, (before, before - scan, device)).fetchone()
+        if row:
+            return int(row[0])
+        bound = before - scan  # ids below it, not looked at yet
+        if bound <= 1:
+            return 0
+        if self._summary_file != self.generation:
+            self._summary, self._summary_bound, self._summary_file = {}, 1, self.generation
+        if bound >= self._summary_bound:
+            if bound > self._summary_bound:
+                for dev, last in db.execute(
+                    "SELECT device, MAX(id) FROM units WHERE id >= ? AND id < ? GROUP BY device",
+                    (self._summary_bound, bound),
+                ):
+                    self._summary[dev] = max(self._summary.get(dev, 0), int(last))
+                self._summary_bound = bound
+            return self._summary.get(device, 0)
+        # Below what the summary covers (a replay of older units): valid when the device's
+        # last unit there lies below the bound too; else one query for this device.
+        known = self._summary.get(device, 0)
+        if known < bound:
+            return known
+        row = db.execute("SELECT MAX(id) FROM units WHERE id < ? AND device = ?", (bound, device)).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
 
 class Backlog:

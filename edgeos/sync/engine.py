@@ -666,13 +666,16 @@ class Sync:
         """Answer requests one at a time: what is gone first, then the units still held, under
         the backlog lane's rate cap, with a window of their own."""
         window = asyncio.Semaphore(max(2, self.options["max_inflight"] // 2))
+        # The store is read in a thread of the replay's own: a request may span 10 M seqs, and a
+        # unit's predecessor may take a pass over the ids (Outbox.device_before).
+        pool, outbox = self._reader("replay")
+        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
             while True:
                 req = await self._replays.get()
-                last = min(req.last, self.outbox.top())
+                last, gone = await loop.run_in_executor(pool, self._replay_plan, outbox, req)
                 if req.first > last:
                     continue  # nothing given there yet: nothing held, nothing gone
-                gone = self.outbox.gone(req.first, last)
                 for k in range(0, len(gone), GONE_RANGES):
                     payload = wire.encode_gone(self.gateway, req.first, last, req.device, gone[k : k + GONE_RANGES])
                     await self._cap.take(len(payload))
@@ -680,8 +683,9 @@ class Sync:
                 self.status.replay_gone += sum(b - a + 1 for a, b in gone)
                 after, prev = req.first - 1, {}
                 while after < last:
-                    run = self.outbox.range(after + 1, last, req.device, READ_BYTES)
-                    messages, framed = self._frame(run, prev, replay=True)
+                    run, messages, framed = await loop.run_in_executor(
+                        pool, self._replay_read, outbox, after, last, req.device, dict(prev)
+                    )
                     prev.update(framed)
                     for device, _seqs, payload, _samples in messages:
                         await self._cap.take(len(payload))
@@ -689,6 +693,21 @@ class Sync:
                         tg.create_task(self._send_replay(session, window, device, payload), name="sync:replay-publish")
                     self.status.replay_units += len(run)
                     after = run.last
+
+    def _replay_plan(self, outbox: Outbox, req: wire.ReplayRequest) -> tuple[int, list[tuple[int, int]]]:
+        """(the request's last seq capped at the highest given, the runs no longer held), in
+        the replay's reader thread."""
+        last = min(req.last, outbox.top())
+        return last, outbox.gone(req.first, last) if req.first <= last else []
+
+    def _replay_read(
+        self, outbox: Outbox, after: int, last: int, device: str | None, prev: dict[str, int]
+    ) -> tuple[UnitRun, list[tuple[str, list[int], bytes, int]], dict[str, int]]:
+        """The next run of a replayed range, framed as replays; in the replay's reader thread."""
+        run = outbox.range(after + 1, last, device, READ_BYTES)
+        self._fresh_file(outbox)
+        messages, framed = self._frame(run, prev, replay=True, outbox=outbox)
+        return run, messages, framed
 
     async def _send_replay(self, session: Session, window: asyncio.Semaphore, device: str, payload: bytes) -> None:
         try:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from edgeos import wire
 from edgeos.config import load_config
 from edgeos.runtime import Runtime
+from edgeos.store.outbox import Outbox
 
 DEVICES = """
 [[devices]]
@@ -504,3 +505,51 @@ async def test_servers_are_tried_in_turn_and_a_session_subscribes(write_config, 
             async for topic, payload in session.messages():
                 assert (topic, payload) == ("edgeos/gwX/replay", b"hello")
                 break
+
+
+def _sparse_beside_busy(data_dir: Path, busy: int) -> None:
+    """Unit 1 of device "sparse", then `busy` units of "busy", then unit busy + 2 of "sparse"
+    (a meter polled every 15 minutes beside a fast PLC)."""
+    from edgeos.store import schema
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(data_dir / "edgeos.db")
+    schema.create(db)
+    db.execute("PRAGMA journal_mode=WAL")
+    now = time.time_ns()
+
+    def unit(device: str, k: int) -> tuple:
+        ts = np.array([now + k], np.int64)
+        blob = wire.encode_unit(device, np.array([1], np.int32), ts, np.ones(1), np.zeros(1, np.uint32))
+        return (k, device, int(ts[0]), int(ts[0]), 1, blob)
+
+    rows = [unit("sparse", 1), *(unit("busy", k) for k in range(2, busy + 2)), unit("sparse", busy + 2)]
+    with db:
+        db.execute("INSERT INTO tags(id, device, name, kind) VALUES(1, 'busy', 't', 'number')")
+        db.executemany("INSERT INTO units(id, device, t_min, t_max, n, data) VALUES(?,?,?,?,?,?)", rows)
+    db.close()
+
+
+def test_a_sparse_devices_first_unit_of_a_session_names_its_predecessor_however_far_back(write_config):
+    """A session's first message of a device names the device's previous unit (`pv`) even when
+    150,000 units of others lie between: `pv` 0 there hid from consumers any loss just before
+    it (a gateway restart or a broker reconnect; an independent tester's finding)."""
+    cfg, sync = make_sync(write_config, 1)
+    _sparse_beside_busy(cfg.gateway.data_dir, 150_000)
+    outbox = Outbox(cfg.gateway.data_dir)
+    try:
+        _, messages, _, _ = sync._prepare(outbox, 150_001, None, {})
+        ((device, seqs, payload, _),) = messages
+        assert (device, seqs) == ("sparse", [150_002])
+        assert wire.decode_envelope(payload).prev == 1
+        # The summary is brought forward, not rebuilt, and answers below its bound too.
+        assert outbox.device_before("sparse", 150_002) == 1
+        assert outbox.device_before("busy", 150_002, scan=10) == 150_001
+        assert outbox.device_before("sparse", 60_000, scan=10) == 1
+        assert outbox.device_before("busy", 60_000, scan=10) == 59_999
+        assert outbox.device_before("sparse", 30_000, scan=10) == 1  # below the summary's bound
+        assert outbox.device_before("busy", 30_000, scan=0) == 29_999  # ... its last there asked for
+        assert outbox.device_before("nobody", 150_002) == 0
+    finally:
+        outbox.close()
+        sync.close()
