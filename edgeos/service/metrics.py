@@ -240,6 +240,13 @@ class Metrics:
         out.one(f"{y}_bytes_total", "counter", "payload bytes acknowledged by the broker", st.published_bytes)
         out.one(f"{y}_connects_total", "counter", "successful broker connections", st.connects)
         out.one(f"{y}_reconnects_total", "counter", "broker connections lost or refused", st.failures)
+        out.one(f"{y}_replay_listening", "gauge", "1 while subscribed to the replay topic", int(st.replay_listening))
+        out.family(f"{y}_replay_requests_total", "counter", "replay requests received, by what became of them")
+        out.sample(f"{y}_replay_requests_total", st.replay_requests, labels(outcome="taken"))
+        out.sample(f"{y}_replay_requests_total", st.replay_malformed, labels(outcome="malformed"))
+        out.sample(f"{y}_replay_requests_total", st.replay_dropped, labels(outcome="dropped"))
+        out.one(f"{y}_replay_units_total", "counter", "units sent again on request", st.replay_units)
+        out.one(f"{y}_replay_gone_total", "counter", "seqs answered as no longer held", st.replay_gone)
         out.one(
             f"{y}_last_puback_timestamp_seconds",
             "gauge",

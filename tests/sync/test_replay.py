@@ -185,6 +185,18 @@ async def test_units_a_broker_forgot_after_acknowledging_are_replayed(write_conf
         async with Central(b.port, after=central) as central2:
             await wait_until(lambda: rt.sync.status.connects >= 2)
             await wait_until(lambda: rt.sync.status.replay_units > 0, 30)
+            # What an operator's Prometheus sees of it.
+            from edgeos.service.metrics import Metrics
+
+            scraped = {
+                k: float(v)
+                for k, v in (ln.rsplit(" ", 1) for ln in Metrics(rt).render().decode().splitlines() if "_replay_" in ln)
+                if not k.startswith("#")
+            }
+            assert scraped['edgeos_sync_replay_requests_total{outcome="taken"}'] >= 1
+            assert scraped['edgeos_sync_replay_requests_total{outcome="malformed"}'] == 0
+            assert scraped["edgeos_sync_replay_units_total"] > 0
+            assert scraped["edgeos_sync_replay_listening"] == 1
             rt.stop()
             await asyncio.wait_for(task, 20)
             expect = stored(cfg.gateway.data_dir)
