@@ -338,10 +338,19 @@ async def _serve(spec: dict[str, Any]) -> None:
         stats["rounds"] = rounds  # end time of each round of changes (for the bench's windows)
         writes: list[float] = []
         stats["slice_write_s"] = writes  # how long each slice took to write (its visibility delay)
+        stats["rounds_skipped"] = 0
+        start = (time.time() // period + 1) * period
         while True:
-            await asyncio.sleep(period - (time.time() % period))
+            # A fixed schedule: a round whose last slice ends past the next boundary is followed
+            # at once by the next, not a period later (sleeping to the next boundary skipped up
+            # to 1 round in 6 under the e2e load: 8,364 changes/s offered instead of 10,000).
+            # More than a round behind, it skips ahead and says so in the stats.
+            if time.time() - start > period:
+                behind = int((time.time() - start) // period)
+                stats["rounds_skipped"] += behind
+                start += behind * period
+            await asyncio.sleep(max(0.0, start - time.time()))
             k += 1
-            start = time.time() // period * period
             for j in range(spread):
                 if j:
                     await asyncio.sleep(max(0.0, start + j * period / spread - time.time()))
@@ -355,6 +364,7 @@ async def _serve(spec: dict[str, Any]) -> None:
             stats["bulk_changes"] = stats.get("bulk_changes", 0) + len(dvs_ids)
             stats["bulk_t"] = time.time()  # when the last round of changes was made
             rounds.append(stats["bulk_t"])
+            start += period
 
     async def commands() -> None:
         loop = asyncio.get_running_loop()
