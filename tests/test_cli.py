@@ -456,3 +456,25 @@ def test_a_plugin_of_a_built_in_s_name_never_replaces_it(tmp_path, monkeypatch, 
         assert any("'deadband'" in m and "a built-in is never replaced" in m for m in said), said
     finally:
         plugins.load.cache_clear()
+
+
+def test_run_refuses_an_unknown_log_level_plainly(tmp_path):
+    """`edgeos run --log-level verbose` said a traceback (ValueError); now a usage error, 2."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "edgeos.toml"
+    cfg.write_text(
+        '[gateway]\nid = "gw"\ndata_dir = "data"\n'
+        '[[devices]]\nname = "d"\nprotocol = "simulated"\ntags = [{ name = "a" }]\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "edgeos", "run", str(cfg), "--log-level", "verbose"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    assert "--log-level 'verbose': expected one of debug, info, warning, error" in r.stderr
+    assert "Traceback" not in r.stderr

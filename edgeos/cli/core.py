@@ -514,7 +514,7 @@ def status(
     else:
         typer.echo("upstream  disabled")
     http = doc.get("http")
-    if http and running:
+    if http and running and http.get("port"):
         typer.echo(f"metrics   http://{http['address']}:{http['port']}/metrics  (and /healthz)")
     typer.echo(
         f"{'DEVICE':<20} {'STATE':<11} {'UP':<4} {'LAST VALUES':>11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR"

@@ -64,6 +64,10 @@ def run_daemon(config: Path, log_level: str | None = None, log_format: str = "au
     if log_format not in FORMATS:
         print(f"edgeos: --log-format {log_format!r}: expected one of {', '.join(FORMATS)}", file=sys.stderr)
         return 2
+    levels = ("debug", "info", "warning", "error")
+    if log_level is not None and log_level.lower() not in levels:
+        print(f"edgeos: --log-level {log_level!r}: expected one of {', '.join(levels)}", file=sys.stderr)
+        return 2
     setup_logging(log_level or cfg.gateway.log_level, log_format)
     rt = Runtime(cfg)
     # What is alive now (modules, plugins, the config) lives as long as the daemon: kept out of
