@@ -174,7 +174,8 @@ class DeviceState:
 @dataclass
 class Counters:
     read: int = 0
-    filtered_out: int = 0
+    filtered_out: int = 0  # net: held back or dropped by filters, less what they released later
+    filter_released: int = 0  # held back earlier, stored at a reload's or stop's flush
     stored: int = 0
     store_errors: int = 0
     filter_errors: int = 0
@@ -857,19 +858,25 @@ class Runtime:
             e,
         )
 
+    def _released(self, held: Batch) -> None:
+        """Held back earlier (counted as filtered), stored now: the net count goes down, the
+        released count up, so their sum (the Prometheus counter) never decreases."""
+        self.counters.filtered_out -= len(held)
+        self.counters.filter_released += len(held)
+
     async def _pipeline(self, pipeline: Pipeline, raw: Channel, out: Channel) -> None:
         while True:
             batch = await raw.get()
             if isinstance(batch, _Swap):  # a reload: batches before it were read under the old config
                 for held in self._flush_filters(pipeline):
-                    self.counters.filtered_out -= len(held)  # held back earlier, stored now
+                    self._released(held)
                     await out.put(held)
                 pipeline = batch.pipeline
                 self.latest = self.latest.resized(batch.tags)
                 continue
             if batch is _STOP:
                 for held in self._flush_filters(pipeline):
-                    self.counters.filtered_out -= len(held)  # held back earlier, stored now
+                    self._released(held)
                     await out.put(held)
                 out.put_nowait(_STOP)
                 return

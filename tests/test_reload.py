@@ -75,6 +75,13 @@ async def _cli(*args: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode()
 
 
+def _counter(rt: Runtime, name: str) -> float:
+    for line in Metrics(rt).render().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the exposition")
+
+
 @pytest.fixture
 def frozen_heap():
     """As `edgeos run` does (gc.freeze): the test process's heap (every module the suite imported)
@@ -108,9 +115,15 @@ async def test_reload_adds_removes_and_changes_devices_without_gap_or_loss(write
         top = max(t.id for t in rt.config.tags)
 
         # 1. SIGHUP: "gone" removed, "fresh" added.
+        filtered_before = _counter(rt, "edgeos_samples_filtered_total")
         path.write_text(HEAD + FRESH)
         os.kill(os.getpid(), signal.SIGHUP)
         await _until(lambda: "fresh" in rt.devices and rt.devices["fresh"].samples > 10)
+        # The swinging door's held point was flushed and stored: a Prometheus counter still
+        # never goes down; the release is counted on its own.
+        assert rt.counters.filter_released >= 1
+        assert _counter(rt, "edgeos_samples_filtered_total") >= filtered_before
+        assert _counter(rt, "edgeos_samples_filter_released_total") == rt.counters.filter_released
         assert "gone" not in rt.devices and gone.state == "stopped"
         assert rt.config.device("steady").tags[0].id == id_a
         fresh_ids = [t.id for t in rt.config.device("fresh").tags]

@@ -172,8 +172,14 @@ class Metrics:
         out.one(
             f"{NS}_samples_filtered_total",
             "counter",
-            "samples dropped by filters (deadband, ...)",
-            max(0, c.filtered_out),
+            "samples held back or dropped by filters (deadband, ...)",
+            c.filtered_out + c.filter_released,
+        )
+        out.one(
+            f"{NS}_samples_filter_released_total",
+            "counter",
+            "samples held back by filters, stored at a reload or stop",
+            c.filter_released,
         )
         out.one(f"{NS}_samples_stored_total", "counter", "samples committed to the store", c.stored)
         out.one(f"{NS}_filter_errors_total", "counter", "filter chains that failed on a batch", c.filter_errors)
