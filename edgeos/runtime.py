@@ -42,7 +42,7 @@ from edgeos.service import control
 from edgeos.service import reload as reloading
 from edgeos.service.notify import CursorProbe, ExecutorProbe, Notifier, Watchdog, status_line
 from edgeos.service.stats import Histogram
-from edgeos.service.status import STATUS_NAME, live_path, write_status
+from edgeos.service.status import STATUS_NAME, link_live, live_path, write_status
 from edgeos.store import StoreCorrupt, StoreFsyncFailed, StoreFull, StoreSettings, StoreWriter, default_max_size
 from edgeos.sync import Sync
 from edgeos.trace import TRACE
@@ -1077,6 +1077,7 @@ class Runtime:
         """The status file, once a second, whatever the store does: it must say that the daemon
         runs (and drops) exactly when the store fails. Built on the loop, written in a thread."""
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, link_live, self.config.gateway.data_dir, self._status_path)
         while True:
             try:
                 await self.refresh_store_stats(max_age=10.0, wait=0)

@@ -235,6 +235,67 @@ def test_status_asks_the_lock_so_a_killed_daemon_shows_stopped_at_once_and_json_
     # Killed: its status file is fresh for up to 10 s more, but the kernel released its lock.
     out = subprocess.run([*EDGEOS, "status", "-c", str(cfg_path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "did not stop cleanly" in out.stdout, out.stdout
+    # Its device is not shown running (the file still says so): stopped, down.
+    row = next(ln for ln in out.stdout.splitlines() if ln.startswith("m "))
+    assert row.split()[1:3] == ["stopped", "down"], out.stdout
+    out = subprocess.run([*EDGEOS, "status", "--json", "-c", str(cfg_path)], capture_output=True, text=True)
+    doc = json.loads(out.stdout)
+    assert out.returncode == 1 and not doc["running"]
+    assert doc["devices"]["m"]["state"] == "stopped" and doc["devices"]["m"]["last_state"] == "running"
+
+
+def test_status_by_data_dir_finds_the_live_status_in_a_custom_run_dir(write_config):
+    cfg_path = write_config(
+        """
+        [gateway]
+        id = "g"
+        data_dir = "data"
+        run_dir = "run"
+        [[devices]]
+        name = "m"
+        protocol = "simulated"
+        poll_interval = "20ms"
+        tags = [{ name = "a" }]
+        """
+    )
+    (cfg_path.parent / "run").mkdir()
+    data = cfg_path.parent / "data"
+    proc = subprocess.Popen([*EDGEOS, "run", "-c", str(cfg_path)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            out = subprocess.run([*EDGEOS, "status", "--data-dir", str(data)], capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+            assert time.monotonic() < deadline, out.stdout + out.stderr
+            time.sleep(0.3)
+        assert f"running (pid {proc.pid})" in out.stdout and "its status is" not in out.stdout
+        assert "m                    running" in out.stdout
+        assert not (data / "status.json").exists()  # the live status is in the run directory only
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_status_reads_the_run_directory_it_may_not_write(tmp_path, monkeypatch):
+    """A member of the service's group reads /run/edgeos (0755, files 0640) but may not write
+    it: the status is still read from there."""
+    import json
+
+    from edgeos.service import status as st
+
+    run, data = tmp_path / "run", tmp_path / "data"
+    run.mkdir()
+    data.mkdir()
+    monkeypatch.setattr(st, "RUN_DIR", run)
+    live = st.live_path(data)  # as the daemon (which may write there) names it
+    assert live.parent == run
+    st.write_status(live, {"gateway": "g", "time": time.time()})
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **kw: False if Path(p) == run else real_access(p, m, **kw))
+    doc, age = st.read_status(data)
+    assert doc is not None and doc["gateway"] == "g" and age < 5
+    assert json.loads(live.read_text())["gateway"] == "g"
 
 
 def as_nobody(cmd: list[str], **kw) -> subprocess.CompletedProcess:

@@ -464,6 +464,12 @@ def status(
         typer.echo(f"edgeos is not running here: no status in {directory}", err=True)
         raise typer.Exit(1)
     running = pid is not None
+    if not running:
+        # The devices' states are the dead daemon's last word (a SIGKILL leaves "running"):
+        # none runs now; what each was doing is kept beside.
+        for d in doc.get("devices", {}).values():
+            if d.get("state") != "stopped":
+                d["last_state"], d["state"] = d.get("state"), "stopped"
     if as_json:
         typer.echo(json.dumps({**doc, "running": running}, indent=2))
         raise typer.Exit(0 if running else 1)
@@ -519,10 +525,11 @@ def status(
     typer.echo(
         f"{'DEVICE':<20} {'STATE':<11} {'UP':<4} {'LAST VALUES':>11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR"
     )
+    now = doc["time"] + age  # ages from now, not from a status that may be old
     for name, d in doc["devices"].items():
         up = "up" if d["state"] == "running" else "down"
         last = d.get("last_ok_ns")
-        values = "never" if last == 0 else "-" if last is None else _age(doc["time"] - last / 1e9) + " ago"
+        values = "never" if last == 0 else "-" if last is None else _age(now - last / 1e9) + " ago"
         typer.echo(
             f"{name:<20} {d['state']:<11} {up:<4} {values:>11} {d['samples']:>10} {d['failures']:>9}  {d['last_error']}"
         )

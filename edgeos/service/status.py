@@ -10,6 +10,7 @@ failure to write it is logged, rate-limited, and never stops ingest.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -38,6 +39,37 @@ def live_path(data_dir: Path, run_dir: Path | None = None) -> Path:
         return Path(data_dir) / STATUS_NAME
     key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:12]
     return Path(run_dir) / f"status-{key}.json"
+
+
+LINK_NAME = "status.live"  # in the data directory: where the live status of its daemon is
+
+
+def link_live(data_dir: Path, live: Path) -> None:
+    """Point `data_dir/status.live` at the live status file, once at start (one small write),
+    so that `edgeos status --data-dir` finds it in whatever run directory the daemon uses."""
+    link = Path(data_dir) / LINK_NAME
+    if live == Path(data_dir) / STATUS_NAME:
+        with contextlib.suppress(OSError):
+            link.unlink()
+        return
+    tmp = link.with_suffix(".tmp-link")
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(os.path.abspath(live), tmp)
+        os.replace(tmp, link)
+    except OSError as e:
+        _errors.log(logging.WARNING, "status-link", "cannot link %s to the live status (%s)", link, e)
+
+
+def _candidates(data_dir: Path, run_dir: Path | None) -> list[Path]:
+    """Every place a status of `data_dir` may be: the live file in the given run directory, or
+    else in /run/edgeos whether or not the reader may write there (a member of the service's
+    group may only read it); where the data directory's link points; the status of the last
+    orderly stop."""
+    key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:12]
+    live = Path(run_dir if run_dir is not None else RUN_DIR) / f"status-{key}.json"
+    return list(dict.fromkeys((live, Path(data_dir) / LINK_NAME, Path(data_dir) / STATUS_NAME)))
 
 
 def daemon_pid(data_dir: Path) -> int | None:
@@ -80,7 +112,7 @@ def read_status(data_dir: Path, run_dir: Path | None = None) -> tuple[dict[str, 
     daemon never ran here. Raises PermissionError when a status exists but cannot be read."""
     best: dict[str, Any] | None = None
     denied: PermissionError | None = None
-    for path in dict.fromkeys((live_path(data_dir, run_dir), Path(data_dir) / STATUS_NAME)):
+    for path in _candidates(data_dir, run_dir):
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except PermissionError as e:
