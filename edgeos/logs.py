@@ -158,9 +158,10 @@ def setup(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None)
 class RateLimited:
     """Logs the first event of a key, then at most one per `interval` s with a suppressed count."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = 60.0, device: str | None = None) -> None:
         self.logger = logger
         self.interval = interval
+        self.device = device  # the `device` field of every line, unless a call names another
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
@@ -179,7 +180,7 @@ class RateLimited:
             msg += f" ({n} similar suppressed in the last {self.interval:g}s)"
         if code is None and _TOKEN.fullmatch(key):
             code = key.replace(":", "_")
-        self.logger.log(level, msg, *args, extra={"device": device, "code": code})
+        self.logger.log(level, msg, *args, extra={"device": device or self.device, "code": code})
         return True
 
     def clear(self, key_prefix: str) -> None:

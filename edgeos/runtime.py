@@ -35,7 +35,7 @@ from edgeos.aio import cancel_and_wait
 from edgeos.config.model import Config
 from edgeos.errors import DeviceError, StoreError
 from edgeos.logs import RateLimited, redact
-from edgeos.model import Batch, Quality, TagMeta
+from edgeos.model import Batch, Quality, TagMeta, is_bad
 from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
@@ -127,7 +127,10 @@ class DeviceState:
     samples: int = 0
     last_error: str = ""
     last_error_code: str = ""
-    last_ok_ns: int = 0
+    last_ok_ns: int = 0  # the last batch with a sample not Bad: a value was read
+    # Connected, but the last batch was all Bad (a server that never answers, every tag
+    # refused): no value is read, so the device is down, whatever its connection says.
+    silent: bool = False
     adapter: Adapter | None = None
     # For /metrics and /healthz (edgeos/service/metrics.py): failures by error code, when the
     # device last stopped running (0 while it runs), and poll lateness of closed adapters.
@@ -137,12 +140,17 @@ class DeviceState:
     _retired_adapter: Adapter | None = None
 
     def __setattr__(self, key: str, value: Any) -> None:
-        if key == "state":
-            if value == "running":
+        object.__setattr__(self, key, value)
+        if key in ("state", "silent"):
+            if self.up:
                 object.__setattr__(self, "down_since_ns", 0)
             elif not getattr(self, "down_since_ns", 1):
                 object.__setattr__(self, "down_since_ns", time.time_ns())
-        object.__setattr__(self, key, value)
+
+    @property
+    def up(self) -> bool:
+        """Connected and reading values (for /healthz, device_up, status and systemd)."""
+        return self.state == "running" and not getattr(self, "silent", False)
 
     def retire(self, adapter: Adapter) -> None:
         """Fold a closed adapter's poll statistics into the device's running totals."""
@@ -406,6 +414,7 @@ class Runtime:
             "devices": {
                 n: {
                     "state": s.state,
+                    "up": s.up,
                     "connects": s.connects,
                     "failures": s.failures,
                     "samples": s.samples,
@@ -746,7 +755,17 @@ class Runtime:
                 )
             st.batches += 1
             st.samples += len(batch)
-            st.last_ok_ns = now = time.time_ns()
+            now = time.time_ns()
+            if len(batch) and is_bad(batch.quality).all():
+                # Read nothing (timeouts, refusals): stored as read, but no success, no
+                # recovery, and the backoff keeps growing if the adapter gives up again.
+                st.silent = True
+                if TRACE is not None:
+                    TRACE.emitted(batch)
+                await raw.put(batch)
+                return
+            st.last_ok_ns = now
+            st.silent = False
             if len(batch) and (ahead := int(batch.ts.max()) - now) > CLOCK_AHEAD_NS:
                 self.errors.log(
                     logging.WARNING,

@@ -148,6 +148,16 @@ def test_check_lists_plugins_with_versions(write_config):
     assert os.path.basename(str(cfg_path)) in result.output
 
 
+def test_check_totals_count_only_enabled_devices(write_config):
+    body = '[gateway]\nid="g"\ndata_dir="d"\n'
+    for name, on in (("on", "true"), ("off", "false")):
+        body += f'[[devices]]\nname="{name}"\nprotocol="simulated"\nenabled={on}\npoll_interval="100ms"\n'
+        body += 'tags=[{name="t"}, {name="u"}]\n'
+    result = CliRunner().invoke(app, ["check", str(write_config(body))])
+    assert result.exit_code == 0, result.output
+    assert "total: 1 devices, 2 tags, 20.0 tag reads/s (1 disabled device not counted)" in result.output
+
+
 def test_installed_layout_has_no_top_level_protocols_package():
     import importlib.util
 

@@ -124,8 +124,9 @@ def check(
         typer.echo(f"{config}: invalid config (1 problem):", err=True)
         typer.echo(f"  gateway.data_dir: {cfg.gateway.data_dir} {why}", err=True)
         raise typer.Exit(2)
-    total_tags = sum(len(d.tags) for d in cfg.devices)
-    total_rate = sum(cfg.polls_per_second(d) for d in cfg.devices)
+    enabled = [d for d in cfg.devices if d.enabled]  # what will be read: disabled devices are not
+    total_tags = sum(len(d.tags) for d in enabled)
+    total_rate = sum(cfg.polls_per_second(d) for d in enabled)
     typer.echo(f"{config}: OK")
     typer.echo(f"gateway   {cfg.gateway.id}   data_dir {cfg.gateway.data_dir}")
     typer.echo(f"store     {_budget(cfg)}")
@@ -152,7 +153,11 @@ def check(
         if describe is not None:
             for line in describe(d):
                 typer.echo(f"    {redact(line)}")
-    typer.echo(f"total: {len(cfg.devices)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s")
+    off = len(cfg.devices) - len(enabled)
+    typer.echo(
+        f"total: {len(enabled)} devices, {total_tags} tags, {total_rate:.1f} tag reads/s"
+        + (f" ({off} disabled device{'s' if off != 1 else ''} not counted)" if off else "")
+    )
     if security:  # issue 28: per connection and listener, and the unit's exposure
         from edgeos.service.security import report
 
@@ -470,6 +475,7 @@ def status(
         for d in doc.get("devices", {}).values():
             if d.get("state") != "stopped":
                 d["last_state"], d["state"] = d.get("state"), "stopped"
+            d["up"] = False
     if as_json:
         typer.echo(json.dumps({**doc, "running": running}, indent=2))
         raise typer.Exit(0 if running else 1)
@@ -527,7 +533,7 @@ def status(
     )
     now = doc["time"] + age  # ages from now, not from a status that may be old
     for name, d in doc["devices"].items():
-        up = "up" if d["state"] == "running" else "down"
+        up = "up" if d.get("up", d["state"] == "running") and running else "down"
         last = d.get("last_ok_ns")
         values = "never" if last == 0 else "-" if last is None else _age(now - last / 1e9) + " ago"
         typer.echo(

@@ -118,6 +118,7 @@ class ConsoleData:
                     "enabled": d.enabled,
                     "tags": len(d.tags),
                     "state": st.state if d.enabled else "disabled",
+                    "up": st.up,
                     "last_ok_ns": st.last_ok_ns,
                     "errors": st.failures,
                     "last_error": st.last_error,

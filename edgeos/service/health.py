@@ -1,9 +1,10 @@
 """/healthz: 200 when the daemon does its job, 503 with what is wrong when it does not.
 
-Unhealthy means one of: an enabled device down (not connected and polling) for longer than
-its bound (`[health] device_down`, or `[health.devices]`), a store that refuses writes, an
-upstream lag over `[health] sync_lag`. The body names each problem with a low-cardinality code
-and never an error message, which could carry a secret.
+Unhealthy means one of: an enabled device down (not connected, or every sample of its last
+poll Bad: nothing read) for longer than its bound (`[health] device_down`, or
+`[health.devices]`), a store that refuses writes, an upstream lag over `[health] sync_lag`.
+The body names each problem with a low-cardinality code and never an error message, which
+could carry a secret.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def evaluate(rt: Runtime, now_ns: int | None = None) -> dict[str, Any]:
         if not dev.enabled:
             continue
         st = rt.devices[dev.name]
-        if st.state == "running":
+        if st.up:
             devices_up += 1
             continue
         devices_down += 1

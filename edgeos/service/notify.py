@@ -180,8 +180,8 @@ def status_line(status: Mapping[str, Any], samples_per_s: float | None, *, store
     """The one line `systemctl status` shows: `12 devices up, 1 down; 48,000 samples/s;
     upstream lag 0.4 s` (from Runtime.status())."""
     devices = status.get("devices") or {}
-    up = sum(1 for d in devices.values() if d.get("state") == "running")
-    down = sum(1 for d in devices.values() if d.get("state") not in ("running", "disabled"))
+    up = sum(1 for d in devices.values() if d.get("up", d.get("state") == "running"))
+    down = sum(1 for d in devices.values() if d.get("state") != "disabled") - up
     parts = [f"{up} device{'s' if up != 1 else ''} up, {down} down"]
     if samples_per_s is not None:
         parts.append(f"{samples_per_s:,.0f} samples/s")

@@ -138,6 +138,7 @@ def state_of(device: DeviceConfig) -> DeviceState:
     st = _STATES.get(id(device))
     if st is None:
         st = _STATES[id(device)] = DeviceState()
+        st.errors.device = device.name  # its log lines carry the device field
         weakref.finalize(device, _STATES.pop, id(device), None)
     return st
 

@@ -172,6 +172,48 @@ async def test_a_dead_unit_alone_does_not_rebuild_a_shared_connection(tcp_peer, 
         await dead.close()
 
 
+async def test_a_server_that_never_answers_is_down_not_recovered(tcp_peer, modbus_config, run_runtime, caplog):
+    """The TCP connection is accepted, no request is answered: every poll is all Bad. That is
+    no success, no recovery, and the device is down for /healthz, device_up and status, however
+    often its connection is made again."""
+    import logging
+
+    from edgeos.service.health import evaluate
+    from edgeos.service.metrics import Metrics
+
+    peer = await tcp_peer()
+    peer.silent.add(1)
+    cfg = modbus_config(
+        device(peer.port, '{ name = "a", address = "hr0" }', "reconnect_after = 2", timeout="50ms")
+        + '[health]\ndevice_down = "1s"\n'
+    )
+    caplog.set_level(logging.INFO, logger="edgeos")
+    seen: dict[str, object] = {}
+
+    def unhealthy(rt) -> bool:
+        h = evaluate(rt)
+        if h["status"] == "unhealthy":
+            seen["health"] = h
+            seen["scrape"] = Metrics(rt).render().decode()
+            seen["status"] = rt.status()
+            return True
+        return False
+
+    rt = await run_runtime(cfg, until=unhealthy, timeout=10)
+    st = rt.devices["plc"]
+    assert st.connects >= 2 and st.failures >= 2  # it kept connecting, and kept giving up
+    assert st.last_ok_ns == 0 and st.samples > 0  # Bad samples stored, no value read
+    (problem,) = seen["health"]["problems"]
+    assert problem["check"] == "device_down" and problem["device"] == "plc"
+    assert 'edgeos_device_up{device="plc"} 0' in seen["scrape"]
+    assert 'edgeos_device_last_success_timestamp_seconds{device="plc"} 0.0' in seen["scrape"]
+    assert seen["status"]["devices"]["plc"]["up"] is False
+    assert not [r for r in caplog.records if "producing again" in r.getMessage()]
+    # The adapter's own timeout lines carry the device field, as the runtime's do.
+    timeouts = [r for r in caplog.records if "no response within" in r.getMessage()]
+    assert timeouts and all(getattr(r, "device", None) == "plc" for r in timeouts)
+
+
 # -- 4. write limits, and the stage named in write errors -----------------------------------
 
 

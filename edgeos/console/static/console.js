@@ -113,11 +113,12 @@ async function overview() {
       tb.replaceChildren();
       for (const d of o.devices) {
         const tr = el("tr");
-        const cls = d.state === "running" ? "good" : d.state === "disabled" ? "muted" : "bad";
+        const cls = d.up ? "good" : d.state === "disabled" ? "muted" : "bad";
+        const state = d.state === "running" && !d.up ? "running, nothing read" : d.state;
         const L = d.lateness_ms;
         const late = !L ? "–" : L.p50 !== undefined
           ? `${L.p50.toFixed(1)} / ${L.p99.toFixed(1)} / ${L.max.toFixed(1)} ms` : `mean ${L.mean.toFixed(1)} ms`;
-        tr.append(el("td", {}, d.name), el("td", {}, d.protocol), el("td", { class: cls }, d.state),
+        tr.append(el("td", {}, d.name), el("td", {}, d.protocol), el("td", { class: cls }, state),
           el("td", {}, d.last_ok_ns ? `${fmtAge(d.last_ok_ns, o.now_ns)} ago` : "never"),
           el("td", { class: "num" + (d.errors ? " bad" : "") }, d.errors),
           el("td", {}, d.last_error ? `${d.last_error_code}: ${d.last_error}` : "–"), el("td", { class: "num" }, late));
