@@ -69,6 +69,17 @@ def is_bad(quality: np.ndarray) -> np.ndarray:
     return (quality >> np.uint32(30)) >= 2
 
 
+# Bad for want of an answer, as opposed to an answer that is Bad (a refused address, a sensor
+# failure): BadTimeout, BadCommunicationError, BadNotConnected, BadNoCommunication.
+_NO_ANSWER = np.array([0x800A0000, 0x80050000, 0x808A0000, 0x80310000], np.uint32)
+
+
+def is_unanswered(quality: np.ndarray) -> np.ndarray:
+    """Vectorised: True where the sample is Bad because the device did not answer (the
+    status code's flag bits ignored)."""
+    return np.isin(quality & np.uint32(0xFFFF0000), _NO_ANSWER)
+
+
 class ValueKind(enum.Enum):
     """How a tag's value is carried: numbers and booleans in the float64 column, strings beside it."""
 

@@ -35,7 +35,7 @@ from edgeos.aio import cancel_and_wait
 from edgeos.config.model import Config
 from edgeos.errors import DeviceError, StoreError
 from edgeos.logs import RateLimited, redact
-from edgeos.model import Batch, Quality, TagMeta, is_bad
+from edgeos.model import Batch, Quality, TagMeta, is_unanswered
 from edgeos.pipeline import Pipeline
 from edgeos.retry import backoff_delay
 from edgeos.service import control
@@ -127,9 +127,9 @@ class DeviceState:
     samples: int = 0
     last_error: str = ""
     last_error_code: str = ""
-    last_ok_ns: int = 0  # the last batch with a sample not Bad: a value was read
-    # Connected, but the last batch was all Bad (a server that never answers, every tag
-    # refused): no value is read, so the device is down, whatever its connection says.
+    last_ok_ns: int = 0  # the last batch the device answered (a sample not Bad for want of an answer)
+    # Connected, but every sample of the last batch was Bad for want of an answer (a server
+    # that accepts and never answers): the device is down, whatever its connection says.
     silent: bool = False
     adapter: Adapter | None = None
     # For /metrics and /healthz (edgeos/service/metrics.py): failures by error code, when the
@@ -149,7 +149,7 @@ class DeviceState:
 
     @property
     def up(self) -> bool:
-        """Connected and reading values (for /healthz, device_up, status and systemd)."""
+        """Connected and answering (for /healthz, device_up, status and systemd)."""
         return self.state == "running" and not getattr(self, "silent", False)
 
     def retire(self, adapter: Adapter) -> None:
@@ -756,9 +756,10 @@ class Runtime:
             st.batches += 1
             st.samples += len(batch)
             now = time.time_ns()
-            if len(batch) and is_bad(batch.quality).all():
-                # Read nothing (timeouts, refusals): stored as read, but no success, no
-                # recovery, and the backoff keeps growing if the adapter gives up again.
+            if len(batch) and is_unanswered(batch.quality).all():
+                # No answer (timeouts, a stalled subscription): stored as read, but no success,
+                # no recovery, and the backoff keeps growing if the adapter gives up again. A
+                # Bad answer (a refused address, a sensor failure) is the device answering.
                 st.silent = True
                 if TRACE is not None:
                     TRACE.emitted(batch)

@@ -125,7 +125,7 @@ class Metrics:
                 out.sample(metric, value(st, ps), lab)
 
         d = f"{NS}_device"
-        each(f"{d}_up", "gauge", "1 while the device is connected and values are read", lambda st, ps: int(st.up))
+        each(f"{d}_up", "gauge", "1 while the device is connected and answering", lambda st, ps: int(st.up))
         each(
             f"{d}_down_seconds",
             "gauge",

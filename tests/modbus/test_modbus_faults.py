@@ -173,9 +173,9 @@ async def test_a_dead_unit_alone_does_not_rebuild_a_shared_connection(tcp_peer, 
 
 
 async def test_a_server_that_never_answers_is_down_not_recovered(tcp_peer, modbus_config, run_runtime, caplog):
-    """The TCP connection is accepted, no request is answered: every poll is all Bad. That is
-    no success, no recovery, and the device is down for /healthz, device_up and status, however
-    often its connection is made again."""
+    """The TCP connection is accepted, no request is answered: every poll is all BadTimeout.
+    That is no success, no recovery, and the device is down for /healthz, device_up and status,
+    however often its connection is made again."""
     import logging
 
     from edgeos.service.health import evaluate
@@ -212,6 +212,17 @@ async def test_a_server_that_never_answers_is_down_not_recovered(tcp_peer, modbu
     # The adapter's own timeout lines carry the device field, as the runtime's do.
     timeouts = [r for r in caplog.records if "no response within" in r.getMessage()]
     assert timeouts and all(getattr(r, "device", None) == "plc" for r in timeouts)
+
+
+async def test_a_device_that_refuses_every_tag_is_up_it_answers(tcp_peer, modbus_config, run_runtime):
+    """Refusals are answers: every sample Bad (exception 2), but the device is up and its last
+    success moves (its tags are reported refused, not the device down)."""
+    peer = await tcp_peer()
+    peer.refuse[(1, "hr", 0)] = 2
+    cfg = modbus_config(device(peer.port, '{ name = "a", address = "hr0" }'))
+    rt = await run_runtime(cfg, until=lambda rt: rt.devices["plc"].samples >= 5, timeout=10)
+    st = rt.devices["plc"]
+    assert st.last_ok_ns > 0 and not st.silent and st.failures == 0
 
 
 # -- 4. write limits, and the stage named in write errors -----------------------------------

@@ -114,7 +114,7 @@ async function overview() {
       for (const d of o.devices) {
         const tr = el("tr");
         const cls = d.up ? "good" : d.state === "disabled" ? "muted" : "bad";
-        const state = d.state === "running" && !d.up ? "running, nothing read" : d.state;
+        const state = d.state === "running" && !d.up ? "running, no answer" : d.state;
         const L = d.lateness_ms;
         const late = !L ? "–" : L.p50 !== undefined
           ? `${L.p50.toFixed(1)} / ${L.p99.toFixed(1)} / ${L.max.toFixed(1)} ms` : `mean ${L.mean.toFixed(1)} ms`;
