@@ -460,6 +460,18 @@ def _int(v: object, what: str) -> int:
     return v
 
 
+class _KeyTwice(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[object, object]]) -> dict:
+    """A map with a key twice is ambiguous (which `first`?): malformed, not "the last wins"."""
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise _KeyTwice("a key appears twice in the replay request")
+    return doc
+
+
 def decode_replay_request(payload: bytes) -> ReplayRequest:
     """A replay request in either form; ValueError for anything else (the gateway counts it)."""
     if not isinstance(payload, (bytes, bytearray)) or not payload or len(payload) > REPLAY_MAX_BYTES:
@@ -467,9 +479,19 @@ def decode_replay_request(payload: bytes) -> ReplayRequest:
     try:
         # JSON may start with blanks (a hand-typed `mosquitto_pub -m`); a msgpack map never does.
         if payload.lstrip(b" \t\r\n")[:1] == b"{":
-            doc = json.loads(bytes(payload).decode("utf-8"))
+            doc = json.loads(bytes(payload).decode("utf-8"), object_pairs_hook=_unique_keys)
         else:
-            doc = msgpack.unpackb(payload, raw=False, max_str_len=256, max_bin_len=0, max_array_len=0, max_map_len=8)
+            doc = msgpack.unpackb(
+                payload,
+                raw=False,
+                max_str_len=256,
+                max_bin_len=0,
+                max_array_len=0,
+                max_map_len=8,
+                object_pairs_hook=_unique_keys,
+            )
+    except _KeyTwice:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure to parse is a malformed request
         raise ValueError(f"not msgpack or JSON: {type(e).__name__}") from None
     # type() and not ==: True == 1 and 1.0 == 1 in Python, and neither is the integer 1.

@@ -376,6 +376,13 @@ def test_replay_request_codec_refuses_what_it_must():
     # JSON as typed by hand or pretty-printed: blanks before the object are JSON's own.
     typed = b'\n  {"v": 1, "gw": "g",\n   "first": 1, "last": 3}\n'
     assert wire.decode_replay_request(typed) == wire.ReplayRequest("g", 1, 3)
+    # A key twice is ambiguous, in either form: refused, not "the last one wins".
+    with pytest.raises(ValueError, match="twice"):
+        wire.decode_replay_request(b'{"v": 1, "gw": "g", "first": 1, "last": 3, "last": 9000000}')
+    twice = b"\x85" + b"".join(msgpack.packb(x) for x in ("v", 1, "gw", "g", "first", 1, "last", 3, "last", 9))
+    assert msgpack.unpackb(twice) == {"v": 1, "gw": "g", "first": 1, "last": 9}  # what it used to take
+    with pytest.raises(ValueError, match="twice"):
+        wire.decode_replay_request(twice)
 
 
 async def test_no_message_exceeds_max_message_and_samples_arrive_exact(write_config, broker, running):
