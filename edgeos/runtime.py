@@ -127,6 +127,7 @@ class DeviceState:
     samples: int = 0
     last_error: str = ""
     last_error_code: str = ""
+    last_error_ns: int = 0  # when: status shows how old the last error is once the device is up
     last_ok_ns: int = 0  # the last batch the device answered (a sample not Bad for want of an answer)
     # Connected, but every sample of the last batch was Bad for want of an answer (a server
     # that accepts and never answers): the device is down, whatever its connection says.
@@ -420,6 +421,7 @@ class Runtime:
                     "samples": s.samples,
                     "last_error": s.last_error,
                     "last_error_code": s.last_error_code,
+                    "last_error_ns": s.last_error_ns,
                     "last_ok_ns": s.last_ok_ns,
                     "down_since_ns": s.down_since_ns,
                     "health": _health(s.adapter),
@@ -807,6 +809,7 @@ class Runtime:
                     e = first_error(exc)
                     st.failures += 1
                     st.last_error = redact(str(e))  # shown by status and metrics: no secret
+                    st.last_error_ns = time.time_ns()
                     st.last_error_code = e.code if isinstance(e, DeviceError) else type(e).__name__
                     st.errors_by_code[st.last_error_code] += 1
                     text = str(e) if isinstance(e, DeviceError) else f"{dev.name}: {type(e).__name__}: {e}"

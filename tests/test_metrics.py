@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -222,6 +223,8 @@ async def test_status_table_and_json_of_a_daemon(write_config) -> None:
     good = next(ln for ln in lines if ln.startswith("good "))
     refused = next(ln for ln in lines if ln.startswith("refused "))
     assert " ago " in good and " never " in refused and "connection refused" in refused
+    # The last error says how old it is: a device up again must not look failing.
+    assert re.search(r"[0-9.]+[smhd] ago: .*connection refused", refused), refused
     assert any(ln.startswith("usage ") and " MB of " in ln for ln in lines), table.output
     docs = [
         runner.invoke(app, ["status", "--data-dir", str(data_dir), *opt]).output

@@ -536,9 +536,10 @@ def status(
         up = "up" if d.get("up", d["state"] == "running") and running else "down"
         last = d.get("last_ok_ns")
         values = "never" if last == 0 else "-" if last is None else _age(now - last / 1e9) + " ago"
-        typer.echo(
-            f"{name:<20} {d['state']:<11} {up:<4} {values:>11} {d['samples']:>10} {d['failures']:>9}  {d['last_error']}"
-        )
+        error, when = d["last_error"], d.get("last_error_ns")
+        if error and when:  # a device up again shows its last error with its age, not as current
+            error = f"{_age(now - when / 1e9)} ago: {error}"
+        typer.echo(f"{name:<20} {d['state']:<11} {up:<4} {values:>11} {d['samples']:>10} {d['failures']:>9}  {error}")
         refused = (d.get("health") or {}).get("refused_tags")
         if refused:
             typer.echo(f"{'':<20} refused by the device (kept Bad, asked again later): {_listed(refused)}")
