@@ -731,6 +731,11 @@ class Consumer:
             except (ValueError, LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException):
                 self.undecodable += 1  # decode_unit trusts a unit's shape (the store wrote it); a broker's may lie
                 continue
+            if unit.device != dev:
+                # Repeats are looked for among the envelope device's seqs: a garbled `dev` would
+                # deliver the seq again when it comes under its own device.
+                self.undecodable += 1
+                continue
             own.add(seq, seq)
             if self._parts:  # parts of a split of this unit, now whole (sent under a larger cap)
                 self._drop_parts((gw, seq))

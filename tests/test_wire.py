@@ -80,10 +80,11 @@ def test_a_compressed_column_that_inflates_past_its_length_is_refused():
 # -- the consumer helper (issue 25) ----------------------------------------------------------
 
 
-def _unit(k: int) -> bytes:
+def _unit(k: int, dev: str = "d") -> bytes:
+    """A one-sample unit of `dev` (a consumer refuses a unit whose device is not its message's)."""
     import numpy as np
 
-    return wire.encode_unit("d", np.array([1], np.int32), np.array([k]), np.array([float(k)]), np.zeros(1, np.uint32))
+    return wire.encode_unit(dev, np.array([1], np.int32), np.array([k]), np.array([float(k)]), np.zeros(1, np.uint32))
 
 
 def _stream(devices: dict[str, list[int]]) -> list[tuple[str, int, int]]:
@@ -98,7 +99,7 @@ def _stream(devices: dict[str, list[int]]) -> list[tuple[str, int, int]]:
 
 
 def _msg(dev: str, seq: int, prev: int, *, replay: bool = False) -> bytes:
-    return wire.encode_message("gw", dev, [seq], [_unit(seq)], 1, prev=prev, replay=replay)
+    return wire.encode_message("gw", dev, [seq], [_unit(seq, dev)], 1, prev=prev, replay=replay)
 
 
 def test_consumer_drops_repeats_and_asks_for_a_gap_after_the_reorder_wait():
@@ -144,13 +145,23 @@ def test_consumer_of_one_device_never_takes_other_devices_seqs_for_gaps():
 
 def test_consumer_memory_follows_gaps_not_units_for_a_partial_subscription():
     c = wire.Consumer(reorder_wait=0)
-    blob = _unit(1)
+    blob = _unit(1, "a")
     prev = 0
     for seq in range(1, 20_001, 2):  # device a's units; b's (even seqs) are never seen
         c.feed(wire.encode_message("gw", "a", [seq], [blob], 1, prev=prev), now=0)
         prev = seq
     assert c._own[("gw", "a")].runs() == [(1, 19_999)]
     assert not c.feed(wire.encode_message("gw", "a", [5], [blob], 1, prev=3), now=0)  # a repeat
+
+
+def test_consumer_refuses_a_unit_under_another_device_so_no_seq_comes_twice():
+    """A garbled `dev` (a fuzz finding): repeats are looked for among the named device's seqs,
+    so the unit was delivered under the wrong device and again under its own."""
+    c = wire.Consumer(reorder_wait=0)
+    assert c.feed(wire.encode_message("gw", "x", [4], [_unit(4, "a")], 1, prev=2), now=0) == []
+    assert c.undecodable == 1
+    got = c.feed(_msg("a", 4, 2), now=0) + c.feed(_msg("a", 4, 2), now=0)
+    assert [(d.device, d.seq) for d in got] == [("a", 4)]
 
 
 def test_consumer_reports_gone_and_stops_asking():
@@ -314,7 +325,7 @@ def test_consumer_ends_with_every_seq_exactly_once_after_replay(owners, lost, rn
     msgs = []
     for s in seqs:
         dev = owners[s - 1]
-        msgs.append((s, wire.encode_message("gw", dev, [s], [_unit(s)], 1, prev=prev.get(dev, 0))))
+        msgs.append((s, wire.encode_message("gw", dev, [s], [_unit(s, dev)], 1, prev=prev.get(dev, 0))))
         prev[dev] = s
     by_seq = dict(msgs)
     order = [m for s, m in msgs if s not in lost or s == seqs[-1]]
@@ -326,7 +337,7 @@ def test_consumer_ends_with_every_seq_exactly_once_after_replay(owners, lost, rn
     top = len(seqs)
     for dev in "abc":
         top += 1
-        by_seq[top] = wire.encode_message("gw", dev, [top], [_unit(top)], 1, prev=prev.get(dev, 0))
+        by_seq[top] = wire.encode_message("gw", dev, [top], [_unit(top, dev)], 1, prev=prev.get(dev, 0))
         held[top] = (dev, top)
         delivered += [d.seq for d in c.feed(by_seq[top], now=0)]
     for t in range(2, 40):
