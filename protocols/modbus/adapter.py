@@ -268,6 +268,7 @@ class ModbusAdapter(PollingAdapter):
         failures: dict[Request, int] = {}  # refused request -> its parts refused with exception 4
         held4: list[tuple[int, Request]] = []  # (position, parent) of tags refused alone with exception 4
         answered = timed_out = False
+        sent_before = c.requests
         began = time.monotonic()
         i = 0
         while i < len(queue):
@@ -336,6 +337,11 @@ class ModbusAdapter(PollingAdapter):
             else:
                 answered = True
                 results.append((r, data))
+        if c.requests == sent_before and not link.connected:
+            # Every tag held refused: this poll asked nothing, so it says nothing of the device.
+            # A closed connection must not pass for a device that answers (until the next
+            # probe, up to an hour away): connect again, or fail as any poll would.
+            await link.connect(name, self.timeout_s)
         for m, up in held4:  # its sibling failed too: not one address, don't hold it
             if failures[up] > 1:
                 del st.refused[gp.tags[m].id]
@@ -347,6 +353,7 @@ class ModbusAdapter(PollingAdapter):
                 ", ".join(f"{gp.names[m]} ({gp.specs[m].table} {gp.specs[m].start})" for m in newly_refused),
                 ", ".join(sorted({st.refused[gp.tags[m].id].reason for m in newly_refused})),
                 self.retry_refused_s,
+                extra={"device": name, "code": "refused"},
             )
         if split_up or probes or not gp.noted:
             self._learn(gp, results, split_up, probes)

@@ -214,15 +214,45 @@ async def test_a_server_that_never_answers_is_down_not_recovered(tcp_peer, modbu
     assert timeouts and all(getattr(r, "device", None) == "plc" for r in timeouts)
 
 
-async def test_a_device_that_refuses_every_tag_is_up_it_answers(tcp_peer, modbus_config, run_runtime):
+async def test_a_device_that_refuses_every_tag_is_up_it_answers(tcp_peer, modbus_config, run_runtime, caplog):
     """Refusals are answers: every sample Bad (exception 2), but the device is up and its last
     success moves (its tags are reported refused, not the device down)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="edgeos")
     peer = await tcp_peer()
     peer.refuse[(1, "hr", 0)] = 2
     cfg = modbus_config(device(peer.port, '{ name = "a", address = "hr0" }'))
     rt = await run_runtime(cfg, until=lambda rt: rt.devices["plc"].samples >= 5, timeout=10)
     st = rt.devices["plc"]
     assert st.last_ok_ns > 0 and not st.silent and st.failures == 0
+    (line,) = [r for r in caplog.records if "refused alone" in r.getMessage()]
+    assert (line.device, line.code) == ("plc", "refused")
+
+
+async def test_a_device_whose_every_tag_is_refused_goes_down_with_its_server(tcp_peer, modbus_config):
+    """Every tag held refused: polls ask nothing until the next probe (here 10 minutes away).
+    When the server goes, the device must not pass for one that answers meanwhile."""
+    from edgeos.runtime import Runtime
+
+    peer = await tcp_peer()
+    peer.refuse[(1, "hr", 0)] = 2
+    cfg = modbus_config(device(peer.port, '{ name = "a", address = "hr0" }', 'retry_refused = "10m"'))
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run())
+    try:
+        async with asyncio.timeout(15):
+            await rt.running.wait()
+            st = rt.devices["plc"]
+            while not (st.up and st.samples >= 3 and st.adapter.health()["refused_tags"]):
+                await asyncio.sleep(0.02)
+            await peer.stop()
+            while st.up:
+                await asyncio.sleep(0.02)
+        assert st.failures >= 1 and st.last_error_code == "connect", (st.last_error_code, st.last_error)
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 15)
 
 
 # -- 4. write limits, and the stage named in write errors -----------------------------------
