@@ -572,11 +572,13 @@ class Runtime:
                 self.store = await loop.run_in_executor(
                     self._executor, StoreWriter, cfg.gateway.data_dir, cfg.tags, store_settings(cfg)
                 )
+            off = [d for d in cfg.devices if not d.enabled]
             log.info(
-                "gateway %s: %d devices, %d tags, kernels %s, store %s",
+                "gateway %s: %d devices, %d tags%s, kernels %s, store %s",
                 cfg.gateway.id,
-                len(cfg.devices),
-                len(cfg.tags),
+                len(cfg.devices) - len(off),
+                len(cfg.tags) - sum(len(d.tags) for d in off),
+                f" ({len(off)} disabled devices, {sum(len(d.tags) for d in off)} tags not read)" if off else "",
                 filters.implementation(),
                 self.store.path if self.store else "off",
             )
@@ -647,6 +649,9 @@ class Runtime:
                     else:
                         self.counters.stored += self._undurable
                     self._undurable = 0
+                for st in self.devices.values():  # a device cancelled in its backoff: stopped too
+                    if st.state not in ("stopped", "disabled"):
+                        st.state = "stopped"
                 final = {**self.status(), "stopped": True}
                 # The live file (tmpfs) and the data directory's, which outlives /run.
                 for path in dict.fromkeys((self._status_path, cfg.gateway.data_dir / STATUS_NAME)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -326,6 +327,33 @@ def shared_tmp():
     d.chmod(0o755)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def test_status_says_when_the_live_status_cannot_be_read(shared_tmp):
+    """The live status in a run directory the reader may not enter, an older stop status in the
+    data directory it may read: the older one is shown, with a warning, not as if current."""
+    import json
+
+    from edgeos.service import status as st
+
+    data, run = shared_tmp / "data", shared_tmp / "run"
+    data.mkdir(mode=0o755)
+    run.mkdir(mode=0o755)
+    now = time.time()
+    old = {"gateway": "g", "time": now - 3600, "stopped": True, "counters": {}, "devices": {}}
+    (data / st.STATUS_NAME).write_text(json.dumps(old))
+    (data / st.STATUS_NAME).chmod(0o644)
+    live = run / "status-live.json"
+    live.write_text(json.dumps({**old, "time": now, "stopped": None}))
+    st.link_live(data, live)
+    run.chmod(0o000)
+    try:
+        out = as_nobody([*EDGEOS, "status", "--data-dir", str(data)])
+    finally:
+        run.chmod(0o755)
+    assert out.returncode == 1, out.stderr
+    assert f"cannot read {data / st.LINK_NAME} (permission denied)" in out.stderr, out.stderr
+    assert re.search(r"stopped 360[0-9]s ago", out.stdout), out.stdout  # the hour-old one
 
 
 def test_init_creates_the_directory_and_a_system_config_uses_the_state_directory(tmp_path):

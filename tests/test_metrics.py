@@ -231,5 +231,8 @@ async def test_status_table_and_json_of_a_daemon(write_config) -> None:
         for opt in (["--json"], ["--format", "json"])
     ]
     assert json.loads(docs[0])["devices"] == json.loads(docs[1])["devices"]
+    # The daemon's own last status: every device stopped (the refused one was in its backoff).
+    final = json.loads((data_dir / "status.json").read_text())
+    assert final["stopped"] and {d["state"] for d in final["devices"].values()} == {"stopped"}, final["devices"]
     assert json.loads(docs[1])["store_stats"]["used_bytes"] > 0
     assert runner.invoke(app, ["status", "--data-dir", str(data_dir), "--format", "yaml"]).exit_code == 2

@@ -458,9 +458,10 @@ def status(
     else:
         gateway = gateway_or_exit(pick_config(config_file, config))
         directory, run_dir = gateway.data_dir, gateway.run_dir
+    unread: list[Path] = []
     try:
         pid = daemon_pid(directory)
-        doc, age = read_status(directory, run_dir)
+        doc, age = read_status(directory, run_dir, unread)
     except PermissionError as e:
         from edgeos.cli.store import denied
 
@@ -469,6 +470,8 @@ def status(
         typer.echo(f"edgeos is not running here: no status in {directory}", err=True)
         raise typer.Exit(1)
     running = pid is not None
+    for path in unread:  # the live status may be there: what follows may be an older one
+        typer.echo(f"warning: cannot read {path} (permission denied); the status shown may be older", err=True)
     if not running:
         # The devices' states are the dead daemon's last word (a SIGKILL leaves "running"):
         # none runs now; what each was doing is kept beside.
@@ -476,6 +479,7 @@ def status(
             if d.get("state") != "stopped":
                 d["last_state"], d["state"] = d.get("state"), "stopped"
             d["up"] = False
+    now = doc["time"] + age  # ages from now, not from a status that may be old
     if as_json:
         typer.echo(json.dumps({**doc, "running": running}, indent=2))
         raise typer.Exit(0 if running else 1)
@@ -511,7 +515,7 @@ def status(
         used, budget = ss.get("used_bytes", 0), ss.get("max_size", 0)
         share = f" of {budget / 1e6:,.0f} MB budget ({100 * used / budget:.0f}%)" if budget else ""
         oldest = ss.get("oldest_ns", 0)
-        horizon = f", oldest sample {_age(doc['time'] - oldest / 1e9)} old" if oldest else ""
+        horizon = f", oldest sample {_age(now - oldest / 1e9)} old" if oldest else ""
         refusing = "; REFUSING WRITES (samples wait in memory)" if doc.get("store_failing") else ""
         typer.echo(f"usage     {used / 1e6:,.1f} MB{share}, {ss.get('chunks', 0)} chunks{horizon}{refusing}")
     sync = doc.get("sync")
@@ -531,7 +535,6 @@ def status(
     typer.echo(
         f"{'DEVICE':<20} {'STATE':<11} {'UP':<4} {'LAST VALUES':>11} {'SAMPLES':>10} {'FAILURES':>9}  LAST ERROR"
     )
-    now = doc["time"] + age  # ages from now, not from a status that may be old
     for name, d in doc["devices"].items():
         up = "up" if d.get("up", d["state"] == "running") and running else "down"
         last = d.get("last_ok_ns")

@@ -107,9 +107,13 @@ def write_status(path: Path, status: dict[str, Any]) -> bool:
     return True
 
 
-def read_status(data_dir: Path, run_dir: Path | None = None) -> tuple[dict[str, Any] | None, float]:
+def read_status(
+    data_dir: Path, run_dir: Path | None = None, unread: list[Path] | None = None
+) -> tuple[dict[str, Any] | None, float]:
     """(status, age in seconds) of the freshest status file of `data_dir`; (None, inf) when the
-    daemon never ran here. Raises PermissionError when a status exists but cannot be read."""
+    daemon never ran here. Raises PermissionError when a status exists but none can be read;
+    when some can, the ones that could not are appended to `unread` (the freshest may be one
+    of them: the caller says so)."""
     best: dict[str, Any] | None = None
     denied: PermissionError | None = None
     for path in _candidates(data_dir, run_dir):
@@ -117,6 +121,8 @@ def read_status(data_dir: Path, run_dir: Path | None = None) -> tuple[dict[str, 
             doc = json.loads(path.read_text(encoding="utf-8"))
         except PermissionError as e:
             denied = e
+            if unread is not None:
+                unread.append(path)
             continue
         except (OSError, ValueError):
             continue
