@@ -67,6 +67,16 @@ def test_tags_lists_last_values(store_dir):
     assert "1790.0" in lines["oven/temp"] and "HOLD" in lines["oven/state"]
 
 
+def test_tags_takes_the_config_positionally_as_run_and_status_do(store_dir):
+    cfg = store_dir / "edgeos.toml"
+    cfg.write_text(f'[gateway]\nid = "g"\ndata_dir = "{store_dir}"\n')
+    code, out = run("tags", str(cfg))
+    assert code == 0 and "press/temp" in out, out
+    assert run("tags", str(cfg), "-c", str(cfg))[0] == 0  # the same file twice: fine
+    code, out = run("tags", str(cfg), "-c", str(store_dir / "other.toml"))
+    assert code == 2 and "two configs given" in out, out
+
+
 def test_query_raw_csv_with_iso_range(store_dir):
     code, out = run(
         "query", "oven/temp", "--since", "2026-01-01T00:00:10Z", "--until", "2026-01-01T00:00:19Z",

@@ -15,8 +15,9 @@ from typing import Annotated, NoReturn
 import numpy as np
 import typer
 
+from edgeos.cli import core
 from edgeos.cli.app import app
-from edgeos.cli.core import gateway_or_exit
+from edgeos.cli.core import ConfigPos, gateway_or_exit
 from edgeos.config.units import parse_duration_ns, parse_time_ns
 from edgeos.errors import StoreError
 from edgeos.model import Quality
@@ -130,15 +131,17 @@ def _emit(rows: list[dict], fmt: str) -> None:
 
 @app.command()
 def tags(
-    config: ConfigOpt = Path("/etc/edgeos/edgeos.toml"),
+    config_file: ConfigPos = None,
+    config: core.ConfigOpt = None,
     data_dir: DataDirOpt = None,
     fmt: FormatOpt = "table",
 ) -> None:
     """List every stored tag with its last value, time and quality.
 
     Reads the local store (the config's data_dir, or --data-dir); safe while the daemon runs.
+    The config may be named as for run and status: `edgeos tags FILE` or `-c FILE`.
     """
-    with _open(config, data_dir) as store:
+    with _open(core.pick_config(config_file, config), data_dir) as store:
         rows = [
             {
                 "tag": t.key,
