@@ -213,6 +213,17 @@ def test_status_shows_a_running_daemon_and_its_sync_lag(write_config):
     assert out.returncode == 1 and "not running (stopped" in out.stdout
 
 
+def _status_once_running(*args: str) -> subprocess.CompletedProcess:
+    """`edgeos status ARGS`, asked until it says the daemon runs (exit 0); bounded at 20 s."""
+    deadline = time.monotonic() + 20
+    while True:
+        out = subprocess.run([*EDGEOS, "status", *args], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            return out
+        assert time.monotonic() < deadline, out.stdout + out.stderr
+        time.sleep(0.3)
+
+
 def test_status_asks_the_lock_so_a_killed_daemon_shows_stopped_at_once_and_json_is_json(write_config):
     import json
     import signal
@@ -231,13 +242,7 @@ def test_status_asks_the_lock_so_a_killed_daemon_shows_stopped_at_once_and_json_
     )
     proc = subprocess.Popen([*EDGEOS, "run", "-c", str(cfg_path)], stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            out = subprocess.run([*EDGEOS, "status", "--json", "-c", str(cfg_path)], capture_output=True, text=True)
-            if out.returncode == 0:
-                break
-            assert time.monotonic() < deadline, out.stdout + out.stderr
-            time.sleep(0.3)
+        out = _status_once_running("--json", "-c", str(cfg_path))
         doc = json.loads(out.stdout)  # JSON alone, nothing after it
         assert doc["running"] and doc["pid"] == proc.pid
     finally:
@@ -273,13 +278,7 @@ def test_status_by_data_dir_finds_the_live_status_in_a_custom_run_dir(write_conf
     data = cfg_path.parent / "data"
     proc = subprocess.Popen([*EDGEOS, "run", "-c", str(cfg_path)], stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            out = subprocess.run([*EDGEOS, "status", "--data-dir", str(data)], capture_output=True, text=True)
-            if out.returncode == 0:
-                break
-            assert time.monotonic() < deadline, out.stdout + out.stderr
-            time.sleep(0.3)
+        out = _status_once_running("--data-dir", str(data))
         assert f"running (pid {proc.pid})" in out.stdout and "its status is" not in out.stdout
         assert "m                    running" in out.stdout
         assert not (data / "status.json").exists()  # the live status is in the run directory only
