@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edgeos.adapter import (
         Adapter,
+        Answer,
         DeviceConfig,
         Emit,
         Filter,
@@ -35,6 +36,7 @@ _LAZY = {
     **dict.fromkeys(
         (
             "Adapter",
+            "Answer",
             "DeviceConfig",
             "Emit",
             "Filter",
@@ -74,6 +76,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "Answer",
     "Batch",
     "Config",
     "ConfigError",

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,8 +23,28 @@ from edgeos.errors import DeviceError
 from edgeos.logs import RateLimited
 from edgeos.model import Batch, TagMeta, ValueKind
 
-Emit = Callable[[Batch], Awaitable[None]]
-"""Hands a batch to the runtime; awaits while the pipeline queue is full (backpressure)."""
+
+class Answer(enum.Enum):
+    """What a batch says of whether its device answers: the runtime's up/down (health, metrics,
+    status) goes by it, not by the samples' quality, which a server may set on its own (an OPC UA
+    gateway's BadNoCommunication for a PLC behind it is that server answering)."""
+
+    YES = "yes"  # the device (or its server) answered, Bad answers and refusals included
+    NO = "no"  # asked, and no answer came: a timeout, a stalled subscription
+    UNASKED = "unasked"  # nothing was asked (every tag held refused): says nothing of the device
+
+
+class Emit(Protocol):
+    """Hands a batch to the runtime; awaits while the pipeline queue is full (backpressure).
+
+    `answer` says whether the device answered (None: inferred from the samples, NO when every
+    one is Bad for want of an answer, UNASKED when there is none). `source` names the request
+    or poll group the batch answers: the device is down when the last answer of every source it
+    has heard from was NO, so one silent request among answering ones does not make it flap."""
+
+    def __call__(
+        self, batch: Batch, /, *, answer: Answer | None = None, source: Hashable = None
+    ) -> Awaitable[None]: ...
 
 
 # slots: a 10,000-tag gateway keeps 10,000 TagConfigs and up to as many FilterSpecs for its life.
@@ -228,6 +249,11 @@ class PollingAdapter:
         """Read one group; return Bad-quality samples for tags the device refused."""
         raise NotImplementedError
 
+    def answer_of(self, group: PollGroup) -> Answer | None:
+        """Whether the device answered the group's last read (None: inferred from its samples).
+        Adapters that know (a timeout, nothing sent) say so here; `read` returns only samples."""
+        return None
+
     async def run(self, emit: Emit) -> None:
         groups = self.poll_groups()
         try:
@@ -271,7 +297,7 @@ class PollingAdapter:
                     code="hung",
                     stage="run",
                 ) from None
-            await emit(batch)
+            await emit(batch, answer=self.answer_of(group), source=("poll", group.interval_ns))
             # Next tick strictly in the future: skip (and count) ticks lost to a slow read.
             k_next = int((loop.time() - start) / interval) + 1
             if k_next > k + 1:

@@ -23,14 +23,14 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgeos import filters, plugins
-from edgeos.adapter import Adapter, DeviceConfig, PollStats, Sink, first_error
+from edgeos.adapter import Adapter, Answer, DeviceConfig, PollStats, Sink, first_error
 from edgeos.aio import cancel_and_wait
 from edgeos.config.model import Config
 from edgeos.errors import DeviceError, StoreError
@@ -750,7 +750,11 @@ class Runtime:
                 return "emitted tag ids that are not this device's"
             return None
 
-        async def emit(batch: Batch) -> None:
+        # Each source's (poll group, request) last answer, for this connection: the device is
+        # silent when every source it has heard from went unanswered (docs/adapters.md, Answers).
+        answers: dict[Hashable, bool] = {}
+
+        async def emit(batch: Batch, *, answer: Answer | None = None, source: Hashable = None) -> None:
             nonlocal attempt, degraded
             if (why := breach(batch)) is not None:
                 n = len(batch) if isinstance(batch, Batch) else 0
@@ -763,15 +767,24 @@ class Runtime:
             st.batches += 1
             st.samples += len(batch)
             now = time.time_ns()
-            if len(batch) and is_unanswered(batch.quality).all():
+            if answer is None:  # not told: inferred from the samples
+                if not len(batch):
+                    answer = Answer.UNASKED
+                else:
+                    answer = Answer.NO if is_unanswered(batch.quality).all() else Answer.YES
+            if answer is not Answer.YES:
                 # No answer (timeouts, a stalled subscription): stored as read, but no success,
                 # no recovery, and the backoff keeps growing if the adapter gives up again. A
                 # Bad answer (a refused address, a sensor failure) is the device answering.
-                st.silent = True
+                # Nothing asked says nothing either way.
+                if answer is Answer.NO:
+                    answers[source] = False
+                    st.silent = not any(answers.values())
                 if TRACE is not None:
                     TRACE.emitted(batch)
                 await raw.put(batch)
                 return
+            answers[source] = True
             st.last_ok_ns = now
             st.silent = False
             if len(batch) and (ahead := int(batch.ts.max()) - now) > CLOCK_AHEAD_NS:
@@ -801,6 +814,7 @@ class Runtime:
                 try:
                     # A plugin's create() that raises is this device's failure, not the daemon's.
                     adapter = plugin.create(dev)
+                    answers.clear()
                     st.adapter = adapter
                     st.state = "connecting"
                     await adapter.connect()

@@ -565,7 +565,7 @@ async def test_polls_a_slow_read_skips_are_counted_and_said_in_the_log(write_con
 
     emitted = []
 
-    async def emit(batch):
+    async def emit(batch, **_):
         emitted.append(batch)
 
     adapter = Slow(cfg.devices[0])
@@ -605,7 +605,7 @@ async def test_a_polled_read_that_never_returns_is_a_failure_not_silence(write_c
         async def read(self, group, now_ns):
             raise TimeoutError("the device's own timeout")
 
-    async def emit(batch):
+    async def emit(batch, **_):
         raise AssertionError("nothing is read")
 
     with pytest.raises(DeviceError) as info:

@@ -33,7 +33,7 @@ from edgeos.protocols.modbus.planner import (
     split,
 )
 
-from edgeos.adapter import DeviceConfig, PollGroup, PollingAdapter, TagConfig, group_by_interval
+from edgeos.adapter import Answer, DeviceConfig, PollGroup, PollingAdapter, TagConfig, group_by_interval
 from edgeos.errors import DeviceError
 from edgeos.logs import RateLimited
 from edgeos.model import QUALITY_DTYPE, Batch, Quality, ValueKind
@@ -235,6 +235,10 @@ class ModbusAdapter(PollingAdapter):
         # `reconnect_after` counts the polls of each, not their sum. Any answer resets them all.
         self._silent_polls: dict[int, int] = {}
         self._silent_since = 0.0  # monotonic time the first unanswered poll of the streak began
+        # Per poll group: whether its last read was answered (the runtime's up/down), and polls
+        # in a row that asked nothing (every tag held refused until its probe, up to an hour).
+        self._answer: dict[int, Answer] = {}
+        self._unasked: dict[int, int] = {}
         self._groups: list[PollGroup] | None = None
         self._limits = limits_of(o)
 
@@ -247,6 +251,9 @@ class ModbusAdapter(PollingAdapter):
         if self.link is None:
             self.link = transport.acquire(self.device.name, self.endpoint, zero_transaction_id=self.zero_tid)
         await self.link.connect(self.device.name, self.timeout_s)
+
+    def answer_of(self, group: PollGroup) -> Answer | None:
+        return self._answer.get(group.interval_ns)
 
     async def read(self, group: PollGroup, now_ns: int) -> Batch:
         slot: PlanSlot = group.plan
@@ -270,13 +277,14 @@ class ModbusAdapter(PollingAdapter):
         answered = timed_out = False
         sent_before = c.requests
         began = time.monotonic()
+        alive = self._alive_probe(gp, group.interval_ns, began)
         i = 0
         while i < len(queue):
             r = queue[i]
             i += 1
             if gp.held and r in gp.held:
                 ref = st.refused.get(gp.held[r])
-                if ref is not None and began < ref.due:  # refused: Bad until its next probe
+                if ref is not None and began < ref.due and r is not alive:  # refused: Bad until its next probe
                     results.append((r, Quality.BAD_DEVICE_FAILURE))
                     continue
                 probes.append(r)
@@ -289,6 +297,10 @@ class ModbusAdapter(PollingAdapter):
             except transport.ExceptionResponse as e:
                 answered = True
                 code = e.exception_code
+                if r is alive:  # refused as before: the device answers; the tag's probe stays due when it was
+                    c.exceptions += 1
+                    results.append((r, Quality.BAD_DEVICE_FAILURE))
+                    continue
                 # Illegal data address; illegal data value (a size the device cannot serve, or a
                 # range reaching unimplemented registers on some PLCs); server device failure for
                 # one address: split, isolate the refused tags, keep the rest. Exception 4 in both
@@ -359,6 +371,7 @@ class ModbusAdapter(PollingAdapter):
             self._learn(gp, results, split_up, probes)
         if split_up:  # decode this poll as it was read; the next one is planned anew
             gp = GroupPlan(gp.tags, gp.specs, [r for r, _ in results])
+        self._answer[group.interval_ns] = Answer.YES if answered else Answer.NO if timed_out else Answer.UNASKED
         if answered:
             self._silent_polls.clear()
         elif timed_out:
@@ -377,6 +390,23 @@ class ModbusAdapter(PollingAdapter):
                     code="timeout",
                 )
         return self._decode(gp, results, now_ns)
+
+    def _alive_probe(self, gp: GroupPlan, interval_ns: int, now: float) -> Request | None:
+        """A poll of a group whose every tag is held refused asks nothing until a probe is due
+        (up to an hour): its device could be gone unnoticed, on a serial line or a half-open
+        connection. Every `reconnect_after` such polls, the soonest due probe is asked early:
+        an answer (refused again) keeps the device up, none counts as a poll without answer."""
+        st = self.state
+        for r in gp.requests:
+            ref = st.refused.get(gp.held[r]) if r in gp.held else None
+            if ref is None or now >= ref.due:
+                self._unasked.pop(interval_ns, None)
+                return None  # this poll asks something anyway
+        n = self._unasked[interval_ns] = self._unasked.get(interval_ns, 0) + 1
+        if n < self.reconnect_after or not gp.requests:
+            return None
+        self._unasked[interval_ns] = 0
+        return min(gp.requests, key=lambda r: st.refused[gp.held[r]].due)
 
     def _refuse(self, gp: GroupPlan, r: Request, e: transport.ExceptionResponse, now: float) -> list[int]:
         """A tag refused on its own: held Bad, re-probed after `retry_refused`, then doubling.

@@ -28,6 +28,7 @@ from edgeos.protocols.opcua import client as uac
 from edgeos.protocols.opcua.config import device_options, parse_nodeid, tag_mode
 
 from edgeos.adapter import (
+    Answer,
     DeviceConfig,
     Emit,
     PollGroup,
@@ -45,6 +46,8 @@ log = logging.getLogger("edgeos.protocols.opcua")
 
 BAD_STALLED = Quality.BAD_COMM_FAILURE
 """The quality of the samples that mark a stalled subscription (as the runtime's own mark)."""
+SUBSCRIPTION = "subscription"
+"""The source (adapter.Emit) of what the subscription brings: its last answer, or its stall."""
 
 WATCH_EVERY_S = 0.5
 """How often asyncua's own tasks (channel renewal, server watchdog) are checked for failure."""
@@ -159,6 +162,7 @@ class OpcUaAdapter(PollingAdapter):
         self._sub_id: int | None = None
         self._revised: tuple[float, int] | None = None  # the server's publishing interval (s), keep-alive count
         self._stalled = False  # subscribed tags marked Bad for silence; answers coming back end it
+        self._answer: dict[int, Answer] = {}  # per poll group: read something, or nothing to read
         # Per tag, the last sample a poll read (time, value bits, quality, text): a value read
         # again unchanged, with the same source time, is the same sample, stored once.
         self._last_ts = np.full(n, np.iinfo(np.int64).min, np.int64)
@@ -258,8 +262,8 @@ class OpcUaAdapter(PollingAdapter):
             raise DeviceError(self.device.name, "not connected", code="not_connected", stage="run")
         try:
             async with asyncio.TaskGroup() as tg:
-                if self.held:
-                    await emit(self._held_batch(list(self.held)))
+                if self.held:  # known before this session: says nothing of the server now
+                    await emit(self._held_batch(list(self.held)), answer=Answer.UNASKED)
                 sub = [i for i, m in enumerate(self.modes) if m == "subscribe"]
                 if sub:
                     self._publishes = asyncio.Queue(QUEUE_PUBLISHES)
@@ -337,7 +341,7 @@ class OpcUaAdapter(PollingAdapter):
                 ", ".join(f"{self.device.tags[i].name} (0x{self.held[i]:08X})" for i in refused[:10]),
                 self.o["retry_unknown"] / 1e9,
             )
-            await emit(self._held_batch(refused))
+            await emit(self._held_batch(refused), answer=Answer.YES, source=SUBSCRIPTION)
 
     async def _on_publish(self, pub: uac.Publish) -> None:
         """The session's publish loop hands over every answer, keep-alives included."""
@@ -383,7 +387,16 @@ class OpcUaAdapter(PollingAdapter):
             values, quality, ts, text = uac.publish_columns(pub, kinds, ts_mode, now)
         else:
             values, quality, ts, text = await uac.columns_apart(pub.dvs, kinds, ts_mode, now)
-        await emit(Batch(self.device.name, self.ids[handles], ts, values, quality, text))
+        # The server answered, whatever the items' own status (a gateway server's
+        # BadNoCommunication for a PLC behind it): only this adapter's stall mark is no answer.
+        await emit(
+            Batch(self.device.name, self.ids[handles], ts, values, quality, text),
+            answer=Answer.YES,
+            source=SUBSCRIPTION,
+        )
+
+    def answer_of(self, group: PollGroup) -> Answer | None:
+        return self._answer.get(group.interval_ns)
 
     async def read(self, group: PollGroup, now_ns: int) -> Batch:
         pos = np.array([self.pos[t.id] for t in group.tags], np.intp)
@@ -392,6 +405,7 @@ class OpcUaAdapter(PollingAdapter):
         if s is None:
             raise DeviceError(self.device.name, "not connected", code="not_connected")
         parts = []
+        self._answer[group.interval_ns] = Answer.YES if live else Answer.UNASKED
         if live:
             lp = np.array(live, np.intp)
             try:
@@ -487,7 +501,11 @@ class OpcUaAdapter(PollingAdapter):
                 )
                 live = [i for i, m in enumerate(self.modes) if m == "subscribe" and self.nodes[i] is not None]
                 if live:
-                    await emit(Batch.filled(self.device.name, self.ids[live], time.time_ns(), np.nan, BAD_STALLED))
+                    await emit(
+                        Batch.filled(self.device.name, self.ids[live], time.time_ns(), np.nan, BAD_STALLED),
+                        answer=Answer.NO,
+                        source=SUBSCRIPTION,
+                    )
 
     async def _resume(self, emit: Emit) -> None:
         """Answers again after a stall: read the subscribed tags, whose values the server will not
@@ -504,7 +522,9 @@ class OpcUaAdapter(PollingAdapter):
             )
         except uac.OpcUaError as e:
             raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
-        await emit(Batch(self.device.name, self.ids[p], ts, values, quality, text))
+        await emit(
+            Batch(self.device.name, self.ids[p], ts, values, quality, text), answer=Answer.YES, source=SUBSCRIPTION
+        )
 
     def _last_answer(self) -> float:
         """When the last publish answer arrived (or the subscription began, if none yet)."""

@@ -28,7 +28,7 @@ from edgeos.protocols.serial.config import Request, Spec, build_spec
 from edgeos.protocols.serial.framing import Framer, Frames, framer_for
 from edgeos.protocols.serial.parse import Parser
 
-from edgeos.adapter import DeviceConfig, TagConfig
+from edgeos.adapter import Answer, DeviceConfig, TagConfig
 from edgeos.errors import DeviceError
 from edgeos.logs import RateLimited
 from edgeos.model import Batch, Quality
@@ -90,7 +90,7 @@ class SerialAdapter:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._listen(emit), name=f"serial:{self.device.name}:read")
             for i, r in enumerate(self.spec.requests):
-                tg.create_task(self._poll(r, emit), name=f"serial:{self.device.name}:poll{i}")
+                tg.create_task(self._poll(i, r, emit), name=f"serial:{self.device.name}:poll{i}")
 
     async def _listen(self, emit: Any) -> None:
         port, framer, st = self.port, self.framer, self.state
@@ -109,14 +109,14 @@ class SerialAdapter:
             if listen:
                 res = self.parser.parse(frames, now)
                 self._count(res.frames, res.failures)
-                if len(res.batch):
-                    await emit(res.batch)
+                if len(res.batch):  # lines come unasked: never "no answer" (docs: serial README)
+                    await emit(res.batch, answer=Answer.YES, source="lines")
             elif self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result((frames, now))
             else:
                 counts["unsolicited"] += len(frames.starts) + len(frames.bad)
 
-    async def _poll(self, req: Request, emit: Any) -> None:
+    async def _poll(self, i: int, req: Request, emit: Any) -> None:
         loop = asyncio.get_running_loop()
         interval = req.interval_ns / 1e9
         wall = time.time()
@@ -127,11 +127,13 @@ class SerialAdapter:
             delay = start + k * interval - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            batch = await self._ask(req, ids)
-            await emit(batch)
+            batch, answered = await self._ask(req, ids)
+            # Per request: one a device does not serve does not make it flap down and up.
+            await emit(batch, answer=Answer.YES if answered else Answer.NO, source=("request", i))
             k = max(k + 1, int((loop.time() - start) / interval) + 1)
 
-    async def _ask(self, req: Request, ids: np.ndarray) -> Batch:
+    async def _ask(self, req: Request, ids: np.ndarray) -> tuple[Batch, bool]:
+        """The request's samples, and whether a reply came (a bad frame is a reply)."""
         assert self.port is not None
         async with self._lock:
             fut: asyncio.Future[tuple[Frames, int]] = asyncio.get_running_loop().create_future()
@@ -152,7 +154,7 @@ class SerialAdapter:
                     req.send,
                     req.timeout_ns / 1e9,
                 )
-                return Batch.filled(self.device.name, ids, time.time_ns(), math.nan, Quality.BAD_TIMEOUT)
+                return Batch.filled(self.device.name, ids, time.time_ns(), math.nan, Quality.BAD_TIMEOUT), False
             finally:
                 self._waiter = None
         extra = len(frames.starts) - 1
@@ -161,7 +163,7 @@ class SerialAdapter:
             frames = Frames(frames.data, frames.starts[:1], frames.ends[:1], frames.bad, frames.bad_at)
         res = self.parser.parse(frames, now, [req.pattern])
         self._count(res.frames, res.failures)
-        return res.batch
+        return res.batch, True
 
     def _count(self, frames: int, failures: list) -> None:
         st = self.state

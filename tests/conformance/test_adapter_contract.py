@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 
 import numpy as np
 import pytest
 
-from edgeos import Adapter, Batch, ProtocolPlugin, plugins
+from edgeos import Adapter, Answer, Batch, ProtocolPlugin, plugins
 from edgeos.config import load_config
 
 GATEWAY = '[gateway]\nid = "gw"\ndata_dir = "data"\n'
@@ -203,7 +203,11 @@ async def _collect(adapter: Adapter, n: int) -> list[Batch]:
     got: list[Batch] = []
     done = asyncio.Event()
 
-    async def emit(b: Batch) -> None:
+    async def emit(b: Batch, *, answer: Answer | None = None, source: Hashable = None) -> None:
+        # The keywords are the Emit contract's: an answer is an Answer (or not told), a source
+        # a key the runtime can hold in a dict.
+        assert answer is None or isinstance(answer, Answer), answer
+        hash(source)
         got.append(b)
         if len(got) >= n:
             done.set()

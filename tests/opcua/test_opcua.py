@@ -61,7 +61,7 @@ class Sink:
 async def collect(adapter, until, timeout: float = 10.0) -> list[Batch]:
     got: list[Batch] = []
 
-    async def emit(b: Batch) -> None:
+    async def emit(b: Batch, **_: object) -> None:
         got.append(b)
 
     task = asyncio.create_task(adapter.run(emit))
@@ -321,6 +321,32 @@ async def test_write_round_trip_converts_and_range_checks(opcua_peer, write_conf
         assert peer.command("get Setpoint") == "1234"
     finally:
         await adapter.close()
+
+
+async def test_a_server_reporting_its_items_unreachable_is_up_it_answers(opcua_peer, write_config, run_runtime):
+    """An OPC UA gateway server whose PLC is offline sets its items BadNoCommunication: the
+    samples keep that status, but the server answered, so the device is up (health, metrics,
+    status). Only the adapter's own stall mark is no answer (docs/adapters.md, Answers)."""
+    peer = opcua_peer(spec_basic())
+    tags = '{ name = "other", node = "nsu=urn:edgeos:test:other;s=Other" },'
+    cfg = load_config(write_config(GATEWAY + device(peer.endpoint, tags, 'publishing_interval = "50ms"')))
+    sink = Sink(cfg)
+    looks: list[bool] = []
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        got = sink.rows.get("plc/other", [])
+        if len(got) == 1 and not looks:
+            assert peer.command("status Other 0x80310000") == "ok"  # BadNoCommunication
+            looks.append(st.up)
+        elif got and got[-1][2] == 0x80310000:
+            looks.append(st.up)
+        return len(looks) >= 25
+
+    rt = await run_runtime(cfg, sinks=[sink], store=False, until=until, timeout=20)
+    assert [q for _, _, q in sink.rows["plc/other"]][:2] == [0, 0x80310000]
+    assert all(looks), looks
+    assert rt.devices["plc"].last_ok_ns >= sink.rows["plc/other"][1][0] - 1_000_000_000
 
 
 async def test_a_frozen_server_is_detected_and_the_subscription_rebuilt(opcua_peer, write_config) -> None:

@@ -51,7 +51,7 @@ async def collect(adapter, until, timeout: float = 10.0) -> list[Batch]:
     """Run the adapter until `until(batches)` holds (bounded)."""
     got: list[Batch] = []
 
-    async def emit(b: Batch) -> None:
+    async def emit(b: Batch, **_: object) -> None:
         got.append(b)
 
     task = asyncio.create_task(adapter.run(emit))

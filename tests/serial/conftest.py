@@ -64,7 +64,7 @@ class Run:
         self.task = None
         self.error: BaseException | None = None
 
-    async def emit(self, b) -> None:
+    async def emit(self, b, **_) -> None:
         self.batches.append(b)
 
     @property

@@ -184,6 +184,34 @@ async def test_poll_mode_requests_and_replies(line, serial_config, run_adapter):
         responder.stop()
 
 
+async def test_one_request_unanswered_does_not_make_the_device_flap(line, serial_config, run_runtime):
+    """Up/down goes by each request's last answer: with T? answered and P? never, the device is
+    up at every look (it answers; P?'s tags are Bad, BadTimeout), not down after each P? and up
+    after each T?. Neither answered: down."""
+    peer_mod = __import__("edgeos_test_peers_serial")
+    answers = {b"T?": b"T=21.5\r\n"}
+    responder = peer_mod.Responder(line, lambda req: answers.get(req))
+    looks: list[bool] = []
+
+    def until(rt) -> bool:
+        st = rt.devices["ctl"]
+        timeouts = st.adapter.health()["timeouts"] if st.adapter is not None else 0
+        if len(looks) < 75:
+            if st.last_ok_ns and timeouts >= 2:
+                looks.append(st.up)
+            return False
+        answers.clear()
+        return not st.up
+
+    try:
+        cfg = serial_config(POLL.format(port=line.adapter))
+        rt = await run_runtime(cfg, until=until, timeout=20)
+    finally:
+        responder.stop()
+    assert len(looks) == 75 and all(looks), looks
+    assert rt.devices["ctl"].silent and rt.devices["ctl"].failures == 0
+
+
 async def test_poll_mode_drops_stale_bytes_before_each_request(line, serial_config, run_adapter):
     """Line noise while nobody asked (no terminator) must not be glued to the next reply."""
     peer_mod = __import__("edgeos_test_peers_serial")
