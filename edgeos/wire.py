@@ -650,6 +650,11 @@ class Consumer:
     unless `from_start` (then everything the gateway still holds of that device is wanted).
     Units split for the size cap arrive as parts; they are joined here (at most `max_partial`
     bytes held; the oldest incomplete unit is dropped beyond, and asked for again by its gap).
+
+    A unit that cannot be decoded, or whose device is not its message's, is counted in
+    `undecodable` and not delivered (its gap asks for it again); `on_refused(gateway, device,
+    seq, unit_bytes, why)`, if given, is called with it, so that a consumer that must keep
+    everything (the plant collector parks it) does not lose a unit it joined from parts.
     """
 
     def __init__(
@@ -661,6 +666,7 @@ class Consumer:
         max_partial: int = 64 * 1024 * 1024,
         from_start: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        on_refused: Callable[[str, str, int, bytes, str], None] | None = None,
     ) -> None:
         self.reorder_wait = reorder_wait
         self.retry_after = retry_after
@@ -668,6 +674,7 @@ class Consumer:
         self.max_partial = max_partial
         self.from_start = from_start
         self.clock = clock
+        self.on_refused = on_refused
         self._own: dict[tuple[str, str], _Runs] = {}  # (gateway, device) -> its seqs seen
         self._start: dict[tuple[str, str], int] = {}  # the first pv seen: nothing asked below it
         self._gone: dict[str, _Runs] = {}
@@ -728,13 +735,14 @@ class Consumer:
                 continue
             try:
                 unit = decode_unit(blob)
-            except (ValueError, LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException):
-                self.undecodable += 1  # decode_unit trusts a unit's shape (the store wrote it); a broker's may lie
+            except (ValueError, LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException) as e:
+                # decode_unit trusts a unit's shape (the store wrote it); a broker's may lie
+                self._refuse(gw, dev, seq, blob, f"undecodable unit: {type(e).__name__}: {e}")
                 continue
             if unit.device != dev:
                 # Repeats are looked for among the envelope device's seqs: a garbled `dev` would
                 # deliver the seq again when it comes under its own device.
-                self.undecodable += 1
+                self._refuse(gw, dev, seq, blob, f"a unit of device {unit.device!r} in a message of {dev!r}")
                 continue
             own.add(seq, seq)
             if self._parts:  # parts of a split of this unit, now whole (sent under a larger cap)
@@ -752,6 +760,11 @@ class Consumer:
         self._check(key, env.prev, seqs[0] if seqs else 0, now)
         self._settle(key)
         return out
+
+    def _refuse(self, gw: str, dev: str, seq: int, blob: bytes, why: str) -> None:
+        self.undecodable += 1
+        if self.on_refused is not None:
+            self.on_refused(gw, dev, seq, blob, why[:300])
 
     def _check(self, key: tuple[str, str], prev: int, first: int, now: float) -> None:
         gw = key[0]

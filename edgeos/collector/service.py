@@ -125,13 +125,17 @@ class Collector:
         self.metrics = Metrics()
         # Joins the parts of units split for the size cap (one per session: what a lost session
         # held half-joined is delivered again, whole, by the broker).
-        self._joiner = wire.Consumer()
+        self._joiner = self._new_joiner()
+        self._refused: list[tuple[str, str, int, bytes, str]] = []  # units the joiner would not deliver
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=max(16, cfg.broker["receive_maximum"]))
         self._stop = asyncio.Event()
         self._errors = RateLimited(log)  # a retry every 0.2-2 s: one line a minute says it
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _new_joiner(self) -> wire.Consumer:
+        return wire.Consumer(on_refused=lambda *unit: self._refused.append(unit))
 
     # -- the main loop -------------------------------------------------------------------------
 
@@ -166,7 +170,7 @@ class Collector:
             try:
                 async with self.transport.session() as session:
                     attempt = 0
-                    self._joiner = wire.Consumer()
+                    self._joiner = self._new_joiner()
                     for topic in self.cfg.topics():
                         await session.subscribe(topic)
                     self.metrics.broker_connected = True
@@ -332,8 +336,19 @@ class Collector:
             env = wire.decode_envelope(m.payload)
             if env.part is None:
                 units = [wire.decode_unit(u) for u in env.units]
+                if (other := next((u.device for u in units if u.device != env.device), None)) is not None:
+                    # Its samples would be written as the message's device's: parked instead.
+                    raise ValueError(f"a unit of device {other!r} in a message of {env.device!r}")
                 return m, wire.Message(env.gateway, env.device, env.seqs, env.dictionary, units, env.prev, env.replay)
+            self._refused.clear()
             whole = self._joiner.feed(m.payload)
+            if self._refused:
+                # Joined, but not a unit of this message's device (or not a unit): parked whole,
+                # as an unsplit message, not acknowledged away with its last part.
+                gw, dev, seq, blob, why = self._refused[0]
+                payload = wire.encode_message(gw, dev, [seq], [blob], env.dictionary, prev=env.prev, replay=env.replay)
+                await self._park(dataclasses.replace(m, payload=payload), f"undecodable: {why}", gw)
+                return None
             if not whole:
                 return None  # more parts to come (acknowledged: a part lost in a crash is replayed)
             d = whole[0]

@@ -22,10 +22,12 @@ if "edgeos_test_plant" not in sys.modules:
 free_port = sys.modules["edgeos_test_sync_peers"].free_port
 
 
-def message(seq: int, tags: list[int], *, version: int | None = None, text: list | None = None) -> bytes:
+def message(
+    seq: int, tags: list[int], *, version: int | None = None, text: list | None = None, unit_of: str = "press1"
+) -> bytes:
     n = len(tags)
     u = wire.encode_unit(
-        "press1",
+        unit_of,
         np.array(tags, np.int32),
         np.full(n, 1_764_000_000_000_000_000 + seq * 10**9, np.int64),
         np.arange(n, dtype=np.float64) + seq,
@@ -39,9 +41,9 @@ def message(seq: int, tags: list[int], *, version: int | None = None, text: list
     return wire.encode_message("gw9", "press1", [seq], [u], 2)
 
 
-def parts(seq: int, tags: list[int]) -> list[bytes]:
+def parts(seq: int, tags: list[int], unit_of: str = "press1") -> list[bytes]:
     """One unit as two part messages (a unit split for the size cap)."""
-    blob = wire.decode_envelope(message(seq, tags)).units[0]
+    blob = wire.decode_envelope(message(seq, tags, unit_of=unit_of)).units[0]
     half = len(blob) // 2
     return [
         wire.encode_message("gw9", "press1", [seq], [piece], 2, part=(i, 2))
@@ -69,13 +71,20 @@ async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_p
             await c.publish("edgeos/gw9/press1/data", message(6, [0]), qos=1)
             for part in parts(7, [0, 2]):  # a unit in parts, tag 2 unknown yet: parked whole
                 await c.publish("edgeos/gw9/press1/data", part, qos=1)
+            # Joined from parts, a unit of another device than its message's: parked whole, not
+            # acknowledged away with its last part.
+            for part in parts(8, [0, 1], unit_of="press2"):
+                await c.publish("edgeos/gw9/press1/data", part, qos=1)
+            await c.publish("edgeos/gw9/press1/data", message(9, [0, 1], unit_of="press2"), qos=1)  # unsplit
             await asyncio.sleep(1.5)
             conn = await asyncpg.connect(dsn)
             try:
                 reasons = [r[0] for r in await conn.fetch("SELECT reason FROM parked ORDER BY id")]
                 # (two writer connections: the order of parking is not the order of sending)
                 kinds = sorted(
-                    "newer"
+                    "other device"
+                    if "a unit of device 'press2' in a message of 'press1'" in r
+                    else "newer"
                     if "newer than this edgeos" in r
                     else "undecodable"
                     if r.startswith("undecodable")
@@ -84,10 +93,15 @@ async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_p
                     else r
                     for r in reasons
                 )
-                assert kinds == ["newer", "refused", "undecodable", "unknown tags", "unknown tags"]
+                assert kinds == ["newer", *["other device"] * 2, "refused", "undecodable", *["unknown tags"] * 2]
                 # Nothing of a parked message is half-written: units 2, 3 and 5 are not in the ledger.
                 assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 4, 6]
-                assert plant.metrics(port)["edgeos_collector_parked_total"] >= 5  # + any released early
+                assert plant.metrics(port)["edgeos_collector_parked_total"] >= 7  # + any released early
+                other = await conn.fetch("SELECT payload FROM parked WHERE reason LIKE '%a unit of device%'")
+                envs = sorted((wire.decode_envelope(r[0]) for r in other), key=lambda e: e.seqs)
+                # The split one parked whole, as one unsplit message; no part of either written.
+                assert [(e.device, e.seqs, e.part) for e in envs] == [("press1", [8], None), ("press1", [9], None)]
+                assert {wire.decode_unit(e.units[0]).device for e in envs} == {"press2"}
                 # The dictionary grows: the parked unit with tag 2 is written, and leaves the park.
                 d2 = wire.encode_dictionary(
                     "gw9",
@@ -99,7 +113,7 @@ async def test_bad_messages_are_parked_and_a_late_dictionary_releases_them(tmp_p
                     if await conn.fetchval("SELECT count(*) FROM units") == 5:
                         break
                 assert [r[0] for r in await conn.fetch("SELECT seq FROM units ORDER BY seq")] == [1, 3, 4, 6, 7]
-                assert await conn.fetchval("SELECT count(*) FROM parked") == 3
+                assert await conn.fetchval("SELECT count(*) FROM parked") == 5
                 assert await conn.fetchval("SELECT count(*) FROM samples WHERE tag = 'gw9/press1/c'") == 2
                 assert await conn.fetchval("SELECT count(*) FROM samples") == 2 + 3 + 1 + 1 + 2
             finally:
