@@ -238,6 +238,11 @@ def test_status_asks_the_lock_so_a_killed_daemon_shows_stopped_at_once_and_json_
         protocol = "simulated"
         poll_interval = "20ms"
         tags = [{ name = "a" }]
+        [[devices]]
+        name = "off"
+        protocol = "simulated"
+        enabled = false
+        tags = [{ name = "b" }]
         """
     )
     proc = subprocess.Popen([*EDGEOS, "run", "-c", str(cfg_path)], stderr=subprocess.DEVNULL)
@@ -258,6 +263,8 @@ def test_status_asks_the_lock_so_a_killed_daemon_shows_stopped_at_once_and_json_
     doc = json.loads(out.stdout)
     assert out.returncode == 1 and not doc["running"]
     assert doc["devices"]["m"]["state"] == "stopped" and doc["devices"]["m"]["last_state"] == "running"
+    # A disabled device stays disabled: it was never started, so it did not stop.
+    assert doc["devices"]["off"]["state"] == "disabled" and "last_state" not in doc["devices"]["off"]
 
 
 def test_status_by_data_dir_finds_the_live_status_in_a_custom_run_dir(write_config):
@@ -353,6 +360,21 @@ def test_status_says_when_the_live_status_cannot_be_read(shared_tmp):
     assert out.returncode == 1, out.stderr
     assert f"cannot read {data / st.LINK_NAME} (permission denied)" in out.stderr, out.stderr
     assert re.search(r"stopped 360[0-9]s ago", out.stdout), out.stdout  # the hour-old one
+    # With the run directory configured, the live file and the link are one file: said once.
+    cfg = shared_tmp / "edgeos.toml"
+    cfg.write_text(
+        f'[gateway]\nid = "g"\ndata_dir = "{data}"\nrun_dir = "{run}"\n'
+        '[[devices]]\nname = "m"\nprotocol = "simulated"\ntags = [{ name = "a" }]\n'
+    )
+    cfg.chmod(0o644)
+    live.rename(st.live_path(data, run))
+    st.link_live(data, st.live_path(data, run))
+    run.chmod(0o000)
+    try:
+        out = as_nobody([*EDGEOS, "status", "-c", str(cfg)])
+    finally:
+        run.chmod(0o755)
+    assert out.returncode == 1 and out.stderr.count("cannot read") == 1, out.stderr
 
 
 def test_init_creates_the_directory_and_a_system_config_uses_the_state_directory(tmp_path):

@@ -474,9 +474,9 @@ def status(
         typer.echo(f"warning: cannot read {path} (permission denied); the status shown may be older", err=True)
     if not running:
         # The devices' states are the dead daemon's last word (a SIGKILL leaves "running"):
-        # none runs now; what each was doing is kept beside.
+        # none runs now; what each was doing is kept beside. A disabled one never ran.
         for d in doc.get("devices", {}).values():
-            if d.get("state") != "stopped":
+            if d.get("state") not in ("stopped", "disabled"):
                 d["last_state"], d["state"] = d.get("state"), "stopped"
             d["up"] = False
     now = doc["time"] + age  # ages from now, not from a status that may be old

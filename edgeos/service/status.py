@@ -69,7 +69,9 @@ def _candidates(data_dir: Path, run_dir: Path | None) -> list[Path]:
     orderly stop."""
     key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:12]
     live = Path(run_dir if run_dir is not None else RUN_DIR) / f"status-{key}.json"
-    return list(dict.fromkeys((live, Path(data_dir) / LINK_NAME, Path(data_dir) / STATUS_NAME)))
+    # Once per file: the link usually points at the live file (read, or warned of, once).
+    by_file = {os.path.realpath(p): p for p in (Path(data_dir) / STATUS_NAME, Path(data_dir) / LINK_NAME, live)}
+    return list(reversed(by_file.values()))
 
 
 def daemon_pid(data_dir: Path) -> int | None:
