@@ -1,7 +1,7 @@
 """/healthz: 200 when the daemon does its job, 503 with what is wrong when it does not.
 
-Unhealthy means one of: an enabled device down (not connected, or every sample of its last
-batch Bad for want of an answer) for longer than its bound (`[health] device_down`, or
+Unhealthy means one of: an enabled device down (not connected, or connected and not answering:
+docs/adapters.md, Answers) for longer than its bound (`[health] device_down`, or
 `[health.devices]`), a store that refuses writes, an upstream lag over `[health] sync_lag`.
 The body names each problem with a low-cardinality code and never an error message, which
 could carry a secret.

@@ -192,7 +192,8 @@ async def test_a_server_that_never_answers_is_down_not_recovered(tcp_peer, modbu
 
     def unhealthy(rt) -> bool:
         h = evaluate(rt)
-        if h["status"] == "unhealthy":
+        # Down while connected (not only between its reconnects): the silence says it, not the state.
+        if h["status"] == "unhealthy" and rt.devices["plc"].state == "running":
             seen["health"] = h
             seen["scrape"] = Metrics(rt).render().decode()
             seen["status"] = rt.status()
@@ -204,7 +205,7 @@ async def test_a_server_that_never_answers_is_down_not_recovered(tcp_peer, modbu
     assert st.connects >= 2 and st.failures >= 2  # it kept connecting, and kept giving up
     assert st.last_ok_ns == 0 and st.samples > 0  # Bad samples stored, no value read
     (problem,) = seen["health"]["problems"]
-    assert problem["check"] == "device_down" and problem["device"] == "plc"
+    assert problem["check"] == "device_down" and problem["device"] == "plc" and problem["state"] == "running"
     assert 'edgeos_device_up{device="plc"} 0' in seen["scrape"]
     assert 'edgeos_device_last_success_timestamp_seconds{device="plc"} 0.0' in seen["scrape"]
     assert seen["status"]["devices"]["plc"]["up"] is False
