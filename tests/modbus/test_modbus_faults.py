@@ -231,37 +231,13 @@ async def test_a_device_that_refuses_every_tag_is_up_it_answers(tcp_peer, modbus
     assert (line.device, line.code) == ("plc", "refused")
 
 
-async def test_a_device_whose_every_tag_is_refused_goes_down_with_its_server(tcp_peer, modbus_config):
-    """Every tag held refused: polls ask nothing until the next probe (here 10 minutes away).
-    When the server goes, the device must not pass for one that answers meanwhile."""
-    from edgeos.runtime import Runtime
-
-    peer = await tcp_peer()
-    peer.refuse[(1, "hr", 0)] = 2
-    cfg = modbus_config(device(peer.port, '{ name = "a", address = "hr0" }', 'retry_refused = "10m"'))
-    rt = Runtime(cfg)
-    task = asyncio.create_task(rt.run())
-    try:
-        async with asyncio.timeout(15):
-            await rt.running.wait()
-            st = rt.devices["plc"]
-            while not (st.up and st.samples >= 3 and st.adapter.health()["refused_tags"]):
-                await asyncio.sleep(0.02)
-            await peer.stop()
-            while st.up:
-                await asyncio.sleep(0.02)
-        # Seen by the next early ask (its connection lost) or by the check of a poll that asked nothing.
-        assert st.failures >= 1 and st.last_error_code in ("connect", "connection_lost"), st.last_error
-    finally:
-        rt.stop()
-        await asyncio.wait_for(task, 15)
-
-
-async def test_a_device_whose_every_tag_is_refused_goes_down_when_its_server_falls_silent(tcp_peer, modbus_config):
-    """Every tag held refused, next probe 10 minutes away, and the server stops answering with
-    its connection open (a hung gateway, a half-open socket): the polls asked nothing, so
-    nothing noticed. Every `reconnect_after` such polls one held request is asked early: a
-    refusal keeps the device up without moving the tag's probe; no answer takes it down."""
+@pytest.mark.parametrize("fault", ["closed", "silent"])
+async def test_a_device_whose_every_tag_is_refused_goes_down_with_its_server(tcp_peer, modbus_config, fault):
+    """Every tag held refused, next probe 10 minutes away: the polls ask nothing. The server
+    then goes (`closed`), or stops answering with its connection open (`silent`: a hung
+    gateway, a half-open socket). The device must not pass for one that answers meanwhile:
+    every `reconnect_after` such polls one held request is asked early; a refusal keeps the
+    device up without moving the tag's probe; no answer, or no connection, takes it down."""
     from edgeos.runtime import Runtime
 
     peer = await tcp_peer()
@@ -285,10 +261,16 @@ async def test_a_device_whose_every_tag_is_refused_goes_down_when_its_server_fal
             assert h["requests"] - asked in (3, 4, 5), (h["requests"], asked)  # one in two polls, not every poll
             (ref,) = st.adapter.state.refused.values()
             assert ref.delay_s == 600.0  # the early asks did not move the probe's schedule
-            peer.silent.add(1)
+            if fault == "closed":
+                await peer.stop()
+            else:
+                peer.silent.add(1)
             while st.up:
                 await asyncio.sleep(0.02)
-        assert st.silent or st.state != "running"
+        if fault == "closed":  # seen by the next early ask, or by the check of a poll that asked nothing
+            assert st.failures >= 1 and st.last_error_code in ("connect", "connection_lost"), st.last_error
+        else:
+            assert st.silent or st.state != "running"
     finally:
         rt.stop()
         await asyncio.wait_for(task, 15)
