@@ -75,6 +75,8 @@ class SerialAdapter:
         self.port: ports.Port | None = None
         self._lock = asyncio.Lock()  # poll mode: one request on the line at a time
         self._waiter: asyncio.Future[tuple[Frames, int]] | None = None
+        self._heard = 0.0  # listen mode: monotonic time of the last frame (or of the port's opening)
+        self._silent = False  # listen mode: the tags were marked Bad for silence; a frame ends it
 
     async def connect(self) -> None:
         if self.port is None:
@@ -85,7 +87,13 @@ class SerialAdapter:
         if self.port is None:
             raise DeviceError(self.device.name, "not connected", code="not_connected")
         if self.spec.mode == "listen":
-            await self._listen(emit)
+            silence = self.spec.options.get("silence_timeout")
+            if not silence:
+                await self._listen(emit)
+                return
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._listen(emit), name=f"serial:{self.device.name}:read")
+                tg.create_task(self._watch(emit, silence / 1e9), name=f"serial:{self.device.name}:silence")
             return
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._listen(emit), name=f"serial:{self.device.name}:read")
@@ -107,14 +115,45 @@ class SerialAdapter:
             if not frames.starts and not frames.bad:
                 continue
             if listen:
+                self._heard = time.monotonic()
                 res = self.parser.parse(frames, now)
                 self._count(res.frames, res.failures)
-                if len(res.batch):  # lines come unasked: never "no answer" (docs: serial README)
+                # Lines come unasked: "no answer" only from silence_timeout (README, Modes).
+                if len(res.batch) or self._silent:
+                    self._silent = False
                     await emit(res.batch, answer=Answer.YES, source="lines")
             elif self._waiter is not None and not self._waiter.done():
                 self._waiter.set_result((frames, now))
             else:
                 counts["unsolicited"] += len(frames.starts) + len(frames.bad)
+
+    async def _watch(self, emit: Any, silence_s: float) -> None:
+        """Listen mode with `silence_timeout`: a device that sends on its own and stops (a scale
+        switched off, a cable cut with the port still open) has its tags marked Bad once, and
+        counts as down until a frame comes."""
+        self._heard = time.monotonic()
+        ids = np.array([t.id for t in self.device.tags], np.int32)
+        while True:
+            wait = self._heard + silence_s - time.monotonic()
+            if wait > 0 or self._silent:  # heard in time, or already marked: look again later
+                await asyncio.sleep(wait if wait > 0 else silence_s)
+                continue
+            quiet = time.monotonic() - self._heard
+            self._silent = True
+            self.state.counts["silences"] += 1
+            self.state.errors.log(
+                logging.WARNING,
+                "silence",
+                "%s: no frame for %.1fs (silence_timeout %gs): tags Bad until one comes",
+                self.device.name,
+                quiet,
+                silence_s,
+            )
+            await emit(
+                Batch.filled(self.device.name, ids, time.time_ns(), math.nan, Quality.BAD_TIMEOUT),
+                answer=Answer.NO,
+                source="lines",
+            )
 
     async def _poll(self, i: int, req: Request, emit: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -209,6 +248,8 @@ class SerialAdapter:
         out["garbage_bytes"] = c["garbage_bytes"] + self.framer.garbage_bytes
         if self.spec.mode == "poll":
             out.update(requests=c["requests"], timeouts=c["timeouts"])
+        elif self.spec.options.get("silence_timeout"):
+            out["silences"] = c["silences"]  # times no frame came for silence_timeout
         out["unsolicited"] = c["unsolicited"]
         out["buffered_bytes"] = self.framer.buffered
         out["peak_buffered_bytes"] = st.peak_buffer

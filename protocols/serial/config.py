@@ -148,6 +148,13 @@ DEVICE_FIELDS = {
     "mode": Field("choice", "listen", choices=("listen", "poll")),
     "pattern": Field("any", None, help="regular expression(s) whose named groups are the tags"),
     "requests": Field("any", None, help="poll mode: [{send, pattern, interval, timeout}]"),
+    "silence_timeout": Field(
+        "duration",
+        None,
+        min=10_000_000,
+        max=86_400_000_000_000,
+        help="listen mode: no frame for this long marks the tags BadTimeout and the device down until one comes",
+    ),
     "timestamp_group": Field("str", None, help="named group holding the device's own timestamp"),
     "timestamp_format": Field(
         "str", "iso8601", check=_strptime_check, help="strptime format, or unix, unix_ms, unix_us, unix_ns, iso8601"
@@ -418,6 +425,8 @@ def build_spec(
     patterns: list[Pattern] = []
     requests: list[Request] = []
     raw = o.get("pattern")
+    if o["mode"] != "listen" and o.get("silence_timeout") is not None:
+        problems.add(f"{p}silence_timeout", 'applies to mode = "listen" (in poll mode each request has its timeout)')
     if o["mode"] == "listen":
         if o.get("requests") is not None:
             problems.add(f"{p}requests", 'applies to mode = "poll"')

@@ -34,6 +34,7 @@ name = "poller"
 protocol = "serial"
 port = "/dev/ttyS9"
 mode = "poll"
+silence_timeout = "5s"
 requests = [{ send = "W\\r\\n", timeout = "forever" }, { pattern = "(?P<a>\\\\d+)" }]
 tags = [{ name = "a" }]
 """
@@ -58,6 +59,7 @@ def test_every_problem_in_one_pass(serial_config):
         "devices[1].requests[0].timeout:",
         "devices[1].requests[1].send: missing required key",
         "devices[1].requests[0].pattern: missing: neither the request nor the device has a pattern",
+        'devices[1].silence_timeout: applies to mode = "listen" (in poll mode each request has its timeout)',
     ]:
         assert expected in msg, f"{expected!r} not in:\n{msg}"
 

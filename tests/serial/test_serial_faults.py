@@ -4,6 +4,7 @@ the runtime: Bad meanwhile, reopened with backoff, counters kept across reopens.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from edgeos import Quality
 
@@ -64,6 +65,41 @@ async def test_unplugged_line_is_reopened_with_backoff(line, serial_config, run_
     qs = [q for _, q in sink.rows]
     first_bad = qs.index(Quality.BAD_COMM_FAILURE)
     assert Quality.GOOD in qs[:first_bad] and qs[-1] == Quality.GOOD
+
+
+async def test_a_listened_device_that_stops_sending_is_down_until_it_sends_again(line, serial_config, run_runtime):
+    """silence_timeout: a scale sending every 50 ms is up; silent for 300 ms, its tags are
+    marked Bad once (BadTimeout) and it is down, its port still open; its next frame brings it
+    up again with a Good sample."""
+    cfg = serial_config(BODY.format(port=line.adapter).replace("tags =", 'silence_timeout = "300ms"\ntags ='))
+    sink = Collect()
+    state = {"phase": 0, "looks": [], "quiet_from": 0.0}
+
+    def until(rt) -> bool:
+        st = rt.devices["scale"]
+        if state["phase"] == 0:  # sending: up at every look, nothing marked
+            line.send(b"W=1.5\n")
+            if any(q == Quality.GOOD for _, q in sink.rows):
+                state["looks"].append(st.up)
+            if len(state["looks"]) >= 40:
+                state["phase"], state["quiet_from"] = 1, time.monotonic()
+        elif state["phase"] == 1:  # quiet: down once the silence is seen
+            if not st.up:
+                state["down_after"] = time.monotonic() - state["quiet_from"]
+                state["marked"] = list(sink.rows)
+                state["phase"] = 2
+        elif state["phase"] == 2:  # talking again
+            line.send(b"W=2.5\n")
+            return st.up and sink.rows[-1] == (2.5, Quality.GOOD)
+        return False
+
+    rt = await run_runtime(cfg, sinks=[sink], until=until, timeout=20)
+    st = rt.devices["scale"]
+    assert all(state["looks"]), state["looks"]
+    assert 0.25 <= state["down_after"] < 3.0, state["down_after"]
+    assert [q for _, q in state["marked"]].count(Quality.BAD_TIMEOUT) == 1  # marked once
+    assert state["marked"][-1][1] == Quality.BAD_TIMEOUT
+    assert st.failures == 0 and st.adapter.health()["silences"] == 1  # the port stayed open
 
 
 async def test_socket_url_to_a_tcp_serial_server(tcp_server, serial_config, run_adapter):
