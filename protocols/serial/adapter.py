@@ -138,22 +138,16 @@ class SerialAdapter:
             if wait > 0 or self._silent:  # heard in time, or already marked: look again later
                 await asyncio.sleep(wait if wait > 0 else silence_s)
                 continue
-            quiet = time.monotonic() - self._heard
             self._silent = True
-            self.state.counts["silences"] += 1
-            self.state.errors.log(
-                logging.WARNING,
-                "silence",
-                "%s: no frame for %.1fs (silence_timeout %gs): tags Bad until one comes",
-                self.device.name,
-                quiet,
-                silence_s,
-            )
-            await emit(
-                Batch.filled(self.device.name, ids, time.time_ns(), math.nan, Quality.BAD_TIMEOUT),
-                answer=Answer.NO,
-                source="lines",
-            )
+            quiet = time.monotonic() - self._heard
+            why = "%s: no frame for %.1fs (silence_timeout %gs): tags Bad until one comes"
+            await emit(self._no_answer(ids, "silence", why, quiet, silence_s), answer=Answer.NO, source="lines")
+
+    def _no_answer(self, ids: np.ndarray, code: str, why: str, *args: Any) -> Batch:
+        """Counted (`code` + s), logged with `code` (once a minute), and the tags' BadTimeout samples."""
+        self.state.counts[code + "s"] += 1
+        self.state.errors.log(logging.WARNING, code, why, self.device.name, *args)
+        return Batch.filled(self.device.name, ids, time.time_ns(), math.nan, Quality.BAD_TIMEOUT)
 
     async def _poll(self, i: int, req: Request, emit: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -184,16 +178,8 @@ class SerialAdapter:
                 async with asyncio.timeout(req.timeout_ns / 1e9):
                     frames, now = await fut
             except TimeoutError:
-                self.state.counts["timeouts"] += 1
-                self.state.errors.log(
-                    logging.WARNING,
-                    "timeout",
-                    "%s: no reply to %r within %gs",
-                    self.device.name,
-                    req.send,
-                    req.timeout_ns / 1e9,
-                )
-                return Batch.filled(self.device.name, ids, time.time_ns(), math.nan, Quality.BAD_TIMEOUT), False
+                why = "%s: no reply to %r within %gs"
+                return self._no_answer(ids, "timeout", why, req.send, req.timeout_ns / 1e9), False
             finally:
                 self._waiter = None
         extra = len(frames.starts) - 1
