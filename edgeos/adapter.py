@@ -37,10 +37,11 @@ class Answer(enum.Enum):
 class Emit(Protocol):
     """Hands a batch to the runtime; awaits while the pipeline queue is full (backpressure).
 
-    `answer` says whether the device answered (None: inferred from the samples, NO when every
-    one is Bad for want of an answer, UNASKED when there is none). `source` names the request
-    or poll group the batch answers: the device is down when the last answer of every source it
-    has heard from was NO, so one silent request among answering ones does not make it flap."""
+    `answer` says whether the device answered (None: inferred from the samples, NO when there
+    are some and every one is Bad for want of an answer, else YES). `source` names the request
+    or poll group the batch answers: a source that never answered on this connection (an
+    unsupported request) does not take the device down while another answers, one that worked
+    and stops does (docs/adapters.md, Answers)."""
 
     def __call__(
         self, batch: Batch, /, *, answer: Answer | None = None, source: Hashable = None

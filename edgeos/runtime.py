@@ -750,12 +750,23 @@ class Runtime:
                 return "emitted tag ids that are not this device's"
             return None
 
-        # Each source's (poll group, request) last answer, for this connection: the device is
-        # silent when every source it has heard from went unanswered (docs/adapters.md, Answers).
-        answers: dict[Hashable, bool] = {}
+        # Per source (poll group, request), on this connection: the event number of its last
+        # YES (0: none yet) and of the first NO of its running streak (0: its last answer was
+        # YES). See silent_now() and docs/adapters.md, Answers.
+        answers: dict[Hashable, list[int]] = {}
+        events = 0
+
+        def silent_now() -> bool:
+            """Down unless some source's last answer is a YES that is still current: given after
+            every NO streak of a source that had answered before (a request that worked and
+            stopped says the device stopped, however recently a slower one answered), but not
+            undone by a source that never answered on this connection (an unsupported request
+            says nothing of the rest)."""
+            broke = max((no for yes, no in answers.values() if yes and no), default=0)
+            return not any(yes > broke for yes, no in answers.values() if not no)
 
         async def emit(batch: Batch, *, answer: Answer | None = None, source: Hashable = None) -> None:
-            nonlocal attempt, degraded
+            nonlocal attempt, degraded, events
             if (why := breach(batch)) is not None:
                 n = len(batch) if isinstance(batch, Batch) else 0
                 raise DeviceError(
@@ -767,24 +778,25 @@ class Runtime:
             st.batches += 1
             st.samples += len(batch)
             now = time.time_ns()
-            if answer is None:  # not told: inferred from the samples
-                if not len(batch):
-                    answer = Answer.UNASKED
-                else:
-                    answer = Answer.NO if is_unanswered(batch.quality).all() else Answer.YES
+            if answer is None:  # not told: inferred from the samples (an empty batch: YES, as ever)
+                answer = Answer.NO if len(batch) and is_unanswered(batch.quality).all() else Answer.YES
             if answer is not Answer.YES:
                 # No answer (timeouts, a stalled subscription): stored as read, but no success,
                 # no recovery, and the backoff keeps growing if the adapter gives up again. A
                 # Bad answer (a refused address, a sensor failure) is the device answering.
                 # Nothing asked says nothing either way.
                 if answer is Answer.NO:
-                    answers[source] = False
-                    st.silent = not any(answers.values())
+                    events += 1
+                    seen = answers.setdefault(source, [0, 0])
+                    if not seen[1]:
+                        seen[1] = events
+                    st.silent = silent_now()
                 if TRACE is not None:
                     TRACE.emitted(batch)
                 await raw.put(batch)
                 return
-            answers[source] = True
+            events += 1
+            answers[source] = [events, 0]
             st.last_ok_ns = now
             st.silent = False
             if len(batch) and (ahead := int(batch.ts.max()) - now) > CLOCK_AHEAD_NS:

@@ -202,6 +202,29 @@ tags = [{ name = "b" }]
     assert rt.devices["good"].samples >= 10 and rt.counters.stored > 0
 
 
+async def test_silence_is_judged_anew_on_each_connection_and_an_empty_batch_answers(write_config, run_runtime):
+    """A third-party adapter that does not say whether its device answered: all BadTimeout is
+    no answer (down while connected), its connection is lost; on the next connection it emits
+    empty batches, which answer with nothing to report (as before adapters could say): up."""
+    cfg = load_config(
+        write_config(
+            GATEWAY + '[[devices]]\nname = "d"\nprotocol = "misbehaving"\nmode = "unanswered_then_empty"\n'
+            'raise_every = 3\nreconnect_min = "10ms"\nreconnect_max = "20ms"\ntags = [{ name = "a" }]\n'
+        )
+    )
+    looks: list[tuple[int, bool]] = []
+
+    def until(rt) -> bool:
+        st = rt.devices["d"]
+        if st.state == "running":
+            looks.append((st.connects, st.up))
+        return st.connects >= 2 and st.up and st.batches >= 6
+
+    rt = await run_runtime(cfg, until=until, timeout=10)
+    assert (1, False) in looks, looks  # silent while connected, the first time
+    assert rt.devices["d"].last_ok_ns > 0
+
+
 async def test_shutdown_flushes_every_sample_read(write_config, run_runtime):
     devices = "".join(
         f"""

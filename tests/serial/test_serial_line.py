@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
@@ -209,6 +210,39 @@ async def test_one_request_unanswered_does_not_make_the_device_flap(line, serial
     finally:
         responder.stop()
     assert len(looks) == 75 and all(looks), looks
+    assert rt.devices["ctl"].silent and rt.devices["ctl"].failures == 0
+
+
+async def test_a_device_that_dies_is_down_before_its_slow_request_is_asked_again(line, serial_config, run_runtime):
+    """T? every 50 ms, P? every 8 s, both answered: then the instrument dies. T?'s first
+    timeout takes the device down, though P? answered more recently than its own interval:
+    a request that worked and stopped says the device stopped (docs/adapters.md, Answers)."""
+    peer_mod = __import__("edgeos_test_peers_serial")
+    answers = {b"T?": b"T=21.5\r\n", b"P?": b"P=1013\r\n"}
+    responder = peer_mod.Responder(line, lambda req: answers.get(req))
+    seen: dict[str, float] = {}
+
+    def until(rt) -> bool:
+        st = rt.devices["ctl"]
+        if "died" not in seen:
+            if st.up and b"P?" in responder.requests and responder.requests.count(b"T?") >= 3:
+                answers.clear()
+                seen["died"] = time.monotonic()
+            return False
+        if not st.up:
+            seen["down"] = time.monotonic()
+            return True
+        return False
+
+    try:
+        slow_p = POLL.replace('"50ms", timeout = "100ms" }},\n]', '"8s", timeout = "100ms" }},\n]')
+        cfg = serial_config(slow_p.format(port=line.adapter))
+        assert cfg.devices[0].options["requests"][1]["interval"] == "8s"
+        rt = await run_runtime(cfg, until=until, timeout=15)  # P? is first asked within 8 s
+    finally:
+        responder.stop()
+    assert "down" in seen, rt.devices["ctl"]
+    assert seen["down"] - seen["died"] < 2.0, seen  # one T? timeout (100 ms), not P?'s next ask (8 s)
     assert rt.devices["ctl"].silent and rt.devices["ctl"].failures == 0
 
 

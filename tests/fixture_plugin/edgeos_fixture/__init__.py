@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeos import Batch, DeviceConfig, Emit, Field, Problems, TagConfig, ValueKind
+from edgeos import Batch, DeviceConfig, Emit, Field, Problems, Quality, TagConfig, ValueKind
 
 
 class MisbehavingAdapter:
@@ -32,6 +32,8 @@ class MisbehavingAdapter:
     async def run(self, emit: Emit) -> None:
         ids = np.array([t.id for t in self.device.tags], np.int32)
         period = self.opts["period"] / 1e9
+        if self.opts["mode"] == "unanswered_then_empty":
+            await self._unanswered_then_empty(emit, ids, period)
         while True:
             try:
                 await asyncio.sleep(period)
@@ -55,6 +57,19 @@ class MisbehavingAdapter:
                 raise ValueError("driver bug in run")
             if self.opts["mode"] == "run_returns" and self.emitted % self.opts["raise_every"] == 0:
                 return
+
+    async def _unanswered_then_empty(self, emit: Emit, ids: np.ndarray, period: float) -> None:
+        """First connection: `raise_every` batches all BadTimeout (no answer, not told), then
+        the connection is lost. Later ones: empty batches (answers with nothing to report)."""
+        first = sum(a.device.name == self.device.name for a in MisbehavingAdapter.instances) == 1
+        while True:
+            await asyncio.sleep(period)
+            n = len(ids) if first else 0
+            q = np.full(n, Quality.BAD_TIMEOUT, np.uint32)
+            await emit(Batch(self.device.name, ids[:n], np.full(n, time.time_ns()), np.full(n, np.nan), q))
+            self.emitted += 1
+            if first and self.emitted == self.opts["raise_every"]:
+                raise ConnectionResetError("connection lost")
 
     async def write(self, tag: TagConfig, value: float | bool | str) -> None:
         raise NotImplementedError
@@ -92,6 +107,7 @@ class MisbehavingProtocol:
                 "foreign_ids",
                 "create_raises",
                 "validate_raises",
+                "unanswered_then_empty",
             ),
         ),
         "period": Field("duration", "20ms"),
