@@ -262,8 +262,8 @@ class OpcUaAdapter(PollingAdapter):
             raise DeviceError(self.device.name, "not connected", code="not_connected", stage="run")
         try:
             async with asyncio.TaskGroup() as tg:
-                if self.held:  # known before this session: says nothing of the server now
-                    await emit(self._held_batch(list(self.held)), answer=Answer.UNASKED)
+                if self.held:  # Bad as before; the server answered this session's connect
+                    await emit(self._held_batch(list(self.held)), answer=Answer.YES, source=SUBSCRIPTION)
                 sub = [i for i, m in enumerate(self.modes) if m == "subscribe"]
                 if sub:
                     self._publishes = asyncio.Queue(QUEUE_PUBLISHES)

@@ -349,6 +349,48 @@ async def test_a_server_reporting_its_items_unreachable_is_up_it_answers(opcua_p
     assert rt.devices["plc"].last_ok_ns >= sink.rows["plc/other"][1][0] - 1_000_000_000
 
 
+async def test_a_server_back_after_a_stall_without_the_nodes_is_up(opcua_peer, write_config, run_runtime):
+    """The subscribed node is deleted, then the server freezes: the stall takes the device down
+    and its session is rebuilt. Back, the server answers the new session but knows none of the
+    device's nodes, so nothing will ever change: the device is up (the server answers), its tag
+    Bad (BadNodeIdUnknown), not down for good."""
+    peer = opcua_peer(spec_basic())
+    tags = f'{{ name = "flag", node = "nsu={NS};i=1001", type = "bool" }},'  # no ramp writes it
+    extra = (
+        'publishing_interval = "50ms"\nkeepalive_count = 5\ntimeout = "1s"\nsilence_timeout = "1s"\n'
+        'reconnect_min = "500ms"\nreconnect_max = "1s"'
+    )
+    cfg = load_config(write_config(GATEWAY + device(peer.endpoint, tags, extra)))
+    sink = Sink(cfg)
+    seen: list[str] = []
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if not seen and sink.good("plc/flag") and st.up:
+            assert peer.command("delete Flag") == "ok"
+            seen.append("deleted")
+        elif seen == ["deleted"]:
+            peer.freeze()
+            seen.append("frozen")
+        elif seen[-1:] == ["frozen"] and st.silent and st.state == "running":
+            seen.append("down")
+        elif seen[-1:] == ["down"] and st.failures:
+            peer.thaw()
+            seen.append("thawed")
+        elif seen[-1:] == ["thawed"] and st.connects >= 2 and st.state == "running" and st.up:
+            seen.append("up")
+            return True
+        return False
+
+    try:
+        rt = await run_runtime(cfg, sinks=[sink], store=False, until=until, timeout=25)
+    finally:
+        peer.thaw()
+    assert seen == ["deleted", "frozen", "down", "thawed", "up"], seen
+    assert sink.rows["plc/flag"][-1][2] == 0x80340000  # BadNodeIdUnknown
+    assert rt.devices["plc"].adapter.health()["silent_rebuilds"] == 1
+
+
 async def test_a_frozen_server_is_detected_and_the_subscription_rebuilt(opcua_peer, write_config) -> None:
     from edgeos.errors import DeviceError
 
