@@ -41,6 +41,10 @@ from edgeos.model import QUALITY_DTYPE, Batch, Quality, ValueKind
 log = logging.getLogger("edgeos.protocols.modbus")
 
 REFUSED_RETRY_MAX_S = 3600.0  # a refused address is re-probed at least once an hour
+ALIVE_PROBE_MIN_S = 5.0
+"""A poll group whose every tag is held refused asks one of them early (`_alive_probe`) after
+`reconnect_after` of its polls, and never sooner than this after the device last answered:
+`reconnect_after = 1` must not turn it into a request per poll to a refused address."""
 LEARN_CODES = (transport.ILLEGAL_ADDRESS, transport.ILLEGAL_DATA_VALUE)
 """Refusals of a merged read that teach a limit or a barrier when all its tags are answered
 apart; exception 4 (server device failure) splits too, but may pass: it teaches nothing."""
@@ -235,10 +239,11 @@ class ModbusAdapter(PollingAdapter):
         # `reconnect_after` counts the polls of each, not their sum. Any answer resets them all.
         self._silent_polls: dict[int, int] = {}
         self._silent_since = 0.0  # monotonic time the first unanswered poll of the streak began
-        # Per poll group: whether its last read was answered (the runtime's up/down), and polls
-        # in a row that asked nothing (every tag held refused until its probe, up to an hour).
+        # Per poll group: whether its last read was answered (the runtime's up/down). And when
+        # any poll of this device last got an answer (0: not on this connection), for the early
+        # ask of a group whose every tag is held refused (`_alive_probe`).
         self._answer: dict[int, Answer] = {}
-        self._unasked: dict[int, int] = {}
+        self._answered_at = 0.0
         self._groups: list[PollGroup] | None = None
         self._limits = limits_of(o)
 
@@ -295,8 +300,16 @@ class ModbusAdapter(PollingAdapter):
             try:
                 data = await link.read(name, unit, r.table, r.start, r.count, self.timeout_s, self.retries)
             except transport.ExceptionResponse as e:
-                answered = True
                 code = e.exception_code
+                if code in transport.GATEWAY_CODES:
+                    # The gateway answered, its unit did not (or cannot be reached): no answer
+                    # from this device, as a timeout; the rest of this poll is not asked.
+                    c.exceptions += 1
+                    timed_out = True
+                    st.errors.log(logging.WARNING, "gateway", "%s", e)
+                    results.append((r, Quality.BAD_COMM_FAILURE))
+                    continue
+                answered = True
                 if r is alive:  # refused as before: the device answers; the tag's probe stays due when it was
                     c.exceptions += 1
                     results.append((r, Quality.BAD_DEVICE_FAILURE))
@@ -373,6 +386,7 @@ class ModbusAdapter(PollingAdapter):
             gp = GroupPlan(gp.tags, gp.specs, [r for r, _ in results])
         self._answer[group.interval_ns] = Answer.YES if answered else Answer.NO if timed_out else Answer.UNASKED
         if answered:
+            self._answered_at = began
             self._silent_polls.clear()
         elif timed_out:
             if not self._silent_polls:
@@ -394,18 +408,20 @@ class ModbusAdapter(PollingAdapter):
     def _alive_probe(self, gp: GroupPlan, interval_ns: int, now: float) -> Request | None:
         """A poll of a group whose every tag is held refused asks nothing until a probe is due
         (up to an hour): its device could be gone unnoticed, on a serial line or a half-open
-        connection. Every `reconnect_after` such polls, the soonest due probe is asked early:
-        an answer (refused again) keeps the device up, none counts as a poll without answer."""
+        connection. Once the device has not answered any poll for `reconnect_after` of this
+        group's intervals (at least ALIVE_PROBE_MIN_S; at once on a new connection), the soonest
+        due probe is asked early: an answer (refused again) keeps the device up, none counts as
+        a poll without answer. Another group answering meanwhile says the device is there."""
         st = self.state
+        if not gp.requests:
+            return None
         for r in gp.requests:
             ref = st.refused.get(gp.held[r]) if r in gp.held else None
             if ref is None or now >= ref.due:
-                self._unasked.pop(interval_ns, None)
                 return None  # this poll asks something anyway
-        n = self._unasked[interval_ns] = self._unasked.get(interval_ns, 0) + 1
-        if n < self.reconnect_after or not gp.requests:
+        wait = max(self.reconnect_after * interval_ns / 1e9, ALIVE_PROBE_MIN_S)
+        if self._answered_at and now - self._answered_at < wait:
             return None
-        self._unasked[interval_ns] = 0
         return min(gp.requests, key=lambda r: st.refused[gp.held[r]].due)
 
     def _refuse(self, gp: GroupPlan, r: Request, e: transport.ExceptionResponse, now: float) -> list[int]:

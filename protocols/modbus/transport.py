@@ -70,6 +70,9 @@ SERVER_DEVICE_FAILURE = 4
 SPLIT_CODES = (ILLEGAL_ADDRESS, ILLEGAL_DATA_VALUE, SERVER_DEVICE_FAILURE)
 """Refusals that may concern one address or the range rather than the whole request: the
 request is split until the refused tags are isolated (adapter)."""
+GATEWAY_CODES = (10, 11)
+"""A TCP-to-RTU gateway answering for its unit: path unavailable, target failed to respond.
+The unit itself did not answer (adapter: as a timeout on a line of our own)."""
 _BUSY = (5, 6)
 BUSY_DELAY_S = 0.05  # pause before re-sending after "busy" / "acknowledge" (the lock is free meanwhile)
 CLIENT_TIMEOUT_S = 600.0  # pymodbus's own response timeout: a backstop; each request has its device's

@@ -232,17 +232,23 @@ async def test_a_device_that_refuses_every_tag_is_up_it_answers(tcp_peer, modbus
 
 
 @pytest.mark.parametrize("fault", ["closed", "silent"])
-async def test_a_device_whose_every_tag_is_refused_goes_down_with_its_server(tcp_peer, modbus_config, fault):
+async def test_a_device_whose_every_tag_is_refused_goes_down_with_its_server(
+    tcp_peer, modbus_config, fault, monkeypatch
+):
     """Every tag held refused, next probe 10 minutes away: the polls ask nothing. The server
     then goes (`closed`), or stops answering with its connection open (`silent`: a hung
     gateway, a half-open socket). The device must not pass for one that answers meanwhile:
-    every `reconnect_after` such polls one held request is asked early; a refusal keeps the
-    device up without moving the tag's probe; no answer, or no connection, takes it down."""
+    once it has not answered for ALIVE_PROBE_MIN_S (1 s here), one held request is asked early
+    (not at every poll, though `reconnect_after = 1`); a refusal keeps the device up without
+    moving the tag's probe; no answer, or no connection, takes it down."""
+    from edgeos.protocols.modbus import adapter as modbus_adapter
+
     from edgeos.runtime import Runtime
 
+    monkeypatch.setattr(modbus_adapter, "ALIVE_PROBE_MIN_S", 1.0)
     peer = await tcp_peer()
     peer.refuse[(1, "hr", 0)] = 2
-    extra = 'retry_refused = "10m"\nreconnect_after = 2'
+    extra = 'retry_refused = "10m"\nreconnect_after = 1'
     cfg = modbus_config(device(peer.port, '{ name = "a", address = "hr0" }', extra, timeout="100ms"))
     rt = Runtime(cfg)
     task = asyncio.create_task(rt.run())
@@ -254,11 +260,13 @@ async def test_a_device_whose_every_tag_is_refused_goes_down_with_its_server(tcp
                 await asyncio.sleep(0.02)
             asked = st.adapter.health()["requests"]
             polls = st.batches
-            while st.batches < polls + 8:  # asked early, refused again: up
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 2.5:  # asked early, refused again: up
                 await asyncio.sleep(0.02)
                 assert st.up
             h = st.adapter.health()
-            assert h["requests"] - asked in (3, 4, 5), (h["requests"], asked)  # one in two polls, not every poll
+            assert st.batches - polls >= 40  # 50 ms polls
+            assert h["requests"] - asked in (2, 3), (h["requests"], asked)  # about once a second, not every poll
             (ref,) = st.adapter.state.refused.values()
             assert ref.delay_s == 600.0  # the early asks did not move the probe's schedule
             if fault == "closed":
@@ -274,6 +282,68 @@ async def test_a_device_whose_every_tag_is_refused_goes_down_with_its_server(tcp
     finally:
         rt.stop()
         await asyncio.wait_for(task, 15)
+
+
+async def test_a_held_group_is_not_asked_early_while_another_group_answers(
+    tcp_peer, modbus_config, run_runtime, monkeypatch
+):
+    """Poll group `a` (50 ms) has its only tag held refused; group `b` (100 ms) answers. The
+    device plainly answers, so `a`'s refused address is asked only on its own schedule (10
+    minutes), not early, though `reconnect_after = 1`."""
+    from edgeos.protocols.modbus import adapter as modbus_adapter
+
+    monkeypatch.setattr(modbus_adapter, "ALIVE_PROBE_MIN_S", 1.0)
+    peer = await tcp_peer()
+    peer.refuse[(1, "hr", 0)] = 2
+    tags = '{ name = "a", address = "hr0" },\n{ name = "b", address = "hr10", poll_interval = "100ms" }'
+    cfg = modbus_config(device(peer.port, tags, 'retry_refused = "10m"\nreconnect_after = 1'))
+    marks: dict[str, float] = {}
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if "held" not in marks:
+            if st.adapter is not None and st.adapter.health()["refused_tags"]:
+                marks["held"] = time.monotonic()
+                marks["asked"] = sum(1 for r in peer.requests if r[2] == 0)
+            return False
+        assert st.up
+        return time.monotonic() - marks["held"] > 2.5
+
+    rt = await run_runtime(cfg, until=until, timeout=15)
+    assert sum(1 for r in peer.requests if r[2] == 0) == marks["asked"]  # not asked again
+    assert sum(1 for r in peer.requests if r[2] == 10) >= 20 and rt.devices["plc"].failures == 0
+
+
+@pytest.mark.parametrize("code", [10, 11])
+async def test_a_unit_a_gateway_cannot_reach_is_down(tcp_peer, modbus_config, run_runtime, code):
+    """A TCP-to-RTU gateway answers for its unit with exception 10 (path unavailable) or 11
+    (target failed to respond): the unit did not answer. Its tags are BadCommunicationError,
+    the device is down while the gateway's connection stays up, and after `reconnect_after`
+    such polls it restarts, as a silent unit on a line of our own would."""
+    peer = await tcp_peer()
+    tags = '{ name = "a", address = "hr0" },\n{ name = "b", address = "hr200" }'  # two requests
+    cfg = modbus_config(device(peer.port, tags, "reconnect_after = 3"))
+    seen: dict[str, object] = {}
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if "up" not in seen:
+            if st.up and st.last_ok_ns:
+                seen["up"] = True
+                seen["from"] = len(peer.requests)
+                peer.refuse[(1, "hr", 0)] = code
+            return False
+        if st.state == "running" and not st.up:
+            seen["down while connected"] = True
+        return bool(seen.get("down while connected")) and st.failures >= 1
+
+    rt = await run_runtime(cfg, until=until, timeout=10)
+    st = rt.devices["plc"]
+    assert st.last_error_code == "timeout" and "no answer from unit 1 for 3 polls" in st.last_error, st.last_error
+    assert st.adapter.health()["exceptions"] >= 3
+    # After the gateway's no, hr200 is not asked in that poll: one wait per poll, not per request.
+    after = peer.requests[seen["from"] + 1 :]  # (one poll may have been under way)
+    assert [r for r in after if r[2] == 0] and not [r for r in after if r[2] == 200], after
 
 
 # -- 4. write limits, and the stage named in write errors -----------------------------------
