@@ -755,6 +755,7 @@ class Runtime:
         # YES). See silent_now() and docs/adapters.md, Answers.
         answers: dict[Hashable, list[int]] = {}
         events = 0
+        heard = False  # a YES on this connection: one that ends without leaves the device silent
 
         def silent_now() -> bool:
             """Down unless some source's last answer is a YES that is still current: given after
@@ -766,7 +767,7 @@ class Runtime:
             return not any(yes > broke for yes, no in answers.values() if not no)
 
         async def emit(batch: Batch, *, answer: Answer | None = None, source: Hashable = None) -> None:
-            nonlocal attempt, degraded, events
+            nonlocal attempt, degraded, events, heard
             if (why := breach(batch)) is not None:
                 n = len(batch) if isinstance(batch, Batch) else 0
                 raise DeviceError(
@@ -797,6 +798,7 @@ class Runtime:
                 return
             events += 1
             answers[source] = [events, 0]
+            heard = True
             st.last_ok_ns = now
             st.silent = False
             if len(batch) and (ahead := int(batch.ts.max()) - now) > CLOCK_AHEAD_NS:
@@ -827,6 +829,7 @@ class Runtime:
                     # A plugin's create() that raises is this device's failure, not the daemon's.
                     adapter = plugin.create(dev)
                     answers.clear()
+                    heard = False
                     st.adapter = adapter
                     st.state = "connecting"
                     await adapter.connect()
@@ -837,6 +840,10 @@ class Runtime:
                     raise DeviceError(dev.name, "adapter's run() returned; restarting", code="ended", stage="run")
                 except Exception as exc:
                     self._connected[dev.name].clear()
+                    if not heard:
+                        # No answer on this connection (a server that accepts and drops every
+                        # connection, or never answers): the next one is down until its first YES.
+                        st.silent = True
                     e = first_error(exc)
                     st.failures += 1
                     st.last_error = redact(str(e))  # shown by status and metrics: no secret

@@ -303,9 +303,10 @@ class ModbusAdapter(PollingAdapter):
                 code = e.exception_code
                 if code in transport.GATEWAY_CODES:
                     # The gateway answered, its unit did not (or cannot be reached): no answer
-                    # from this device, as a timeout; the rest of this poll is not asked.
+                    # from this device, as a timeout (re-sent `retries` times by the transport).
+                    # Unless the unit answered earlier in this poll, the rest is not asked.
                     c.exceptions += 1
-                    timed_out = True
+                    timed_out = timed_out or not answered
                     st.errors.log(logging.WARNING, "gateway", "%s", e)
                     results.append((r, Quality.BAD_COMM_FAILURE))
                     continue

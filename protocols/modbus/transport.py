@@ -398,6 +398,9 @@ class Link:
                         attempt += 1
                         await asyncio.sleep(BUSY_DELAY_S)  # outside the lock: neighbours go first
                         continue
+                    if code in GATEWAY_CODES and attempt < retries:
+                        attempt += 1  # its unit did not answer the gateway: as a timeout, re-sent
+                        continue
                     raise ExceptionResponse(device, code, what, stage)
                 try:
                     return check(resp)

@@ -89,6 +89,9 @@ class SerialAdapter:
         if self.spec.mode == "listen":
             silence = self.spec.options.get("silence_timeout")
             if not silence:
+                # Nothing judges its silence: an open port is all there is to know (README, Modes),
+                # so a new connection is up at once, not down until the device next sends.
+                await emit(Batch.empty(self.device.name), answer=Answer.YES, source="lines")
                 await self._listen(emit)
                 return
             async with asyncio.TaskGroup() as tg:

@@ -346,6 +346,117 @@ async def test_a_unit_a_gateway_cannot_reach_is_down(tcp_peer, modbus_config, ru
     assert [r for r in after if r[2] == 0] and not [r for r in after if r[2] == 200], after
 
 
+async def test_a_gateway_no_to_one_request_leaves_the_rest_of_the_poll_asked(tcp_peer, modbus_config, run_runtime):
+    """The gateway answers exception 11 to hr200 only (its own timeout shorter than the unit
+    needs for that read) while the unit answers hr0 and hr400: only hr200's tag is Bad
+    (BadCommunicationError); hr400 is still asked, and the device, answering, is up."""
+    peer = await tcp_peer()
+    tags = '{ name = "a", address = "hr0" },\n{ name = "b", address = "hr200" },\n{ name = "c", address = "hr400" }'
+    cfg = modbus_config(device(peer.port, tags, "reconnect_after = 3"))
+    peer.refuse[(1, "hr", 200)] = 11
+    sink = peers.Collect(cfg)
+    looks: list[bool] = []
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if st.batches >= 3:
+            looks.append(st.up)
+        return st.batches >= 20
+
+    rt = await run_runtime(cfg, until=until, timeout=10, sinks=[sink])
+    assert looks and all(looks) and rt.devices["plc"].failures == 0, looks
+    assert len([r for r in peer.requests if r[2] == 400]) >= 19
+    assert {q for _, _, q in sink.rows["plc/b"]} == {Quality.BAD_COMM_FAILURE}
+    assert {q for _, _, q in sink.rows["plc/a"] + sink.rows["plc/c"]} == {Quality.GOOD}
+
+
+class _OneShotRefuse(dict):
+    """`peer.refuse` whose entries serve one request, then are gone (a gateway's passing no)."""
+
+    def items(self):
+        it = list(super().items())
+        self.clear()
+        return it
+
+
+class _OneShotSilent(set):
+    """`peer.silent` whose units stay silent for one request."""
+
+    def __contains__(self, unit) -> bool:
+        if super().__contains__(unit):
+            self.discard(unit)
+            return True
+        return False
+
+
+@pytest.mark.parametrize("fault", ["timeout", "gateway11"])
+async def test_one_missed_answer_is_re_sent_and_unseen(tcp_peer, modbus_config, run_runtime, monkeypatch, fault):
+    """`retries = 2`: one missed answer, our own timeout or a gateway's exception 11 (its unit
+    did not answer it), is re-sent; the device never goes down and no tag is Bad."""
+    from edgeos.runtime import DeviceState
+
+    downs: list[str] = []
+    plain = DeviceState.__setattr__
+
+    def spy(self, key, value):  # every time the device is marked silent, however briefly
+        plain(self, key, value)
+        if key == "silent" and value:
+            downs.append(self.name)
+
+    monkeypatch.setattr(DeviceState, "__setattr__", spy)
+    peer = await tcp_peer()
+    tags = '{ name = "a", address = "hr0" },\n{ name = "b", address = "hr200" }'
+    cfg = modbus_config(device(peer.port, tags, "reconnect_after = 3", retries=2, timeout="200ms"))
+    sink = peers.Collect(cfg)
+    armed: dict[str, int] = {}
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if not armed:
+            if st.up and st.batches >= 3:
+                armed["at"], armed["from"] = st.batches, len(peer.requests)
+                if fault == "timeout":
+                    peer.silent = _OneShotSilent({1})
+                else:
+                    peer.refuse = _OneShotRefuse({(1, "hr", 0): 11})
+            return False
+        return st.batches >= armed["at"] + 10
+
+    rt = await run_runtime(cfg, until=until, timeout=10, sinks=[sink])
+    reqs = [r[2] for r in peer.requests[armed["from"] :]]
+    assert any(reqs[i] == reqs[i + 1] == 0 for i in range(len(reqs) - 1)), reqs  # hr0 re-sent
+    assert not downs and rt.devices["plc"].failures == 0, downs
+    assert {q for _, _, q in sink.rows["plc/a"] + sink.rows["plc/b"]} == {Quality.GOOD}
+
+
+async def test_a_server_that_accepts_and_drops_each_connection_is_down(modbus_config, run_runtime):
+    """A TCP endpoint (a dead gateway's, a proxy's) that accepts every connection and drops it
+    before answering: it never answers, so it is down on every new connection too, not up
+    from each connect until its first poll fails."""
+
+    async def handle(reader, writer):
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = modbus_config(device(port, '{ name = "a", address = "hr0" }').replace('"50ms"', '"1s"'))
+    looks: list[tuple[str, bool]] = []
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if st.failures >= 1:
+            looks.append((st.state, st.up))
+        return st.failures >= 5
+
+    try:
+        rt = await run_runtime(cfg, until=until, timeout=20)
+    finally:
+        server.close()
+    assert rt.devices["plc"].last_ok_ns == 0 and rt.devices["plc"].connects >= 5
+    assert ("running", False) in looks and not [u for _, u in looks if u], looks
+
+
 # -- 4. write limits, and the stage named in write errors -----------------------------------
 
 

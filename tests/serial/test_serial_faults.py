@@ -4,6 +4,7 @@ the runtime: Bad meanwhile, reopened with backoff, counters kept across reopens.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from edgeos import Quality
@@ -65,6 +66,28 @@ async def test_unplugged_line_is_reopened_with_backoff(line, serial_config, run_
     qs = [q for _, q in sink.rows]
     first_bad = qs.index(Quality.BAD_COMM_FAILURE)
     assert Quality.GOOD in qs[:first_bad] and qs[-1] == Quality.GOOD
+
+
+async def test_a_listened_port_that_opens_late_is_up_before_its_first_frame(line, serial_config, run_runtime):
+    """Listening without silence_timeout, an open port is all there is to know (README,
+    Modes): a port missing at the start (a USB adapter not plugged yet) is down; once it
+    opens, the device is up at once, though the scale has sent nothing yet."""
+    later = line.adapter + ".later"  # missing until linked
+    cfg = serial_config(BODY.format(port=later))
+    state: dict[str, object] = {}
+
+    def until(rt) -> bool:
+        st = rt.devices["scale"]
+        if "linked" not in state:
+            if st.failures >= 1:
+                state["down"] = not st.up
+                os.symlink(line.adapter, later)
+                state["linked"] = True
+            return False
+        return st.state == "running" and st.up
+
+    rt = await run_runtime(cfg, until=until, timeout=10)
+    assert state["down"] and rt.devices["scale"].adapter.health()["frames"] == 0
 
 
 async def test_a_listened_device_that_stops_sending_is_down_until_it_sends_again(line, serial_config, run_runtime):
