@@ -262,8 +262,13 @@ class OpcUaAdapter(PollingAdapter):
             raise DeviceError(self.device.name, "not connected", code="not_connected", stage="run")
         try:
             async with asyncio.TaskGroup() as tg:
-                if self.held:  # Bad as before; the server answered this session's connect
-                    await emit(self._held_batch(list(self.held)), answer=Answer.YES, source=SUBSCRIPTION)
+                if self.held:  # Bad as before
+                    # Every tag held: nothing else will ever say the server answers, and it
+                    # answered this session's connect. Otherwise the live tags say it (or not:
+                    # a server that never publishes stays down however often it is rebuilt).
+                    every = all(n is None for n in self.nodes)
+                    answer = Answer.YES if every else Answer.UNASKED
+                    await emit(self._held_batch(list(self.held)), answer=answer, source=SUBSCRIPTION)
                 sub = [i for i, m in enumerate(self.modes) if m == "subscribe"]
                 if sub:
                     self._publishes = asyncio.Queue(QUEUE_PUBLISHES)

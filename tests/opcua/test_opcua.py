@@ -391,6 +391,43 @@ async def test_a_server_back_after_a_stall_without_the_nodes_is_up(opcua_peer, w
     assert rt.devices["plc"].adapter.health()["silent_rebuilds"] == 1
 
 
+async def test_a_server_that_never_publishes_stays_down_across_rebuilds(opcua_peer, write_config, run_runtime):
+    """The server answers sessions and reads but sends no publish response (muted): each
+    rebuilt session is down too, though one tag is held (unknown node) and the connect itself
+    answered; the live tag would say, and says nothing. Up again once it publishes."""
+    peer = opcua_peer(spec_basic())
+    tags = f'{{ name = "counter", node = "nsu={NS};s=Counter" }},\n{{ name = "ghost", node = "nsu={NS};i=9999" }},'
+    extra = (
+        'publishing_interval = "50ms"\nkeepalive_count = 5\ntimeout = "1s"\nsilence_timeout = "1s"\n'
+        'reconnect_min = "200ms"\nreconnect_max = "400ms"'
+    )
+    cfg = load_config(write_config(GATEWAY + device(peer.endpoint, tags, extra)))
+    sink = Sink(cfg)
+    marks: dict[str, int] = {}
+    looks: list[tuple[int, bool]] = []
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if "muted" not in marks:
+            if sink.good("plc/counter") and st.up:
+                assert peer.command("mute") == "ok"
+                marks["muted"] = st.connects
+            return False
+        if "unmuted" not in marks:
+            if st.state == "running":
+                looks.append((st.connects, st.up))
+            if st.connects >= marks["muted"] + 3:
+                assert peer.command("unmute") == "ok"
+                marks["unmuted"] = st.connects
+            return False
+        return st.up
+
+    rt = await run_runtime(cfg, sinks=[sink], store=False, until=until, timeout=30)
+    later = [up for n, up in looks if n > marks["muted"]]
+    assert later and not any(later), looks  # connected again and again, never up
+    assert rt.devices["plc"].connects >= marks["muted"] + 3
+
+
 async def test_a_frozen_server_is_detected_and_the_subscription_rebuilt(opcua_peer, write_config) -> None:
     from edgeos.errors import DeviceError
 

@@ -267,6 +267,16 @@ async def _serve(spec: dict[str, Any]) -> None:
         return got
 
     uaprocessor.UaProcessor.get_publish_request = get_publish_request
+    # "mute": every publish response dropped (sessions, reads and browses still answered)
+    muted = [False]
+    plain_forward = uaprocessor.UaProcessor.forward_publish_response
+
+    async def forward_publish_response(self: Any, result: Any, requestdata: Any) -> Any:
+        if muted[0]:
+            return None
+        return await plain_forward(self, result, requestdata)
+
+    uaprocessor.UaProcessor.forward_publish_response = forward_publish_response
     if limit:
         await server.get_node(
             ua.NodeId(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead, 0)
@@ -406,6 +416,12 @@ async def _serve(spec: dict[str, Any]) -> None:
                         ua.NodeId(words[1], first), ua.QualifiedName(words[1], first), float(words[2])
                     )
                     types[words[1]] = ua.VariantType.Double
+                    answer = "ok"
+                elif words[0] == "mute":
+                    muted[0] = True
+                    answer = "ok"
+                elif words[0] == "unmute":
+                    muted[0] = False
                     answer = "ok"
                 elif words[0] == "stats":
                     answer = json.dumps(stats)
