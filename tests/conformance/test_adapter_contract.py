@@ -199,7 +199,7 @@ async def device(request, write_config):
         yield cfg.devices[0]
 
 
-async def _collect(adapter: Adapter, n: int) -> list[Batch]:
+async def _collect(adapter: Adapter, n: int, answers: list[Answer | None] | None = None) -> list[Batch]:
     got: list[Batch] = []
     done = asyncio.Event()
 
@@ -209,6 +209,8 @@ async def _collect(adapter: Adapter, n: int) -> list[Batch]:
         assert answer is None or isinstance(answer, Answer), answer
         hash(source)
         got.append(b)
+        if answers is not None:
+            answers.append(answer)
         if len(got) >= n:
             done.set()
 
@@ -234,13 +236,15 @@ async def test_batches_are_well_formed(device):
     adapter = plugin.create(device)
     t0 = time.time_ns()
     await adapter.connect()
+    answers: list[Answer | None] = []
     try:
-        batches = await _collect(adapter, 5)
+        batches = await _collect(adapter, 5, answers)
     finally:
         await adapter.close()
     ids = {t.id for t in device.tags}
-    for b in batches:
-        assert isinstance(b, Batch) and b.device == device.name and len(b) > 0
+    for b, answer in zip(batches, answers, strict=True):
+        assert isinstance(b, Batch) and b.device == device.name
+        assert len(b) > 0 or answer is not None  # an empty batch only to say an answer
         assert set(b.tags.tolist()) <= ids
         assert (b.ts >= t0 - 10**9).all() and (b.ts <= time.time_ns() + 10**9).all()
         for tid, v, txt in zip(b.tags, b.values, b.text if b.text is not None else [None] * len(b), strict=True):
