@@ -755,7 +755,6 @@ class Runtime:
         # YES). See silent_now() and docs/adapters.md, Answers.
         answers: dict[Hashable, list[int]] = {}
         events = 0
-        heard = False  # a YES on this connection: one that ends without leaves the device silent
 
         def silent_now() -> bool:
             """Down unless some source's last answer is a YES that is still current: given after
@@ -767,7 +766,7 @@ class Runtime:
             return not any(yes > broke for yes, no in answers.values() if not no)
 
         async def emit(batch: Batch, *, answer: Answer | None = None, source: Hashable = None) -> None:
-            nonlocal attempt, degraded, events, heard
+            nonlocal attempt, degraded, events
             if (why := breach(batch)) is not None:
                 n = len(batch) if isinstance(batch, Batch) else 0
                 raise DeviceError(
@@ -798,7 +797,6 @@ class Runtime:
                 return
             events += 1
             answers[source] = [events, 0]
-            heard = True
             st.last_ok_ns = now
             st.silent = False
             if len(batch) and (ahead := int(batch.ts.max()) - now) > CLOCK_AHEAD_NS:
@@ -829,7 +827,6 @@ class Runtime:
                     # A plugin's create() that raises is this device's failure, not the daemon's.
                     adapter = plugin.create(dev)
                     answers.clear()
-                    heard = False
                     st.adapter = adapter
                     st.state = "connecting"
                     await adapter.connect()
@@ -840,8 +837,8 @@ class Runtime:
                     raise DeviceError(dev.name, "adapter's run() returned; restarting", code="ended", stage="run")
                 except Exception as exc:
                     self._connected[dev.name].clear()
-                    if not heard:
-                        # No answer on this connection (a server that accepts and drops every
+                    if not any(yes for yes, _ in answers.values()):
+                        # No YES on this connection (a server that accepts and drops every
                         # connection, or never answers): the next one is down until its first YES.
                         st.silent = True
                     e = first_error(exc)
