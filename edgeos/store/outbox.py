@@ -8,8 +8,12 @@ kills the daemon, where read() returns an error the caller can report and retry)
 saved by the store's one writer (`StoreWriter.maintain(sync_cursor=...)` / `save_cursor`,
 I19): this module only reads it back.
 
-A run of units comes back as columns (ids, devices, sample counts, bytes) from one query
-stepped until a byte bound; each unit's bytes are exactly as committed.
+A run of units comes back as columns (ids, devices, sample counts, bytes), each unit's bytes
+exactly as committed: SQLite concatenates the run's units in one step (about the byte bound's
+worth at the last run's mean unit size, never more than RUN_CAP bytes), and the run slices
+them without copying. One step for the whole run, not one per unit, keeps the reader thread
+off the GIL while SQLite reads its pages, so the event loop publishes meanwhile
+(docs/benchmarks.md, twelfth session).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ log = logging.getLogger("edgeos.store")
 DB_NAME = "edgeos.db"
 REPLACED_CHECK_S = 1.0  # how often a connection checks that the store file is still the same
 RUN_ROWS = 4096  # bound on one run (the byte bound usually ends it first)
+RUN_CAP = 4 << 20  # bytes: the longest run SQLite is let build in one piece (4 x the usual bound)
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Outbox:
         self._summary: dict[str, int] = {}
         self._summary_bound = 1
         self._summary_file = -1
+        self._unit_size = 256  # bytes, the last run's mean: how many ids a run's bound scans
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -152,28 +158,78 @@ class Outbox:
 
     def after(self, cursor: int, end: int | None = None, max_bytes: int = 1 << 20) -> UnitRun:
         """Units with cursor < id (< end), in id order, up to about `max_bytes` of unit bytes
-        (at least one unit; the unit that passes the bound is the last). One query."""
+        (at least one unit). One query, or a row per unit when that one refuses."""
         return self._run("id > ?" + (" AND id < ?" if end is not None else ""), (cursor, end), max_bytes)
 
     def range(self, first: int, last: int, device: str | None = None, max_bytes: int = 1 << 20) -> UnitRun:
         """Units with first <= id <= last (of `device` only, when given), in id order, up to
         about `max_bytes`. `last` of the result is where the next read starts after."""
         where = "id >= ? AND id <= ?" + (" AND device = ?" if device is not None else "")
-        run = self._run(where, (first, last, device), max_bytes)
-        if len(run) and run.last < last and len(run) < RUN_ROWS and sum(map(len, run.data)) < max_bytes:
-            run.last = last  # nothing more in the range
-        elif not len(run):
-            run.last = last
+        return self._run(where, (first, last, device), max_bytes, upto=last)
+
+    def _run(self, where: str, args: tuple, max_bytes: int, upto: int | None = None) -> UnitRun:
+        """The units `where` selects, from the first, up to about `max_bytes`. With `upto` (the
+        highest id `where` admits), `last` is `upto` when no unit is left after the run."""
+        params = tuple(a for a in args if a is not None)
+        db = self.conn()
+        count = min(RUN_ROWS, max_bytes // self._unit_size + 1)  # at the last run's mean unit size
+        run = self._concatenated(db, where, params, count, max(RUN_CAP, 4 * max_bytes))
+        if run is None:
+            return self._rows(db, where, params, max_bytes, upto)
+        if len(run):
+            self._unit_size = max(1, sum(map(len, run.data)) // len(run))
+        if upto is not None and len(run) < count:
+            run.last = upto  # nothing more in the range
         return run
 
-    def _run(self, where: str, args: tuple, max_bytes: int) -> UnitRun:
-        params = tuple(a for a in args if a is not None)
-        # One statement, stepped until the bytes read pass max_bytes: no unit is read twice and
-        # none past the bound (a separate bounding query cost a scan of RUN_ROWS rows per read,
-        # which made small reads as dear as large ones). Closing the cursor ends the statement.
-        cur = self.conn().execute(
-            f"SELECT id, device, n, data FROM units WHERE {where} ORDER BY id LIMIT {RUN_ROWS}", params
-        )
+    def _concatenated(self, db: sqlite3.Connection, where: str, params: tuple, count: int, cap: int) -> UnitRun | None:
+        """The first `count` units `where` selects, from one aggregate row, their bytes sliced
+        from one buffer. SQLite refuses to build a concatenation longer than `cap` bytes (its
+        length limit, set for this statement only), so units larger than the estimate cannot
+        make a run of unbounded size. None (read them row by row) past the cap, or if the row
+        does not check out: that an aggregate takes its subquery's rows in order is SQLite's
+        behaviour, not a documented promise, so the ids must ascend, each column must have as
+        many items and the lengths must add up to the bytes."""
+        before = db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, cap)
+        try:
+            row = db.execute(
+                "SELECT group_concat(id), group_concat(device, char(10)), group_concat(n),"
+                " group_concat(length(data)), CAST(group_concat(data, '') AS BLOB)"
+                f" FROM (SELECT id, device, n, data FROM units WHERE {where} ORDER BY id LIMIT {count})",
+                params,
+            ).fetchone()
+        except sqlite3.DataError:  # string or blob too big
+            return None
+        finally:
+            db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, before)
+        if row[0] is None:
+            return UnitRun([], [], [], [], 0)
+        try:
+            ids = list(map(int, row[0].split(",")))
+            devices = row[1].split("\n")
+            samples = list(map(int, row[2].split(",")))
+            sizes = list(map(int, row[3].split(",")))
+        except ValueError:
+            return None
+        blob = row[4]
+        n = len(ids)
+        if not (
+            len(devices) == len(samples) == len(sizes) == n
+            and sum(sizes) == len(blob)
+            and all(map(int.__lt__, ids, ids[1:]))
+        ):
+            return None
+        view = memoryview(blob)
+        data = []
+        at = 0
+        for size in sizes:
+            data.append(view[at : at + size])
+            at += size
+        return UnitRun(ids, devices, samples, data, ids[-1])
+
+    def _rows(self, db: sqlite3.Connection, where: str, params: tuple, max_bytes: int, upto: int | None) -> UnitRun:
+        """A row per unit, stepped until the bytes pass max_bytes (the aggregate's fallback)."""
+        cur = db.execute(f"SELECT id, device, n, data FROM units WHERE {where} ORDER BY id LIMIT {RUN_ROWS}", params)
         rows = []
         total = 0
         try:
@@ -184,7 +240,14 @@ class Outbox:
                     break
         finally:
             cur.close()
-        return _columns(rows)
+        run = _columns(rows)
+        if rows:
+            self._unit_size = max(1, total // len(rows))
+        if upto is not None and len(rows) < RUN_ROWS and total < max_bytes:
+            run.last = upto  # nothing more in the range
+        elif upto is not None and not rows:
+            run.last = upto
+        return run
 
     def gone(self, first: int, last: int) -> list[tuple[int, int]]:
         """The ids in [first, last] this store no longer holds, as inclusive runs: one pass

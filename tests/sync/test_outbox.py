@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from edgeos.model import Batch, TagMeta, ValueKind
-from edgeos.store import StoreSettings, StoreWriter
+from edgeos.store import StoreSettings, StoreWriter, outbox
 from edgeos.store.outbox import Outbox
 
 TAGS = [TagMeta(0, "d0", "a", ValueKind.NUMBER), TagMeta(1, "d1", "b", ValueKind.NUMBER)]
@@ -77,5 +77,51 @@ def test_forwarded_units_stay_replayable_for_the_window(tmp_path):
         w.maintain(t0 + 10**9, compact_all=True)
         w.save_cursor(5)
         assert w.db.execute("SELECT COUNT(*) FROM units").fetchone()[0] == 0
+    finally:
+        w.close()
+
+
+def test_a_run_stays_bounded_when_units_grow_past_the_estimate(tmp_path, monkeypatch):
+    """Runs are read as one concatenation sized by the last run's mean unit size. Units that
+    then grow a thousandfold (up to the writer's bound, 128 KiB, I15) must not make a run of
+    hundreds of MB: SQLite refuses to build it
+    past the cap, and the run is read row by row to the byte bound instead; every unit's bytes
+    stay exactly as committed, in id order. (The cap is lowered to 256 KiB here, so that 20
+    units pass it.)"""
+    monkeypatch.setattr(outbox, "RUN_CAP", 256 << 10)
+    w = StoreWriter(tmp_path, TAGS)
+    t0 = time.time_ns()
+    rng = np.random.default_rng(1)
+    try:
+        for k in range(40):
+            write(w, k, t0)
+        big = 7_000
+        for k in range(40, 60):  # one device's samples of a large poll: ~50 KB a unit
+            ts = t0 + k * 10**6 + np.arange(big, dtype=np.int64)
+            w.write([Batch("d0", np.zeros(big, np.int32), ts, rng.normal(size=big), np.zeros(big, np.uint32))])
+        committed = dict(w.db.execute("SELECT id, data FROM units"))
+        sizes = [len(committed[i]) for i in range(1, 61)]
+        assert min(sizes[40:]) > 40_000 > 100 > max(sizes[:40])
+        o = Outbox(tmp_path)
+        try:
+            first = o.after(0, max_bytes=1000)  # at a first guess of the unit size; sets the estimate
+            assert first.ids == list(range(1, len(first) + 1))
+            small = o.after(first.last, max_bytes=1000)  # ~70 bytes a unit: about 1,000 bytes
+            assert small.ids == list(range(first.last + 1, small.last + 1)) and 10 <= len(small) < 20
+            assert 900 <= sum(map(len, small.data)) < 1100
+            # 64 KiB at ~70 bytes a unit is ~900 units; the first 20 are small, the next 20
+            # ~50 KB each: 1 MB, past the cap of max(256 KiB, 4 x 64 KiB).
+            run = o.after(20, max_bytes=64 << 10)
+            assert run.ids == list(range(21, 43)) and run.last == 42  # the unit that passes the bound is the last
+            assert [bytes(b) for b in run.data] == [committed[i] for i in run.ids]
+            assert sum(map(len, run.data)) < (64 << 10) + len(committed[42])
+            after = o.after(42, max_bytes=1 << 20)  # the estimate follows: ~20 units a MB
+            assert after.ids == list(range(43, 43 + len(after))) and 15 <= len(after) <= 18
+            assert [bytes(b) for b in after.data] == [committed[i] for i in after.ids]
+            whole = o.range(1, 60, "d0", max_bytes=64 << 20)
+            assert whole.ids == [i for i in range(1, 61) if i > 40 or i % 2 == 1] and whole.last == 60
+            assert [bytes(b) for b in whole.data] == [committed[i] for i in whole.ids]
+        finally:
+            o.close()
     finally:
         w.close()
