@@ -157,8 +157,9 @@ class Outbox:
         return self._tags
 
     def after(self, cursor: int, end: int | None = None, max_bytes: int = 1 << 20) -> UnitRun:
-        """Units with cursor < id (< end), in id order, up to about `max_bytes` of unit bytes
-        (at least one unit). One query, or a row per unit when that one refuses."""
+        """Units with cursor < id (< end), in id order, about `max_bytes` of unit bytes at the
+        last run's mean unit size (at least one unit, never over max(RUN_CAP, 4 x max_bytes)).
+        One query, or a row per unit to the byte bound when that one refuses."""
         return self._run("id > ?" + (" AND id < ?" if end is not None else ""), (cursor, end), max_bytes)
 
     def range(self, first: int, last: int, device: str | None = None, max_bytes: int = 1 << 20) -> UnitRun:
