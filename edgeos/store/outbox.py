@@ -75,7 +75,7 @@ class Outbox:
         self._summary: dict[str, int] = {}
         self._summary_bound = 1
         self._summary_file = -1
-        self._unit_size = 256  # bytes, the last run's mean: how many ids a run's bound scans
+        self._unit_size = 256  # bytes, the last run's mean: how many units the next run reads
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -246,8 +246,6 @@ class Outbox:
             self._unit_size = max(1, total // len(rows))
         if upto is not None and len(rows) < RUN_ROWS and total < max_bytes:
             run.last = upto  # nothing more in the range
-        elif upto is not None and not rows:
-            run.last = upto
         return run
 
     def gone(self, first: int, last: int) -> list[tuple[int, int]]:
