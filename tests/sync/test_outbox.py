@@ -125,3 +125,31 @@ def test_a_run_stays_bounded_when_units_grow_past_the_estimate(tmp_path, monkeyp
             o.close()
     finally:
         w.close()
+
+
+def test_a_run_the_aggregate_cannot_split_is_read_row_by_row(tmp_path):
+    """The run's columns come back joined (devices by a newline). A device name with a newline
+    (possible through the Python API, not the config) splits into more items than units: the
+    row does not check out, and the run is read a row per unit, bytes and names intact."""
+    tags = [TagMeta(0, "line\n1", "a", ValueKind.NUMBER), TagMeta(1, "d1", "b", ValueKind.NUMBER)]
+    w = StoreWriter(tmp_path, tags)
+    t0 = time.time_ns()
+    try:
+        for k in range(6):
+            ts = np.full(2, t0 + k * 10**6, np.int64)
+            dev = "line\n1" if k % 2 == 0 else "d1"
+            w.write([Batch(dev, np.full(2, k % 2, np.int32), ts, np.arange(2.0) + k, np.zeros(2, np.uint32))])
+        committed = {i: (d, b) for i, d, b in w.db.execute("SELECT id, device, data FROM units")}
+        o = Outbox(tmp_path)
+        try:
+            run = o.after(0, max_bytes=1 << 20)
+            assert run.ids == [1, 2, 3, 4, 5, 6] and run.last == 6
+            assert run.devices == ["line\n1", "d1"] * 3
+            assert [(d, bytes(b)) for d, b in zip(run.devices, run.data, strict=True)] == [
+                committed[i] for i in run.ids
+            ]
+            assert o.range(1, 9, "line\n1").ids == [1, 3, 5]
+        finally:
+            o.close()
+    finally:
+        w.close()
