@@ -76,6 +76,7 @@ class Outbox:
         self._summary_bound = 1
         self._summary_file = -1
         self._unit_size = 256  # bytes, the last run's mean: how many units the next run reads
+        self._utf8 = -1  # the file generation known to be UTF-8 (edgeos creates no other)
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -191,6 +192,11 @@ class Outbox:
         does not check out: that an aggregate takes its subquery's rows in order is SQLite's
         behaviour, not a documented promise, so the ids must ascend, each column must have as
         many items and the lengths must add up to the bytes."""
+        if self._utf8 != self.generation:
+            # A blob concatenated as text is passed through untouched only in a UTF-8 file.
+            if db.execute("PRAGMA encoding").fetchone()[0] != "UTF-8":
+                return None
+            self._utf8 = self.generation
         before = db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, cap)
         try:
             row = db.execute(

@@ -153,3 +153,34 @@ def test_a_run_the_aggregate_cannot_split_is_read_row_by_row(tmp_path):
             o.close()
     finally:
         w.close()
+
+
+def test_a_utf16_store_is_read_row_by_row(tmp_path):
+    """SQLite concatenates blobs as text, which a UTF-16 file would transcode. edgeos creates
+    UTF-8 files only, but a file made UTF-16 before the store's tables (by hand) is read a row
+    per unit, each unit's bytes exactly as committed."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "edgeos.db")
+    db.execute("PRAGMA encoding = 'UTF-16le'")
+    db.execute("CREATE TABLE x(a)")
+    db.execute("DROP TABLE x")
+    db.close()
+    w = StoreWriter(tmp_path, TAGS)
+    t0 = time.time_ns()
+    try:
+        for k in range(8):
+            write(w, k, t0)
+        assert w.db.execute("PRAGMA encoding").fetchone()[0] == "UTF-16le"
+        committed = {i: (d, b) for i, d, b in w.db.execute("SELECT id, device, data FROM units")}
+        o = Outbox(tmp_path)
+        try:
+            run = o.after(0, max_bytes=1 << 20)
+            assert run.ids == list(range(1, 9))
+            assert [(d, bytes(b)) for d, b in zip(run.devices, run.data, strict=True)] == [
+                committed[i] for i in run.ids
+            ]
+        finally:
+            o.close()
+    finally:
+        w.close()
