@@ -75,7 +75,9 @@ class Outbox:
         self._summary: dict[str, int] = {}
         self._summary_bound = 1
         self._summary_file = -1
-        self._unit_size = 256  # bytes, the last run's mean: how many units the next run reads
+        # Bytes, the last run's mean: how many units the next run reads. The first guess is large,
+        # so a first run is seldom past its bound (a lane's first read is small, to publish soon).
+        self._unit_size = 16 << 10
         self._utf8 = -1  # the file generation known to be UTF-8 (edgeos creates no other)
 
     # -- the connection ---------------------------------------------------------------------
