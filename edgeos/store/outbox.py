@@ -180,8 +180,6 @@ class Outbox:
         run = self._concatenated(db, where, params, count, max(RUN_CAP, 4 * max_bytes))
         if run is None:
             return self._rows(db, where, params, max_bytes, upto)
-        if len(run):
-            self._unit_size = max(1, sum(map(len, run.data)) // len(run))
         if upto is not None and len(run) < count:
             run.last = upto  # nothing more in the range
         return run
@@ -228,6 +226,7 @@ class Outbox:
             and all(map(int.__lt__, ids, ids[1:]))
         ):
             return None
+        self._unit_size = max(1, len(blob) // n)
         view = memoryview(blob)
         data = []
         at = 0

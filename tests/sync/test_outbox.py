@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import numpy as np
@@ -159,8 +160,6 @@ def test_a_utf16_store_is_read_row_by_row(tmp_path):
     """SQLite concatenates blobs as text, which a UTF-16 file would transcode. edgeos creates
     UTF-8 files only, but a file made UTF-16 before the store's tables (by hand) is read a row
     per unit, each unit's bytes exactly as committed."""
-    import sqlite3
-
     db = sqlite3.connect(tmp_path / "edgeos.db")
     db.execute("PRAGMA encoding = 'UTF-16le'")
     db.execute("CREATE TABLE x(a)")
