@@ -352,6 +352,109 @@ def test_malformed_replay_requests_are_counted_and_answered_with_nothing(write_c
     asyncio.run(scenario())
 
 
+async def _mosquitto_pub(port: int, topic: str, message: str) -> None:
+    """mosquitto_pub, the Debian package's C client (mosquitto-clients): neither edgeos nor aiomqtt."""
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-m",
+        message,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(10):
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+
+
+async def test_the_mosquitto_clients_ask_in_json_and_get_the_units_as_sent(write_config, broker, running):
+    """A plant engineer with mosquitto_pub and mosquitto_sub, no edgeos code on that side: the
+    documented JSON request, pretty-printed by hand or compact with a device, brings back the
+    units byte for byte, and a range with deleted units is answered gone with exactly them."""
+    cfg, sync = make_sync(write_config, broker.port)
+    data = cfg.gateway.data_dir
+    make_store(data, 20)
+    db = sqlite3.connect(data / "edgeos.db")
+    with db:
+        db.execute("DELETE FROM units WHERE id IN (7, 8)")  # as retention or the budget would
+    db.close()
+    held = stored(data)
+    sub = await asyncio.create_subprocess_exec(
+        "mosquitto_sub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(broker.port),
+        "-q",
+        "1",
+        "-t",
+        "edgeos/gw1/+/data",
+        "-t",
+        "edgeos/gw1/replay/gone",
+        "-t",
+        "probe",
+        "-F",
+        "%t %x",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    lines: list[str] = []
+    try:
+        assert sub.stdout is not None
+        for _ in range(50):  # until it is subscribed: it hears a probe
+            await _mosquitto_pub(broker.port, "probe", "ready?")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    if (await sub.stdout.readline()).startswith(b"probe "):
+                        break
+        else:
+            pytest.fail("mosquitto_sub heard no probe")
+        async with running(sync):
+            await wait_until(lambda: sync.cursor >= 20 and sync.status.replay_listening)
+            pretty = '{\n  "v": 1,\n  "gw": "gw1",\n  "first": 3,\n  "last": 6\n}\n'
+            await _mosquitto_pub(broker.port, "edgeos/gw1/replay", pretty)
+            await wait_until(lambda: sync.status.replay_units == 4, 10)
+            await _mosquitto_pub(broker.port, "edgeos/gw1/replay", '{"v":1,"gw":"gw1","first":5,"last":9}')
+            await wait_until(lambda: sync.status.replay_units == 7, 10)
+            compact = '{"v":1,"gw":"gw1","first":10,"last":14,"dev":"d0"}'
+            await _mosquitto_pub(broker.port, "edgeos/gw1/replay", compact)
+            await wait_until(lambda: sync.status.replay_units == 9, 10)
+            replayed: list[int] = []
+            gone: list[wire.Gone] = []
+            async with asyncio.timeout(10):  # until everything sent was heard (QoS 1: it comes)
+                while sorted(replayed) != [3, 4, 5, 5, 6, 6, 9, 11, 13] or not gone:
+                    line = (await sub.stdout.readline()).decode()
+                    assert line, "mosquitto_sub ended"
+                    lines.append(line)
+                    topic, _, payload = line.strip().partition(" ")
+                    if topic == "edgeos/gw1/replay/gone":
+                        gone.append(wire.decode_gone(bytes.fromhex(payload)))
+                    elif topic.endswith("/data"):
+                        env = wire.decode_envelope(bytes.fromhex(payload))
+                        assert topic == f"edgeos/gw1/{env.device}/data"
+                        for seq, unit in zip(env.seqs, env.units, strict=True):
+                            assert bytes(unit) == held[seq][1] and env.device == held[seq][0]
+                            if env.replay:  # not the first sending of the store's units
+                                replayed.append(seq)
+                        assert len(replayed) <= 9, replayed
+    finally:
+        if sub.returncode is None:
+            sub.kill()
+        await sub.wait()
+    assert [(g.first, g.last, g.device, g.ranges) for g in gone] == [(5, 9, None, [(7, 8)])]
+    assert sync.status.replay_requests == 3 and sync.status.replay_malformed == 0
+
+
 def test_replay_request_codec_refuses_what_it_must():
     assert wire.decode_replay_request(wire.encode_replay_request("g", 1, 5, "d", form="json")) == wire.ReplayRequest(
         "g", 1, 5, "d"
