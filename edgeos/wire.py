@@ -72,29 +72,53 @@ def encode_unit(
 
 
 def decode_unit(data: bytes) -> Unit:
-    """bytes -> columns (zero-copy views where possible). Reads every version this edgeos wrote."""
-    doc = msgpack.unpackb(data, raw=False)
-    version = doc.get("v")
-    if version not in (1, 2, 3):
-        raise ValueError(f"unit version {version!r} is newer than this edgeos understands (up to {UNIT_VERSION})")
-    n = doc["n"]
-    if version == 3:
-        return _check(_decode_v3(doc, n), n)
-    if version == 1:
-        tags = np.frombuffer(doc["tag"], "<i4")
-        quality = np.frombuffer(doc["q"], "<u4")
-    else:
-        tags = np.frombuffer(doc["tag"], "<i4" if doc["tw"] == 4 else "<u2").astype(np.int32)
-        quality = np.frombuffer(doc["q"], "<u4") if "q" in doc else np.zeros(n, np.uint32)
-    unit = Unit(
-        device=doc["d"],
-        tags=tags,
-        ts=np.frombuffer(doc["ts"], "<i8"),
-        values=np.frombuffer(doc["val"], "<f8"),
-        quality=quality,
-        text=doc.get("txt"),
-    )
-    return _check(unit, n)
+    """bytes -> columns (zero-copy views where possible). Reads every version this edgeos wrote.
+
+    Raises ValueError, and only ValueError, for bytes that are not a well-formed unit: a
+    consumer decodes what any broker client could publish, and a garbled unit must be refused,
+    never read as other values (docs/payload.md, "A unit")."""
+    try:
+        doc = msgpack.unpackb(data, raw=False)
+        if not isinstance(doc, dict):
+            raise ValueError(f"a unit is a msgpack map, not {type(doc).__name__}")
+        version = doc.get("v")
+        if type(version) is not int or version < 1:
+            raise ValueError(f"unit version {version!r} is not one edgeos writes")
+        if version > UNIT_VERSION:
+            raise ValueError(f"unit version {version} is newer than this edgeos understands (up to {UNIT_VERSION})")
+        n = doc["n"]
+        if type(n) is not int or n < 0:
+            raise ValueError(f"unit sample count {n!r} is not a count")
+        if not isinstance(doc["d"], str):
+            raise ValueError("unit device is not a string")
+        text = doc.get("txt")
+        if text is not None and not (
+            isinstance(text, list) and len(text) == n and all(t is None or isinstance(t, str) for t in text)
+        ):
+            raise ValueError(f"unit text is not {n} entries of a string or nil")
+        if version == 3:
+            return _check(_decode_v3(doc, n), n)
+        if version == 1:
+            tags = np.frombuffer(doc["tag"], "<i4")
+            quality = np.frombuffer(doc["q"], "<u4")
+        else:
+            if type(doc["tw"]) is not int or doc["tw"] not in (2, 4):
+                raise ValueError(f"unit tag width {doc['tw']!r} is neither 2 nor 4")
+            tags = np.frombuffer(doc["tag"], "<i4" if doc["tw"] == 4 else "<u2").astype(np.int32)
+            quality = np.frombuffer(doc["q"], "<u4") if "q" in doc else np.zeros(n, np.uint32)
+        unit = Unit(
+            device=doc["d"],
+            tags=tags,
+            ts=np.frombuffer(doc["ts"], "<i8"),
+            values=np.frombuffer(doc["val"], "<f8"),
+            quality=quality,
+            text=text,
+        )
+        return _check(unit, n)
+    except ValueError:
+        raise
+    except (LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException) as exc:
+        raise ValueError(f"malformed unit: {type(exc).__name__}: {exc}") from exc
 
 
 def _check(unit: Unit, n: int) -> Unit:
@@ -139,7 +163,8 @@ def _unpack(data: bytes, dtype: str, n: int) -> np.ndarray:
     # broker client could publish; an unbounded inflate would be a memory bomb).
     z = zlib.decompressobj()
     out = z.decompress(data, n * w + 1)
-    if len(out) != n * w or not z.eof or z.unconsumed_tail:
+    if len(out) != n * w or not z.eof or z.unconsumed_tail or z.unused_data:
+        # One complete zlib stream of exactly n x w bytes, nothing after it.
         raise ValueError("unit column has the wrong length")
     raw = np.frombuffer(out, np.uint8)
     if w > 1 and n:
@@ -199,15 +224,26 @@ def _encode_v3(device, tags, ts, values, quality, text) -> bytes:
 
 
 def _decode_v3(doc: dict, n: int) -> Unit:
+    for key in ("tgd", "tsd"):  # the integer types of tag differences and time steps
+        if doc[key] not in _WIDTHS:
+            raise ValueError(f"unit column type {key} = {doc[key]!r} is not one of {', '.join(_WIDTHS)}")
+    for key in ("t0", "tst"):
+        if type(doc[key]) is not int:
+            raise ValueError(f"unit {key} is not an integer")
     try:
         tags = np.cumsum(_unpack(doc["tag"], doc["tgd"], n), dtype="<i8").astype(np.int32)
         ts = _unpack(doc["ts"], doc["tsd"], n).astype("<i8") * np.int64(doc["tst"]) + np.int64(doc["t0"])
         vd = doc["vd"]
         if "vs" in doc:
+            vs = doc["vs"]
+            if type(vs) is not int or not 0 <= vs < len(_SCALES):
+                raise ValueError(f"unit value scale vs = {vs!r} is not 0 to {len(_SCALES) - 1}")
             if vd not in _WIDTHS or len(doc["val"]) != n * np.dtype(vd).itemsize:
                 raise ValueError("unit value column has the wrong type or length")
-            values = np.frombuffer(doc["val"], vd).astype("<f8") / _SCALES[doc["vs"]]
+            values = np.frombuffer(doc["val"], vd).astype("<f8") / _SCALES[vs]
         else:
+            if vd != "<f8":
+                raise ValueError(f"unit value type vd = {vd!r} is not <f8 (without vs)")
             values = _unpack(doc["val"], vd, n).astype("<f8")
         quality = _unpack(doc["q"], "<u4", n) if "q" in doc else np.zeros(n, np.uint32)
     except zlib.error as e:

@@ -77,6 +77,68 @@ def test_a_compressed_column_that_inflates_past_its_length_is_refused():
         wire.decode_unit(msgpack.packb(doc, use_bin_type=True))
 
 
+def _garbled(unit: bytes, **changes: object) -> bytes:
+    doc = msgpack.unpackb(unit, raw=False)
+    for key, value in changes.items():
+        if value is _DROP:
+            del doc[key]
+        else:
+            doc[key] = value(doc[key]) if callable(value) else value
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+_DROP = object()
+
+
+def test_a_garbled_unit_is_refused_never_read_as_other_values():
+    """What an independent decoder written from docs/payload.md refused and wire read: a scale
+    of -1 (read as / 10^6), timestamps as floats (truncated), a text column of another length,
+    bytes after a column's zlib stream; and fields missing or of another type raised KeyError,
+    IndexError or TypeError where a consumer is promised ValueError."""
+    n = 5
+    tags, ts = np.arange(1, n + 1, dtype=np.int32), np.arange(n) * 1000 + 10**18
+    scaled = wire.encode_unit("d", tags, ts, np.array([1.5, 2.25, 3.0, 4.0, 5.5]), np.zeros(n, np.uint32))
+    floats = wire.encode_unit(
+        "d", tags, ts, np.array([0.1, np.pi, 3.0, 4.0, 5.5]), np.ones(n, np.uint32), ["a", None, "c", None, None]
+    )
+    v2 = wire.encode_unit("d", tags, ts, np.ones(n), np.zeros(n, np.uint32), compress=False)
+    assert msgpack.unpackb(scaled)["vs"] == 2 and "vs" not in msgpack.unpackb(floats)
+    for good in (scaled, floats, v2):
+        assert len(wire.decode_unit(good)) == n
+    cases = {
+        "vs -1": _garbled(scaled, vs=-1),
+        "vs 7": _garbled(scaled, vs=7),
+        "vs true": _garbled(scaled, vs=True),
+        "tsd <f8": _garbled(floats, tsd="<f8"),
+        "tgd <u1": _garbled(floats, tgd="<u1"),
+        "vd <f4": _garbled(floats, vd="<f4"),
+        "t0 float": _garbled(floats, t0=1e18),
+        "q bytes after the stream": _garbled(floats, q=lambda q: q + b"junk"),
+        "txt short": _garbled(floats, txt=["a", None, "c", None]),
+        "txt int": _garbled(floats, txt=["a", 1, "c", None, None]),
+        "no tgd": _garbled(floats, tgd=_DROP),
+        "tag a string": _garbled(floats, tag="abc"),
+        "device not a string": _garbled(floats, d=7),
+        "n negative": _garbled(floats, n=-1),
+        "n true": _garbled(floats, n=True),
+        "version 0": _garbled(floats, v=0),
+        "version true": _garbled(floats, v=True),
+        "version 4": _garbled(floats, v=4),
+        "v2 without tw": _garbled(v2, tw=_DROP),
+        "v2 tw 3": _garbled(v2, tw=3),
+        "not a map": msgpack.packb([1, 2, 3]),
+        "t0 past int64": _garbled(floats, t0=2**63),
+    }
+    for name, data in cases.items():
+        with pytest.raises(ValueError) as refused:
+            wire.decode_unit(data)
+        assert type(refused.value) is not KeyError, name  # KeyError is a LookupError, not ValueError
+    # The same through a message: wire.decode names the unit's fault.
+    message = wire.encode_message("gw", "d", [1], [cases["vs -1"]], 1)
+    with pytest.raises(ValueError, match="vs = -1"):
+        wire.decode(message)
+
+
 # -- the consumer helper (issue 25) ----------------------------------------------------------
 
 
