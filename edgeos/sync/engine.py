@@ -676,8 +676,7 @@ class Sync:
                 last, gone = await loop.run_in_executor(pool, self._replay_plan, outbox, req)
                 if req.first > last:
                     continue  # nothing given there yet: nothing held, nothing gone
-                for k in range(0, len(gone), GONE_RANGES):
-                    payload = wire.encode_gone(self.gateway, req.first, last, req.device, gone[k : k + GONE_RANGES])
+                for payload in self._gone_messages(req, last, gone):
                     await self._cap.take(len(payload))
                     await session.publish(self.gone_topic, payload)
                 self.status.replay_gone += sum(b - a + 1 for a, b in gone)
@@ -693,6 +692,19 @@ class Sync:
                         tg.create_task(self._send_replay(session, window, device, payload), name="sync:replay-publish")
                     self.status.replay_units += len(run)
                     after = run.last
+
+    def _gone_messages(self, req: wire.ReplayRequest, last: int, gone: list[tuple[int, int]]) -> list[bytes]:
+        """The gone answer in messages of at most GONE_RANGES runs and `max_message` bytes, as
+        every other message but the dictionary (a broker's Maximum Packet Size included: a
+        larger one would cost the connection, and the answer with it)."""
+        head = len(wire.encode_gone(self.gateway, req.first, last, req.device, []))
+        # A run [a, b] packs in at most 19 bytes (an array header and two 9-byte integers), the
+        # array of runs adds at most 5: so many runs always fit, whatever their values.
+        per = max(1, min(GONE_RANGES, (self.max_message - head - 5) // 19))
+        return [
+            wire.encode_gone(self.gateway, req.first, last, req.device, gone[k : k + per])
+            for k in range(0, len(gone), per)
+        ]
 
     def _replay_plan(self, outbox: Outbox, req: wire.ReplayRequest) -> tuple[int, list[tuple[int, int]]]:
         """(the request's last seq capped at the highest given, the runs no longer held), in
