@@ -335,3 +335,37 @@ async def test_wrong_ca_keeps_data_locally_and_a_fixed_config_delivers_it(tmp_pa
         await wait_until(lambda: {s for s, _, _ in got.units()} >= stored)
     seqs = [s for s, _, _ in got.units()]
     assert seqs == sorted(stored) and set(kept) <= set(seqs)
+
+
+async def test_a_server_that_refuses_the_credentials_is_passed_over_and_tls_applies_to_each(
+    tmp_path, pki, tls_broker, caplog
+):
+    """`upstream.servers`: on a refused CONNACK the sync tries the next server, and TLS and the
+    credentials apply to every server of the list (issue 25). The first node knows the gateway
+    under another password (a node whose user database lags behind its cluster's); the second
+    has the right one. Both listen with TLS only: a later server tried without it would fail."""
+    refusing = tls_broker("server", users={"gw": "an-older-password"})
+    taking = tls_broker("server", users={"gw": "right"})
+    p = write(tmp_path, taking.port, 'ca_file = "ca.pem"\nusername = "gw"\npassword_file = "pw-right"', pki)
+    (tmp_path / "pw-right").write_bytes((pki / "pw-right").read_bytes())
+    (tmp_path / "pw-right").chmod(0o600)
+    text = p.read_text().replace(
+        f'host = "127.0.0.1"\nport = {taking.port}\n',
+        f'servers = ["127.0.0.1:{refusing.port}", "127.0.0.1:{taking.port}"]\n',
+    )
+    assert "servers = " in text
+    p.write_text(text)
+    cfg = load_config(p)
+    caplog.set_level(logging.ERROR, logger="edgeos.sync")
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run())
+    try:
+        await wait_until(lambda: rt.sync is not None and rt.sync.status.published_samples > 0)
+        st = rt.sync.status
+        assert st.server == f"broker 127.0.0.1:{taking.port}"
+        assert st.failures >= 1, "the first server was not tried first"
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 20)
+    refusals = [r.getMessage() for r in caplog.records if CAUSES["bad_password"] in r.getMessage()]
+    assert refusals and f"127.0.0.1:{refusing.port}" in refusals[0], refusals
