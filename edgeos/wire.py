@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import time
 import zlib
 from collections.abc import Callable
@@ -653,13 +654,26 @@ class Delivered:
 @dataclass
 class _Gap:
     """Units of `device` with low <= seq <= anchor are missing: `anchor` is a seq the gateway
-    named as a previous unit (`pv`) and that never arrived."""
+    named as a previous unit (`pv`) and that never arrived; `then` is the unit that named it.
+
+    When the gateway says the anchor is gone, the units below it may still be held, and which
+    seqs between are the device's only a unit's `pv` can tell: the gap then asks for
+    [low, then] (`rechain`; if `then` is gone too, the newest unit seen, else the next to
+    arrive), and closes when a replay of a unit above the anchor names a unit below it as its
+    `pv` (the device's previous unit held now, docs/payload.md). With no such unit known, it
+    asks [low, anchor] until the device's next unit arrives: it never gives up on units the
+    gateway may still hold."""
 
     low: int
     anchor: int
     noticed: float
+    then: int = 0
+    rechain: bool = False
     requested: float = 0.0
     attempts: int = 0
+
+    def high(self) -> int:
+        return self.then if self.rechain and self.then else self.anchor
 
 
 def _one_split(count: int, pieces: dict[int, bytes]) -> bool:
@@ -685,7 +699,8 @@ class Consumer:
     The first message of a device sets where its chain starts: nothing before it is asked for,
     unless `from_start` (then everything the gateway still holds of that device is wanted).
     Units split for the size cap arrive as parts; they are joined here (at most `max_partial`
-    bytes held; the oldest incomplete unit is dropped beyond, and asked for again by its gap).
+    bytes held; beyond it the other incomplete units are dropped, oldest first, and asked for
+    again by their gaps; a unit that alone is larger is not joined).
 
     A unit that cannot be decoded, or whose device is not its message's, is counted in
     `undecodable` and not delivered (its gap asks for it again); `on_refused(gateway, device,
@@ -728,8 +743,8 @@ class Consumer:
         lost meanwhile (a restart without persistence, an expired session) is then a gap,
         found when the device's next unit arrives, and asked for again; without it a fresh
         Consumer takes the first unit it sees as the device's start. Call before feeding
-        anything of that device; units at or below `seq` sent again are delivered again (a
-        database keyed on (gateway, seq) drops them)."""
+        anything of that device; units below `seq` sent again are delivered again (a database
+        keyed on (gateway, seq) drops them), `seq` itself is taken as kept and is not."""
         if type(seq) is not int or not 1 <= seq <= _SEQ_MAX:
             raise ValueError("seq must be an integer from 1 to 2**62")
         key = (gateway, device)
@@ -784,18 +799,35 @@ class Consumer:
             if self._parts:  # parts of a split of this unit, now whole (sent under a larger cap)
                 self._drop_parts((gw, seq))
             out.append(Delivered(gw, dev, seq, unit, env.replay))
-        # The chain: the message names the device's unit before its first; inside a message
-        # each unit's predecessor is the one before it. The seqs between are other devices':
-        # counted as accounted for in this device's runs, so they stay few (one per gap).
+        self._follow(env, seqs, now)
+        return out
+
+    def _follow(self, env: Envelope, seqs: list[int], now: float) -> None:
+        """The chain: the message names the device's unit before its first; inside a message
+        each unit's predecessor is the one before it. The seqs between are other devices':
+        counted as accounted for in this device's runs, so they stay few (one per gap). A repeat
+        tells it as well as a first sending (a replay's `pv` is the unit held now)."""
+        key = (env.gateway, env.device)
+        own = self._own[key]
         if seqs:
             if env.prev and env.prev + 1 < seqs[0]:
                 own.add(env.prev + 1, seqs[0] - 1)
             for a, b in zip(seqs, seqs[1:], strict=False):
                 if a + 1 < b:
                     own.add(a + 1, b - 1)
+        if seqs and self._gaps.get(key):
+            gaps = self._gaps[key]
+            for anchor, gap in list(gaps.items()):
+                if not gap.rechain:
+                    continue
+                if env.replay and env.prev < anchor < seqs[0]:
+                    # A replay of a unit above a gone anchor whose `pv` (the device's previous
+                    # unit held now) lies below it: the chain goes on from there (checked below).
+                    del gaps[anchor]
+                elif not gap.then and seqs[-1] > anchor:
+                    gap.then, gap.attempts, gap.noticed = seqs[-1], 0, -math.inf  # one to ask up to
         self._check(key, env.prev, seqs[0] if seqs else 0, now)
         self._settle(key)
-        return out
 
     def _refuse(self, gw: str, dev: str, seq: int, blob: bytes, why: str) -> None:
         self.undecodable += 1
@@ -803,29 +835,45 @@ class Consumer:
             self.on_refused(gw, dev, seq, blob, why[:300])
 
     def _check(self, key: tuple[str, str], prev: int, first: int, now: float) -> None:
-        gw = key[0]
-        if prev <= self._start.get(key, 0) or prev in self._own[key] or prev in self._gone.get(gw, ()):
+        if prev <= self._start.get(key, 0) or prev in self._own[key]:
             return
         gaps = self._gaps.setdefault(key, {})
         if prev in gaps:
             return
         below = self._own[key].below(prev)
         low = max(below if below is not None else 0, self._start.get(key, 0)) + 1
-        gaps[prev] = _Gap(low, prev, now)
+        gaps[prev] = _Gap(low, prev, now, then=first)
+        self._settle(key)  # an anchor already said gone: the gap asks for its chain at once
 
     def _settle(self, key: tuple[str, str]) -> None:
-        """Close the gaps whose anchor arrived or is gone."""
+        """Close the gaps whose anchor arrived; a gap whose anchor is gone asks for the unit that
+        named it, to learn the device's unit before it held now, unless that is gone too."""
         gaps = self._gaps.get(key)
         if not gaps:
             return
         own, gone = self._own[key], self._gone.get(key[0], _Runs())
-        for anchor in [a for a in gaps if a in own or a in gone]:
-            del gaps[anchor]
+        for anchor, gap in list(gaps.items()):
+            if anchor in own:
+                del gaps[anchor]
+            elif gap.rechain or anchor in gone:
+                unknown = [r for a, b in own.missing(gap.low, anchor - 1) for r in gone.missing(a, b)]
+                if gap.then and gap.then in gone:
+                    # Gone as well: the device's newest unit seen (else the next to come) names
+                    # what is held below it.
+                    newest = own.ends[-1] if own.ends else 0
+                    gap.then = newest if newest > gap.then and newest not in gone else 0
+                if not unknown:
+                    del gaps[anchor]  # nothing below it is still to come
+                elif not gap.rechain:
+                    gap.rechain = True
+                    gap.attempts = 0  # a new question: asked at the next requests()
+                    gap.noticed = -math.inf
 
     def _on_part(self, env: Envelope, now: float) -> list[Delivered]:
         seq = env.seqs[0]
         if seq in self._own.get((env.gateway, env.device), ()):
             self.duplicates += 1
+            self._follow(env, [seq], now)  # its `pv` may be what a gap waits for
             return []
         index, count = env.part or (0, 1)
         piece = env.units[0]
@@ -833,7 +881,11 @@ class Consumer:
         held = self._parts.get(key)
         # A unit sent again under another size cap (the gateway's session with another broker)
         # is split otherwise: the parts of the other split are dropped, never joined with these.
-        if held is not None and (held[0] != count or not _one_split(count, {**held[1], index: piece})):
+        if held is not None and (
+            held[0] != count
+            or not _one_split(count, {**held[1], index: piece})
+            or (index in held[1] and len(held[1][index]) != len(piece))
+        ):
             self._drop_parts(key)
             held = None
         if held is None:
@@ -842,11 +894,16 @@ class Consumer:
         if index not in got:
             got[index] = piece
             self._partial_bytes += len(piece)
-        while self._partial_bytes > self.max_partial and len(self._parts) > 1:
-            oldest = next(iter(self._parts))
-            if oldest == key:
+        # The bound holds for the unit being joined too: a unit larger than max_partial is never
+        # joined (edgeos's units are at most about 256 KiB; the default is 64 MiB), and parts
+        # published by anyone with an endless count cannot grow memory past it.
+        for other in [k for k in self._parts if k != key]:
+            if self._partial_bytes <= self.max_partial:
                 break
-            self._drop_parts(oldest)
+            self._drop_parts(other)
+        if self._partial_bytes > self.max_partial:
+            self._drop_parts(key)
+            return []
         if len(got) < count:
             return []
         del self._parts[key]
@@ -887,7 +944,7 @@ class Consumer:
                 # A gateway takes at most REPLAY_MAX_SPAN seqs a request: a wider gap (a
                 # consumer `from_start` on a gateway past 10 M seqs, a long outage) is asked
                 # for in several, newest first (the anchor's answer moves the chain on).
-                high = gap.anchor
+                high = gap.high()
                 while high >= gap.low:
                     low = max(gap.low, high - REPLAY_MAX_SPAN + 1)
                     out.append((topic, encode_replay_request(gw, low, high, dev)))
