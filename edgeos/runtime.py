@@ -1258,6 +1258,11 @@ class Runtime:
                 key = "store:full" if isinstance(e, StoreFull) else "store:write"
                 self.errors.log(logging.ERROR, key, "%s; keeping samples in memory and retrying", e)
                 return False
+            finally:
+                # The error's traceback holds this frame, which holds the future, which holds the
+                # error: a cycle that kept every batch of a failed commit (those since dropped
+                # over memory_buffer too) until the next collection, up to twice the buffer.
+                fut = None
             self._committing = None
             self.commit_latency.observe(time.perf_counter() - t0)
             if TRACE is not None:

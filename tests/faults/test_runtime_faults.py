@@ -14,7 +14,9 @@ def test_full_disk_memory_status_and_stop(tmp_path, on_tmpfs):
     out, r = on_tmpfs(CHILD, "8m", run_dir)
     assert r["store_errors"] > 0 and r["dropped"] > 0
     # (item 8) memory_buffer counts real bytes: one-sample batches cost ~600 bytes each in
-    # memory, so a 1 MiB buffer holds under 2,000 of them (plus what waits in the queues).
+    # memory, so a 1 MiB buffer holds under 2,000 of them (plus what waits in the queues, at
+    # most 2 x 256), at every moment: the most seen alive, uncollected garbage included (a
+    # reference cycle once kept a failed commit's batches, about 3,500 alive at a time).
     assert r["batches_held"] < 3_000, r["batches_held"]
     # (item 12) the status stays fresh while the store refuses writes.
     assert max(r["status_ages"]) < 3.0, r["status_ages"]
