@@ -786,8 +786,7 @@ class Consumer:
                 continue
             try:
                 unit = decode_unit(blob)
-            except (ValueError, LookupError, TypeError, AttributeError, ArithmeticError, msgpack.UnpackException) as e:
-                # decode_unit trusts a unit's shape (the store wrote it); a broker's may lie
+            except ValueError as e:  # decode_unit refuses a garbled unit with ValueError only
                 self._refuse(gw, dev, seq, blob, f"undecodable unit: {type(e).__name__}: {e}")
                 continue
             if unit.device != dev:
@@ -842,8 +841,7 @@ class Consumer:
             return
         below = self._own[key].below(prev)
         low = max(below if below is not None else 0, self._start.get(key, 0)) + 1
-        gaps[prev] = _Gap(low, prev, now, then=first)
-        self._settle(key)  # an anchor already said gone: the gap asks for its chain at once
+        gaps[prev] = _Gap(low, prev, now, then=first)  # settled by the caller: an anchor said gone asks at once
 
     def _settle(self, key: tuple[str, str]) -> None:
         """Close the gaps whose anchor arrived; a gap whose anchor is gone asks for the unit that
