@@ -810,10 +810,10 @@ class Consumer:
         own = self._own[key]
         if seqs:
             if env.prev and env.prev + 1 < seqs[0]:
-                own.add(env.prev + 1, seqs[0] - 1)
+                self._between(key, own, env.prev + 1, seqs[0] - 1)
             for a, b in zip(seqs, seqs[1:], strict=False):
                 if a + 1 < b:
-                    own.add(a + 1, b - 1)
+                    self._between(key, own, a + 1, b - 1)
         if seqs and self._gaps.get(key):
             gaps = self._gaps[key]
             for anchor, gap in list(gaps.items()):
@@ -827,6 +827,28 @@ class Consumer:
                     gap.then, gap.attempts, gap.noticed = seqs[-1], 0, -math.inf  # one to ask up to
         self._check(key, env.prev, seqs[0] if seqs else 0, now)
         self._settle(key)
+
+    def _between(self, key: tuple[str, str], own: _Runs, a: int, b: int) -> None:
+        """Seqs a..b, which a message says hold none of the device's units (the gateway's
+        units between two consecutive ones of the device, held now): other devices' units, or
+        the device's that are gone. Accounted for, but for the top of a gap not yet answered:
+        a unit of this device a message named, so the gateway no longer holds it. That gap
+        asks at once, so that the gateway's answer reports it gone; taken as accounted for,
+        it would have been neither delivered nor reported (a replay asked by another consumer
+        names the unit before it held now)."""
+        gaps = self._gaps.get(key)
+        if gaps:
+            gone = self._gone.get(key[0])
+            for anchor in sorted(x for x in gaps if a <= x <= b):
+                gap = gaps[anchor]
+                if gap.rechain or (gone is not None and anchor in gone):
+                    continue  # answered already: reported gone
+                if a < anchor:
+                    own.add(a, anchor - 1)
+                a = anchor + 1
+                gap.attempts, gap.noticed = 0, -math.inf
+        if a <= b:
+            own.add(a, b)
 
     def _refuse(self, gw: str, dev: str, seq: int, blob: bytes, why: str) -> None:
         self.undecodable += 1
