@@ -168,14 +168,19 @@ class Outbox:
     def range(self, first: int, last: int, device: str | None = None, max_bytes: int = 1 << 20) -> UnitRun:
         """Units with first <= id <= last (of `device` only, when given), in id order, up to
         about `max_bytes`. `last` of the result is where the next read starts after."""
-        where = "id >= ? AND id <= ?" + (" AND device = ?" if device is not None else "")
-        return self._run(where, (first, last, device), max_bytes, upto=last)
+        return self._range(self.conn(), first, last, device, max_bytes)
 
-    def _run(self, where: str, args: tuple, max_bytes: int, upto: int | None = None) -> UnitRun:
+    def _range(self, db: sqlite3.Connection, first: int, last: int, device: str | None, max_bytes: int) -> UnitRun:
+        where = "id >= ? AND id <= ?" + (" AND device = ?" if device is not None else "")
+        return self._run(where, (first, last, device), max_bytes, upto=last, db=db)
+
+    def _run(
+        self, where: str, args: tuple, max_bytes: int, upto: int | None = None, db: sqlite3.Connection | None = None
+    ) -> UnitRun:
         """The units `where` selects, from the first, up to about `max_bytes`. With `upto` (the
         highest id `where` admits), `last` is `upto` when no unit is left after the run."""
         params = tuple(a for a in args if a is not None)
-        db = self.conn()
+        db = db or self.conn()
         count = min(RUN_ROWS, max_bytes // self._unit_size + 1)  # at the last run's mean unit size
         run = self._concatenated(db, where, params, count, max(RUN_CAP, 4 * max_bytes))
         if run is None:
@@ -255,20 +260,41 @@ class Outbox:
             run.last = upto  # nothing more in the range
         return run
 
+    def held_range(
+        self, first: int, last: int, device: str | None = None, max_bytes: int = 1 << 20
+    ) -> tuple[UnitRun, list[tuple[int, int]]]:
+        """`range(first, last, device, max_bytes)` and `gone(first, run.last)`, read in one
+        snapshot: each id of [first, run.last] is then in the run, another device's held unit,
+        or gone. (Read apart, a unit the budget or retention deletes between the two reads
+        would be in neither: the replay's answer must name it.)"""
+        db = self.conn()
+        db.execute("BEGIN")
+        try:
+            run = self._range(db, first, last, device, max_bytes)
+            return run, self._holes(db, first, run.last)
+        finally:
+            db.execute("COMMIT")
+
     def gone(self, first: int, last: int) -> list[tuple[int, int]]:
         """The ids in [first, last] this store no longer holds, as inclusive runs: one pass
         over the ids (the primary key), returning only the edges of the holes."""
         db = self.conn()
         db.execute("BEGIN")
         try:
-            holes = db.execute(
-                "SELECT p + 1, id - 1 FROM (SELECT id, LAG(id, 1, ?) OVER (ORDER BY id) AS p FROM units "
-                "WHERE id >= ? AND id <= ?) WHERE id > p + 1",
-                (first - 1, first, last),
-            ).fetchall()
-            top = db.execute("SELECT MAX(id) FROM units WHERE id >= ? AND id <= ?", (first, last)).fetchone()[0]
+            return self._holes(db, first, last)
         finally:
             db.execute("COMMIT")
+
+    @staticmethod
+    def _holes(db: sqlite3.Connection, first: int, last: int) -> list[tuple[int, int]]:
+        if first > last:
+            return []
+        holes = db.execute(
+            "SELECT p + 1, id - 1 FROM (SELECT id, LAG(id, 1, ?) OVER (ORDER BY id) AS p FROM units "
+            "WHERE id >= ? AND id <= ?) WHERE id > p + 1",
+            (first - 1, first, last),
+        ).fetchall()
+        top = db.execute("SELECT MAX(id) FROM units WHERE id >= ? AND id <= ?", (first, last)).fetchone()[0]
         if top is None:
             return [(first, last)]
         out = [(int(a), int(b)) for a, b in holes]

@@ -31,6 +31,7 @@ value that was true when assigned and never ahead of an unacknowledged unit. The
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -682,10 +683,16 @@ class Sync:
                 self.status.replay_gone += sum(b - a + 1 for a, b in gone)
                 after, prev = req.first - 1, {}
                 while after < last:
-                    run, messages, framed = await loop.run_in_executor(
-                        pool, self._replay_read, outbox, after, last, req.device, dict(prev)
+                    run, messages, framed, late = await loop.run_in_executor(
+                        pool, self._replay_read, outbox, after, last, req.device, dict(prev), gone
                     )
                     prev.update(framed)
+                    # Units the budget or retention deleted since the first answer: gone too,
+                    # said before the units above them.
+                    for payload in self._gone_messages(req, last, late):
+                        await self._cap.take(len(payload))
+                        await session.publish(self.gone_topic, payload)
+                    self.status.replay_gone += sum(b - a + 1 for a, b in late)
                     for device, _seqs, payload, _samples in messages:
                         await self._cap.take(len(payload))
                         await window.acquire()
@@ -713,13 +720,20 @@ class Sync:
         return last, outbox.gone(req.first, last) if req.first <= last else []
 
     def _replay_read(
-        self, outbox: Outbox, after: int, last: int, device: str | None, prev: dict[str, int]
-    ) -> tuple[UnitRun, list[tuple[str, list[int], bytes, int]], dict[str, int]]:
-        """The next run of a replayed range, framed as replays; in the replay's reader thread."""
-        run = outbox.range(after + 1, last, device, READ_BYTES)
+        self,
+        outbox: Outbox,
+        after: int,
+        last: int,
+        device: str | None,
+        prev: dict[str, int],
+        answered: list[tuple[int, int]],
+    ) -> tuple[UnitRun, list[tuple[str, list[int], bytes, int]], dict[str, int], list[tuple[int, int]]]:
+        """The next run of a replayed range, framed as replays, and the runs of the ids it
+        covers gone since the first answer (`answered`); in the replay's reader thread."""
+        run, holes = outbox.held_range(after + 1, last, device, READ_BYTES)
         self._fresh_file(outbox)
         messages, framed = self._frame(run, prev, replay=True, outbox=outbox)
-        return run, messages, framed
+        return run, messages, framed, _minus(holes, answered)
 
     async def _send_replay(self, session: Session, window: asyncio.Semaphore, device: str, payload: bytes) -> None:
         try:
@@ -735,6 +749,26 @@ class Sync:
             pool.shutdown(wait=True)
         self._readers = {}
         self.outbox.close()
+
+
+def _minus(runs: list[tuple[int, int]], known: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of sorted, disjoint inclusive `runs` outside sorted, disjoint `known`."""
+    starts = [a for a, _ in known]
+    out = []
+    for a, b in runs:
+        i = max(0, bisect.bisect_right(starts, a) - 1)
+        while a <= b and i < len(known):
+            ka, kb = known[i]
+            if ka > b:
+                break
+            if kb >= a:
+                if ka > a:
+                    out.append((a, ka - 1))
+                a = max(a, kb + 1)
+            i += 1
+        if a <= b:
+            out.append((a, b))
+    return out
 
 
 def piece_size(room: int) -> int:

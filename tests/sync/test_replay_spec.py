@@ -499,6 +499,40 @@ async def test_seqs_below_the_lowest_held_are_gone(write_config, broker, running
     assert central.replies(mark)[0].kind == "gone"
 
 
+@pytest.mark.parametrize("dev", [None, "d0"])
+async def test_units_deleted_while_a_replay_is_answered_are_answered_gone(write_config, broker, running, dev):
+    """ "the exact inclusive runs ... it no longer holds" and "republishes every unit it still
+    holds": the budget or retention may delete units after the gone answer and before the
+    units are read (an independent tester saw seqs in neither). Here 11..14 are deleted right
+    after the first answer is planned: they must be answered gone, before the units above
+    them, and every seq of the range is then replayed or gone."""
+    cfg, sync = make_sync(write_config, broker.port)
+    data = cfg.gateway.data_dir
+    build_store(data, alternating(40))
+    have = held(data)
+    plan = sync._replay_plan
+
+    def plan_then_delete(outbox, req):
+        out = plan(outbox, req)
+        delete(data, range(11, 15))
+        return out
+
+    sync._replay_plan = plan_then_delete
+    async with Listener(broker.port) as central, running(sync):
+        await started(central, sync, have)
+        mark = await central.ask(request(1, 40, dev))
+        want = {s for s in range(1, 41) if s not in range(11, 15) and (dev is None or have[s][0] == dev)}
+        await wait_until(lambda: set(central.replayed(mark)[0]) >= want and central.gones(mark), 10)
+        await asyncio.sleep(SETTLE)
+    assert central.gones(mark) == [gone_doc(1, 40, dev, [[11, 14]])]
+    count, units = central.replayed(mark)
+    assert set(count) == want and all(units[s] == have[s][1] for s in count)
+    replies = central.replies(mark)
+    first_above = next(i for i, h in enumerate(replies) if h.kind == "data" and max(h.doc["seq"]) > 14)
+    assert [h.kind for h in replies].index("gone") < first_above
+    assert sync.status.replay_gone == 4
+
+
 async def test_replayed_messages_are_the_stored_units_marked_rp(write_config, broker, running):
     """ "republishes every unit it still holds in the range ... byte for byte as first sent: the
     same seq, the same unit bytes, in envelopes marked `rp` (their `pv` is the device's previous
