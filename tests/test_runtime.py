@@ -415,11 +415,16 @@ async def test_a_status_file_that_cannot_be_written_never_stops_ingest(write_con
     assert "cannot write the status file" in caplog.text
 
 
-async def test_live_status_goes_to_run_dir_and_the_final_one_to_the_data_dir(write_config, run_runtime, tmp_path):
+@pytest.mark.parametrize("exists", [True, False])
+async def test_live_status_goes_to_run_dir_and_the_final_one_to_the_data_dir(
+    write_config, run_runtime, tmp_path, exists
+):
+    """A configured run_dir that does not exist yet is created, as data_dir is."""
     from edgeos.service.status import STATUS_NAME, live_path, read_status
 
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    if exists:
+        run_dir.mkdir()
     cfg = load_config(write_config(GATEWAY.replace('data_dir = "data"', 'data_dir = "data"\nrun_dir = "run"') + SIMPLE))
     live = live_path(cfg.gateway.data_dir, run_dir)
     assert live.parent == run_dir

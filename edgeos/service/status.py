@@ -46,7 +46,12 @@ LINK_NAME = "status.live"  # in the data directory: where the live status of its
 
 def link_live(data_dir: Path, live: Path) -> None:
     """Point `data_dir/status.live` at the live status file, once at start (one small write),
-    so that `edgeos status --data-dir` finds it in whatever run directory the daemon uses."""
+    so that `edgeos status --data-dir` finds it in whatever run directory the daemon uses.
+    A configured `run_dir` that does not exist yet is created, as `data_dir` is."""
+    try:
+        Path(live).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _errors.log(logging.WARNING, "run-dir", "cannot create the run directory %s (%s)", Path(live).parent, e)
     link = Path(data_dir) / LINK_NAME
     if live == Path(data_dir) / STATUS_NAME:
         with contextlib.suppress(OSError):
