@@ -8,6 +8,7 @@ command `run` calls the same function, so the daemon's behaviour lives here only
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,17 @@ def plain_run(args: list[str]) -> dict[str, Any] | None:
     return kw
 
 
+class _Held(logging.Handler):
+    """Log records kept until logging is set up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def run_daemon(config: Path, log_level: str | None = None, log_format: str = "auto") -> int:
     """Run the daemon in the foreground until SIGTERM; the exit code (2: invalid config or
     arguments, 1: it failed)."""
@@ -53,14 +65,25 @@ def run_daemon(config: Path, log_level: str | None = None, log_format: str = "au
     from edgeos.logs import setup as setup_logging
     from edgeos.runtime import Runtime
 
+    # What loading the config logs (a key that is not used, say) waits for the log format the
+    # command line asks for: a log shipper reading `--log-format json` takes only JSON lines.
+    held = _Held()
+    edgeos_log = logging.getLogger("edgeos")
+    edgeos_log.addHandler(held)
+    propagate, edgeos_log.propagate = edgeos_log.propagate, False
     try:
         cfg = load_config(config)
     except ConfigError as e:
+        for record in held.records:
+            print(f"{record.levelname.lower()}: {redact(record.getMessage())}", file=sys.stderr)
         n = len(e.problems)
         print(f"{config}: invalid config ({n} problem{'s' if n != 1 else ''}):", file=sys.stderr)
         for p in e.problems:
             print(f"  {redact(str(p))}", file=sys.stderr)
         return 2
+    finally:
+        edgeos_log.removeHandler(held)
+        edgeos_log.propagate = propagate
     if log_format not in FORMATS:
         print(f"edgeos: --log-format {log_format!r}: expected one of {', '.join(FORMATS)}", file=sys.stderr)
         return 2
@@ -69,6 +92,8 @@ def run_daemon(config: Path, log_level: str | None = None, log_format: str = "au
         print(f"edgeos: --log-level {log_level!r}: expected one of {', '.join(levels)}", file=sys.stderr)
         return 2
     setup_logging(log_level or cfg.gateway.log_level, log_format)
+    for record in held.records:
+        logging.getLogger(record.name).handle(record)
     rt = Runtime(cfg)
     # What is alive now (modules, plugins, the config) lives as long as the daemon: kept out of
     # the collector's full passes, which otherwise stall the loop for tens of ms (polls late).

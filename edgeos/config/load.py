@@ -61,19 +61,46 @@ def _template_check(*allowed: str):
     return check
 
 
+def split_server(entry: str, default_port: int) -> tuple[str, int]:
+    """One `servers` entry: "host", "host:port", "[v6 address]" or "[v6 address]:port", port
+    1-65535. ValueError names what is wrong (an address with colons must be in brackets: is
+    "fe80::1:1883" a port or part of the address?)."""
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket:
+            raise ValueError("no closing ] after the IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{rest!r} after the ]: write [address]:port")
+        port = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        raise ValueError("an IPv6 address goes in brackets: [address] or [address]:port")
+    else:
+        host, colon, port = entry.partition(":")
+        port = port if colon else None
+    if not host:
+        raise ValueError("no host name or address")
+    if any(c.isspace() for c in host):
+        raise ValueError("a space in the host name")
+    if port is None:
+        return host, default_port
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+    return host, int(port)
+
+
 def _servers_check(v: list[str]) -> str | None:
-    """Each broker as host, host:port or [v6]:port, port 1-65535; at least one."""
+    """Each broker as host, host:port, [v6] or [v6]:port, port 1-65535; at least one. Every
+    malformed entry is named at once."""
     if not v:
         return 'found an empty list, expected at least one "host:port"'
+    wrong = []
     for entry in v:
-        host, port = entry, "1"
-        if entry.startswith("["):
-            host, _, rest = entry[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else "1"
-        elif ":" in entry:
-            host, _, port = entry.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            return f'found "{entry}", expected "host:port" (port 1-65535)'
+        try:
+            split_server(entry, 1)
+        except ValueError as e:
+            wrong.append(f'"{entry}" ({e})')
+    if wrong:
+        return f'found {", ".join(wrong)}, expected "host:port", "host", or "[v6 address]:port"'
     return None
 
 

@@ -170,14 +170,21 @@ class _Chain:
     size: int = READ_FIRST  # small reads first, so the first messages go out soon; then doubling
 
 
-def _next_try_delay(attempt: int, servers: int, lo_ns: int, hi_ns: int) -> float:
+def _next_try_delay(attempt: int, servers: int, lo_ns: int, hi_ns: int, *, at_once: bool = False) -> float:
     """Seconds before connection attempt `attempt` + 1 of an outage. With several brokers the
     backoff grows per round of the list, not per broker. Only a round's first try waits the
     jittered backoff (a fleet that lost its broker spreads out there); the next broker of the
     same round is tried after at most a quarter of `lo_ns`: the list is a cluster whose nodes
     electing a leader may each hold a connection for CONNECT_TIMEOUT, and waiting between them
     only adds to the failover (issue 25: `sync.failover_s`). Rounds are counted in attempts
-    since the last reset (a session that moved the cursor), not by the transport's index."""
+    since the last reset (a session that moved the cursor), not by the transport's index.
+    `at_once`: the outage's first try was made without a wait (the daemon's start), so it
+    was its first round's first try, and the next broker follows it soon."""
+    if at_once:
+        rounds, nth = divmod(attempt + 1, max(1, servers))
+        if nth:
+            return random.uniform(0, lo_ns / 4e9)
+        return backoff_delay(rounds - 1, lo_ns, hi_ns)
     rounds, nth = divmod(attempt, max(1, servers))
     if nth:
         return random.uniform(0, lo_ns / 4e9)
@@ -415,6 +422,7 @@ class Sync:
 
     async def _connect_loop(self) -> None:
         attempt = 0
+        at_once = True  # the first try is made without a wait: the first of its round
         lo = self.options["reconnect_min"]
         hi = self.options["reconnect_max"]
         while True:
@@ -444,9 +452,10 @@ class Sync:
                 # The session moved the cursor (or stood) before it failed: a new outage, so
                 # backoff starts over. One whose unit is refused again and again cannot move the
                 # cursor past it, whatever else is acknowledged meanwhile: it keeps backing off.
-                attempt = 0
+                attempt, at_once = 0, False
             self.status.state = "backoff"
-            await asyncio.sleep(_next_try_delay(attempt, len(getattr(self.transport, "servers", ())), lo, hi))
+            servers = len(getattr(self.transport, "servers", ()))
+            await asyncio.sleep(_next_try_delay(attempt, servers, lo, hi, at_once=at_once))
             attempt += 1
 
     def _cap_source(self) -> str:

@@ -38,6 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeos.aio import within
+from edgeos.config.load import split_server
 from edgeos.errors import SyncError
 
 log = logging.getLogger("edgeos.sync")
@@ -405,21 +406,17 @@ class MqttSession:
 
 def servers(options: dict[str, Any]) -> list[tuple[str, int]]:
     """(host, port) of each broker to try, in order: `servers` ("host:port", "[v6]:port", a
-    bare host with the default port, or a (host, port) pair), else `host`/`port`."""
+    bare host with the default port, or a (host, port) pair), else `host`/`port` (`host` is a
+    name or address, an IPv6 one without brackets)."""
     default = options.get("port") or (8883 if options.get("tls") else 1883)
+    if not options.get("servers"):
+        return [(str(options.get("host") or "127.0.0.1"), int(default))]
     out = []
-    for entry in options.get("servers") or [str(options.get("host") or "127.0.0.1")]:
+    for entry in options["servers"]:
         if isinstance(entry, (tuple, list)):
             out.append((str(entry[0]), int(entry[1])))
-            continue
-        host, port = entry, default
-        if entry.startswith("["):
-            host, _, rest = entry[1:].partition("]")
-            port = int(rest[1:]) if rest.startswith(":") else default
-        elif entry.count(":") == 1:
-            host, _, p = entry.partition(":")
-            port = int(p)
-        out.append((host, port))
+        else:
+            out.append(split_server(entry, default))
     return out
 
 

@@ -114,6 +114,12 @@ def test_the_next_node_of_a_round_is_tried_soon_and_each_round_backs_off():
         assert 0.5 <= d[0] <= 2 and 0.5 <= d[3] <= 4 and 0.5 <= d[6] <= 8, d
         # One server: every try is a round's first (the herd test's policy).
         assert all(0.5 <= _next_try_delay(a, 1, lo, hi) <= 2 ** (a + 1) for a in range(4))
+        # At the daemon's start the first try is made at once: it is the first round's first,
+        # and the next servers follow it soon (a closed first server costs no backoff).
+        d = [_next_try_delay(a, 3, lo, hi, at_once=True) for a in range(8)]
+        assert all(0 <= d[a] <= 0.25 for a in (0, 1, 3, 4, 6, 7)), d
+        assert 0.5 <= d[2] <= 2 and 0.5 <= d[5] <= 4, d
+        assert all(0.5 <= _next_try_delay(a, 1, lo, hi, at_once=True) <= 2 ** (a + 1) for a in range(4))
     # The rounds do grow: over many draws, the third round's mean is well above the first's.
     first = sum(_next_try_delay(0, 3, lo, hi) for _ in range(2000)) / 2000
     third = sum(_next_try_delay(6, 3, lo, hi) for _ in range(2000)) / 2000
