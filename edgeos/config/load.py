@@ -71,6 +71,12 @@ def split_server(entry: str, default_port: int) -> tuple[str, int]:
             raise ValueError("no closing ] after the IPv6 address")
         if rest and not rest.startswith(":"):
             raise ValueError(f"{rest!r} after the ]: write [address]:port")
+        import ipaddress  # only for a bracketed entry: the daemon imports it with its MQTT client
+
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
         port = rest[1:] if rest else None
     elif entry.count(":") > 1:
         raise ValueError("an IPv6 address goes in brackets: [address] or [address]:port")

@@ -404,6 +404,11 @@ class MqttSession:
             )
 
 
+def _host_port(host: str, port: int) -> str:
+    """host:port as `servers` writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def servers(options: dict[str, Any]) -> list[tuple[str, int]]:
     """(host, port) of each broker to try, in order: `servers` ("host:port", "[v6]:port", a
     bare host with the default port, or a (host, port) pair), else `host`/`port` (`host` is a
@@ -440,7 +445,7 @@ class MqttTransport:
         self.servers = servers(options)
         self._index = 0
         self.host, self.port = self.servers[0]
-        self.where = f"broker {self.host}:{self.port}"
+        self.where = f"broker {_host_port(self.host, self.port)}"
         topic = options.get("status_topic")
         self.status_topic = topic.format(gateway=gateway) if topic else None
         self._warned_cleartext = False
@@ -516,7 +521,7 @@ class MqttTransport:
     async def session(self) -> AsyncIterator[MqttSession]:
         self._warn_cleartext()
         self.host, self.port = self.servers[self._index]
-        self.where = f"broker {self.host}:{self.port}"
+        self.where = f"broker {_host_port(self.host, self.port)}"
         client = self._client()
         session = MqttSession(client, self.where, manual_ack=bool(self.options.get("manual_ack")))
         socket_errors: list[str] = []  # paho's own log of the setup, for _explain

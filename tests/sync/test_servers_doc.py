@@ -204,7 +204,7 @@ async def test_an_ipv6_broker_in_brackets_gets_every_seq(tmp_path, make_broker, 
             await wait_until(lambda: sync(rt)["published_messages"] >= 20, 15, "20 messages acknowledged over ::1")
             st = sync(rt)
             assert st["state"] == "connected" and st["connects"] >= 1, st
-            assert names(st["server"], p6) and "::1" in st["server"], st["server"]
+            assert names(st["server"], p6) and f"[::1]:{p6}" in st["server"], st["server"]
         await assert_everything_delivered(rt, tmp_path / "data", got)
 
 
@@ -477,6 +477,10 @@ MALFORMED = {
     "host:notaport": '["127.0.0.1:notaport"]',
     "unclosed bracket": '["[::1"]',
     "text after the bracket": '["[::1]x"]',
+    "a second bracket": '["[::1]]:1883"]',
+    "IPv6 without brackets": '["::1"]',  # the doc since 208d73e: "an address with colons must be in brackets"
+    "IPv6 and port without brackets": '["::1:1883"]',
+    "IPv4 in brackets": '["[127.0.0.1]:1883"]',  # "only an IPv6 address may be" (in brackets)
     "port above 65535": '["127.0.0.1:65536"]',
     "port 0": '["127.0.0.1:0"]',
     "empty entry": '[""]',
