@@ -691,9 +691,10 @@ class Sync:
                     await session.publish(self.gone_topic, payload)
                 self.status.replay_gone += sum(b - a + 1 for a, b in gone)
                 after, prev = req.first - 1, {}
+                answered = (gone, [a for a, _ in gone])
                 while after < last:
                     run, messages, framed, late = await loop.run_in_executor(
-                        pool, self._replay_read, outbox, after, last, req.device, dict(prev), gone
+                        pool, self._replay_read, outbox, after, last, req.device, dict(prev), answered
                     )
                     prev.update(framed)
                     # Units the budget or retention deleted since the first answer: gone too,
@@ -735,14 +736,15 @@ class Sync:
         last: int,
         device: str | None,
         prev: dict[str, int],
-        answered: list[tuple[int, int]],
+        answered: tuple[list[tuple[int, int]], list[int]],
     ) -> tuple[UnitRun, list[tuple[str, list[int], bytes, int]], dict[str, int], list[tuple[int, int]]]:
         """The next run of a replayed range, framed as replays, and the runs of the ids it
-        covers gone since the first answer (`answered`); in the replay's reader thread."""
+        covers gone since the first answer (`answered`: its runs and their starts); in the
+        replay's reader thread."""
         run, holes = outbox.held_range(after + 1, last, device, READ_BYTES)
         self._fresh_file(outbox)
         messages, framed = self._frame(run, prev, replay=True, outbox=outbox)
-        return run, messages, framed, _minus(holes, answered)
+        return run, messages, framed, _minus(holes, *answered)
 
     async def _send_replay(self, session: Session, window: asyncio.Semaphore, device: str, payload: bytes) -> None:
         try:
@@ -760,9 +762,9 @@ class Sync:
         self.outbox.close()
 
 
-def _minus(runs: list[tuple[int, int]], known: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of sorted, disjoint inclusive `runs` outside sorted, disjoint `known`."""
-    starts = [a for a, _ in known]
+def _minus(runs: list[tuple[int, int]], known: list[tuple[int, int]], starts: list[int]) -> list[tuple[int, int]]:
+    """The parts of sorted, disjoint inclusive `runs` outside sorted, disjoint `known` (whose
+    starts are `starts`): a step of a replay, against a first answer of any length."""
     out = []
     for a, b in runs:
         i = max(0, bisect.bisect_right(starts, a) - 1)
