@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeos.config.schema import unknown_key_message
+from edgeos.config.units import split_server
 
 
 class CollectorConfigError(Exception):
@@ -167,14 +168,19 @@ def load(path: Path | str) -> CollectorConfig:
     servers: list[tuple[str, int]] = []
     tls = bool(b.get("tls", False))
     default_port = 8883 if tls else 1883
-    for s in b.get("servers") or ([f"{b['host']}:{b.get('port', default_port)}"] if b.get("host") else []):
-        host, _, port = str(s).rpartition(":")
-        if not host:
-            host, port = str(s), str(default_port)
+    if b.get("servers"):
+        # The gateway's `upstream.servers` rules (docs/config.md): one parser for both.
+        for s in b["servers"]:
+            try:
+                servers.append(split_server(str(s), default_port))
+            except ValueError as e:
+                errors.append(f"{name}: broker.servers: {s!r} is not host:port ({e})")
+    elif b.get("host"):
+        port = str(b.get("port", default_port))
         if not port.isdigit() or not 1 <= int(port) <= 65535:
-            errors.append(f"{name}: broker.servers: {s!r} is not host:port")
-            continue
-        servers.append((host.strip("[]"), int(port)))
+            errors.append(f"{name}: broker.port: found {port!r}, expected a port from 1 to 65535")
+        else:
+            servers.append((str(b["host"]), int(port)))
     if not servers:
         errors.append(f"{name}: broker.servers: at least one broker is needed (or broker.host)")
     b["servers"] = servers

@@ -17,6 +17,7 @@ from edgeos.config.model import Config, GatewayConfig, HealthConfig, HttpConfig,
 from edgeos.config.schema import Field, Problems, parse_table, unknown_key_message
 from edgeos.config.secrets import check_options as check_secret_files
 from edgeos.config.tags_csv import read_tags_csv
+from edgeos.config.units import split_server
 from edgeos.console.settings import parse_console
 from edgeos.errors import ConfigError, PluginError, Problem
 from edgeos.model import TagMeta, ValueKind
@@ -59,39 +60,6 @@ def _template_check(*allowed: str):
         return None
 
     return check
-
-
-def split_server(entry: str, default_port: int) -> tuple[str, int]:
-    """One `servers` entry: "host", "host:port", "[v6 address]" or "[v6 address]:port", port
-    1-65535. ValueError names what is wrong (an address with colons must be in brackets: is
-    "fe80::1:1883" a port or part of the address?)."""
-    if entry.startswith("["):
-        host, bracket, rest = entry[1:].partition("]")
-        if not bracket:
-            raise ValueError("no closing ] after the IPv6 address")
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{rest!r} after the ]: write [address]:port")
-        import ipaddress  # only for a bracketed entry: the daemon imports it with its MQTT client
-
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
-        port = rest[1:] if rest else None
-    elif entry.count(":") > 1:
-        raise ValueError("an IPv6 address goes in brackets: [address] or [address]:port")
-    else:
-        host, colon, port = entry.partition(":")
-        port = port if colon else None
-    if not host:
-        raise ValueError("no host name or address")
-    if any(c.isspace() for c in host):
-        raise ValueError("a space in the host name")
-    if port is None:
-        return host, default_port
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
-    return host, int(port)
 
 
 def _servers_check(v: list[str]) -> str | None:

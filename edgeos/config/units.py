@@ -1,4 +1,5 @@
-"""Durations ("250ms", "5m") and sizes ("512MiB") as plant engineers write them."""
+"""Durations ("250ms", "5m"), sizes ("512MiB") and broker addresses ("host:port", "[v6]:port")
+as plant engineers write them."""
 
 from __future__ import annotations
 
@@ -117,3 +118,36 @@ def _time_ns(text: str, now_ns: int) -> int:
         when = when.astimezone()  # naive: the gateway's local time
     # Whole microseconds since the epoch, exactly (timestamp() is a float: ~64 ns off today).
     return (when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1) * 1000
+
+
+def split_server(entry: str, default_port: int) -> tuple[str, int]:
+    """One `servers` entry: "host", "host:port", "[v6 address]" or "[v6 address]:port", port
+    1-65535. ValueError names what is wrong (an address with colons must be in brackets: is
+    "fe80::1:1883" a port or part of the address?)."""
+    if entry.startswith("["):
+        host, bracket, rest = entry[1:].partition("]")
+        if not bracket:
+            raise ValueError("no closing ] after the IPv6 address")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{rest!r} after the ]: write [address]:port")
+        import ipaddress  # only for a bracketed entry: the daemon imports it with its MQTT client
+
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address") from None
+        port = rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        raise ValueError("an IPv6 address goes in brackets: [address] or [address]:port")
+    else:
+        host, colon, port = entry.partition(":")
+        port = port if colon else None
+    if not host:
+        raise ValueError("no host name or address")
+    if any(c.isspace() for c in host):
+        raise ValueError("a space in the host name")
+    if port is None:
+        return host, default_port
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+    return host, int(port)

@@ -180,7 +180,7 @@ class Outbox:
         """The units `where` selects, from the first, up to about `max_bytes`. With `upto` (the
         highest id `where` admits), `last` is `upto` when no unit is left after the run."""
         params = tuple(a for a in args if a is not None)
-        db = db or self.conn()
+        db = db if db is not None else self.conn()
         count = min(RUN_ROWS, max_bytes // self._unit_size + 1)  # at the last run's mean unit size
         run = self._concatenated(db, where, params, count, max(RUN_CAP, 4 * max_bytes))
         if run is None:

@@ -31,7 +31,6 @@ value that was true when assigned and never ahead of an unacknowledged unit. The
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -180,15 +179,10 @@ def _next_try_delay(attempt: int, servers: int, lo_ns: int, hi_ns: int, *, at_on
     since the last reset (a session that moved the cursor), not by the transport's index.
     `at_once`: the outage's first try was made without a wait (the daemon's start), so it
     was its first round's first try, and the next broker follows it soon."""
-    if at_once:
-        rounds, nth = divmod(attempt + 1, max(1, servers))
-        if nth:
-            return random.uniform(0, lo_ns / 4e9)
-        return backoff_delay(rounds - 1, lo_ns, hi_ns)
-    rounds, nth = divmod(attempt, max(1, servers))
+    rounds, nth = divmod(attempt + at_once, max(1, servers))
     if nth:
         return random.uniform(0, lo_ns / 4e9)
-    return backoff_delay(rounds, lo_ns, hi_ns)
+    return backoff_delay(rounds - at_once, lo_ns, hi_ns)
 
 
 class _ReadAhead:
@@ -691,7 +685,9 @@ class Sync:
                     await session.publish(self.gone_topic, payload)
                 self.status.replay_gone += sum(b - a + 1 for a, b in gone)
                 after, prev = req.first - 1, {}
-                answered = (gone, [a for a, _ in gone])
+                answered = wire._Runs()  # the runs the first answer named (the consumer's run set)
+                for a, b in gone:
+                    answered.add(a, b)
                 while after < last:
                     run, messages, framed, late = await loop.run_in_executor(
                         pool, self._replay_read, outbox, after, last, req.device, dict(prev), answered
@@ -736,15 +732,14 @@ class Sync:
         last: int,
         device: str | None,
         prev: dict[str, int],
-        answered: tuple[list[tuple[int, int]], list[int]],
+        answered: wire._Runs,
     ) -> tuple[UnitRun, list[tuple[str, list[int], bytes, int]], dict[str, int], list[tuple[int, int]]]:
         """The next run of a replayed range, framed as replays, and the runs of the ids it
-        covers gone since the first answer (`answered`: its runs and their starts); in the
-        replay's reader thread."""
+        covers gone since the first answer (`answered`); in the replay's reader thread."""
         run, holes = outbox.held_range(after + 1, last, device, READ_BYTES)
         self._fresh_file(outbox)
         messages, framed = self._frame(run, prev, replay=True, outbox=outbox)
-        return run, messages, framed, _minus(holes, *answered)
+        return run, messages, framed, [r for a, b in holes for r in answered.missing(a, b)]
 
     async def _send_replay(self, session: Session, window: asyncio.Semaphore, device: str, payload: bytes) -> None:
         try:
@@ -760,26 +755,6 @@ class Sync:
             pool.shutdown(wait=True)
         self._readers = {}
         self.outbox.close()
-
-
-def _minus(runs: list[tuple[int, int]], known: list[tuple[int, int]], starts: list[int]) -> list[tuple[int, int]]:
-    """The parts of sorted, disjoint inclusive `runs` outside sorted, disjoint `known` (whose
-    starts are `starts`): a step of a replay, against a first answer of any length."""
-    out = []
-    for a, b in runs:
-        i = max(0, bisect.bisect_right(starts, a) - 1)
-        while a <= b and i < len(known):
-            ka, kb = known[i]
-            if ka > b:
-                break
-            if kb >= a:
-                if ka > a:
-                    out.append((a, ka - 1))
-                a = max(a, kb + 1)
-            i += 1
-        if a <= b:
-            out.append((a, b))
-    return out
 
 
 def piece_size(room: int) -> int:

@@ -38,7 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgeos.aio import within
-from edgeos.config.load import split_server
+from edgeos.config.units import split_server
 from edgeos.errors import SyncError
 
 log = logging.getLogger("edgeos.sync")

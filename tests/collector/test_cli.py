@@ -178,6 +178,26 @@ async def test_check_connects_to_both_ends_and_query_prints_a_tag(tmp_path, pg, 
     assert r.returncode == 2 and '--since: found "bogus"' in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_broker_servers_follow_the_gateways_rules(tmp_path):
+    """broker.servers is read as the gateway's upstream.servers (docs/config.md): a bare host
+    takes the default port, an IPv6 address goes in brackets, and a malformed entry is refused
+    (an unclosed bracket was read as an address)."""
+    from edgeos.collector.config import CollectorConfigError, load
+
+    p = tmp_path / "collector.toml"
+    body = '[broker]\nservers = [{}]\n[database]\ndsn = "postgresql://x/y"\n'
+    p.write_text(body.format('"b.plant", "[::1]:1884", "[fe80::1]"'))
+    assert load(p).broker["servers"] == [("b.plant", 1883), ("::1", 1884), ("fe80::1", 1883)]
+    for bad in ('"[::1"', '"::1:1884"', '"[::1]x"', '"h:0"'):
+        p.write_text(body.format(bad))
+        try:
+            load(p)
+        except CollectorConfigError as e:
+            assert "broker.servers" in str(e) and bad.strip('"') in str(e), e
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
 def test_a_gateway_filter_subscribes_to_those_gateways_only(tmp_path):
     from edgeos.collector.config import load
 
