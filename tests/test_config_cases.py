@@ -157,6 +157,17 @@ def test_servers_beside_host_uses_servers_and_says_host_is_not_used(tmp_path: Pa
     assert "upstream.host '10.0.0.9' is not used: upstream.servers lists the brokers" in caplog.text
 
 
+def test_every_malformed_server_is_named_by_its_index(tmp_path: Path) -> None:
+    p = tmp_path / "edgeos.toml"
+    text = (CASES / "valid_bare_choices" / "edgeos.toml").read_text()
+    p.write_text(text.replace('host = "127.0.0.1"', 'servers = ["a:1884", "[::1", "b", "b:0"]'))
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    msg = str(info.value)
+    assert 'servers[1] "[::1" (no closing ]' in msg and 'servers[3] "b:0" (port' in msg, msg
+    assert "servers[0]" not in msg and "servers[2]" not in msg, msg
+
+
 def test_a_refused_value_is_not_also_said_missing() -> None:
     """security_mode = "none" is refused (the choices are case-sensitive); the key is there, so
     no "missing" follows it, here or for a Modbus host of the wrong type."""

@@ -170,11 +170,11 @@ def load(path: Path | str) -> CollectorConfig:
     default_port = 8883 if tls else 1883
     if b.get("servers"):
         # The gateway's `upstream.servers` rules (docs/config.md): one parser for both.
-        for s in b["servers"]:
+        for i, s in enumerate(b["servers"]):
             try:
                 servers.append(split_server(str(s), default_port))
             except ValueError as e:
-                errors.append(f"{name}: broker.servers: {s!r} is not host:port ({e})")
+                errors.append(f"{name}: broker.servers[{i}]: found {s!r}, expected host:port ({e})")
     elif b.get("host"):
         port = str(b.get("port", default_port))
         if not port.isdigit() or not 1 <= int(port) <= 65535:

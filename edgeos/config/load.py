@@ -68,11 +68,11 @@ def _servers_check(v: list[str]) -> str | None:
     if not v:
         return 'found an empty list, expected at least one "host:port"'
     wrong = []
-    for entry in v:
+    for i, entry in enumerate(v):
         try:
             split_server(entry, 1)
         except ValueError as e:
-            wrong.append(f'"{entry}" ({e})')
+            wrong.append(f'servers[{i}] "{entry}" ({e})')
     if wrong:
         return f'found {", ".join(wrong)}, expected "host:port", "host", or "[v6 address]:port"'
     return None
