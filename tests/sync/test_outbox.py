@@ -82,6 +82,30 @@ def test_forwarded_units_stay_replayable_for_the_window(tmp_path):
         w.close()
 
 
+def test_the_maintenance_round_expires_forwarded_copies_at_most_once_a_minute(tmp_path):
+    """(I20) With the cursor still, the maintenance round deletes forwarded raw copies whose
+    window passed, looks at most once a minute, and writes nothing when none expired."""
+    sec = 10**9
+    w = StoreWriter(tmp_path, TAGS, StoreSettings(keep_until_synced=True, replay_window_ns=90 * sec))
+    t0 = time.time_ns()
+    try:
+        for k in range(10):
+            write(w, k, t0)
+        w.maintain(t0, compact_all=True, sync_cursor=10)
+        w.save_cursor(10)
+        raw = "SELECT COUNT(*) FROM units WHERE compacted=1"
+        assert w.db.execute(raw).fetchone()[0] == 10
+        before = w.db.total_changes
+        w.maintain(t0 + 61 * sec)  # a look, inside the window: nothing expired, nothing written
+        assert w.db.total_changes == before and w.db.execute(raw).fetchone()[0] == 10
+        w.maintain(t0 + 100 * sec)  # expired, but the last look was 39 s ago
+        assert w.db.execute(raw).fetchone()[0] == 10
+        w.maintain(t0 + 122 * sec)  # a minute after the last look
+        assert w.db.execute(raw).fetchone()[0] == 0
+    finally:
+        w.close()
+
+
 def test_a_run_stays_bounded_when_units_grow_past_the_estimate(tmp_path, monkeypatch):
     """Runs are read as one concatenation sized by the last run's mean unit size. Units that
     then grow a thousandfold (up to the writer's bound, 128 KiB, I15) must not make a run of
