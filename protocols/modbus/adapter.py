@@ -584,10 +584,12 @@ class ModbusAdapter(PollingAdapter):
             "tid_mismatches": c.tid_mismatches,
             "splits": c.splits,
             "writes": c.writes,
-            # of the (possibly shared) connection: rebuilt after going silent; RTU late-answer drains
+            # of the (possibly shared) connection: rebuilt after going silent; RTU late-answer drains;
+            # Modbus TCP answers that came after their request timed out
             "connection_rebuilds": self.link.rebuilds if self.link else 0,
             "late_answer_drains": self.link.drained if self.link else 0,
             "connection_resets": self.link.resets if self.link else 0,
+            "late_answers": self.link.late_answers if self.link else 0,
             # learned from refusals: request sizes below the configured ones, tags held Bad
             "request_limits": {
                 t: lim.size(self._limits.max_bits if t in ("coil", "di") else self._limits.max_registers)

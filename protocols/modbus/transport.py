@@ -16,10 +16,14 @@ answer is discarded, never taken for the answer to the next request. A link that
 gets an answer from any more is rebuilt (`mark_stale`): every device on it gets a fresh socket.
 
 Modbus TCP answers carry the request's transaction id, and the answer is checked here against
-the id sent (pymodbus itself lets an answer with id 0 through for any request). The link never
-sends id 0; an answer with another id, 0 included, is rejected (`StaleAnswer`), and the
-connection is reset before the next request, so the answer that was really meant for that one
-cannot be taken either. Devices that always answer with id 0 are read only when a device on
+the id sent (pymodbus itself lets an answer with id 0 through for any request, and silently
+skips one with another id). The link never sends id 0. An answer with the id of an earlier
+request on this connection that timed out is that request's late answer: skipped (counted,
+`late_answers`) while the request in flight awaits its own, which the ids tell apart. Any
+other id, 0 included, fails the request at once (`StaleAnswer`: the received bytes are looked
+at as they arrive, so it does not wait out the timeout as if the device were silent), and the
+connection is reset before the next request, so the answer that was really meant for that
+one cannot be taken either. Devices that always answer with id 0 are read only when a device on
 the link sets `zero_transaction_id`: then every timeout or rejected answer resets the
 connection (one request is in flight at a time anyway), so a late answer never meets a later
 request.
@@ -116,6 +120,15 @@ class StaleAnswer(BadResponse):
         self.code = "transaction_id"
 
 
+class _OtherTid(Exception):
+    """Raised into pymodbus's wait for an answer when a complete frame with another
+    transaction id arrived (pymodbus would skip it and wait out the timeout)."""
+
+    def __init__(self, tid: int) -> None:
+        super().__init__(tid)
+        self.tid = tid
+
+
 class ConnectionLost(DeviceError):
     def __init__(self, device: str, why: str, stage: str = "read") -> None:
         super().__init__(device, why, code="connection_lost", stage=stage)
@@ -173,6 +186,9 @@ class Link:
         self.zero_tid: set[str] = set()  # devices on this link that accept answers with transaction id 0
         self._tcp = endpoint.kind == "tcp"
         self._sent_tid = 0  # transaction id of the request in flight (Modbus TCP)
+        self._in_flight: str | None = None  # Modbus TCP: the device whose request awaits its answer
+        self._timed_out: set[int] = set()  # Modbus TCP: ids of this connection's requests that timed out
+        self.late_answers = 0  # Modbus TCP: answers to requests that had timed out (skipped)
         self._reset = False  # Modbus TCP: open a fresh connection before the next request
         self._stale = False
         self._last_timeout: dict[str, float] = {}  # device -> monotonic time of its last timeout
@@ -198,6 +214,30 @@ class Link:
             self._last_rx = time.monotonic()
         return data
 
+    def _trace_tcp_packet(self, sending: bool, data: bytes) -> bytes:
+        """Modbus TCP, bytes received (pymodbus passes what it has not framed yet): a complete
+        frame whose transaction id is neither the request's nor 0 (0 is pymodbus's to pass and
+        `_exchange`'s to judge) fails the awaited answer now. Between requests, the connection
+        is reset before the next one."""
+        if sending:
+            return data
+        i, n = 0, len(data)
+        while n - i >= 7:
+            end = i + 6 + ((data[i + 4] << 8) | data[i + 5])
+            if end > n:
+                break
+            tid = (data[i] << 8) | data[i + 1]
+            if tid in self._timed_out:
+                self._timed_out.discard(tid)  # a late answer: pymodbus skips it
+                self.late_answers += 1
+            elif tid and tid != self._sent_tid:
+                self._reset = True
+                fut = getattr(getattr(self.client, "ctx", None), "response_future", None)
+                if self._in_flight is not None and fut is not None and not fut.done():
+                    fut.set_exception(_OtherTid(tid))
+            i = end
+        return data
+
     def _new_client(self) -> Any:
         ep = self.endpoint
         # retries=0 and reconnect_delay=0: retries, timeouts and reconnection are ours. The
@@ -208,6 +248,7 @@ class Link:
             common["trace_packet"] = self._trace_packet  # arrival times, for the drain
         else:
             common["trace_pdu"] = self._trace_pdu  # transaction ids, checked in `_exchange`
+            common["trace_packet"] = self._trace_tcp_packet  # ids pymodbus would skip
         if ep.kind == "rtu":
             baud, parity, size, stop = ep.serial
             # pymodbus's serial transport opens the port with pyserial's exclusive=True (flock):
@@ -246,6 +287,7 @@ class Link:
         elif self._reset:
             self.resets += 1
         self._stale = self._reset = False
+        self._timed_out.clear()  # ids start again at 1 on a new connection
         self._close_client()
         self.client = self._new_client()
         try:
@@ -298,6 +340,10 @@ class Link:
             self._drain_until = max(self._drain_until, time.monotonic() + timeout_s)
         elif self.zero_tid:
             self._reset = True
+        else:
+            self._timed_out.add(self._sent_tid)  # its answer, if it comes, is known by its id
+            if len(self._timed_out) > 1024:
+                self._reset = True  # a fresh connection forgets them all
 
     async def _drain(self) -> None:
         """Wait out a late answer (`_expect_late`); pymodbus discards what arrives meanwhile, as
@@ -330,6 +376,7 @@ class Link:
                     await asyncio.sleep(wait)
             self.requests += 1
             answered = False
+            self._in_flight = device
             try:
                 resp = await within(call(client), timeout_s)
                 answered = True
@@ -341,6 +388,10 @@ class Link:
                         self._reset = True
                         raise StaleAnswer(device, what, sent, got, stage)
                 return resp
+            except _OtherTid as e:
+                answered = True
+                self._reset = True
+                raise StaleAnswer(device, what, self._sent_tid, e.tid, stage) from None
             except asyncio.CancelledError:
                 self._expect_late(timeout_s)  # the answer may still come, for someone else's request
                 raise
@@ -367,6 +418,7 @@ class Link:
                 self._expect_late(timeout_s)
                 raise BadResponse(device, what, f"{type(e).__name__}: {e}", stage) from None
             finally:
+                self._in_flight = None
                 now = time.monotonic()
                 if answered:
                     self.last_answer = now

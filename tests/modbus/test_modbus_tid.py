@@ -55,6 +55,45 @@ async def test_an_answer_with_transaction_id_0_is_never_taken_for_another_reques
     assert 0 not in peer.tids and peer.connections == 2
 
 
+async def test_a_late_answer_is_skipped_and_the_request_in_flight_gets_its_own(raw_peer, modbus_config):
+    """Request 2 times out; its answer (id 2) comes while request 3 awaits: it is that
+    request's late answer, told apart by its id, skipped and counted; request 3's own answer is
+    taken, and the connection is kept."""
+    peer = await raw_peer()
+    peer.late[2] = 0.3
+    dev = modbus_config(peers.device(peer.port, TAGS, timeout="200ms", retries=0)).devices[0]
+    adapter = modbus().create(dev)
+    await adapter.connect()
+    try:
+        got = await polls(adapter, 4)
+        h = adapter.health()
+    finally:
+        await adapter.close()
+    assert [q for _, _, q in got] == [Quality.GOOD, Quality.BAD_TIMEOUT] + [Quality.GOOD] * 6
+    assert all(v == VALUE[k] for k, v, q in got if q == Quality.GOOD)
+    assert h["late_answers"] == 1 and h["tid_mismatches"] == 0 and h["timeouts"] == 1
+    assert peer.connections == 1
+
+
+async def test_an_answer_with_an_id_never_sent_fails_its_request_at_once(raw_peer, modbus_config):
+    """pymodbus skips an answer with another id and would wait out the timeout, as if the device
+    were silent: it is a decoding error at once, counted, and the connection is reset."""
+    peer = await raw_peer()
+    peer.tid_shift = {1}
+    dev = modbus_config(peers.device(peer.port, TAGS, timeout="30s", retries=0)).devices[0]
+    adapter = modbus().create(dev)
+    await adapter.connect()
+    try:
+        got = await polls(adapter, 3)
+        h = adapter.health()
+    finally:
+        await adapter.close()
+    assert [q for _, _, q in got[:2]] == [Quality.BAD_DECODING_ERROR, Quality.GOOD]
+    assert all(q == Quality.GOOD and v == VALUE[k] for k, v, q in got[2:])
+    assert h["tid_mismatches"] == 1 and h["timeouts"] == 0 and h["late_answers"] == 0
+    assert peer.connections == 2 and h["connection_resets"] == 1
+
+
 async def test_a_device_answering_always_with_id_0_is_read_with_the_option(raw_peer, modbus_config):
     peer = await raw_peer()
     peer.tid_zero = True

@@ -323,7 +323,9 @@ class RawModbusPeer:
       gateways do), or the request numbers answered so; other answers echo the request's id.
       `tids` records the transaction id of every request received.
     - `garble`: request numbers answered with a wrong CRC (RTU framing);
-    - `as_unit`: request number -> the unit id its answer carries instead of the request's.
+    - `as_unit`: request number -> the unit id its answer carries instead of the request's;
+    - `tid_shift`: request numbers answered with the request's transaction id + 1000 (an id
+      never sent: a device's bug, not a late answer).
     """
 
     def __init__(self, framing: str = "socket") -> None:
@@ -334,6 +336,7 @@ class RawModbusPeer:
         self.tid_zero: bool | set[int] = False
         self.garble: set[int] = set()
         self.as_unit: dict[int, int] = {}
+        self.tid_shift: set[int] = set()
         self.tids: list[int] = []
         self.requests: list[tuple[int, int, int, int, int]] = []  # (connection, unit, fc, address, count)
         self.connections = 0
@@ -406,6 +409,8 @@ class RawModbusPeer:
                 number = len(self.requests)
                 if self.tid_zero is True or (self.tid_zero and number in self.tid_zero):
                     tid = 0
+                if number in self.tid_shift:
+                    tid = (tid + 1000) & 0xFFFF
                 delay = self.late.get(number, 0.0)
                 if delay:
                     await asyncio.sleep(delay)
