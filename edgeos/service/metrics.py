@@ -179,7 +179,7 @@ class Metrics:
             "samples held back by filters, stored at a reload or stop",
             c.filter_released,
         )
-        out.one(f"{NS}_samples_stored_total", "counter", "samples committed to the store", c.stored)
+        out.one(f"{NS}_samples_stored_total", "counter", "samples stored: committed and fsynced", c.stored)
         out.one(f"{NS}_filter_errors_total", "counter", "filter chains that failed on a batch", c.filter_errors)
 
     def _store(self, out: Exposition) -> None:
