@@ -168,6 +168,17 @@ def test_every_malformed_server_is_named_by_its_index(tmp_path: Path) -> None:
     assert "servers[0]" not in msg and "servers[2]" not in msg, msg
 
 
+def test_an_unknown_key_of_a_filter_without_parameters_says_it_takes_none(tmp_path: Path) -> None:
+    p = tmp_path / "edgeos.toml"
+    p.write_text(
+        '[gateway]\nid = "g"\ndata_dir = "d"\n[[devices]]\nname = "a"\nprotocol = "simulated"\n'
+        '[[devices.tags]]\nname = "t"\nfilters = [{ type = "rate", foo = 1 }]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert "filters[0].foo: unknown key 'foo'; allowed: none (it takes no keys)" in str(info.value)
+
+
 def test_a_refused_value_is_not_also_said_missing() -> None:
     """security_mode = "none" is refused (the choices are case-sensitive); the key is there, so
     no "missing" follows it, here or for a Modbus host of the wrong type."""

@@ -226,7 +226,7 @@ def _default(f: Field, path: str, problems: Problems) -> Any:
 def unknown_key_message(key: str, allowed: Mapping[str, Any]) -> str:
     close = difflib.get_close_matches(key, list(allowed), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key {key!r}{hint}; allowed: {', '.join(sorted(allowed))}"
+    return f"unknown key {key!r}{hint}; allowed: {', '.join(sorted(allowed)) or 'none (it takes no keys)'}"
 
 
 MISSING = _MISSING
