@@ -43,6 +43,8 @@ class Quality(enum.IntEnum):
     BAD_SENSOR_FAILURE = 0x808C0000
     BAD_DECODING_ERROR = 0x80070000  # garbage or wrong-length response
     BAD_WAITING_FOR_INITIAL_DATA = 0x80320000
+    BAD_NODE_ID_UNKNOWN = 0x80340000  # OPC UA: the server does not know the tag's node
+    BAD_TYPE_MISMATCH = 0x80740000  # OPC UA: a value the tag's type cannot hold (an array, text)
 
     @staticmethod
     def severity(code: int) -> str:
@@ -52,11 +54,23 @@ class Quality(enum.IntEnum):
 
     @staticmethod
     def describe(code: int) -> str:
-        """Symbolic name where edgeos knows it, else the hex code."""
+        """In words: edgeos's own name, else the OPC UA standard's (any code a server or an
+        adapter sets), with the low 16 info bits as +0xNNNN when set; else the hex code."""
+        code = int(code)
         try:
-            return Quality(int(code)).name
+            return Quality(code).name
         except ValueError:
-            return f"0x{int(code):08X}"
+            pass
+        from edgeos.statuscodes import NAMES  # the whole standard's names: only when asked
+
+        base, info = code & 0xFFFF0000, code & 0xFFFF
+        try:
+            name = Quality(base).name
+        except ValueError:
+            name = NAMES.get(base)
+        if name is None:
+            return f"0x{code:08X}"
+        return f"{name}+0x{info:04X}" if info else name
 
 
 def is_good(quality: np.ndarray) -> np.ndarray:

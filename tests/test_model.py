@@ -33,7 +33,11 @@ def test_quality_severity_follows_opc_ua_bits():
     assert is_good(q).tolist() == [True, False, False, False]
     assert is_bad(q).tolist() == [False, False, True, True]
     assert Quality.severity(0x40930000) == "uncertain"
-    assert Quality.describe(0x80050000) == "BAD_COMM_FAILURE" and Quality.describe(0x80AB0000) == "0x80AB0000"
+    assert Quality.describe(0x80050000) == "BAD_COMM_FAILURE" and Quality.describe(0x80AB0000) == "BAD_INVALID_ARGUMENT"
+    # Any standard code in words (as an adapter or a server sets it), info bits shown, else hex.
+    assert Quality.describe(0x80740000) == "BAD_TYPE_MISMATCH" and Quality.describe(0x80340000) == "BAD_NODE_ID_UNKNOWN"
+    assert Quality.describe(0x00000480) == "GOOD+0x0480" and Quality.describe(0x80740400) == "BAD_TYPE_MISMATCH+0x0400"
+    assert Quality.describe(0x12345678) == "0x12345678"
 
 
 def test_columns_cut_from_a_2d_array_reach_the_compiled_kernels_contiguous():
