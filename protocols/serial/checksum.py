@@ -1,4 +1,5 @@
-"""Frame checksums: XOR, LRC, sum mod 256, CRC-16/MODBUS, CRC-16/CCITT-FALSE, CRC-16/XMODEM.
+"""Frame checksums: XOR, LRC (over the bytes sent, or over those hex digits encode: Modbus
+ASCII), sum mod 256, CRC-16/MODBUS, CRC-16/CCITT-FALSE, CRC-16/XMODEM.
 
 Each kind has a scalar form (`compute`, for `edgeos serial test` and as the reference) and a
 columnar one (`compute_many`) that checks every frame of a read at once with numpy: a line
@@ -14,8 +15,8 @@ from operator import xor
 
 import numpy as np
 
-KINDS = ("xor", "lrc", "sum8", "crc16_modbus", "crc16_ccitt", "crc16_xmodem")
-WIDTH = {"xor": 1, "lrc": 1, "sum8": 1, "crc16_modbus": 2, "crc16_ccitt": 2, "crc16_xmodem": 2}
+KINDS = ("xor", "lrc", "lrc_hex", "sum8", "crc16_modbus", "crc16_ccitt", "crc16_xmodem")
+WIDTH = {"xor": 1, "lrc": 1, "lrc_hex": 1, "sum8": 1, "crc16_modbus": 2, "crc16_ccitt": 2, "crc16_xmodem": 2}
 """Bytes of each checksum; in hex representation it takes twice as many characters."""
 DEFAULT_ORDER = {"crc16_modbus": "little"}
 COLUMNAR_MIN = 32
@@ -43,8 +44,13 @@ def compute(kind: str, data: bytes) -> int:
         return reduce(xor, data, 0)
     if kind == "sum8":
         return sum(data) & 0xFF
-    if kind == "lrc":  # Modbus ASCII: the two's complement of the sum
+    if kind == "lrc":  # the two's complement of the sum of the bytes sent
         return (-sum(data)) & 0xFF
+    if kind == "lrc_hex":  # Modbus ASCII: of the bytes the hex digit pairs encode
+        try:
+            return (-sum(bytes.fromhex(data.decode("ascii")))) & 0xFF
+        except ValueError:  # an odd count or a non-hex digit: matches no checksum
+            return -1
     if kind == "crc16_modbus":
         crc = 0xFFFF
         for b in data:
@@ -80,8 +86,9 @@ def compute_many(kind: str, buf: np.ndarray, starts: np.ndarray, ends: np.ndarra
             out = (-out) & 0xFF if kind == "lrc" else out & 0xFF
         out[lengths <= 0] = 0
         return out
-    if kind in ("crc16_ccitt", "crc16_xmodem") or n < COLUMNAR_MIN:
-        # binascii's CRC-CCITT is C already; a few frames (poll replies) are cheaper one by one.
+    if kind in ("lrc_hex", "crc16_ccitt", "crc16_xmodem") or n < COLUMNAR_MIN:
+        # binascii's CRC-CCITT is C already; a few frames (poll replies, as Modbus ASCII's) are
+        # cheaper one by one.
         data = buf.tobytes()
         return np.array(
             [compute(kind, data[s:e]) for s, e in zip(starts.tolist(), ends.tolist(), strict=True)], np.int64

@@ -16,6 +16,10 @@ def test_check_values():
     assert compute("crc16_xmodem", data) == 0x31C3
     assert compute("sum8", data) == 0xDD
     assert compute("lrc", data) == 0x23
+    # Modbus ASCII's LRC is over the bytes the hex digits encode: the request ":1103006B0003"
+    # (unit 0x11, read 3 holding registers from 0x6B) ends with LRC 7E.
+    assert compute("lrc_hex", b"1103006B0003") == 0x7E and compute("lrc", b"1103006B0003") != 0x7E
+    assert compute("lrc_hex", b"1103006B000") == -1 and compute("lrc_hex", b"11G3") == -1
     # NMEA's own example sentence: XOR of the bytes between $ and *.
     assert compute("xor", b"GPGLL,5300.97914,N,00259.98174,E,125926,A") == 0x28
 

@@ -65,3 +65,30 @@ def test_serial_test_with_the_device_timestamp(write_config):
     assert "weight = 1000.0 (GOOD)  at 2026-12-04T09:30:00.000000000Z" in res.output
     res = CliRunner().invoke(app, ["serial", "test", "scale", "ST,GS,+0001.00 kg 99.12.2026 10:30:00", "-c", str(cfg)])
     assert res.exit_code == 1 and "refused: timestamp" in res.output
+
+
+def test_a_modbus_ascii_answer_checks_with_lrc_hex(write_config):
+    """A Modbus ASCII answer (":" unit, function, byte count, registers, LRC) read as a line:
+    the LRC covers the bytes its hex digits encode, after the colon."""
+    cfg = write_config(
+        """
+        [gateway]
+        id = "gw"
+        data_dir = "data"
+
+        [[devices]]
+        name = "meter"
+        protocol = "serial"
+        port = "/dev/ttyUSB0"
+        pattern = '^:110306(?P<a>[0-9A-F]{4})(?P<b>[0-9A-F]{4})[0-9A-F]{4}$'
+        checksum = "lrc_hex"
+        checksum_from = 1
+        tags = [{ name = "a", type = "string" }, { name = "b", type = "string" }]
+        """
+    )
+    body = "110306AE415652" + "4340"
+    lrc = (-sum(bytes.fromhex(body))) & 0xFF
+    res = CliRunner().invoke(app, ["serial", "test", "meter", f":{body}{lrc:02X}", "-c", str(cfg)])
+    assert res.exit_code == 0 and "a = 'AE41' (GOOD)" in res.output, res.output
+    res = CliRunner().invoke(app, ["serial", "test", "meter", f":{body}{(lrc + 1) & 0xFF:02X}", "-c", str(cfg)])
+    assert res.exit_code == 1 and "refused: checksum" in res.output, res.output
