@@ -26,7 +26,7 @@ import numpy as np
 from edgeos.protocols.serial import port as ports
 from edgeos.protocols.serial.config import Request, Spec, build_spec
 from edgeos.protocols.serial.framing import Framer, Frames, framer_for
-from edgeos.protocols.serial.parse import Parser
+from edgeos.protocols.serial.parse import REASONS, Parser
 
 from edgeos.adapter import Answer, DeviceConfig, TagConfig
 from edgeos.errors import DeviceError
@@ -233,7 +233,7 @@ class SerialAdapter:
             "frames": c["frames"],
             "bad_frames": sum(v for k, v in c.items() if k.startswith("bad_")),
         }
-        out.update({k: v for k, v in sorted(c.items()) if k.startswith("bad_")})
+        out.update({f"bad_{r}": c[f"bad_{r}"] for r in REASONS})  # every reason, 0 until it happens
         out["garbage_bytes"] = c["garbage_bytes"] + self.framer.garbage_bytes
         if self.spec.mode == "poll":
             out.update(requests=c["requests"], timeouts=c["timeouts"])
@@ -242,6 +242,5 @@ class SerialAdapter:
         out["unsolicited"] = c["unsolicited"]
         out["buffered_bytes"] = self.framer.buffered
         out["peak_buffered_bytes"] = st.peak_buffer
-        if st.last_bad:
-            out["last_bad"] = st.last_bad
+        out["last_bad"] = st.last_bad or None
         return out

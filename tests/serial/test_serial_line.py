@@ -46,6 +46,9 @@ async def test_listen_lines_split_and_glued(line, serial_config, run_adapter):
     assert all(r[3] == GOOD for r in run.rows)
     h = run.adapter.health()
     assert h["frames"] == 4 and h["bad_frames"] == 0
+    # Every documented reason is there from the start, at 0 (a monitoring rule can name it).
+    reasons = ("checksum", "decode", "no_match", "overlong", "incomplete", "value", "timestamp")
+    assert all(h[f"bad_{r}"] == 0 for r in reasons) and h["last_bad"] is None
 
 
 async def test_garbage_non_utf8_and_overlong_become_bad_samples(line, serial_config, run_adapter):
