@@ -172,6 +172,37 @@ def test_export_from_1970_reads_only_the_stored_span(store_dir, tmp_path, monkey
     assert min(lo for lo, _ in calls) >= T0
 
 
+def test_export_skips_the_empty_years_between_an_old_sample_and_the_rest(tmp_path, monkeypatch):
+    """One sample years old (an OPC UA value whose source time is the PLC's last write) made
+    the stored span years long, and an export read every hour of it, one query per tag and
+    hour (23 s for a handful of rows, an independent tester's finding). After an empty window
+    the next starts where the tags have data again: compacted or hot, every sample once."""
+    from edgeos.store.reader import StoreReader
+
+    old = T0 - 5 * 365 * 24 * 3600 * SEC
+    w = StoreWriter(tmp_path, TAGS)
+    w.write([Batch("press", np.array([0], np.int32), [old], [-1.0], np.zeros(1, np.uint32))])
+    for s in range(10):
+        w.write([Batch("oven", np.array([1], np.int32), [T0 + s * 3600 * SEC], [float(s)], np.zeros(1, np.uint32))])
+    w.maintain(T0 + 5 * 3600 * SEC, compact_all=True)  # the old one and the first hours compacted
+    w.write([Batch("press", np.array([0], np.int32), [T0 + 20 * 3600 * SEC], [7.0], np.zeros(1, np.uint32))])
+    w.close()
+    calls = []
+    real = StoreReader.history
+
+    def counted(self, tag, since_ns=None, until_ns=None):
+        calls.append(since_ns)
+        return real(self, tag, since_ns, until_ns)
+
+    monkeypatch.setattr(StoreReader, "history", counted)
+    target = tmp_path / "out.csv"
+    code, out = run("export", "--since", "@0", "--until", "now", "--out", str(target), "--data-dir", str(tmp_path))
+    assert code == 0, out
+    rows = [(r["tag"], float(r["value"])) for r in csv.DictReader(target.open())]
+    assert rows == [("press/temp", -1.0)] + [("oven/temp", float(s)) for s in range(10)] + [("press/temp", 7.0)]
+    assert len(calls) < 3 * 40, len(calls)  # about 22 hours of data, not 5 years of hours
+
+
 def test_reading_commands_need_no_secret_from_the_environment(store_dir, tmp_path, monkeypatch):
     # The upstream password comes from the service's environment, not the engineer's shell:
     # status, tags and query read the store without it (an independent tester's finding);

@@ -218,8 +218,9 @@ class StoreReader:
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
         """(tag ids, ts, values, quality, text) per time window, sorted by time: for streaming
         exports that never hold more than one window of history in memory. The windows cover
-        only the stored time span within the range: a range from 1970 would otherwise read
-        half a million empty hours."""
+        only the stored time span within the range, and after an empty window the next starts
+        where these tags have data again: a range from 1970 would otherwise read half a million
+        empty hours, and so would one old sample (an OPC UA value with a years-old source time)."""
         span = self.time_range()
         if span is None:
             return
@@ -248,7 +249,32 @@ class StoreReader:
                     np.concatenate([c[3] for c in cols])[order],
                     text,
                 )
-            t = end + 1
+                t = end + 1
+            else:
+                nxt = self._next_data(tags, end + 1)
+                if nxt is None:
+                    return
+                t = max(end + 1, nxt)
+
+    def _next_data(self, tags: Sequence[TagInfo], t: int) -> int | None:
+        """The earliest time at or after which these tags have a sample in a stored piece
+        that reaches `t` (a piece's first sample; its own samples before `t` are not asked)."""
+        ids = sorted({i for info in tags for i in self.ids(info)})
+        devices = sorted({info.device for info in tags})
+        found: list[int] = []
+        with self._snapshot():
+            for tag in ids:
+                row = self.db.execute("SELECT MIN(t_min) FROM chunks WHERE tag=? AND t_max>=?", (tag, t)).fetchone()
+                if row[0] is not None:
+                    found.append(int(row[0]))
+            for device in devices:
+                row = self.db.execute(
+                    "SELECT MIN(t_min) FROM units WHERE id>=? AND device=? AND compacted=0 AND t_max>=?",
+                    (self._hot_from(), device, t),
+                ).fetchone()
+                if row[0] is not None:
+                    found.append(int(row[0]))
+        return min(found) if found else None
 
 
 def _decode(uid: int, data: bytes) -> wire.Unit | None:
