@@ -22,6 +22,7 @@ import edgeos
 from edgeos import filters
 from edgeos.config.units import parse_time_ns
 from edgeos.errors import StoreError
+from edgeos.logs import redact
 from edgeos.model import Quality, ValueKind
 from edgeos.store.reader import CSV_HEADER, StoreReader, TagInfo, UnknownTag, csv_rows, trend
 
@@ -42,13 +43,16 @@ def is_secret(key: str) -> bool:
 
 
 def masked(value: Any, key: str = "") -> Any:
-    """The config with every secret-looking key's value replaced (recursively)."""
+    """The config with every secret-looking key's value replaced (recursively), and in every
+    other text what the logs mask too (a URL's password, a secret read from a file)."""
     if key and is_secret(key):
         return MASK
     if isinstance(value, dict):
         return {k: masked(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [masked(v, key) for v in value]
+    if isinstance(value, str):
+        return redact(value)
     return value
 
 

@@ -166,12 +166,18 @@ def test_masked_hides_every_secret_looking_key():
 
     raw = {
         "upstream": {"username": "u", "password_file": "p.txt", "password_env": "PW"},
-        "devices": [{"name": "d", "options": {"api_token": "t0k", "Secret": "s", "private_key": "k"}, "port": 502}],
+        "devices": [
+            {"name": "d", "options": {"api_token": "t0k", "Secret": "s", "private_key": "k"}, "port": 502},
+            {"name": "o", "endpoint": "opc.tcp://operator:pw-in-url@plc:4840/", "nodes": ["opc.tcp://a:b@x/"]},
+        ],
     }
     m = masked(raw)
     assert m["upstream"] == {"username": "u", "password_file": MASK, "password_env": MASK}
     assert m["devices"][0]["options"] == {"api_token": MASK, "Secret": MASK, "private_key": MASK}
     assert m["devices"][0]["port"] == 502
+    # A URL's password is masked wherever it is, as the logs mask it.
+    assert m["devices"][1]["endpoint"] == "opc.tcp://operator:***@plc:4840/"
+    assert m["devices"][1]["nodes"] == ["opc.tcp://a:***@x/"] and "pw-in-url" not in str(m)
 
 
 def test_tags_page_filters_and_pages_10000_tags(tmp_path):
