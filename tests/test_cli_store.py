@@ -186,6 +186,9 @@ def test_export_skips_the_empty_years_between_an_old_sample_and_the_rest(tmp_pat
         w.write([Batch("oven", np.array([1], np.int32), [T0 + s * 3600 * SEC], [float(s)], np.zeros(1, np.uint32))])
     w.maintain(T0 + 5 * 3600 * SEC, compact_all=True)  # the old one and the first hours compacted
     w.write([Batch("press", np.array([0], np.int32), [T0 + 20 * 3600 * SEC], [7.0], np.zeros(1, np.uint32))])
+    # One hot unit reaching across the years: an old source time beside today's in one poll.
+    both = [old + SEC, T0 + 30 * 3600 * SEC]
+    w.write([Batch("oven", np.array([1, 1], np.int32), both, [-2.0, 8.0], np.zeros(2, np.uint32))])
     w.close()
     calls = []
     real = StoreReader.history
@@ -199,8 +202,9 @@ def test_export_skips_the_empty_years_between_an_old_sample_and_the_rest(tmp_pat
     code, out = run("export", "--since", "@0", "--until", "now", "--out", str(target), "--data-dir", str(tmp_path))
     assert code == 0, out
     rows = [(r["tag"], float(r["value"])) for r in csv.DictReader(target.open())]
-    assert rows == [("press/temp", -1.0)] + [("oven/temp", float(s)) for s in range(10)] + [("press/temp", 7.0)]
-    assert len(calls) < 3 * 40, len(calls)  # about 22 hours of data, not 5 years of hours
+    want = [("press/temp", -1.0), ("oven/temp", -2.0)] + [("oven/temp", float(s)) for s in range(10)]
+    assert rows == want + [("press/temp", 7.0), ("oven/temp", 8.0)]
+    assert len(calls) < 3 * 40, len(calls)  # about 31 hours of data, not 5 years of hours
 
 
 def test_reading_commands_need_no_secret_from_the_environment(store_dir, tmp_path, monkeypatch):

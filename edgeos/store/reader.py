@@ -257,23 +257,39 @@ class StoreReader:
                 t = max(end + 1, nxt)
 
     def _next_data(self, tags: Sequence[TagInfo], t: int) -> int | None:
-        """The earliest time at or after which these tags have a sample in a stored piece
-        that reaches `t` (a piece's first sample; its own samples before `t` are not asked)."""
+        """The time of these tags' first sample at or after `t`: a stored piece that starts
+        there gives its first time; one that reaches across `t` (a unit holding a sample years
+        old beside today's) is decoded to find it."""
         ids = sorted({i for info in tags for i in self.ids(info)})
         devices = sorted({info.device for info in tags})
         found: list[int] = []
+
+        def first(ts: np.ndarray, keep: np.ndarray) -> None:
+            ts = ts[keep & (ts >= t)]
+            if len(ts):
+                found.append(int(ts.min()))
+
         with self._snapshot():
             for tag in ids:
-                row = self.db.execute("SELECT MIN(t_min) FROM chunks WHERE tag=? AND t_max>=?", (tag, t)).fetchone()
+                q = "SELECT MIN(t_min) FROM chunks WHERE tag=? AND t_max>=? AND t_min>=?"
+                row = self.db.execute(q, (tag, t, t)).fetchone()
                 if row[0] is not None:
                     found.append(int(row[0]))
+                q = "SELECT data FROM chunks WHERE tag=? AND t_max>=? AND t_min<?"
+                for (data,) in self.db.execute(q, (tag, t, t)):
+                    c = decode_chunk(data)
+                    first(c.ts, np.ones(len(c.ts), bool))
+            hf = self._hot_from()
             for device in devices:
-                row = self.db.execute(
-                    "SELECT MIN(t_min) FROM units WHERE id>=? AND device=? AND compacted=0 AND t_max>=?",
-                    (self._hot_from(), device, t),
-                ).fetchone()
+                q = "SELECT MIN(t_min) FROM units WHERE id>=? AND device=? AND compacted=0 AND t_max>=? AND t_min>=?"
+                row = self.db.execute(q, (hf, device, t, t)).fetchone()
                 if row[0] is not None:
                     found.append(int(row[0]))
+                q = "SELECT id, data FROM units WHERE id>=? AND device=? AND compacted=0 AND t_max>=? AND t_min<?"
+                for uid, data in self.db.execute(q, (hf, device, t, t)):
+                    u = _decode(uid, data)
+                    if u is not None:
+                        first(u.ts, np.isin(u.tags, ids))
         return min(found) if found else None
 
 
