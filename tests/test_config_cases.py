@@ -229,12 +229,30 @@ def test_a_plugin_hook_that_raises_is_a_problem_naming_the_plugin(tmp_path: Path
     assert len(info.value.problems) == 3, text
 
 
+def test_a_plugin_describe_that_raises_is_a_line_of_check_not_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgeos.cli import app
+
+    p = tmp_path / "edgeos.toml"
+    p.write_text(
+        '[gateway]\nid = "g"\ndata_dir = "d"\n'
+        '[[devices]]\nname = "a"\nprotocol = "misbehaving"\nmode = "describe_raises"\ntags = [{ name = "x" }]\n'
+        '[[devices]]\nname = "b"\nprotocol = "misbehaving"\ntags = [{ name = "y" }]\n'
+    )
+    r = CliRunner().invoke(app, ["check", "-c", str(p)])
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert "plugin 'misbehaving' (from edgeos-fixture-plugin" in r.output, r.output
+    assert "its describe() failed: IndexError: plugin bug in describe" in r.output and "mode ok" in r.output
+
+
 def test_a_plugin_s_default_is_parsed_or_said() -> None:
     from edgeos.config.schema import Field, Problems, parse_table
 
     assert Field("duration", 1_000_000_000).default_value() == 10**9  # already in ns
     assert Field("size", "1KiB").default_value() == 1024
     problems = Problems("f")
-    assert parse_table({}, {"every": Field("duration", "soon")}, "devices[0]", problems) == {"every": None}
+    owner = lambda: "plugin 'x' (from x-pkg 1.0)"  # noqa: E731
+    assert parse_table({}, {"every": Field("duration", "soon")}, "devices[0]", problems, owner=owner) == {"every": None}
     (p,) = problems.items
-    assert p.path == "devices[0].every" and "the plugin's default for this key is wrong" in p.message
+    assert p.path == "devices[0].every" and "the default plugin 'x' (from x-pkg 1.0) declares" in p.message

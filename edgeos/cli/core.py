@@ -151,7 +151,12 @@ def check(
         )
         describe = getattr(plugins.load(plugins.PROTOCOLS, d.protocol), "describe", None)
         if describe is not None:
-            for line in describe(d):
+            try:
+                lines = list(describe(d))
+            except Exception as e:  # noqa: BLE001 - third-party code: its bug is a line, not a traceback
+                name = f"plugin {d.protocol!r} (from {plugins.package(plugins.PROTOCOLS, d.protocol)})"
+                lines = [f"{name}: its describe() failed: {type(e).__name__}: {e} (a bug in the plugin)"]
+            for line in lines:
                 typer.echo(f"    {redact(line)}")
     off = len(cfg.devices) - len(enabled)
     typer.echo(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -500,7 +501,8 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
     if plugin is None:
         # Without the plugin its keys cannot be checked; don't report them as unknown too.
         rd = {k: v for k, v in rd.items() if k in DEVICE_FIELDS}
-    d = parse_table(rd, dev_fields, dpath, problems, extra=extra)
+    owner = functools.partial(_plugin_label, plugins.PROTOCOLS, rd.get("protocol"))
+    d = parse_table(rd, dev_fields, dpath, problems, extra=extra, owner=owner)
     for key, f in extra.items():  # a plugin's file names: relative to the config, not to where it runs
         if f.kind == "path" and isinstance(d.get(key), str) and d[key]:
             d[key] = str(base / d[key])
@@ -548,7 +550,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
         sub = Problems(file)
         if plugin is None and isinstance(rt, dict):
             rt = {k: v for k, v in rt.items() if k in TAG_FIELDS}
-        t = parse_table(rt, tag_fields, lpath, sub, extra=None)
+        t = parse_table(rt, tag_fields, lpath, sub, extra=None, owner=owner)
         opts = {k: v for k, v in t.items() if k not in TAG_FIELDS}
         # tag_kind is promised checked options; if the tag's own keys are wrong its kind is unknown.
         kind = None if sub else (_tag_kind(plugin, d["protocol"], opts, lpath, sub) if plugin else ValueKind.NUMBER)
@@ -609,9 +611,13 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
     return dev
 
 
+def _plugin_label(group: str, name: str) -> str:
+    return f"plugin {name!r} (from {plugins.package(group, name)})"
+
+
 def _plugin_bug(protocol: str, hook: str, e: Exception) -> str:
     return (
-        f"plugin {protocol!r} (from {plugins.package(plugins.PROTOCOLS, protocol)}): its {hook}() failed: "
+        f"{_plugin_label(plugins.PROTOCOLS, protocol)}: its {hook}() failed: "
         f"{type(e).__name__}: {e} (a bug in the plugin: {hook} reports problems, it does not raise)"
     )
 
@@ -667,7 +673,13 @@ def _parse_filters(
         except PluginError as e:
             problems.add(f"{fpath}.type", str(e))
             continue
-        params = parse_table({k: v for k, v in spec.items() if k != "type"}, plugin.fields, fpath, problems)
+        params = parse_table(
+            {k: v for k, v in spec.items() if k != "type"},
+            plugin.fields,
+            fpath,
+            problems,
+            owner=functools.partial(_plugin_label, plugins.FILTERS, name),
+        )
         check = getattr(plugin, "validate", None)
         if check is not None and params:
             msg = check(params)

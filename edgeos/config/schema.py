@@ -177,8 +177,10 @@ def parse_table(
     problems: Problems,
     *,
     extra: Mapping[str, Field] | None = None,
+    owner: Callable[[], str] | None = None,
 ) -> dict[str, Any]:
     """Check `raw` against `fields` (plus `extra`), returning values with defaults filled in.
+    `owner()` names who declared the fields, asked only for the problem a wrong default is.
 
     Unknown keys are problems naming the closest allowed key, because a typo silently
     ignored is a tag silently not read.
@@ -202,24 +204,25 @@ def parse_table(
         elif not f.required:
             # Refused, and listed: the default stands in, so that the checks of the rest of the
             # table go on (a KeyError there was a traceback hiding every problem of the file).
-            out[key] = _default(f, kpath, problems)
+            out[key] = _default(f, kpath, problems, owner)
     for key, f in allowed.items():
         if key in raw:
             continue
         if f.required:
             problems.add(f"{path}.{key}" if path else key, f"missing required key ({f.help or f.kind})")
         else:
-            out[key] = _default(f, f"{path}.{key}" if path else key, problems)
+            out[key] = _default(f, f"{path}.{key}" if path else key, problems, owner)
     return out
 
 
-def _default(f: Field, path: str, problems: Problems) -> Any:
-    """A field's default; one a plugin declared wrongly is a problem named by its key, not a
-    traceback from `edgeos check`."""
+def _default(f: Field, path: str, problems: Problems, owner: Callable[[], str] | None = None) -> Any:
+    """A field's default; one a plugin declared wrongly is a problem named by its key and its
+    plugin, not a traceback from `edgeos check`."""
     try:
         return f.default_value()
     except ValueError as e:
-        problems.add(path, f"the plugin's default for this key is wrong ({e}): a bug in the plugin; set the key")
+        who = owner() if owner is not None else "the plugin"
+        problems.add(path, f"the default {who} declares for this key is wrong ({e}): a bug in the plugin; set the key")
         return None
 
 

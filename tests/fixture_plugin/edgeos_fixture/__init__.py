@@ -108,6 +108,7 @@ class MisbehavingProtocol:
                 "create_raises",
                 "validate_raises",
                 "unanswered_then_empty",
+                "describe_raises",
             ),
         ),
         "period": Field("duration", "20ms"),
@@ -124,6 +125,11 @@ class MisbehavingProtocol:
     def validate(self, device: DeviceConfig, path: str, problems: Problems) -> None:
         if device.options["mode"] == "validate_raises":
             raise KeyError("plugin bug in validate")
+
+    def describe(self, device: DeviceConfig) -> list[str]:
+        if device.options["mode"] == "describe_raises":
+            raise IndexError("plugin bug in describe")
+        return [f"mode {device.options['mode']}"]
 
     def create(self, device: DeviceConfig) -> MisbehavingAdapter:
         if device.options["mode"] == "create_raises":
