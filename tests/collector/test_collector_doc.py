@@ -815,7 +815,14 @@ def test_broker_restart_gaps_filled_by_replay_or_recorded_gone(tmp_path, pgc, br
         finally:
             gaps = sql(dsn, "SELECT gateway, device, first_seq, last_seq, state, requests FROM gaps")
             print("gaps:", [dict(r) for r in gaps], "\ncollector:", c.text(), "\nb:", gb.text() if gb else "")
-        # either collector may have found and asked for a gap (the ledger is shared): add both
+        # either collector may have found and asked for a gap (the ledger is shared): add both.
+        # gaps_open is read from the shared ledger about once a second: wait for the next read.
+        wait_for(
+            lambda: all(metric(metrics(p), "edgeos_collector_gaps_open") == 0 for p in (hport, hport2)),
+            10,
+            "gaps_open 0 at both collectors",
+            0.3,
+        )
         m1, m2 = metrics(hport), metrics(hport2)
 
         def total(name):

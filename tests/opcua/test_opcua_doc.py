@@ -398,7 +398,12 @@ def test_status_codes_pass_through_and_nothing_is_dropped(gw):
         assert t[tag]["value"] is None and is_quality(t[tag]["quality"], 0x80740000, "BadTypeMismatch"), t[tag]
     # A node the server does not know: only that tag Bad, the others flow.
     assert is_quality(t["plc/nope"]["quality"], 0x80340000, "BadNodeIdUnknown"), t["plc/nope"]
-    held = status(gw)["devices"]["plc"]["health"]["held_tags"]
+    # The status file is rewritten once a second: it may not show the held tags yet.
+    held = wait_for(
+        lambda: status(gw)["devices"]["plc"]["health"]["held_tags"],
+        lambda held: {"arr", "text_as_num", "nope"} <= set(held),
+        timeout=10,
+    )
     assert {"arr", "text_as_num", "nope"} <= set(held), held
 
 
