@@ -33,6 +33,16 @@ async def polls(adapter, n: int) -> list[tuple[str, float, int]]:
     return out
 
 
+async def polls_of(dev, n: int) -> tuple[list[tuple[str, float, int]], dict]:
+    """`n` polls of a fresh adapter of `dev`, and its health after them."""
+    adapter = modbus().create(dev)
+    await adapter.connect()
+    try:
+        return await polls(adapter, n), dict(adapter.health())
+    finally:
+        await adapter.close()
+
+
 async def test_an_answer_with_transaction_id_0_is_never_taken_for_another_request(raw_peer, modbus_config):
     peer = await raw_peer()
     # Request 2 (hr500, the second of the first poll) is answered late, with id 0: it arrives
@@ -40,13 +50,7 @@ async def test_an_answer_with_transaction_id_0_is_never_taken_for_another_reques
     peer.late[2] = 0.3
     peer.tid_zero = {2}
     dev = modbus_config(peers.device(peer.port, TAGS, timeout="200ms", retries=0)).devices[0]
-    adapter = modbus().create(dev)
-    await adapter.connect()
-    try:
-        got = await polls(adapter, 6)
-        h = adapter.health()
-    finally:
-        await adapter.close()
+    got, h = await polls_of(dev, 6)
     wrong = [(k, v) for k, v, q in got if q == Quality.GOOD and v != VALUE[k]]
     assert wrong == []
     assert h["tid_mismatches"] == 1
@@ -62,13 +66,7 @@ async def test_a_late_answer_is_skipped_and_the_request_in_flight_gets_its_own(r
     peer = await raw_peer()
     peer.late[2] = 0.3
     dev = modbus_config(peers.device(peer.port, TAGS, timeout="200ms", retries=0)).devices[0]
-    adapter = modbus().create(dev)
-    await adapter.connect()
-    try:
-        got = await polls(adapter, 4)
-        h = adapter.health()
-    finally:
-        await adapter.close()
+    got, h = await polls_of(dev, 4)
     assert [q for _, _, q in got] == [Quality.GOOD, Quality.BAD_TIMEOUT] + [Quality.GOOD] * 6
     assert all(v == VALUE[k] for k, v, q in got if q == Quality.GOOD)
     assert h["late_answers"] == 1 and h["tid_mismatches"] == 0 and h["timeouts"] == 1
@@ -81,13 +79,7 @@ async def test_an_answer_with_an_id_never_sent_fails_its_request_at_once(raw_pee
     peer = await raw_peer()
     peer.tid_shift = {1}
     dev = modbus_config(peers.device(peer.port, TAGS, timeout="30s", retries=0)).devices[0]
-    adapter = modbus().create(dev)
-    await adapter.connect()
-    try:
-        got = await polls(adapter, 3)
-        h = adapter.health()
-    finally:
-        await adapter.close()
+    got, h = await polls_of(dev, 3)
     assert [q for _, _, q in got[:2]] == [Quality.BAD_DECODING_ERROR, Quality.GOOD]
     assert all(q == Quality.GOOD and v == VALUE[k] for k, v, q in got[2:])
     assert h["tid_mismatches"] == 1 and h["timeouts"] == 0 and h["late_answers"] == 0
