@@ -227,6 +227,10 @@ class Link:
             if end > n:
                 break
             tid = (data[i] << 8) | data[i + 1]
+            if tid == self._sent_tid:
+                # pymodbus takes this one and keeps what follows for the next arrival, when it
+                # is looked at (once: the frames before this one it has skipped for good).
+                break
             if tid in self._timed_out:
                 self._timed_out.discard(tid)  # a late answer: pymodbus skips it
                 self.late_answers += 1
