@@ -86,6 +86,19 @@ async def test_an_answer_with_an_id_never_sent_fails_its_request_at_once(raw_pee
     assert peer.connections == 2 and h["connection_resets"] == 1
 
 
+async def test_a_stray_frame_after_the_answer_does_not_fail_the_request(raw_peer, modbus_config):
+    """Answer 1 and a frame with an id never sent arrive in one segment: request 1 takes its
+    own answer (the bytes are judged up to it); the stray frame is dropped with pymodbus's
+    buffer when the next request goes out, and never becomes a value."""
+    peer = await raw_peer()
+    peer.stray_after = {1}
+    dev = modbus_config(peers.device(peer.port, TAGS, timeout="30s", retries=0)).devices[0]
+    got, h = await polls_of(dev, 2)
+    assert [q for _, _, q in got] == [Quality.GOOD] * 4
+    assert all(v == VALUE[k] for k, v, _ in got)
+    assert h["tid_mismatches"] == 0 and h["timeouts"] == 0 and peer.connections == 1
+
+
 async def test_a_device_answering_always_with_id_0_is_read_with_the_option(raw_peer, modbus_config):
     peer = await raw_peer()
     peer.tid_zero = True

@@ -325,7 +325,9 @@ class RawModbusPeer:
     - `garble`: request numbers answered with a wrong CRC (RTU framing);
     - `as_unit`: request number -> the unit id its answer carries instead of the request's;
     - `tid_shift`: request numbers answered with the request's transaction id + 1000 (an id
-      never sent: a device's bug, not a late answer).
+      never sent: a device's bug, not a late answer);
+    - `stray_after`: request numbers whose answer is followed, in the same write, by a copy with
+      the transaction id + 500 (a stray frame in the answer's segment).
     """
 
     def __init__(self, framing: str = "socket") -> None:
@@ -337,6 +339,7 @@ class RawModbusPeer:
         self.garble: set[int] = set()
         self.as_unit: dict[int, int] = {}
         self.tid_shift: set[int] = set()
+        self.stray_after: set[int] = set()
         self.tids: list[int] = []
         self.requests: list[tuple[int, int, int, int, int]] = []  # (connection, unit, fc, address, count)
         self.connections = 0
@@ -422,7 +425,10 @@ class RawModbusPeer:
                     frame = bytes([unit]) + reply
                     send(frame + struct.pack("<H", crc16(frame) ^ (0xFF00 if number in self.garble else 0)))
                 else:
-                    send(struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply)
+                    frame = struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply
+                    if number in self.stray_after:
+                        frame += struct.pack(">HHHB", (tid + 500) & 0xFFFF, 0, len(reply) + 1, unit) + reply
+                    send(frame)
                 answered += 1
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
