@@ -144,6 +144,11 @@ def package(group: str, name: str) -> str:
     return f"{ep.dist.name} {ep.dist.version}"
 
 
+def label(group: str, name: str) -> str:
+    """`plugin 'name' (from dist version)`: how messages about a plugin's bug name it."""
+    return f"plugin {name!r} (from {package(group, name)})"
+
+
 def available(group: str) -> list[PluginInfo]:
     """Plugins registered in `group`, sorted by name, without importing them."""
     out = []

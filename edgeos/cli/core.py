@@ -154,7 +154,7 @@ def check(
             try:
                 lines = list(describe(d))
             except Exception as e:  # noqa: BLE001 - third-party code: its bug is a line, not a traceback
-                name = f"plugin {d.protocol!r} (from {plugins.package(plugins.PROTOCOLS, d.protocol)})"
+                name = plugins.label(plugins.PROTOCOLS, d.protocol)
                 lines = [f"{name}: its describe() failed: {type(e).__name__}: {e} (a bug in the plugin)"]
             for line in lines:
                 typer.echo(f"    {redact(line)}")

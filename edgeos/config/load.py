@@ -501,7 +501,7 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
     if plugin is None:
         # Without the plugin its keys cannot be checked; don't report them as unknown too.
         rd = {k: v for k, v in rd.items() if k in DEVICE_FIELDS}
-    owner = functools.partial(_plugin_label, plugins.PROTOCOLS, rd.get("protocol"))
+    owner = functools.partial(plugins.label, plugins.PROTOCOLS, rd.get("protocol"))
     d = parse_table(rd, dev_fields, dpath, problems, extra=extra, owner=owner)
     for key, f in extra.items():  # a plugin's file names: relative to the config, not to where it runs
         if f.kind == "path" and isinstance(d.get(key), str) and d[key]:
@@ -611,13 +611,9 @@ def _parse_device(rd: Any, dpath: str, base: Path, problems: Problems, first_id:
     return dev
 
 
-def _plugin_label(group: str, name: str) -> str:
-    return f"plugin {name!r} (from {plugins.package(group, name)})"
-
-
 def _plugin_bug(protocol: str, hook: str, e: Exception) -> str:
     return (
-        f"{_plugin_label(plugins.PROTOCOLS, protocol)}: its {hook}() failed: "
+        f"{plugins.label(plugins.PROTOCOLS, protocol)}: its {hook}() failed: "
         f"{type(e).__name__}: {e} (a bug in the plugin: {hook} reports problems, it does not raise)"
     )
 
@@ -678,7 +674,7 @@ def _parse_filters(
             plugin.fields,
             fpath,
             problems,
-            owner=functools.partial(_plugin_label, plugins.FILTERS, name),
+            owner=functools.partial(plugins.label, plugins.FILTERS, name),
         )
         check = getattr(plugin, "validate", None)
         if check is not None and params:

@@ -264,8 +264,8 @@ class StoreReader:
         devices = sorted({info.device for info in tags})
         found: list[int] = []
 
-        def first(ts: np.ndarray, keep: np.ndarray) -> None:
-            ts = ts[keep & (ts >= t)]
+        def first(ts: np.ndarray, keep: np.ndarray | None = None) -> None:
+            ts = ts[(ts >= t) if keep is None else keep & (ts >= t)]
             if len(ts):
                 found.append(int(ts.min()))
 
@@ -278,7 +278,7 @@ class StoreReader:
                 q = "SELECT data FROM chunks WHERE tag=? AND t_max>=? AND t_min<?"
                 for (data,) in self.db.execute(q, (tag, t, t)):
                     c = decode_chunk(data)
-                    first(c.ts, np.ones(len(c.ts), bool))
+                    first(c.ts)
             hf = self._hot_from()
             for device in devices:
                 q = "SELECT MIN(t_min) FROM units WHERE id>=? AND device=? AND compacted=0 AND t_max>=? AND t_min>=?"
