@@ -20,7 +20,7 @@ packages += ["edgeos.console.static"]
 package_dir["edgeos.service.systemd"] = "systemd"
 
 HINT = """
-edgeos: compiling the filter kernels (ext/_kernels.pyx) failed: {error}
+edgeos: compiling the filter kernels and the sync's framing (ext/*.pyx) failed: {error}
   Install a C compiler and the Python headers (Debian: apt install gcc python3-dev) and retry,
   or install the pure-Python kernels, about 100 times slower, with a warning at every start:
   EDGEOS_NO_EXTENSIONS=1 pip install ...
@@ -51,7 +51,9 @@ if os.environ.get("EDGEOS_NO_EXTENSIONS") != "1":
                 include_dirs=[numpy.get_include()],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                 extra_compile_args=["-O3", "-ffp-contract=off"],  # twins stay bit-identical
-            )
+            ),
+            # The sync's message assembly (its twin: edgeos/sync/_reference.py).
+            Extension("edgeos.sync._frame", ["ext/_frame.pyx"], extra_compile_args=["-O3"]),
         ],
         compiler_directives={"language_level": 3},
     )

@@ -275,6 +275,27 @@ def encode_message(
     request, `part` = (index, count) when `units` holds one slice of a unit larger than the
     message size cap (docs/payload.md, "Continuation").
     """
+    parts = [_message_head(gateway, device, seqs, dictionary, prev, replay, part, len(units))]
+    for u in units:
+        parts.append(b"\xc6" + len(u).to_bytes(4, "big"))  # bin 32
+        parts.append(u)
+    return b"".join(parts)
+
+
+def _message_head(
+    gateway: str,
+    device: str,
+    seqs: list[int],
+    dictionary: int,
+    prev: int,
+    replay: bool,
+    part: tuple[int, int] | None,
+    n: int,
+) -> bytes:
+    """`encode_message`'s bytes before its units' items: the envelope's map up to its last
+    entry, "units", and that array's header for `n` items. Each item follows as bin 32
+    (0xc6, the length in 4 bytes big-endian, the unit's bytes): the same bytes msgpack would
+    write, assembled without packing the units again."""
     doc: dict = {"v": PAYLOAD_VERSION, "gw": gateway, "dev": device, "seq": seqs, "td": dictionary, "pv": prev}
     if replay:
         doc["rp"] = True
@@ -282,15 +303,8 @@ def encode_message(
         doc["pt"] = list(part)
     doc["units"] = []
     head = msgpack.packb(doc, use_bin_type=True)
-    # The same bytes msgpack would write, assembled in one allocation: the map's last entry
-    # is "units", so its empty-array byte is replaced by the array header and the bin items.
-    n = len(units)
-    array = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
-    parts = [head[:-1], array]
-    for u in units:
-        parts.append(b"\xc6" + len(u).to_bytes(4, "big"))  # bin 32
-        parts.append(u)
-    return b"".join(parts)
+    # The map's last entry is "units": its empty-array byte is replaced by the array header.
+    return head[:-1] + (bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big"))
 
 
 def message_overhead(gateway: str, device: str, units: int, *, part: bool = False) -> int:

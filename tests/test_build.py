@@ -23,7 +23,7 @@ def test_pure_build_runs_on_reference_kernels_and_says_so(tmp_path):
         cwd=tmp_path,
     )
     assert build.returncode == 0, build.stderr
-    assert not list(target.glob("edgeos/filters/_kernels*.so"))
+    assert not list(target.glob("edgeos/filters/_kernels*.so")) and not list(target.glob("edgeos/sync/_frame*.so"))
     assert not (target / "protocols").exists()
     run_env = {**os.environ, "PYTHONPATH": str(target)}
     version = subprocess.run(
@@ -56,7 +56,7 @@ def test_a_missing_compiler_fails_the_install_with_both_ways_out(tmp_path):
     )
     assert build.returncode != 0
     out = build.stdout + build.stderr
-    assert "compiling the filter kernels (ext/_kernels.pyx) failed" in out and "no-such-cc" in out
+    assert "compiling the filter kernels and the sync's framing (ext/*.pyx) failed" in out and "no-such-cc" in out
     assert "apt install gcc python3-dev" in out and "EDGEOS_NO_EXTENSIONS=1" in out
 
 

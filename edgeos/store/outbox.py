@@ -8,12 +8,12 @@ kills the daemon, where read() returns an error the caller can report and retry)
 saved by the store's one writer (`StoreWriter.maintain(sync_cursor=...)` / `save_cursor`,
 I19): this module only reads it back.
 
-A run of units comes back as columns (ids, devices, sample counts, bytes), each unit's bytes
-exactly as committed: SQLite concatenates the run's units in one step (about the byte bound's
-worth at the last run's mean unit size, never more than RUN_CAP bytes), and the run slices
-them without copying. One step for the whole run, not one per unit, keeps the reader thread
-off the GIL while SQLite reads its pages, so the event loop publishes meanwhile
-(docs/benchmarks.md, twelfth session).
+A run of units comes back as columns (ids, devices, sample counts, and one buffer with the
+units' bytes exactly as committed, with their offsets): SQLite concatenates the run's units in
+one step (about the byte bound's worth at the last run's mean unit size, never more than
+RUN_CAP bytes), and the sync frames its messages from that buffer (edgeos.sync._frame). One
+step for the whole run, not one per unit, keeps the reader thread off the GIL while SQLite
+reads its pages, so the event loop publishes meanwhile (docs/benchmarks.md, twelfth session).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger("edgeos.store")
 
@@ -33,16 +34,32 @@ RUN_ROWS = 4096  # bound on one run (the byte bound usually ends it first)
 RUN_CAP = 4 << 20  # bytes: the longest run SQLite is let build in one piece (4 x the usual bound)
 
 
-@dataclass
 class UnitRun:
-    """Consecutive stored units in id order, as columns. `last` is the highest id the read
-    covered (units above it were not looked at), 0 when nothing was read."""
+    """Consecutive stored units in id order, as columns: ids, devices, sample counts, and the
+    units' bytes exactly as committed, one after the other in `blob`, unit i at
+    blob[offsets[i]:offsets[i + 1]]. `last` is the highest id the read covered (units above
+    it were not looked at), 0 when nothing was read."""
 
-    ids: list[int]
-    devices: list[str]
-    samples: list[int]
-    data: list[bytes] | list[memoryview]  # each unit's bytes exactly as committed
-    last: int = 0
+    __slots__ = ("blob", "devices", "ids", "last", "offsets", "samples")
+
+    def __init__(
+        self, ids: list[int], devices: list[str], samples: list[int], blob: bytes, offsets: np.ndarray, last: int = 0
+    ) -> None:
+        self.ids, self.devices, self.samples, self.blob, self.offsets, self.last = (
+            ids,
+            devices,
+            samples,
+            blob,
+            offsets,
+            last,
+        )
+
+    @property
+    def data(self) -> list[memoryview]:
+        """Each unit's bytes, sliced from the one buffer without a copy."""
+        view = memoryview(self.blob)
+        bounds = self.offsets.tolist()
+        return [view[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -50,9 +67,11 @@ class UnitRun:
 
 def _columns(rows: list[tuple[int, str, int, bytes]]) -> UnitRun:
     if not rows:
-        return UnitRun([], [], [], [], 0)
+        return UnitRun([], [], [], b"", np.zeros(1, np.int64), 0)
     ids, devices, samples, data = (list(c) for c in zip(*rows, strict=True))
-    return UnitRun(ids, devices, samples, data, ids[-1])
+    offsets = np.zeros(len(data) + 1, np.int64)
+    np.cumsum([len(d) for d in data], out=offsets[1:])
+    return UnitRun(ids, devices, samples, b"".join(data), offsets, ids[-1])
 
 
 class Outbox:
@@ -215,30 +234,28 @@ class Outbox:
         finally:
             db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, before)
         if row[0] is None:
-            return UnitRun([], [], [], [], 0)
+            return _columns([])
         try:
-            ids = list(map(int, row[0].split(",")))
+            ids = np.fromstring(row[0], np.int64, sep=",")
             devices = row[1].split("\n")
-            samples = list(map(int, row[2].split(",")))
-            sizes = list(map(int, row[3].split(",")))
+            samples = np.fromstring(row[2], np.int64, sep=",")
+            sizes = np.fromstring(row[3], np.int64, sep=",")
         except ValueError:
             return None
         blob = row[4]
         n = len(ids)
         if not (
             len(devices) == len(samples) == len(sizes) == n
-            and sum(sizes) == len(blob)
-            and all(map(int.__lt__, ids, ids[1:]))
+            and n
+            and (sizes >= 0).all()
+            and int(sizes.sum()) == len(blob)
+            and (n == 1 or bool((ids[1:] > ids[:-1]).all()))
         ):
             return None
         self._unit_size = max(1, len(blob) // n)
-        view = memoryview(blob)
-        data = []
-        at = 0
-        for size in sizes:
-            data.append(view[at : at + size])
-            at += size
-        return UnitRun(ids, devices, samples, data, ids[-1])
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        return UnitRun(ids.tolist(), devices, samples.tolist(), blob, offsets, int(ids[-1]))
 
     def _rows(self, db: sqlite3.Connection, where: str, params: tuple, max_bytes: int, upto: int | None) -> UnitRun:
         """A row per unit, stepped until the bytes pass max_bytes (the aggregate's fallback)."""
