@@ -176,3 +176,49 @@ def test_csv_from_1970_is_the_stored_history(daemon):
     # A range with nothing stored is the header alone, once (it came twice), as `edgeos export` writes.
     code, body = _api(f"{daemon.url}api/export.csv?tag=oven/zone1&since=@0&until=@86400")
     assert code == 200 and body == b"time,tag,value,quality\n"
+
+
+def _documented_fields() -> dict[str, str]:
+    """docs/console.md's JSON endpoints table: endpoint -> its answer cell."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "console.md").read_text()
+    rows = re.findall(r"^\| `(/api/[a-z.]+)` \| (.*?) \| (.*?) \|$", doc, re.M)
+    return {path: answer for path, _, answer in rows}
+
+
+def test_json_endpoints_answer_the_documented_fields(daemon):
+    import json
+
+    doc = _documented_fields()
+    assert set(doc) == {"/api/overview", "/api/tags", "/api/stream", "/api/trend", "/api/export.csv", "/api/config"}
+
+    def has(obj: dict, cell: str, *names: str) -> None:
+        for name in names:
+            assert f"`{name}`" in cell or f"`{name}[]`" in cell, f"{name} is not in the documented answer"
+            assert name in obj, f"{name} is documented but not answered: {sorted(obj)}"
+
+    code, body = _api(daemon.url + "api/overview")
+    o = json.loads(body)
+    has(o, doc["/api/overview"], "gateway", "devices", "store", "upstream")
+    has(o["gateway"], doc["/api/overview"], "id", "version", "uptime_s", "kernels", "tags", "read", "stored")
+    has(o["devices"][0], doc["/api/overview"], "name", "protocol", "state", "up", "last_ok_ns", "errors")
+    has(o["devices"][0], doc["/api/overview"], "last_error", "last_error_code", "lateness_ms")
+    has(o["store"], doc["/api/overview"], "used_bytes", "max_size", "horizon_ns", "committed_samples")
+    has(o["upstream"], doc["/api/overview"], "enabled", "state", "connected", "lag_s", "backlog_samples")
+    code, body = _api(daemon.url + "api/tags?q=PRESS&limit=1")
+    t = json.loads(body)
+    has(t, doc["/api/tags"], "total", "matched", "offset", "limit", "devices", "rows")
+    assert (t["matched"], t["limit"], len(t["rows"])) == (2, 1, 1)  # any case; one page of 1
+    has(t["rows"][0], doc["/api/tags"], "id", "device", "name", "kind", "unit", "value", "quality", "severity", "ts")
+    code, body = _api(daemon.url + "api/trend?tag=press/temperature&since=24h&width=3")
+    tr = json.loads(body)
+    has(tr, doc["/api/trend"], "since_ns", "until_ns", "step_ns", "buckets", "series")
+    has(tr["series"][0], doc["/api/trend"], "tag", "unit", "kind", "samples", "interval_ns")
+    has(tr["series"][0], doc["/api/trend"], "mean", "min", "max", "bad")
+    assert tr["buckets"] == 10 and len(tr["series"][0]["mean"]) == 10  # width 10 to 4,000
+    assert tr["series"][0]["bad"] and all(len(p) == 2 for p in tr["series"][0]["bad"])  # the prefilled Bad period
+    code, body = _api(daemon.url + "api/config")
+    has(json.loads(body), doc["/api/config"], "file", "config")
+    code, body = _api(daemon.url + "api/tags?limit=x")
+    assert code == 400 and json.loads(body) == {"error": "found 'x', expected a whole number"}
