@@ -262,6 +262,7 @@ class Runtime:
         self.running = asyncio.Event()  # set once the runtime's tasks run; devices may still be connecting
         self._connected = {d.name: asyncio.Event() for d in config.devices if d.enabled}
         self._stop = asyncio.Event()  # stop() works before run() too: run() then returns at once
+        self._retiring: set[asyncio.Task] = set()  # device tasks a reload is stopping
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._producing = {f"device:{d.name}": asyncio.Event() for d in config.devices}
         self._store_failing = False
@@ -486,6 +487,7 @@ class Runtime:
             return {"ok": False, "config": str(source), "errors": errors}
         stopping = [n for n in plan.removed] + [d.name for d in plan.changed]
         tasks = [self._device_tasks.pop(n) for n in stopping if n in self._device_tasks]
+        self._retire(tasks)
         # Cancelled again only after their closes' bound (5 s at most) would have ended them.
         left = await cancel_and_wait(tasks, "the reloaded devices", log, rounds=_RELOAD_ROUNDS, every_s=_RELOAD_EVERY_S)
         stuck = {t.get_name().removeprefix("device:"): t for t in left}
@@ -837,6 +839,14 @@ class Runtime:
                     raise DeviceError(dev.name, "adapter's run() returned; restarting", code="ended", stage="run")
                 except Exception as exc:
                     self._connected[dev.name].clear()
+                    if self._stop.is_set() or asyncio.current_task() in self._retiring:
+                        # The stop (or a reload retiring the device) cancelled this task and the
+                        # adapter raised an error instead (its cleanup failed, or on Python 3.11
+                        # a TaskGroup's failing child outranks the cancellation; the task's own
+                        # cancelling() count cannot tell: 3.11's TaskGroup leaves it raised after
+                        # any child's failure). Not the device's failure; reconnecting would poll
+                        # on past the stop, until its deadline cut the flush short.
+                        raise asyncio.CancelledError from exc
                     if not any(yes for yes, _ in answers.values()):
                         # No YES on this connection (a server that accepts and drops every
                         # connection, or never answers): the next one is down until its first YES.
@@ -866,6 +876,13 @@ class Runtime:
                 attempt += 1
         finally:
             producing.set()
+
+    def _retire(self, tasks: list[asyncio.Task]) -> None:
+        """Mark device tasks about to be cancelled for good (until each ends): an error their
+        adapter raises then ends them instead of a reconnect."""
+        for t in tasks:
+            self._retiring.add(t)
+            t.add_done_callback(self._retiring.discard)
 
     async def _close(self, dev: DeviceConfig, adapter: Adapter) -> None:
         """Close with a bound; a close that hangs or raises must not stall the supervisor."""

@@ -202,6 +202,42 @@ tags = [{ name = "b" }]
     assert rt.devices["good"].samples >= 10 and rt.counters.stored > 0
 
 
+async def test_a_driver_that_fails_as_it_is_cancelled_is_not_reconnected_by_the_stop(write_config, run_runtime):
+    """An adapter that raises an error when the stop cancels it (its cleanup fails; on Python
+    3.11 a TaskGroup's failing child outranks the cancellation): the supervisor used to take it
+    for a device failure and reconnect, polling on past the stop until the deadline cut it off,
+    and samples read meanwhile were lost (an independent tester's finding). Now the stop ends
+    it at once: one connection, nothing lost, the stop well within its timeout."""
+    cfg = load_config(
+        write_config(
+            GATEWAY
+            + """
+[[devices]]
+name = "bad"
+protocol = "misbehaving"
+mode = "fails_on_cancel"
+reconnect_min = "1ms"
+reconnect_max = "1ms"
+tags = [{ name = "a" }]
+
+[[devices]]
+name = "good"
+protocol = "simulated"
+poll_interval = "5ms"
+tags = [{ name = "b" }]
+"""
+        )
+    )
+    MisbehavingAdapter.instances.clear()
+    t0 = time.monotonic()
+    rt = await run_runtime(cfg, seconds=0.5, timeout=20)
+    took = time.monotonic() - t0
+    assert len([a for a in MisbehavingAdapter.instances if a.device.name == "bad"]) == 1  # never reconnected
+    assert rt.devices["bad"].failures == 0  # the stop is not the device's failure
+    assert rt.counters.dropped_at_stop == 0 and rt.counters.stored == rt.counters.read > 0
+    assert took < 4, took  # shutdown_timeout is 5 s: it did not run into it
+
+
 async def test_silence_is_judged_anew_on_each_connection_and_an_empty_batch_answers(write_config, run_runtime):
     """A third-party adapter that does not say whether its device answered: all BadTimeout is
     no answer (down while connected), its connection is lost; on the next connection it emits

@@ -38,6 +38,11 @@ class MisbehavingAdapter:
             try:
                 await asyncio.sleep(period)
             except asyncio.CancelledError:
+                if self.opts["mode"] == "fails_on_cancel":
+                    # A driver whose cleanup fails as it is cancelled, or a TaskGroup whose child
+                    # failed as the stop came (Python 3.11: the child's error wins over the
+                    # cancellation): the supervisor sees an error, not the cancellation.
+                    raise ConnectionResetError("connection lost as the poll was cancelled") from None
                 if self.opts["mode"] != "swallows_cancel" or self.swallowed >= self.opts["raise_every"]:
                     raise
                 # What Python 3.11's wait_for does to a cancellation that meets an answer: drops it.
@@ -102,6 +107,7 @@ class MisbehavingProtocol:
                 "close_raises",
                 "health_raises",
                 "swallows_cancel",
+                "fails_on_cancel",
                 "not_a_batch",
                 "other_device",
                 "foreign_ids",
