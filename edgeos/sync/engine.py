@@ -45,19 +45,24 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgeos import wire
+from edgeos import filters, wire
 from edgeos.adapter import first_error
 from edgeos.errors import SyncError
 from edgeos.logs import RateLimited
 from edgeos.retry import backoff_delay
 from edgeos.store.outbox import Backlog, Outbox, UnitRun
+from edgeos.sync._reference import assemble as _reference_assemble
 
 try:
     from edgeos.sync._frame import assemble as _assemble  # type: ignore[import-not-found]
 except ImportError:  # a pure build (EDGEOS_NO_EXTENSIONS=1): the plain-Python twin
-    from edgeos.sync._reference import assemble as _assemble
+    _assemble = _reference_assemble
 
 log = logging.getLogger("edgeos.sync")
+
+if _assemble is _reference_assemble and filters.COMPILED:
+    # One build compiles both: the kernels without the framing is a broken or stale install.
+    log.warning("edgeos.sync._frame is missing from a compiled build: messages framed in Python (slower); reinstall")
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
 # A PUBLISH packet's bytes beside its payload: fixed header (5 at most), topic (2 + its length),

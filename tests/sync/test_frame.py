@@ -70,6 +70,20 @@ def test_a_unit_outside_the_run_is_refused(assemble):
         assemble(b"h", b"abcde", np.array([0, 3, 9], np.int64), np.array([1], np.int64))
     with pytest.raises(ValueError):
         assemble(b"h", b"abcde", np.array([0, 4, 2], np.int64), np.array([1], np.int64))
+    # Both refuse the same calls (a review found the compiled one took None and the twin did
+    # not, and the twin took int32 or strided indexes the compiled one refused).
+    ok = np.array([0], np.int64)
+    for bad in (
+        (None, b"abcde", offsets, ok),
+        (b"h", None, offsets, ok),
+        (b"h", b"abcde", None, ok),
+        (b"h", b"abcde", offsets, None),
+        (b"h", b"abcde", offsets, np.array([0], np.int32)),
+        (b"h", b"abcde", offsets, np.array([0, 1, 0], np.int64)[::2]),
+        (b"h", b"abcde", offsets.astype(np.int32), ok),
+    ):
+        with pytest.raises((TypeError, ValueError)):
+            assemble(*bad)
     want = b"h\xc6\x00\x00\x00\x02de\xc6\x00\x00\x00\x03abc"
     assert assemble(b"h", b"abcde", offsets, np.array([1, 0], np.int64)) == want
 
