@@ -359,8 +359,6 @@ def gw(plc, tmp_path_factory):
 
 
 def test_every_documented_scalar_type_is_read(gw):
-    t = tags_json(gw)
-    good = {k: v for k, v in t.items() if v["quality"] == "GOOD"}
     expect = {
         "plc/speed": 12.5,
         "plc/speed_ns": 12.5,  # ns=<index>;i=... and nsu=...;i=... are the same node
@@ -380,6 +378,13 @@ def test_every_documented_scalar_type_is_read(gw):
         "plc/when": 1622548800.0,  # 2021-06-01T12:00Z, seconds since 1970
         "plc/state": 2.0,  # an enumeration (ServerState) as its Int32
     }
+    # The fixture waits for the tags to be listed; their first values may come later (a loaded
+    # machine): wait, bounded, for each to have one (a tag that never turns Good fails below).
+    try:
+        t = wait_for(lambda: tags_json(gw), lambda t: all(t.get(k, {}).get("quality") == "GOOD" for k in expect), 30)
+    except AssertionError:
+        t = tags_json(gw)
+    good = {k: v for k, v in t.items() if v["quality"] == "GOOD"}
     for tag, value in expect.items():
         assert tag in good, (tag, t.get(tag))
         assert good[tag]["value"] == value, (tag, good[tag])
