@@ -492,6 +492,7 @@ class Runtime:
         left = await cancel_and_wait(tasks, "the reloaded devices", log, rounds=_RELOAD_ROUNDS, every_s=_RELOAD_EVERY_S)
         stuck = {t.get_name().removeprefix("device:"): t for t in left}
         self._device_tasks.update(stuck)  # still polling: no second poller beside one (two masters on a line)
+        self._retiring.difference_update(left)  # it polls on: its next failure is a failure again
         if self._stop.is_set():
             return {"ok": False, "errors": ["the daemon began stopping during the reload"]}
         # From here to the end, no await: a stop cannot begin half-way through.
@@ -614,11 +615,15 @@ class Runtime:
                 try:
                     await self._stop.wait()
                 finally:
+                    # Also when run() itself is cancelled (or a core task failed): the devices
+                    # then see a stop, as after stop() (a reconnect would poll on past it).
+                    self._stop.set()
                     self.notifier.stopping()
                     for t in (t_ctl, t_status, t_http, t_console, t_notify, t_hup, t_trace):
                         if t is not None:
                             t.cancel()
-                    t_devs = list(self._device_tasks.values())  # as reloads left them
+                    # As reloads left them, and those a reload in progress is still stopping.
+                    t_devs = [*self._device_tasks.values(), *(t for t in self._retiring if not t.done())]
                     await asyncio.shield(self._shutdown(t_devs, raw, filtered, t_pipe, t_write))
                     if t_sync is not None and self.sync is not None:
                         # Everything is committed; forward the last of it if that is quick,

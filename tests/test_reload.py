@@ -197,6 +197,36 @@ tags = [{ name = "s" }]
 """
 
 
+async def test_a_stop_during_a_reload_also_stops_the_devices_the_reload_is_stopping(write_config):
+    """A reload takes the devices it replaces out of the running set before it waits for them
+    to end; a stop meanwhile must stop them too (a review found the stop never cancelled such a
+    device, and run() waited on it for good)."""
+    stuck = STUCK.replace("raise_every = 4", "raise_every = 6")  # more than the reload's 3 rounds
+    path = write_config(HEAD + stuck)
+    rt = Runtime(load_config(path))
+    task = asyncio.create_task(rt.run())
+    try:
+        await rt.running.wait()
+        await _until(lambda: rt.devices["stuck"].samples > 5)
+        path.write_text(HEAD + stuck.replace('period = "20ms"', 'period = "30ms"'))
+        reload = asyncio.create_task(rt.reload())
+        await asyncio.sleep(0.5)  # the reload has cancelled it once and waits (rounds of 6 s)
+        assert not reload.done()
+        rt.stop()
+        await asyncio.wait_for(task, 30)  # shutdown_timeout 5 s, then the stop's own cancels
+        result = await asyncio.wait_for(reload, 30)
+        assert result["ok"] is False, result
+    finally:
+        rt.stop()
+        if not task.done():
+            task.cancel()
+    assert task.exception() is None
+    # Every sample it read is accounted for: stored, or counted lost at the stop.
+    c = rt.counters
+    assert c.read == c.stored + c.filtered_out + c.dropped_store_unavailable + c.dropped_at_stop, c
+    assert rt.devices["stuck"].samples <= c.read
+
+
 async def test_a_device_that_does_not_stop_gets_no_second_poller(write_config):
     """A device whose task drops four cancellations in a row (what Python 3.11's wait_for can do
     to one, and edgeos.aio guards against) outlives the reload's bound of 18 s. Its change is
@@ -205,6 +235,7 @@ async def test_a_device_that_does_not_stop_gets_no_second_poller(write_config):
     still ends it."""
     from edgeos_fixture import MisbehavingAdapter
 
+    MisbehavingAdapter.instances.clear()  # the adapters of earlier tests
     path = write_config(HEAD + STUCK)
     rt = Runtime(load_config(path))
     task = asyncio.create_task(rt.run())
@@ -219,6 +250,9 @@ async def test_a_device_that_does_not_stop_gets_no_second_poller(write_config):
         before = rt.devices["stuck"].samples
         await _until(lambda: rt.devices["stuck"].samples > before + 5)  # it polls on
         assert rt.devices["steady"].state == "running"
+        # Polling on, it is no longer being stopped: its next failure is a failure (a review
+        # found it left marked, so that its next error ended it for good, unlogged).
+        assert not rt._retiring
     finally:
         rt.stop()
         await asyncio.wait_for(task, 30)
