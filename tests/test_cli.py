@@ -48,6 +48,24 @@ def test_init_writes_a_config_that_checks_and_runs(tmp_path):
     assert cfg.gateway.data_dir == tmp_path / "data"
 
 
+def test_init_with_a_plugin_that_fails_to_import_names_it_and_writes_the_rest(tmp_path):
+    """The test plugin package installs `broken`, whose module imports a package that is not
+    installed. `edgeos init` used no config and still died of another such plugin's ImportError
+    (an independent tester's finding), and left this one out without a word."""
+    target = tmp_path / "edgeos.toml"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "edgeos"), "init", str(target)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "protocol broken (edgeos-fixture-plugin" in result.stderr and "failed to import" in result.stderr
+    assert "edgeos_fixture_dependency_that_is_not_installed" in result.stderr
+    text = target.read_text()
+    assert "## ---- protocol: broken (edgeos-fixture-plugin" in text and "not loadable" in text
+    assert "## ---- protocol: modbus (edgeos " in text and "## ---- protocol: simulated (edgeos " in text
+    check = CliRunner().invoke(app, ["check", str(target)])
+    assert check.exit_code == 0, check.output  # the comment line leaves a config that runs as written
+
+
 def test_every_protocol_sample_is_a_valid_config(tmp_path):
     from edgeos.cli import GATEWAY_HEADER, _sample
 

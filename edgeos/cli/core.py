@@ -315,13 +315,19 @@ GATEWAY_HEADER = """\
 
 
 def _sample(protocol: str) -> str | None:
+    """The protocol's sample.toml, None when its package ships none. Raises what importing the
+    package raises (a plugin that fails to import)."""
     ep_value = next((p.value for p in plugins.available(plugins.PROTOCOLS) if p.name == protocol), None)
     if ep_value is None:
         return None
     pkg = ep_value.split(":")[0]
     try:
-        return (resources.files(pkg) / "sample.toml").read_text(encoding="utf-8")
-    except (FileNotFoundError, ModuleNotFoundError):
+        files = resources.files(pkg)
+    except TypeError:  # a plain module, not a package: nothing beside it to ship
+        return None
+    try:
+        return (files / "sample.toml").read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
 
 
@@ -347,10 +353,15 @@ def init(
     commented out, with each option explained and its default shown. The parent directory is
     created when missing (/etc/edgeos on a fresh gateway).
     """
+    problems: list[str] = []
     if str(path) == "-":
-        typer.echo(starting_config(False), nl=False)
+        typer.echo(starting_config(False, problems), nl=False)
+        for line in problems:
+            typer.echo(f"edgeos init: {line}", err=True)
         return
-    out = starting_config(system if system is not None else _system_install(path))
+    out = starting_config(system if system is not None else _system_install(path), problems)
+    for line in problems:
+        typer.echo(f"edgeos init: {line}", err=True)
     if path.exists() and not force:
         typer.echo(f"{path} exists; use --force to overwrite", err=True)
         raise typer.Exit(1)
@@ -368,11 +379,19 @@ def init(
 SYSTEM_DATA_DIR = "/var/lib/edgeos"
 
 
-def starting_config(system: bool) -> str:
-    """The commented example config of `edgeos init` (and `edgeos service install`)."""
+def starting_config(system: bool, problems: list[str] | None = None) -> str:
+    """The commented example config of `edgeos init` (and `edgeos service install`). A protocol
+    whose package fails to import is a comment line in it, and a line in `problems`."""
     parts = [GATEWAY_HEADER]
     for info in plugins.available(plugins.PROTOCOLS):
-        text = _sample(info.name)
+        try:
+            text = _sample(info.name)
+        except Exception as e:  # a plugin that fails to import: the others' samples still go out
+            why = redact(f"{type(e).__name__}: {e}").replace("\n", " ")
+            parts.append(f"\n## ---- protocol: {info.name} ({info.dist} {info.version}): not loadable: {why} ----\n")
+            if problems is not None:
+                problems.append(f"protocol {info.name} ({info.dist} {info.version}) failed to import: {why}; no sample")
+            continue
         if text is None:
             continue
         if info.name != "simulated":
