@@ -261,9 +261,9 @@ def _copy_example(root: Path) -> Path:
 def _pip_target(site: Path, *pkgs: Path) -> None:
     r = subprocess.run(
         # The venv has setuptools 65 and no `wheel`, so --no-build-isolation cannot build any
-        # package here; the build backend comes from the machine's local index instead (no network).
-        [str(PY), "-m", "pip", "install", "--no-deps", "--index-url", "file:///opt/pypi/simple", "-q"]
-        + ["--target", str(site), *map(str, pkgs)],
+        # package here; pip's isolated build takes the backend from pip's configured index, as
+        # scripts/setup's install of examples/edgeos-sysfs does.
+        [str(PY), "-m", "pip", "install", "--no-deps", "-q"] + ["--target", str(site), *map(str, pkgs)],
         capture_output=True,
         text=True,
         timeout=120,
