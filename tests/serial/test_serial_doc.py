@@ -1001,8 +1001,10 @@ def test_device_server_drops_and_comes_back(gw):
     gw.wait(lambda s: s["devices"]["drop"]["health"]["frames"] >= 1, "first line")
     srv.send(b"ST,GS,+9")  # a partial line, then the server goes away
     time.sleep(0.1)
-    srv.drop()
+    # Stop listening first: dropped while still listening, the daemon's reconnect (backoff from
+    # 50 ms) could complete in between on a loaded machine, and count one more open (seen twice).
     srv.unlisten()
+    srv.drop()
     gw.wait(lambda s: s["devices"]["drop"]["health"]["connected"] is False, "connection lost", timeout=6)
     time.sleep(0.6)  # several refused reconnects (backoff 50..200 ms)
     srv.relisten()
