@@ -202,6 +202,18 @@ tags = [{ name = "b" }]
     assert rt.devices["good"].samples >= 10 and rt.counters.stored > 0
 
 
+# A driver that raises an error as it is cancelled, reconnected at once if the supervisor tries.
+FAILS_ON_CANCEL = """
+[[devices]]
+name = "bad"
+protocol = "misbehaving"
+mode = "fails_on_cancel"
+reconnect_min = "1ms"
+reconnect_max = "1ms"
+tags = [{ name = "a" }]
+"""
+
+
 async def test_a_driver_that_fails_as_it_is_cancelled_is_not_reconnected_by_the_stop(write_config, run_runtime):
     """An adapter that raises an error when the stop cancels it (its cleanup fails; on Python
     3.11 a TaskGroup's failing child outranks the cancellation): the supervisor used to take it
@@ -211,15 +223,8 @@ async def test_a_driver_that_fails_as_it_is_cancelled_is_not_reconnected_by_the_
     cfg = load_config(
         write_config(
             GATEWAY
+            + FAILS_ON_CANCEL
             + """
-[[devices]]
-name = "bad"
-protocol = "misbehaving"
-mode = "fails_on_cancel"
-reconnect_min = "1ms"
-reconnect_max = "1ms"
-tags = [{ name = "a" }]
-
 [[devices]]
 name = "good"
 protocol = "simulated"
@@ -245,18 +250,7 @@ async def test_cancelling_run_stops_a_driver_that_fails_as_it_is_cancelled_as_st
     from edgeos.runtime import Runtime
 
     cfg = load_config(
-        write_config(
-            GATEWAY.replace('shutdown_timeout = "5s"', 'shutdown_timeout = "2s"')
-            + """
-[[devices]]
-name = "bad"
-protocol = "misbehaving"
-mode = "fails_on_cancel"
-reconnect_min = "1ms"
-reconnect_max = "1ms"
-tags = [{ name = "a" }]
-"""
-        )
+        write_config(GATEWAY.replace('shutdown_timeout = "5s"', 'shutdown_timeout = "2s"') + FAILS_ON_CANCEL)
     )
     MisbehavingAdapter.instances.clear()
     rt = Runtime(cfg)
