@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,11 +70,76 @@ class Counters:
     unknown_nodes: int = 0
 
 
+class Memory:
+    """Per tag, the last sample the device produced (its time as the server stamped it, value
+    bits, quality, text), and the time of a Bad mark since (0: none). Kept in the device's state,
+    so it outlives the adapters the runtime makes at each reconnect.
+
+    Two things follow from it. A sample read again unchanged (the same time, value, quality and
+    text: with source timestamps an unchanged value keeps its time, in a poll, in a re-created
+    subscription's first notification, in the read after a stall) is the same sample, stored
+    once. And a tag's first sample after a Bad mark (the runtime's at a lost session, the
+    adapter's at a stall, a held node's, a Bad value) stamped before that mark is stored once
+    more at the time it arrived: the server says the value is still the one from before the
+    outage, and stamped with its old time it would sort before the mark, so every query would
+    show the tag Bad until the value next changed."""
+
+    def __init__(self, n: int) -> None:
+        self.ts = np.full(n, np.iinfo(np.int64).min, np.int64)
+        self.bits = np.zeros(n, np.int64)
+        self.q = np.zeros(n, np.uint32)
+        self.text: dict[int, str | None] = {}
+        self.gap = np.zeros(n, np.int64)
+
+    def mark(self, positions: Sequence[int] | np.ndarray, at_ns: int) -> None:
+        """Bad samples stamped `at_ns` were stored for these tags (by the runtime or the adapter)."""
+        p = np.asarray(positions, np.intp)
+        self.gap[p] = np.maximum(self.gap[p], at_ns)
+
+    def settle(
+        self,
+        lp: np.ndarray,
+        ts: np.ndarray,
+        values: np.ndarray,
+        quality: np.ndarray,
+        text: np.ndarray | None,
+        now_ns: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """The samples (tag positions `lp`, in arrival order) to emit: repeats of a tag's last
+        sample dropped, and a tag's last sample here that is stamped before its Bad mark emitted
+        again stamped `now_ns` (the original kept too when it is news: a change before the mark
+        that was never seen). Remembers the last sample of each tag."""
+        bits = np.ascontiguousarray(values, np.float64).view(np.int64)
+        same = (self.ts[lp] == ts) & (self.bits[lp] == bits) & (self.q[lp] == quality)
+        if text is not None:
+            for i in np.flatnonzero(same).tolist():
+                same[i] = self.text.get(int(lp[i])) == text[i]
+        # Each tag's last sample in this answer (a subscription's queue may bring several).
+        last = len(lp) - 1 - np.unique(lp[::-1], return_index=True)[1]
+        tags = lp[last]
+        gap = self.gap[tags]
+        stale = last[(gap != 0) & (ts[last] < gap)]
+        self.ts[lp], self.bits[lp], self.q[lp] = ts, bits, quality  # in order: the last one stays
+        if text is not None:
+            self.text.update(zip(lp.tolist(), text.tolist(), strict=True))
+        out_ts = ts[last].copy()
+        out_ts[np.isin(last, stale)] = now_ns
+        bad = (quality[last] & 0x80000000) != 0
+        self.gap[tags] = np.where(bad, out_ts, 0)  # a Bad sample is a mark of its own
+        if not len(stale) and not same.any():
+            return lp, ts, values, quality, text
+        order = np.concatenate([np.flatnonzero(~same), stale])
+        ts_out = ts[order]
+        ts_out[len(order) - len(stale) :] = now_ns
+        return lp[order], ts_out, values[order], quality[order], None if text is None else text[order]
+
+
 @dataclass
 class DeviceState:
     counters: Counters = field(default_factory=Counters)
     errors: RateLimited = field(default_factory=lambda: RateLimited(log))
     limits: dict[str, int] = field(default_factory=dict)
+    memory: Memory | None = None
 
 
 _STATES: dict[int, DeviceState] = {}
@@ -163,12 +228,10 @@ class OpcUaAdapter(PollingAdapter):
         self._revised: tuple[float, int] | None = None  # the server's publishing interval (s), keep-alive count
         self._stalled = False  # subscribed tags marked Bad for silence; answers coming back end it
         self._answer: dict[int, Answer] = {}  # per poll group: read something, or nothing to read
-        # Per tag, the last sample a poll read (time, value bits, quality, text): a value read
-        # again unchanged, with the same source time, is the same sample, stored once.
-        self._last_ts = np.full(n, np.iinfo(np.int64).min, np.int64)
-        self._last_bits = np.zeros(n, np.int64)
-        self._last_q = np.zeros(n, np.uint32)
-        self._last_text: dict[int, str | None] = {}
+        if self.state.memory is None:
+            self.state.memory = Memory(n)
+        self.memory = self.state.memory
+        self._up = False  # this adapter's session was established (its loss is a Bad mark)
 
     # -- connect
 
@@ -185,6 +248,7 @@ class OpcUaAdapter(PollingAdapter):
         except uac.OpcUaError as e:
             raise DeviceError(name, str(e), code=e.code, stage="connect") from None
         self.counters.connects += 1
+        self._up = True
         lim = self.session.limits
         self.state.limits = {k: getattr(lim, k) for k in vars(lim)}
 
@@ -392,10 +456,11 @@ class OpcUaAdapter(PollingAdapter):
             values, quality, ts, text = uac.publish_columns(pub, kinds, ts_mode, now)
         else:
             values, quality, ts, text = await uac.columns_apart(pub.dvs, kinds, ts_mode, now)
+        lp, ts, values, quality, text = self.memory.settle(handles.astype(np.intp), ts, values, quality, text, now)
         # The server answered, whatever the items' own status (a gateway server's
         # BadNoCommunication for a PLC behind it): only this adapter's stall mark is no answer.
         await emit(
-            Batch(self.device.name, self.ids[handles], ts, values, quality, text),
+            Batch(self.device.name, self.ids[lp], ts, values, quality, text),
             answer=Answer.YES,
             source=SUBSCRIPTION,
         )
@@ -424,30 +489,12 @@ class OpcUaAdapter(PollingAdapter):
             for p in unknown:  # deleted since connect: held and re-tried like any unknown node
                 self.held[p] = uac.BAD_NODE_ID_UNKNOWN
                 self.nodes[p] = None
-            new = ~self._repeats(lp, ts, values, quality, text)
-            if not new.all():
-                lp, ts, values, quality = lp[new], ts[new], values[new], quality[new]
-                text = None if text is None else text[new]
+            lp, ts, values, quality, text = self.memory.settle(lp, ts, values, quality, text, now_ns)
             parts.append(Batch(self.device.name, self.ids[lp], ts, values, quality, text))
         # Tags held Bad (unknown node, refused type) are not read: their one Bad sample went out
         # when they were held (at the run's start, or in the read that found them gone), and
         # `_retry_held` brings them back; a Bad sample on every poll would only repeat it.
         return Batch.concat(self.device.name, parts)
-
-    def _repeats(
-        self, lp: np.ndarray, ts: np.ndarray, values: np.ndarray, quality: np.ndarray, text: np.ndarray | None
-    ) -> np.ndarray:
-        """Which of these polled samples repeat their tag's last one exactly (time, value bits,
-        quality, text): with source timestamps an unchanged value is read again with its old
-        time, and stored twice it would be two rows for one instant. Remembers these as last."""
-        bits = np.ascontiguousarray(values, np.float64).view(np.int64)
-        same = (self._last_ts[lp] == ts) & (self._last_bits[lp] == bits) & (self._last_q[lp] == quality)
-        if text is not None:
-            for i in np.flatnonzero(same).tolist():
-                same[i] = self._last_text.get(int(lp[i])) == text[i]
-            self._last_text.update(zip(lp.tolist(), text.tolist(), strict=True))
-        self._last_ts[lp], self._last_bits[lp], self._last_q[lp] = ts, bits, quality
-        return same
 
     def _held_batch(self, positions: list[int], now_ns: int | None = None) -> Batch:
         p = np.array(positions, np.intp)
@@ -455,8 +502,10 @@ class OpcUaAdapter(PollingAdapter):
         q = np.array([self.held.get(i, uac.BAD_NODE_ID_UNKNOWN) for i in positions], np.uint32)
         text = None
         if (self.kinds[p] == uac.KIND_STRING).any():
-            text = np.array(["" if k == uac.KIND_STRING else None for k in self.kinds[p]], object)
-        ts = np.full(n, now_ns or time.time_ns(), np.int64)
+            text = np.full(n, None, object)  # no value, as the runtime's own Bad marks
+        at = now_ns or time.time_ns()
+        self.memory.mark(p, at)
+        ts = np.full(n, at, np.int64)
         return Batch(self.device.name, self.ids[p], ts, np.full(n, np.nan), q, text)
 
     async def _watch(self, emit: Emit, subscribed: bool) -> None:
@@ -506,8 +555,10 @@ class OpcUaAdapter(PollingAdapter):
                 )
                 live = [i for i, m in enumerate(self.modes) if m == "subscribe" and self.nodes[i] is not None]
                 if live:
+                    at = time.time_ns()
+                    self.memory.mark(live, at)
                     await emit(
-                        Batch.filled(self.device.name, self.ids[live], time.time_ns(), np.nan, BAD_STALLED),
+                        Batch.filled(self.device.name, self.ids[live], at, np.nan, BAD_STALLED),
                         answer=Answer.NO,
                         source=SUBSCRIPTION,
                     )
@@ -521,12 +572,14 @@ class OpcUaAdapter(PollingAdapter):
         if not live or self.session is None:
             return
         p = np.array(live, np.intp)
+        now = time.time_ns()
         try:
             values, quality, ts, text = await self.session.read_columns(
-                [self.nodes[i] for i in live], self.kinds[p], self.o["timestamp"], time.time_ns()
+                [self.nodes[i] for i in live], self.kinds[p], self.o["timestamp"], now
             )
         except uac.OpcUaError as e:
             raise DeviceError(self.device.name, str(e), code=e.code, stage="run") from None
+        p, ts, values, quality, text = self.memory.settle(p, ts, values, quality, text, now)
         await emit(
             Batch(self.device.name, self.ids[p], ts, values, quality, text), answer=Answer.YES, source=SUBSCRIPTION
         )
@@ -583,6 +636,11 @@ class OpcUaAdapter(PollingAdapter):
         return uac.written(v, builtin)
 
     async def close(self) -> None:
+        if self._up:
+            # The runtime has just stored its Bad mark for the lost session (or this is a stop):
+            # a value the next session reads unchanged is stored again, after it (Memory).
+            self._up = False
+            self.memory.mark(np.arange(len(self.ids)), time.time_ns())
         s, self.session = self.session, None
         self._publishes = None
         if s is not None:

@@ -157,9 +157,7 @@ def columns(
             text = np.full(n, None, object)
         for i, v in enumerate(raw):
             k = kinds[i]
-            if v is None:
-                if k == KIND_STRING:
-                    text[i] = ""
+            if v is None:  # no value (a null String too): None, as a number's NaN
                 continue
             try:
                 if k == KIND_STRING:
@@ -174,7 +172,7 @@ def columns(
                     raise TypeError
             except (TypeError, AttributeError):
                 if k == KIND_STRING:
-                    text[i] = ""
+                    text[i] = None
                 values[i] = np.nan
                 quality[i] = BAD_TYPE_MISMATCH
     if timestamp == "gateway":
@@ -1009,8 +1007,7 @@ def numeric_columns(
         values[odd] = np.nan
         quality[odd] = BAD_TYPE_MISMATCH
         if (kinds == KIND_STRING).any():
-            text = np.full(n, None, object)
-            text[kinds == KIND_STRING] = ""
+            text = np.full(n, None, object)  # no value for the string tags sent a number
     if timestamp == "gateway":
         return values, quality, np.full(n, now_ns, np.int64), text
     first, second = (source, server) if timestamp == "source" else (server, None)

@@ -555,6 +555,29 @@ def test_every_nodeid_form_parses() -> None:
     assert parse_nodeid(format_nodeid("urn:a;b", "b", b"\x01")) == parse_nodeid("nsu=urn:a%3Bb;b=AQ==")
 
 
+def test_a_string_tag_without_a_value_has_none_not_an_empty_string() -> None:
+    """An independent tester's finding: a string tag sent no value, or a value of another type
+    (Bad, BadTypeMismatch), read "" as if the server had sent an empty string; no value is
+    None (null), as a number's NaN and as the runtime's own Bad marks. An empty string stays."""
+    from asyncua import ua
+    from edgeos.protocols.opcua.client import KIND_NUMBER, KIND_STRING, columns, numeric_columns
+
+    dvs = [
+        ua.DataValue(ua.Variant("", ua.VariantType.String)),
+        ua.DataValue(ua.Variant("x", ua.VariantType.String)),
+        ua.DataValue(StatusCode_=ua.StatusCode(0x808B0000)),  # Bad, no value
+        ua.DataValue(ua.Variant(2.5)),  # a number for a string tag
+        ua.DataValue(ua.Variant(1.5)),
+    ]
+    kinds = np.array([KIND_STRING] * 4 + [KIND_NUMBER], np.int8)
+    _, quality, _, text = columns(dvs, kinds, "gateway", 1)
+    assert text.tolist() == ["", "x", None, None, None]
+    assert quality.tolist()[2:] == [0x808B0000, 0x80740000, 0]
+    nums = np.array([2.5, 1.5])
+    _, quality, _, text = numeric_columns(nums, np.zeros(2, np.uint32), None, None, kinds[3:], "gateway", 1)
+    assert text.tolist() == [None, None] and quality.tolist() == [0x80740000, 0]
+
+
 def test_timestamps_fall_back_source_then_server_then_arrival() -> None:
     import datetime as dt
 
@@ -682,3 +705,57 @@ async def test_64_bit_integer_writes_are_exact(opcua_peer, write_config) -> None
         assert peer.command("get Wide") == "12"
     finally:
         await adapter.close()
+
+
+async def test_a_value_unchanged_across_an_outage_ends_its_bad_gap_once(opcua_peer, write_config, run_runtime):
+    """An independent tester's finding: after a rebuilt session, values that did not change
+    come back with their old source times. Stored as they came, they were a second row of an
+    instant already stored, sorted before the outage's Bad mark, so every query showed the tags
+    Bad until they next changed. Now each is stored once more, at the time it came back (after
+    the mark), and only once: not again at its old time, nor at each poll."""
+    peer = opcua_peer(spec_basic())
+    tags = f"""
+  {{ name = "flag", node = "nsu={NS};i=1001", type = "bool" }},
+  {{ name = "label", node = "nsu={NS};s=Label", type = "string" }},
+  {{ name = "setpoint", node = "nsu={NS};s=Setpoint", mode = "poll" }},
+"""
+    extra = (
+        'publishing_interval = "50ms"\nkeepalive_count = 5\ntimeout = "1s"\nsilence_timeout = "1s"\n'
+        'reconnect_min = "200ms"\nreconnect_max = "500ms"'
+    )
+    cfg = load_config(write_config(GATEWAY + device(peer.endpoint, tags, extra)))
+    sink = Sink(cfg)
+    seen: list[str] = []
+    at: dict[str, int] = {}
+
+    def until(rt) -> bool:
+        st = rt.devices["plc"]
+        if not seen and all(sink.good(f"plc/{t}") for t in ("flag", "label", "setpoint")) and st.up:
+            time.sleep(0.3)  # a few polls of the unchanged setpoint
+            peer.freeze()
+            seen.append("frozen")
+        elif seen == ["frozen"] and st.failures:
+            peer.thaw()
+            at["thawed"] = time.time_ns()
+            seen.append("thawed")
+        elif seen == ["frozen", "thawed"] and st.connects >= 2 and st.state == "running" and st.up:
+            at["up"] = time.monotonic_ns()
+            seen.append("up")
+        elif seen == ["frozen", "thawed", "up"] and time.monotonic_ns() - at["up"] > 600e6:
+            return True  # more polls of the unchanged setpoint, after the rebuild
+        return False
+
+    try:
+        await run_runtime(cfg, sinks=[sink], store=False, until=until, timeout=30)
+    finally:
+        peer.thaw()
+    assert seen == ["frozen", "thawed", "up"], seen
+    for tag in ("plc/flag", "plc/label", "plc/setpoint"):
+        got = sink.rows[tag]
+        good = [r for r in got if r[2] == 0]
+        bad = [r for r in got if r[2] & 0x80000000]
+        assert bad, got
+        assert len(good) == 2, got  # once before the outage, once after it: no repeat at a poll
+        assert good[0][0] < min(b[0] for b in bad) < good[1][0], got  # by time: Good, Bad, Good
+        assert good[1][0] >= at["thawed"], got  # stamped when it came back
+        assert np.array_equal([good[0][1]], [good[1][1]], equal_nan=True), got  # the same value
