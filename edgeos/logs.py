@@ -152,7 +152,41 @@ def setup(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None)
     lib_handler._edgeos = True  # type: ignore[attr-defined]
     lib_handler.setFormatter(Formatter(style))
     lib_handler.setLevel(logging.WARNING)
+    lib_handler.addFilter(LibraryLimit())
     libs.addHandler(lib_handler)
+
+
+class LibraryLimit(logging.Filter):
+    """Other libraries' warnings, at most one line per `interval` s per (logger, message), the
+    next with the count left out: edgeos limits its own device errors so (docs/adapters.md), and
+    a library retrying on its own (asyncua logs two lines per reconnect attempt per device)
+    would otherwise fill a small box's journal during an outage. Errors and worse always pass."""
+
+    MAX_KEYS = 1024  # bound on what is remembered; forgotten keys log again at once
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+        self._left: dict[tuple[str, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._left[key] = self._left.get(key, 0) + 1
+            return False
+        if len(self._last) >= self.MAX_KEYS:
+            self._last.clear()
+            self._left.clear()
+        self._last[key] = now
+        n = self._left.pop(key, 0)
+        if n:
+            record.msg = f"{record.msg} ({n} similar suppressed in the last {self.interval:g}s)"
+        return True
 
 
 class RateLimited:

@@ -49,6 +49,27 @@ def test_formats_text_journal_json():
     assert doc["message"] == "press1: read: timed out\nsecond line" and doc["time"].endswith("Z")
 
 
+def test_library_warnings_are_limited_to_one_a_minute_per_message(restore_logging):
+    """An independent tester's finding: asyncua logged two warnings per reconnect attempt per
+    device (72 lines in a 5 s outage of three devices); edgeos's own are limited per minute."""
+    buf = io.StringIO()
+    logs.setup("info", "text", stream=buf)
+    lib = logging.getLogger("asyncua.client.ua_client")
+    for i in range(50):
+        lib.warning("Error while renewing session: %s", f"attempt {i}")
+        lib.warning("Connection lost")
+    lib.error("a library's error")
+    lib.error("a library's error")
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 4, lines  # each message once, errors always
+    assert "attempt 0" in lines[0] and "Connection lost" in lines[1]
+    handler = next(h for h in logging.getLogger().handlers if getattr(h, "_edgeos", False))
+    limit = next(f for f in handler.filters if isinstance(f, logs.LibraryLimit))
+    limit._last = {k: v - 61 for k, v in limit._last.items()}  # a minute later
+    lib.warning("Connection lost")
+    assert buf.getvalue().splitlines()[-1].endswith("Connection lost (49 similar suppressed in the last 60s)")
+
+
 def test_journald_detected_from_journal_stream(tmp_path, monkeypatch):
     with open(tmp_path / "stderr", "w") as f:
         st = os.fstat(f.fileno())
