@@ -182,3 +182,62 @@ def test_no_request_spans_a_barrier(starts, barriers, size) -> None:
         assert r.count <= size
         if len(r.members) > 1:
             assert not any(r.start < be and bs < r.start + r.count for bs, be in bars), (r, bars)
+
+
+def _cut_step_at_a_time(spans, size, max_gap, request_cost, barriers=()):
+    """The planner's DP as it was written first, a step per (run start, run end): the
+    specification its column form (planner._cut) must cut exactly alike."""
+    n = len(spans)
+    inf = float("inf")
+    best = [0.0] + [inf] * n
+    nreq = [0] * (n + 1)
+    back = [0] * (n + 1)
+    for i in range(n):
+        lo, reach = spans[i]
+        for j in range(i, n):
+            if j > i:
+                s, e = spans[j]
+                if max_gap is not None and s - reach > max_gap:
+                    break
+                reach = max(reach, e)
+                if reach - lo > size or any(lo < be and bs < reach for bs, be in barriers):
+                    break
+            c = best[i] + request_cost + (reach - lo)
+            if c < best[j + 1] - 1e-9 or (abs(c - best[j + 1]) <= 1e-9 and nreq[i] + 1 <= nreq[j + 1]):
+                best[j + 1], nreq[j + 1], back[j + 1] = c, nreq[i] + 1, i
+    cuts = []
+    j = n
+    while j > 0:
+        i = back[j]
+        cuts.append((i, j - 1))
+        j = i
+    return cuts[::-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 300), st.sampled_from([1, 1, 2, 4, 16])), min_size=1, max_size=80),
+    st.integers(1, 130),
+    st.sampled_from([None, 0, 3, 20]),
+    st.sampled_from([TCP_REQUEST_COST, 16 * TCP_REQUEST_COST, 12.0, 3.0, 0.0]),
+    st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3)), max_size=6),
+)
+def test_the_column_dp_cuts_as_the_step_at_a_time_one(layout, size, gap, cost, barriers) -> None:
+    from edgeos.protocols.modbus.planner import _cut
+
+    spans = sorted((s, s + n) for s, n in layout)
+    bars = [(b, b + n) for b, n in barriers]
+    assert _cut(spans, size, gap, cost, bars) == _cut_step_at_a_time(spans, size, gap, cost, bars)
+
+
+def test_a_large_bit_table_is_planned_without_stalling_the_loop() -> None:
+    """2,500 coils with refused tags as barriers: the same cut as step at a time (which took
+    seconds of the event loop, every device's polls stalled behind it)."""
+    from edgeos.protocols.modbus.planner import _cut
+
+    spans = [(i, i + 1) for i in range(2500)]
+    bars = [(30, 31), (100, 101), (700, 701), (1500, 1501), (2000, 2001), (2400, 2401)]
+    for b in ([], bars):
+        cuts = _cut(spans, 2000, None, 16 * TCP_REQUEST_COST, b)
+        assert cuts == _cut_step_at_a_time(spans, 2000, None, 16 * TCP_REQUEST_COST, b)
+    assert cuts[:3] == [(0, 29), (30, 30), (31, 99)]
