@@ -668,7 +668,18 @@ class Sync:
         await session.subscribe(self.replay_topic)
         st = self.status
         st.replay_listening = True
-        async for _topic, payload in session.messages():
+        async for topic, payload in session.messages():
+            if not topic_matches(self.replay_topic, topic):
+                # Not something this session subscribed to: a broker that sends a new session
+                # retained messages of other clients' subscriptions (amqtt 0.12, an independent
+                # tester's finding). Not a request, whatever it holds, and not counted as one.
+                self.errors.log(
+                    logging.WARNING,
+                    "replay:topic",
+                    "upstream: ignored a message on %s: the broker sent a topic this session did not subscribe to",
+                    topic[:200],
+                )
+                continue
             try:
                 req = wire.decode_replay_request(payload)
                 if req.gateway != self.gateway:
@@ -773,6 +784,20 @@ class Sync:
             pool.shutdown(wait=True)
         self._readers = {}
         self.outbox.close()
+
+
+def topic_matches(sub: str, topic: str) -> bool:
+    """Whether `topic` matches the subscription filter `sub` (MQTT 3.1.1 4.7: `+` one level, `#`
+    the rest, levels split on `/`; a `$` topic is matched by no wildcard in the first level)."""
+    if topic.startswith("$") and sub[:1] in ("+", "#"):
+        return False
+    f, t = sub.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
 
 
 def piece_size(room: int) -> int:

@@ -675,3 +675,21 @@ def test_a_sparse_devices_first_unit_of_a_session_names_its_predecessor_however_
     finally:
         outbox.close()
         sync.close()
+
+
+def test_only_messages_on_the_replay_topic_are_requests() -> None:
+    """An independent tester's finding: amqtt 0.12 sends a new clean session the retained
+    messages of other clients' subscriptions, and the gateway took them as replay requests
+    (counted malformed, or a well-formed one on another topic answered). The listener now
+    takes only what matches its subscription, by MQTT 3.1.1 section 4.7's rules."""
+    from edgeos.sync.engine import topic_matches
+
+    assert topic_matches("edgeos/gw/replay", "edgeos/gw/replay")
+    others = ("edgeos/gw/notreplay", "edgeos/gw/replay/gone", "edgeos/gw", "edgeos/gw2/replay", "/edgeos/gw/replay")
+    for other in others:
+        assert not topic_matches("edgeos/gw/replay", other), other
+    assert topic_matches("edgeos/+/replay", "edgeos/gw/replay") and topic_matches("a/+", "a/")
+    assert not topic_matches("edgeos/+/replay", "edgeos/a/b/replay")
+    assert topic_matches("sport/#", "sport") and topic_matches("sport/#", "sport/tennis/player1")
+    assert topic_matches("#", "anything/at/all") and not topic_matches("#", "$SYS/broker/load")
+    assert not topic_matches("+/monitor", "$SYS/monitor") and topic_matches("$SYS/#", "$SYS/monitor")
