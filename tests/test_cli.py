@@ -177,6 +177,20 @@ def test_check_totals_count_only_enabled_devices(write_config):
     assert "total: 1 devices, 2 tags, 20.0 tag reads/s (1 disabled device not counted)" in result.output
 
 
+def test_check_names_each_broker_with_its_port(write_config):
+    """An independent tester's note: `check` printed `enabled: 127.0.0.1`, not where it connects."""
+    base = '[gateway]\nid="g"\ndata_dir="d"\n[[devices]]\nname="x"\nprotocol="simulated"\ntags=[{name="t"}]\n'
+    cases = {
+        '[upstream]\nenabled=true\nhost="127.0.0.1"\n': "upstream  enabled: 127.0.0.1:1883\n",
+        '[upstream]\nenabled=true\nhost="::1"\nport=1884\n': "upstream  enabled: [::1]:1884\n",
+        '[upstream]\nenabled=true\nservers=["a:1", "b", "[::1]:3"]\n': "upstream  enabled: a:1, b:1883, [::1]:3\n",
+    }
+    for upstream, want in cases.items():
+        result = CliRunner().invoke(app, ["check", str(write_config(base + upstream))])
+        assert result.exit_code == 0, result.output
+        assert want in result.output, result.output
+
+
 def test_installed_layout_has_no_top_level_protocols_package():
     import importlib.util
 

@@ -132,8 +132,7 @@ def check(
     typer.echo(f"store     {_budget(cfg)}")
     typer.echo(f"writes    {_writes(cfg)}")
     typer.echo(f"kernels   {filters.implementation()}")
-    brokers = cfg.upstream.options.get("servers") or [cfg.upstream.options.get("host")]  # issue 25: failover list
-    upstream = f"enabled: {', '.join(map(str, brokers))}" if cfg.upstream.enabled else "disabled"
+    upstream = f"enabled: {', '.join(_brokers(cfg.upstream.options))}" if cfg.upstream.enabled else "disabled"
     typer.echo(f"upstream  {upstream}{'' if cfg.upstream.enabled else ' (data stays on this gateway)'}")
     typer.echo(
         "plugins   "
@@ -209,6 +208,19 @@ def _on_tmpfs(path: Path) -> bool:
         if inside and len(point) > len(best):
             best, kind = point, fstype
     return kind in ("tmpfs", "ramfs")
+
+
+def _brokers(o: dict) -> list[str]:
+    """Each broker the sync will try, as host:port with the default port filled in (a bare
+    host alone did not say where it connects)."""
+    from edgeos.config.units import split_server
+
+    default = o.get("port") or (8883 if o.get("tls") else 1883)
+    if not o.get("servers"):  # `host`: a name or an address, an IPv6 one without brackets
+        pairs = [(str(o.get("host") or "127.0.0.1"), default)]
+    else:
+        pairs = [split_server(e, default) if isinstance(e, str) else (e[0], e[1]) for e in o["servers"]]
+    return [f"[{h}]:{p}" if ":" in str(h) else f"{h}:{p}" for h, p in pairs]
 
 
 def _budget(cfg: Config) -> str:
