@@ -39,7 +39,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import termios
 import time
+import traceback
 from dataclasses import dataclass
 from struct import error as struct_error
 from typing import Any
@@ -299,6 +301,16 @@ class Link:
         except (TimeoutError, OSError, ModbusException) as e:
             ok = False
             why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        except termios.error as e:
+            # The port opened (and locked), then refused its line settings (a pty refuses
+            # parity; an adapter, a baud rate). pymodbus lost the half-made port in its failed
+            # constructor: its frames hold the only reference, so the fd and its lock lived on
+            # until a garbage collection, and every reconnect read "in use by the running
+            # daemon" (an independent tester's finding). Cleared now, the port closes now.
+            traceback.clear_frames(e.__traceback__)
+            ok = False
+            code = e.args[1] if len(e.args) > 1 else e
+            why = f"the port refuses these line settings ({code})"
         else:
             why = "connection refused" if self.endpoint.kind != "rtu" else "port unavailable"
         if not ok:

@@ -128,3 +128,43 @@ async def test_a_serial_port_that_is_not_there_is_named_unplugged(tmp_path, modb
             raise AssertionError("a missing serial port connected")
     finally:
         await adapter.close()
+
+
+def _fds_on(path: str) -> int:
+    import os
+
+    real = os.path.realpath(path)
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}") == real
+        except OSError:
+            pass
+    return n
+
+
+async def test_a_port_that_refuses_its_line_settings_is_named_and_not_held(pty_pair, modbus_config):
+    """An independent tester's finding: a pty refuses even parity (EINVAL from tcsetattr) after
+    the port was opened and locked; the half-made port stayed open with its lock until a
+    garbage collection, so every reconnect read "in use (by the running daemon?)"."""
+    from edgeos import DeviceError, plugins
+
+    dev = modbus_config(
+        rtu_device(pty_pair.b, "plc", 1, '{ name = "x", address = "hr0" }').replace(
+            "baudrate = 115200", 'baudrate = 9600\nparity = "even"'
+        )
+    ).devices[0]
+    plugin = plugins.load(plugins.PROTOCOLS, "modbus")
+    for _ in range(3):  # each reconnect: the same reason, never "in use"
+        adapter = plugin.create(dev)
+        try:
+            try:
+                await adapter.connect()
+            except DeviceError as e:
+                assert "refuses these line settings" in str(e) and "9600 8E1" in str(e), e
+                assert "in use" not in str(e), e
+            else:
+                raise AssertionError("a pty took even parity")
+        finally:
+            await adapter.close()
+        assert _fds_on(pty_pair.b) == 0  # closed now, not at a later garbage collection
