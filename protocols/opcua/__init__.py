@@ -132,9 +132,14 @@ class OpcUaProtocol:
         lines = [f"opcua {o['endpoint']}: {sec}, {ident}, timestamps from {o['timestamp']}"]
         if mode != "None" and o.get("certificate"):
             try:
-                from edgeos.protocols.opcua.client import certificate_expiry
+                from edgeos.protocols.opcua.client import application_uri_of, certificate_expiry
 
                 lines.append(f"certificate {o['certificate']} expires {certificate_expiry(o['certificate']):%Y-%m-%d}")
+                if not application_uri_of(o["certificate"]):
+                    lines.append(
+                        f"certificate {o['certificate']} names no ApplicationUri (a subjectAltName URI): "
+                        "no session until it does (edgeos opcua cert makes one)"
+                    )
             except Exception as e:  # unreadable, or asyncua/cryptography missing: say so, don't fail check
                 lines.append(f"certificate {o['certificate']}: cannot read ({type(e).__name__})")
         sub = [t for t in device.tags if tag_mode(o, t.options) == "subscribe"]

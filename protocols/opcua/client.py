@@ -20,6 +20,7 @@ import hashlib
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edgeos.protocols.opcua.config import NodeRef
 
 from edgeos.aio import cancel_and_wait, within
+from edgeos.logs import RateLimited
 
 log = logging.getLogger("edgeos.protocols.opcua")
+_URI_WARNINGS = RateLimited(log)  # a server certificate whose URI is not the server's
 
 BAD_NODE_ID_UNKNOWN = 0x80340000
 BAD_TYPE_MISMATCH = 0x80740000
@@ -96,6 +99,15 @@ def _wrap(e: BaseException, what: str) -> OpcUaError:
     if isinstance(e, ConnectionError | OSError):
         return OpcUaError(f"{what}: {e or type(e).__name__}", "connect")
     return OpcUaError(f"{what}: {type(e).__name__}: {e}", "opcua")
+
+
+def _mismatch_error(endpoint: str, mode: str, policy: str, endpoints: Sequence[Any]) -> OpcUaError:
+    offered = sorted({f"{e.SecurityMode.name.rstrip('_')}/{e.SecurityPolicyUri.rsplit('#', 1)[-1]}" for e in endpoints})
+    return OpcUaError(
+        f"{endpoint} offers no endpoint with {mode}{policy}; it offers: {', '.join(offered) or 'none it would list'}"
+        " (set security_mode and security_policy to one of these)",
+        "security",
+    )
 
 
 def node_id(ref: NodeRef) -> ua.NodeId:
@@ -235,10 +247,15 @@ def _load_cert(data: bytes) -> x509.Certificate:
 
 def application_uri_of(cert_path: str | os.PathLike[str]) -> str | None:
     """The URI in the certificate's subjectAltName: the ApplicationUri the client must send."""
-    cert = _load_cert(Path(cert_path).read_bytes())
+    return application_uri_of_der(Path(cert_path).read_bytes())
+
+
+def application_uri_of_der(data: bytes) -> str | None:
+    """The URI in a certificate's (PEM or DER) subjectAltName; None without one or unreadable."""
     try:
+        cert = _load_cert(data)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
         return None
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     return uris[0] if uris else None
@@ -332,7 +349,7 @@ def check_server_certificate(der: bytes, trust_dir: Path, endpoint: str) -> None
         raise OpcUaError(
             f"the server certificate of {endpoint} (thumbprint {thumb}) is valid from "
             f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}, not now: refused",
-            "expired",
+            "expired" if now > cert.not_valid_after_utc else "not_yet_valid",
         )
 
 
@@ -383,6 +400,12 @@ class Session:
         o = self.o
         client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=max(1.0, self.timeout_s))
         client.session_timeout = o["session_timeout"] // 1_000_000
+        # Who connects, as a server's list of sessions and rejected clients names it (asyncua's
+        # defaults name another product: an independent tester's note). With a certificate, its
+        # ApplicationUri replaces this one (`_secure`).
+        client.name = client.description = "edgeos"
+        client.application_uri = f"urn:edgeos:{socket.gethostname()}"
+        client.product_uri = "urn:edgeos"
         self.client = client
         try:
             mode = o.get("security_mode") or "None"
@@ -401,8 +424,21 @@ class Session:
             await self.close()
             if isinstance(e, asyncio.CancelledError):
                 raise
+            if isinstance(e, ua.UaError) and "No matching endpoints" in str(e):
+                # Security None against a server without a None endpoint: said as the other
+                # mismatches are (asyncua's own text names neither side).
+                raise await self._mismatch("None", "") from None
             err = _wrap(e, f"connect to {self.endpoint}")
             raise OpcUaError(f"{err}{self._refused_hint(err.status)}", err.code, err.status) from None
+
+    async def _mismatch(self, mode: str, policy: str) -> OpcUaError:
+        """The error for a security mode the server offers no endpoint for, naming what it offers."""
+        probe = Client(self.endpoint, timeout=self.timeout_s)
+        try:
+            endpoints = await within(probe.connect_and_get_server_endpoints(), self.timeout_s * 2)
+        except Exception:
+            endpoints = []
+        return _mismatch_error(self.endpoint, mode, policy, endpoints)
 
     def _refused_hint(self, status: int) -> str:
         """What to check when the server refused who we are: the status alone names neither the
@@ -432,19 +468,37 @@ class Session:
             raise _wrap(e, f"get endpoints of {self.endpoint}") from None
         wanted = [e for e in endpoints if e.SecurityPolicyUri == policy.URI and e.SecurityMode == MODES[mode]]
         if not wanted:
-            offered = sorted({f"{e.SecurityMode.name}/{e.SecurityPolicyUri.rsplit('#', 1)[-1]}" for e in endpoints})
-            raise OpcUaError(
-                f"{self.endpoint} offers no endpoint with {mode} and {o['security_policy']}; it offers: "
-                + ", ".join(offered),
-                "security",
-            )
+            raise _mismatch_error(self.endpoint, mode, f" and {o['security_policy']}", endpoints)
         der = wanted[0].ServerCertificate
         # A chain may follow the leaf certificate: keep the first DER element.
         der = der[: int.from_bytes(der[2:4], "big") + 4]
         check_server_certificate(der, Path(o["trust_dir"]), self.endpoint)
+        server_uri = wanted[0].Server.ApplicationUri if wanted[0].Server is not None else None
+        cert_uri = application_uri_of_der(der)
+        if server_uri and cert_uri and cert_uri != server_uri:
+            # Part 4 6.1.3: a server's certificate names its ApplicationUri. Trusted by the
+            # operator all the same, so not refused: said, once a minute.
+            _URI_WARNINGS.log(
+                logging.WARNING,
+                f"uri:{self.endpoint}",
+                "%s: the server's certificate names ApplicationUri %s, but the server calls itself %s "
+                "(OPC UA Part 4 6.1.3): is it the server its certificate was issued to?",
+                self.endpoint,
+                cert_uri,
+                server_uri,
+            )
         uri = application_uri_of(o["certificate"])
-        if uri:
-            client.application_uri = uri
+        if not uri:
+            # Part 4 5.6.2: a server checks the session's ApplicationUri against the certificate's
+            # and refuses a mismatch (Bad_CertificateUriInvalid); without one to send, asyncua sent
+            # its own default, another product's (an independent tester's finding).
+            raise OpcUaError(
+                f"the gateway's certificate {o['certificate']} names no ApplicationUri (a URI in its "
+                "subjectAltName, OPC UA Part 6 6.2.2), which the session must send: make one with "
+                "`edgeos opcua cert`, or have it issued with the URI",
+                "certificate",
+            )
+        client.application_uri = uri
         await client.set_security(policy, o["certificate"], o["private_key"], server_certificate=der, mode=MODES[mode])
 
     async def _read_limits(self) -> None:

@@ -231,3 +231,101 @@ async def test_a_server_that_does_not_trust_the_gateway_says_which_certificate(
         await read_once(dev)
     mine = pki / "gw" / "cert.der"
     assert f"the server does not trust the gateway's certificate {mine}" in str(info.value), info.value
+
+
+def _cert_without_uri(cert: Path, key: Path) -> None:
+    """A valid client certificate whose subjectAltName names only a host, no ApplicationUri."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nouri")])
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    c = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(k.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(k, hashes.SHA256())
+    )
+    cert.write_bytes(c.public_bytes(serialization.Encoding.DER))
+    key.write_bytes(
+        k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+async def test_a_gateway_certificate_without_an_application_uri_is_named(opcua_peer, pki, tmp_path, write_config):
+    """An independent tester's finding: with no URI in the certificate, asyncua's default (another
+    product's) was sent as the session's ApplicationUri, which a server checks against the
+    certificate (Part 4 5.6.2: Bad_CertificateUriInvalid); edgeos check said nothing."""
+    from edgeos.protocols.opcua.client import trust_certificate
+
+    sec = {"policies": ["Basic256Sha256_SignAndEncrypt"], "cert": str(pki / "server.der")}
+    sec["key"] = str(pki / "server.pem")
+    peer = opcua_peer({"namespaces": [NS], "vars": VARS, "security": sec})
+    trust = tmp_path / "trust"
+    trust_certificate(pki / "server.der", trust)
+    (tmp_path / "nouri").mkdir()
+    _cert_without_uri(tmp_path / "nouri" / "cert.der", tmp_path / "nouri" / "key.pem")
+    body = secure_device(peer.endpoint, pki, trust, "SignAndEncrypt", "Basic256Sha256")
+    body = body.replace(str(pki / "gw"), str(tmp_path / "nouri"))
+    cfg = write_config(GATEWAY + body)
+    with pytest.raises(DeviceError) as info:
+        await read_once(load_config(cfg).devices[0])
+    assert info.value.code == "certificate" and "names no ApplicationUri" in str(info.value), info.value
+    r = CliRunner().invoke(app, ["check", str(cfg)])
+    assert "names no ApplicationUri" in r.output and "edgeos opcua cert" in r.output, r.output
+
+
+async def test_security_none_against_a_secure_only_server_names_what_it_offers(opcua_peer, pki, write_config):
+    """An independent tester's finding: asyncua's "No matching endpoints: 1, http://..." named
+    neither side; now as the other mismatches."""
+    sec = {"policies": ["Basic256Sha256_SignAndEncrypt"], "cert": str(pki / "server.der")}
+    sec["key"] = str(pki / "server.pem")
+    peer = opcua_peer({"namespaces": [NS], "vars": VARS, "security": sec})
+    body = f"""
+[[devices]]
+name = "plc"
+protocol = "opcua"
+endpoint = "{peer.endpoint}"
+security_mode = "None"
+mode = "poll"
+tags = [{{ name = "speed", node = "nsu={NS};s=Speed" }}]
+"""
+    with pytest.raises(DeviceError) as info:
+        await read_once(load_config(write_config(GATEWAY + body)).devices[0])
+    msg = str(info.value)
+    assert info.value.code == "security", msg
+    assert "offers no endpoint with None; it offers: SignAndEncrypt/Basic256Sha256" in msg, msg
+
+
+async def test_a_server_certificate_of_another_application_is_warned_about(
+    opcua_peer, pki, tmp_path, write_config, caplog
+) -> None:
+    """Part 4 6.1.3: the server's certificate names its ApplicationUri. Trusted by the operator,
+    a mismatch is not refused, but said (an independent tester's finding: nothing was)."""
+    from edgeos.protocols.opcua.client import trust_certificate
+
+    trust = tmp_path / "trust"
+    trust_certificate(pki / "server.der", trust)
+    for server_uri, warned in (("urn:edgeos:test:server", False), ("urn:someone:else", True)):
+        sec = {
+            "policies": ["Basic256Sha256_SignAndEncrypt"],
+            "cert": str(pki / "server.der"),
+            "key": str(pki / "server.pem"),
+            "application_uri": server_uri,
+        }
+        peer = opcua_peer({"namespaces": [NS], "vars": VARS, "security": sec})
+        body = secure_device(peer.endpoint, pki, trust, "SignAndEncrypt", "Basic256Sha256")
+        caplog.clear()
+        assert await read_once(load_config(write_config(GATEWAY + body)).devices[0]) == 12.5
+        said = [r.getMessage() for r in caplog.records if "names ApplicationUri" in r.getMessage()]
+        assert bool(said) == warned, (server_uri, said)
+        if warned:
+            assert "urn:edgeos:test:server" in said[0] and server_uri in said[0]
