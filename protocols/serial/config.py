@@ -388,7 +388,9 @@ def build_spec(
     used: set[str] = set()
     ts_group = o.get("timestamp_group")
 
-    def compile_pattern(src: Any, key: str) -> Pattern | None:
+    def compile_pattern(src: Any, key: str, tagless: bool = False) -> Pattern | None:
+        """`tagless`: a pattern that names no tag may stand (one of several in listen mode,
+        matching a device's normal non-data lines: a header, a keep-alive; README, Patterns)."""
         if not isinstance(src, str):
             problems.add(key, f"found {src!r}, expected a regular expression (a string)")
             return None
@@ -418,7 +420,7 @@ def build_spec(
         tsi = None
         if ts_group:
             tsi = rx.groupindex.get(ts_group)
-        if not slots:
+        if not slots and not tagless:
             problems.add(key, f"no named group of this pattern is a tag: groups {sorted(rx.groupindex) or 'none'}")
         return Pattern(src, rx, tuple(slots), tsi)
 
@@ -434,9 +436,11 @@ def build_spec(
             problems.add(f"{p}pattern", "missing: a regular expression whose named groups are the tags")
         srcs = raw if isinstance(raw, list) else [raw] if raw is not None else []
         for k, src in enumerate(srcs):
-            pat = compile_pattern(src, f"{p}pattern" + (f"[{k}]" if isinstance(raw, list) else ""))
+            pat = compile_pattern(src, f"{p}pattern" + (f"[{k}]" if isinstance(raw, list) else ""), len(srcs) > 1)
             if pat is not None:
                 patterns.append(pat)
+        if patterns and not any(pt.slots for pt in patterns):
+            problems.add(f"{p}pattern", "no named group of any pattern is a tag")
     else:
         if isinstance(raw, list):
             problems.add(f"{p}pattern", "in poll mode give one pattern (each request may have its own)")
@@ -474,7 +478,7 @@ def build_spec(
         if g in tag_by_group and tag_by_group[g] is t and g not in used and patterns:
             problems.add(f"{p}tags[{i}].group", f'no pattern has a group named "{g}"{_where(t)}')
     if ts_group:
-        if any(pt.ts_group is None for pt in patterns):
+        if any(pt.ts_group is None for pt in patterns if pt.slots):  # a tagless line has no samples to stamp
             problems.add(f"{p}timestamp_group", f'found "{ts_group}", but a pattern has no group of that name')
         if ts_group in tag_by_group:
             problems.add(f"{p}timestamp_group", f'"{ts_group}" is also a tag\'s group')
