@@ -115,6 +115,35 @@ class Channel:
         return item
 
 
+class ClockSteps:
+    """Says in the log when the wall clock steps (NTP, an RTC set by hand, a boot in 1970 then
+    corrected): samples carry the wall clock, so a step shows in the history, and the line says
+    why (docs/reliability.md, Clock jumps; an independent tester found steps unlogged)."""
+
+    SMALLEST_S = 1.0  # drift corrections slew the clock; a step of a second or more is said
+
+    def __init__(self) -> None:
+        self._offset = time.time_ns() - time.monotonic_ns()
+
+    def check(self) -> float:
+        """The step since the last check, in seconds (0 below SMALLEST_S); logged when not 0."""
+        offset = time.time_ns() - time.monotonic_ns()
+        step = (offset - self._offset) / 1e9
+        if abs(step) < self.SMALLEST_S:
+            return 0.0
+        self._offset = offset
+        log.warning(
+            "the wall clock stepped %s%.3f s (now %s UTC): samples carry it, so the history shows "
+            "the step; retention and the replay window ignore a step forward until a restart, "
+            "and follow a step back",
+            "+" if step > 0 else "",
+            step,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            extra={"code": "clock_step"},
+        )
+        return step
+
+
 @dataclass
 class DeviceState:
     """What the supervisor knows of one device, for status and tests."""
@@ -137,6 +166,10 @@ class DeviceState:
     # device last stopped running (0 while it runs), and poll lateness of closed adapters.
     errors_by_code: collections.Counter[str] = field(default_factory=collections.Counter)
     down_since_ns: int = field(default_factory=time.time_ns)
+    # The same moment on the monotonic clock: how long a device has been down is measured on it
+    # (/healthz, `edgeos_device_down_seconds`), so a wall-clock step (NTP) neither hides an
+    # outage nor makes a new one look an hour old (an independent tester's finding).
+    down_since_mono_ns: int = field(default_factory=time.monotonic_ns)
     retired: PollStats = field(default_factory=PollStats)
     _retired_adapter: Adapter | None = None
 
@@ -147,6 +180,11 @@ class DeviceState:
                 object.__setattr__(self, "down_since_ns", 0)
             elif not getattr(self, "down_since_ns", 1):
                 object.__setattr__(self, "down_since_ns", time.time_ns())
+                object.__setattr__(self, "down_since_mono_ns", time.monotonic_ns())
+
+    def down_seconds(self) -> float:
+        """How long the device has been down (0 while up), on the monotonic clock."""
+        return (time.monotonic_ns() - self.down_since_mono_ns) / 1e9 if self.down_since_ns else 0.0
 
     @property
     def up(self) -> bool:
@@ -1158,7 +1196,9 @@ class Runtime:
         runs (and drops) exactly when the store fails. Built on the loop, written in a thread."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, link_live, self.config.gateway.data_dir, self._status_path)
+        steps = ClockSteps()
         while True:
+            steps.check()
             try:
                 await self.refresh_store_stats(max_age=10.0, wait=0)
                 await loop.run_in_executor(None, write_status, self._status_path, self.status())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import time
 from typing import TYPE_CHECKING
 
 from edgeos.adapter import LATENESS_BOUNDS_NS
@@ -114,7 +113,6 @@ class Metrics:
 
     def _devices(self, out: Exposition) -> None:
         rt = self.rt
-        now = time.time_ns()
         rows = []
         for name, st in rt.devices.items():
             rows.append((name, labels(device=name), st, st.poll_stats()))
@@ -130,7 +128,7 @@ class Metrics:
             f"{d}_down_seconds",
             "gauge",
             "how long the device has been down (0 while up)",
-            lambda st, ps: (now - st.down_since_ns) / 1e9 if st.down_since_ns else 0.0,
+            lambda st, ps: st.down_seconds(),
         )
         each(f"{d}_polls_total", "counter", "poll cycles run", lambda st, ps: ps.cycles)
         each(

@@ -845,7 +845,7 @@ class StoreWriter:
         the size budget."""
         self._check_usable()
         if now_ns is None:  # (issue 28) a wall-clock step must not age (and so delete) history
-            now_ns = self.__dict__.setdefault("_clock", HousekeepingClock()).now()
+            now_ns = self._housekeeping_now()
         try:
             if sync_cursor is not None:
                 # (I19) Counted at once (I12's dropped_unsent uses it); written every
@@ -866,6 +866,11 @@ class StoreWriter:
             raise self._error("maintenance", e) from e
         finally:
             self._count_io()
+
+    def _housekeeping_now(self) -> int:
+        """The wall clock for retention, compaction and the replay window, guarded against
+        steps (HousekeepingClock)."""
+        return self.__dict__.setdefault("_clock", HousekeepingClock()).now()
 
     def _count_io(self) -> None:
         """(I19) Add what this thread wrote to the disk since the last call to `written_bytes`
@@ -1000,7 +1005,9 @@ class StoreWriter:
         with self._txn():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES('sync_cursor', ?)", (str(cursor),))
             if self.settings.replay_window_ns:  # (I20) kept for replay until the window passes
-                cut = time.time_ns() - self.settings.replay_window_ns
+                # On the housekeeping clock, as retention: a wall-clock step forward (a first NTP
+                # sync after a boot in 1970) deleted every kept copy at once (independent tester).
+                cut = self._housekeeping_now() - self.settings.replay_window_ns
                 self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=? AND t_max<?", (cursor, cut))
             else:
                 self.db.execute("DELETE FROM units WHERE compacted=1 AND id<=?", (cursor,))

@@ -258,6 +258,9 @@ class Sync:
         self._key = 0
         self._lanes: list[_Lane] = []
         self._failing_at: int | None = None  # the cursor when the last session failed
+        # Monotonic: since when no session has been up (None while one is). /healthz reads it,
+        # so a broker outage shows whatever the wall clock does (`offline_seconds`).
+        self._offline_since: float | None = time.monotonic()
         self._max_message = self.max_message = int(options.get("max_message") or DEFAULT_MAX_MESSAGE)
         template = options.get("replay_topic") or "edgeos/{gateway}/replay"
         self.replay_topic = template.format(gateway=gateway)
@@ -390,6 +393,11 @@ class Sync:
         thread is safe, and gives a value that was true when it was assigned."""
         return self._cursor
 
+    def offline_seconds(self) -> float:
+        """How long no session has been up (0 while one is), on the monotonic clock."""
+        since = self._offline_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def _advance(self) -> None:
         """Recompute the cursor from the lanes; on the event loop, after any change to a lane."""
         frontier = []
@@ -447,6 +455,7 @@ class Sync:
                     self.status.connects += 1
                     self.status.server = str(getattr(self.transport, "where", ""))
                     self.status.state = "connected"
+                    self._offline_since = None
                     await self._pump(session)
             except Exception as exc:  # any failure of a session: reconnect, never take the daemon down
                 e = first_error(exc)
@@ -459,6 +468,8 @@ class Sync:
                 self.status.last_error = str(e)
                 self.errors.log(logging.ERROR, str(e)[:80], "upstream: %s; data keeps accumulating locally", e)
             self.status.replay_listening = False
+            if self._offline_since is None:
+                self._offline_since = time.monotonic()
             lasted = 0.0 if connected_at is None else time.monotonic() - connected_at
             if self._cursor > start or lasted * 1e9 > hi:
                 # The session moved the cursor (or stood) before it failed: a new outage, so

@@ -12,6 +12,7 @@ driven by the raw wall clock (maintain(now_ns=time.time_ns())) must be caught de
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,12 +35,54 @@ id = "gw1"
 data_dir = "data"
 [store]
 retention = "1m"
+[http]
+port = {port}
+[health]
+device_down = "5s"
+sync_lag = "5s"
+[upstream]
+enabled = true
+host = "127.0.0.1"
+port = {broker}
 [[devices]]
 name = "clk"
 protocol = "simulated"
 poll_interval = "100ms"
-tags = [{ name = "ramp", signal = "ramp", period = "1h", amplitude = 1000.0 }]
+tags = [{{ name = "ramp", signal = "ramp", period = "1h", amplitude = 1000.0 }}]
+[[devices]]
+name = "gone"
+protocol = "modbus"
+host = "127.0.0.1"
+port = {dead}
+reconnect_min = "200ms"
+reconnect_max = "1s"
+tags = [{{ name = "x", address = "hr0" }}]
 """
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _down_seconds(port: int) -> tuple[int, float, bool]:
+    """/healthz's status code, how long it says the unreachable device has been down, and
+    whether it names the upstream lag (the broker is unreachable too)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            code, doc = r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        code, doc = e.code, json.loads(e.read())
+    down = [p["down_seconds"] for p in doc["problems"] if p.get("device") == "gone"]
+    return code, down[0] if down else 0.0, any(p["check"] == "sync_lag" for p in doc["problems"])
+
 
 RAW_WALL_CLOCK = """
 import sys, time
@@ -75,7 +118,9 @@ def _old_history(data_dir: Path) -> tuple[int, int]:
 
 def test_polling_and_retention_ride_out_wall_clock_jumps(tmp_path):
     cfg = tmp_path / "edgeos.toml"
-    cfg.write_text(CONFIG)
+    http = _free_port()
+    # `gone` and the broker: nothing listens there.
+    cfg.write_text(CONFIG.format(port=http, dead=_free_port(), broker=_free_port()))
     old_lo, old_hi = _old_history(tmp_path / "data")
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
@@ -91,16 +136,33 @@ def test_polling_and_retention_ride_out_wall_clock_jumps(tmp_path):
     marks: list[tuple[int, float]] = []  # (offset ns, real time the phase began)
     try:
         time.sleep(1.5)  # started, first samples committed
+        health: list[tuple[int, int, float, bool]] = []  # (offset ns, /healthz code, down s, sync lag said)
         for text, off in phases:
             offset.write_text(text + "\n")
             marks.append((off, time.time()))
-            time.sleep(PHASE_S)
+            time.sleep(PHASE_S - 0.5)
+            health.append((off, *_down_seconds(http)))
+            time.sleep(0.5)
         time.sleep(1.0)  # the last step, too, gets its full phase past libfaketime's 1 s cache
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, out[-3000:]
+    # How long a device has been down is measured on the monotonic clock (an independent
+    # tester's finding: from the wall clock, the -1 h step made /healthz say ok an hour long
+    # while the device was down, and the +1 h step an outage of seconds an hour old).
+    print(f"faults.clock.healthz: {health}")
+    for off, code, down, _ in health:
+        assert down < 60, (off, code, down)  # never an hour (or a negative one) because of a step
+    off, code, down, lag = health[-1]  # the -1 h phase, the device down from the start (> 5 s)
+    assert off == -HOUR and code == 503 and down > 5, health
+    # The broker unreachable from the start with units waiting: the sync lag is over its 5 s
+    # bound whatever the wall clock says (the step back set the samples' age to 0).
+    assert lag, health
+    # Each step is said in the log (it was not).
+    assert re.search(r"the wall clock stepped \+3[56]\d\d\.\d+ s", out), out[-3000:]
+    assert re.search(r"the wall clock stepped -3[56]\d\d\.\d+ s", out), out[-3000:]
     with StoreReader(tmp_path / "data") as r:
         h = r.history("clk/ramp")
     ts = h.ts
@@ -150,3 +212,44 @@ def test_polling_and_retention_ride_out_wall_clock_jumps(tmp_path):
     after = ((h2.ts >= old_lo) & (h2.ts <= old_hi)).sum()
     print(f"faults.clock.negative_control: {old} old samples, {after} after a jump-blind retention")
     assert after < old, "the check cannot tell a jump-blind retention"
+
+
+REPLAY_COPIES = """
+import sys, time
+import numpy as np
+from pathlib import Path
+from edgeos import Batch, TagMeta
+from edgeos.store import StoreSettings, StoreWriter
+
+data, offset = sys.argv[1], Path(sys.argv[2])
+w = StoreWriter(data, [TagMeta(0, "d", "t")], StoreSettings(keep_until_synced=True, replay_window_ns=24 * 3600 * 10**9))
+t0 = time.time_ns()
+for k in range(10):
+    w.write([Batch("d", np.zeros(5, np.int32), t0 + k * 10**6 + np.arange(5), np.arange(5.0), np.zeros(5, np.uint32))])
+w.maintain(compact_all=True, sync_cursor=5)
+w.save_cursor(5)  # units 1-5 forwarded: kept raw for the replay window
+offset.write_text("+90000\\n")  # the wall clock steps 25 h forward (a first NTP sync)
+assert time.time_ns() - t0 > 24 * 3600 * 10**9  # stepped (FAKETIME_NO_CACHE: read at each call)
+w.maintain(sync_cursor=10)  # units 6-10 forwarded too: the cursor is saved
+w.save_cursor(10)
+print(w.db.execute("SELECT COUNT(*) FROM units WHERE compacted=1").fetchone()[0])
+w.close()
+"""
+
+
+def test_a_step_forward_keeps_the_replay_copies(tmp_path):
+    """(I20) Forwarded units stay replayable for upstream.replay_window on the housekeeping
+    clock, as retention does: a step forward deleted every kept copy at once when the cursor
+    was next saved (an independent tester's finding: a boot in 1970 corrected by NTP)."""
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    done = subprocess.run(
+        [sys.executable, "-c", REPLAY_COPIES, str(tmp_path / "data"), str(offset)],
+        env={**_faketime_env(offset), "FAKETIME_NO_CACHE": "1"},
+        cwd=tmp_path,  # the installed edgeos, not a checkout's source beside the tests
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "10", done.stdout  # all ten forwarded copies still held
