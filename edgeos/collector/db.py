@@ -367,13 +367,19 @@ class Database:
         )
         return int(status.split()[-1])
 
-    async def due_gaps(self, reorder_wait: float, retry: float) -> list[tuple[str, str | None, int, int]]:
-        """Open gaps to ask for now; gaps whose last unit arrived are marked filled first."""
+    async def mark_filled(self) -> int:
+        """Open gaps whose last unit arrived are marked filled; how many this call marked (each
+        collector counts its own: the ledger is shared)."""
         assert self.conn is not None
-        await self.conn.execute(
+        status = await self.conn.execute(
             "UPDATE gaps g SET state = 'filled', updated = now() WHERE state = 'open' "
             "AND EXISTS (SELECT 1 FROM units u WHERE u.gateway = g.gateway AND u.seq = g.last_seq)"
         )
+        return int(status.split()[-1])
+
+    async def due_gaps(self, reorder_wait: float, retry: float) -> list[tuple[str, str | None, int, int]]:
+        """Open gaps to ask for now (`mark_filled` first)."""
+        assert self.conn is not None
         rows = await self.conn.fetch(
             "UPDATE gaps SET requests = requests + 1, updated = now() "
             "WHERE state = 'open' AND opened < now() - make_interval(secs => $1) "

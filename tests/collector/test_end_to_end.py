@@ -132,11 +132,70 @@ async def test_broker_restarted_without_persistence_while_the_collector_was_down
         counts = await wait_gaps_closed(dsn)
         assert counts.get("filled", 0) >= 1 and not counts.get("gone")
         assert plant.metrics(port)["edgeos_collector_replay_requests_total"] >= 1
+        # A second collector started now fills nothing: its counters are its own (docs/collector.md,
+        # Guarantees 5; an independent tester's finding: it reported the shared table's filled rows).
+        port2 = free_port()
+        col2 = plant.collector(plant.collector_config(tmp_path / "c2", "col2", [broker.port], dsn, port2))
+        try:
+            col2.start()
+            await plant.healthy(port2)
+            await asyncio.sleep(2.5)  # a few rounds of its gap loop
+            assert plant.metrics(port2)["edgeos_collector_gaps_filled_total"] == 0
+            assert plant.metrics(port)["edgeos_collector_gaps_filled_total"] >= 1
+        finally:
+            col2.stop()
         gw.stop()
         await plant.assert_exactly_once(dsn, plant.store_truth(tmp_path / "gw" / "data", "line1-gw"))
     finally:
         gw.stop()
         col.stop()
+
+
+async def test_writes_refused_while_the_database_answers_are_unhealthy(tmp_path, pg, mosquitto):
+    """An independent tester's finding: with INSERT revoked, /healthz said ok and the PostgreSQL
+    peer up (the gap loop's statements on another connection succeeded) while nothing was
+    committed. Now 503 until the writes go in again, then everything exactly once."""
+    cluster, dsn = pg
+    admin = await asyncpg.connect(dsn)
+    db = dsn.rsplit("/", 1)[1]
+    await admin.execute(f"CREATE ROLE col_{db} LOGIN; ALTER DATABASE {db} OWNER TO col_{db}")
+    await admin.execute(f"ALTER SCHEMA public OWNER TO col_{db}")
+    role_dsn = dsn.replace("postgresql://postgres@", f"postgresql://col_{db}@")
+    port = free_port()
+    col = plant.collector(plant.collector_config(tmp_path / "c", "col", [mosquitto.port], role_dsn, port))
+    gw = plant.gateway(plant.gateway_config(tmp_path / "gw", "line1-gw", mosquitto.port))
+    try:
+        col.start()
+        await plant.healthy(port)
+        gw.start()
+        await asyncio.sleep(1.5)
+        await admin.execute(f"REVOKE INSERT ON units FROM col_{db}")
+        async with asyncio.timeout(20):
+            while plant.metrics(port)['edgeos_collector_up{peer="postgresql"}'] != 0:
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(3.0)  # the gap loop's statements go on succeeding meanwhile
+        assert plant.metrics(port)['edgeos_collector_up{peer="postgresql"}'] == 0
+        code = await asyncio.to_thread(_healthz_code, port)
+        assert code == 503
+        await admin.execute(f"GRANT INSERT ON units TO col_{db}")
+        await plant.healthy(port)
+        gw.stop()
+        await plant.assert_exactly_once(dsn, plant.store_truth(tmp_path / "gw" / "data", "line1-gw"))
+    finally:
+        gw.stop()
+        col.stop()
+        await admin.close()
+
+
+def _healthz_code(port: int) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 async def test_the_nats_node_in_use_killed(tmp_path, pg, nats_cluster):
