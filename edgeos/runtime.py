@@ -1188,7 +1188,11 @@ class Runtime:
         except OSError as e:
             a = self.config.http
             log.warning(
-                "http: cannot listen on %s:%d (%s); /metrics and /healthz are unavailable", a.address, a.port, e
+                "http: cannot listen on %s:%d (%s); /metrics, /healthz and the console are unavailable "
+                "(another port: [http] port)",
+                a.address,
+                a.port,
+                e,
             )
 
     async def _status_loop(self) -> None:

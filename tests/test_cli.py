@@ -630,3 +630,14 @@ def test_run_refuses_an_unknown_log_level_plainly(tmp_path):
     assert r.returncode == 2
     assert "--log-level 'verbose': expected one of debug, info, warning, error" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_first_hour_mistakes_say_what_to_do(tmp_path):
+    """An independent tester's walk through the README: a missing config and a password file in
+    a directory not yet made said only what failed, not what to do."""
+    out = subprocess.run([*EDGEOS, "check", str(tmp_path / "nope.toml")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "edgeos init" in out.stderr, out.stderr
+    f = tmp_path / "etc" / "edgeos" / "console.passwd"
+    cmd = [*EDGEOS, "console", "passwd", "--stdin", str(f)]
+    r = subprocess.run(cmd, input="longenough-1\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"create {f.parent} first" in r.stderr, r.stderr

@@ -38,6 +38,7 @@ def passwd(
     try:
         set_password(file, user, password)
     except OSError as e:
-        typer.echo(f"edgeos: cannot write {file}: {e.strerror or e}", err=True)
+        hint = f" (create {file.parent} first)" if not file.parent.exists() else ""
+        typer.echo(f"edgeos: cannot write {file}: {e.strerror or e}{hint}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"password of {user!r} set in {file}")

@@ -193,7 +193,7 @@ def _read_toml(path: Path, problems: Problems) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        problems.add("", "file not found")
+        problems.add("", "file not found (`edgeos init` writes a commented one to start from)")
     except (OSError, UnicodeDecodeError) as e:
         problems.add("", f"cannot read: {e}")
     except tomllib.TOMLDecodeError as e:
