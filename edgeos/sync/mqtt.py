@@ -69,6 +69,9 @@ def _qos0_only(where: str) -> str:
     )
 
 
+PROTOCOL_ERROR = 0x82  # MQTT 5 reason code: paho's reason when it closes on a packet it cannot read
+
+
 class PublishRefused(SyncError):
     """The broker answered a publish with a failure reason code (MQTT 5): not delivered."""
 
@@ -248,7 +251,16 @@ class MqttSession:
         self._aiomqtt_on_disconnect(client, userdata, flags, reason, properties)
         if getattr(flags, "is_disconnect_packet_from_server", False):
             error = SyncError(f"lost the connection to {self.where} (the broker sent DISCONNECT: {reason})")
-        else:  # paho's reason here is always "Unspecified error"
+        elif getattr(reason, "value", None) == PROTOCOL_ERROR:
+            # paho closed it, finding a packet it could not read. Seen with mosquitto refusing
+            # a message over its message_size_limit (a PUBACK of reason 0x95 that paho does not
+            # parse: an independent tester's finding), which "closed or reset" did not say.
+            error = SyncError(
+                f"lost the connection to {self.where} (the MQTT client found a protocol error in what the "
+                "broker sent; a broker refusing messages as too large, mosquitto's message_size_limit, "
+                "does this: set upstream.max_message below its limit)"
+            )
+        else:  # paho's reason here is otherwise "Unspecified error"
             error = SyncError(f"lost the connection to {self.where} (closed or reset)")
         if threading.get_ident() == self._thread:
             self._fail(error)

@@ -641,3 +641,21 @@ async def test_a_refused_subscription_is_asked_again_then_fails_the_session(monk
     again = [r for r in caplog.records if "asking again" in r.getMessage()]
     assert len(again) >= 2, [r.getMessage() for r in caplog.records]
     assert waited >= 1.0, waited  # it did wait before giving up (0.5 + 1 s of backoff at least)
+
+
+async def test_a_broker_refusing_messages_as_too_large_is_named(write_config, make_broker):
+    """MQTT 5, mosquitto's message_size_limit: its PUBACK of reason 0x95 makes paho close the
+    connection as a protocol error. That read "closed or reset", naming neither cause nor fix
+    (an independent tester's finding); the cursor holds, nothing is lost, as with any refusal."""
+    b = make_broker(extra=["message_size_limit 300"])
+    cfg = load_config(config(write_config, b.port))
+    rt = Runtime(cfg)
+    task = asyncio.create_task(rt.run())
+    try:
+        await wait_until(lambda: rt.sync is not None and rt.sync.status.failures >= 2)
+        error = rt.sync.status.last_error
+        assert "message_size_limit" in error and "max_message" in error, error
+        assert rt.sync.cursor == 0
+    finally:
+        rt.stop()
+        await asyncio.wait_for(task, 20)
