@@ -213,14 +213,9 @@ def _on_tmpfs(path: Path) -> bool:
 def _brokers(o: dict) -> list[str]:
     """Each broker the sync will try, as host:port with the default port filled in (a bare
     host alone did not say where it connects)."""
-    from edgeos.config.units import split_server
+    from edgeos.sync.mqtt import _host_port, servers
 
-    default = o.get("port") or (8883 if o.get("tls") else 1883)
-    if not o.get("servers"):  # `host`: a name or an address, an IPv6 one without brackets
-        pairs = [(str(o.get("host") or "127.0.0.1"), default)]
-    else:
-        pairs = [split_server(e, default) if isinstance(e, str) else (e[0], e[1]) for e in o["servers"]]
-    return [f"[{h}]:{p}" if ":" in str(h) else f"{h}:{p}" for h, p in pairs]
+    return [_host_port(h, p) for h, p in servers(o)]
 
 
 def _budget(cfg: Config) -> str:

@@ -118,12 +118,13 @@ class Memory:
         last = len(lp) - 1 - np.unique(lp[::-1], return_index=True)[1]
         tags = lp[last]
         gap = self.gap[tags]
-        stale = last[(gap != 0) & (ts[last] < gap)]
+        is_stale = (gap != 0) & (ts[last] < gap)
+        stale = last[is_stale]
         self.ts[lp], self.bits[lp], self.q[lp] = ts, bits, quality  # in order: the last one stays
         if text is not None:
             self.text.update(zip(lp.tolist(), text.tolist(), strict=True))
         out_ts = ts[last].copy()
-        out_ts[np.isin(last, stale)] = now_ns
+        out_ts[is_stale] = now_ns
         bad = (quality[last] & 0x80000000) != 0
         self.gap[tags] = np.where(bad, out_ts, 0)  # a Bad sample is a mark of its own
         if not len(stale) and not same.any():

@@ -433,12 +433,19 @@ class Session:
 
     async def _mismatch(self, mode: str, policy: str) -> OpcUaError:
         """The error for a security mode the server offers no endpoint for, naming what it offers."""
-        probe = Client(self.endpoint, timeout=self.timeout_s)
         try:
-            endpoints = await within(probe.connect_and_get_server_endpoints(), self.timeout_s * 2)
-        except Exception:
+            endpoints = await self._endpoints()
+        except OpcUaError:
             endpoints = []
         return _mismatch_error(self.endpoint, mode, policy, endpoints)
+
+    async def _endpoints(self) -> list[Any]:
+        """The server's endpoints (GetEndpoints on a connection of its own, without security)."""
+        probe = Client(self.endpoint, timeout=self.timeout_s)
+        try:
+            return await within(probe.connect_and_get_server_endpoints(), self.timeout_s * 2)
+        except Exception as e:
+            raise _wrap(e, f"get endpoints of {self.endpoint}") from None
 
     def _refused_hint(self, status: int) -> str:
         """What to check when the server refused who we are: the status alone names neither the
@@ -461,11 +468,7 @@ class Session:
     async def _secure(self, client: Client, mode: str) -> None:
         o = self.o
         policy = POLICY_CLASSES[o["security_policy"]]
-        probe = Client(self.endpoint, timeout=self.timeout_s)
-        try:
-            endpoints = await within(probe.connect_and_get_server_endpoints(), self.timeout_s * 2)
-        except Exception as e:
-            raise _wrap(e, f"get endpoints of {self.endpoint}") from None
+        endpoints = await self._endpoints()
         wanted = [e for e in endpoints if e.SecurityPolicyUri == policy.URI and e.SecurityMode == MODES[mode]]
         if not wanted:
             raise _mismatch_error(self.endpoint, mode, f" and {o['security_policy']}", endpoints)

@@ -198,7 +198,7 @@ class Parser:
         groups = [g for _, g in rows]
         values = np.empty((m, k), np.float64)
         quality = np.zeros((m, k), QUALITY_DTYPE)
-        bad: dict[int, tuple[str, str]] = {}  # row -> its first failure (reason, detail)
+        bad: dict[int, tuple[str, int]] = {}  # row -> its first failure (reason, column; -1: the time)
         present = np.ones((m, k), bool)
         text = np.full((m, k), None, object) if self.any_text else None  # None: not a string sample
         for c, s in enumerate(slots):
@@ -225,7 +225,7 @@ class Parser:
                     quality[badc, c] = BAD
                     values[badc, c] = math.nan
                     for r in np.flatnonzero(badc).tolist():
-                        bad.setdefault(r, ("value", f"{s.name}: {col[r]!r}"))
+                        bad.setdefault(r, ("value", c))
         ts = np.full(m, now_ns, np.int64)
         if pat.ts_group is not None:
             for r, g in enumerate(groups):
@@ -233,15 +233,20 @@ class Parser:
                 if t is None:
                     quality[r, :] = BAD
                     values[r, :] = math.nan
-                    bad.setdefault(r, ("timestamp", repr(g[pat.ts_group - 1])))
+                    bad.setdefault(r, ("timestamp", -1))
                 else:
                     ts[r] = t
         # One failure per bad frame, named by its first (README, Bad input), however many of its
         # values failed: `bad_frames` counts frames (an independent tester's finding: a frame of
         # four unconvertible fields counted four). The first few carry their detail.
         for n, r in enumerate(sorted(bad)):
-            reason, detail = bad[r]
-            failures.append(Failure(reason, detail) if n < 3 else Failure(reason))
+            reason, c = bad[r]
+            if n >= 3:  # a read of garbage may hold thousands: their text is not built
+                failures.append(Failure(reason))
+            elif c < 0:
+                failures.append(Failure(reason, repr(groups[r][pat.ts_group - 1])))
+            else:
+                failures.append(Failure(reason, f"{slots[c].name}: {groups[r][slots[c].group - 1]!r}"))
         ids = np.array([s.id for s in slots], np.int32)
         tags = np.tile(ids, m)
         b = Batch(
